@@ -1,0 +1,336 @@
+"""Dataset manifests: the CSV format that describes a labelled ultrasound dataset.
+
+A manifest is a CSV file with one row per lesion (or one row for a lesion-free image). Rows of the
+same image repeat its image-level columns. Columns (see ``docs/data.md``):
+
+``image``
+    Path of the image file, relative to the manifest's folder or absolute. Required.
+``organ``
+    A registered organ name (``breast``, ``kidney``, ...). Required.
+``label``
+    Image-level label, one of the organ's ``image_labels``. Required.
+``x_min, y_min, x_max, y_max``
+    Pixel box of one lesion, 0-based, ``x_max``/``y_max`` exclusive (so the box maps directly to
+    :class:`~echo_agent.schemas.Box` ``(x1=x_min, y1=y_min, x2=x_max, y2=y_max)``). All four empty for
+    a lesion-free image.
+``birads, center, patient_id, group, split, age, symptoms``
+    Optional metadata. ``group`` ties images that must stay in one split (near-duplicates, one clip).
+
+:func:`load_manifest` validates every row and raises :class:`~echo_agent.errors.ManifestError`
+naming the file and the CSV line. :func:`write_manifest` writes the same format back.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import ManifestError, UnknownOrganError
+from ..organs import get_organ
+from ..schemas import Box
+
+#: Columns written by :func:`write_manifest`, in order. Only ``image``, ``organ`` and ``label`` are required.
+MANIFEST_COLUMNS: tuple[str, ...] = (
+    "image",
+    "organ",
+    "label",
+    "x_min",
+    "y_min",
+    "x_max",
+    "y_max",
+    "birads",
+    "center",
+    "patient_id",
+    "group",
+    "split",
+    "age",
+    "symptoms",
+)
+
+REQUIRED_COLUMNS: tuple[str, ...] = ("image", "organ", "label")
+BOX_COLUMNS: tuple[str, ...] = ("x_min", "y_min", "x_max", "y_max")
+_META_COLUMNS: tuple[str, ...] = ("birads", "center", "patient_id", "group", "split", "age", "symptoms")
+
+
+@dataclass(frozen=True)
+class ManifestImage:
+    """One image of a manifest with all its lesion boxes.
+
+    ``image`` is an absolute path; ``boxes`` are pixel boxes in the coordinates of that file (empty for
+    a lesion-free image); ``rows`` are the 1-based CSV line numbers that produced the entry.
+    """
+
+    image: Path
+    organ: str
+    label: str
+    boxes: tuple[Box, ...] = ()
+    birads: str | None = None
+    center: str | None = None
+    patient_id: str | None = None
+    group: str | None = None
+    split: str | None = None
+    age: int | None = None
+    symptoms: str | None = None
+    rows: tuple[int, ...] = field(default=(), compare=False)
+
+    @property
+    def key(self) -> str:
+        """Stable identifier: ``<center>:<path relative to the data root>`` (``<center>`` may be empty).
+
+        The relative path is taken from the last path components that identify the file inside its
+        dataset folder (everything after the center's data folder when it can be found, else the file
+        name with its parent folder), so keys do not depend on where the data is mounted.
+        """
+        return f"{self.center or ''}:{_relative_key_path(self.image)}"
+
+
+def default_data_root() -> Path:
+    """The staged data folder: ``$ECHO_AGENT_DATA``, else ``<repo>/../shared/data``."""
+    root = os.environ.get("ECHO_AGENT_DATA")
+    if root:
+        return Path(root).expanduser()
+    return Path(__file__).resolve().parents[3] / "shared" / "data"
+
+
+def _relative_key_path(path: Path) -> str:
+    for base in (default_data_root(),):
+        try:
+            rel = path.resolve().relative_to(base.resolve())
+        except (ValueError, OSError):
+            continue
+        parts = rel.parts
+        # drop the dataset folder itself (it is the center)
+        return "/".join(parts[1:]) if len(parts) > 1 else rel.as_posix()
+    return "/".join(path.parts[-2:])
+
+
+def _err(path: Path, row: int | Iterable[int], msg: str) -> ManifestError:
+    where = f"line {row}" if isinstance(row, int) else "lines " + ", ".join(str(r) for r in row)
+    return ManifestError(f"{path}, {where}: {msg}")
+
+
+def _opt(value: str | None) -> str | None:
+    if value is None:
+        return None
+    value = value.strip()
+    return value or None
+
+
+def _parse_number(path: Path, row: int, column: str, text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise _err(path, row, f"column {column!r} must be a number, got {text!r}; fix or empty the cell") from None
+    if not math.isfinite(value):
+        raise _err(path, row, f"column {column!r} must be a finite number, got {text!r}")
+    return value
+
+
+def _parse_age(path: Path, row: int, text: str | None) -> int | None:
+    text = _opt(text)
+    if text is None:
+        return None
+    value = _parse_number(path, row, "age", text)
+    if value < 0 or value != int(value):
+        raise _err(path, row, f"column 'age' must be a whole number of years >= 0, got {text!r}")
+    return int(value)
+
+
+def _image_size(image: Path) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(image) as im:  # reads only the header
+        return im.size
+
+
+@dataclass
+class _Pending:
+    image: Path
+    organ: str
+    label: str
+    meta: dict[str, str | None]
+    age: int | None
+    boxes: list[tuple[Box, int]]
+    rows: list[int]
+
+
+def load_manifest(
+    path: str | os.PathLike[str], *, check_files: bool = True, check_boxes: bool = True
+) -> list[ManifestImage]:
+    """Read and validate a manifest CSV; returns one :class:`ManifestImage` per distinct image.
+
+    ``check_files`` verifies every image exists; ``check_boxes`` also reads each image header (lazily,
+    only for images with boxes) and verifies its boxes lie inside the image. Any problem raises
+    :class:`~echo_agent.errors.ManifestError` naming the file and the CSV line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"manifest {path} does not exist; pass the path of a CSV file")
+    base = path.resolve().parent
+    with path.open(newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        header = [h.strip() for h in (reader.fieldnames or [])]
+        missing = [c for c in REQUIRED_COLUMNS if c not in header]
+        if missing:
+            raise ManifestError(
+                f"{path}, line 1: missing required column(s) {missing}; the header must contain "
+                f"{list(REQUIRED_COLUMNS)} (optional: {[c for c in MANIFEST_COLUMNS if c not in REQUIRED_COLUMNS]})"
+            )
+        has_boxes = [c for c in BOX_COLUMNS if c in header]
+        if has_boxes and len(has_boxes) != 4:
+            raise ManifestError(
+                f"{path}, line 1: box columns must come as all four of {list(BOX_COLUMNS)}, got {has_boxes}"
+            )
+        reader.fieldnames = header
+        pending: dict[Path, _Pending] = {}
+        order: list[Path] = []
+        for raw in reader:
+            row = reader.line_num  # 1-based line of the record's last physical line
+            if None in raw:
+                raise _err(path, row, f"has more cells than the header has columns ({len(header)})")
+            rec = {k: (v if v is not None else "") for k, v in raw.items()}
+            if not any(v.strip() for v in rec.values()):
+                continue  # blank line
+            image_text = rec["image"].strip()
+            if not image_text:
+                raise _err(path, row, "column 'image' is empty; give the image path")
+            image = Path(image_text)
+            if not image.is_absolute():
+                image = base / image
+            image = Path(os.path.normpath(image))
+            organ_name = rec["organ"].strip()
+            try:
+                organ = get_organ(organ_name)
+            except UnknownOrganError as exc:
+                raise _err(path, row, str(exc)) from None
+            label = rec["label"].strip()
+            if label not in organ.image_labels:
+                raise _err(
+                    path, row, f"label {label!r} is not a label of organ {organ_name!r}; use one of {list(organ.image_labels)}"
+                )
+            box: Box | None = None
+            if has_boxes:
+                cells = [rec[c].strip() for c in BOX_COLUMNS]
+                filled = [bool(c) for c in cells]
+                if any(filled) and not all(filled):
+                    empty = [c for c, f in zip(BOX_COLUMNS, filled, strict=True) if not f]
+                    raise _err(path, row, f"partial box: {empty} empty; give all four box columns or none")
+                if all(filled):
+                    x1, y1, x2, y2 = (
+                        _parse_number(path, row, c, t) for c, t in zip(BOX_COLUMNS, cells, strict=True)
+                    )
+                    if x1 < 0 or y1 < 0:
+                        raise _err(path, row, f"box [{x1:g}, {y1:g}, {x2:g}, {y2:g}] has a negative coordinate")
+                    if x2 <= x1 or y2 <= y1:
+                        raise _err(
+                            path,
+                            row,
+                            f"box [{x1:g}, {y1:g}, {x2:g}, {y2:g}] needs x_max > x_min and y_max > y_min "
+                            "(x_max/y_max are exclusive pixel bounds)",
+                        )
+                    box = Box(x1=x1, y1=y1, x2=x2, y2=y2)
+            if box is not None and label == organ.normal_label:
+                raise _err(
+                    path, row, f"image labelled {label!r} (lesion-free) has a box; empty the box or change the label"
+                )
+            meta = {c: _opt(rec.get(c)) for c in _META_COLUMNS if c != "age"}
+            age = _parse_age(path, row, rec.get("age"))
+            prev = pending.get(image)
+            if prev is None:
+                if check_files and not image.is_file():
+                    raise _err(path, row, f"image file {image} does not exist; fix the path (relative paths start at {base})")
+                pending[image] = _Pending(image, organ_name, label, meta, age, [], [row])
+                order.append(image)
+                prev = pending[image]
+            else:
+                if prev.organ != organ_name or prev.label != label:
+                    raise _err(
+                        path,
+                        [prev.rows[0], row],
+                        f"rows of image {image_text!r} disagree: organ/label {prev.organ}/{prev.label} vs "
+                        f"{organ_name}/{label}; one image has one organ and one label",
+                    )
+                prev.rows.append(row)
+            if box is not None:
+                prev.boxes.append((box, row))
+    out: list[ManifestImage] = []
+    for image in order:
+        p = pending[image]
+        if check_boxes and p.boxes:
+            try:
+                width, height = _image_size(image)
+            except FileNotFoundError:
+                raise _err(path, p.rows[0], f"image file {image} does not exist") from None
+            except Exception as exc:
+                raise _err(path, p.rows[0], f"image file {image} cannot be read as an image ({exc})") from None
+            for box, row in p.boxes:
+                if box.x2 > width or box.y2 > height:
+                    raise _err(
+                        path,
+                        row,
+                        f"box {[int(v) if v == int(v) else v for v in box.to_list()]} lies outside the "
+                        f"{width}x{height} image {image.name} (x_max <= width, y_max <= height)",
+                    )
+        out.append(
+            ManifestImage(
+                image=image,
+                organ=p.organ,
+                label=p.label,
+                boxes=tuple(b for b, _ in p.boxes),
+                age=p.age,
+                rows=tuple(p.rows),
+                **p.meta,  # type: ignore[arg-type]
+            )
+        )
+    return out
+
+
+def _fmt(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() else repr(float(v))
+
+
+def write_manifest(
+    images: Iterable[ManifestImage],
+    path: str | os.PathLike[str],
+    *,
+    relative_to: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``images`` as a manifest CSV (one row per box, one row for a lesion-free image).
+
+    Image paths are written absolute, or relative to ``relative_to`` when given (use the manifest's
+    own folder so the file can be moved together with the data). Refuses to replace an existing file
+    unless ``overwrite=True``. Returns the path written.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rel_base = Path(relative_to).resolve() if relative_to is not None else None
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(MANIFEST_COLUMNS)
+        for im in images:
+            image = Path(im.image).resolve()
+            image_text = os.path.relpath(image, rel_base) if rel_base is not None else str(image)
+            meta = [
+                im.birads or "",
+                im.center or "",
+                im.patient_id or "",
+                im.group or "",
+                im.split or "",
+                "" if im.age is None else str(im.age),
+                im.symptoms or "",
+            ]
+            boxes: list[Box | None] = list(im.boxes) or [None]
+            for box in boxes:
+                coords = ["", "", "", ""] if box is None else [_fmt(v) for v in box.to_list()]
+                writer.writerow([Path(image_text).as_posix(), im.organ, im.label, *coords, *meta])
+    return path
+
+
+__all__ = ["MANIFEST_COLUMNS", "ManifestImage", "default_data_root", "load_manifest", "write_manifest"]
