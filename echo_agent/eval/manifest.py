@@ -79,11 +79,11 @@ class ManifestImage:
 
     @property
     def key(self) -> str:
-        """Stable identifier: ``<center>:<path relative to the data root>`` (``<center>`` may be empty).
+        """Stable identifier ``<center>:<path>`` (``<center>`` may be empty).
 
-        The relative path is taken from the last path components that identify the file inside its
-        dataset folder (everything after the center's data folder when it can be found, else the file
-        name with its parent folder), so keys do not depend on where the data is mounted.
+        For images under the data root (:func:`default_data_root`) ``<path>`` is relative to the
+        dataset's folder (``busi:benign/benign (1).png``), so keys do not depend on where the data is
+        mounted; for other images it is the absolute path.
         """
         return f"{self.center or ''}:{_relative_key_path(self.image)}"
 
@@ -105,7 +105,7 @@ def _relative_key_path(path: Path) -> str:
         parts = rel.parts
         # drop the dataset folder itself (it is the center)
         return "/".join(parts[1:]) if len(parts) > 1 else rel.as_posix()
-    return "/".join(path.parts[-2:])
+    return path.as_posix()
 
 
 def _err(path: Path, row: int | Iterable[int], msg: str) -> ManifestError:

@@ -1,0 +1,291 @@
+"""Adapters that turn the staged public datasets into manifests.
+
+Each dataset is one *center* (``busi``, ``breast_lesions_usg``, ``hydronephrosis_ncnu``). The
+adapters read the files documented in each dataset's ``SOURCE.md`` under the data root
+(``$ECHO_AGENT_DATA``, default ``<repo>/../shared/data``) and return a :class:`DatasetBuild`: the
+manifest images (with ``group``/``patient_id`` set for leakage-safe splitting) plus per-image flags
+(``cross_class_duplicate``, ``colour_overlay``, ``other_finding`` ...). Decisions (documented in
+``docs/data.md``):
+
+* BUSI: mask components < 50 px are dropped; one box per remaining connected component; ``group`` is
+  the near-duplicate group, merged across the cross-class duplicate pairs listed in SOURCE.md. Images
+  of those pairs are flagged ``cross_class_duplicate`` and the splitter excludes them from every
+  split (their label is unreliable); the 16 colour-overlay images are flagged ``colour_overlay``.
+* BrEaST-Lesions_USG: label = ``Classification``; only the official *tumour* mask is ground truth;
+  images with extra "other" findings are flagged ``other_finding`` (those findings are not boxes).
+* Hydronephrosis-NCNU: label ``normal`` / ``hydronephrosis``; one box per mask component >= 150 px
+  (smaller components are JPEG noise of the stored masks); normal frames have no boxes;
+  ``group`` = clip id; the fold number is kept in ``patient_id``-free ``group`` metadata via
+  :attr:`DatasetBuild.folds`.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import ManifestError
+from ..schemas import Box
+from .manifest import ManifestImage, default_data_root
+
+BUSI = "busi"
+BREAST_LESIONS_USG = "breast_lesions_usg"
+HYDRONEPHROSIS_NCNU = "hydronephrosis_ncnu"
+
+#: Mask components smaller than this (pixels) are annotation specks in BUSI.
+BUSI_MIN_COMPONENT_PX = 50
+#: Hydronephrosis mask components smaller than this are JPEG-compression noise.
+HYDRO_MIN_COMPONENT_PX = 150
+
+#: Cross-class duplicate pairs of BUSI (SOURCE.md: pixel-identical, visually confirmed, or "likely").
+#: The "possible" pairs benign (90)/malignant (6) and benign (349)/malignant (82) are visually
+#: different images and are not listed.
+BUSI_CROSS_CLASS_PAIRS: tuple[tuple[str, str], ...] = (
+    ("benign/benign (433).png", "malignant/malignant (145).png"),
+    ("benign/benign (435).png", "malignant/malignant (145).png"),
+    ("benign/benign (399).png", "malignant/malignant (93).png"),
+    ("benign/benign (406).png", "malignant/malignant (94).png"),
+    ("benign/benign (437).png", "normal/normal (34).png"),
+    ("benign/benign (42).png", "malignant/malignant (51).png"),
+    ("benign/benign (131).png", "malignant/malignant (51).png"),
+    ("benign/benign (85).png", "malignant/malignant (52).png"),
+    ("benign/benign (164).png", "malignant/malignant (52).png"),
+    ("benign/benign (333).png", "malignant/malignant (77).png"),
+    ("benign/benign (269).png", "normal/normal (1).png"),
+)
+
+_FOLDERS = {
+    BUSI: "BUSI",
+    BREAST_LESIONS_USG: "BrEaST-Lesions_USG",
+    HYDRONEPHROSIS_NCNU: "Hydronephrosis-NCNU",
+}
+
+
+@dataclass
+class DatasetBuild:
+    """The manifest images of one center plus what the splitter and reports need to know.
+
+    ``flags`` maps an image key to flag names; ``folds`` maps an image key to its official fold
+    (hydronephrosis only); ``forced`` maps a key to a split it must go to (``excluded`` drops it
+    from train/val/test).
+    """
+
+    center: str
+    images: list[ManifestImage]
+    flags: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    folds: dict[str, int] = field(default_factory=dict)
+    forced: dict[str, str] = field(default_factory=dict)
+
+
+def dataset_folder(center: str, root: str | Path | None = None) -> Path:
+    """Folder of a staged dataset under the data root; raises ``FileNotFoundError`` if absent."""
+    if center not in _FOLDERS:
+        raise ValueError(f"unknown center {center!r}; known: {sorted(_FOLDERS)}")
+    folder = Path(root) if root is not None else default_data_root()
+    folder = folder / _FOLDERS[center]
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"dataset folder {folder} does not exist; set ECHO_AGENT_DATA to the folder holding {_FOLDERS[center]}/"
+        )
+    return folder
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="", encoding="utf-8-sig") as fh:
+        return list(csv.DictReader(fh))
+
+
+class _UnionFind:
+    def __init__(self) -> None:
+        self.parent: dict[str, str] = {}
+
+    def find(self, a: str) -> str:
+        self.parent.setdefault(a, a)
+        while self.parent[a] != a:
+            self.parent[a] = self.parent[self.parent[a]]
+            a = self.parent[a]
+        return a
+
+    def union(self, a: str, b: str) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
+
+
+def _box(row: dict[str, str]) -> Box:
+    return Box(x1=float(row["x_min"]), y1=float(row["y_min"]), x2=float(row["x_max"]), y2=float(row["y_max"]))
+
+
+def load_busi(root: str | Path | None = None) -> DatasetBuild:
+    """BUSI (Baheya, Cairo) -> one manifest entry per image, boxes per mask component >= 50 px."""
+    folder = dataset_folder(BUSI, root)
+    images = _read_csv(folder / "images.csv")
+    boxes: dict[str, list[Box]] = defaultdict(list)
+    for r in _read_csv(folder / "boxes.csv"):
+        if int(r["area_px"]) < BUSI_MIN_COMPONENT_PX:
+            continue
+        boxes[r["image"]].append(_box(r))
+    uf = _UnionFind()
+    group_of = {r["image"]: f"ndg{int(r['near_dup_group']):04d}" for r in images}
+    for name in group_of.values():
+        uf.find(name)
+    cross = {name for pair in BUSI_CROSS_CLASS_PAIRS for name in pair}
+    for a, b in BUSI_CROSS_CLASS_PAIRS:
+        uf.union(group_of[a], group_of[b])
+    cross_groups = {uf.find(group_of[name]) for name in cross}
+    colour = {r["image"] for r in images if r["stored_as_grayscale"].strip().lower() != "true"}
+    build = DatasetBuild(center=BUSI, images=[])
+    for r in images:
+        name = r["image"]
+        label = r["class"]
+        group = uf.find(group_of[name])
+        # boxes are sorted for determinism (component order in boxes.csv is already stable)
+        im_boxes = tuple(sorted(boxes.get(name, []), key=lambda b: (b.y1, b.x1))) if label != "normal" else ()
+        im = ManifestImage(
+            image=folder / name, organ="breast", label=label, boxes=im_boxes, center=BUSI, group=group
+        )
+        build.images.append(im)
+        flags = []
+        if name in cross:
+            flags.append("cross_class_duplicate")
+            build.forced[im.key] = "excluded"
+        elif group in cross_groups:
+            build.forced[im.key] = "train"
+        if name in colour:
+            flags.append("colour_overlay")
+        if flags:
+            build.flags[im.key] = tuple(flags)
+    return build
+
+
+def _clean(text: str | None) -> str | None:
+    if text is None:
+        return None
+    text = text.strip()
+    return None if text.lower() in ("", "not available", "no", "nan") else text
+
+
+def load_breast_lesions_usg(root: str | Path | None = None) -> DatasetBuild:
+    """BrEaST-Lesions_USG (Poland, TCIA) -> manifest entries with BI-RADS, age, signs/symptoms."""
+    folder = dataset_folder(BREAST_LESIONS_USG, root)
+    tumour: dict[str, list[Box]] = defaultdict(list)
+    for r in _read_csv(folder / "boxes.csv"):
+        if r["mask_kind"] == "tumor":
+            tumour[Path(r["image"]).name].append(_box(r))
+    build = DatasetBuild(center=BREAST_LESIONS_USG, images=[])
+    for r in _read_csv(folder / "clinical_data.csv"):
+        name = r["Image_filename"].strip()
+        label = r["Classification"].strip()
+        if label not in ("normal", "benign", "malignant"):
+            raise ManifestError(f"{folder / 'clinical_data.csv'}: case {r['CaseID']} has unknown Classification {label!r}")
+        age_text = (r.get("Age") or "").strip()
+        age = int(float(age_text)) if age_text and age_text.lower() != "nan" else None
+        parts = [p for p in (_clean(r.get("Signs")), _clean(r.get("Symptoms"))) if p]
+        symptoms = "; ".join(p.replace("&", ", ") for p in parts) or None
+        case = f"case{int(r['CaseID']):03d}"
+        im = ManifestImage(
+            image=folder / "images_and_masks" / name,
+            organ="breast",
+            label=label,
+            boxes=tuple(tumour.get(name, [])) if label != "normal" else (),
+            birads=r["BIRADS"].strip().upper() or None,
+            center=BREAST_LESIONS_USG,
+            patient_id=case,
+            group=case,
+            age=age,
+            symptoms=symptoms,
+        )
+        build.images.append(im)
+        if (r.get("Mask_other_filename") or "").strip():
+            build.flags[im.key] = ("other_finding",)
+    return build
+
+
+def load_hydronephrosis_ncnu(root: str | Path | None = None) -> DatasetBuild:
+    """Hydronephrosis-NCNU folds 1-4 -> one entry per frame, boxes per fluid component >= 150 px."""
+    folder = dataset_folder(HYDRONEPHROSIS_NCNU, root)
+    comps: dict[str, list[Box]] = defaultdict(list)
+    for r in _read_csv(folder / "boxes.csv"):
+        if int(r["area_px"]) >= HYDRO_MIN_COMPONENT_PX:
+            comps[r["image"]].append(_box(r))
+    build = DatasetBuild(center=HYDRONEPHROSIS_NCNU, images=[])
+    for r in _read_csv(folder / "frames.csv"):
+        label = "hydronephrosis" if r["label"] == "abnormal" else "normal"
+        im = ManifestImage(
+            image=folder / r["image"],
+            organ="kidney",
+            label=label,
+            boxes=tuple(comps.get(r["image"], [])) if label != "normal" else (),
+            center=HYDRONEPHROSIS_NCNU,
+            group=r["clip_id"],
+        )
+        build.images.append(im)
+        build.folds[im.key] = int(r["fold"])
+        if label == "hydronephrosis" and not im.boxes:
+            build.flags[im.key] = ("no_box",)
+    return build
+
+
+#: center -> adapter
+ADAPTERS: dict[str, Callable[[str | Path | None], DatasetBuild]] = {
+    BUSI: load_busi,
+    BREAST_LESIONS_USG: load_breast_lesions_usg,
+    HYDRONEPHROSIS_NCNU: load_hydronephrosis_ncnu,
+}
+
+#: center -> organ
+CENTER_ORGAN: dict[str, str] = {BUSI: "breast", BREAST_LESIONS_USG: "breast", HYDRONEPHROSIS_NCNU: "kidney"}
+
+
+def load_center(center: str, root: str | Path | None = None) -> DatasetBuild:
+    """Run the adapter of ``center`` (one of :data:`ADAPTERS`)."""
+    try:
+        adapter = ADAPTERS[center]
+    except KeyError:
+        raise ValueError(f"unknown center {center!r}; known: {sorted(ADAPTERS)}") from None
+    return adapter(root)
+
+
+def compute_splits(build: DatasetBuild, *, seed: int | None = None) -> dict[str, str]:
+    """Fresh leakage-safe split assignment of a built center (what the committed files hold).
+
+    Groups are first merged across pixel-identical images (this decodes every image)."""
+    from .splits import DEFAULT_SEED, assign_fold_splits, assign_splits, merge_identical_groups
+
+    seed = DEFAULT_SEED if seed is None else seed
+    images = merge_identical_groups(build.images)
+    if build.folds:
+        return assign_fold_splits(images, build.folds, seed=seed)
+    return assign_splits(images, seed=seed, forced=build.forced)
+
+
+def load_split(
+    center: str, split: str | None = None, root: str | Path | None = None
+) -> list[ManifestImage]:
+    """Images of ``center`` with the committed split assignment; only ``split`` when given
+    (``train``, ``val``, ``test``; ``None`` = all, including ``excluded``)."""
+    from .splits import apply_splits, split_file
+
+    images = apply_splits(load_center(center, root).images, split_file(center))
+    return [im for im in images if split is None or im.split == split]
+
+
+__all__ = [
+    "ADAPTERS",
+    "BREAST_LESIONS_USG",
+    "BUSI",
+    "BUSI_CROSS_CLASS_PAIRS",
+    "CENTER_ORGAN",
+    "DatasetBuild",
+    "HYDRONEPHROSIS_NCNU",
+    "dataset_folder",
+    "load_breast_lesions_usg",
+    "load_busi",
+    "compute_splits",
+    "load_center",
+    "load_split",
+    "load_hydronephrosis_ncnu",
+]
