@@ -1,0 +1,231 @@
+"""ONNX Runtime backend: the default, light detector (no torch needed at inference)."""
+
+from __future__ import annotations
+
+import ast
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ModelLoadError
+from .base import LetterboxYoloDetector
+
+__all__ = ["OnnxDetector", "parse_ultralytics_metadata"]
+
+log = logging.getLogger(__name__)
+
+_DEFAULT_INPUT_SIZE = 640
+
+
+def parse_ultralytics_metadata(meta: dict[str, str]) -> dict[str, Any]:
+    """Parse the ``metadata_props`` ultralytics writes into an exported ONNX model.
+
+    Returns the keys found among ``names`` (tuple of class names in index order), ``imgsz`` (list of
+    ints, ``[h, w]``), ``stride`` (int), ``end2end`` (bool) and ``task`` (str). Values are Python
+    literals written with ``str()``, so they are read with :func:`ast.literal_eval` (never ``eval``).
+
+    >>> parse_ultralytics_metadata({"names": "{0: 'benign', 1: 'malignant'}", "imgsz": "[640, 640]"})
+    {'names': ('benign', 'malignant'), 'imgsz': [640, 640]}
+    """
+    out: dict[str, Any] = {}
+    try:
+        if "names" in meta:
+            names = ast.literal_eval(meta["names"])
+            if isinstance(names, dict):
+                keys = sorted(int(k) for k in names)
+                if keys != list(range(len(keys))):
+                    raise ValueError(f"class indices {keys} are not 0..{len(keys) - 1}")
+                out["names"] = tuple(str(names[k]) for k in keys)
+            else:
+                out["names"] = tuple(str(n) for n in names)
+        if "imgsz" in meta:
+            imgsz = ast.literal_eval(meta["imgsz"])
+            out["imgsz"] = [int(imgsz)] * 2 if isinstance(imgsz, (int, float)) else [int(v) for v in imgsz]
+        if "stride" in meta:
+            out["stride"] = int(ast.literal_eval(meta["stride"]))
+        if "end2end" in meta:
+            out["end2end"] = bool(ast.literal_eval(meta["end2end"]))
+        if "task" in meta:
+            out["task"] = str(meta["task"])
+    except (ValueError, SyntaxError, TypeError) as exc:
+        raise ModelLoadError(
+            f"the model's ultralytics metadata could not be parsed ({exc}); re-export it or pass labels= and "
+            "input_size= explicitly"
+        ) from exc
+    return out
+
+
+class OnnxDetector(LetterboxYoloDetector):
+    """A YOLO detector exported to ONNX (ultralytics ``format='onnx'``), run with ONNX Runtime.
+
+    The session is created lazily on the first detection (or :meth:`load`), once, under a lock. Class
+    names and input size come from the metadata ultralytics writes into the file; ``labels`` and
+    ``input_size`` override them. The output must be the YOLOv8/11 head ``(B, 4 + nc, N)`` (or
+    ``(B, K, 6)`` for NMS-free ``end2end`` exports); anything else raises :class:`ModelLoadError`.
+
+    >>> det = OnnxDetector("echo_agent/assets/weights/breast.onnx")   # doctest: +SKIP
+    >>> det.detect(image, score_threshold=0.3)                          # doctest: +SKIP
+    [Detection(id='', box=Box(x1=..., ...), label='malignant', score=0.87, source='detector')]
+
+    Args:
+        path: the ``.onnx`` file.
+        labels: class names in class-index order (default: the model's ``names`` metadata).
+        input_size: side of the square network input (default: the fixed input shape, else the
+            ``imgsz`` metadata, else 640).
+        providers: ONNX Runtime execution providers, in order of preference.
+        intra_op_threads: threads inside one operator (default ``min(2, cpu count)``).
+        name: detector name (default ``'<stem>-onnx@<sha256[:8] of the file>'``).
+        max_batch: most images per forward pass in :meth:`detect_batch`.
+    """
+
+    backend = "onnx"
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        labels: Sequence[str] | None = None,
+        input_size: int | None = None,
+        providers: Sequence[str] = ("CPUExecutionProvider",),
+        intra_op_threads: int | None = None,
+        name: str | None = None,
+        max_batch: int = 16,
+    ) -> None:
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise ModelLoadError(
+                f"ONNX detector weights not found at {path}; check the path or train and export a "
+                "detector (tools/train_detector.py)"
+            )
+        super().__init__(path, name=name, max_batch=max_batch)
+        self._labels_arg = tuple(labels) if labels is not None else None
+        if input_size is not None and int(input_size) <= 0:
+            raise ValueError(f"input_size must be positive, got {input_size}")
+        self._input_size_arg = int(input_size) if input_size is not None else None
+        self.providers = tuple(providers)
+        self.intra_op_threads = intra_op_threads
+        self.metadata: dict[str, Any] = {}
+        self._session: Any = None
+        self._input_name = ""
+        self._checked_output = False
+
+    def _load(self) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:  # pragma: no cover - onnxruntime is a core dependency
+            raise ModelLoadError("onnxruntime is not installed; `pip install onnxruntime`") from exc
+
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.intra_op_num_threads = int(self.intra_op_threads or min(2, os.cpu_count() or 1))
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.log_severity_level = 3
+        try:
+            session = ort.InferenceSession(str(self.path), sess_options=opts, providers=list(self.providers))
+        except Exception as exc:  # ORT raises its own pybind exception types
+            raise ModelLoadError(
+                f"{self.path} could not be loaded by ONNX Runtime ({type(exc).__name__}: "
+                f"{str(exc).strip()[:200]}); is it an ONNX model file? Re-export it with export_onnx()"
+            ) from exc
+
+        self.metadata = parse_ultralytics_metadata(session.get_modelmeta().custom_metadata_map or {})
+        inputs, outputs = session.get_inputs(), session.get_outputs()
+        if len(inputs) != 1 or len(inputs[0].shape) != 4:
+            raise ModelLoadError(
+                f"{self.path}: expected one image input of shape (batch, 3, height, width), got "
+                f"{[(i.name, i.shape) for i in inputs]}; is this a YOLO detection export?"
+            )
+        b, c, h, w = inputs[0].shape
+        if isinstance(c, int) and c != 3:
+            raise ModelLoadError(f"{self.path}: the model takes {c} input channels, expected 3 (RGB)")
+        self._input_size = self._resolve_input_size(h, w)
+        self._dynamic_batch = not isinstance(b, int)
+        self._end2end = bool(self.metadata.get("end2end", False))
+        self._labels = self._resolve_labels(outputs[0].shape)
+        self._input_name = inputs[0].name
+        self._session = session
+
+    def _resolve_input_size(self, h: Any, w: Any) -> int:
+        if isinstance(h, int) and isinstance(w, int):
+            if h != w:
+                raise ModelLoadError(
+                    f"{self.path}: fixed input {h}x{w} is not square; export the model with a square imgsz"
+                )
+            if self._input_size_arg is not None and self._input_size_arg != h:
+                raise ModelLoadError(
+                    f"{self.path}: the model has a fixed {h}x{h} input but input_size={self._input_size_arg} "
+                    "was requested; drop input_size or re-export with dynamic=True"
+                )
+            return h
+        if self._input_size_arg is not None:
+            return self._input_size_arg
+        imgsz = self.metadata.get("imgsz")
+        if imgsz and imgsz[0] == imgsz[-1]:
+            return int(imgsz[0])
+        return _DEFAULT_INPUT_SIZE
+
+    def _resolve_labels(self, out_shape: Sequence[Any]) -> tuple[str, ...]:
+        if len(out_shape) != 3:
+            raise ModelLoadError(
+                f"{self.path}: output has shape {list(out_shape)}, expected (batch, 4 + num_classes, anchors) "
+                "from a YOLOv8/11 detection export"
+            )
+        names = self.metadata.get("names")
+        labels = self._labels_arg or names
+        if self._labels_arg and names and tuple(names) != self._labels_arg:
+            log.warning(
+                "%s: labels %s override the model's class names %s", self.path, self._labels_arg, names
+            )
+        if self._end2end:
+            if isinstance(out_shape[2], int) and out_shape[2] != 6:
+                raise ModelLoadError(
+                    f"{self.path}: end-to-end output must be (batch, detections, 6), got {list(out_shape)}; "
+                    "only detection models are supported"
+                )
+            if not labels:
+                raise ModelLoadError(f"{self.path}: end-to-end model without class names; pass labels=")
+            return tuple(labels)
+        rows = out_shape[1]
+        if isinstance(rows, int):
+            if rows < 5:
+                raise ModelLoadError(
+                    f"{self.path}: output has shape {list(out_shape)}; a YOLO detection head needs "
+                    "(batch, 4 + num_classes, anchors) with at least one class"
+                )
+            if labels and len(labels) != rows - 4:
+                raise ModelLoadError(
+                    f"{self.path}: output has {rows - 4} classes (shape {list(out_shape)}) but "
+                    f"{len(labels)} labels {tuple(labels)} were given; pass the model's own class names"
+                )
+            self._checked_output = True
+            return tuple(labels) if labels else tuple(f"class_{i}" for i in range(rows - 4))
+        if not labels:
+            raise ModelLoadError(
+                f"{self.path}: the number of classes is not fixed in the output shape {list(out_shape)} "
+                "and the model has no class names; pass labels="
+            )
+        return tuple(labels)
+
+    def _forward(self, batch: np.ndarray) -> np.ndarray:
+        out = self._session.run(None, {self._input_name: batch})[0]
+        if not self._checked_output:
+            expected = 6 if self._end2end else 4 + len(self._labels)
+            axis = 2 if self._end2end else 1
+            if out.ndim != 3 or out.shape[axis] != expected:
+                raise ModelLoadError(
+                    f"{self.path}: output has shape {out.shape}, expected {expected} values on axis {axis} "
+                    f"for {len(self._labels)} classes; is this a YOLO detection export?"
+                )
+            self._checked_output = True
+        return out
+
+    @property
+    def dynamic_batch(self) -> bool:
+        """Whether the model takes several images in one run (loads the model if needed)."""
+        self.load()
+        return self._dynamic_batch
