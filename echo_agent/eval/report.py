@@ -1,0 +1,193 @@
+"""Markdown report of an evaluation, rendered from the ``metrics.json`` summary alone.
+
+Because it only reads the summary dict, a report can be regenerated from a saved ``metrics.json``::
+
+    import json
+    from echo_agent.eval.report import render_report
+    text = render_report(json.load(open("runs/busi/metrics.json")))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+_DASH = "–"
+
+
+def fmt(value: float | None, digits: int = 3) -> str:
+    """A number with fixed decimals, or a dash for a missing value."""
+    return _DASH if value is None else f"{value:.{digits}f}"
+
+
+def fmt_ci(value: float | None, ci: Mapping[str, Any] | None, digits: int = 3) -> str:
+    """``0.812 [0.780, 0.845]``; the interval is left out when there is none."""
+    if value is None:
+        return _DASH
+    if not ci:
+        return fmt(value, digits)
+    return f"{value:.{digits}f} [{ci['low']:.{digits}f}, {ci['high']:.{digits}f}]"
+
+
+def _auc(m: Mapping[str, Any]) -> str:
+    auc = m.get("auc")
+    if not auc:
+        return _DASH
+    return fmt(auc["value"]) if auc["value"] is not None else f"{_DASH} ({auc['reason']})"
+
+
+def _cal(m: Mapping[str, Any], key: str) -> str:
+    cal = m.get("calibration")
+    return fmt(cal[key]) if cal else _DASH
+
+
+def headline_rows(systems: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, str, str]]:
+    """``(metric, detector-only, agent)`` rows of the headline metrics (values formatted)."""
+    det, ag = systems.get("detector", {}), systems.get("agent", {})
+
+    def both(f: Any) -> tuple[str, str]:
+        return (f(det) if det else _DASH, f(ag) if ag else _DASH)
+
+    def pos_label(m: Mapping[str, Any]) -> str:
+        auc = m.get("auc") or {}
+        return f"{auc.get('positive_label')} vs {auc.get('negative_label')}" if auc else ""
+
+    auc_name = f"AUC ({pos_label(ag or det)})" if (ag or det).get("auc") else "AUC"
+    rows = [
+        ("images scored", *both(lambda m: str(m["n_images"]))),
+        ("localization F1@0.5", *both(lambda m: fmt_ci(m["localization"]["f1"], m["localization"]["ci"]))),
+        ("  precision / recall", *both(lambda m: f"{fmt(m['localization']['precision'])} / {fmt(m['localization']['recall'])}")),
+        ("grounded F1@0.5", *both(lambda m: fmt_ci(m["grounded"]["f1"], m["grounded"]["ci"]))),
+        ("accuracy", *both(lambda m: fmt_ci(m["classification"]["accuracy"], m["classification"]["accuracy_ci"]))),
+        ("balanced accuracy", *both(lambda m: fmt_ci(m["classification"]["balanced_accuracy"],
+                                                     m["classification"]["balanced_accuracy_ci"]))),
+        (auc_name, *both(_auc)),
+        ("ECE (15 bins)", *both(lambda m: _cal(m, "ece"))),
+        ("Brier score", *both(lambda m: _cal(m, "brier"))),
+    ]
+    return rows
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], align_right_from: int = 1) -> list[str]:
+    sep = ["---" if i < align_right_from else "---:" for i in range(len(header))]
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(sep) + " |"]
+    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in r) + " |" for r in rows]
+    return lines
+
+
+def _per_class_rows(systems: Mapping[str, Mapping[str, Any]]) -> list[list[str]]:
+    det = {c["label"]: c for c in systems.get("detector", {}).get("classification", {}).get("per_class", [])}
+    ag = {c["label"]: c for c in systems.get("agent", {}).get("classification", {}).get("per_class", [])}
+    rows = []
+    for label in dict.fromkeys([*det, *ag]):
+        d, a = det.get(label, {}), ag.get(label, {})
+        support = d.get("support", a.get("support", 0))
+        rows.append([label, str(support), fmt(d.get("recall")), fmt(a.get("recall"))])
+    return rows
+
+
+def _confusion_lines(name: str, m: Mapping[str, Any]) -> list[str]:
+    cm = m["classification"]["confusion"]
+    labels = cm["labels"]
+    rows = [[f"**{lbl}**", *[str(v) for v in row]] for lbl, row in zip(labels, cm["matrix"], strict=True)]
+    return [f"{name} (rows: truth, columns: prediction)", "", *_table(["truth \\ pred", *labels], rows)]
+
+
+def _center_rows(centers: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> list[list[str]]:
+    rows = []
+    for c, systems in centers.items():
+        for s, m in systems.items():
+            cls = m["classification"]
+            rows.append([
+                c, s, str(m["n_images"]), fmt(m["localization"]["f1"]), fmt(m["grounded"]["f1"]),
+                fmt(cls["accuracy"]), fmt(cls["balanced_accuracy"]),
+                fmt(m["auc"]["value"]) if m.get("auc") else _DASH,
+            ])
+    return rows
+
+
+def _filters(filters: Mapping[str, Any]) -> str:
+    shown = [f"{k}={v}" for k, v in filters.items() if v is not None and k != "seed"]
+    if filters.get("limit") is not None:
+        shown.append(f"random subset, seed {filters.get('seed')}")
+    return "filters: " + ", ".join(shown) if shown else "all images of the manifest"
+
+
+def render_report(summary: Mapping[str, Any], *, plots: Sequence[str | Path] = ()) -> str:
+    """The Markdown report of one evaluation (``summary`` is the content of ``metrics.json``)."""
+    out: list[str] = ["# echo-agent evaluation: detector-only vs agent", ""]
+    out += [
+        f"- manifest: `{summary.get('manifest')}`",
+        f"- images: {summary.get('n_images')} ({_filters(summary.get('filters') or {})})",
+        f"- baseline detection threshold: {summary.get('score_threshold')}; IoU threshold: {summary.get('iou_threshold')}",
+        f"- bootstrap: {summary.get('n_boot')} resamples, 95 % percentile intervals in brackets "
+        "(resampling whole patients / groups where the manifest gives them)",
+        f"- run: {summary.get('started')} – {summary.get('finished')}",
+        "",
+        "Reproduce:",
+        "",
+        "```bash",
+        str(summary.get("command", "")),
+        "```",
+        "",
+        "Metric definitions: `docs/metrics.md`. The detector-only baseline labels an image with the label "
+        "of its highest-scoring detection above threshold (`normal` when none) and has no probability "
+        "distribution, so it has no ECE or Brier score; its AUC ranks the highest positive-class "
+        "detection score (0 when none).",
+        "",
+    ]
+    errors = summary.get("errors") or {}
+    if any(errors.values()):
+        out += [
+            f"**Failures**: detector-only {errors.get('detector', 0)}, agent {errors.get('agent', 0)} image(s). "
+            "A failed image is left out of that system's metrics (so the two columns may cover different "
+            "images); the errors are in `predictions.jsonl`.",
+            "",
+        ]
+        for e in summary.get("error_examples", [])[:5]:
+            out.append(f"- `{e['key']}` ({e['system']}): {e['type']}: {e['message']}")
+        out.append("")
+    timing = summary.get("timing_ms") or {}
+    if timing:
+        out += _table(
+            ["time per image (ms)", "mean", "median", "p95"],
+            [[s, fmt(t.get("mean"), 1), fmt(t.get("median"), 1), fmt(t.get("p95"), 1)] for s, t in timing.items()],
+        )
+        out.append("")
+
+    plot_names = [str(p) for p in plots]
+    for organ, om in summary.get("organs", {}).items():
+        overall = om["overall"]
+        out += [f"## {organ}", ""]
+        out += _table(["metric", "detector-only", "agent"], headline_rows(overall))
+        out.append("")
+        out += ["### Per-class accuracy (recall)", ""]
+        out += _table(["true label", "images", "detector-only", "agent"], _per_class_rows(overall))
+        out.append("")
+        out += ["### Confusion matrices", ""]
+        for s, name in (("detector", "Detector-only"), ("agent", "Agent")):
+            if s in overall:
+                out += _confusion_lines(name, overall[s])
+                out.append("")
+        if om.get("centers"):
+            out += ["### Per center", ""]
+            out += _table(
+                ["center", "system", "images", "loc. F1", "grounded F1", "accuracy", "bal. acc.", "AUC"],
+                _center_rows(om["centers"]), align_right_from=2,
+            )
+            out.append("")
+        notes = {n for s in overall.values() for n in s.get("notes", [])}
+        for n in sorted(notes):
+            out.append(f"- note: {n}")
+        if notes:
+            out.append("")
+        mine = [p for p in plot_names if f"_{organ}." in Path(p).name]
+        if mine:
+            out += ["### Figures", ""]
+            out += [f"![{Path(p).stem}]({Path(p).as_posix()})" for p in mine]
+            out.append("")
+    return "\n".join(out).rstrip() + "\n"
+
+
+__all__ = ["fmt", "fmt_ci", "headline_rows", "render_report"]

@@ -1,0 +1,294 @@
+"""End-to-end tests of the evaluation harness: a synthetic run with hand-computed metrics (fake
+detector and agent, no weights needed) and a run on a handful of real images."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from echo_agent.errors import EchoInputError
+from echo_agent.eval.harness import (
+    AGENT,
+    DETECTOR,
+    detector_prediction,
+    eval_command,
+    evaluate,
+    select_images,
+)
+from echo_agent.eval.manifest import ManifestImage, default_data_root
+from echo_agent.organs import get_organ
+from echo_agent.schemas import Box, Detection, Diagnosis, Finding
+
+pytest.importorskip("sklearn")
+pytest.importorskip("matplotlib")
+
+# image name -> (pixel value that tells the fake detector which image it sees, label, boxes, center, patient)
+IMAGES = {
+    "a.png": (10, "benign", [(10, 10, 30, 30)], "x", "p1"),
+    "b.png": (20, "malignant", [(20, 20, 40, 50)], "x", "p2"),
+    "c.png": (30, "normal", [], "y", "p3"),
+    "d.png": (40, "normal", [], "y", "p4"),
+}
+
+
+def _det(box, label, score):
+    return Detection(box=Box.from_xyxy(box), label=label, score=score)
+
+
+class FakeDetector:
+    name = "fake-detector"
+
+    def __init__(self):
+        self.calls = []
+
+    def detect(self, image, *, score_threshold=0.25, tta=False):
+        assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+        v = int(image[0, 0, 0])
+        self.calls.append((v, score_threshold))
+        return {
+            10: [_det((10, 10, 30, 30), "benign", 0.9)],
+            # right lesion, wrong top label; plus a malignant box elsewhere
+            20: [_det((21, 20, 40, 50), "benign", 0.6), _det((0, 0, 8, 8), "malignant", 0.4)],
+            30: [_det((5, 5, 15, 15), "benign", 0.5)],  # box on a lesion-free image
+            40: [],
+        }[v]
+
+
+class FakeToolkit:
+    preprocess = False
+
+    def __init__(self, detector):
+        self._detector = detector
+
+    def detector(self, organ):
+        assert organ == "breast"
+        return self._detector
+
+
+class FakeAgent:
+    def __init__(self, detector=None):
+        self.toolkit = FakeToolkit(detector or FakeDetector())
+        self.contexts = {}
+
+    def run(self, image, *, organ=None, context=None):
+        name = Path(image).name
+        self.contexts[name] = context
+        if name == "d.png":
+            raise RuntimeError("reasoner crashed on purpose")
+        probs, findings = {
+            "a.png": ({"normal": 0.1, "benign": 0.7, "malignant": 0.2}, [((10, 10, 30, 30), "benign", 0.8)]),
+            "b.png": ({"normal": 0.05, "benign": 0.15, "malignant": 0.8}, [((20, 20, 40, 50), "malignant", 0.7)]),
+            "c.png": ({"normal": 0.6, "benign": 0.3, "malignant": 0.1}, []),
+        }[name]
+        return Diagnosis(
+            organ=organ, label=max(probs, key=probs.get), probabilities=probs,
+            findings=[Finding(box=Box.from_xyxy(b), label=lbl, score=s) for b, lbl, s in findings],
+        )
+
+
+@pytest.fixture
+def manifest(tmp_path: Path) -> Path:
+    data = tmp_path / "data"
+    data.mkdir()
+    lines = ["image,organ,label,x_min,y_min,x_max,y_max,center,patient_id,age"]
+    for name, (v, label, boxes, center, patient) in IMAGES.items():
+        Image.fromarray(np.full((64, 64), v, dtype=np.uint8)).save(data / name)
+        age = "52" if name == "a.png" else ""
+        for b in boxes or [None]:
+            coords = ",".join(str(c) for c in b) if b else ",,,"
+            lines.append(f"{name},breast,{label},{coords},{center},{patient},{age}")
+    path = data / "manifest.csv"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_synthetic_end_to_end_matches_hand_computed(manifest: Path, tmp_path: Path):
+    agent = FakeAgent()
+    out = tmp_path / "run"
+    res = evaluate(manifest, agent=agent, out_dir=out, progress=False, n_boot=50)
+
+    assert res.n_images == 4
+    assert res.errors == {DETECTOR: 0, AGENT: 1}
+    assert agent.contexts["a.png"] == {"age": 52} and agent.contexts["b.png"] is None
+    assert {t for _, t in agent.toolkit._detector.calls} == {0.25}
+
+    det = res.metrics["breast"].overall[DETECTOR]
+    # loc: a TP; b TP (benign box) + FP (malignant box); c FP -> TP2 FP2 FN0
+    assert (det.localization.tp, det.localization.fp, det.localization.fn) == (2, 2, 0)
+    assert det.localization.f1 == pytest.approx(4 / 6)
+    # grounded: a TP; b benign box has the wrong label -> FP + FN, malignant box FP; c FP
+    assert (det.grounded.tp, det.grounded.fp, det.grounded.fn) == (1, 3, 1)
+    assert det.grounded.f1 == pytest.approx(2 / 6)
+    assert det.classification.accuracy == pytest.approx(0.5)  # a, d right; b -> benign, c -> benign
+    assert det.classification.balanced_accuracy == pytest.approx((0.5 + 1.0 + 0.0) / 3)
+    assert det.auc.value == pytest.approx(1.0)  # malignant score: a 0 (none), b 0.4
+    assert det.calibration is None
+
+    ag = res.metrics["breast"].overall[AGENT]
+    assert ag.n_images == 3  # d failed and is left out
+    assert ag.classification.accuracy == pytest.approx(1.0)
+    assert ag.localization.f1 == pytest.approx(1.0) and ag.grounded.f1 == pytest.approx(1.0)
+    assert ag.auc.value == pytest.approx(1.0)
+    assert ag.calibration.ece == pytest.approx((0.3 + 0.2 + 0.4) / 3)
+
+    centers = res.metrics["breast"].centers
+    assert set(centers) == {"x", "y"}
+    assert centers["y"][DETECTOR].classification.accuracy == pytest.approx(0.5)
+    assert centers["y"][AGENT].n_images == 1
+
+    # files
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["organs"]["breast"]["overall"]["detector"]["localization"]["tp"] == 2
+    assert metrics["errors"] == {"detector": 0, "agent": 1}
+    lines = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(lines) == 4
+    by_name = {Path(x["image"]).name: x for x in lines}
+    assert by_name["d.png"]["agent"]["error"]["type"] == "RuntimeError"
+    assert by_name["d.png"]["detector"]["label"] == "normal"
+    assert by_name["b.png"]["detector"]["label"] == "benign"
+    assert by_name["b.png"]["detector"]["positive_score"] == pytest.approx(0.4)
+    assert by_name["b.png"]["agent"]["diagnosis"]["label"] == "malignant"
+    assert by_name["b.png"]["agent"]["diagnosis"]["findings"][0]["box"] == {"x1": 20.0, "y1": 20.0, "x2": 40.0, "y2": 50.0}
+    assert by_name["a.png"]["truth"] == {"label": "benign", "boxes": [[10.0, 10.0, 30.0, 30.0]], "birads": None}
+    report = (out / "report.md").read_text()
+    assert "detector-only" in report and "0.667" in report and "RuntimeError" in report
+    assert {p.name for p in res.plots} == {"confusion_breast.png", "per_class_breast.png", "reliability_breast.png"}
+    for p in res.plots:
+        assert p.stat().st_size > 1000
+        assert f"plots/{p.name}" in report
+
+
+def test_refuses_non_empty_out_dir(manifest: Path, tmp_path: Path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(EchoInputError, match="not empty"):
+        evaluate(manifest, agent=FakeAgent(), out_dir=out, progress=False, n_boot=10, plots=False)
+    res = evaluate(manifest, agent=FakeAgent(), out_dir=out, progress=False, n_boot=10, plots=False, overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine"  # the user's file survives
+    assert res.metrics_path.exists() and res.plots == []
+
+
+def test_filters_and_limit(manifest: Path, tmp_path: Path):
+    items = [ManifestImage(image=Path(f"/x/{i}.png"), organ="breast", label="normal", split="test" if i % 2 else "train")
+             for i in range(10)]
+    assert len(select_images(items, split="test")) == 5
+    a = select_images(items, limit=3, seed=1)
+    assert len(a) == 3 and a == select_images(items, limit=3, seed=1)
+    assert [items.index(x) for x in a] == sorted(items.index(x) for x in a)
+    with pytest.raises(EchoInputError, match="no image"):
+        evaluate(manifest, agent=FakeAgent(), out_dir=tmp_path / "r", organ="kidney", progress=False)
+
+
+def test_detector_failure_recorded_for_every_image(manifest: Path, tmp_path: Path):
+    class Broken(FakeDetector):
+        def detect(self, image, **kw):
+            raise OSError("weights unreadable")
+
+    res = evaluate(manifest, agent=FakeAgent(Broken()), out_dir=tmp_path / "r", progress=False, n_boot=10, plots=False)
+    assert res.errors[DETECTOR] == 4 and res.errors[AGENT] == 1
+    assert res.metrics["breast"].overall[DETECTOR].n_images == 0
+    assert "weights unreadable" in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_detector_prediction_rule():
+    spec = get_organ("breast")
+    p = detector_prediction(spec, [_det((0, 0, 5, 5), "malignant", 0.3), _det((0, 0, 9, 9), "benign", 0.7)])
+    assert p["label"] == "benign" and p["positive_score"] == pytest.approx(0.3)
+    assert [d["score"] for d in p["detections"]] == [0.7, 0.3]
+    p = detector_prediction(spec, [])
+    assert p == {"label": "normal", "positive_score": 0.0, "detections": []}
+
+
+def test_eval_command_exit_codes(manifest: Path, tmp_path: Path):
+    from rich.console import Console
+
+    buf = io.StringIO()
+    console = Console(file=buf, width=120)
+    code = eval_command(manifest, tmp_path / "ok", agent=FakeAgent(), progress=False, console=console)
+    assert code == 0
+    text = buf.getvalue()
+    assert "localization F1@0.5" in text and "0.667" in text
+    # non-empty output folder -> input error
+    assert eval_command(manifest, tmp_path / "ok", agent=FakeAgent(), progress=False, console=console) == 2
+    assert eval_command(tmp_path / "missing.csv", tmp_path / "new", agent=FakeAgent(), console=console) == 2
+
+
+# -- real images -----------------------------------------------------------------------------------
+DATA = default_data_root()
+needs_data = pytest.mark.skipif(not (DATA / "BUSI" / "boxes.csv").exists(), reason=f"BUSI data not found under {DATA}")
+
+
+def _busi_manifest(tmp_path: Path) -> Path:
+    import csv
+
+    with (DATA / "BUSI" / "boxes.csv").open(newline="") as fh:
+        boxes = list(csv.DictReader(fh))
+    chosen = {"benign/benign (2).png", "malignant/malignant (1).png", "normal/normal (1).png"}
+    rows = ["image,organ,label,x_min,y_min,x_max,y_max,center,group"]
+    for name in sorted(chosen):
+        label = name.split("/")[0]
+        lesion = [r for r in boxes if r["image"] == name]
+        path = (DATA / "BUSI" / name).as_posix()
+        for r in lesion or [None]:
+            coords = ",".join(r[k] for k in ("x_min", "y_min", "x_max", "y_max")) if r else ",,,"
+            rows.append(f'"{path}",breast,{label},{coords},busi,{name}')
+    out = tmp_path / "busi_few.csv"
+    out.write_text("\n".join(rows) + "\n")
+    return out
+
+
+class TruthEchoDetector(FakeDetector):
+    """Puts one benign box in the middle of any image (exercises real loading and box mapping)."""
+
+    def detect(self, image, *, score_threshold=0.25, tta=False):
+        h, w = image.shape[:2]
+        return [_det((w * 0.4, h * 0.4, w * 0.6, h * 0.6), "benign", 0.5)]
+
+
+@pytest.mark.realdata
+@needs_data
+def test_real_images_with_fake_models(tmp_path: Path):
+    manifest = _busi_manifest(tmp_path)
+
+    class Agent(FakeAgent):
+        def run(self, image, *, organ=None, context=None):
+            arr = np.asarray(Image.open(image).convert("RGB"))
+            return Diagnosis(organ=organ, label="normal", probabilities={"normal": 0.5, "benign": 0.3, "malignant": 0.2},
+                             image_width=arr.shape[1], image_height=arr.shape[0])
+
+    res = evaluate(manifest, agent=Agent(TruthEchoDetector()), out_dir=tmp_path / "r", progress=False, n_boot=20)
+    assert res.n_images == 3 and res.errors == {DETECTOR: 0, AGENT: 0}
+    det = res.metrics["breast"].overall[DETECTOR]
+    assert det.classification.per_class[1].recall == 1.0  # benign image called benign
+    assert det.localization.fp >= 1  # the normal image's box
+    assert res.metrics["breast"].overall[AGENT].classification.accuracy == pytest.approx(1 / 3)
+
+
+def _weights_ready() -> bool:
+    try:
+        w = get_organ("breast").resolve_weights()
+        import echo_agent.agent  # noqa: F401
+    except Exception:
+        return False
+    return bool(w and w.exists())
+
+
+@pytest.mark.realdata
+@needs_data
+@pytest.mark.skipif(not _weights_ready(), reason="breast detector weights or echo_agent.agent not available yet")
+def test_real_images_with_the_real_agent(tmp_path: Path):
+    from echo_agent.agent import EchoAgent
+
+    res = evaluate(_busi_manifest(tmp_path), agent=EchoAgent(), out_dir=tmp_path / "r", progress=False, n_boot=20)
+    assert res.n_images == 3
+    assert res.errors == {DETECTOR: 0, AGENT: 0}, (tmp_path / "r" / "predictions.jsonl").read_text()[:2000]
+    for s in (DETECTOR, AGENT):
+        m = res.metrics["breast"].overall[s]
+        assert m.n_images == 3
+        assert m.localization.f1 is None or 0.0 <= m.localization.f1 <= 1.0
