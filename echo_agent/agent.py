@@ -1,0 +1,346 @@
+"""``EchoAgent``: the facade most users need.
+
+>>> from echo_agent import EchoAgent                                    # doctest: +SKIP
+>>> dx = EchoAgent().run("examples/images/breast_malignant.png",        # doctest: +SKIP
+...                      context={"age": 52, "symptoms": "palpable lump"})
+>>> print(dx.label, dx.probability, dx.box, dx.rationale)               # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ClinicalContextError, EchoError, EchoInputError
+from .events import (
+    AgentEvent,
+    DiagnosisEvent,
+    EvidenceEvent,
+    PerceivedEvent,
+    ReasonerEvent,
+    ReviewRequestedEvent,
+    ToolCalledEvent,
+    ToolErrorEvent,
+)
+from .schemas import ClinicalContext, Diagnosis, parse_evidence
+
+ImageInput = Any  # str | Path | bytes | PIL.Image.Image | np.ndarray | pydicom.Dataset
+ContextInput = ClinicalContext | dict[str, Any] | str | None
+
+
+def to_clinical(context: ContextInput) -> ClinicalContext | None:
+    """Validate clinical context given as a ClinicalContext, a dict, or free text (-> ``notes``)."""
+    if context is None:
+        return None
+    if isinstance(context, ClinicalContext):
+        return context
+    if isinstance(context, str):
+        return ClinicalContext(notes=context) if context.strip() else None
+    if isinstance(context, dict):
+        unknown = sorted(set(context) - set(ClinicalContext.model_fields))
+        if unknown:
+            raise ClinicalContextError(
+                f"unknown clinical context key(s) {unknown}; allowed: {sorted(ClinicalContext.model_fields)}"
+            )
+        try:
+            return ClinicalContext.model_validate(context)
+        except Exception as exc:
+            first = exc.errors()[0] if hasattr(exc, "errors") else {"loc": (), "msg": str(exc)}
+            where = ".".join(str(x) for x in first.get("loc", ()))
+            raise ClinicalContextError(f"invalid clinical context {where}: {first.get('msg')}") from None
+    raise ClinicalContextError(
+        f"clinical context must be a dict, a ClinicalContext or a string, got {type(context).__name__}"
+    )
+
+
+@dataclass(frozen=True)
+class ReviewTicket:
+    """A run paused for human review: resume it with :meth:`EchoAgent.resume`."""
+
+    thread_id: str
+    diagnosis: Diagnosis
+
+
+class EchoAgent:
+    """Run the invoke-and-reason agent on ultrasound images.
+
+    Args:
+        reasoner: a LangChain chat model that supports tool calling (default: the embedded policy).
+        organ: fix the organ for every run (default: route each image; a run may override it).
+        toolkit: detectors, captioner, retriever, image store (see :class:`echo_agent.tools.Toolkit`).
+        fusion / finalizer: see :func:`echo_agent.build_graph`.
+        router: ``f(image) -> (organ | None, confidence)``; default: the packaged organ router.
+        max_tool_calls: tool-call budget per image.
+        review: pause each run for a human reviewer (use :meth:`start` / :meth:`resume`).
+        checkpointer: any LangGraph checkpointer (an in-memory one is used when review is on).
+        max_pixels: images above this pixel count are refused (decompression-bomb guard).
+    """
+
+    def __init__(
+        self,
+        reasoner: Any = None,
+        *,
+        organ: str | None = None,
+        toolkit: Any = None,
+        fusion: Any = None,
+        finalizer: Any = None,
+        router: Any = "default",
+        max_tool_calls: int = 8,
+        review: bool = False,
+        checkpointer: Any = None,
+        max_pixels: int = 50_000_000,
+    ) -> None:
+        from .graph import build_graph
+        from .organs import get_organ
+        from .tools import Toolkit
+
+        if organ is not None:
+            get_organ(organ)
+        self.organ = organ
+        self.toolkit = toolkit or Toolkit()
+        self.max_pixels = max_pixels
+        self.review = review
+        if router == "default":
+            from .organs.routing import default_router
+
+            router = default_router
+        if review and checkpointer is None:
+            from langgraph.checkpoint.memory import InMemorySaver
+
+            checkpointer = InMemorySaver()
+        self.checkpointer = checkpointer
+        self._builder = build_graph(
+            reasoner, toolkit=self.toolkit, fusion=fusion, finalizer=finalizer, router=router,
+            max_tool_calls=max_tool_calls, review=review,
+        )
+        self.graph = self._builder.compile(checkpointer=checkpointer)
+
+    # -- inputs ---------------------------------------------------------------------------------------
+    def prepare_input(
+        self, image: ImageInput, *, organ: str | None = None, context: ContextInput = None, frame: int | None = None
+    ) -> dict[str, Any]:
+        """Validate and store the image; return the graph input dict."""
+        from .imaging import load_image
+        from .organs import get_organ
+
+        organ = organ or self.organ
+        if organ is not None:
+            get_organ(organ)
+        clinical = to_clinical(context)
+        loaded = load_image(image, frame=frame, max_pixels=self.max_pixels)
+        ref = loaded.to_ref(self.toolkit.get_store())
+        inp: dict[str, Any] = {"image": ref, "organ": organ}
+        if clinical is not None:
+            inp["clinical"] = clinical.model_dump(exclude_none=True)
+        return inp
+
+    def _config(self, thread_id: str | None) -> dict[str, Any]:
+        if self.checkpointer is None:
+            return {}
+        return {"configurable": {"thread_id": thread_id or uuid.uuid4().hex}}
+
+    def _finish(self, out: dict[str, Any], config: dict[str, Any]) -> Diagnosis:
+        if out.get("__interrupt__"):
+            raise EchoError(
+                "this agent pauses every run for review; use agent.start(...) and agent.resume(...) instead of run()"
+            )
+        from .graph import diagnosis_from_state
+
+        return diagnosis_from_state(out)
+
+    # -- single image -------------------------------------------------------------------------------
+    def run(
+        self,
+        image: ImageInput,
+        *,
+        organ: str | None = None,
+        context: ContextInput = None,
+        frame: int | None = None,
+        thread_id: str | None = None,
+    ) -> Diagnosis:
+        """Diagnose one image. ``context`` is a dict of :class:`ClinicalContext` fields or free text."""
+        inp = self.prepare_input(image, organ=organ, context=context, frame=frame)
+        config = self._config(thread_id)
+        return self._finish(self.graph.invoke(inp, config), config)
+
+    async def arun(
+        self,
+        image: ImageInput,
+        *,
+        organ: str | None = None,
+        context: ContextInput = None,
+        frame: int | None = None,
+        thread_id: str | None = None,
+    ) -> Diagnosis:
+        """Async :meth:`run`."""
+        inp = self.prepare_input(image, organ=organ, context=context, frame=frame)
+        config = self._config(thread_id)
+        return self._finish(await self.graph.ainvoke(inp, config), config)
+
+    # -- review -----------------------------------------------------------------------------------------
+    def start(
+        self, image: ImageInput, *, organ: str | None = None, context: ContextInput = None,
+        frame: int | None = None, thread_id: str | None = None,
+    ) -> ReviewTicket:
+        """Run until the review pause and return the ticket with the agent's Diagnosis."""
+        if not self.review:
+            raise EchoError("start()/resume() need EchoAgent(review=True)")
+        inp = self.prepare_input(image, organ=organ, context=context, frame=frame)
+        config = self._config(thread_id)
+        out = self.graph.invoke(inp, config)
+        interrupts = out.get("__interrupt__") or []
+        if not interrupts:
+            raise EchoError("the run finished without pausing for review")
+        payload = interrupts[0].value
+        return ReviewTicket(config["configurable"]["thread_id"], Diagnosis.model_validate(payload["diagnosis"]))
+
+    def resume(self, ticket: ReviewTicket | str, decision: dict[str, Any] | Any) -> Diagnosis:
+        """Resume a paused run with the reviewer's decision (see :class:`echo_agent.graph.ReviewDecision`)."""
+        from langgraph.types import Command
+
+        from .graph import ReviewDecision, diagnosis_from_state
+
+        thread_id = ticket.thread_id if isinstance(ticket, ReviewTicket) else ticket
+        if isinstance(decision, ReviewDecision):
+            decision = decision.model_dump(exclude_none=True)
+        config = {"configurable": {"thread_id": thread_id}}
+        snapshot = self.graph.get_state(config)
+        if not snapshot.next:
+            raise EchoInputError(f"thread {thread_id!r} is not waiting for review")
+        out = self.graph.invoke(Command(resume=decision), config)
+        return diagnosis_from_state(out)
+
+    # -- streaming ----------------------------------------------------------------------------------------
+    def stream(
+        self, image: ImageInput, *, organ: str | None = None, context: ContextInput = None,
+        frame: int | None = None, thread_id: str | None = None,
+    ) -> Iterator[AgentEvent]:
+        """Yield typed events as the run progresses: perceived, reasoner, tool called, evidence,
+        tool error, review requested, diagnosis."""
+        inp = self.prepare_input(image, organ=organ, context=context, frame=frame)
+        config = self._config(thread_id)
+        conv = _EventConverter(inp, config)
+        for chunk in self.graph.stream(inp, config, stream_mode="updates"):
+            yield from conv.convert(chunk)
+
+    async def astream(
+        self, image: ImageInput, *, organ: str | None = None, context: ContextInput = None,
+        frame: int | None = None, thread_id: str | None = None,
+    ) -> AsyncIterator[AgentEvent]:
+        """Async :meth:`stream`."""
+        inp = self.prepare_input(image, organ=organ, context=context, frame=frame)
+        config = self._config(thread_id)
+        conv = _EventConverter(inp, config)
+        async for chunk in self.graph.astream(inp, config, stream_mode="updates"):
+            for ev in conv.convert(chunk):
+                yield ev
+
+    # -- many images ----------------------------------------------------------------------------------
+    def batch(
+        self,
+        images: Sequence[ImageInput],
+        *,
+        organ: str | None = None,
+        contexts: Sequence[ContextInput] | None = None,
+        max_concurrency: int | None = None,
+    ) -> list[Diagnosis | EchoError]:
+        """Diagnose many images. The result list is aligned with ``images``; an item that fails holds
+        its error (an :class:`EchoError`) and the other items still complete."""
+        if contexts is not None and len(contexts) != len(images):
+            raise EchoInputError(f"contexts has {len(contexts)} entries for {len(images)} images; give one per image")
+        results: list[Diagnosis | EchoError | None] = [None] * len(images)
+        inputs, configs, slots = [], [], []
+        for i, image in enumerate(images):
+            try:
+                inputs.append(self.prepare_input(image, organ=organ, context=contexts[i] if contexts else None))
+                configs.append(self._config(None))
+                slots.append(i)
+            except EchoError as exc:
+                results[i] = exc
+        if inputs:
+            outs = self.graph.batch(
+                inputs, configs or None, return_exceptions=True,
+                **({"max_concurrency": max_concurrency} if max_concurrency else {}),
+            )
+            for i, out, cfg in zip(slots, outs, configs):
+                if isinstance(out, EchoError):
+                    results[i] = out
+                elif isinstance(out, BaseException):
+                    results[i] = EchoError(f"{type(out).__name__}: {out}")
+                    results[i].__cause__ = out
+                else:
+                    try:
+                        results[i] = self._finish(out, cfg)
+                    except EchoError as exc:
+                        results[i] = exc
+        return results  # type: ignore[return-value]
+
+
+class _EventConverter:
+    """Turns LangGraph ``updates`` chunks into typed :mod:`echo_agent.events`."""
+
+    def __init__(self, inp: dict[str, Any], config: dict[str, Any]) -> None:
+        self.image = inp.get("image") or {}
+        self.thread_id = (config.get("configurable") or {}).get("thread_id")
+        self.step = 0
+        self.calls: dict[str, str] = {}
+
+    def _next(self) -> int:
+        self.step += 1
+        return self.step - 1
+
+    def convert(self, chunk: dict[str, Any]) -> Iterator[AgentEvent]:
+        from langchain_core.messages import AIMessage, ToolMessage
+
+        for node, update in chunk.items():
+            if node == "__interrupt__":
+                for intr in update:
+                    value = getattr(intr, "value", {}) or {}
+                    if isinstance(value, dict) and "diagnosis" in value:
+                        yield ReviewRequestedEvent(
+                            step=self._next(), thread_id=self.thread_id,
+                            diagnosis=Diagnosis.model_validate(value["diagnosis"]),
+                        )
+                continue
+            updates = update if isinstance(update, list) else [update]
+            for upd in updates:
+                if not isinstance(upd, dict):
+                    upd = getattr(upd, "update", None) or {}
+                yield from self._one(node, upd, AIMessage, ToolMessage)
+
+    def _one(self, node: str, upd: dict[str, Any], AIMessage: Any, ToolMessage: Any) -> Iterator[AgentEvent]:
+        if node == "perceive":
+            img = upd.get("image") or self.image
+            organ = upd.get("organ")
+            if organ is None:
+                return
+            yield PerceivedEvent(
+                step=self._next(), organ=organ, organ_confidence=upd.get("organ_confidence"),
+                image_width=int(img.get("width", 0)), image_height=int(img.get("height", 0)),
+            )
+            return
+        evidence = {e.get("id"): e for e in upd.get("evidence") or []}
+        for m in upd.get("messages") or []:
+            if isinstance(m, AIMessage) and node == "reasoner":
+                yield ReasonerEvent(
+                    step=self._next(), text=m.content if isinstance(m.content, str) else str(m.content),
+                    tool_calls=[{"name": c["name"], "args": c["args"], "id": c.get("id")} for c in m.tool_calls],
+                )
+                for c in m.tool_calls:
+                    self.calls[c.get("id") or ""] = c["name"]
+                    yield ToolCalledEvent(step=self._next(), name=c["name"], args=c["args"], call_id=c.get("id") or "")
+            elif isinstance(m, ToolMessage):
+                name = self.calls.get(m.tool_call_id, m.name or "")
+                if getattr(m, "status", "success") == "error":
+                    yield ToolErrorEvent(step=self._next(), name=name, call_id=m.tool_call_id, error=str(m.content))
+                    continue
+                eid = (m.artifact or {}).get("evidence_id") if isinstance(m.artifact, dict) else None
+                item = evidence.get(eid)
+                if item is not None:
+                    yield EvidenceEvent(step=self._next(), name=name, call_id=m.tool_call_id, evidence=parse_evidence(item))
+        if node == "reason" and upd.get("diagnosis"):
+            yield DiagnosisEvent(step=self._next(), diagnosis=Diagnosis.model_validate(upd["diagnosis"]))
+        if node == "review" and upd.get("diagnosis"):
+            yield DiagnosisEvent(step=self._next(), diagnosis=Diagnosis.model_validate(upd["diagnosis"]))

@@ -1,0 +1,269 @@
+"""``build_graph``: the invoke-and-reason StateGraph.
+
+::
+
+    START -> perceive -> reasoner <-> tools -> reason -> [review] -> END
+
+The graph is returned uncompiled, so it can be compiled with any checkpointer or added as a node of
+a larger graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+from langchain_core.language_models import BaseChatModel
+from langchain_core.messages import AIMessage, BaseMessage, SystemMessage, ToolMessage
+from langchain_core.tools import BaseTool
+from langgraph.graph import END, START, StateGraph
+from langgraph.prebuilt import ToolNode
+from langgraph.prebuilt.tool_node import ToolCallRequest
+from langgraph.runtime import Runtime
+
+from ..errors import EchoError, EchoInputError, UnknownOrganError
+from ..messages import diagnosis_to_model, dumps, user_message
+from ..organs import OrganSpec, get_organ, list_organs
+from ..prompts import system_prompt
+from ..reasoners.fusion import Fusion, HeuristicFusion
+from ..schemas import ClinicalContext, Diagnosis
+from ..tools import Toolkit, make_tools
+from .state import EchoInput, EchoOutput, EchoRunContext, EchoState, clinical_of, typed_evidence
+
+#: Args key that marks a tool call the reasoner's output parser could not read.
+PARSE_ERROR_KEY = "__parse_error__"
+
+#: Signature of a custom final-reasoning step (e.g. an LLM asked for structured output). It gets the
+#: state, the organ and the fusion's Diagnosis, and returns the Diagnosis to keep.
+Finalizer = Callable[[dict[str, Any], OrganSpec, Diagnosis], Diagnosis]
+
+
+def _tool_error_text(exc: Exception) -> str:
+    return f"Error: {type(exc).__name__}: {exc}. Fix the arguments or call another tool."
+
+
+def _handle_tool_error(exc: Exception) -> str:
+    # Input problems and tool failures go back to the reasoner as error ToolMessages; programming
+    # errors (TypeError, AttributeError, ...) still surface so they get fixed, not hidden.
+    if isinstance(exc, (EchoError, ValueError, KeyError)):
+        return _tool_error_text(exc)
+    from langchain_core.tools import ToolException
+
+    if isinstance(exc, ToolException):
+        return _tool_error_text(exc)
+    raise exc
+
+
+def _answer_unparseable(request: ToolCallRequest, execute: Callable[[ToolCallRequest], Any]) -> Any:
+    call = request.tool_call
+    err = (call.get("args") or {}).get(PARSE_ERROR_KEY)
+    if err is not None:
+        return ToolMessage(
+            content=f"Error: your tool call could not be parsed ({err}). Emit one JSON object with 'name' and 'arguments'.",
+            tool_call_id=call.get("id") or "",
+            name=call.get("name"),
+            status="error",
+        )
+    return execute(request)
+
+
+async def _aanswer_unparseable(request: ToolCallRequest, execute: Callable[[ToolCallRequest], Any]) -> Any:
+    call = request.tool_call
+    if (call.get("args") or {}).get(PARSE_ERROR_KEY) is not None:
+        return _answer_unparseable(request, lambda r: None)
+    return await execute(request)
+
+
+def _tools_for(organ: OrganSpec, tools: Sequence[BaseTool]) -> list[BaseTool]:
+    """The tools the reasoner sees for one organ: that organ's detector plus the shared tools."""
+    out = []
+    for t in tools:
+        meta = t.metadata or {}
+        if meta.get("echo_kind") == "detect" and meta.get("organ") != organ.name:
+            continue
+        out.append(t)
+    return out
+
+
+def _budget(runtime: Runtime[EchoRunContext] | None, default: int) -> int:
+    ctx = getattr(runtime, "context", None) if runtime is not None else None
+    value = getattr(ctx, "max_tool_calls", None) if ctx is not None else None
+    return default if value is None else int(value)
+
+
+def build_graph(
+    reasoner: BaseChatModel | None = None,
+    *,
+    toolkit: Toolkit | None = None,
+    organs: Sequence[str | OrganSpec] | None = None,
+    extra_tools: Sequence[BaseTool] = (),
+    fusion: Fusion | None = None,
+    finalizer: Finalizer | None = None,
+    router: Callable[[Any], tuple[str | None, float | None]] | None = None,
+    max_tool_calls: int = 8,
+    max_reasoner_turns: int | None = None,
+    review: bool = False,
+) -> StateGraph:
+    """Build the uncompiled invoke-and-reason graph.
+
+    Args:
+        reasoner: any LangChain chat model that supports ``bind_tools`` (default: the embedded
+            policy, no LLM needed).
+        toolkit: detectors, captioner, retriever and image store shared by the tools.
+        organs: organs to build detector tools for (default: every registered organ).
+        extra_tools: more tools for the reasoner (plain LangChain tools).
+        fusion: turns evidence into the Diagnosis in the reason node (default: heuristic fusion).
+        finalizer: optional final-reasoning step run after fusion (e.g. an LLM with structured output).
+        router: ``f(image_array) -> (organ | None, confidence)`` used when the input has no organ.
+        max_tool_calls: tool-call budget per run (overridable per run via ``EchoRunContext``).
+        max_reasoner_turns: stop asking the reasoner after this many turns (default: budget + 2).
+        review: pause before END for a human reviewer (LangGraph ``interrupt``).
+
+    Example::
+
+        from langgraph.checkpoint.memory import InMemorySaver
+        graph = build_graph(max_tool_calls=6).compile(checkpointer=InMemorySaver())
+    """
+    if max_tool_calls < 0:
+        raise ValueError(f"max_tool_calls must be >= 0, got {max_tool_calls}")
+    from ..reasoners.policy import EmbeddedPolicy
+
+    toolkit = toolkit or Toolkit()
+    model = reasoner if reasoner is not None else EmbeddedPolicy()
+    fusion = fusion or HeuristicFusion()
+    specs = [get_organ(o) if isinstance(o, str) else o for o in organs] if organs is not None else list_organs()
+    tools = make_tools(toolkit, specs) + list(extra_tools)
+    bound: dict[str, Any] = {}
+    turn_limit = max_reasoner_turns if max_reasoner_turns is not None else max_tool_calls + 2
+
+    def bound_model(organ: OrganSpec) -> Any:
+        if organ.name not in bound:
+            bound[organ.name] = model.bind_tools(_tools_for(organ, tools))
+        return bound[organ.name]
+
+    # -- nodes ---------------------------------------------------------------------------------------
+    def perceive(state: EchoState) -> dict[str, Any]:
+        update: dict[str, Any] = {}
+        ref = state.get("image")
+        store = toolkit.get_store()
+        if not ref:
+            path = state.get("image_path")
+            if not path:
+                raise EchoInputError("the graph input needs 'image' (a stored ImageRef) or 'image_path'")
+            from ..imaging import load_image
+
+            ref = load_image(path).to_ref(store)
+            update["image"] = ref
+        organ_name = state.get("organ")
+        if organ_name is None:
+            if router is None:
+                raise UnknownOrganError(
+                    "no organ was given and no organ router is configured; pass organ='breast' or 'kidney'"
+                )
+            organ_name, confidence = router(store.get(ref))
+            if organ_name is None:
+                raise UnknownOrganError(
+                    "the image could not be routed to a registered organ (it does not look like "
+                    f"{', '.join(s.name for s in specs)} ultrasound); pass organ= explicitly if it is one"
+                )
+            update["organ"] = organ_name
+            update["organ_confidence"] = confidence
+        spec = get_organ(organ_name)
+        clinical = state.get("clinical")
+        if clinical is not None and not isinstance(clinical, dict):
+            raise EchoInputError("'clinical' must be a dict of ClinicalContext fields")
+        ctx = ClinicalContext.model_validate(clinical) if clinical else None
+        if not state.get("messages"):
+            update["messages"] = [user_message(ref, spec, ctx)]
+        update.setdefault("tool_calls_used", state.get("tool_calls_used", 0))
+        return update
+
+    def reasoner_node(state: EchoState, runtime: Runtime[EchoRunContext]) -> dict[str, Any]:
+        spec = get_organ(state["organ"]) if state.get("organ") else None
+        if spec is None:
+            raise UnknownOrganError("reasoner reached without an organ; perceive must run first")
+        limit = _budget(runtime, max_tool_calls)
+        used = state.get("tool_calls_used", 0)
+        msgs: list[BaseMessage] = [SystemMessage(system_prompt(spec, limit)), *state.get("messages", [])]
+        ai = bound_model(spec).invoke(msgs)
+        if not isinstance(ai, AIMessage):
+            ai = AIMessage(content=str(getattr(ai, "content", ai)))
+        calls = list(ai.tool_calls)
+        for i, bad in enumerate(ai.invalid_tool_calls or []):
+            calls.append({
+                "name": bad.get("name") or "unparseable_tool_call",
+                "args": {PARSE_ERROR_KEY: bad.get("error") or "invalid JSON arguments"},
+                "id": bad.get("id") or f"invalid_{used}_{i}",
+                "type": "tool_call",
+            })
+        warnings: list[str] = []
+        remaining = max(limit - used, 0)
+        if len(calls) > remaining:
+            dropped = calls[remaining:]
+            calls = calls[:remaining]
+            warnings.append(
+                f"tool budget of {limit} call(s) reached; dropped: {', '.join(c['name'] for c in dropped)}"
+            )
+        if calls != list(ai.tool_calls) or ai.invalid_tool_calls:
+            ai = ai.model_copy(update={"tool_calls": calls, "invalid_tool_calls": []})
+        return {"messages": [ai], "tool_calls_used": used + len(calls), "warnings": warnings}
+
+    def after_reasoner(state: EchoState) -> Literal["tools", "reason"]:
+        last = state["messages"][-1]
+        turns = sum(1 for m in state["messages"] if isinstance(m, AIMessage))
+        if isinstance(last, AIMessage) and last.tool_calls and turns <= turn_limit:
+            return "tools"
+        return "reason"
+
+    def after_tools(state: EchoState, runtime: Runtime[EchoRunContext]) -> Literal["reasoner", "reason"]:
+        return "reasoner" if state.get("tool_calls_used", 0) < _budget(runtime, max_tool_calls) else "reason"
+
+    def reason(state: EchoState) -> dict[str, Any]:
+        spec = get_organ(state["organ"])  # type: ignore[arg-type]
+        ref = state["image"]
+        evidence = typed_evidence(state)
+        clinical = clinical_of(state)
+        dx = fusion.fuse(spec, evidence, clinical=clinical, image_size=(int(ref["width"]), int(ref["height"])))
+        if state.get("warnings"):
+            dx = dx.model_copy(update={"warnings": [*dx.warnings, *state["warnings"]]})
+        if finalizer is not None:
+            dx = finalizer(dict(state), spec, dx)
+        Diagnosis.model_validate(dx.model_dump())  # the finaliser must hand back a valid Diagnosis
+        final = AIMessage(content=dumps(diagnosis_to_model(dx)), name="diagnosis")
+        return {"diagnosis": dx.model_dump(mode="json"), "messages": [final]}
+
+    g: StateGraph = StateGraph(
+        EchoState, context_schema=EchoRunContext, input_schema=EchoInput, output_schema=EchoOutput
+    )
+    g.add_node("perceive", perceive)
+    g.add_node("reasoner", reasoner_node)
+    g.add_node(
+        "tools",
+        ToolNode(tools, handle_tool_errors=_handle_tool_error, wrap_tool_call=_answer_unparseable,
+                 awrap_tool_call=_aanswer_unparseable),
+    )
+    g.add_node("reason", reason)
+    g.add_edge(START, "perceive")
+    g.add_edge("perceive", "reasoner")
+    g.add_conditional_edges("reasoner", after_reasoner, ["tools", "reason"])
+    g.add_conditional_edges("tools", after_tools, ["reasoner", "reason"])
+    if review:
+        from .review import review_node
+
+        g.add_node("review", review_node)
+        g.add_edge("reason", "review")
+        g.add_edge("review", END)
+    else:
+        g.add_edge("reason", END)
+    return g
+
+
+def diagnosis_from_state(state: dict[str, Any]) -> Diagnosis:
+    """The Diagnosis of a finished run (raises if the run has not reached the reason node)."""
+    d = state.get("diagnosis")
+    if d is None:
+        raise EchoError("the run has no diagnosis yet (it is paused for review or did not finish)")
+    return Diagnosis.model_validate(d)
+
+
+__all__ = ["Finalizer", "PARSE_ERROR_KEY", "build_graph", "diagnosis_from_state"]

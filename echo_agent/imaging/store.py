@@ -1,0 +1,135 @@
+"""Where pixels live while a graph runs.
+
+Graph state must stay small and serialisable (checkpointers persist it), so it holds an
+:class:`ImageRef` — an id plus metadata — and the pixels live in an :class:`ImageStore`. The default
+store keeps recent images in memory; give it a directory to make references survive a process
+restart (a LangGraph server, a resumed review).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from typing_extensions import TypedDict
+
+from ..errors import EchoInputError
+
+
+class ImageRef(TypedDict, total=False):
+    """A JSON-serialisable pointer to an image in an :class:`ImageStore`."""
+
+    id: str
+    width: int
+    height: int
+    path: str | None
+    source_kind: str
+    frame: int | None
+    n_frames: int | None
+    pixel_spacing_mm: list[float] | None
+
+
+def pixel_hash(array: np.ndarray) -> str:
+    """Content id of a canonical array (sha256 of shape + bytes, first 24 hex digits)."""
+    h = hashlib.sha256()
+    h.update(repr(array.shape).encode())
+    h.update(np.ascontiguousarray(array).tobytes())
+    return h.hexdigest()[:24]
+
+
+class ImageStore:
+    """Thread-safe LRU of canonical RGB uint8 arrays keyed by content id.
+
+    Args:
+        capacity: how many images to keep in memory.
+        directory: optional folder where each image is also written as ``<id>.png`` so a later
+            process can resolve the same reference.
+    """
+
+    def __init__(self, capacity: int = 64, directory: str | Path | None = None) -> None:
+        if capacity < 1:
+            raise ValueError("ImageStore capacity must be at least 1")
+        self.capacity = capacity
+        self.directory = Path(directory) if directory is not None else None
+        if self.directory is not None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        self._items: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def put(self, array: np.ndarray, **meta: Any) -> ImageRef:
+        """Store a canonical HxWx3 uint8 array and return its reference."""
+        if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
+            raise EchoInputError(
+                f"ImageStore holds canonical HxWx3 uint8 RGB arrays, got shape {array.shape} dtype {array.dtype}"
+            )
+        image_id = pixel_hash(array)
+        array = np.ascontiguousarray(array)
+        array.setflags(write=False)  # callers share it; nobody may edit the stored pixels
+        with self._lock:
+            self._items[image_id] = array
+            self._items.move_to_end(image_id)
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+        if self.directory is not None:
+            target = self.directory / f"{image_id}.png"
+            if not target.exists():
+                from PIL import Image
+
+                tmp = target.with_suffix(".png.tmp")
+                Image.fromarray(array).save(tmp, format="PNG")
+                tmp.replace(target)
+        ref: ImageRef = {"id": image_id, "width": int(array.shape[1]), "height": int(array.shape[0])}
+        ref.update(meta)  # type: ignore[typeddict-item]
+        return ref
+
+    def get(self, ref: ImageRef | str) -> np.ndarray:
+        """Return the pixels for a reference (re-reading from the directory or the source path)."""
+        image_id = ref if isinstance(ref, str) else ref.get("id", "")
+        with self._lock:
+            arr = self._items.get(image_id)
+            if arr is not None:
+                self._items.move_to_end(image_id)
+                return arr
+        candidates: list[Path] = []
+        if self.directory is not None:
+            candidates.append(self.directory / f"{image_id}.png")
+        if not isinstance(ref, str) and ref.get("path"):
+            candidates.append(Path(str(ref["path"])))
+        for p in candidates:
+            if p.exists():
+                from .io import load_image
+
+                frame = None if isinstance(ref, str) else ref.get("frame")
+                loaded = load_image(p, frame=frame)
+                if loaded.sha256 == image_id:
+                    self.put(loaded.array)
+                    return loaded.array
+        raise EchoInputError(
+            f"image {image_id!r} is not in the image store (it holds the {self.capacity} most recent "
+            "images in memory); pass the image again, or give the store a directory so references persist"
+        )
+
+    def __contains__(self, image_id: str) -> bool:
+        with self._lock:
+            return image_id in self._items
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._items)
+
+
+_default_store: ImageStore | None = None
+_default_lock = threading.Lock()
+
+
+def default_store() -> ImageStore:
+    """The process-wide store used when none is given."""
+    global _default_store
+    with _default_lock:
+        if _default_store is None:
+            _default_store = ImageStore()
+        return _default_store

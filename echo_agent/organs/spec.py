@@ -1,0 +1,150 @@
+"""`OrganSpec`: everything organ-specific, as data."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class CategoryBand(BaseModel):
+    """One assessment category and the malignancy-likelihood band that maps to it.
+
+    A probability ``p`` falls in the band when ``low < p <= high`` (``low_inclusive`` makes it
+    ``low <= p``). Bands of one organ must tile [0, 1] without gaps or overlaps.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    low: float = Field(ge=0.0, le=1.0)
+    high: float = Field(ge=0.0, le=1.0)
+    low_inclusive: bool = False
+    high_inclusive: bool = True
+    description: str = ""
+    management: str = ""
+
+    def contains(self, p: float) -> bool:
+        above = p >= self.low if self.low_inclusive else p > self.low
+        below = p <= self.high if self.high_inclusive else p < self.high
+        return above and below
+
+
+class OrganSpec(BaseModel):
+    """Organ-specific configuration: labels, categories, detector weights, knowledge and prompts.
+
+    ``image_labels`` are the image-level diagnosis labels (the first must be ``normal_label``);
+    ``detector_labels`` are the classes the organ's detector emits, each mapped to an image label by
+    ``detector_label_map`` (identity for labels not in the map).
+
+    Example::
+
+        from echo_agent import OrganSpec, register_organ
+        register_organ(OrganSpec(name="thyroid", image_labels=("normal", "benign", "malignant"),
+                                 detector_labels=("nodule",), detector_label_map={"nodule": "benign"},
+                                 positive_label="malignant"))
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]*$", description="Lower-case identifier, used in tool names.")
+    display_name: str = ""
+    image_labels: tuple[str, ...]
+    normal_label: str = "normal"
+    detector_labels: tuple[str, ...]
+    detector_label_map: dict[str, str] = Field(default_factory=dict)
+    positive_label: str | None = Field(
+        None, description="The label whose probability is scored by AUC (malignant, hydronephrosis)."
+    )
+    category_system: str | None = None
+    categories: tuple[CategoryBand, ...] = ()
+    no_lesion_category: str | None = Field(None, description="Category when no lesion is found, e.g. BI-RADS 1.")
+    detector_weights: str | None = Field(
+        None, description="ONNX weights: a path, or 'package:<relative path>' inside echo_agent/assets."
+    )
+    detector_input_size: int = 640
+    knowledge_files: tuple[str, ...] = ()
+    prompt: str = Field("", description="Organ-specific snippet appended to the reasoner's system prompt.")
+    report_sections: tuple[str, ...] = ()
+    descriptor_vocabulary: dict[str, tuple[str, ...]] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check(self) -> OrganSpec:
+        if not self.image_labels or self.image_labels[0] != self.normal_label:
+            raise ValueError(
+                f"organ {self.name!r}: image_labels must start with the normal label "
+                f"{self.normal_label!r}, got {self.image_labels}"
+            )
+        if len(set(self.image_labels)) != len(self.image_labels):
+            raise ValueError(f"organ {self.name!r}: duplicate image labels {self.image_labels}")
+        if not self.detector_labels:
+            raise ValueError(f"organ {self.name!r}: detector_labels must not be empty")
+        for d in self.detector_labels:
+            mapped = self.detector_label_map.get(d, d)
+            if mapped not in self.image_labels:
+                raise ValueError(
+                    f"organ {self.name!r}: detector label {d!r} maps to {mapped!r}, which is not one "
+                    f"of the image labels {self.image_labels}; add it to detector_label_map"
+                )
+        if self.positive_label is not None and self.positive_label not in self.image_labels:
+            raise ValueError(f"organ {self.name!r}: positive_label {self.positive_label!r} is not an image label")
+        if self.categories:
+            _check_tiling(self.name, self.categories)
+        return self
+
+    # -- helpers --------------------------------------------------------------------------------
+    @property
+    def lesion_labels(self) -> tuple[str, ...]:
+        """Image labels other than normal."""
+        return tuple(lbl for lbl in self.image_labels if lbl != self.normal_label)
+
+    def image_label_for(self, detector_label: str) -> str:
+        """Map a detector class to the image-level label it implies."""
+        return self.detector_label_map.get(detector_label, detector_label)
+
+    def category_for(self, positive_probability: float | None, lesion_found: bool = True) -> str | None:
+        """The category (e.g. BI-RADS) for a calibrated probability of the positive label."""
+        if not self.categories:
+            return None
+        if not lesion_found:
+            return self.no_lesion_category
+        if positive_probability is None:
+            return None
+        p = min(max(float(positive_probability), 0.0), 1.0)
+        for band in self.categories:
+            if band.contains(p):
+                return band.name
+        raise AssertionError(f"bands of {self.name} do not cover p={p}")  # prevented by _check_tiling
+
+    def band(self, name: str) -> CategoryBand | None:
+        return next((b for b in self.categories if b.name == name), None)
+
+    def resolve_weights(self) -> Path | None:
+        """The detector weights as a filesystem path (``None`` when the organ has none)."""
+        return resolve_asset(self.detector_weights) if self.detector_weights else None
+
+    def resolve_knowledge_files(self) -> list[Path]:
+        return [resolve_asset(p) for p in self.knowledge_files]
+
+
+def resolve_asset(ref: str) -> Path:
+    """Turn ``'package:<rel>'`` into a path inside ``echo_agent/assets``; other strings are paths."""
+    if ref.startswith("package:"):
+        rel = ref[len("package:") :]
+        return Path(str(resources.files("echo_agent") / "assets" / rel))
+    return Path(ref).expanduser()
+
+
+def _check_tiling(name: str, bands: tuple[CategoryBand, ...]) -> None:
+    # Probe points on a fine grid plus every band edge and its neighbours.
+    probes = {i / 1000 for i in range(1001)}
+    for b in bands:
+        for e in (b.low, b.high):
+            probes.update({e, min(1.0, e + 1e-9), max(0.0, e - 1e-9)})
+    for p in sorted(probes):
+        hits = [b.name for b in bands if b.contains(p)]
+        if len(hits) != 1:
+            raise ValueError(
+                f"organ {name!r}: category bands must cover [0, 1] exactly once; p={p:g} falls in {hits or 'none'}"
+            )

@@ -1,0 +1,28 @@
+"""Typed LangChain tools over the detectors and the evidence layer."""
+
+from .builders import (
+    DescribeArgs,
+    DetectArgs,
+    RetrieveArgs,
+    make_describe_tool,
+    make_detect_tool,
+    make_retrieve_tool,
+    make_tools,
+    next_evidence_id,
+)
+from .toolkit import Captioner, Retriever, Toolkit, run_detector
+
+__all__ = [
+    "Captioner",
+    "DescribeArgs",
+    "DetectArgs",
+    "Retriever",
+    "RetrieveArgs",
+    "Toolkit",
+    "make_describe_tool",
+    "make_detect_tool",
+    "make_retrieve_tool",
+    "make_tools",
+    "next_evidence_id",
+    "run_detector",
+]

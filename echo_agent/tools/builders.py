@@ -1,0 +1,227 @@
+"""LangChain tools over the toolkit, generated from the organ registry.
+
+The image reaches every tool through the injected graph state (``runtime.state["image"]``), never
+through model-written arguments. Each tool returns a ``Command`` that appends one ToolMessage
+(model-facing JSON, 0..1000 boxes) and one typed evidence item (pixel boxes) to the state.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import Annotated, Any
+
+from langchain_core.messages import AIMessage, ToolMessage
+from langchain_core.tools import BaseTool, InjectedToolArg, StructuredTool
+from langgraph.prebuilt import ToolRuntime
+from langgraph.types import Command
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ..errors import EchoInputError
+from ..messages import dumps, evidence_to_model
+from ..organs import OrganSpec, get_organ, list_organs
+from ..prompts import tool_text
+from ..schemas import Box, DetectorReport, Evidence
+from .toolkit import Toolkit, run_detector
+
+DETECT_PREFIX = "det"
+DESCRIBE_PREFIX = "desc"
+KNOWLEDGE_PREFIX = "kb"
+
+
+def _model_box(v: list[int] | None) -> list[int] | None:
+    if v is None:
+        return None
+    if len(v) != 4:
+        raise ValueError("a box is 4 integers [x1, y1, x2, y2] in 0..1000")
+    if any(not (0 <= c <= 1000) for c in v):
+        raise ValueError(f"box coordinates must lie in 0..1000, got {v}")
+    if v[2] <= v[0] or v[3] <= v[1]:
+        raise ValueError(f"box needs x2 > x1 and y2 > y1, got {v}")
+    return v
+
+
+class _ToolArgs(BaseModel):
+    # Unknown arguments are refused (they come back to the reasoner as an error); ``runtime`` is the
+    # graph's injected ToolRuntime, hidden from the model-facing schema.
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    runtime: Annotated[Any, InjectedToolArg] = Field(None, exclude=True)
+
+
+class DetectArgs(_ToolArgs):
+    """Arguments of ``detect_<organ>_lesions``."""
+
+    score_threshold: float = Field(
+        0.25, ge=0.01, le=0.99, description="Keep candidates scoring at least this (lower it to re-check weak evidence)."
+    )
+    tta: bool = Field(False, description="Test-time augmentation: also detect on a flipped image and fuse the boxes.")
+    region: list[int] | None = Field(
+        None, description="Optional [x1, y1, x2, y2] in 0..1000: detect only inside this box."
+    )
+
+    _check_region = field_validator("region")(classmethod(lambda cls, v: _model_box(v)))
+
+
+class DescribeArgs(_ToolArgs):
+    """Arguments of ``describe_image``."""
+
+    regions: list[list[int]] = Field(
+        default_factory=list,
+        max_length=8,
+        description="Boxes [x1, y1, x2, y2] in 0..1000 to describe (e.g. the detector's candidates); empty = whole image only.",
+    )
+    detection_ids: list[str] | None = Field(
+        None, description="Optional detector candidate ids, one per region, to link descriptions to detections."
+    )
+
+    @field_validator("regions")
+    @classmethod
+    def _check_regions(cls, v: list[list[int]]) -> list[list[int]]:
+        return [_model_box(b) for b in v]  # type: ignore[misc]
+
+
+class RetrieveArgs(_ToolArgs):
+    """Arguments of ``retrieve_knowledge``."""
+
+    query: str = Field(min_length=1, max_length=500, description="What to look up, e.g. 'irregular spiculated hypoechoic mass'.")
+    organ: str | None = Field(None, description="Restrict to one organ's knowledge (default: the current organ).")
+    k: int = Field(3, ge=1, le=10, description="How many passages to return.")
+
+
+# -- evidence ids ----------------------------------------------------------------------------------
+def next_evidence_id(state: dict[str, Any], tool_call_id: str | None, prefix: str, tool_names: Iterable[str]) -> str:
+    """Deterministic id for a new evidence item: ``<prefix><n>``.
+
+    ``n`` counts earlier evidence of the same prefix plus the position of this call among the same
+    tools' calls in the latest assistant turn, so parallel calls in one turn get distinct ids.
+    """
+    prior = sum(1 for e in state.get("evidence") or [] if str(e.get("id", "")).startswith(prefix))
+    names = set(tool_names)
+    position = 0
+    for msg in reversed(state.get("messages") or []):
+        if isinstance(msg, AIMessage):
+            calls = [c for c in msg.tool_calls if c["name"] in names]
+            for i, c in enumerate(calls):
+                if c.get("id") == tool_call_id:
+                    position = i
+            break
+    return f"{prefix}{prior + position + 1}"
+
+
+def _image_of(runtime: ToolRuntime, toolkit: Toolkit) -> tuple[Any, dict[str, Any]]:
+    ref = runtime.state.get("image") if isinstance(runtime.state, dict) else None
+    if not ref:
+        raise EchoInputError("no image in the graph state; the perceive step must run before any tool")
+    return toolkit.get_store().get(ref), ref
+
+
+def _result(runtime: ToolRuntime, item: Evidence, artifact: dict[str, Any] | None = None) -> Command:
+    msg = ToolMessage(
+        content=dumps(evidence_to_model(item)),
+        tool_call_id=runtime.tool_call_id or "",
+        artifact=artifact or {},
+    )
+    return Command(update={"messages": [msg], "evidence": [item.model_dump(mode="json")]})
+
+
+# -- builders ----------------------------------------------------------------------------------------
+def make_detect_tool(organ: OrganSpec, toolkit: Toolkit) -> BaseTool:
+    """``detect_<organ>_lesions``: the organ's detector as a tool."""
+    name, description = tool_text("detect_lesions", organ)
+    detector_tool_names = [tool_text("detect_lesions", o)[0] for o in list_organs()]
+
+    def detect(
+        runtime: ToolRuntime,
+        score_threshold: float = 0.25,
+        tta: bool = False,
+        region: list[int] | None = None,
+    ) -> Command:
+        image, ref = _image_of(runtime, toolkit)
+        h, w = image.shape[:2]
+        region_box = Box.from_model(region, w, h) if region else None
+        detector = toolkit.detector(organ.name)
+        t0 = time.perf_counter()
+        dets = run_detector(
+            organ, image, detector=detector, score_threshold=score_threshold, tta=tta,
+            region=region_box, preprocess=toolkit.preprocess,
+        )
+        elapsed = (time.perf_counter() - t0) * 1000
+        eid = next_evidence_id(runtime.state, runtime.tool_call_id, DETECT_PREFIX, detector_tool_names)
+        dets = [d.model_copy(update={"id": f"{eid}:{i}"}) for i, d in enumerate(dets)]
+        report = DetectorReport(
+            id=eid, organ=organ.name, detector=str(getattr(detector, "name", type(detector).__name__)),
+            detections=dets, score_threshold=score_threshold, tta=tta, region=region_box,
+            image_width=w, image_height=h, elapsed_ms=round(elapsed, 2),
+        )
+        artifact: dict[str, Any] = {"evidence_id": eid}
+        if toolkit.render_overlays:
+            from ..imaging.overlay import render_overlay
+
+            overlay = render_overlay(image, dets)
+            artifact["overlay"] = toolkit.get_store().put(overlay, source_kind="overlay")
+        return _result(runtime, report, artifact)
+
+    return StructuredTool.from_function(
+        func=detect, name=name, description=description, args_schema=DetectArgs,
+        metadata={"echo_kind": "detect", "organ": organ.name},
+    )
+
+
+def make_describe_tool(toolkit: Toolkit) -> BaseTool:
+    """``describe_image``: the global-context captioner as a tool."""
+    name, description = tool_text("describe_image")
+
+    def describe(runtime: ToolRuntime, regions: list[list[int]] | None = None, detection_ids: list[str] | None = None) -> Command:
+        image, ref = _image_of(runtime, toolkit)
+        h, w = image.shape[:2]
+        regions = regions or []
+        if detection_ids is not None and len(detection_ids) != len(regions):
+            raise EchoInputError(
+                f"detection_ids has {len(detection_ids)} entries but regions has {len(regions)}; give one id per region"
+            )
+        boxes = [Box.from_model(r, w, h) for r in regions]
+        eid = next_evidence_id(runtime.state, runtime.tool_call_id, DESCRIBE_PREFIX, [name])
+        spacing = ref.get("pixel_spacing_mm")
+        t0 = time.perf_counter()
+        ctx = toolkit.get_captioner().describe(
+            image, organ=runtime.state.get("organ"), regions=boxes, detection_ids=detection_ids,
+            pixel_spacing_mm=tuple(spacing) if spacing else None, evidence_id=eid,
+        )
+        if not ctx.elapsed_ms:
+            ctx = ctx.model_copy(update={"elapsed_ms": round((time.perf_counter() - t0) * 1000, 2)})
+        return _result(runtime, ctx, {"evidence_id": eid})
+
+    return StructuredTool.from_function(
+        func=describe, name=name, description=description, args_schema=DescribeArgs,
+        metadata={"echo_kind": "describe"},
+    )
+
+
+def make_retrieve_tool(toolkit: Toolkit) -> BaseTool:
+    """``retrieve_knowledge``: the cited knowledge retriever as a tool."""
+    name, description = tool_text("retrieve_knowledge")
+
+    def retrieve(runtime: ToolRuntime, query: str, organ: str | None = None, k: int = 3) -> Command:
+        organ = organ or runtime.state.get("organ")
+        if organ is not None:
+            get_organ(organ)  # unknown organ -> clear error back to the reasoner
+        eid = next_evidence_id(runtime.state, runtime.tool_call_id, KNOWLEDGE_PREFIX, [name])
+        res = toolkit.get_retriever().retrieve(query, organ=organ, k=k, evidence_id=eid)
+        return _result(runtime, res, {"evidence_id": eid})
+
+    return StructuredTool.from_function(
+        func=retrieve, name=name, description=description, args_schema=RetrieveArgs,
+        metadata={"echo_kind": "retrieve"},
+    )
+
+
+def make_tools(toolkit: Toolkit | None = None, organs: Iterable[str | OrganSpec] | None = None) -> list[BaseTool]:
+    """All tools: one detector tool per registered organ (or per given organ), the captioner and
+    the retriever. Each is a plain LangChain ``BaseTool`` usable by any agent."""
+    toolkit = toolkit or Toolkit()
+    specs = [get_organ(o) if isinstance(o, str) else o for o in organs] if organs is not None else list_organs()
+    tools = [make_detect_tool(s, toolkit) for s in specs]
+    tools.append(make_describe_tool(toolkit))
+    tools.append(make_retrieve_tool(toolkit))
+    return tools

@@ -1,0 +1,150 @@
+"""The resources behind the tools: detectors, captioner, retriever and the image store.
+
+Everything expensive is created lazily on first use, so building a graph is cheap and a tool that
+is never called never loads its model.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from ..imaging.store import ImageStore, default_store
+from ..organs import OrganSpec, get_organ
+from ..schemas import Box, Detection, ImageContext, KnowledgeResult
+
+
+@runtime_checkable
+class Captioner(Protocol):
+    """Anything that turns an image and candidate boxes into an :class:`ImageContext`."""
+
+    name: str
+
+    def describe(
+        self,
+        image: np.ndarray,
+        *,
+        organ: str | None,
+        regions: Sequence[Box] = (),
+        detection_ids: Sequence[str | None] | None = None,
+        pixel_spacing_mm: tuple[float, float] | None = None,
+        evidence_id: str = "desc",
+    ) -> ImageContext: ...
+
+
+@runtime_checkable
+class Retriever(Protocol):
+    """Anything that answers a query with cited knowledge snippets."""
+
+    name: str
+
+    def retrieve(self, query: str, *, organ: str | None = None, k: int = 3, evidence_id: str = "kb") -> KnowledgeResult: ...
+
+
+@dataclass
+class Toolkit:
+    """Resources shared by the tools of one graph.
+
+    Args:
+        detectors: per-organ detector overrides (``{"breast": my_detector}``); organs without one use
+            the packaged weights (``echo_agent.detectors.get_detector``).
+        captioner: the global-context captioner (default: the pixel captioner).
+        retriever: the knowledge retriever (default: BM25 over the packaged knowledge base).
+        store: where images live (default: the process-wide in-memory store).
+        preprocess: crop to the ultrasound field of view and mask burned-in annotations before
+            detection (the same preprocessing the detectors were trained with).
+        render_overlays: draw the detector's boxes into an overlay image (tool artifact).
+    """
+
+    detectors: dict[str, Any] = field(default_factory=dict)
+    captioner: Captioner | None = None
+    retriever: Retriever | None = None
+    store: ImageStore | None = None
+    preprocess: bool = True
+    render_overlays: bool = True
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def get_store(self) -> ImageStore:
+        if self.store is None:
+            self.store = default_store()
+        return self.store
+
+    def detector(self, organ: str) -> Any:
+        """The organ's detector (loaded on first use)."""
+        det = self.detectors.get(organ)
+        if det is None:
+            from ..detectors import get_detector
+
+            det = get_detector(organ)
+        return det
+
+    def get_captioner(self) -> Captioner:
+        with self._lock:
+            if self.captioner is None:
+                from ..evidence.captioner import PixelCaptioner
+
+                self.captioner = PixelCaptioner()
+            return self.captioner
+
+    def get_retriever(self) -> Retriever:
+        with self._lock:
+            if self.retriever is None:
+                from ..evidence.knowledge import get_retriever
+
+                self.retriever = get_retriever()
+            return self.retriever
+
+
+def run_detector(
+    organ: OrganSpec | str,
+    image: np.ndarray,
+    *,
+    detector: Any,
+    score_threshold: float = 0.25,
+    tta: bool = False,
+    region: Box | None = None,
+    preprocess: bool = True,
+) -> list[Detection]:
+    """Run a detector the way the agent does, returning boxes in ``image`` pixel coordinates.
+
+    This is the single detection path shared by the agent's tool and the detector-only baseline of
+    the evaluation harness, so the two see exactly the same pixels. ``region`` restricts detection
+    to a box (the image is cropped to it, the boxes are mapped back).
+    """
+    spec = get_organ(organ) if isinstance(organ, str) else organ
+    h, w = image.shape[:2]
+    x0 = y0 = 0
+    view = image
+    if region is not None:
+        r = region.clip(w, h)
+        x0, y0 = int(np.floor(r.x1)), int(np.floor(r.y1))
+        x1, y1 = max(int(np.ceil(r.x2)), x0 + 1), max(int(np.ceil(r.y2)), y0 + 1)
+        view = image[y0:y1, x0:x1]
+    prepared = None
+    if preprocess:
+        from ..imaging.preprocess import prepare_for_detection
+
+        prepared = prepare_for_detection(view)
+        view = prepared.array
+    dets = detector.detect(view, score_threshold=score_threshold, tta=tta)
+    out: list[Detection] = []
+    for d in dets:
+        box = prepared.to_original(d.box) if prepared is not None else d.box
+        if x0 or y0:
+            box = Box(x1=box.x1 + x0, y1=box.y1 + y0, x2=box.x2 + x0, y2=box.y2 + y0)
+        try:
+            box = box.clip(w, h)
+        except ValueError:
+            continue  # entirely outside the image after mapping back
+        if d.label not in spec.detector_labels:
+            raise ValueError(
+                f"the {spec.name} detector emitted label {d.label!r}, which is not one of the organ's "
+                f"detector_labels {spec.detector_labels}; fix the weights' class names or the OrganSpec"
+            )
+        out.append(d.model_copy(update={"box": box}))
+    out.sort(key=lambda d: -d.score)
+    return out
