@@ -135,6 +135,7 @@ def test_synthetic_end_to_end_matches_hand_computed(manifest: Path, tmp_path: Pa
     assert ag.localization.f1 == pytest.approx(1.0) and ag.grounded.f1 == pytest.approx(1.0)
     assert ag.auc.value == pytest.approx(1.0)
     assert ag.calibration.ece == pytest.approx((0.3 + 0.2 + 0.4) / 3)
+    assert ag.calibration.brier == pytest.approx((0.14 + 0.065 + 0.26) / 3)
 
     centers = res.metrics["breast"].centers
     assert set(centers) == {"x", "y"}

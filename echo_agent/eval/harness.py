@@ -465,6 +465,7 @@ def eval_command(
     *,
     agent: AgentLike | None = None,
     progress: bool = True,
+    score_threshold: float = 0.25,
     console: Any = None,
 ) -> int:
     """``echo-agent eval MANIFEST.csv --out DIR``: run :func:`evaluate`, print a summary, return an exit code.
@@ -478,7 +479,7 @@ def eval_command(
     try:
         result = evaluate(
             manifest, agent=agent, out_dir=out, organ=organ, split=split, limit=limit,
-            overwrite=overwrite, progress=progress,
+            overwrite=overwrite, progress=progress, score_threshold=score_threshold,
         )
     except (EchoInputError, MissingExtraError, FileNotFoundError) as exc:
         console.print(f"[red]error:[/] {exc}")
