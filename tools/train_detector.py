@@ -1,0 +1,245 @@
+#!/usr/bin/env python
+"""Train an organ detector with ultralytics from a model YAML, export it to ONNX, write its model card.
+
+    python tools/train_detector.py configs/detector/breast.yaml
+    python tools/train_detector.py configs/detector/kidney.yaml --hours 0.5 --work /tmp/echo_train
+
+Steps: (1) build a YOLO folder from the committed train/val splits of the config's centers, every
+image passed through ``prepare_for_detection`` (the inference preprocessing); (2) train from the
+model YAML (no pretrained weights; offline ultralytics set-up); (3) validate the best checkpoint on
+the val split; (4) export ONNX (fixed input ``imgsz``, batch 1, ultralytics' standard
+``(1, 4 + nc, N)`` output with ``names``/``imgsz`` metadata), check it is <= 12 MB and loads in
+onnxruntime; (5) write ``<work>/<organ>/summary.json`` and the organ's section of
+``echo_agent/assets/weights/MODEL_CARD.md``.
+
+Needs the ``train`` extra (torch, ultralytics, onnx). Run it with ``nice`` in the background on a
+shared CPU machine; ``--hours`` bounds the wall-clock training time (ultralytics then fits its
+learning-rate schedule into that budget).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+MAX_ONNX_BYTES = 12 * 1024 * 1024
+CARD = REPO / "echo_agent" / "assets" / "weights" / "MODEL_CARD.md"
+
+
+def _load_config(path: Path, overrides: argparse.Namespace) -> dict:
+    import yaml
+
+    cfg = yaml.safe_load(path.read_text())
+    for key in ("hours", "epochs", "imgsz", "batch", "workers", "seed"):
+        v = getattr(overrides, key, None)
+        if v is not None:
+            cfg[key] = v
+    if overrides.epochs is not None and overrides.hours is None:
+        cfg["no_time_budget"] = True  # explicit --epochs wins over the config's hours
+    if overrides.lesion_only:
+        cfg["lesion_only"] = True
+        cfg["names"] = ["lesion"]
+    return cfg
+
+
+def build_dataset(cfg: dict, work: Path, limit: int | None = None):
+    from echo_agent.eval.datasets import load_split
+    from echo_agent.eval.yolo_data import build_yolo_dataset, label_class_map
+
+    splits = {
+        "train": [im for c in cfg["train_centers"] for im in load_split(c, "train")],
+        "val": [im for c in cfg["val_centers"] for im in load_split(c, "val")],
+    }
+    if limit:
+        splits = {k: v[:: max(1, len(v) // limit)][:limit] for k, v in splits.items()}
+    names = list(cfg["names"])
+    ds = build_yolo_dataset(
+        splits,
+        work / "data",
+        names,
+        class_of=label_class_map(names, lesion_only=bool(cfg.get("lesion_only"))),
+        max_side=int(cfg["imgsz"]),
+    )
+    return ds
+
+
+def train(cfg: dict, data_yaml: Path, work: Path):
+    from echo_agent.detectors.ultralytics_backend import configure_ultralytics_offline
+
+    configure_ultralytics_offline(work / "yolo_config")
+    from ultralytics import YOLO
+
+    model = YOLO(str(REPO / cfg["model"]))
+    aug = dict(cfg.get("augment") or {})
+    kwargs = dict(
+        data=str(data_yaml),
+        imgsz=int(cfg["imgsz"]),
+        epochs=int(cfg["epochs"]),
+        batch=int(cfg["batch"]),
+        workers=int(cfg["workers"]),
+        device="cpu",
+        pretrained=False,
+        amp=False,
+        seed=int(cfg["seed"]),
+        deterministic=True,
+        patience=int(cfg.get("patience", 100)),
+        project=str(work / "runs"),
+        name="train",
+        exist_ok=True,
+        plots=False,
+        cache="ram",
+        verbose=False,
+        **aug,
+    )
+    if cfg.get("hours") and not cfg.get("no_time_budget"):
+        kwargs["time"] = float(cfg["hours"])
+    model.train(**kwargs)
+    best = work / "runs" / "train" / "weights" / "best.pt"
+    if not best.is_file():
+        best = work / "runs" / "train" / "weights" / "last.pt"
+    return best
+
+
+def validate(best: Path, cfg: dict, data_yaml: Path, work: Path) -> dict:
+    from ultralytics import YOLO
+
+    m = YOLO(str(best))
+    res = m.val(data=str(data_yaml), split="val", imgsz=int(cfg["imgsz"]), batch=8, device="cpu",
+                project=str(work / "runs"), name="val", exist_ok=True, plots=False, verbose=False)
+    box = res.box
+    out = {
+        "precision": float(box.mp),
+        "recall": float(box.mr),
+        "mAP50": float(box.map50),
+        "mAP50_95": float(box.map),
+        "per_class_mAP50": {m.names[int(c)]: float(v) for c, v in zip(res.ap_class_index, box.ap50, strict=False)},
+    }
+    return out
+
+
+def export_onnx(best: Path, cfg: dict, output: Path) -> dict:
+    from ultralytics import YOLO
+
+    m = YOLO(str(best))
+    path = Path(m.export(format="onnx", imgsz=int(cfg["imgsz"]), opset=17, dynamic=False, simplify=True,
+                         device="cpu"))
+    size = path.stat().st_size
+    if size > MAX_ONNX_BYTES:
+        raise SystemExit(f"exported ONNX is {size / 2**20:.1f} MiB > 12 MiB; choose a smaller model YAML")
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    meta = sess.get_modelmeta().custom_metadata_map
+    out_shape = sess.get_outputs()[0].shape
+    output.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(path, output)
+    return {"bytes": size, "input": sess.get_inputs()[0].shape, "output": out_shape,
+            "names": meta.get("names"), "imgsz": meta.get("imgsz")}
+
+
+def write_card_section(cfg: dict, summary: dict) -> None:
+    organ = cfg["organ"]
+    begin, end = f"<!-- BEGIN {organ} -->", f"<!-- END {organ} -->"
+    ds = summary["dataset"]
+    v = summary["val_metrics"]
+    lines = [
+        begin,
+        f"## {organ}: `{Path(cfg['output']).name}`",
+        "",
+        f"- Classes: {', '.join(cfg['names'])} (image-level label of the lesion's image"
+        + (", single lesion class" if cfg.get("lesion_only") else "") + ").",
+        f"- Architecture: `{cfg['model']}` (YOLOv8 layer graph, scale t), trained from scratch "
+        "(random init, no pretrained weights).",
+        f"- Input: {cfg['imgsz']}x{cfg['imgsz']} letterboxed RGB (gray replicated) after "
+        "`echo_agent.imaging.preprocess.prepare_for_detection` (field-of-view crop, burned-in "
+        "annotations removed); ONNX opset 17, batch 1, output (1, 4 + nc, N) before NMS.",
+        f"- Training data: committed **train** splits of {', '.join(cfg['train_centers'])} "
+        f"({ds['train']['images']} images, {ds['train']['boxes']} boxes, {ds['train']['background']} lesion-free); "
+        f"validation: **val** splits ({ds['val']['images']} images, {ds['val']['boxes']} boxes). "
+        "Test splits were not used for training or model selection.",
+        f"- Training: {summary['epochs_run']} epochs in {summary['train_minutes']:.0f} min on "
+        f"{summary['machine']} (CPU), batch {cfg['batch']}, seed {cfg['seed']}, ultralytics {summary['ultralytics']}.",
+        f"- Command: `{summary['command']}`",
+        f"- Val metrics (ultralytics val, conf 0.001, IoU 0.7 NMS): precision {v['precision']:.3f}, "
+        f"recall {v['recall']:.3f}, mAP@0.5 {v['mAP50']:.3f}, mAP@0.5:0.95 {v['mAP50_95']:.3f}; "
+        "per class mAP@0.5: " + ", ".join(f"{k} {x:.3f}" for k, x in v["per_class_mAP50"].items()) + ".",
+        f"- File: {summary['onnx']['bytes'] / 2**20:.1f} MiB.",
+        end,
+    ]
+    section = "\n".join(lines)
+    text = CARD.read_text() if CARD.is_file() else "# Detector weights\n\n"
+    if begin in text and end in text:
+        pre = text[: text.index(begin)]
+        post = text[text.index(end) + len(end):]
+        text = pre + section + post
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    CARD.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("config", type=Path, help="configs/detector/<organ>.yaml")
+    ap.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "echo_train")
+    ap.add_argument("--hours", type=float)
+    ap.add_argument("--epochs", type=int)
+    ap.add_argument("--imgsz", type=int)
+    ap.add_argument("--batch", type=int)
+    ap.add_argument("--workers", type=int)
+    ap.add_argument("--seed", type=int)
+    ap.add_argument("--lesion-only", action="store_true", help="one 'lesion' class (class-design experiment)")
+    ap.add_argument("--output", type=Path, help="ONNX destination (default: the config's output)")
+    ap.add_argument("--limit", type=int, help="at most N images per split (smoke tests)")
+    ap.add_argument("--no-card", action="store_true", help="do not touch MODEL_CARD.md")
+    args = ap.parse_args(argv)
+    cfg = _load_config(args.config, args)
+    tag = cfg["organ"] + ("_lesion" if cfg.get("lesion_only") else "")
+    work = (args.work / tag).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    output = args.output or (REPO / cfg["output"])
+    t0 = time.time()
+    ds = build_dataset(cfg, work, args.limit)
+    print(f"dataset built in {time.time() - t0:.0f}s: {ds.counts}", flush=True)
+    t1 = time.time()
+    best = train(cfg, ds.data_yaml, work)
+    train_min = (time.time() - t1) / 60
+    metrics = validate(best, cfg, ds.data_yaml, work)
+    print("val metrics:", json.dumps(metrics), flush=True)
+    onnx_info = export_onnx(best, cfg, output)
+    import csv
+
+    import ultralytics
+
+    results = work / "runs" / "train" / "results.csv"
+    epochs_run = sum(1 for _ in csv.DictReader(results.open())) if results.is_file() else -1
+    summary = {
+        "config": cfg,
+        "dataset": ds.counts,
+        "val_metrics": metrics,
+        "onnx": onnx_info,
+        "train_minutes": train_min,
+        "epochs_run": epochs_run,
+        "machine": f"{os.cpu_count()}-core {platform.machine()}",
+        "ultralytics": ultralytics.__version__,
+        "command": "python tools/train_detector.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "output": str(output),
+    }
+    (work / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    if not args.no_card and args.output is None:
+        write_card_section(cfg, summary)
+    print(json.dumps({k: summary[k] for k in ("val_metrics", "onnx", "train_minutes", "epochs_run")},
+                     default=str), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
