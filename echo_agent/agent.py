@@ -283,6 +283,7 @@ class _EventConverter:
 
     def __init__(self, inp: dict[str, Any], config: dict[str, Any]) -> None:
         self.image = inp.get("image") or {}
+        self.organ = inp.get("organ")
         self.thread_id = (config.get("configurable") or {}).get("thread_id")
         self.step = 0
         self.calls: dict[str, str] = {}
@@ -313,7 +314,7 @@ class _EventConverter:
     def _one(self, node: str, upd: dict[str, Any], AIMessage: Any, ToolMessage: Any) -> Iterator[AgentEvent]:
         if node == "perceive":
             img = upd.get("image") or self.image
-            organ = upd.get("organ")
+            organ = upd.get("organ") or self.organ
             if organ is None:
                 return
             yield PerceivedEvent(

@@ -1,0 +1,174 @@
+"""The ``echo-agent`` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+app = typer.Typer(
+    name="echo-agent",
+    help="Read ultrasound images with the invoke-and-reason agent.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _parse_context(text: str | None, age: int | None, symptoms: str | None) -> dict[str, Any] | None:
+    ctx: dict[str, Any] = {}
+    if text:
+        t = text.strip()
+        if t.startswith("{"):
+            try:
+                ctx.update(json.loads(t))
+            except json.JSONDecodeError as exc:
+                raise typer.BadParameter(f"--context looks like JSON but does not parse: {exc}") from None
+        else:
+            ctx["notes"] = t
+    if age is not None:
+        ctx["age"] = age
+    if symptoms:
+        ctx["symptoms"] = symptoms
+    return ctx or None
+
+
+def _refuse_overwrite(path: Path, force: bool) -> None:
+    if path.exists() and not force:
+        raise typer.BadParameter(f"{path} already exists; pass --force to overwrite it")
+
+
+def _print_diagnosis(dx: Any, console: Any) -> None:
+    from rich.panel import Panel
+    from rich.table import Table
+
+    t = Table(show_header=False, box=None, pad_edge=False)
+    t.add_column(style="bold cyan")
+    t.add_column()
+    label = f"{dx.label} (p={dx.probability:.2f})"
+    if dx.indeterminate:
+        label += "  [bold yellow]INDETERMINATE[/]"
+    t.add_row("organ", dx.organ)
+    t.add_row("label", label)
+    t.add_row("probabilities", ", ".join(f"{k} {v:.2f}" for k, v in dx.probabilities.items()))
+    if dx.category:
+        t.add_row(dx.category_system or "category", dx.category)
+    if dx.findings:
+        for i, f in enumerate(dx.findings[:5]):
+            b = f.box
+            t.add_row(f"finding {i + 1}", f"{f.label} {f.score:.2f} at [{b.x1:.0f}, {b.y1:.0f}, {b.x2:.0f}, {b.y2:.0f}] px")
+    else:
+        t.add_row("findings", "no lesion reported")
+    t.add_row("rationale", dx.rationale)
+    if dx.recommendation:
+        t.add_row("recommendation", dx.recommendation)
+    if dx.indeterminate_reason:
+        t.add_row("why indeterminate", dx.indeterminate_reason)
+    for w in dx.warnings:
+        t.add_row("warning", f"[yellow]{w}[/]")
+    console.print(Panel(t, title="echo-agent diagnosis", border_style="cyan"))
+
+
+@app.command()
+def run(
+    image: Annotated[Path, typer.Argument(help="Image file: PNG, JPEG, TIFF, BMP or DICOM.")],
+    organ: Annotated[str | None, typer.Option(help="breast | kidney | any registered organ (default: routed).")] = None,
+    context: Annotated[str | None, typer.Option(help="Clinical context: free text, or a JSON object of ClinicalContext fields.")] = None,
+    age: Annotated[int | None, typer.Option(help="Patient age in years.")] = None,
+    symptoms: Annotated[str | None, typer.Option(help="Symptoms, e.g. 'palpable lump'.")] = None,
+    frame: Annotated[int | None, typer.Option(help="Frame of a multi-frame DICOM / TIFF.")] = None,
+    json_out: Annotated[str | None, typer.Option("--json", help="Write the Diagnosis JSON to PATH, or '-' for stdout.")] = None,
+    overlay: Annotated[Path | None, typer.Option(help="Write a PNG with the reported boxes to PATH.")] = None,
+    max_tool_calls: Annotated[int, typer.Option(help="Tool-call budget.")] = 8,
+    force: Annotated[bool, typer.Option(help="Overwrite existing output files.")] = False,
+    quiet: Annotated[bool, typer.Option(help="Do not print the summary.")] = False,
+) -> None:
+    """Diagnose one image and print a readable summary."""
+    from rich.console import Console
+
+    from .errors import EchoError
+
+    console = Console(stderr=json_out == "-")
+    json_path = Path(json_out) if json_out and json_out != "-" else None
+    if json_path is not None:
+        _refuse_overwrite(json_path, force)
+    if overlay is not None:
+        _refuse_overwrite(overlay, force)
+    try:
+        from .agent import EchoAgent
+
+        ctx = _parse_context(context, age, symptoms)
+        agent = EchoAgent(organ=organ, max_tool_calls=max_tool_calls)
+        dx = agent.run(image, context=ctx, frame=frame)
+    except EchoError as exc:
+        console.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(code=2) from None
+    if not quiet:
+        _print_diagnosis(dx, console)
+    payload = dx.model_dump_json(indent=2)
+    if json_out == "-":
+        sys.stdout.write(payload + "\n")
+    elif json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(payload + "\n", encoding="utf-8")
+        if not quiet:
+            console.print(f"Diagnosis JSON -> {json_path}")
+    if overlay is not None:
+        from .imaging import load_image, render_overlay, save_png
+
+        arr = agent.toolkit.get_store().get(load_image(image, frame=frame).sha256)
+        title = f"{dx.label} {dx.probability:.2f}" + (f" {dx.category_system} {dx.category}" if dx.category else "")
+        save_png(render_overlay(arr, dx.findings, title=title), overlay, overwrite=force)
+        if not quiet:
+            console.print(f"Overlay -> {overlay}")
+
+
+@app.command("eval")
+def eval_(
+    manifest: Annotated[Path, typer.Argument(help="Manifest CSV (see docs/data.md).")],
+    out: Annotated[Path, typer.Option(help="Output folder for metrics.json, predictions.jsonl, report.md, plots.")],
+    organ: Annotated[str | None, typer.Option(help="Only rows of this organ.")] = None,
+    split: Annotated[str | None, typer.Option(help="Only rows of this split (train/val/test).")] = None,
+    limit: Annotated[int | None, typer.Option(help="Evaluate at most N images.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Allow writing into a non-empty output folder.")] = False,
+) -> None:
+    """Evaluate detector-only vs the full agent on a manifest."""
+    from .eval.harness import eval_command
+
+    raise typer.Exit(code=eval_command(manifest, out, organ=organ, split=split, limit=limit, overwrite=overwrite))
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON schema of a Diagnosis."""
+    from .schemas import Diagnosis
+
+    sys.stdout.write(json.dumps(Diagnosis.json_schema(), indent=2) + "\n")
+
+
+@app.command()
+def organs() -> None:
+    """List the registered organs."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .organs import list_organs
+
+    t = Table("organ", "labels", "detector classes", "category system", "weights")
+    for s in list_organs():
+        w = s.resolve_weights()
+        t.add_row(s.name, ", ".join(s.image_labels), ", ".join(s.detector_labels), s.category_system or "-",
+                  ("ok " if w and w.exists() else "missing ") + (w.name if w else "-"))
+    Console().print(t)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

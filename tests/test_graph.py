@@ -1,0 +1,282 @@
+"""The invoke-and-reason graph: shape, tool plumbing, budget, errors, persistence, composition."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from _fakes import FakeDetector, ScriptedChatModel, call, fake_toolkit, speckle_image
+from langchain_core.messages import AIMessage, ToolMessage
+from langgraph.checkpoint.memory import InMemorySaver
+from langgraph.graph import END, START, StateGraph
+from typing_extensions import TypedDict
+
+from echo_agent.errors import UnknownOrganError
+from echo_agent.graph import PARSE_ERROR_KEY, EchoRunContext, build_graph, diagnosis_from_state
+from echo_agent.schemas import Diagnosis
+
+
+def _input(tk, organ="breast", **kw):
+    ref = tk.get_store().put(speckle_image())
+    return {"image": ref, "organ": organ, **kw}
+
+
+def _tool_messages(out):
+    return [m for m in out["messages"] if isinstance(m, ToolMessage)]
+
+
+def test_graph_shape():
+    g = build_graph(toolkit=fake_toolkit()).compile()
+    drawn = g.get_graph()
+    nodes = set(drawn.nodes)
+    assert {"perceive", "reasoner", "tools", "reason"} <= nodes
+    edges = {(e.source, e.target) for e in drawn.edges}
+    assert ("__start__", "perceive") in edges
+    assert ("perceive", "reasoner") in edges
+    assert ("reasoner", "tools") in edges and ("reasoner", "reason") in edges
+    assert ("tools", "reasoner") in edges and ("tools", "reason") in edges
+    assert ("reason", "__end__") in edges
+    assert "review" not in nodes
+    g2 = build_graph(toolkit=fake_toolkit(), review=True).compile(checkpointer=InMemorySaver()).get_graph()
+    edges2 = {(e.source, e.target) for e in g2.edges}
+    assert ("reason", "review") in edges2 and ("review", "__end__") in edges2
+
+
+def test_default_policy_runs_detect_describe_retrieve():
+    tk = fake_toolkit()
+    out = build_graph(toolkit=tk).compile().invoke(_input(tk, clinical={"age": 52}))
+    names = [c["name"] for m in out["messages"] if isinstance(m, AIMessage) for c in m.tool_calls]
+    assert names == ["detect_breast_lesions", "describe_image", "retrieve_knowledge"]
+    kinds = [e["kind"] for e in out["evidence"]]
+    assert kinds == ["detections", "description", "knowledge"]
+    dx = diagnosis_from_state(out)
+    assert dx.label == "malignant" and dx.category == "4C"
+    assert dx.box is not None and dx.box.to_list() == [10, 10, 50, 40]
+    # the final assistant turn is the model-facing Diagnosis (boxes in 0..1000)
+    final = json.loads(out["messages"][-1].content)
+    assert final["findings"][0]["box"] == [62, 83, 312, 333]
+    assert {r.kind for r in dx.evidence} >= {"detection", "knowledge", "clinical"}
+
+
+def test_tools_see_organ_specific_detector_only():
+    tk = fake_toolkit()
+    model = ScriptedChatModel()
+    build_graph(model, toolkit=tk).compile().invoke(_input(tk, organ="kidney"))
+    assert "detect_kidney_lesions" in model.bound and "detect_breast_lesions" not in model.bound
+    assert {"describe_image", "retrieve_knowledge"} <= set(model.bound)
+
+
+def test_unknown_tool_and_invalid_arguments_become_error_tool_messages():
+    tk = fake_toolkit()
+    model = ScriptedChatModel(script=[
+        AIMessage(content="", tool_calls=[call("segment_everything", {}, "c1")]),
+        AIMessage(content="", tool_calls=[call("detect_breast_lesions", {"score_threshold": 7}, "c2")]),
+        AIMessage(content="", tool_calls=[call("detect_breast_lesions", {"bogus": 1}, "c3")]),
+        AIMessage(content="", tool_calls=[call("describe_image", {"regions": [[500, 500, 100, 100]]}, "c4")]),
+        AIMessage(content="", tool_calls=[call("detect_breast_lesions", {}, "c5")]),
+    ])
+    out = build_graph(model, toolkit=tk).compile().invoke(_input(tk))
+    tms = {m.tool_call_id: m for m in _tool_messages(out)}
+    assert tms["c1"].status == "error" and "not a valid tool" in tms["c1"].content
+    for cid in ("c2", "c3", "c4"):
+        assert tms[cid].status == "error", cid
+    assert tms["c5"].status != "error"
+    # the reasoner saw each error before its next turn
+    assert any(isinstance(m, ToolMessage) and m.tool_call_id == "c1" for m in model.seen[1])
+    assert diagnosis_from_state(out).label == "malignant"  # the one good detector call counts
+
+
+def test_unparseable_tool_call_is_answered():
+    tk = fake_toolkit()
+    bad = AIMessage(content="<tool_call>{oops", invalid_tool_calls=[
+        {"name": "detect_breast_lesions", "args": "{oops", "id": "bad1", "error": "Expecting property name", "type": "invalid_tool_call"}
+    ])
+    model = ScriptedChatModel(script=[bad])
+    out = build_graph(model, toolkit=tk).compile().invoke(_input(tk))
+    tm = _tool_messages(out)
+    assert len(tm) == 1 and tm[0].status == "error" and "could not be parsed" in tm[0].content
+    ai = [m for m in out["messages"] if isinstance(m, AIMessage)][0]
+    assert ai.tool_calls[0]["args"] == {PARSE_ERROR_KEY: "Expecting property name"}
+    assert diagnosis_from_state(out).indeterminate  # no detector evidence
+
+
+def test_tool_budget_is_enforced():
+    tk = fake_toolkit()
+    spam = lambda msgs: AIMessage(  # noqa: E731
+        content="", tool_calls=[call("detect_breast_lesions", {}, f"x{len(msgs)}_{i}") for i in range(2)]
+    )
+    model = ScriptedChatModel(script=[spam] * 10)
+    out = build_graph(model, toolkit=tk, max_tool_calls=3).compile().invoke(_input(tk))
+    assert out["tool_calls_used"] == 3
+    assert len(_tool_messages(out)) == 3
+    assert any("tool budget" in w for w in out["warnings"])
+    assert len(tk.detectors["breast"].calls) == 3
+    # per-run override through the typed context
+    tk2 = fake_toolkit()
+    model2 = ScriptedChatModel(script=[spam] * 10)
+    out2 = build_graph(model2, toolkit=tk2, max_tool_calls=3).compile().invoke(
+        _input(tk2), context=EchoRunContext(max_tool_calls=1)
+    )
+    assert out2["tool_calls_used"] == 1
+
+
+def test_zero_budget_goes_straight_to_reason():
+    tk = fake_toolkit()
+    out = build_graph(toolkit=tk, max_tool_calls=0).compile().invoke(_input(tk))
+    assert out["tool_calls_used"] == 0 and not _tool_messages(out)
+    assert diagnosis_from_state(out).indeterminate
+
+
+def test_parallel_calls_get_distinct_evidence_ids():
+    tk = fake_toolkit()
+    model = ScriptedChatModel(script=[AIMessage(content="", tool_calls=[
+        call("detect_breast_lesions", {}, "a"), call("detect_breast_lesions", {"tta": True}, "b"),
+        call("retrieve_knowledge", {"query": "spiculated"}, "c"),
+    ])])
+    out = build_graph(model, toolkit=tk).compile().invoke(_input(tk))
+    ids = sorted(e["id"] for e in out["evidence"])
+    assert ids == ["det1", "det2", "kb1"]
+
+
+def test_image_path_input_and_missing_organ(tmp_path):
+    from PIL import Image
+
+    tk = fake_toolkit()
+    p = tmp_path / "img.png"
+    Image.fromarray(speckle_image()).save(p)
+    g = build_graph(toolkit=tk).compile()
+    out = g.invoke({"image_path": str(p), "organ": "breast"})
+    assert out["image"]["width"] == 160
+    with pytest.raises(UnknownOrganError):
+        g.invoke({"image_path": str(p)})
+    routed = build_graph(toolkit=tk, router=lambda img: ("kidney", 0.9)).compile().invoke({"image_path": str(p)})
+    assert routed["organ"] == "kidney"
+    with pytest.raises(UnknownOrganError, match="could not be routed"):
+        build_graph(toolkit=tk, router=lambda img: (None, 0.2)).compile().invoke({"image_path": str(p)})
+
+
+def test_checkpointer_round_trip_memory():
+    tk = fake_toolkit()
+    g = build_graph(toolkit=tk).compile(checkpointer=InMemorySaver())
+    cfg = {"configurable": {"thread_id": "t1"}}
+    out = g.invoke(_input(tk), cfg)
+    snap = g.get_state(cfg)
+    assert snap.values["diagnosis"] == out["diagnosis"]
+    assert Diagnosis.model_validate(snap.values["diagnosis"]).label == "malignant"
+    history = list(g.get_state_history(cfg))
+    assert len(history) >= 6
+
+
+def test_checkpointer_round_trip_sqlite(tmp_path):
+    sqlite = pytest.importorskip("langgraph.checkpoint.sqlite")
+    tk = fake_toolkit()
+    db = tmp_path / "ckpt.sqlite"
+    with sqlite.SqliteSaver.from_conn_string(str(db)) as saver:
+        g = build_graph(toolkit=tk).compile(checkpointer=saver)
+        out = g.invoke(_input(tk), {"configurable": {"thread_id": "s1"}})
+    # a new saver on the same file sees the finished run
+    with sqlite.SqliteSaver.from_conn_string(str(db)) as saver2:
+        g2 = build_graph(toolkit=tk).compile(checkpointer=saver2)
+        snap = g2.get_state({"configurable": {"thread_id": "s1"}})
+        assert snap.values["diagnosis"] == out["diagnosis"]
+        assert [m.content for m in snap.values["messages"]] == [m.content for m in out["messages"]]
+
+
+async def test_async_invoke_stream_and_async_sqlite(tmp_path):
+    aio = pytest.importorskip("langgraph.checkpoint.sqlite.aio")
+    tk = fake_toolkit()
+    async with aio.AsyncSqliteSaver.from_conn_string(str(tmp_path / "a.sqlite")) as saver:
+        g = build_graph(toolkit=tk).compile(checkpointer=saver)
+        out = await g.ainvoke(_input(tk), {"configurable": {"thread_id": "a1"}})
+        assert out["diagnosis"]["label"] == "malignant"
+        nodes = [list(c)[0] async for c in g.astream(_input(tk), {"configurable": {"thread_id": "a2"}}, stream_mode="updates")]
+        assert nodes[0] == "perceive" and nodes[-1] == "reason"
+
+
+def test_stream_and_batch_on_compiled_graph():
+    tk = fake_toolkit()
+    g = build_graph(toolkit=tk).compile()
+    nodes = [list(c)[0] for c in g.stream(_input(tk), stream_mode="updates")]
+    assert nodes == ["perceive", "reasoner", "tools", "reasoner", "tools", "reasoner", "tools", "reasoner", "reason"]
+    outs = g.batch([_input(tk), _input(tk, organ="kidney")])
+    assert [o["diagnosis"]["organ"] for o in outs] == ["breast", "kidney"]
+
+
+def test_as_subgraph_of_a_parent_graph():
+    tk = fake_toolkit()
+
+    class Parent(TypedDict, total=False):
+        image_path: str
+        organ: str
+        diagnosis: dict
+        summary: str
+
+    echo = build_graph(toolkit=tk).compile()
+
+    def summarise(state: Parent) -> dict:
+        dx = Diagnosis.model_validate(state["diagnosis"])
+        return {"summary": f"{dx.organ}: {dx.label} ({dx.category})"}
+
+    parent = StateGraph(Parent)
+    parent.add_node("echo", echo)
+    parent.add_node("summarise", summarise)
+    parent.add_edge(START, "echo")
+    parent.add_edge("echo", "summarise")
+    parent.add_edge("summarise", END)
+    import tempfile
+
+    from PIL import Image
+
+    with tempfile.TemporaryDirectory() as d:
+        p = f"{d}/x.png"
+        Image.fromarray(speckle_image()).save(p)
+        out = parent.compile().invoke({"image_path": p, "organ": "breast"})
+    assert out["summary"] == "breast: malignant (4C)"
+
+
+def test_no_detection_reads_normal_and_weak_evidence_is_rechecked():
+    tk = fake_toolkit(detections=[])
+    out = build_graph(toolkit=tk).compile().invoke(_input(tk))
+    det_calls = tk.detectors["breast"].calls
+    assert len(det_calls) == 2 and det_calls[1]["tta"] is True  # re-checked once, not more
+    dx = diagnosis_from_state(out)
+    assert dx.label == "normal" and dx.findings == [] and dx.category == "1"
+
+
+def test_tool_failure_is_reported_not_crashing():
+    class Broken(FakeDetector):
+        def detect(self, image, **kw):
+            from echo_agent.errors import ModelLoadError
+
+            raise ModelLoadError("weights missing at /nowhere.onnx")
+
+    tk = fake_toolkit()
+    tk.detectors["breast"] = Broken()
+    out = build_graph(toolkit=tk).compile().invoke(_input(tk))
+    errs = [m for m in _tool_messages(out) if m.status == "error"]
+    assert errs and "weights missing" in errs[0].content
+    dx = diagnosis_from_state(out)
+    assert dx.indeterminate and "no detector result" in (dx.indeterminate_reason or "")
+
+
+def test_review_interrupt_and_resume():
+    from langgraph.types import Command
+
+    tk = fake_toolkit()
+    g = build_graph(toolkit=tk, review=True).compile(checkpointer=InMemorySaver())
+    cfg = {"configurable": {"thread_id": "r1"}}
+    out = g.invoke(_input(tk), cfg)
+    assert out["__interrupt__"][0].value["diagnosis"]["label"] == "malignant"
+    done = g.invoke(Command(resume={"action": "edit", "reviewer": "dr-a", "label": "benign", "category": "3"}), cfg)
+    dx = diagnosis_from_state(done)
+    assert dx.label == "benign" and dx.category == "3"
+    assert dx.review.reviewer == "dr-a" and dx.review.changes["label"] == {"from": "malignant", "to": "benign"}
+    assert dx.review.original["label"] == "malignant"
+
+
+def test_state_is_plain_json():
+    tk = fake_toolkit()
+    out = build_graph(toolkit=tk).compile().invoke(_input(tk))
+    json.dumps({k: v for k, v in out.items() if k != "messages"})  # no custom objects in state
+    assert isinstance(out["image"]["id"], str) and np.asarray(tk.get_store().get(out["image"])).shape == (120, 160, 3)
