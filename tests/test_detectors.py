@@ -189,7 +189,16 @@ def test_doctests_of_postprocess_and_base():
 
 @pytest.mark.parametrize(
     "h,w,size",
-    [(100, 200, 64), (200, 100, 64), (64, 64, 64), (37, 91, 64), (480, 640, 640), (1, 500, 32)],
+    [
+        (100, 200, 64),
+        (200, 100, 64),
+        (64, 64, 64),
+        (37, 91, 64),
+        (31, 64, 64),
+        (64, 29, 64),
+        (480, 640, 640),
+        (1, 500, 32),
+    ],
 )
 def test_letterbox_geometry(h, w, size):
     img = np.full((h, w, 3), 7, np.uint8)
@@ -197,9 +206,9 @@ def test_letterbox_geometry(h, w, size):
     assert padded.shape == (size, size, 3) and padded.dtype == np.uint8
     assert max(info.new_w, info.new_h) == size and min(info.new_w, info.new_h) >= 1
     assert info.pad_x + info.new_w <= size and info.pad_y + info.new_h <= size
-    # padding is centred: left/top border and right/bottom border differ by at most one pixel
-    assert abs((size - info.new_w - info.pad_x) - info.pad_x) <= 1
-    assert abs((size - info.new_h - info.pad_y) - info.pad_y) <= 1
+    # padding is centred; an odd pixel of padding goes right / bottom (as in ultralytics' LetterBox)
+    assert 0 <= (size - info.new_w - info.pad_x) - info.pad_x <= 1
+    assert 0 <= (size - info.new_h - info.pad_y) - info.pad_y <= 1
     inner = padded[info.pad_y : info.pad_y + info.new_h, info.pad_x : info.pad_x + info.new_w]
     assert (inner == 7).all()
     border = padded.copy()
