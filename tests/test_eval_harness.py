@@ -222,29 +222,19 @@ def test_eval_command_exit_codes(manifest: Path, tmp_path: Path):
 
 # -- real images -----------------------------------------------------------------------------------
 DATA = default_data_root()
-needs_data = pytest.mark.skipif(not (DATA / "BUSI" / "boxes.csv").exists(), reason=f"BUSI data not found under {DATA}")
+needs_data = pytest.mark.skipif(not (DATA / "BUSI" / "images.csv").exists(), reason=f"BUSI data not found under {DATA}")
 
 
 def _busi_manifest(tmp_path: Path) -> Path:
-    import csv
+    """One benign, one malignant and one normal image of the committed BUSI test split, as a CSV."""
+    from echo_agent.eval import BUSI, load_split, write_manifest
 
-    with (DATA / "BUSI" / "boxes.csv").open(newline="") as fh:
-        boxes = list(csv.DictReader(fh))
-    chosen = {"benign/benign (2).png", "malignant/malignant (1).png", "normal/normal (1).png"}
-    rows = ["image,organ,label,x_min,y_min,x_max,y_max,center,group"]
-    for name in sorted(chosen):
-        label = name.split("/")[0]
-        lesion = [r for r in boxes if r["image"] == name]
-        path = (DATA / "BUSI" / name).as_posix()
-        for r in lesion or [None]:
-            coords = ",".join(r[k] for k in ("x_min", "y_min", "x_max", "y_max")) if r else ",,,"
-            rows.append(f'"{path}",breast,{label},{coords},busi,{name}')
-    out = tmp_path / "busi_few.csv"
-    out.write_text("\n".join(rows) + "\n")
-    return out
+    test = load_split(BUSI, "test")
+    chosen = [next(im for im in test if im.label == lbl) for lbl in ("benign", "malignant", "normal")]
+    return write_manifest(chosen, tmp_path / "busi_few.csv")
 
 
-class TruthEchoDetector(FakeDetector):
+class CentreBoxDetector(FakeDetector):
     """Puts one benign box in the middle of any image (exercises real loading and box mapping)."""
 
     def detect(self, image, *, score_threshold=0.25, tta=False):
@@ -256,40 +246,59 @@ class TruthEchoDetector(FakeDetector):
 @needs_data
 def test_real_images_with_fake_models(tmp_path: Path):
     manifest = _busi_manifest(tmp_path)
+    seen = []
 
     class Agent(FakeAgent):
         def run(self, image, *, organ=None, context=None):
             arr = np.asarray(Image.open(image).convert("RGB"))
+            seen.append(arr.shape)
             return Diagnosis(organ=organ, label="normal", probabilities={"normal": 0.5, "benign": 0.3, "malignant": 0.2},
                              image_width=arr.shape[1], image_height=arr.shape[0])
 
-    res = evaluate(manifest, agent=Agent(TruthEchoDetector()), out_dir=tmp_path / "r", progress=False, n_boot=20)
+    # preprocess=True: the real field-of-view crop and annotation masking, boxes mapped back
+    res = evaluate(manifest, agent=Agent(CentreBoxDetector()), out_dir=tmp_path / "r", progress=False, n_boot=20,
+                   preprocess=True)
     assert res.n_images == 3 and res.errors == {DETECTOR: 0, AGENT: 0}
+    assert len(seen) == 3
     det = res.metrics["breast"].overall[DETECTOR]
-    assert det.classification.per_class[1].recall == 1.0  # benign image called benign
-    assert det.localization.fp >= 1  # the normal image's box
+    per_class = {c.label: c for c in det.classification.per_class}
+    assert per_class["benign"].recall == 1.0 and per_class["normal"].recall == 0.0
+    assert det.localization.fp >= 1  # at least the normal image's box
+    assert det.classification.confusion.matrix[2] == (0, 1, 0)  # malignant called benign
     assert res.metrics["breast"].overall[AGENT].classification.accuracy == pytest.approx(1 / 3)
+    assert set(res.metrics["breast"].centers) == {"busi"}
+    rows = [json.loads(x) for x in res.predictions_path.read_text().splitlines()]
+    assert {r["key"].split(":")[0] for r in rows} == {"busi"}
+    for r in rows:  # boxes were mapped back into the original image
+        h, w = Image.open(r["image"]).size[::-1]
+        x1, y1, x2, y2 = r["detector"]["detections"][0]["box"]
+        assert 0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h
 
 
-def _weights_ready() -> bool:
+def _agent_ready() -> bool:
+    w = get_organ("breast").resolve_weights()
+    if not (w and w.exists()):
+        return False
     try:
-        w = get_organ("breast").resolve_weights()
-        import echo_agent.agent  # noqa: F401
+        from echo_agent.agent import EchoAgent
+
+        EchoAgent()
     except Exception:
         return False
-    return bool(w and w.exists())
+    return True
 
 
 @pytest.mark.realdata
 @needs_data
-@pytest.mark.skipif(not _weights_ready(), reason="breast detector weights or echo_agent.agent not available yet")
+@pytest.mark.skipif(not _agent_ready(), reason="breast detector weights not shipped yet, or EchoAgent() cannot be built")
 def test_real_images_with_the_real_agent(tmp_path: Path):
     from echo_agent.agent import EchoAgent
 
     res = evaluate(_busi_manifest(tmp_path), agent=EchoAgent(), out_dir=tmp_path / "r", progress=False, n_boot=20)
     assert res.n_images == 3
-    assert res.errors == {DETECTOR: 0, AGENT: 0}, (tmp_path / "r" / "predictions.jsonl").read_text()[:2000]
+    assert res.errors == {DETECTOR: 0, AGENT: 0}, res.predictions_path.read_text()[:2000]
     for s in (DETECTOR, AGENT):
         m = res.metrics["breast"].overall[s]
         assert m.n_images == 3
         assert m.localization.f1 is None or 0.0 <= m.localization.f1 <= 1.0
+    assert res.metrics["breast"].overall[AGENT].calibration is not None

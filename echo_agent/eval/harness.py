@@ -164,11 +164,9 @@ def _context(im: ManifestImage) -> dict[str, Any] | None:
 
 
 def _error_record(exc: BaseException) -> dict[str, str]:
-    return {
-        "type": type(exc).__name__,
-        "message": str(exc),
-        "where": "".join(traceback.format_exception_only(type(exc), exc)).strip()[-500:],
-    }
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f"{frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name}" if frames else ""
+    return {"type": type(exc).__name__, "message": str(exc), "where": where}
 
 
 def detector_prediction(spec: OrganSpec, detections: Sequence[Detection]) -> dict[str, Any]:

@@ -369,10 +369,9 @@ def auc_score(
     n_pos = sum(1 for i in keep if y_true[i] == positive_label)
     n_neg = len(keep) - n_pos
     if n_pos == 0 or n_neg == 0:
-        missing = positive_label if n_pos == 0 else negative_label
         return AUCScore(
             positive_label, negative_label, None, n_pos, n_neg,
-            reason=f"no image truly labelled {missing!r}; AUC needs both classes",
+            reason=f"needs {positive_label!r} and {negative_label!r} images, got {n_pos} and {n_neg}",
         )
     if any(scores[i] is None for i in keep):
         return AUCScore(
