@@ -596,6 +596,16 @@ def test_unsupported_python_types() -> None:
         load_image(gradient(), frame="1")  # type: ignore[arg-type]
 
 
+def test_loaded_image_passes_through_and_is_hashable() -> None:
+    img = load_image(gradient())
+    assert load_image(img) is img
+    assert hash(img) == hash(load_image(gradient())) and img == load_image(gradient())
+    with pytest.raises(EchoInputError, match="frame"):
+        load_image(img, frame=2)
+    with pytest.raises(ImageTooLargeError):
+        load_image(img, max_pixels=100)
+
+
 # -- the store ------------------------------------------------------------------------------------
 
 
@@ -708,6 +718,27 @@ def test_examples_match_their_source_and_notice() -> None:
     repo_copy = Path(__file__).resolve().parents[1] / "examples" / "images"
     for name in ("breast_benign", "breast_malignant"):
         assert (repo_copy / f"{name}.png").read_bytes() == example_image(name).read_bytes()
+
+
+@pytest.mark.realdata
+def test_real_sector_image_is_composited_on_black() -> None:
+    root = _data_root() / "BrEaST-Lesions_USG" / "images_and_masks"
+    if not root.is_dir():
+        pytest.skip(f"BrEaST-Lesions_USG not found under {root.parent.parent} (set ECHO_AGENT_DATA)")
+    for path in sorted(root.glob("case???.png")):
+        with Image.open(path) as im:
+            if im.mode != "RGBA":
+                continue
+            rgba = np.asarray(im)
+        outside = rgba[..., 3] == 0
+        if not (outside.any() and (rgba[..., :3][outside] == 255).any()):
+            continue  # want a fan image with white pixels hidden under alpha = 0
+        img = load_image(path)
+        assert np.all(img.array[outside] == 0)
+        inside = rgba[..., 3] == 255
+        assert np.array_equal(img.array[inside], rgba[..., :3][inside])
+        return
+    pytest.skip("no RGBA sector image with hidden white pixels found")
 
 
 def test_import_is_light() -> None:

@@ -114,8 +114,9 @@ def load_image(
         source: a path (``str`` / ``os.PathLike``) or the bytes of a PNG, JPEG, TIFF (multi-page
             too), BMP or DICOM (single or multi-frame) file; a ``PIL.Image.Image``; a numpy array of
             shape HxW, HxWx1, HxWx3 or HxWx4 (any integer or float dtype, not bool); a
-            ``pydicom.Dataset``.
-        frame: which frame of a multi-frame source to read (0-based); default: the middle one.
+            ``pydicom.Dataset``; or a :class:`LoadedImage` (returned as it is).
+        frame: which frame of a multi-frame source to read (0-based); default: the middle one
+            (for a PIL image: its current frame).
         max_pixels: largest accepted width x height, checked from the header before decoding.
         min_size: smallest accepted width and height.
 
@@ -145,6 +146,14 @@ def load_image(
     frame = None if frame is None else int(frame)
     limits = {"max_pixels": max_pixels, "min_size": min_size}
 
+    if isinstance(source, LoadedImage):
+        # Already canonical and immutable: only the caller's limits and frame still need checking.
+        if frame is not None and frame != (source.frame or 0):
+            raise EchoInputError(
+                f"this LoadedImage holds frame {source.frame or 0}, not frame {frame}; load the source again with frame={frame}."
+            )
+        check_size(source.width, source.height, max_pixels=max_pixels, min_size=min_size)
+        return source
     if isinstance(source, (str, os.PathLike)):
         path = _check_path(source)
         try:

@@ -112,8 +112,8 @@ def render_overlay(
     >>> import numpy as np
     >>> from echo_agent.schemas import Box
     >>> out = render_overlay(np.zeros((100, 100, 3), np.uint8), [(Box(x1=10, y1=20, x2=60, y2=80), "malignant", 0.9)])
-    >>> tuple(out[50, 10])  # left edge of the box, in the malignant colour
-    (230, 40, 40)
+    >>> out[50, 10].tolist()  # left edge of the box, in the malignant colour
+    [230, 40, 40]
     """
     import cv2
 
