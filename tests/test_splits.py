@@ -1,0 +1,163 @@
+"""Leakage-safe splitting (synthetic cases) and the committed split files of the staged data."""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from echo_agent.errors import ManifestError
+from echo_agent.eval.manifest import ManifestImage
+from echo_agent.eval.splits import (
+    EXCLUDED,
+    LeakageError,
+    apply_splits,
+    assign_fold_splits,
+    assign_splits,
+    leakage_report,
+    read_split_file,
+    split_file,
+    write_split_file,
+)
+
+
+def _images(n_groups: int = 60, seed: int = 0) -> list[ManifestImage]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for g in range(n_groups):
+        label = ("normal", "benign", "malignant")[g % 3]
+        for k in range(int(rng.integers(1, 5))):
+            out.append(ManifestImage(image=Path(f"/d/g{g}_{k}.png"), organ="breast", label=label,
+                                     center="synthetic", group=f"g{g}"))
+    return out
+
+
+def test_groups_stay_together_and_fractions_are_close() -> None:
+    ims = _images()
+    a = assign_splits(ims, seed=1)
+    assert set(a) == {im.key for im in ims}
+    by_group = defaultdict(set)
+    for im in ims:
+        by_group[im.group].add(a[im.key])
+    assert all(len(s) == 1 for s in by_group.values())
+    n = Counter(a.values())
+    assert abs(n["train"] / len(ims) - 0.7) < 0.08 and abs(n["test"] / len(ims) - 0.2) < 0.08 and n["val"] > 0
+    for label in ("normal", "benign", "malignant"):  # stratified: every label in every split
+        assert {a[im.key] for im in ims if im.label == label} == {"train", "val", "test"}
+
+
+def test_fixed_seed_is_deterministic_and_seed_matters() -> None:
+    ims = _images()
+    assert assign_splits(ims, seed=5) == assign_splits(list(reversed(ims)), seed=5)
+    assert assign_splits(ims, seed=5) != assign_splits(ims, seed=6)
+
+
+def test_forced_assignments() -> None:
+    ims = _images()
+    first_g0 = next(im for im in ims if im.group == "g0")
+    g1 = [im for im in ims if im.group == "g1"]
+    a = assign_splits(ims, forced={first_g0.key: EXCLUDED, g1[0].key: "train"})
+    assert a[first_g0.key] == EXCLUDED
+    assert {a[im.key] for im in g1} == {"train"}
+
+
+def test_fold_splits_put_test_folds_in_test_only() -> None:
+    ims = _images(40)
+    folds = {im.key: 1 + int(im.group[1:]) % 4 for im in ims}
+    a = assign_fold_splits(ims, folds, test_folds=(4,))
+    for im in ims:
+        assert (a[im.key] == "test") == (folds[im.key] == 4)
+    assert {"train", "val"} <= set(a.values())
+    with pytest.raises(ManifestError, match="no fold"):
+        assign_fold_splits(ims, {})
+
+
+def test_leakage_report_flags_groups_patients_and_pixel_duplicates(tmp_path: Path) -> None:
+    ims = apply_splits(_images(), assign_splits(_images()))
+    rep = leakage_report(ims)
+    assert rep.ok and sum(sum(c.values()) for c in rep.counts.values()) == len(ims)
+    broken = list(ims)
+    j = next(k for k, im in enumerate(broken) if im.split != broken[0].split)
+    broken[j] = replace(broken[j], group=broken[0].group)
+    with pytest.raises(LeakageError, match="group"):
+        leakage_report(broken)
+    assert not leakage_report(broken, raise_on_problem=False).ok
+    # patients
+    p = [replace(im, patient_id="P1" if k in (0, j) else None) for k, im in enumerate(ims)]
+    assert any("patient_id 'P1'" in s for s in leakage_report(p, raise_on_problem=False).problems)
+    # pixel-identical images in different groups and splits
+    arr = np.full((8, 8), 7, np.uint8)
+    Image.fromarray(arr).save(tmp_path / "x.png")
+    Image.fromarray(arr).convert("RGB").save(tmp_path / "y.png")  # same pixels, other encoding
+    Image.fromarray(arr + 1).save(tmp_path / "z.png")
+    dup = [
+        ManifestImage(image=tmp_path / "x.png", organ="breast", label="benign", group="a", split="train"),
+        ManifestImage(image=tmp_path / "y.png", organ="breast", label="malignant", group="b", split="test"),
+        ManifestImage(image=tmp_path / "z.png", organ="breast", label="benign", group="c", split="val"),
+    ]
+    assert leakage_report(dup).ok
+    rep = leakage_report(dup, check_pixels=True, raise_on_problem=False)
+    assert len(rep.problems) == 1 and "pixel-identical" in rep.problems[0]
+
+
+def test_split_file_round_trip(tmp_path: Path) -> None:
+    a = {"c:b.png": "val", "c:a.png": "train"}
+    p = write_split_file(a, tmp_path / "s.csv")
+    assert p.read_text().splitlines() == ["key,split", "c:a.png,train", "c:b.png,val"]
+    assert read_split_file(p) == a
+    ims = [ManifestImage(image=Path("/x/q.png"), organ="breast", label="normal", center="c")]
+    with pytest.raises(ManifestError, match="no split assignment"):
+        apply_splits(ims, a)
+    assert apply_splits(ims, a, strict=False)[0].split is None
+
+
+# -- committed splits of the staged data ------------------------------------------------------
+
+CENTERS = ("busi", "breast_lesions_usg", "hydronephrosis_ncnu")
+
+
+@pytest.mark.realdata
+@pytest.mark.parametrize("center", CENTERS)
+def test_committed_splits_cover_data_without_leakage(shared_data: Path, center: str) -> None:
+    from echo_agent.eval.datasets import load_center
+
+    build = load_center(center, shared_data)
+    committed = read_split_file(split_file(center))
+    assert set(committed) == {im.key for im in build.images}
+    ims = apply_splits(build.images, committed)
+    rep = leakage_report(ims)  # raises on any group / patient / clip crossing splits
+    sizes = {s: sum(c.values()) for s, c in rep.counts.items()}
+    assert 0.6 < sizes["train"] / sum(sizes.values()) < 0.8
+    assert sizes["val"] > 0 and sizes["test"] > 0
+    if center == "hydronephrosis_ncnu":
+        for im in ims:
+            assert (im.split == "test") == (build.folds[im.key] == 4)
+    if center == "busi":
+        excluded = {im.key for im in ims if im.split == EXCLUDED}
+        flagged = {k for k, f in build.flags.items() if "cross_class_duplicate" in f}
+        assert excluded == flagged and "busi:benign/benign (433).png" in excluded
+        assert "busi:malignant/malignant (145).png" in excluded
+
+
+@pytest.mark.realdata
+def test_known_identical_hydronephrosis_frames_share_a_split(shared_data: Path) -> None:
+    committed = read_split_file(split_file("hydronephrosis_ncnu"))
+    pairs = [
+        ("fold1/normal/20210224_S0000027_US000001_000.jpg", "fold3/normal/20210224_S0000028_US000001_000.jpg"),
+        ("fold2/abnormal/CANON_20210414_150447_1504510033_000.jpg",
+         "fold3/abnormal/CANON_20210414_150447_1504500032_237.jpg"),
+    ]
+    for a, b in pairs:
+        assert committed[f"hydronephrosis_ncnu:{a}"] == committed[f"hydronephrosis_ncnu:{b}"]
+
+
+@pytest.mark.realdata
+def test_breast_lesions_usg_splits_recompute_identically(shared_data: Path) -> None:
+    from echo_agent.eval.datasets import compute_splits, load_center
+
+    build = load_center("breast_lesions_usg", shared_data)
+    assert compute_splits(build) == read_split_file(split_file("breast_lesions_usg"))
