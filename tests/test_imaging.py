@@ -455,6 +455,15 @@ def test_dicom_without_preamble_by_extension(tmp_path: Path) -> None:
     assert np.array_equal(load_image(p).array, as_rgb(gradient(40, 50)))
 
 
+def test_non_dicom_with_dicom_extension(tmp_path: Path) -> None:
+    (tmp_path / "notes.dcm").write_text("patient notes, not an image\n")
+    with pytest.raises(UnsupportedFormatError, match="text"):
+        load_image(tmp_path / "notes.dcm")
+    (tmp_path / "noise.dcm").write_bytes(bytes(np.random.default_rng(1).integers(0, 256, 3000, dtype=np.uint8)))
+    with pytest.raises(UnreadableImageError):
+        load_image(tmp_path / "noise.dcm")
+
+
 def test_dicom_without_pixel_data() -> None:
     ds = make_dicom(gradient(40, 50), "MONOCHROME2")
     del ds.PixelData

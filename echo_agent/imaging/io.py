@@ -281,7 +281,10 @@ def _from_bytes(
     if kind in ("dicom", "dicom-nopreamble"):
         from ._dicom import decode_frame, read_dataset
 
-        ds = read_dataset(data, force=kind == "dicom-nopreamble")
+        if kind == "dicom-nopreamble":
+            ds = _read_headerless_dicom(data, where)
+        else:
+            ds = read_dataset(data)
         dec = decode_frame(ds, frame=frame, max_pixels=max_pixels, min_size=min_size)
         return _finish(dec.array, prefix + "dicom", path, dec.frame, dec.n_frames, dec.pixel_spacing_mm, dec.meta)
     if kind in _PIL_FORMAT:
@@ -298,6 +301,26 @@ def _from_bytes(
     raise UnreadableImageError(
         f"{where} is not a recognisable image (unknown or corrupt data); pass a {_SUPPORTED_TEXT} file."
     )
+
+
+def _read_headerless_dicom(data: bytes, where: str) -> Any:
+    """Parse a ``.dcm`` file that lacks the 'DICM' preamble; reject what only parses by force."""
+    from ._dicom import read_dataset
+
+    if _looks_like_text(data):
+        raise UnsupportedFormatError(f"{where} is text, not an image; pass a {_SUPPORTED_TEXT} image file.")
+    try:
+        ds = read_dataset(data, force=True)
+        # Forced parsing accepts almost any bytes; a real image has a sane pixel module.
+        plausible = "PixelData" in ds and int(ds.get("Rows", 0) or 0) > 0 and int(ds.get("Columns", 0) or 0) > 0
+    except (UnreadableImageError, TypeError, ValueError, OverflowError):
+        plausible = False
+    if not plausible:
+        raise UnreadableImageError(
+            f"{where} has a DICOM extension but is neither a DICOM image nor another known image; "
+            "check that the file is complete."
+        )
+    return ds
 
 
 def _open_pil(data: bytes, kind: str, where: str) -> PILImage.Image:
