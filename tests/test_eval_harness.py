@@ -66,7 +66,6 @@ class FakeToolkit:
         self._detector = detector
 
     def detector(self, organ):
-        assert organ == "breast"
         return self._detector
 
 
@@ -218,6 +217,50 @@ def test_eval_command_exit_codes(manifest: Path, tmp_path: Path):
     # non-empty output folder -> input error
     assert eval_command(manifest, tmp_path / "ok", agent=FakeAgent(), progress=False, console=console) == 2
     assert eval_command(tmp_path / "missing.csv", tmp_path / "new", agent=FakeAgent(), console=console) == 2
+
+
+def test_mixed_organs_are_scored_separately(tmp_path: Path):
+    data = tmp_path / "d"
+    data.mkdir()
+    rows = ["image,organ,label,x_min,y_min,x_max,y_max,center"]
+    for name, v, organ, label, box in [
+        ("a.png", 10, "breast", "benign", "10,10,30,30"),
+        ("k1.png", 50, "kidney", "hydronephrosis", "5,5,25,25"),
+        ("k2.png", 60, "kidney", "normal", ",,,"),
+    ]:
+        Image.fromarray(np.full((64, 64), v, dtype=np.uint8)).save(data / name)
+        rows.append(f"{name},{organ},{label},{box},c")
+    (data / "m.csv").write_text("\n".join(rows) + "\n")
+
+    class Det(FakeDetector):
+        def detect(self, image, *, score_threshold=0.25, tta=False):
+            v = int(image[0, 0, 0])
+            if v == 50:
+                return [_det((5, 5, 25, 25), "hydronephrosis", 0.8)]
+            return [] if v == 60 else super().detect(image, score_threshold=score_threshold)
+
+    class Agent(FakeAgent):
+        def run(self, image, *, organ=None, context=None):
+            if organ == "breast":
+                return super().run(image, organ=organ, context=context)
+            hydro = Path(image).name == "k1.png"
+            probs = {"normal": 0.1 if hydro else 0.7, "hydronephrosis": 0.9 if hydro else 0.3}
+            findings = [Finding(box=Box.from_xyxy((5, 5, 25, 25)), label="hydronephrosis", score=0.9)] if hydro else []
+            return Diagnosis(organ=organ, label=max(probs, key=probs.get), probabilities=probs, findings=findings)
+
+    res = evaluate(data / "m.csv", agent=Agent(Det()), out_dir=tmp_path / "r", progress=False, n_boot=10)
+    assert set(res.metrics) == {"breast", "kidney"}
+    kid = res.metrics["kidney"]
+    assert kid.labels == ("normal", "hydronephrosis")
+    for s in (DETECTOR, AGENT):
+        m = kid.overall[s]
+        assert m.n_images == 2 and m.classification.accuracy == 1.0
+        assert (m.localization.tp, m.localization.fp, m.localization.fn) == (1, 0, 0)
+        assert m.grounded.tp == 1
+        assert m.auc.negative_label == "normal" and m.auc.value == pytest.approx(1.0)
+    assert res.metrics["breast"].overall[DETECTOR].n_images == 1
+    assert {p.name for p in res.plots} >= {"confusion_kidney.png", "per_class_kidney.png", "reliability_kidney.png"}
+    assert "## kidney" in res.report_path.read_text()
 
 
 # -- real images -----------------------------------------------------------------------------------
