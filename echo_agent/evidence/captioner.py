@@ -1,0 +1,602 @@
+"""The pixel-based global-context captioner: sonographic descriptors computed from pixels.
+
+:class:`PixelCaptioner` turns an image (and candidate boxes, usually from a detector) into a typed
+:class:`~echo_agent.schemas.ImageContext`: whole-image descriptors (field of view, depth, image
+quality, organ plausibility) and, per region, the organ's lexicon descriptors (for breast the
+ACR BI-RADS ultrasound lexicon: shape, orientation, margin, echo pattern, posterior features,
+size; for kidney: collecting-system fluid and its extent, echogenicity, acoustic shadowing). Each
+descriptor carries a confidence in ``[0, 1]`` that grows with the distance of the measurement from
+its decision threshold. The caption is assembled only from those values.
+
+The decision thresholds are plain JSON (``echo_agent/assets/captioner/thresholds.json``), fitted
+by ``tools/validate_captioner.py`` on a calibration half of BrEaST-Lesions_USG and reported on
+the other half (see ``docs/captioner.md``).
+
+Example:
+    >>> import numpy as np
+    >>> from echo_agent.schemas import Box
+    >>> img = np.full((200, 300, 3), 120, np.uint8)
+    >>> img[80:120, 100:180] = 20
+    >>> ctx = PixelCaptioner().describe(img, organ="breast", regions=[Box.from_xyxy([95, 75, 185, 125])])
+    >>> ctx.regions[0].descriptors["orientation"].value
+    'parallel'
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Mapping, Sequence
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import EchoInputError
+from ..schemas import Box, Descriptor, ImageContext, RegionDescription
+from . import _descriptors as _d
+
+__version__ = "0.1"
+
+_THRESHOLDS_RESOURCE = ("assets", "captioner", "thresholds.json")
+
+
+@lru_cache(maxsize=4)
+def _load_json(path: str | None) -> dict[str, Any]:
+    if path is None:
+        ref = resources.files("echo_agent").joinpath(*_THRESHOLDS_RESOURCE)
+        text = ref.read_text(encoding="utf-8")
+    else:
+        text = Path(path).read_text(encoding="utf-8")
+    return json.loads(text)
+
+
+def load_thresholds(path: str | Path | None = None) -> dict[str, Any]:
+    """Read the captioner's decision thresholds (the packaged file unless ``path`` is given)."""
+    try:
+        data = _load_json(None if path is None else str(path))
+    except FileNotFoundError as exc:
+        raise EchoInputError(
+            f"captioner thresholds file {path!s} does not exist; pass an existing JSON file or None "
+            "for the packaged one"
+        ) from exc
+    if not isinstance(data, dict) or "breast" not in data:
+        raise EchoInputError("captioner thresholds JSON must be an object with a 'breast' section")
+    return data
+
+
+# ------------------------------------------------------------------------------------------------
+# small decision helpers
+# ------------------------------------------------------------------------------------------------
+
+
+def _margin_confidence(x: float, threshold: float, spread: float) -> float:
+    """0.5 at the threshold, rising towards 1 as ``x`` moves away from it (``spread`` sets the pace)."""
+    if not math.isfinite(x):
+        return 0.0
+    return float(0.5 + 0.5 * math.tanh(abs(x - threshold) / max(spread, 1e-6)))
+
+
+def linear_score(rule: Mapping[str, Any], feats: Mapping[str, float]) -> float:
+    """Probability from a stored logistic rule ``{features, mean, scale, weights, bias}``."""
+    z = float(rule["bias"])
+    for name, mu, sd, w in zip(rule["features"], rule["mean"], rule["scale"], rule["weights"], strict=True):
+        x = float(feats.get(name, mu))
+        if not math.isfinite(x):
+            x = mu
+        z += w * (x - mu) / (sd if sd > 0 else 1.0)
+    z = max(min(z, 40.0), -40.0)
+    return 1.0 / (1.0 + math.exp(-z))
+
+
+def _prob_confidence(p: float, threshold: float) -> float:
+    """Confidence of a thresholded probability: 0.5 at the threshold, 1 at 0 or 1."""
+    if p >= threshold:
+        return float(0.5 + 0.5 * (p - threshold) / max(1.0 - threshold, 1e-6))
+    return float(0.5 + 0.5 * (threshold - p) / max(threshold, 1e-6))
+
+
+def decide_shape(f: Mapping[str, float], th: Mapping[str, Any]) -> Descriptor:
+    """oval / round / irregular."""
+    rule = th["shape_irregular"]
+    p = linear_score(rule, f)
+    t = float(rule["threshold"])
+    if p >= t:
+        return Descriptor(value="irregular", confidence=_prob_confidence(p, t), note=f"irregularity score {p:.2f}")
+    r = th["shape_round"]
+    aspect = float(f["aspect"])
+    c = min(_prob_confidence(p, t), _margin_confidence(aspect, r["aspect"], r["spread"]))
+    value = "round" if aspect < r["aspect"] else "oval"
+    return Descriptor(value=value, confidence=c, note=f"irregularity score {p:.2f}, axis ratio {aspect:.2f}")
+
+
+def decide_orientation(f: Mapping[str, float], th: Mapping[str, Any]) -> Descriptor:
+    """parallel (wider than tall) / not parallel (taller than wide), by the lesion's extents."""
+    r = th["orientation"]
+    x = math.log(max(float(f["height_width_ratio"]), 1e-6))
+    t = math.log(float(r["height_width_ratio"]))
+    value = "not parallel" if x > t else "parallel"
+    return Descriptor(
+        value=value,
+        confidence=_margin_confidence(x, t, r["spread_log"]),
+        note=f"height/width {f['height_width_ratio']:.2f}",
+    )
+
+
+def decide_margin(f: Mapping[str, float], th: Mapping[str, Any]) -> tuple[Descriptor, Descriptor]:
+    """circumscribed vs not (calibrated) and, when not, a subtype guess (heuristic, lower confidence).
+
+    Returns the ``margin`` descriptor and a ``margin_circumscribed`` boolean descriptor.
+    """
+    rule = th["margin_not_circumscribed"]
+    p = linear_score(rule, f)
+    t = float(rule["threshold"])
+    conf = _prob_confidence(p, t)
+    if p < t:
+        d = Descriptor(value="circumscribed", confidence=conf, note=f"non-circumscribed score {p:.2f}")
+        return d, Descriptor(value=True, confidence=conf)
+    st = th["margin_subtype"]
+    if f.get("n_spikes", 0.0) >= st["spiculated_spikes"]:
+        sub = "spiculated"
+    elif f.get("n_sharp_corners", 0.0) >= st["angular_corners"]:
+        sub = "angular"
+    elif f.get("n_lobes", 0.0) >= st["microlobulated_lobes"]:
+        sub = "microlobulated"
+    else:
+        sub = "indistinct"
+    d = Descriptor(
+        value=sub,
+        confidence=conf * float(st["confidence_factor"]),
+        note=f"not circumscribed (score {p:.2f}, confidence {conf:.2f}); subtype is a heuristic guess",
+    )
+    return d, Descriptor(value=False, confidence=conf)
+
+
+def decide_echo(f: Mapping[str, float], th: Mapping[str, Any]) -> Descriptor:
+    """anechoic / hypoechoic / isoechoic / hyperechoic / heterogeneous / complex cystic/solid.
+
+    Rules in order: anechoic (very dark and uniform), complex cystic/solid (a substantial anechoic
+    part next to solid tissue), hyperechoic / isoechoic (brightness relative to the surrounding
+    ring), heterogeneous (wide internal spread), otherwise hypoechoic.
+    """
+    e = th["echo"]
+    med = float(f["lesion_median_rel"])
+    ratio = float(f["echo_ratio"])
+    dark = float(f["dark_fraction"])
+    iqr = float(f["lesion_iqr_rel"])
+    note = f"lesion/surroundings {ratio:.2f}, median {med:.2f}, dark part {dark:.2f}, spread {iqr:.2f}"
+    if med < e["anechoic_median_rel"] and dark >= e["anechoic_dark_fraction"]:
+        c = _margin_confidence(med, e["anechoic_median_rel"], e["spread_rel"])
+        return Descriptor(value="anechoic", confidence=c, note=note)
+    if e["complex_dark_low"] <= dark <= e["complex_dark_high"] and iqr > e["complex_iqr"]:
+        c = min(_margin_confidence(iqr, e["complex_iqr"], e["spread_rel"]), 0.7)
+        return Descriptor(value="complex cystic/solid", confidence=c, note=note)
+    if ratio > e["hyperechoic_ratio"]:
+        return Descriptor(
+            value="hyperechoic", confidence=_margin_confidence(ratio, e["hyperechoic_ratio"], e["spread_rel"]), note=note
+        )
+    if ratio > e["isoechoic_ratio"]:
+        c = min(
+            _margin_confidence(ratio, e["isoechoic_ratio"], e["spread_rel"]),
+            _margin_confidence(ratio, e["hyperechoic_ratio"], e["spread_rel"]),
+        )
+        return Descriptor(value="isoechoic", confidence=c, note=note)
+    if iqr > e["heterogeneous_iqr"]:
+        c = _margin_confidence(iqr, e["heterogeneous_iqr"], e["spread_rel"])
+        return Descriptor(value="heterogeneous", confidence=c, note=note)
+    c = min(
+        _margin_confidence(ratio, e["isoechoic_ratio"], e["spread_rel"]),
+        _margin_confidence(iqr, e["heterogeneous_iqr"], e["spread_rel"]),
+    )
+    return Descriptor(value="hypoechoic", confidence=c, note=note)
+
+
+def decide_posterior(f: Mapping[str, float], th: Mapping[str, Any]) -> Descriptor:
+    """enhancement / shadowing / combined / none, from the band below vs the lateral bands."""
+    r = th["posterior"]
+    if not f.get("posterior_valid", 0.0):
+        return Descriptor(value="none", confidence=0.3, note="no usable tissue below or beside the region")
+    x = float(f["posterior_log_ratio"])
+    lo, hi = float(f["posterior_min_third"]), float(f["posterior_max_third"])
+    te, ts, sp = float(r["enhancement"]), float(r["shadowing"]), float(r["spread"])
+    note = f"below/lateral log-ratio {x:+.2f} (thirds {lo:+.2f}..{hi:+.2f})"
+    if hi > r["combined_high"] and lo < r["combined_low"]:
+        c = min(_margin_confidence(hi, r["combined_high"], sp), _margin_confidence(lo, r["combined_low"], sp))
+        return Descriptor(value="combined", confidence=c, note=note)
+    if x > te:
+        return Descriptor(value="enhancement", confidence=_margin_confidence(x, te, sp), note=note)
+    if x < ts:
+        return Descriptor(value="shadowing", confidence=_margin_confidence(x, ts, sp), note=note)
+    c = min(_margin_confidence(x, te, sp), _margin_confidence(x, ts, sp))
+    return Descriptor(value="none", confidence=c, note=note)
+
+
+def _kidney_descriptors(f: Mapping[str, float], th: Mapping[str, Any]) -> dict[str, Descriptor]:
+    k = th["kidney"]
+    frac = float(f["fluid_fraction"])
+    bands = k["fluid_extent"]  # ascending lower bounds of mild / moderate / severe
+    sp = float(k["spread_fraction"])
+    if frac < bands["mild"]:
+        extent, edges = "none", [bands["mild"]]
+    elif frac < bands["moderate"]:
+        extent, edges = "mild", [bands["mild"], bands["moderate"]]
+    elif frac < bands["severe"]:
+        extent, edges = "moderate", [bands["moderate"], bands["severe"]]
+    else:
+        extent, edges = "severe", [bands["severe"]]
+    ext_conf = min(_margin_confidence(frac, e, sp) for e in edges)
+    present = frac >= bands["mild"]
+    out = {
+        "collecting_system_fluid": Descriptor(
+            value="present" if present else "absent",
+            confidence=_margin_confidence(frac, bands["mild"], sp),
+            note=f"anechoic fraction of the box {frac:.2f}",
+        ),
+        "fluid_extent": Descriptor(value=extent, confidence=ext_conf, note=f"anechoic fraction of the box {frac:.2f}"),
+    }
+    ratio = float(f["tissue_ratio"])
+    if ratio < k["hypoechoic_ratio"]:
+        echo = "hypoechoic"
+    elif ratio > k["hyperechoic_ratio"]:
+        echo = "hyperechoic"
+    else:
+        echo = "isoechoic"
+    ec = min(
+        _margin_confidence(ratio, k["hypoechoic_ratio"], k["spread_ratio"]),
+        _margin_confidence(ratio, k["hyperechoic_ratio"], k["spread_ratio"]),
+    )
+    out["echogenicity_vs_cortex"] = Descriptor(
+        value=echo,
+        confidence=ec,
+        note=f"non-fluid tissue in the box vs the surrounding ring (cortex proxy): {ratio:.2f}",
+    )
+    x = float(f.get("posterior_log_ratio", 0.0))
+    valid = bool(f.get("posterior_valid", 0.0))
+    shadow = valid and x < k["shadowing"]
+    out["acoustic_shadowing"] = Descriptor(
+        value="present" if shadow else "absent",
+        confidence=_margin_confidence(x, k["shadowing"], k["spread_log"]) if valid else 0.3,
+        note=f"below/lateral log-ratio {x:+.2f}",
+    )
+    return out
+
+
+def kidney_fluid_features(gray: np.ndarray, box: tuple[int, int, int, int], ring_mean: float) -> dict[str, float]:
+    """Anechoic-fluid fraction of a kidney box and the brightness of its remaining tissue."""
+    import cv2
+
+    x1, y1, x2, y2 = box
+    crop = gray[y1:y2, x1:x2]
+    s = min(1.0, _d.WORK_SIZE * 2 / max(crop.shape))
+    if s < 1.0:
+        crop = cv2.resize(crop, (max(1, round(crop.shape[1] * s)), max(1, round(crop.shape[0] * s))), interpolation=cv2.INTER_AREA)
+    g = cv2.GaussianBlur(crop, (0, 0), 1.5).astype(np.float32)
+    ref = float(np.percentile(g, 75)) if g.size else 0.0
+    ref = max(ref, ring_mean if math.isfinite(ring_mean) else 0.0, 1.0)
+    fluid = (g < max(12.0, 0.35 * ref)).astype(np.uint8)
+    n, lab, stats, _ = cv2.connectedComponentsWithStats(fluid, connectivity=8)
+    keep = np.zeros(n, bool)
+    min_area = max(4, int(0.01 * fluid.size))
+    keep[1:] = stats[1:, cv2.CC_STAT_AREA] >= min_area
+    fl = keep[lab]
+    frac = float(fl.mean()) if fl.size else 0.0
+    tissue = g[~fl]
+    tmean = float(tissue.mean()) if tissue.size else ref
+    return {
+        "fluid_fraction": frac,
+        "fluid_components": float(keep.sum()),
+        "tissue_ratio": float((tmean + 1.0) / ((ring_mean if math.isfinite(ring_mean) else tmean) + 1.0)),
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# global descriptors
+# ------------------------------------------------------------------------------------------------
+
+
+def _global_descriptors(
+    ga: _d.GlobalAnalysis, organ: str | None, spacing: tuple[float, float] | None, th: Mapping[str, Any]
+) -> dict[str, Descriptor]:
+    f = ga.features
+    q = th["quality"]
+    out: dict[str, Descriptor] = {}
+    x1, y1, x2, y2 = ga.fov_box
+    out["field_of_view"] = Descriptor(
+        value=f"[{x1}, {y1}, {x2}, {y2}]",
+        confidence=1.0,
+        unit="px",
+        note="bounding box [x1, y1, x2, y2) of the non-black field of view",
+    )
+    fill = f["fov_fill"]
+    tb = f["fov_top_bottom_width_ratio"]
+    sector = fill < q["sector_fill"] or tb < q["sector_top_bottom"]
+    geo_conf = max(_margin_confidence(fill, q["sector_fill"], 0.05), _margin_confidence(tb, q["sector_top_bottom"], 0.1))
+    if not sector:
+        geo_conf = min(_margin_confidence(fill, q["sector_fill"], 0.05), _margin_confidence(tb, q["sector_top_bottom"], 0.1))
+    out["fov_geometry"] = Descriptor(
+        value="sector" if sector else "linear",
+        confidence=geo_conf,
+        note=f"FOV fills {fill:.2f} of its bounding box; top/bottom width {tb:.2f}",
+    )
+    out["depth_px"] = Descriptor(value=float(f["depth_px"]), unit="px", note="height of the field of view")
+    if spacing is not None:
+        out["depth_mm"] = Descriptor(value=round(float(f["depth_px"]) * float(spacing[0]), 1), unit="mm")
+    c = f["contrast"]
+    out["contrast"] = Descriptor(
+        value="low" if c < q["low_contrast"] else "adequate",
+        confidence=_margin_confidence(c, q["low_contrast"], 0.08),
+        note=f"5-95 percentile span {c:.2f} of the gray range",
+    )
+    out["noise_sigma"] = Descriptor(value=round(f["noise_sigma"], 2), unit="gray levels", note="Immerkaer estimate")
+    out["speckle_index"] = Descriptor(
+        value=round(f["speckle_index"], 3), note="median local std/mean over 8x8 blocks (fully developed speckle ~0.5)"
+    )
+    sat = f["saturation_fraction"]
+    out["gain_saturation"] = Descriptor(
+        value=round(sat, 4),
+        confidence=1.0,
+        note="over-gained" if sat > q["saturation_high"] else "within range",
+    )
+    ann = f["annotation_fraction"]
+    out["annotations"] = Descriptor(
+        value="present" if ann > q["annotation_present"] else "absent",
+        confidence=_margin_confidence(ann, q["annotation_present"], q["annotation_present"]),
+        note=f"fraction of annotation-like pixels {ann:.4f}",
+    )
+    if organ in ("breast", "kidney"):
+        score = _organ_plausibility(f, organ, sector)
+        out["organ_plausibility"] = Descriptor(
+            value=round(score, 2),
+            confidence=0.5,
+            note="cheap heuristic (probe geometry, horizontal layering), not a classifier",
+        )
+    return out
+
+
+def _organ_plausibility(f: Mapping[str, float], organ: str, sector: bool) -> float:
+    """Heuristic 0..1 score: breast images are usually linear-probe with horizontal tissue layers;
+    kidney images are usually curvilinear (sector) with less layering near the top."""
+    layering = float(f["layering"])  # ~0.5 isotropic, -> 1 strongly horizontal layers
+    z = 4.0 * (layering - 0.6)
+    z += -1.0 if sector else 1.0
+    if organ == "kidney":
+        z = -z
+    return 1.0 / (1.0 + math.exp(-z))
+
+
+# ------------------------------------------------------------------------------------------------
+# the captioner
+# ------------------------------------------------------------------------------------------------
+
+
+def _fmt_mm(x: float) -> str:
+    return f"{x:.0f}" if x >= 10 else f"{x:.1f}"
+
+
+def region_caption(organ: str | None, d: Mapping[str, Descriptor]) -> str:
+    """One sentence built only from a region's descriptor values."""
+
+    def v(name: str) -> Any:
+        return d[name].value if name in d else None
+
+    if organ == "kidney":
+        fluid = v("collecting_system_fluid")
+        parts = []
+        if fluid == "present":
+            parts.append(f"{v('fluid_extent')} anechoic collecting-system fluid")
+        else:
+            parts.append("no anechoic collecting-system fluid")
+        parts.append(f"{v('echogenicity_vs_cortex')} tissue relative to its surroundings")
+        if v("acoustic_shadowing") == "present":
+            parts.append("posterior acoustic shadowing")
+        return "Region with " + ", ".join(parts) + "."
+    if "shape" not in d:
+        return ""
+    size = ""
+    if "size_mm" in d:
+        size = f"{_fmt_mm(float(v('size_mm')))} x {_fmt_mm(float(v('size_short_mm')))} mm "
+    margin = v("margin")
+    margin_txt = "circumscribed margin" if margin == "circumscribed" else f"not circumscribed ({margin}) margin"
+    post = v("posterior_features")
+    post_txt = "no posterior features" if post == "none" else f"posterior {post}"
+    return f"{size}{v('shape')}, {v('orientation')}, {v('echo_pattern')} mass with {margin_txt} and {post_txt}.".capitalize()
+
+
+class PixelCaptioner:
+    """Describe an ultrasound image and its candidate regions with the organ's lexicon, from pixels.
+
+    Deterministic, CPU-only, a few milliseconds per region. Thresholds are read from the packaged
+    JSON unless ``thresholds`` (a path or an already-loaded dict) is given.
+
+    Example:
+        >>> import numpy as np
+        >>> cap = PixelCaptioner()
+        >>> img = np.zeros((64, 64, 3), np.uint8) + 90
+        >>> ctx = cap.describe(img, organ=None)
+        >>> ctx.global_descriptors["fov_geometry"].value
+        'linear'
+    """
+
+    name = f"pixel-captioner/{__version__}"
+
+    def __init__(self, thresholds: str | Path | Mapping[str, Any] | None = None) -> None:
+        if isinstance(thresholds, Mapping):
+            self.thresholds: dict[str, Any] = dict(thresholds)
+        else:
+            self.thresholds = load_thresholds(thresholds)
+
+    # -- numeric features ----------------------------------------------------------------------
+    def features(
+        self,
+        image: np.ndarray,
+        box: Box | Sequence[float],
+        *,
+        mask: np.ndarray | None = None,
+        pixel_spacing_mm: tuple[float, float] | None = None,
+    ) -> dict[str, float]:
+        """Raw numeric features of one region (shape, margin, echo, posterior, kidney fluid).
+
+        ``mask`` (HxW bool, optional) replaces the built-in segmentation, e.g. with a ground-truth
+        mask. Lengths are in original pixels, or mm when ``pixel_spacing_mm`` is given.
+        """
+        gray = _d.to_gray(image)
+        fov = _d.fov_mask(gray)
+        return self._region_features(gray, fov, _as_box(box), mask, pixel_spacing_mm)[0]
+
+    def _region_features(
+        self,
+        gray: np.ndarray,
+        fov: np.ndarray,
+        box: Box,
+        mask: np.ndarray | None,
+        spacing: tuple[float, float] | None,
+    ) -> tuple[dict[str, float], _d.RegionAnalysis]:
+        ra = _d.analyse_region(gray, box.to_list(), fov, mask=mask, pixel_spacing_mm=spacing)
+        f = dict(ra.features)
+        f.update(kidney_fluid_features(gray, ra.box, f.get("ring_mean", float("nan"))))
+        return f, ra
+
+    # -- descriptors ---------------------------------------------------------------------------
+    def describe_region(
+        self, f: Mapping[str, float], organ: str | None, spacing: tuple[float, float] | None, segmentation: str
+    ) -> dict[str, Descriptor]:
+        """Lexicon descriptors of one region from its numeric features."""
+        th_b = self.thresholds["breast"]
+        d: dict[str, Descriptor] = {}
+        if organ == "kidney":
+            d.update(_kidney_descriptors(f, self.thresholds))
+        else:
+            d["shape"] = decide_shape(f, th_b)
+            d["orientation"] = decide_orientation(f, th_b)
+            d["margin"], d["margin_circumscribed"] = decide_margin(f, th_b)
+            d["echo_pattern"] = decide_echo(f, th_b)
+            d["posterior_features"] = decide_posterior(f, th_b)
+        if spacing is not None:
+            d["size_mm"] = Descriptor(value=round(f["long_axis"], 1), unit="mm", note="long axis of the segmented region")
+            d["size_short_mm"] = Descriptor(value=round(f["short_axis"], 1), unit="mm", note="short axis")
+        else:
+            d["size_px"] = Descriptor(value=round(f["long_axis"], 1), unit="px", note="long axis; pixel spacing unknown")
+            d["size_short_px"] = Descriptor(value=round(f["short_axis"], 1), unit="px", note="short axis")
+        if segmentation == "ellipse":
+            # the lesion could not be separated from its surroundings: every shape call is weaker
+            for k in ("shape", "orientation", "margin", "margin_circumscribed"):
+                if k in d:
+                    d[k] = d[k].model_copy(update={"confidence": d[k].confidence * 0.5})
+        d["segmentation"] = Descriptor(
+            value=segmentation,
+            confidence=1.0,
+            note="dark/bright: threshold segmentation; ellipse: fallback to the box's inscribed ellipse",
+        )
+        return d
+
+    def describe(
+        self,
+        image: np.ndarray,
+        *,
+        organ: str | None,
+        regions: Sequence[Box] = (),
+        detection_ids: Sequence[str | None] | None = None,
+        pixel_spacing_mm: tuple[float, float] | None = None,
+        evidence_id: str = "desc",
+    ) -> ImageContext:
+        """Describe the whole image and each region.
+
+        Args:
+            image: canonical HxWx3 uint8 RGB array of the original image (not modified).
+            organ: ``"breast"``, ``"kidney"`` or ``None`` (breast lexicon is used for regions of
+                unknown organs, and organ plausibility is omitted).
+            regions: candidate boxes in pixel coordinates of ``image``.
+            detection_ids: optional ids (one per region) linking each description to a detection.
+            pixel_spacing_mm: ``(row, column)`` spacing in mm per pixel (DICOM PixelSpacing order);
+                sizes and depth are then also given in mm.
+            evidence_id: the ``id`` of the returned :class:`ImageContext`.
+        """
+        t0 = time.perf_counter()
+        gray = _d.to_gray(image)
+        h, w = gray.shape
+        if detection_ids is not None and len(detection_ids) != len(regions):
+            raise EchoInputError(
+                f"detection_ids has {len(detection_ids)} entries but there are {len(regions)} regions; "
+                "give one id (or None) per region"
+            )
+        spacing = _check_spacing(pixel_spacing_mm)
+        ga = _d.analyse_image(image, gray)
+        glob = _global_descriptors(ga, organ, spacing, self.thresholds)
+        descs: list[RegionDescription] = []
+        for i, raw in enumerate(regions):
+            box = _as_box(raw)
+            if box.intersection(Box(x1=0, y1=0, x2=w, y2=h)) <= 0:
+                raise EchoInputError(
+                    f"region {i} {box.to_list()} lies outside the {w}x{h} image; give boxes in pixel "
+                    "coordinates of the original image"
+                )
+            f, ra = self._region_features(gray, ga.fov_mask, box, None, spacing)
+            d = self.describe_region(f, organ, spacing, ra.segmentation)
+            descs.append(
+                RegionDescription(
+                    box=box,
+                    detection_id=None if detection_ids is None else detection_ids[i],
+                    descriptors=d,
+                    caption=region_caption(organ, d),
+                )
+            )
+        caption = _image_caption(organ, glob, descs)
+        return ImageContext(
+            id=evidence_id,
+            organ=organ,
+            image_width=w,
+            image_height=h,
+            global_descriptors=glob,
+            regions=descs,
+            caption=caption,
+            captioner=self.name,
+            elapsed_ms=(time.perf_counter() - t0) * 1000.0,
+        )
+
+
+def _image_caption(organ: str | None, glob: Mapping[str, Descriptor], regions: Sequence[RegionDescription]) -> str:
+    geo = glob["fov_geometry"].value
+    quality = []
+    if glob["contrast"].value == "low":
+        quality.append("low contrast")
+    if glob["gain_saturation"].note == "over-gained":
+        quality.append("saturated gain")
+    if glob["annotations"].value == "present":
+        quality.append("burned-in annotations")
+    qtxt = ", ".join(quality) if quality else "adequate contrast"
+    first = f"{geo.capitalize()} field of view, {qtxt}"
+    if "depth_mm" in glob:
+        first += f", depth {glob['depth_mm'].value:.0f} mm"
+    first += "."
+    if not regions:
+        return first + " No regions described."
+    if len(regions) == 1:
+        return f"{first} {regions[0].caption}"
+    return f"{first} {len(regions)} regions described; first: {regions[0].caption}"
+
+
+def _as_box(raw: Box | Sequence[float]) -> Box:
+    if isinstance(raw, Box):
+        return raw
+    try:
+        return Box.from_xyxy(list(raw))
+    except (TypeError, ValueError) as exc:
+        raise EchoInputError(f"region {raw!r} is not a pixel box [x1, y1, x2, y2]: {exc}") from exc
+
+
+def _check_spacing(spacing: tuple[float, float] | None) -> tuple[float, float] | None:
+    if spacing is None:
+        return None
+    try:
+        dy, dx = (float(v) for v in spacing)
+    except (TypeError, ValueError) as exc:
+        raise EchoInputError(f"pixel_spacing_mm must be two numbers (row, column) in mm, got {spacing!r}") from exc
+    if not (dy > 0 and dx > 0 and math.isfinite(dy) and math.isfinite(dx)):
+        raise EchoInputError(f"pixel_spacing_mm must be positive finite numbers, got {spacing!r}")
+    return dy, dx
+
+
+__all__ = ["PixelCaptioner", "load_thresholds", "region_caption"]
