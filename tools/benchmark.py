@@ -1,0 +1,138 @@
+"""Benchmarks of the light runtime (numbers go into docs/benchmarks.md; not a timed test).
+
+Usage::
+
+    python tools/benchmark.py                 # import, construction, latency, plumbing, cold CLI
+    python tools/benchmark.py --light-venv    # also build a fresh light-runtime venv and measure it
+
+Prints medians (and p95 where it matters) of repeated runs on this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    i = min(len(xs) - 1, max(0, int(round(q * (len(xs) - 1)))))
+    return xs[i]
+
+
+def bench_import(n: int) -> dict[str, float]:
+    times = []
+    for _ in range(n):
+        out = subprocess.run(
+            [sys.executable, "-c", "import time; t=time.perf_counter(); import echo_agent; print(time.perf_counter()-t)"],
+            capture_output=True, text=True, check=True,
+        )
+        times.append(float(out.stdout.strip()))
+    return {"import_echo_agent_s_median": statistics.median(times)}
+
+
+def bench_cold_cli(n: int, image: Path) -> dict[str, float]:
+    exe = Path(sys.executable).parent / "echo-agent"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "echo_agent.cli"]
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        subprocess.run([*cmd, "run", str(image), "--quiet"], check=True, capture_output=True)
+        times.append(time.perf_counter() - t)
+    return {"cold_cli_run_s_median": statistics.median(times), "cold_cli_run_s_max": max(times)}
+
+
+def bench_agent(n: int, image: Path) -> dict[str, float]:
+    from echo_agent import EchoAgent
+
+    t = time.perf_counter()
+    agent = EchoAgent()
+    construct = time.perf_counter() - t
+    t = time.perf_counter()
+    agent.run(image)  # first run loads the detector, captioner, retriever
+    first = time.perf_counter() - t
+    lat = []
+    for _ in range(n):
+        t = time.perf_counter()
+        agent.run(image)
+        lat.append((time.perf_counter() - t) * 1000)
+    return {
+        "construct_s": construct,
+        "first_run_s": first,
+        "run_ms_p50": statistics.median(lat),
+        "run_ms_p95": _pct(lat, 0.95),
+    }
+
+
+def bench_plumbing(n: int) -> dict[str, float]:
+    """Graph + tool plumbing cost: the same 3-tool run with instant fake backends."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from _fakes import fake_toolkit, speckle_image
+
+    from echo_agent import EchoAgent
+
+    agent = EchoAgent(organ="breast", toolkit=fake_toolkit(render_overlays=False), router=None)
+    img = speckle_image(400, 500)
+    agent.run(img)
+    lat = []
+    for _ in range(n):
+        t = time.perf_counter()
+        agent.run(img)
+        lat.append((time.perf_counter() - t) * 1000)
+    return {"plumbing_ms_p50": statistics.median(lat), "plumbing_ms_p95": _pct(lat, 0.95)}
+
+
+def bench_light_venv() -> dict[str, float]:
+    d = Path(tempfile.mkdtemp(prefix="echo-light-"))
+    try:
+        subprocess.run([sys.executable, "-m", "venv", str(d)], check=True)
+        t = time.perf_counter()
+        subprocess.run([str(d / "bin" / "pip"), "install", "-q", str(REPO)], check=True)
+        install_s = time.perf_counter() - t
+        size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file() and not f.is_symlink())
+        has_torch = subprocess.run([str(d / "bin" / "python"), "-c", "import torch"], capture_output=True).returncode == 0
+        return {"light_venv_mb": size / 2**20, "light_install_s": install_s, "light_venv_has_torch": float(has_torch)}
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=50, help="repetitions for latency medians")
+    ap.add_argument("--image", type=Path, default=None, help="image to time (default: bundled example)")
+    ap.add_argument("--light-venv", action="store_true", help="measure a fresh light-runtime venv")
+    ap.add_argument("--json", type=Path, default=None, help="also write the numbers as JSON")
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from echo_agent.imaging import example_image
+
+    image = args.image or example_image("breast_malignant")
+    res: dict[str, float | str] = {
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}",
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    res.update(bench_import(7))
+    res.update(bench_cold_cli(5, image))
+    res.update(bench_agent(args.runs, image))
+    res.update(bench_plumbing(args.runs))
+    if args.light_venv:
+        res.update(bench_light_venv())
+    for k, v in res.items():
+        print(f"{k:28s} {v:.4g}" if isinstance(v, float) else f"{k:28s} {v}")
+    if args.json:
+        args.json.write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()
