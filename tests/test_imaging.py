@@ -404,7 +404,10 @@ def test_dicom_multiframe_default_middle_and_bad_index() -> None:
     assert "0..4" in str(info.value)
 
 
-def test_dicom_identifiers_never_leak(tmp_path: Path, recwarn: pytest.WarningsRecorder) -> None:
+def test_dicom_identifiers_never_leak(
+    tmp_path: Path, recwarn: pytest.WarningsRecorder, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("DEBUG")
     ds = make_dicom(gradient(40, 50), "MONOCHROME2")
     p = tmp_path / "id.dcm"
     p.write_bytes(dicom_bytes(ds))
@@ -418,6 +421,8 @@ def test_dicom_identifiers_never_leak(tmp_path: Path, recwarn: pytest.WarningsRe
             "inverted", "pixel_spacing_source",
         }
     assert all("Kowalska" not in str(w.message) for w in recwarn.list)
+    assert any("DICOM" in r.getMessage() for r in caplog.records)  # the loader does log ...
+    assert "Kowalska" not in caplog.text and PATIENT_ID not in caplog.text  # ... but no identifiers
     with pytest.raises(DicomError) as info:
         load_image(ds, frame=3)
     assert "Kowalska" not in str(info.value) and PATIENT_ID not in str(info.value)
