@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import doctest
 import hashlib
+import importlib.util
+import os
 import subprocess
 import sys
 import threading
@@ -329,6 +331,10 @@ def test_nms_invariants(boxes, data, thr):
                 assert iou[i, j] <= thr + 1e-12
     for j in set(range(n)) - kept:  # every dropped box is covered by a kept, not-worse box of its class
         assert any(classes[i] == classes[j] and iou[i, j] > thr and scores[i] >= scores[j] for i in kept)
+    # stopping early gives a prefix of the full result
+    k = data.draw(st.integers(0, 5))
+    assert batched_nms(b, scores, classes, thr, max_keep=k).tolist() == keep[:k].tolist()
+    assert nms(b, scores, thr, max_keep=k).tolist() == nms(b, scores, thr)[:k].tolist()
     # idempotent
     again = batched_nms(b[keep], scores[keep], classes[keep], thr)
     assert sorted(again.tolist()) == list(range(len(keep)))
@@ -648,3 +654,25 @@ def test_import_is_light():
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1]
     )
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_ultralytics_backend_without_the_extra(tmp_path, monkeypatch):
+    from echo_agent.detectors import UltralyticsDetector, configure_ultralytics_offline
+    from echo_agent.errors import MissingExtraError
+
+    # pretend the train extra is absent (and keep this light test from importing torch)
+    monkeypatch.setitem(sys.modules, "torch", None)
+    monkeypatch.setitem(sys.modules, "ultralytics", None)
+    for var in ("YOLO_CONFIG_DIR", "YOLO_OFFLINE", "YOLO_AUTOINSTALL"):
+        monkeypatch.setenv(var, "")
+    cfg = configure_ultralytics_offline(tmp_path / "cfg")
+    assert cfg == (tmp_path / "cfg").resolve()
+    assert Path(os.environ["YOLO_CONFIG_DIR"]) == cfg
+    assert os.environ["YOLO_OFFLINE"] == "1" and os.environ["YOLO_AUTOINSTALL"] == "false"
+    if importlib.util.find_spec("matplotlib") is not None:  # the font comes from matplotlib
+        assert (cfg / "Ultralytics" / "Arial.ttf").stat().st_size > 10_000
+    arch = tmp_path / "yolov8n.yaml"
+    arch.write_text("nc: 2\n")
+    det = UltralyticsDetector(arch)
+    with pytest.raises(MissingExtraError, match=r"echo-agent\[train\]"):
+        det.detect(blank(32, 32))

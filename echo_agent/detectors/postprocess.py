@@ -177,12 +177,15 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 
-def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
+def nms(
+    boxes: np.ndarray, scores: np.ndarray, iou_threshold: float, max_keep: int | None = None
+) -> np.ndarray:
     """Exact greedy NMS: indices of kept boxes, highest score first.
 
     A box is dropped when its IoU with an already kept, higher-scored box is *greater* than
     ``iou_threshold`` (the torchvision / ultralytics convention), so kept boxes overlap pairwise by at
-    most ``iou_threshold``. Ties in score keep the lower index first.
+    most ``iou_threshold``. Ties in score keep the lower index first. ``max_keep`` stops after that
+    many kept boxes (the result is the first ``max_keep`` of the full result, found faster).
 
     >>> boxes = np.array([[0, 0, 10, 10], [1, 1, 11, 11], [20, 20, 30, 30]], float)
     >>> nms(boxes, np.array([0.9, 0.8, 0.7]), 0.5).tolist()
@@ -198,7 +201,8 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarr
     x1, y1, x2, y2 = boxes.T
     areas = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
     keep: list[int] = []
-    while order.size:
+    limit = len(order) if max_keep is None else max(int(max_keep), 0)
+    while order.size and len(keep) < limit:
         i = int(order[0])
         keep.append(i)
         rest = order[1:]
@@ -212,12 +216,17 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarr
 
 
 def batched_nms(
-    boxes: np.ndarray, scores: np.ndarray, class_ids: np.ndarray, iou_threshold: float
+    boxes: np.ndarray,
+    scores: np.ndarray,
+    class_ids: np.ndarray,
+    iou_threshold: float,
+    max_keep: int | None = None,
 ) -> np.ndarray:
     """Class-aware NMS: boxes of different classes never suppress each other.
 
     Runs :func:`nms` per class (exact, no coordinate-offset rounding) and returns the kept indices
-    sorted by descending score.
+    sorted by descending score; ``max_keep`` returns only the best that many (each class stops early,
+    since the overall best ``max_keep`` are among the best ``max_keep`` of every class).
     """
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
@@ -229,11 +238,11 @@ def batched_nms(
     kept = []
     for c in np.unique(class_ids):
         idx = np.flatnonzero(class_ids == c)
-        kept.append(idx[nms(boxes[idx], scores[idx], iou_threshold)])
+        kept.append(idx[nms(boxes[idx], scores[idx], iou_threshold, max_keep)])
     if not kept:
         return np.zeros(0, dtype=np.int64)
     keep = np.concatenate(kept)
-    return keep[np.argsort(-scores[keep], kind="stable")]
+    return keep[np.argsort(-scores[keep], kind="stable")][:max_keep]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,10 +306,9 @@ def decode_yolo(
         cx, cy, w, h = (pred[k, cand].astype(np.float64) for k in range(4))
         boxes = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1)
         if agnostic:
-            keep = nms(boxes, scores, iou_threshold)
+            keep = nms(boxes, scores, iou_threshold, max_detections)
         else:
-            keep = batched_nms(boxes, scores, class_ids, iou_threshold)
-        keep = keep[:max_detections]
+            keep = batched_nms(boxes, scores, class_ids, iou_threshold, max_detections)
         results.append(DecodedBoxes(boxes[keep], scores[keep], class_ids[keep]))
     return results
 
