@@ -142,6 +142,51 @@ def eval_(
 
 
 @app.command()
+def batch(
+    source: Annotated[str, typer.Argument(help="A folder (recursive), a glob pattern in quotes, or a manifest CSV.")],
+    out: Annotated[Path, typer.Option(help="JSONL journal of results; an existing one is resumed.")] = Path("results.jsonl"),
+    organ: Annotated[str | None, typer.Option(help="Organ for every image (default: routed / from the manifest).")] = None,
+    split: Annotated[str | None, typer.Option(help="Manifest only: just this split.")] = None,
+    overlays: Annotated[Path | None, typer.Option(help="Folder for one overlay PNG per image.")] = None,
+    fhir: Annotated[Path | None, typer.Option(help="Folder for one FHIR DiagnosticReport JSON per image.")] = None,
+    engine: Annotated[str, typer.Option(help="local | ray")] = "local",
+    workers: Annotated[int, typer.Option(help="Ray: number of actor workers.")] = 2,
+    chunk_size: Annotated[int, typer.Option(help="Images per agent.batch call.")] = 8,
+) -> None:
+    """Diagnose many images; killed and restarted, it resumes without redoing or losing items."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .batch import collect_inputs, run_batch, summarise_journal
+    from .errors import EchoError
+
+    console = Console()
+    try:
+        items = collect_inputs(source, organ=organ, split=split)
+        if engine == "local":
+            s = run_batch(items, out, overlays=overlays, fhir=fhir, chunk_size=chunk_size)
+        elif engine == "ray":
+            from .scale.ray_engine import run_batch_ray
+
+            s = run_batch_ray(items, out, workers=workers, overlays=overlays, fhir=fhir)
+        else:
+            raise typer.BadParameter(f"--engine must be 'local' or 'ray', got {engine!r}")
+    except EchoError as exc:
+        console.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(code=2) from None
+    total = summarise_journal(out)
+    t = Table("", "count", title=f"batch -> {out}")
+    t.add_row("items", str(s.total))
+    t.add_row("already done (resumed)", str(s.done_before))
+    t.add_row("processed now", f"{s.processed} in {s.seconds:.1f} s ({s.images_per_second:.1f} img/s)")
+    t.add_row("ok / errors (whole journal)", f"{total.ok} / {total.errors}")
+    for lbl, n in sorted(total.labels.items()):
+        t.add_row(f"label {lbl}", str(n))
+    t.add_row("indeterminate", str(total.indeterminate))
+    console.print(t)
+
+
+@app.command()
 def schema() -> None:
     """Print the JSON schema of a Diagnosis."""
     from .schemas import Diagnosis

@@ -7,7 +7,7 @@ from echo_agent import EchoAgent
 from echo_agent.imaging import example_image
 
 agent = EchoAgent()  # embedded policy, packaged ONNX detectors; no GPU, network or API key
-dx = agent.run(example_image("breast_malignant"), context={"age": 52, "symptoms": "palpable lump"})
+dx = agent.run(example_image("breast_malignant"), context={"age": 59, "symptoms": "palpable lump"})
 print(dx.label, round(dx.probability, 3), dx.category_system, dx.category)
 print("box (pixels):", dx.box)
 print("rationale:", dx.rationale)

@@ -1,0 +1,306 @@
+"""Resumable batch runs: many images -> one JSONL of Diagnoses, overlays, a summary.
+
+The output JSONL is the run's journal. Each finished item (success or error) is appended as one
+complete line and flushed to disk before the next item starts, so a run killed at any moment (even
+with SIGKILL) and started again skips what is done, redoes nothing, loses nothing and writes no
+duplicate lines. A partial last line left by a kill is the only thing removed on restart.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import re
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import EchoError, EchoInputError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom"}
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    """One unit of work: an image and what we know about it."""
+
+    id: str
+    image: Path
+    organ: str | None = None
+    context: dict[str, Any] | None = None
+    truth: dict[str, Any] | None = None
+
+
+@dataclass
+class BatchSummary:
+    """Counts and timing of a batch run."""
+
+    total: int = 0
+    done_before: int = 0
+    ok: int = 0
+    errors: int = 0
+    seconds: float = 0.0
+    labels: dict[str, int] = field(default_factory=dict)
+    indeterminate: int = 0
+
+    @property
+    def processed(self) -> int:
+        return self.ok + self.errors
+
+    @property
+    def images_per_second(self) -> float:
+        return self.processed / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.__dict__, "processed": self.processed, "images_per_second": self.images_per_second}
+
+
+def _looks_like_image(p: Path) -> bool:
+    return p.is_file() and (p.suffix.lower() in IMAGE_SUFFIXES or p.suffix == "")
+
+
+def collect_inputs(source: str | Path, *, organ: str | None = None, split: str | None = None) -> list[BatchItem]:
+    """Expand a folder (recursive), a glob pattern or a manifest CSV into batch items.
+
+    Item ids are stable across runs (paths relative to the folder / manifest), which is what makes
+    resuming possible.
+    """
+    s = str(source)
+    p = Path(s)
+    if p.is_file() and p.suffix.lower() == ".csv":
+        from .eval.manifest import load_manifest
+
+        images = load_manifest(p, check_boxes=False)
+        items = []
+        for im in images:
+            if organ and im.organ != organ:
+                continue
+            if split and im.split != split:
+                continue
+            ctx = {k: v for k, v in (("age", im.age), ("symptoms", im.symptoms)) if v is not None} or None
+            truth = {"label": im.label, "boxes": [b.to_list() for b in im.boxes], "birads": im.birads}
+            items.append(BatchItem(id=im.key, image=im.image, organ=im.organ, context=ctx, truth=truth))
+        return items
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+        base = p
+    elif any(ch in s for ch in "*?["):
+        files = sorted(Path(f) for f in glob.glob(s, recursive=True) if _looks_like_image(Path(f)))
+        base = Path(os.path.commonpath([str(f.parent) for f in files])) if files else Path(".")
+    elif p.is_file():
+        files, base = [p], p.parent
+    else:
+        raise EchoInputError(f"batch input {s!r} is not a folder, a glob pattern that matches files, or a manifest .csv")
+    if not files:
+        raise EchoInputError(f"no images found in {s!r} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+    return [BatchItem(id=str(f.relative_to(base)), image=f.resolve(), organ=organ) for f in files]
+
+
+def _safe_name(item_id: str) -> str:
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", item_id)[-80:].strip("_") or "item"
+    return f"{stem}-{hashlib.sha1(item_id.encode()).hexdigest()[:8]}"
+
+
+def read_journal(path: Path) -> dict[str, dict[str, Any]]:
+    """Finished items of an earlier run (id -> record). A torn last line (killed mid-write) is
+    truncated away; any other unreadable line is an error, because it is not ours to drop."""
+    done: dict[str, dict[str, Any]] = {}
+    if not path.exists():
+        return done
+    raw = path.read_bytes()
+    good_end = 0
+    lines = raw.split(b"\n")
+    for i, line in enumerate(lines):
+        is_last = i == len(lines) - 1
+        if not line.strip():
+            if not is_last:
+                good_end += len(line) + 1
+            continue
+        try:
+            rec = json.loads(line)
+            if is_last:  # complete JSON but no newline: the kill came after the payload, keep it
+                good_end += len(line)
+                with open(path, "ab") as f:
+                    f.write(b"\n")
+                good_end += 1
+            else:
+                good_end += len(line) + 1
+        except json.JSONDecodeError:
+            if is_last:
+                break
+            raise EchoInputError(
+                f"{path} line {i + 1} is not valid JSON; it is not a journal written by echo-agent batch "
+                "(choose another --out file)"
+            ) from None
+        if not isinstance(rec, dict) or "id" not in rec:
+            raise EchoInputError(f"{path} line {i + 1} has no 'id'; choose another --out file")
+        done[rec["id"]] = rec
+    if good_end < len(raw):
+        with open(path, "r+b") as f:
+            f.truncate(good_end)
+    return done
+
+
+def _append(fd: int, record: dict[str, Any]) -> None:
+    data = (json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+    os.fsync(fd)
+
+
+def fhir_report(item: BatchItem, dx: Any) -> dict[str, Any]:
+    """A minimal FHIR R4 DiagnosticReport for one study (status 'preliminary': an AI read)."""
+    conclusion = f"{dx.label} (p={dx.probability:.2f})"
+    if dx.category:
+        conclusion += f", {dx.category_system} {dx.category}"
+    if dx.indeterminate:
+        conclusion += f"; indeterminate: {dx.indeterminate_reason}"
+    return {
+        "resourceType": "DiagnosticReport",
+        "id": _safe_name(item.id),
+        "status": "preliminary",
+        "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0074", "code": "RAD", "display": "Radiology"}]}],
+        "code": {"text": f"Ultrasound {dx.organ}: AI-assisted read (echo-agent)"},
+        "conclusion": conclusion + ". " + dx.rationale,
+        "conclusionCode": [{"text": dx.label}] + ([{"text": f"{dx.category_system} {dx.category}"}] if dx.category else []),
+        "extension": [{"url": "urn:echo-agent:diagnosis", "valueString": dx.model_dump_json()}],
+    }
+
+
+def run_batch(
+    items: Sequence[BatchItem],
+    out: str | Path,
+    *,
+    agent: Any = None,
+    overlays: str | Path | None = None,
+    fhir: str | Path | None = None,
+    chunk_size: int = 8,
+    on_item: Callable[[BatchItem, dict[str, Any]], None] | None = None,
+    progress: bool = True,
+) -> BatchSummary:
+    """Run the agent over ``items``, appending one JSON line per item to ``out`` (resumable).
+
+    Args:
+        items: from :func:`collect_inputs`.
+        out: the JSONL journal; if it exists, finished items are skipped.
+        agent: an :class:`~echo_agent.EchoAgent` (default: a new one).
+        overlays: folder for one overlay PNG per successful item.
+        fhir: folder for one FHIR DiagnosticReport JSON per successful item.
+        chunk_size: images handed to ``agent.batch`` at a time (the journal is written per item).
+        on_item: callback after each item (e.g. for a UI).
+    """
+    out = Path(out)
+    ids = [it.id for it in items]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise EchoInputError(f"batch item id {dup!r} appears twice; ids must be unique")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = read_journal(out)
+    todo = [it for it in items if it.id not in done]
+    summary = BatchSummary(total=len(items), done_before=len(items) - len(todo))
+    for d in (overlays, fhir):
+        if d is not None:
+            Path(d).mkdir(parents=True, exist_ok=True)
+    if agent is None:
+        from .agent import EchoAgent
+
+        agent = EchoAgent()
+    t0 = time.perf_counter()
+    fd = os.open(out, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    bar = None
+    try:
+        if progress:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            bar = Progress(TextColumn("[bold]batch"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                           TextColumn("{task.fields[status]}"))
+            bar.start()
+            task = bar.add_task("batch", total=len(items), completed=summary.done_before, status="")
+        for start in range(0, len(todo), max(chunk_size, 1)):
+            chunk = todo[start : start + chunk_size]
+            by_organ: dict[str | None, list[int]] = {}
+            for i, it in enumerate(chunk):
+                by_organ.setdefault(it.organ, []).append(i)
+            results: list[Any] = [None] * len(chunk)
+            for organ, idx in by_organ.items():
+                t_chunk = time.perf_counter()
+                res = agent.batch([chunk[i].image for i in idx], organ=organ, contexts=[chunk[i].context for i in idx])
+                per_item_ms = (time.perf_counter() - t_chunk) * 1000 / max(len(idx), 1)
+                for i, r in zip(idx, res):
+                    results[i] = (r, per_item_ms)
+            for it, (res, ms) in zip(chunk, results):
+                rec = _record(it, res, ms, overlays, fhir, agent)
+                _append(fd, rec)
+                if rec["status"] == "ok":
+                    summary.ok += 1
+                    lbl = rec["diagnosis"]["label"]
+                    summary.labels[lbl] = summary.labels.get(lbl, 0) + 1
+                    summary.indeterminate += bool(rec["diagnosis"].get("indeterminate"))
+                else:
+                    summary.errors += 1
+                if on_item is not None:
+                    on_item(it, rec)
+                if bar is not None:
+                    bar.update(task, advance=1, status=f"{it.id[-40:]}: {rec['status']}")
+    finally:
+        os.close(fd)
+        if bar is not None:
+            bar.stop()
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def _record(item: BatchItem, res: Any, ms: float, overlays: Any, fhir: Any, agent: Any) -> dict[str, Any]:
+    rec: dict[str, Any] = {"id": item.id, "image": str(item.image)}
+    if item.truth is not None:
+        rec["truth"] = item.truth
+    if isinstance(res, EchoError) or isinstance(res, BaseException):
+        rec.update(status="error", error_type=type(res).__name__, error=str(res))
+        return rec
+    rec.update(status="ok", ms=round(ms, 2), diagnosis=res.model_dump(mode="json"))
+    name = _safe_name(item.id)
+    if overlays is not None:
+        try:
+            from .imaging import load_image, render_overlay, save_png
+
+            arr = load_image(item.image).array
+            target = Path(overlays) / f"{name}.png"
+            tmp = target.with_suffix(".tmp.png")
+            save_png(render_overlay(arr, res.findings, title=f"{res.label} {res.probability:.2f}"), tmp, overwrite=True)
+            os.replace(tmp, target)
+            rec["overlay"] = str(target)
+        except EchoError as exc:  # the diagnosis stands even if the overlay cannot be drawn
+            rec["overlay_error"] = str(exc)
+    if fhir is not None:
+        target = Path(fhir) / f"{name}.json"
+        tmp = target.with_suffix(".tmp")
+        tmp.write_text(json.dumps(fhir_report(item, res), indent=2), encoding="utf-8")
+        os.replace(tmp, target)
+        rec["fhir"] = str(target)
+    return rec
+
+
+def summarise_journal(path: str | Path) -> BatchSummary:
+    """Recount a journal (e.g. after several resumed runs)."""
+    recs = read_journal(Path(path)).values()
+    s = BatchSummary(total=len(recs))
+    for r in recs:
+        if r.get("status") == "ok":
+            s.ok += 1
+            lbl = r["diagnosis"]["label"]
+            s.labels[lbl] = s.labels.get(lbl, 0) + 1
+            s.indeterminate += bool(r["diagnosis"].get("indeterminate"))
+        else:
+            s.errors += 1
+    return s
+
+
+def iter_ok(path: str | Path) -> Iterable[dict[str, Any]]:
+    """The successful records of a journal."""
+    return (r for r in read_journal(Path(path)).values() if r.get("status") == "ok")

@@ -1,0 +1,131 @@
+"""Resumable batch runs: inputs, journal, per-item errors, SIGKILL + restart."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from _fakes import fake_toolkit, speckle_image
+from PIL import Image
+
+from echo_agent import EchoAgent
+from echo_agent.batch import collect_inputs, read_journal, run_batch, summarise_journal
+from echo_agent.errors import EchoInputError
+
+
+def _images(folder: Path, n: int, bad: int = 0) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i in range(n):
+        p = folder / f"img_{i:03d}.png"
+        Image.fromarray(speckle_image(seed=i)).save(p)
+        out.append(p)
+    for j in range(bad):
+        p = folder / f"broken_{j}.png"
+        p.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+        out.append(p)
+    return out
+
+
+def _agent():
+    return EchoAgent(organ="breast", toolkit=fake_toolkit(), router=None)
+
+
+def test_collect_folder_glob_and_manifest(tmp_path):
+    _images(tmp_path / "in" / "sub", 3)
+    (tmp_path / "in" / "notes.txt").write_text("x")
+    items = collect_inputs(tmp_path / "in")
+    assert [i.id for i in items] == ["sub/img_000.png", "sub/img_001.png", "sub/img_002.png"]
+    assert len(collect_inputs(str(tmp_path / "in" / "**" / "*.png"))) == 3
+    man = tmp_path / "m.csv"
+    man.write_text("image,organ,label,x_min,y_min,x_max,y_max,age\n"
+                   "in/sub/img_000.png,breast,benign,10,10,40,40,51\nin/sub/img_001.png,breast,normal,,,,,\n")
+    mi = collect_inputs(man)
+    assert [i.organ for i in mi] == ["breast", "breast"] and mi[0].context == {"age": 51}
+    assert mi[0].truth["label"] == "benign"
+    with pytest.raises(EchoInputError, match="no images"):
+        collect_inputs(tmp_path / "in" / "*.jpg")
+    with pytest.raises(EchoInputError, match="not a folder"):
+        collect_inputs(tmp_path / "nowhere")
+
+
+def test_run_records_errors_and_resumes_without_duplicates(tmp_path):
+    _images(tmp_path / "in", 5, bad=2)
+    items = collect_inputs(tmp_path / "in")
+    out = tmp_path / "res.jsonl"
+    s = run_batch(items[:4], out, agent=_agent(), overlays=tmp_path / "ov", fhir=tmp_path / "fhir", progress=False, chunk_size=3)
+    assert (s.ok, s.errors) == (2, 2)  # the two broken files sort first
+    s2 = run_batch(items, out, agent=_agent(), overlays=tmp_path / "ov", fhir=tmp_path / "fhir", progress=False)
+    assert s2.done_before == 4 and s2.processed == 3
+    recs = [json.loads(x) for x in out.read_text().splitlines()]
+    assert sorted(r["id"] for r in recs) == sorted(i.id for i in items)
+    errs = [r for r in recs if r["status"] == "error"]
+    assert len(errs) == 2 and all(r["error_type"] == "UnreadableImageError" for r in errs)
+    ok = [r for r in recs if r["status"] == "ok"]
+    assert all(Path(r["overlay"]).exists() and Path(r["fhir"]).exists() for r in ok)
+    fhir = json.loads(Path(ok[0]["fhir"]).read_text())
+    assert fhir["resourceType"] == "DiagnosticReport" and fhir["status"] == "preliminary"
+    assert summarise_journal(out).ok == 5
+
+
+def test_torn_last_line_is_repaired(tmp_path):
+    out = tmp_path / "r.jsonl"
+    out.write_text('{"id":"a","status":"ok","diagnosis":{"label":"normal"}}\n{"id":"b","sta')
+    done = read_journal(out)
+    assert list(done) == ["a"] and out.read_text().endswith("}\n")
+    out.write_text('{"id":"a","status":"error"}\nnot json\n{"id":"b","status":"error"}\n')
+    with pytest.raises(EchoInputError, match="line 2"):
+        read_journal(out)
+
+
+def test_duplicate_ids_refused(tmp_path):
+    from echo_agent.batch import BatchItem
+
+    it = BatchItem(id="x", image=tmp_path / "a.png")
+    with pytest.raises(EchoInputError, match="twice"):
+        run_batch([it, it], tmp_path / "o.jsonl", agent=_agent(), progress=False)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL")
+def test_sigkill_and_restart_finishes_exactly_once(tmp_path):
+    _images(tmp_path / "in", 24)
+    out = tmp_path / "res.jsonl"
+    script = tmp_path / "run.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from _fakes import fake_toolkit, FakeDetector
+        from echo_agent import EchoAgent
+        from echo_agent.batch import collect_inputs, run_batch
+
+        class Slow(FakeDetector):
+            def detect(self, image, **kw):
+                time.sleep(0.15)
+                return super().detect(image, **kw)
+
+        tk = fake_toolkit()
+        tk.detectors["breast"] = Slow()
+        agent = EchoAgent(organ="breast", toolkit=tk, router=None)
+        run_batch(collect_inputs({str(tmp_path / 'in')!r}), {str(out)!r}, agent=agent, progress=False, chunk_size=2)
+    """))
+    proc = subprocess.Popen([sys.executable, str(script)])
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        if out.exists() and len(out.read_bytes().splitlines()) >= 5:
+            break
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    first = len(read_journal(out))
+    assert 5 <= first < 24, "the kill should land half-way"
+    subprocess.run([sys.executable, str(script)], check=True, timeout=120)
+    lines = out.read_text().splitlines()
+    ids = [json.loads(x)["id"] for x in lines]
+    assert len(ids) == 24 and len(set(ids)) == 24
