@@ -51,9 +51,13 @@ def _load_config(path: Path, overrides: argparse.Namespace) -> dict:
     return cfg
 
 
-def build_dataset(cfg: dict, work: Path, limit: int | None = None):
+def build_dataset(cfg: dict, work: Path, limit: int | None = None, reuse: bool = False):
     from echo_agent.eval.datasets import load_split
-    from echo_agent.eval.yolo_data import build_yolo_dataset, label_class_map
+    from echo_agent.eval.yolo_data import YoloDataset, build_yolo_dataset, label_class_map
+
+    if reuse and (work / "data" / "data.yaml").is_file():
+        counts = json.loads((work / "data" / "counts.json").read_text())
+        return YoloDataset(data_yaml=work / "data" / "data.yaml", names=tuple(cfg["names"]), counts=counts)
 
     splits = {
         "train": [im for c in cfg["train_centers"] for im in load_split(c, "train")],
@@ -198,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int)
     ap.add_argument("--lesion-only", action="store_true", help="one 'lesion' class (class-design experiment)")
     ap.add_argument("--output", type=Path, help="ONNX destination (default: the config's output)")
+    ap.add_argument("--reuse-data", action="store_true", help="reuse <work>/<organ>/data if it exists")
     ap.add_argument("--limit", type=int, help="at most N images per split (smoke tests)")
     ap.add_argument("--no-card", action="store_true", help="do not touch MODEL_CARD.md")
     args = ap.parse_args(argv)
@@ -207,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     output = args.output or (REPO / cfg["output"])
     t0 = time.time()
-    ds = build_dataset(cfg, work, args.limit)
+    ds = build_dataset(cfg, work, args.limit, args.reuse_data)
     print(f"dataset built in {time.time() - t0:.0f}s: {ds.counts}", flush=True)
     t1 = time.time()
     best = train(cfg, ds.data_yaml, work)
