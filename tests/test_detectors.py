@@ -435,7 +435,10 @@ def test_protocol_metadata_and_name(models):
     sha = hashlib.sha256(models["const"].read_bytes()).hexdigest()[:8]
     assert d.name == f"const-onnx@{sha}"
     assert d.dynamic_batch
-    assert OnnxDetector(models["const"], labels=("a", "b"), name="x").labels == ("a", "b")
+    named = OnnxDetector(models["const"], labels=("a", "b"), name="x")
+    assert isinstance(named, Detector) and named.labels == ("a", "b") and named.name == "x"
+    assert not named.loaded  # explicit labels: protocol checks do not load the model
+    assert named.load().labels == ("a", "b")
     assert OnnxDetector(models["no_meta"]).labels == ("class_0", "class_1")
     assert OnnxDetector(models["no_meta"]).input_size == 64  # from the fixed input shape
 

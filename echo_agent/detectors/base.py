@@ -153,6 +153,7 @@ class LetterboxYoloDetector:
         self._lock = threading.Lock()
         self._loaded = False
         self._labels: tuple[str, ...] = ()
+        self._labels_arg: tuple[str, ...] | None = None
         self._input_size: int = 640
         self._dynamic_batch = False
         self._end2end = False
@@ -186,7 +187,10 @@ class LetterboxYoloDetector:
 
     @property
     def labels(self) -> tuple[str, ...]:
-        """Class names in class-index order (loads the model if needed)."""
+        """Class names in class-index order (loads the model first unless ``labels=`` was given)."""
+        if not self._loaded and self._labels_arg is not None:
+            # Cheap answer: protocol checks (isinstance on Python < 3.12 reads attributes) must not load.
+            return self._labels_arg
         self.load()
         return self._labels
 
@@ -208,22 +212,25 @@ class LetterboxYoloDetector:
         image (outputs concatenated). Useful to compare backends and to benchmark.
         """
         self.load()
-        s = self._input_size
-        n = len(images)
-        padded = np.empty((n, s, s, 3), dtype=np.uint8)
-        infos = []
-        for i, img in enumerate(images):
-            _, info = letterbox(check_image(img, f"image {i}"), s, out=padded[i])
-            infos.append(info)
-        batch = np.empty((n, 3, s, s), dtype=np.float32)
-        np.divide(padded.transpose(0, 3, 1, 2), np.float32(255.0), out=batch, dtype=np.float32)
-        if n == 0:
-            return np.zeros((0, 0, 0), dtype=np.float32), infos
+        images = [check_image(img, f"image {i}") for i, img in enumerate(images)]
+        if not images:
+            return np.zeros((0, 0, 0), dtype=np.float32), []
         step = self.max_batch if self._dynamic_batch else 1
-        if n <= step:
-            return self._forward(batch), infos
-        outs = [self._forward(batch[i : i + step]) for i in range(0, n, step)]
-        return np.concatenate(outs, axis=0), infos
+        outs, infos = [], []
+        for start in range(0, len(images), step):  # letterbox chunk by chunk: memory stays O(max_batch)
+            batch, chunk_infos = self._preprocess(images[start : start + step])
+            outs.append(self._forward(batch))
+            infos += chunk_infos
+        return (outs[0] if len(outs) == 1 else np.concatenate(outs, axis=0)), infos
+
+    def _preprocess(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, list[LetterboxInfo]]:
+        """Letterbox into one uint8 buffer, then one conversion to the float32 NCHW batch in [0, 1]."""
+        s = self._input_size
+        padded = np.empty((len(images), s, s, 3), dtype=np.uint8)
+        infos = [letterbox(img, s, out=padded[i])[1] for i, img in enumerate(images)]
+        batch = np.empty((len(images), 3, s, s), dtype=np.float32)
+        np.divide(padded.transpose(0, 3, 1, 2), np.float32(255.0), out=batch, dtype=np.float32)
+        return batch, infos
 
     def detect(
         self,
