@@ -6,7 +6,8 @@
     python tools/prepare_data.py --write-splits                  # regenerate echo_agent/eval/splits/*.csv
 
 For each center it writes ``<out>/<center>/{all,train,val,test}.csv`` and ``flags.csv`` (image key ->
-flags such as cross_class_duplicate, colour_overlay), and prints counts and the leakage check.
+flags: cross_class_duplicate, colour_overlay, burned_in_annotation (BUSI), other_finding (BrEaST),
+no_box (hydronephrosis)), and prints counts and the leakage check.
 Data root: ``--data-root`` or ``$ECHO_AGENT_DATA`` (default ``<repo>/../shared/data``).
 """
 
@@ -20,7 +21,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from echo_agent.eval.datasets import ADAPTERS, compute_splits, load_center  # noqa: E402
+from echo_agent.eval.datasets import (  # noqa: E402
+    ADAPTERS,
+    BUSI,
+    compute_splits,
+    flag_burned_in_annotations,
+    load_center,
+)
 from echo_agent.eval.manifest import write_manifest  # noqa: E402
 from echo_agent.eval.splits import (  # noqa: E402
     SPLITS,
@@ -39,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--relative", action="store_true", help="write image paths relative to each manifest")
     ap.add_argument("--write-splits", action="store_true", help="recompute and overwrite the committed split files")
     ap.add_argument("--check-pixels", action="store_true", help="also check pixel-identical images across splits")
+    ap.add_argument("--no-annotation-scan", action="store_true",
+                    help="skip flagging BUSI images with burned-in annotations (decodes every image)")
     ap.add_argument("--overwrite", action="store_true", help="replace existing manifests in --out")
     args = ap.parse_args(argv)
     if args.data_root is not None:
@@ -57,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {s:5s} {sum(rep.counts[s].values()):5d} {rep.counts[s]}")
         if args.out is None:
             continue
+        if center == BUSI and not args.no_annotation_scan:
+            print(f"  flagged {flag_burned_in_annotations(build)} images with burned-in annotations")
         folder = args.out / center
         folder.mkdir(parents=True, exist_ok=True)
         rel = folder if args.relative else None

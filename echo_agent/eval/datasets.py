@@ -229,6 +229,27 @@ def load_hydronephrosis_ncnu(root: str | Path | None = None) -> DatasetBuild:
     return build
 
 
+#: ``annotation_fraction`` from which :func:`flag_burned_in_annotations` flags an image.
+ANNOTATION_FLAG_FRACTION = 0.005
+
+
+def flag_burned_in_annotations(build: DatasetBuild, threshold: float = ANNOTATION_FLAG_FRACTION) -> int:
+    """Add the flag ``burned_in_annotation`` to images whose field of view has at least ``threshold``
+    annotation pixels according to :func:`~echo_agent.imaging.preprocess.prepare_for_detection`
+    (decodes every image). Heuristic: very bright thin tissue lines can also trigger it. Returns the
+    number of flagged images."""
+    from ..imaging import load_image
+    from ..imaging.preprocess import prepare_for_detection
+
+    n = 0
+    for im in build.images:
+        frac = prepare_for_detection(load_image(im.image).array).annotation_fraction
+        if frac >= threshold:
+            build.flags[im.key] = (*build.flags.get(im.key, ()), "burned_in_annotation")
+            n += 1
+    return n
+
+
 #: center -> adapter
 ADAPTERS: dict[str, Callable[[str | Path | None], DatasetBuild]] = {
     BUSI: load_busi,
@@ -282,6 +303,7 @@ __all__ = [
     "DatasetBuild",
     "HYDRONEPHROSIS_NCNU",
     "dataset_folder",
+    "flag_burned_in_annotations",
     "load_breast_lesions_usg",
     "load_busi",
     "compute_splits",
