@@ -173,6 +173,11 @@ def models(tmp_path_factory) -> dict[str, Path]:
             d / "wrong_nc.onnx", np.zeros((1, 7, 5), np.float32), meta=meta
         ),  # 3 classes, names has 2
         "no_meta": constant_model(d / "no_meta.onnx", yolo_const(rows), size=64),
+        "end2end": constant_model(
+            d / "e2e.onnx",
+            np.array([[[4, 4, 20, 20, 0.9, 1], [30, 2, 50, 12, 0.3, 0], [0, 0, 0, 0, 0.0, 0]]], np.float32),
+            meta={**meta, "end2end": "True"},
+        ),
     }
 
 
@@ -465,6 +470,16 @@ def test_thresholds_nms_and_max_detections(models):
         0.5,
     ]
     assert d.detect(img, score_threshold=0.95) == []
+
+
+def test_end2end_export(models):
+    d = OnnxDetector(models["end2end"])
+    dets = d.detect(blank(128, 128), score_threshold=0.25)  # 2x the input size
+    assert [(x.label, round(x.score, 4), x.box.to_list()) for x in dets] == [
+        ("malignant", 0.9, [8, 8, 40, 40]),
+        ("benign", 0.3, [60, 4, 100, 24]),
+    ]
+    assert len(d.detect(blank(64, 64), score_threshold=0.25, max_detections=1)) == 1
 
 
 def test_const_boxes_scale_to_other_image_sizes(models):

@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ModelLoadError
-from ..organs import OrganSpec, get_organ
 from .base import Detector, DetectorConfig, LetterboxYoloDetector, check_image
 from .onnx import OnnxDetector
 from .postprocess import (
@@ -32,6 +31,9 @@ from .postprocess import (
     weighted_box_fusion,
 )
 from .ultralytics_backend import UltralyticsDetector, configure_ultralytics_offline, export_onnx
+
+if TYPE_CHECKING:
+    from ..organs import OrganSpec
 
 __all__ = [
     "Detector",
@@ -81,6 +83,8 @@ def load_detector(spec_or_path: OrganSpec | str | Path, **kw: Any) -> Detector:
     Extra keyword arguments go to the backend's constructor. Raises :class:`ModelLoadError` when the
     weights are not configured or the file is missing.
     """
+    from ..organs import OrganSpec, get_organ  # lazy: the registry parses YAML at import
+
     if isinstance(spec_or_path, str) and not Path(spec_or_path).suffix and not Path(spec_or_path).exists():
         spec_or_path = get_organ(spec_or_path)
     if isinstance(spec_or_path, OrganSpec):
@@ -110,6 +114,8 @@ def get_detector(organ_name: str) -> Detector:
     The cache key includes the weights path, so re-registering an organ with other weights gives a
     new detector. The model itself still loads lazily on the first detection.
     """
+    from ..organs import get_organ
+
     spec = get_organ(organ_name)
     key = (spec.name, str(spec.resolve_weights()))
     with _cache_lock:
