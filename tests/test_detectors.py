@@ -173,6 +173,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
             d / "wrong_nc.onnx", np.zeros((1, 7, 5), np.float32), meta=meta
         ),  # 3 classes, names has 2
         "no_meta": constant_model(d / "no_meta.onnx", yolo_const(rows), size=64),
+        "segment": constant_model(d / "seg.onnx", yolo_const(rows), meta={**meta, "task": "segment"}),
         "end2end": constant_model(
             d / "e2e.onnx",
             np.array([[[4, 4, 20, 20, 0.9, 1], [30, 2, 50, 12, 0.3, 0], [0, 0, 0, 0, 0.0, 0]]], np.float32),
@@ -600,6 +601,8 @@ def test_unexpected_output_layouts(models):
         OnnxDetector(models["wrong_nc"]).load()
     with pytest.raises(ModelLoadError, match="3 labels"):
         OnnxDetector(models["const"], labels=("a", "b", "c")).load()
+    with pytest.raises(ModelLoadError, match="'segment' model"):
+        OnnxDetector(models["segment"]).load()
     with pytest.raises(ModelLoadError, match="fixed 64x64"):
         OnnxDetector(models["const_fixed"], input_size=128).load()
 

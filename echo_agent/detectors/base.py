@@ -55,8 +55,15 @@ class Detector(Protocol):
     class names in class-index order.
     """
 
-    name: str
-    labels: tuple[str, ...]
+    @property
+    def name(self) -> str:
+        """Model name and weights version, e.g. ``'breast-onnx@1a2b3c4d'``."""
+        ...
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """Class names in class-index order."""
+        ...
 
     def detect(
         self,

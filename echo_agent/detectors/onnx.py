@@ -134,6 +134,11 @@ class OnnxDetector(LetterboxYoloDetector):
             ) from exc
 
         self.metadata = parse_ultralytics_metadata(session.get_modelmeta().custom_metadata_map or {})
+        task = self.metadata.get("task", "detect")
+        if task != "detect":
+            raise ModelLoadError(
+                f"{self.path} is an ultralytics {task!r} model; only detection models (task 'detect') are supported"
+            )
         inputs, outputs = session.get_inputs(), session.get_outputs()
         if len(inputs) != 1 or len(inputs[0].shape) != 4:
             raise ModelLoadError(
