@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-from ..errors import ChannelLayoutError, ImageTooSmallError
+from ..detectors.base import check_image
+from ..errors import ImageTooSmallError
 
 #: Long side of a region's box after resampling to the working scale (pixels).
 WORK_SIZE = 64
@@ -32,21 +33,15 @@ _SEG_ELLIPSE = 1.3
 _SEG_CLOSE = 5
 _SEG_SIGMA = 1.2
 _POST_BAND = 0.6
+_SEG_METHOD = "ard"
+_SEG_ARD_SIGMA = 1.6
+_SEG_ARD_LEVELS = 12
 _POST_GAP = 2
 
 
 def to_gray(image: np.ndarray) -> np.ndarray:
     """Validate a canonical HxWx3 uint8 RGB array and return its luminance (HxW uint8)."""
-    if not isinstance(image, np.ndarray):
-        raise ChannelLayoutError(
-            f"the captioner expects a numpy array, got {type(image).__name__}; load the image with "
-            "echo_agent.imaging first"
-        )
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ChannelLayoutError(
-            f"the captioner expects an HxWx3 uint8 RGB array, got shape {image.shape} dtype {image.dtype}; "
-            "convert it to the canonical RGB layout first"
-        )
+    check_image(image, "the image to describe")
     if image.shape[0] < 8 or image.shape[1] < 8:
         raise ImageTooSmallError(
             f"image of {image.shape[1]}x{image.shape[0]} px is too small to describe; give at least 8x8 px"
@@ -233,6 +228,64 @@ def _component_near_centre(cand: np.ndarray, centre_weight: np.ndarray) -> np.nd
 
 
 def segment(g: np.ndarray, bx: tuple[int, int, int, int]) -> tuple[np.ndarray, str]:
+    """Segment the lesion inside box ``bx`` of the smoothed working-scale ROI ``g``."""
+    if _SEG_METHOD == "ard":
+        return segment_ard(g, bx)
+    return segment_otsu(g, bx)
+
+
+def segment_ard(g: np.ndarray, bx: tuple[int, int, int, int]) -> tuple[np.ndarray, str]:
+    """Threshold sweep that keeps the contour with the largest average radial derivative.
+
+    The inverted image (lesions are usually darker than tissue) is weighted by a Gaussian centred
+    on the box, thresholded at a ladder of levels; for each level the component covering the
+    centre is scored by the mean outward intensity derivative along its boundary, and the best
+    one wins (the idea of Horsch et al., Med Phys 2001, for breast ultrasound).
+    """
+    x1, y1, x2, y2 = bx
+    bw, bh = x2 - x1, y2 - y1
+    H, W = g.shape
+    cx, cy = (x1 + x2 - 1) / 2.0, (y1 + y2 - 1) / 2.0
+    yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
+    d2 = ((xx - cx) / max(bw / 2.0, 1.0)) ** 2 + ((yy - cy) / max(bh / 2.0, 1.0)) ** 2
+    inbox = np.zeros((H, W), bool)
+    inbox[y1:y2, x1:x2] = True
+    gf = g.astype(np.float32)
+    # radial derivative of the raw (smoothed) intensity: positive where it gets brighter outward
+    gx = cv2.Sobel(gf, cv2.CV_32F, 1, 0, ksize=3)
+    gy = cv2.Sobel(gf, cv2.CV_32F, 0, 1, ksize=3)
+    rx, ry = xx - cx, yy - cy
+    rn = np.sqrt(rx * rx + ry * ry) + _EPS
+    radial = (gx * rx + gy * ry) / rn
+    inv = (255.0 - gf) * np.exp(-0.5 * d2 / _SEG_ARD_SIGMA**2)
+    vals = inv[inbox]
+    levels = np.percentile(vals, np.linspace(15, 85, _SEG_ARD_LEVELS))
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (3, 3))
+    centre_weight = np.clip(1.0 - d2 / 0.5**2, 0.0, None)
+    best, best_score = None, -np.inf
+    box_area = float(bw * bh)
+    for t in levels:
+        c = ((inv >= t) & inbox).astype(np.uint8)
+        c = cv2.morphologyEx(c, cv2.MORPH_OPEN, kernel)
+        comp = _component_near_centre(c, centre_weight)
+        if comp is None:
+            continue
+        comp = _fill_holes(comp)
+        area = float(comp.sum())
+        if area < 0.15 * box_area:
+            continue
+        edge = comp.astype(bool) & ~cv2.erode(comp, kernel).astype(bool)
+        score = float(radial[edge].mean()) if edge.any() else -np.inf
+        if score > best_score:
+            best, best_score = comp, score
+    if best is None:
+        return segment_otsu(g, bx)
+    best = cv2.morphologyEx(best, cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (_SEG_CLOSE, _SEG_CLOSE)))
+    best = _fill_holes(best) & inbox.astype(np.uint8)
+    return best.astype(bool), "dark"
+
+
+def segment_otsu(g: np.ndarray, bx: tuple[int, int, int, int]) -> tuple[np.ndarray, str]:
     """Segment the lesion inside box ``bx`` of the smoothed working-scale ROI ``g``.
 
     Otsu threshold of the box's pixels, restricted to an ellipse slightly larger than the box's
@@ -499,6 +552,7 @@ def _margin_and_echo_features(roi: np.ndarray, g: np.ndarray, m: np.ndarray, rfo
         ring_mean, ring_std = les_mean, les_std
     f["lesion_mean"] = les_mean
     f["lesion_std"] = les_std
+    f["lesion_std_rel"] = float(les_std / max(ring_mean, 1.0)) if math.isfinite(ring_mean) else 0.0
     f["ring_mean"] = ring_mean
     f["ring_std"] = ring_std
     f["echo_ratio"] = float((les_mean + 1.0) / (ring_mean + 1.0))
@@ -595,6 +649,7 @@ def _posterior_features(g: np.ndarray, m: np.ndarray, rfov: np.ndarray, f: dict[
     lat = [v for v in (left, right) if math.isfinite(v)]
     f["posterior_lateral_sides"] = float(len(lat))
     if not math.isfinite(below) or not lat:
+        f["posterior_below_level"] = f["posterior_left_level"] = f["posterior_right_level"] = 0.0
         f["posterior_log_ratio"] = 0.0
         f["posterior_valid"] = 0.0
         f["posterior_min_third"] = 0.0
@@ -603,6 +658,9 @@ def _posterior_features(g: np.ndarray, m: np.ndarray, rfov: np.ndarray, f: dict[
         return
     ref = float(np.mean(lat))
     f["posterior_valid"] = 1.0
+    f["posterior_below_level"] = below
+    f["posterior_left_level"] = left if math.isfinite(left) else below
+    f["posterior_right_level"] = right if math.isfinite(right) else below
     f["posterior_log_ratio"] = float(math.log((below + 1.0) / (ref + 1.0)))
     tr = [math.log((t + 1.0) / (ref + 1.0)) for t in thirds if math.isfinite(t)]
     f["posterior_min_third"] = float(min(tr)) if tr else f["posterior_log_ratio"]

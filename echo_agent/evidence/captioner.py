@@ -160,14 +160,16 @@ def decide_echo(f: Mapping[str, float], th: Mapping[str, Any]) -> Descriptor:
 
     Rules in order: anechoic (very dark and uniform), complex cystic/solid (a substantial anechoic
     part next to solid tissue), hyperechoic / isoechoic (brightness relative to the surrounding
-    ring), heterogeneous (wide internal spread), otherwise hypoechoic.
+    ring), heterogeneous (internal standard deviation relative to the surroundings' brightness),
+    otherwise hypoechoic.
     """
     e = th["echo"]
     med = float(f["lesion_median_rel"])
     ratio = float(f["echo_ratio"])
     dark = float(f["dark_fraction"])
     iqr = float(f["lesion_iqr_rel"])
-    note = f"lesion/surroundings {ratio:.2f}, median {med:.2f}, dark part {dark:.2f}, spread {iqr:.2f}"
+    het = float(f["lesion_std_rel"])
+    note = f"lesion/surroundings {ratio:.2f}, median {med:.2f}, dark part {dark:.2f}, internal std {het:.2f}"
     if med < e["anechoic_median_rel"] and dark >= e["anechoic_dark_fraction"]:
         c = _margin_confidence(med, e["anechoic_median_rel"], e["spread_rel"])
         return Descriptor(value="anechoic", confidence=c, note=note)
@@ -184,12 +186,12 @@ def decide_echo(f: Mapping[str, float], th: Mapping[str, Any]) -> Descriptor:
             _margin_confidence(ratio, e["hyperechoic_ratio"], e["spread_rel"]),
         )
         return Descriptor(value="isoechoic", confidence=c, note=note)
-    if iqr > e["heterogeneous_iqr"]:
-        c = _margin_confidence(iqr, e["heterogeneous_iqr"], e["spread_rel"])
+    if het > e["heterogeneous_std"]:
+        c = _margin_confidence(het, e["heterogeneous_std"], e["spread_std"])
         return Descriptor(value="heterogeneous", confidence=c, note=note)
     c = min(
         _margin_confidence(ratio, e["isoechoic_ratio"], e["spread_rel"]),
-        _margin_confidence(iqr, e["heterogeneous_iqr"], e["spread_rel"]),
+        _margin_confidence(het, e["heterogeneous_std"], e["spread_std"]),
     )
     return Descriptor(value="hypoechoic", confidence=c, note=note)
 
