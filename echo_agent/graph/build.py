@@ -25,7 +25,7 @@ from ..errors import EchoError, EchoInputError, UnknownOrganError
 from ..messages import diagnosis_to_model, dumps, user_message
 from ..organs import OrganSpec, get_organ, list_organs
 from ..prompts import system_prompt
-from ..reasoners.fusion import Fusion, HeuristicFusion
+from ..reasoners.fusion import Fusion
 from ..schemas import ClinicalContext, Diagnosis
 from ..tools import Toolkit, make_tools
 from .state import EchoInput, EchoOutput, EchoRunContext, EchoState, clinical_of, typed_evidence
@@ -112,7 +112,8 @@ def build_graph(
         toolkit: detectors, captioner, retriever and image store shared by the tools.
         organs: organs to build detector tools for (default: every registered organ).
         extra_tools: more tools for the reasoner (plain LangChain tools).
-        fusion: turns evidence into the Diagnosis in the reason node (default: heuristic fusion).
+        fusion: turns evidence into the Diagnosis in the reason node (default: the learned, calibrated
+            fusion where parameters ship for the organ, else the transparent heuristic fusion).
         finalizer: optional final-reasoning step run after fusion (e.g. an LLM with structured output).
         router: ``f(image_array) -> (organ | None, confidence)`` used when the input has no organ.
         max_tool_calls: tool-call budget per run (overridable per run via ``EchoRunContext``).
@@ -130,7 +131,10 @@ def build_graph(
 
     toolkit = toolkit or Toolkit()
     model = reasoner if reasoner is not None else EmbeddedPolicy()
-    fusion = fusion or HeuristicFusion()
+    if fusion is None:
+        from ..reasoners.learned_fusion import LearnedFusion
+
+        fusion = LearnedFusion()
     specs = [get_organ(o) if isinstance(o, str) else o for o in organs] if organs is not None else list_organs()
     tools = make_tools(toolkit, specs) + list(extra_tools)
     bound: dict[str, Any] = {}

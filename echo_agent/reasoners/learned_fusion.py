@@ -1,0 +1,351 @@
+"""Learned, calibrated evidence fusion (the reason node's default where trained parameters ship).
+
+Features come only from the typed evidence a run produced (detector candidates, captioner
+descriptors, global image descriptors) and the clinical context, so training and inference see
+exactly the same thing ("train as you serve"). The model is a multinomial logistic regression over
+the organ's image labels with temperature scaling, stored as plain JSON (no pickle) in
+``echo_agent/assets/fusion/<organ>.json`` and trained by ``tools/train_policy.py``.
+
+The Diagnosis cites the features that drove the decision (largest contributions to the chosen
+label), refines the lesion box (weighted box fusion over all detector calls) and sets
+``indeterminate`` when the calibrated top probability is below the organ's threshold.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ModelLoadError
+from ..organs import OrganSpec
+from ..schemas import (
+    ClinicalContext,
+    Detection,
+    DetectorReport,
+    Diagnosis,
+    Evidence,
+    EvidenceRef,
+    Finding,
+)
+from .fusion import HeuristicFusion, collect, describe_descriptors, knowledge_refs, region_descriptors
+
+FUSION_VERSION = "1"
+_PALPABLE = ("palpable", "lump", "mass", "nodule felt")
+
+
+# -- features ------------------------------------------------------------------------------------------
+def merged_candidates(reports: Sequence[DetectorReport]) -> list[Detection]:
+    """All detector calls' candidates merged: weighted box fusion when there were several calls."""
+    lists = [r.detections for r in reports if r.detections]
+    if not lists:
+        return []
+    if len(lists) == 1:
+        return sorted(lists[0], key=lambda d: -d.score)
+    from ..detectors.postprocess import weighted_box_fusion
+
+    fused = weighted_box_fusion(lists, iou_thr=0.55)
+    # keep the id of the best original candidate that overlaps each fused box (for citations)
+    originals = [d for lst in lists for d in lst]
+    out = []
+    for f in fused:
+        best = max(originals, key=lambda d: (d.box.iou(f.box) if d.label == f.label else -1, d.score))
+        out.append(f.model_copy(update={"id": best.id}))
+    return sorted(out, key=lambda d: -d.score)
+
+
+def fusion_features(
+    organ: OrganSpec,
+    evidence: Sequence[Evidence],
+    clinical: ClinicalContext | None,
+    image_size: tuple[int, int],
+) -> dict[str, float]:
+    """The numeric features of one run's evidence (names are stable; absent ones are 0)."""
+    w, h = image_size
+    reports, contexts, _ = collect(evidence)
+    cands = merged_candidates(reports)
+    f: dict[str, float] = {"bias_detector_ran": float(bool(reports))}
+    f["det_n"] = min(len(cands), 5) / 5.0
+    f["det_top"] = cands[0].score if cands else 0.0
+    for lbl in organ.detector_labels:
+        f[f"det_max_{lbl}"] = max((d.score for d in cands if d.label == lbl), default=0.0)
+    f["det_tta"] = float(any(r.tta for r in reports))
+    if cands:
+        top = cands[0]
+        f["det_top_area"] = math.sqrt(max(top.box.area, 0.0) / max(w * h, 1))
+        f["det_top_taller"] = math.log(max(top.box.height, 1.0) / max(top.box.width, 1.0))
+        f["det_top_depth"] = top.box.center[1] / max(h, 1)
+        descs = region_descriptors(contexts, top)
+        f["desc_present"] = float(bool(descs))
+        for name, values in organ.descriptor_vocabulary.items():
+            d = descs.get(name)
+            for v in values:
+                f[f"desc_{name}={v}"] = float(d.confidence) if d is not None and d.value == v else 0.0
+    if contexts:
+        for name, d in contexts[-1].global_descriptors.items():
+            if isinstance(d.value, bool):
+                f[f"global_{name}"] = float(d.value)
+            elif name in ("contrast", "gain_saturation", "speckle_index") and isinstance(d.value, (int, float)):
+                f[f"global_{name}"] = float(d.value)
+    age = clinical.age if clinical is not None else None
+    f["age_known"] = float(age is not None)
+    f["age"] = (age - 50) / 15.0 if age is not None else 0.0
+    text = " ".join(x for x in ((clinical.symptoms or ""), (clinical.notes or "")) if x).lower() if clinical else ""
+    f["palpable"] = float(any(k in text for k in _PALPABLE))
+    return f
+
+
+# -- model -----------------------------------------------------------------------------------------
+@dataclass
+class FusionParams:
+    """Parameters of one organ's fusion model (JSON-serialisable)."""
+
+    organ: str
+    labels: list[str]
+    feature_names: list[str]
+    mean: list[float]
+    std: list[float]
+    weights: list[list[float]]  # [n_labels][n_features]
+    bias: list[float]
+    temperature: float = 1.0
+    indeterminate_below: float = 0.5
+    version: str = FUSION_VERSION
+    training: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "<string>") -> FusionParams:
+        try:
+            data = json.loads(text)
+            p = cls(**data)
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise ModelLoadError(f"fusion parameters in {source} are not valid: {exc}") from None
+        n_f, n_l = len(p.feature_names), len(p.labels)
+        if len(p.mean) != n_f or len(p.std) != n_f or len(p.weights) != n_l or any(len(r) != n_f for r in p.weights) or len(p.bias) != n_l:
+            raise ModelLoadError(f"fusion parameters in {source} have inconsistent shapes")
+        if not (p.temperature > 0):
+            raise ModelLoadError(f"fusion parameters in {source}: temperature must be > 0")
+        return p
+
+    def vector(self, feats: Mapping[str, float]) -> np.ndarray:
+        x = np.array([feats.get(n, 0.0) for n in self.feature_names], dtype=np.float64)
+        return (x - np.asarray(self.mean)) / np.asarray(self.std)
+
+    def logits(self, feats: Mapping[str, float]) -> np.ndarray:
+        return np.asarray(self.weights) @ self.vector(feats) + np.asarray(self.bias)
+
+    def predict_proba(self, feats: Mapping[str, float]) -> np.ndarray:
+        return softmax(self.logits(feats) / self.temperature)
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def fit_logistic(
+    X: np.ndarray, y: np.ndarray, n_classes: int, *, l2: float = 1.0, iters: int = 500, sample_weight: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Multinomial logistic regression (L2 on weights, not bias) fitted by gradient descent with a
+    backtracking line search; deterministic. ``X`` must be standardised already."""
+    n, d = X.shape
+    sw = np.ones(n) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+    sw = sw / sw.mean()
+    Y = np.eye(n_classes)[y]
+    W = np.zeros((n_classes, d))
+    b = np.log((Y * sw[:, None]).sum(0) + 1.0) - np.log(n + n_classes)
+
+    def loss_grad(W: np.ndarray, b: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+        P = softmax(X @ W.T + b)
+        ll = -(sw * np.log(np.clip((P * Y).sum(1), 1e-12, None))).sum() / n + 0.5 * l2 * (W**2).sum() / n
+        G = (P - Y) * sw[:, None] / n
+        return ll, G.T @ X + l2 * W / n, G.sum(0)
+
+    step = 1.0
+    loss, gW, gb = loss_grad(W, b)
+    for _ in range(iters):
+        while True:
+            W2, b2 = W - step * gW, b - step * gb
+            l2_, gW2, gb2 = loss_grad(W2, b2)
+            if l2_ <= loss - 1e-4 * step * ((gW**2).sum() + (gb**2).sum()) or step < 1e-8:
+                break
+            step *= 0.5
+        if abs(loss - l2_) < 1e-9:
+            W, b, loss = W2, b2, l2_
+            break
+        W, b, loss, gW, gb = W2, b2, l2_, gW2, gb2
+        step *= 1.5
+    return W, b
+
+
+def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
+    """Temperature minimising the negative log-likelihood (grid + refinement; deterministic)."""
+    def nll(t: float) -> float:
+        P = softmax(logits / t)
+        return float(-np.log(np.clip(P[np.arange(len(y)), y], 1e-12, None)).mean())
+
+    grid = np.exp(np.linspace(np.log(0.25), np.log(8.0), 61))
+    best = min(grid, key=nll)
+    lo, hi = best / 1.12, best * 1.12
+    for _ in range(30):
+        m1, m2 = lo + (hi - lo) / 3, hi - (hi - lo) / 3
+        if nll(m1) < nll(m2):
+            hi = m2
+        else:
+            lo = m1
+    return float((lo + hi) / 2)
+
+
+# -- loading -----------------------------------------------------------------------------------------
+@lru_cache(maxsize=16)
+def load_fusion_params(organ: str, path: str | None = None) -> FusionParams | None:
+    """The packaged (or given) parameters for an organ, or ``None`` when none ship."""
+    if path is None:
+        ref = resources.files("echo_agent") / "assets" / "fusion" / f"{organ}.json"
+        if not ref.is_file():
+            return None
+        return FusionParams.from_json(ref.read_text("utf-8"), source=f"package:fusion/{organ}.json")
+    p = Path(path)
+    if not p.is_file():
+        raise ModelLoadError(f"fusion parameters file {p} does not exist")
+    return FusionParams.from_json(p.read_text("utf-8"), source=str(p))
+
+
+# -- the Fusion ------------------------------------------------------------------------------------
+_FEATURE_TEXT = {
+    "det_top": "strongest detector score",
+    "det_n": "number of candidates",
+    "det_top_area": "lesion size",
+    "det_top_taller": "taller-than-wide geometry",
+    "det_top_depth": "lesion depth",
+    "age": "patient age",
+    "palpable": "palpable finding",
+}
+
+
+def _feature_text(name: str, value: float) -> str:
+    if name.startswith("det_max_"):
+        return f"{name[8:]} detector score {value:.2f}"
+    if name.startswith("desc_") and "=" in name:
+        k, v = name[5:].split("=", 1)
+        return f"{k.replace('_', ' ')} {v}"
+    if name.startswith("global_"):
+        return f"image {name[7:].replace('_', ' ')} {value:g}"
+    return f"{_FEATURE_TEXT.get(name, name)} {value:.2f}" if name != "palpable" else "palpable finding"
+
+
+class LearnedFusion:
+    """Calibrated logistic fusion per organ; organs without parameters use :class:`HeuristicFusion`.
+
+    Args:
+        params: per-organ parameters (default: the packaged ``assets/fusion/<organ>.json``).
+    """
+
+    name = f"learned-fusion/{FUSION_VERSION}"
+
+    def __init__(self, params: Mapping[str, FusionParams] | None = None) -> None:
+        self._params = dict(params) if params is not None else None
+        self._fallback = HeuristicFusion()
+
+    def params_for(self, organ: str) -> FusionParams | None:
+        if self._params is not None:
+            return self._params.get(organ)
+        return load_fusion_params(organ)
+
+    def fuse(
+        self,
+        organ: OrganSpec,
+        evidence: Sequence[Evidence],
+        *,
+        clinical: ClinicalContext | None,
+        image_size: tuple[int, int],
+    ) -> Diagnosis:
+        params = self.params_for(organ.name)
+        reports, contexts, knowledge = collect(evidence)
+        if params is None or not reports:
+            return self._fallback.fuse(organ, evidence, clinical=clinical, image_size=image_size)
+        if list(params.labels) != list(organ.image_labels):
+            raise ModelLoadError(
+                f"fusion parameters for {organ.name} have labels {params.labels}, the organ has {list(organ.image_labels)}"
+            )
+        w, h = image_size
+        feats = fusion_features(organ, evidence, clinical, image_size)
+        probs_arr = params.predict_proba(feats)
+        probs = {lbl: float(p) for lbl, p in zip(params.labels, probs_arr)}
+        label = max(probs, key=probs.__getitem__)
+        k = params.labels.index(label)
+        x = params.vector(feats)
+        W = np.asarray(params.weights)
+        contrib = (W[k] - W.mean(axis=0)) * x
+        order = [i for i in np.argsort(-contrib) if contrib[i] > 0.05 and feats.get(params.feature_names[i], 0.0) != 0.0][:3]
+        drivers = [_feature_text(params.feature_names[i], feats.get(params.feature_names[i], 0.0)) for i in order]
+
+        cands = merged_candidates(reports)
+        refs: list[EvidenceRef] = [
+            EvidenceRef(kind="detection", ref=r.id, summary=f"{len(r.detections)} candidate(s) at {r.score_threshold:g}"
+                        + (" with TTA" if r.tta else "")) for r in reports
+        ]
+        findings: list[Finding] = []
+        if label != organ.normal_label and cands:
+            top = cands[0]
+            # The fused label overrides a disagreeing detector label: the detector is evidence.
+            findings.append(Finding(box=top.box, label=label, score=top.score, detection_ids=[top.id]))
+            for d in cands[1:]:
+                findings.append(Finding(box=d.box, label=organ.image_label_for(d.label), score=d.score, detection_ids=[d.id]))
+            refs.insert(0, EvidenceRef(kind="detection", ref=top.id, summary=f"{top.label} {top.score:.2f}"))
+        desc_text = ""
+        if cands:
+            desc_text = describe_descriptors(region_descriptors(contexts, cands[0]), list(organ.descriptor_vocabulary) + ["size_mm"])
+            if desc_text and contexts:
+                refs.append(EvidenceRef(kind="description", ref=contexts[-1].id, summary=desc_text))
+        krefs = knowledge_refs(knowledge)
+        refs.extend(krefs)
+        if clinical is not None and not clinical.is_empty():
+            refs.append(EvidenceRef(kind="clinical", ref="clinical", summary=clinical.as_text()))
+
+        pos = organ.positive_label
+        category = organ.category_for(probs.get(pos) if pos else None, lesion_found=bool(findings))
+        band = organ.band(category) if category else None
+        conf = probs[label]
+        indeterminate = conf < params.indeterminate_below
+        if findings:
+            top = findings[0]
+            rationale = f"{label.capitalize()} (p={conf:.2f}): candidate {top.detection_ids[0]} at score {top.score:.2f}"
+        elif cands:
+            rationale = (f"{label.capitalize()} (p={conf:.2f}): the detector's candidates (top {cands[0].label} "
+                         f"{cands[0].score:.2f}) were not confirmed by the fused evidence")
+        else:
+            rationale = f"{label.capitalize()} (p={conf:.2f}): no lesion candidate in {len(reports)} detector call(s)"
+        if drivers:
+            rationale += "; driven by " + ", ".join(drivers)
+        rationale += "."
+        if desc_text:
+            rationale += f" Descriptors: {desc_text}."
+        if krefs:
+            rationale += " Knowledge: " + "; ".join(r.summary for r in krefs[:2]) + "."
+        if indeterminate:
+            recommendation = "Evidence is weak: refer for a sonographer's or radiologist's review."
+        elif band is not None and band.management:
+            recommendation = band.management
+        elif label == organ.normal_label:
+            recommendation = "No lesion identified; routine follow-up as clinically indicated."
+        else:
+            recommendation = "Correlate clinically and with the referring physician."
+        return Diagnosis(
+            organ=organ.name, label=label, probabilities=probs, category=category,
+            category_system=organ.category_system if category else None, findings=findings, evidence=refs,
+            rationale=rationale, recommendation=recommendation, indeterminate=indeterminate,
+            indeterminate_reason=(f"calibrated top probability {conf:.2f} < {params.indeterminate_below:.2f}"
+                                  if indeterminate else None),
+            reasoner=self.name, image_width=w, image_height=h,
+        )
