@@ -318,6 +318,39 @@ def test_real_images_with_fake_models(tmp_path: Path):
         assert 0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h
 
 
+def _echo_agent_builds() -> bool:
+    try:
+        from echo_agent.agent import EchoAgent
+        from echo_agent.tools import Toolkit
+
+        EchoAgent(toolkit=Toolkit(detectors={"breast": CentreBoxDetector()}))
+    except Exception:
+        return False
+    return True
+
+
+@pytest.mark.realdata
+@needs_data
+@pytest.mark.skipif(not _echo_agent_builds(), reason="EchoAgent cannot be built in this checkout yet")
+def test_real_agent_graph_with_an_injected_detector(tmp_path: Path):
+    """The real graph and reasoner on real images; only the detector is a stand-in (no weights needed).
+    The baseline must use the agent's own toolkit detector."""
+    from echo_agent.agent import EchoAgent
+    from echo_agent.tools import Toolkit
+
+    detector = CentreBoxDetector()
+    agent = EchoAgent(toolkit=Toolkit(detectors={"breast": detector}))
+    res = evaluate(_busi_manifest(tmp_path), agent=agent, out_dir=tmp_path / "r", progress=False, n_boot=20)
+    assert res.errors == {DETECTOR: 0, AGENT: 0}, res.summary["error_examples"]
+    rows = [json.loads(x) for x in res.predictions_path.read_text().splitlines()]
+    assert [r["detector"]["label"] for r in rows] == ["benign"] * 3  # the injected detector, via the toolkit
+    for r in rows:
+        dx = Diagnosis.model_validate(r["agent"]["diagnosis"])
+        assert dx.organ == "breast" and r["agent"]["elapsed_ms"] > 0
+    ag = res.metrics["breast"].overall[AGENT]
+    assert ag.n_images == 3 and ag.calibration is not None and ag.calibration.n_images == 3
+
+
 def _agent_ready() -> bool:
     w = get_organ("breast").resolve_weights()
     if not (w and w.exists()):
