@@ -141,7 +141,7 @@ def compute(cases: list[dict[str, Any]], captioner: PixelCaptioner, with_gt_mask
         fov = _d.fov_mask(gray)
         spacing = (c["spacing_mm"], c["spacing_mm"]) if c["spacing_mm"] else None
         t0, c0 = time.perf_counter(), time.process_time()
-        f, ra = captioner._region_features(gray, fov, c["box"], None, spacing)
+        f, ra = captioner._region_features(gray, fov, c["box"], None, spacing, kidney=False)
         captioner.describe_region(f, "breast", spacing, ra.segmentation)
         out["region_ms"].append((time.perf_counter() - t0) * 1000.0)
         out["region_cpu_ms"].append((time.process_time() - c0) * 1000.0)
@@ -405,6 +405,30 @@ def print_block(title: str, res: dict[str, dict[str, Any]], tables: bool) -> Non
                 print(format_confusion(np.array(r["confusion"]), r["labels"]))
 
 
+def _auc(pos: list[float], neg: list[float]) -> float:
+    """Mann-Whitney AUC (ties count half)."""
+    p = np.asarray(pos)[:, None]
+    n = np.asarray(neg)[None, :]
+    return float(((p > n).sum() + 0.5 * (p == n).sum()) / (p.size * n.size))
+
+
+def organ_check(root: Path, breast_images: list[Path], captioner: PixelCaptioner, n: int) -> dict[str, float]:
+    """How well the heuristic organ plausibility separates BrEaST images from kidney frames."""
+    from PIL import Image
+
+    kid = sorted((root / "Hydronephrosis-NCNU").glob("fold*/*/*.jpg"))
+    kid = [k for k in kid if not k.stem.endswith("_M")][:: max(1, len(kid) // max(n, 1))][:n]
+    br = breast_images[:n]
+
+    def score(path: Path, organ: str) -> float:
+        img = np.array(Image.open(path).convert("RGB"))
+        return float(captioner.describe(img, organ=organ).global_descriptors["organ_plausibility"].value)
+
+    s_bb = [score(p, "breast") for p in br]
+    s_bk = [score(p, "breast") for p in kid]
+    return {"n_breast": len(br), "n_kidney": len(kid), "auc_breast_score": _auc(s_bb, s_bk)}
+
+
 def _cv2_threads() -> int:
     import cv2
 
@@ -423,6 +447,7 @@ def main(argv: list[str] | None = None) -> int:
         help="also fit on the report half and predict the calibration half (2-fold cross-fitting), "
         "pooling held-out predictions of all lesions (needs scikit-learn)",
     )
+    ap.add_argument("--organ-check", type=int, default=100, help="images per organ for the plausibility check (0: skip)")
     ap.add_argument("--json", type=Path, help="also write the numbers as JSON here")
     ap.add_argument("--no-tables", action="store_true")
     args = ap.parse_args(argv)
@@ -478,6 +503,13 @@ def main(argv: list[str] | None = None) -> int:
         res = agreement([cases[i] for i in pooled_idx], pred)
         print_block("2-fold cross-fitted: every lesion predicted by rules fitted on the other half", res, tables=False)
         results["crossfit"] = res
+    if args.organ_check > 0 and (root / "Hydronephrosis-NCNU").is_dir():
+        oc = organ_check(root, [cases[i]["image"] for i in rep_idx], captioner, args.organ_check)
+        print(
+            f"\norgan plausibility (heuristic, breast score): AUC {oc['auc_breast_score']:.3f} separating "
+            f"{oc['n_breast']} BrEaST images from {oc['n_kidney']} Hydronephrosis-NCNU frames"
+        )
+        results["organ_plausibility"] = oc
     seg = [f["_segmentation"] for f in feats]
     print("\nsegmentation kinds:", {k: seg.count(k) for k in sorted(set(seg))})
     rm = np.array(comp["region_ms"])

@@ -349,21 +349,25 @@ def _global_descriptors(
         note=f"fraction of annotation-like pixels {ann:.4f}",
     )
     if organ in ("breast", "kidney"):
-        score = _organ_plausibility(f, organ, sector)
+        score = _organ_plausibility(f, organ, sector, th["organ_plausibility"])
         out["organ_plausibility"] = Descriptor(
             value=round(score, 2),
             confidence=0.5,
-            note="cheap heuristic (probe geometry, horizontal layering), not a classifier",
+            note="cheap heuristic (horizontal layering of the upper field, probe geometry), not a classifier",
         )
     return out
 
 
-def _organ_plausibility(f: Mapping[str, float], organ: str, sector: bool) -> float:
-    """Heuristic 0..1 score: breast images are usually linear-probe with horizontal tissue layers;
-    kidney images are usually curvilinear (sector) with less layering near the top."""
-    layering = float(f["layering"])  # ~0.5 isotropic, -> 1 strongly horizontal layers
-    z = 4.0 * (layering - 0.6)
-    z += -1.0 if sector else 1.0
+def _organ_plausibility(f: Mapping[str, float], organ: str, sector: bool, p: Mapping[str, float]) -> float:
+    """Heuristic 0..1 score that the image shows ``organ``.
+
+    Breast scans (linear probe) show strong horizontal layering (skin, fat, Cooper's ligaments,
+    pectoral fascia) in the upper half of the field; kidney scans (curvilinear probe) much less.
+    A sector-shaped field nudges towards kidney, a linear one towards breast.
+    """
+    layering = float(f["layering"])  # share of vertical gradient energy: ~0.5 isotropic, -> 1 layered
+    z = p["layering_gain"] * (layering - p["layering_center"])
+    z += -p["sector_weight"] if sector else p["sector_weight"]
     if organ == "kidney":
         z = -z
     return 1.0 / (1.0 + math.exp(-z))
@@ -455,10 +459,12 @@ class PixelCaptioner:
         box: Box,
         mask: np.ndarray | None,
         spacing: tuple[float, float] | None,
+        kidney: bool = True,
     ) -> tuple[dict[str, float], _d.RegionAnalysis]:
         ra = _d.analyse_region(gray, box.to_list(), fov, mask=mask, pixel_spacing_mm=spacing)
         f = dict(ra.features)
-        f.update(kidney_fluid_features(gray, ra.box, f.get("ring_mean", float("nan"))))
+        if kidney:
+            f.update(kidney_fluid_features(gray, ra.box, f.get("ring_mean", float("nan"))))
         return f, ra
 
     # -- descriptors ---------------------------------------------------------------------------
@@ -535,7 +541,7 @@ class PixelCaptioner:
                     f"region {i} {box.to_list()} lies outside the {w}x{h} image; give boxes in pixel "
                     "coordinates of the original image"
                 )
-            f, ra = self._region_features(gray, ga.fov_mask, box, None, spacing)
+            f, ra = self._region_features(gray, ga.fov_mask, box, None, spacing, kidney=organ == "kidney")
             d = self.describe_region(f, organ, spacing, ra.segmentation)
             descs.append(
                 RegionDescription(
