@@ -10,8 +10,11 @@ Policy (one step per call):
 2. the detector found nothing, or only weak candidates, and has not been re-checked -> call it again
    with test-time augmentation and a lower threshold (self-refinement);
 3. candidates not described yet -> ``describe_image`` on the top candidates (and the whole image);
-4. no knowledge yet -> ``retrieve_knowledge`` for the leading hypothesis and its descriptors;
-5. otherwise stop (a plain assistant message summarising the evidence).
+4. the top candidate's label disagrees with its descriptors (a "benign" box that looks irregular,
+   not circumscribed, shadowing; a "malignant" box that looks oval, parallel, circumscribed) and it
+   has not been re-examined -> call the detector again on that region with test-time augmentation;
+5. no knowledge yet -> ``retrieve_knowledge`` for the leading hypothesis and its descriptors;
+6. otherwise stop (a plain assistant message summarising the evidence).
 
 A tool that answered with an error is not called again with the same arguments.
 """
@@ -28,6 +31,21 @@ from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
 from langchain_core.outputs import ChatGeneration, ChatResult
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import Field
+
+# Descriptor values that argue for malignancy / for a benign lesion (ACR BI-RADS US lexicon).
+SUSPICIOUS = {
+    "shape": {"irregular"},
+    "orientation": {"not parallel"},
+    "margin": {"indistinct", "angular", "microlobulated", "spiculated"},
+    "posterior_features": {"shadowing", "combined"},
+}
+REASSURING = {
+    "shape": {"oval"},
+    "orientation": {"parallel"},
+    "margin": {"circumscribed"},
+    "posterior_features": {"enhancement"},
+    "echo_pattern": {"anechoic"},
+}
 
 # Descriptors worth putting into a knowledge query, in order of diagnostic weight.
 _QUERY_DESCRIPTORS = (
@@ -57,6 +75,13 @@ def _tool_results(messages: Sequence[BaseMessage]) -> list[tuple[str, dict[str, 
     return out
 
 
+def _expand(box: list[int], frac: float) -> list[int]:
+    """Grow a 0..1000 box by ``frac`` of its size on each side (clamped to the image)."""
+    x1, y1, x2, y2 = box
+    dw, dh = (x2 - x1) * frac, (y2 - y1) * frac
+    return [max(0, int(x1 - dw)), max(0, int(y1 - dh)), min(1000, int(x2 + dw)), min(1000, int(y2 + dh))]
+
+
 class EmbeddedPolicy(BaseChatModel):
     """Deterministic invoke-and-reason policy (no LLM needed).
 
@@ -69,6 +94,7 @@ class EmbeddedPolicy(BaseChatModel):
 
     weak_score: float = 0.5
     recheck_threshold: float = 0.1
+    disagreement_votes: int = 2
     max_regions: int = 3
     knowledge_k: int = 3
     bound_tool_names: list[str] = Field(default_factory=list)
@@ -126,6 +152,13 @@ class EmbeddedPolicy(BaseChatModel):
                 args["detection_ids"] = [c["id"] for c in ranked]
             return call("describe_image", args, "Describing the image and the top candidates.")
 
+        region_checked = any(a.get("region") for _, a in detections) or any(a.get("region") for a in detect_errors)
+        if detect_tool and described and ranked and not region_checked and not knowledge:
+            why = self._disagreement(messages, ranked[0])
+            if why:
+                return call(detect_tool, {"score_threshold": self.recheck_threshold, "tta": True,
+                                          "region": _expand(ranked[0]["box"], 0.25)}, why)
+
         if "retrieve_knowledge" in self.bound_tool_names and not knowledge and not knowledge_failed:
             return call("retrieve_knowledge", {"query": self._query(messages, ranked), "k": self.knowledge_k},
                         "Retrieving knowledge for the leading hypothesis.")
@@ -136,6 +169,30 @@ class EmbeddedPolicy(BaseChatModel):
             else f"Evidence gathered: {len(detections)} detector call(s), no candidate lesion."
         )
         return AIMessage(content=summary)
+
+    def _disagreement(self, messages: Sequence[BaseMessage], top: dict[str, Any]) -> str | None:
+        """A reason to re-examine the top candidate when its label and its descriptors disagree."""
+        descs = self._descriptors_of(messages, top.get("id"))
+        if not descs:
+            return None
+        values = {k: (v or {}).get("value") for k, v in descs.items()}
+        bad = [f"{k} {v}" for k, v in values.items() if v in SUSPICIOUS.get(k, ())]
+        good = [f"{k} {v}" for k, v in values.items() if v in REASSURING.get(k, ())]
+        label = str(top.get("label", ""))
+        if label == "benign" and len(bad) >= self.disagreement_votes:
+            return f"Candidate {top.get('id')} is labelled benign but looks suspicious ({', '.join(bad)}); re-examining it."
+        if label == "malignant" and len(good) >= self.disagreement_votes + 1 and not bad:
+            return f"Candidate {top.get('id')} is labelled malignant but looks benign ({', '.join(good)}); re-examining it."
+        return None
+
+    @staticmethod
+    def _descriptors_of(messages: Sequence[BaseMessage], detection_id: Any) -> dict[str, Any]:
+        for name, data, _, err in reversed(_tool_results(messages)):
+            if name == "describe_image" and data and not err:
+                for r in data.get("regions") or []:
+                    if r.get("detection_id") == detection_id or detection_id is None:
+                        return r.get("descriptors") or {}
+        return {}
 
     def _query(self, messages: Sequence[BaseMessage], ranked: list[dict[str, Any]]) -> str:
         terms: list[str] = []

@@ -1,0 +1,414 @@
+"""The FastAPI application: a JSON API (with its OpenAPI schema at ``/openapi.json``) and the page.
+
+::
+
+    from echo_agent.server import create_app
+    app = create_app(db_path="echo-agent.sqlite")        # uvicorn.run(app)
+
+Each upload becomes a run (run id = LangGraph thread id) that the agent works on in the background
+and that pauses for a human review before its Diagnosis is final. Runs are checkpointed in SQLite
+(or Postgres), uploaded images are kept in a folder next to the database, so a paused review
+survives a restart of the server.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from ..errors import (
+    EchoError,
+    EchoInputError,
+    ImageTooLargeError,
+    MissingExtraError,
+    UnknownOrganError,
+    UnreadableImageError,
+    UnsupportedFormatError,
+)
+
+try:
+    from fastapi import FastAPI, File, Form, Query, Request, UploadFile
+    from fastapi.concurrency import run_in_threadpool
+    from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+    from fastapi.staticfiles import StaticFiles
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise MissingExtraError("fastapi", "serve", "the web service") from exc
+
+from ..graph.review import ReviewDecision
+from ..schemas import ClinicalContext, Diagnosis
+from .models import ErrorBody, ImageInfo, OrganInfo, RunState, RunSummary
+from .runs import RunConflict, RunIndex, RunManager, RunNotFound, RunRecord
+
+log = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+
+#: ``agent_factory(checkpointer=..., store=...) -> EchoAgent``: build the agent the server drives.
+#: It must pass ``review=True``, the given checkpointer, and a Toolkit whose store is ``store``.
+AgentFactory = Callable[..., Any]
+
+_ERRORS = {400: {"model": ErrorBody}, 404: {"model": ErrorBody}, 409: {"model": ErrorBody},
+           413: {"model": ErrorBody}, 415: {"model": ErrorBody}, 422: {"model": ErrorBody}}
+
+
+def default_agent_factory(*, checkpointer: Any, store: Any) -> Any:
+    """The packaged agent (embedded policy, packaged detectors, organ router) with review on."""
+    from ..agent import EchoAgent
+    from ..tools import Toolkit
+
+    return EchoAgent(toolkit=Toolkit(store=store), review=True, checkpointer=checkpointer)
+
+
+def status_for(exc: EchoError) -> int:
+    """HTTP status of a library error: 413 too large, 415 not a supported image, 404/409 for runs,
+    422 for any other invalid input, 500 otherwise."""
+    if isinstance(exc, ImageTooLargeError):
+        return 413
+    if isinstance(exc, UnsupportedFormatError):
+        return 415
+    if isinstance(exc, RunNotFound):
+        return 404
+    if isinstance(exc, RunConflict):
+        return 409
+    if isinstance(exc, (EchoInputError, UnreadableImageError, UnknownOrganError)):
+        return 422
+    return 500
+
+
+def _error(status: int, detail: str, name: str) -> JSONResponse:
+    return JSONResponse({"detail": detail, "error": name}, status_code=status)
+
+
+@asynccontextmanager
+async def open_checkpointer(db_path: Path, checkpointer_url: str | None) -> AsyncIterator[Any]:
+    """An async checkpointer: SQLite at ``db_path`` by default, or Postgres for a ``postgresql://`` URL."""
+    if checkpointer_url and checkpointer_url.startswith(("postgres://", "postgresql://")):
+        try:
+            from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
+        except ImportError as exc:
+            raise MissingExtraError("langgraph-checkpoint-postgres", "postgres", "a Postgres checkpointer") from exc
+        async with AsyncPostgresSaver.from_conn_string(checkpointer_url) as saver:
+            await saver.setup()
+            yield saver
+        return
+    if checkpointer_url:
+        raise EchoInputError(
+            f"checkpointer_url must be a postgresql:// URL, got {checkpointer_url!r}; leave it empty for SQLite"
+        )
+    try:
+        from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
+    except ImportError as exc:
+        raise MissingExtraError("langgraph-checkpoint-sqlite", "serve", "the SQLite checkpointer") from exc
+    async with AsyncSqliteSaver.from_conn_string(str(db_path)) as saver:
+        await saver.setup()
+        yield saver
+
+
+def create_app(
+    agent_factory: AgentFactory | None = None,
+    db_path: str | os.PathLike[str] = "echo-agent.sqlite",
+    max_upload_mb: float = 20.0,
+    *,
+    image_dir: str | os.PathLike[str] | None = None,
+    max_pixels: int = 50_000_000,
+    checkpointer_url: str | None = None,
+) -> FastAPI:
+    """Build the web service.
+
+    Args:
+        agent_factory: ``f(checkpointer=..., store=...) -> EchoAgent`` (default:
+            :func:`default_agent_factory`). The agent must have ``review=True``, use the given
+            checkpointer and a Toolkit whose image store is ``store``.
+        db_path: SQLite file holding the run index and (by default) the LangGraph checkpoints.
+        max_upload_mb: largest accepted upload (HTTP 413 above it).
+        image_dir: folder of the uploaded images (default: ``<db_path without suffix>.images``).
+        max_pixels: largest accepted width x height (HTTP 413 above it; checked before decoding).
+        checkpointer_url: a ``postgresql://`` URL to keep checkpoints in Postgres instead of SQLite.
+
+    Returns:
+        A FastAPI app; its lifespan opens the database and builds the agent.
+    """
+    db = Path(db_path).expanduser()
+    images = Path(image_dir).expanduser() if image_dir is not None else db.with_suffix(".images")
+    factory = agent_factory or default_agent_factory
+    max_bytes = int(max_upload_mb * 1024 * 1024)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        from ..imaging.store import ImageStore
+
+        async with AsyncExitStack() as stack:
+            db.parent.mkdir(parents=True, exist_ok=True)
+            saver = await stack.enter_async_context(open_checkpointer(db, checkpointer_url))
+            store = ImageStore(directory=images)
+            agent = factory(checkpointer=saver, store=store)
+            if not getattr(agent, "review", False):
+                raise EchoError("the server's agent must be built with review=True (agent_factory ignored it)")
+            if agent.checkpointer is not saver:
+                raise EchoError("agent_factory must pass the given checkpointer to EchoAgent(checkpointer=...)")
+            if agent.toolkit.get_store() is not store:
+                raise EchoError("agent_factory must build the Toolkit with the given store (Toolkit(store=store))")
+            index = RunIndex(db)
+            await index.open()
+            stack.push_async_callback(index.close)
+            abandoned = await index.mark_abandoned()
+            if abandoned:
+                log.warning("%d run(s) were in progress when the server last stopped; marked as failed", abandoned)
+            manager = RunManager(agent, index)
+            stack.push_async_callback(manager.shutdown)
+            app.state.manager = manager
+            app.state.store = store
+            yield
+
+    app = FastAPI(
+        title="echo-agent",
+        version=_version(),
+        summary="Ultrasound diagnosis agent with human review.",
+        description="Upload an ultrasound image, watch the agent's steps, review its Diagnosis.",
+        lifespan=lifespan,
+    )
+
+    @app.exception_handler(EchoError)
+    async def _echo_error(request: Request, exc: EchoError) -> JSONResponse:
+        status = status_for(exc)
+        if status == 500:
+            log.error("request %s failed: %s", request.url.path, exc)
+        return _error(status, str(exc), type(exc).__name__)
+
+    @app.middleware("http")
+    async def _limit_upload(request: Request, call_next: Any) -> Any:
+        # Refuse an oversized upload from its Content-Length, before the multipart body is read.
+        if request.method == "POST" and request.url.path == "/api/runs":
+            length = request.headers.get("content-length")
+            if length and length.isdigit() and int(length) > max_bytes + 64 * 1024:
+                return _error(413, _too_big(int(length), max_bytes), "ImageTooLargeError")
+        return await call_next(request)
+
+    def manager() -> RunManager:
+        return app.state.manager
+
+    async def state_of(rec: RunRecord) -> RunState:
+        events, _ = await manager().events_since(rec.run_id, 0)
+        return RunState(
+            run_id=rec.run_id, status=rec.status, created_at=rec.created_at, updated_at=rec.updated_at,
+            filename=rec.filename, organ=rec.organ, label=rec.label,
+            context=ClinicalContext.model_validate(rec.context) if rec.context else None,
+            image=ImageInfo.model_validate(rec.image) if rec.image else None,
+            events=events, diagnosis=Diagnosis.model_validate(rec.diagnosis) if rec.diagnosis else None,
+            error=rec.error,
+            overlay_url=f"/api/runs/{rec.run_id}/overlay.png", events_url=f"/api/runs/{rec.run_id}/events",
+            review_url=f"/api/runs/{rec.run_id}/review",
+        )
+
+    # -- API -------------------------------------------------------------------------------------------
+    @app.post(
+        "/api/runs", response_model=RunState, status_code=202, responses=_ERRORS, tags=["runs"],
+        summary="Upload an image and start a run",
+    )
+    async def create_run(
+        file: Annotated[UploadFile, File(description="The image: PNG, JPEG, TIFF, BMP or DICOM.")],
+        organ: Annotated[str | None, Form(description="breast | kidney | ... (default: routed).")] = None,
+        age: Annotated[int | None, Form(ge=0, le=130)] = None,
+        sex: Annotated[Literal["female", "male", "other"] | None, Form()] = None,
+        symptoms: Annotated[str | None, Form()] = None,
+        history: Annotated[str | None, Form()] = None,
+        notes: Annotated[str | None, Form()] = None,
+        frame: Annotated[int | None, Form(ge=0, description="Frame of a multi-frame DICOM/TIFF.")] = None,
+        mode: Annotated[
+            Literal["background", "wait", "stream"],
+            Query(description="background: answer at once (202); wait: answer when the run pauses for "
+                  "review or fails; stream: answer with the run's events as Server-Sent Events."),
+        ] = "background",
+    ) -> Any:
+        """Validate the upload as the library does (format, size, pixel count, organ, clinical
+        context), then start the agent. The run id is also the LangGraph thread id."""
+        from ..agent import to_clinical
+        from ..imaging import load_image
+        from ..organs import get_organ
+
+        data = await file.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise ImageTooLargeError(_too_big(len(data), max_bytes))
+        if not data:
+            raise EchoInputError("the uploaded file is empty; choose an image file")
+        organ = (organ or "").strip() or None
+        if organ is not None:
+            get_organ(organ)
+        fields = {"age": age, "sex": sex, "symptoms": symptoms, "history": history, "notes": notes}
+        fields = {k: v for k, v in fields.items() if v not in (None, "")}
+        context = to_clinical(fields) if fields else None
+        if context is not None and context.is_empty():
+            context = None
+        loaded = await run_in_threadpool(load_image, data, frame=frame, max_pixels=max_pixels)
+        rec = await manager().start(loaded, filename=file.filename, organ=organ, context=context)
+        if mode == "wait":
+            await manager().wait_until_settled(rec.run_id)
+            rec = await manager().index.get(rec.run_id)
+            return JSONResponse((await state_of(rec)).model_dump(mode="json"), status_code=200)
+        if mode == "stream":
+            return _sse_response(manager(), rec.run_id, 0, headers={"Location": f"/api/runs/{rec.run_id}"})
+        return JSONResponse(
+            (await state_of(rec)).model_dump(mode="json"), status_code=202,
+            headers={"Location": f"/api/runs/{rec.run_id}"},
+        )
+
+    @app.get("/api/runs", response_model=list[RunSummary], tags=["runs"], summary="List recent runs")
+    async def list_runs(
+        status: Annotated[Literal["running", "pending-review", "done", "error"] | None, Query()] = None,
+        limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    ) -> list[RunSummary]:
+        """Newest first; ``status=pending-review`` lists the runs waiting for a reviewer."""
+        recs = await manager().index.list(status, limit)
+        return [
+            RunSummary(run_id=r.run_id, status=r.status, created_at=r.created_at, updated_at=r.updated_at,
+                       filename=r.filename, organ=r.organ, label=r.label)
+            for r in recs
+        ]
+
+    @app.get("/api/runs/{run_id}", response_model=RunState, responses=_ERRORS, tags=["runs"],
+             summary="A run's state")
+    async def get_run(run_id: str) -> RunState:
+        """Status, events so far, the Diagnosis (the agent's while pending review, the reviewed one
+        when done) and the URLs of the overlay, the event stream and the review endpoint."""
+        return await state_of(await manager().index.get(run_id))
+
+    @app.get(
+        "/api/runs/{run_id}/events", responses={200: {"content": {"text/event-stream": {}}}, **_ERRORS},
+        tags=["runs"], summary="The run's events as Server-Sent Events",
+    )
+    async def run_events(request: Request, run_id: str) -> StreamingResponse:
+        """Each SSE message has ``id`` = event index, ``event`` = the event's ``type`` and ``data`` = the
+        event JSON (:mod:`echo_agent.events`). Past events are replayed first (after
+        ``Last-Event-ID`` when the client reconnects); a final ``end`` message carries the status."""
+        await manager().index.get(run_id)
+        last = request.headers.get("last-event-id", "")
+        since = int(last) + 1 if last.strip().isdigit() else 0
+        return _sse_response(manager(), run_id, since, request=request)
+
+    @app.get("/api/runs/{run_id}/overlay.png", response_class=Response, responses={
+        200: {"content": {"image/png": {}}}, **_ERRORS}, tags=["runs"], summary="The image with the boxes")
+    async def overlay(run_id: str) -> Response:
+        """The uploaded image with the Diagnosis findings drawn (before the Diagnosis: the detector's
+        boxes so far)."""
+        rec = await manager().index.get(run_id)
+        if not rec.image:
+            raise RunConflict(f"run {run_id} has no image")
+        events, _ = await manager().events_since(run_id, 0)
+        png = await run_in_threadpool(_render_overlay, app.state.store, rec, events)
+        return Response(png, media_type="image/png", headers={"Cache-Control": "no-store"})
+
+    @app.post("/api/runs/{run_id}/review", response_model=Diagnosis, responses=_ERRORS, tags=["review"],
+              summary="Accept, edit or reject the Diagnosis")
+    async def review(run_id: str, decision: ReviewDecision) -> Diagnosis:
+        """Resume the paused run with the reviewer's decision. ``reviewer`` is required; ``edit``
+        changes ``label``, ``category`` and/or ``box`` (pixel ``[x1, y1, x2, y2]``); ``reject``
+        marks the Diagnosis indeterminate with the comment. The returned Diagnosis records who
+        changed what in ``review``, next to the agent's ``original``."""
+        return await manager().review(run_id, decision)
+
+    @app.get("/api/schema/diagnosis", tags=["schema"], summary="JSON schema of a Diagnosis")
+    async def diagnosis_schema() -> dict[str, Any]:
+        return Diagnosis.json_schema()
+
+    @app.get("/api/organs", response_model=list[OrganInfo], tags=["schema"], summary="Registered organs")
+    async def organs() -> list[OrganInfo]:
+        """Labels and categories a reviewer may choose for each organ."""
+        from ..organs import list_organs
+
+        out = []
+        for s in list_organs():
+            cats = [b.name for b in s.categories]
+            if s.no_lesion_category and s.no_lesion_category not in cats:
+                cats.insert(0, s.no_lesion_category)
+            out.append(OrganInfo(name=s.name, display_name=s.display_name or s.name, labels=list(s.image_labels),
+                                 category_system=s.category_system, categories=cats))
+        return out
+
+    @app.get("/api/health", tags=["schema"], summary="Liveness")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    # -- page ------------------------------------------------------------------------------------------
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-store"})
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    return app
+
+
+def _too_big(n: int, limit: int) -> str:
+    return (f"the upload is {n / 1048576:.1f} MB, more than the {limit / 1048576:.0f} MB limit; "
+            "send a smaller image (one frame, PNG or JPEG)")
+
+
+def _render_overlay(store: Any, rec: RunRecord, events: list[Any]) -> bytes:
+    from ..imaging import encode_png, render_overlay
+
+    pixels = store.get(rec.image["id"])  # type: ignore[index]
+    boxes: list[Any] = []
+    title = None
+    if rec.diagnosis:
+        dx = Diagnosis.model_validate(rec.diagnosis)
+        boxes = list(dx.findings)
+        title = f"{dx.label} p={dx.probability:.2f}" + (f"  {dx.category_system or ''} {dx.category}" if dx.category else "")
+    else:
+        reports = [e.evidence for e in events if e.type == "evidence" and e.evidence.kind == "detections"]
+        if reports:
+            boxes = list(reports[-1].detections)
+    return encode_png(render_overlay(pixels, boxes, title=title))
+
+
+def _sse(event: Any, seq: int) -> str:
+    return f"id: {seq}\nevent: {event.type}\ndata: {json.dumps(event.model_dump(mode='json'))}\n\n"
+
+
+def _sse_response(
+    manager: RunManager, run_id: str, since: int, *, request: Request | None = None,
+    headers: dict[str, str] | None = None,
+) -> StreamingResponse:
+    async def gen() -> AsyncIterator[str]:
+        seq = since
+        while True:
+            events, live = await manager.events_since(run_id, seq)
+            for ev in events:
+                yield _sse(ev, seq)
+                seq += 1
+            if not live:
+                rec = await manager.index.get(run_id)
+                end = {"status": rec.status, "error": rec.error, "run_id": run_id}
+                yield f"event: end\ndata: {json.dumps(end)}\n\n"
+                return
+            if request is not None and await request.is_disconnected():
+                return
+            if not await manager.wait(run_id, seq, timeout=15.0):
+                yield ": keep-alive\n\n"  # keeps proxies from closing an idle stream
+
+    return StreamingResponse(
+        gen(), media_type="text/event-stream",
+        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no", **(headers or {})},
+    )
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+def app_from_env() -> FastAPI:
+    """App factory for ``uvicorn --factory`` / ``--reload``: settings from ``ECHO_AGENT_SERVE_*``
+    environment variables (DB, MAX_UPLOAD_MB, CHECKPOINTER_URL)."""
+    return create_app(
+        db_path=os.environ.get("ECHO_AGENT_SERVE_DB", "echo-agent.sqlite"),
+        max_upload_mb=float(os.environ.get("ECHO_AGENT_SERVE_MAX_UPLOAD_MB", "20")),
+        checkpointer_url=os.environ.get("ECHO_AGENT_SERVE_CHECKPOINTER_URL") or None,
+    )
+
+
+__all__ = ["AgentFactory", "create_app", "default_agent_factory", "status_for", "app_from_env"]

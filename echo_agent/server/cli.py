@@ -1,0 +1,58 @@
+"""``echo-agent serve``: run the web service with uvicorn."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..errors import EchoInputError, MissingExtraError
+
+
+def serve_command(
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    db: str | os.PathLike[str] = "echo-agent.sqlite",
+    reload: bool = False,
+    *,
+    max_upload_mb: float = 20.0,
+    checkpointer_url: str | None = None,
+    log_level: str = "info",
+) -> int:
+    """Serve the page and the JSON API until interrupted; return the exit code.
+
+    Args:
+        host: interface to listen on (``0.0.0.0`` exposes the service to the network: put it
+            behind an authenticating proxy, it has no login of its own).
+        port: TCP port.
+        db: SQLite file for runs and checkpoints; uploaded images go to ``<db without suffix>.images/``.
+        reload: restart on code changes (development only).
+        max_upload_mb: largest accepted upload.
+        checkpointer_url: ``postgresql://...`` to keep LangGraph checkpoints in Postgres.
+        log_level: uvicorn's log level.
+    """
+    try:
+        import uvicorn
+    except ImportError as exc:
+        raise MissingExtraError("uvicorn", "serve", "echo-agent serve") from exc
+    if not 0 < port < 65536:
+        raise EchoInputError(f"port must be between 1 and 65535, got {port}")
+    db_path = Path(db).expanduser().resolve()
+    if db_path.is_dir():
+        raise EchoInputError(f"--db {str(db_path)!r} is a folder; give a file path such as runs.sqlite")
+    if reload:
+        # uvicorn's reloader imports the app in a child process, so the settings travel as env vars.
+        os.environ["ECHO_AGENT_SERVE_DB"] = str(db_path)
+        os.environ["ECHO_AGENT_SERVE_MAX_UPLOAD_MB"] = str(max_upload_mb)
+        if checkpointer_url:
+            os.environ["ECHO_AGENT_SERVE_CHECKPOINTER_URL"] = checkpointer_url
+        uvicorn.run("echo_agent.server.app:app_from_env", factory=True, host=host, port=port, reload=True,
+                    log_level=log_level)
+        return 0
+    from .app import create_app
+
+    app = create_app(db_path=db_path, max_upload_mb=max_upload_mb, checkpointer_url=checkpointer_url)
+    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    return 0
+
+
+__all__ = ["serve_command"]

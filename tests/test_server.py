@@ -1,0 +1,337 @@
+"""The web service's JSON API: runs, typed event streams, overlays, review, errors, restart."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi", reason="the web service needs the 'serve' extra (fastapi)")
+pytest.importorskip("langgraph.checkpoint.sqlite.aio", reason="the web service needs langgraph-checkpoint-sqlite")
+
+from _server_fakes import GatedDetector, agent_factory  # noqa: E402
+from fastapi.testclient import TestClient  # noqa: E402
+from PIL import Image  # noqa: E402
+from pydantic import TypeAdapter  # noqa: E402
+
+from echo_agent.errors import EchoError  # noqa: E402
+from echo_agent.events import AgentEvent, DiagnosisEvent, ReviewRequestedEvent  # noqa: E402
+from echo_agent.imaging import example_image  # noqa: E402
+from echo_agent.imaging.overlay import label_colour  # noqa: E402
+from echo_agent.schemas import Diagnosis  # noqa: E402
+from echo_agent.server import create_app  # noqa: E402
+
+EVENTS = TypeAdapter(list[AgentEvent])
+IMAGE = example_image("breast_malignant").read_bytes()
+
+
+def _png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture()
+def db(tmp_path):
+    return tmp_path / "srv" / "runs.sqlite"
+
+
+@pytest.fixture()
+def client(db):
+    with TestClient(create_app(agent_factory(), db_path=db)) as c:
+        yield c
+
+
+def _start(client, data=IMAGE, name="scan.png", mode="wait", **form):
+    return client.post(f"/api/runs?mode={mode}", files={"file": (name, data, "image/png")}, data=form)
+
+
+def _paused(client, **form) -> dict:
+    r = _start(client, **form)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["status"] == "pending-review", body
+    return body
+
+
+def _sse(text: str) -> list[tuple[str | None, str, dict]]:
+    """Parse an SSE body into (id, event, data) triples."""
+    out = []
+    for block in text.strip().split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines() if not line.startswith(":"))
+        out.append((fields.get("id"), fields["event"], json.loads(fields["data"])))
+    return out
+
+
+# -- schema -------------------------------------------------------------------------------------------
+def test_openapi_documents_every_operation(client):
+    spec = client.get("/openapi.json").json()
+    ops = {(m.upper(), p) for p, item in spec["paths"].items() for m in item}
+    assert {
+        ("POST", "/api/runs"), ("GET", "/api/runs"), ("GET", "/api/runs/{run_id}"),
+        ("GET", "/api/runs/{run_id}/events"), ("GET", "/api/runs/{run_id}/overlay.png"),
+        ("POST", "/api/runs/{run_id}/review"), ("GET", "/api/schema/diagnosis"), ("GET", "/api/organs"),
+    } <= ops
+    review_body = spec["paths"]["/api/runs/{run_id}/review"]["post"]["requestBody"]["content"]["application/json"]
+    assert review_body["schema"]["$ref"].endswith("/ReviewDecision")
+    # the events of a run are the library's typed events, discriminated by 'type'
+    assert {"PerceivedEvent", "EvidenceEvent", "ReviewRequestedEvent", "DiagnosisEvent"} <= set(spec["components"]["schemas"])
+
+
+def test_diagnosis_schema_and_organs(client):
+    assert client.get("/api/schema/diagnosis").json() == Diagnosis.json_schema()
+    organs = {o["name"]: o for o in client.get("/api/organs").json()}
+    assert organs["breast"]["labels"] == ["normal", "benign", "malignant"]
+    assert organs["breast"]["category_system"] == "BI-RADS" and "4A" in organs["breast"]["categories"]
+    assert client.get("/").headers["content-type"].startswith("text/html")
+
+
+# -- runs and events ----------------------------------------------------------------------------------
+def test_wait_mode_pauses_for_review_with_typed_events(client):
+    body = _paused(client, age="52", symptoms="palpable lump", organ="breast")
+    events = EVENTS.validate_python(body["events"])
+    types = [e.type for e in events]
+    assert types[0] == "perceived" and types[-1] == "review_requested"
+    assert {"tool_called", "evidence", "reasoner", "diagnosis"} <= set(types)
+    assert [e.step for e in events] == list(range(len(events)))
+    assert isinstance(events[-1], ReviewRequestedEvent) and events[-1].thread_id == body["run_id"]
+    assert body["diagnosis"] == events[-1].diagnosis.model_dump(mode="json")
+    assert body["context"] == {"age": 52, "symptoms": "palpable lump", "sex": None, "history": None, "notes": None}
+    assert body["organ"] == "breast" and body["filename"] == "scan.png"
+    w, h = Image.open(io.BytesIO(IMAGE)).size
+    assert (body["image"]["width"], body["image"]["height"]) == (w, h)
+    assert client.get(f"/api/runs/{body['run_id']}").json() == body
+
+
+def test_events_stream_is_live(db):
+    """The SSE stream delivers steps while the agent is still working (the detector is blocked)."""
+    det = GatedDetector()
+    with TestClient(create_app(agent_factory(detector=det), db_path=db)) as c:
+        r = _start(c, mode="background")
+        assert r.status_code == 202 and r.headers["location"] == f"/api/runs/{r.json()['run_id']}"
+        rid = r.json()["run_id"]
+        assert r.json()["status"] == "running"
+        seen = []
+        with c.stream("GET", f"/api/runs/{rid}/events") as s:
+            assert s.headers["content-type"].startswith("text/event-stream")
+            for line in s.iter_lines():
+                if line.startswith("event: "):
+                    seen.append(line[7:])
+                    if line == "event: tool_called":
+                        assert det.entered.wait(10)
+                        # mid-run: no evidence yet, and the API reports the run as running
+                        assert c.get(f"/api/runs/{rid}").json()["status"] == "running"
+                        det.gate.set()
+        assert seen[0] == "perceived" and seen[-2:] == ["review_requested", "end"]
+        assert seen.index("tool_called") < seen.index("evidence")
+
+
+def test_events_replay_and_last_event_id(client):
+    rid = _paused(client)["run_id"]
+    full = _sse(client.get(f"/api/runs/{rid}/events").text)
+    assert full[-1][1] == "end" and full[-1][2]["status"] == "pending-review"
+    typed = EVENTS.validate_python([d for _, e, d in full[:-1]])
+    assert [str(i) for i in range(len(typed))] == [i for i, _, _ in full[:-1]]
+    assert all(e.type == name for e, (_, name, _) in zip(typed, full))
+    tail = _sse(client.get(f"/api/runs/{rid}/events", headers={"Last-Event-ID": "9"}).text)
+    assert [i for i, _, _ in tail[:-1]] == [str(i) for i in range(10, len(typed))]
+
+
+def test_stream_mode_post_answers_with_events(client):
+    with client.stream("POST", "/api/runs?mode=stream", files={"file": ("a.png", IMAGE, "image/png")}) as s:
+        assert s.status_code == 200 and s.headers["content-type"].startswith("text/event-stream")
+        rid = s.headers["location"].rsplit("/", 1)[1]
+        parsed = _sse(s.read().decode())
+    assert parsed[0][1] == "perceived" and parsed[-1] == (None, "end", {"status": "pending-review", "error": None, "run_id": rid})
+
+
+def test_list_runs_filters_by_status(client):
+    a = _paused(client)["run_id"]
+    b = _paused(client)["run_id"]
+    client.post(f"/api/runs/{a}/review", json={"action": "accept", "reviewer": "dr-a"})
+    pending = [r["run_id"] for r in client.get("/api/runs?status=pending-review").json()]
+    done = [r["run_id"] for r in client.get("/api/runs?status=done").json()]
+    assert pending == [b] and done == [a]
+    assert {r["run_id"] for r in client.get("/api/runs").json()} == {a, b}
+
+
+def test_overlay_draws_the_diagnosis_box(client):
+    body = _paused(client)
+    r = client.get(body["overlay_url"])
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    img = np.asarray(Image.open(io.BytesIO(r.content)).convert("RGB"))
+    assert img.shape[:2] == (body["image"]["height"], body["image"]["width"])
+    box = Diagnosis.model_validate(body["diagnosis"]).box
+    colour = label_colour(body["diagnosis"]["findings"][0]["label"])
+    x1, y1, y2 = int(box.x1), int(box.y1), int(box.y2)
+    assert img[(y1 + y2) // 2, x1].tolist() == list(colour)
+    original = np.asarray(Image.open(io.BytesIO(IMAGE)).convert("RGB"))
+    assert not np.array_equal(img, original)
+
+
+# -- review -------------------------------------------------------------------------------------------
+def test_review_accept(client):
+    body = _paused(client)
+    r = client.post(body["review_url"], json={"action": "accept", "reviewer": "dr-a", "comment": "agree"})
+    assert r.status_code == 200, r.text
+    dx = Diagnosis.model_validate(r.json())
+    assert dx.review.reviewer == "dr-a" and dx.review.action == "accept" and dx.review.changes == {}
+    assert dx.label == body["diagnosis"]["label"]
+    state = client.get(f"/api/runs/{body['run_id']}").json()
+    assert state["status"] == "done" and state["diagnosis"] == r.json()
+    last = EVENTS.validate_python(state["events"])[-1]
+    assert isinstance(last, DiagnosisEvent) and last.diagnosis.review.reviewer == "dr-a"
+    # a finished run cannot be reviewed twice
+    again = client.post(body["review_url"], json={"action": "accept", "reviewer": "dr-b"})
+    assert again.status_code == 409 and "not waiting for review" in again.json()["detail"]
+
+
+def test_review_edit_label_category_box(client):
+    body = _paused(client)
+    agent_dx = body["diagnosis"]
+    r = client.post(body["review_url"], json={
+        "action": "edit", "reviewer": "dr-e", "label": "benign", "category": "3", "box": [100, 120, 220, 260],
+    })
+    assert r.status_code == 200, r.text
+    dx = Diagnosis.model_validate(r.json())
+    assert (dx.label, dx.category) == ("benign", "3")
+    assert dx.box.to_list() == [100, 120, 220, 260]
+    ch = dx.review.changes
+    assert ch["label"] == {"from": agent_dx["label"], "to": "benign"}
+    assert ch["category"] == {"from": agent_dx["category"], "to": "3"}
+    assert ch["box"]["to"] == [100, 120, 220, 260]
+    assert dx.review.original["label"] == agent_dx["label"] and dx.review.reviewer == "dr-e"
+    # the overlay now shows the reviewed box in the reviewed label's colour
+    img = np.asarray(Image.open(io.BytesIO(client.get(body["overlay_url"]).content)).convert("RGB"))
+    assert img[190, 100].tolist() == list(label_colour("benign"))
+
+
+def test_review_reject_with_comment(client):
+    body = _paused(client)
+    r = client.post(body["review_url"], json={"action": "reject", "reviewer": "dr-r", "comment": "motion artefact"})
+    dx = Diagnosis.model_validate(r.json())
+    assert dx.indeterminate and "dr-r" in dx.indeterminate_reason and "motion artefact" in dx.indeterminate_reason
+    assert dx.review.action == "reject" and dx.review.comment == "motion artefact"
+
+
+@pytest.mark.parametrize(
+    ("decision", "needle"),
+    [
+        ({"action": "accept"}, "reviewer"),
+        ({"action": "edit", "reviewer": "dr-x", "label": "hydronephrosis"}, "not a breast label"),
+        ({"action": "edit", "reviewer": "dr-x", "category": "9"}, "not valid for breast"),
+        ({"action": "edit", "reviewer": "dr-x"}, "must change"),
+        ({"action": "approve", "reviewer": "dr-x"}, "action"),
+        ({"action": "edit", "reviewer": "dr-x", "box": [1, 2, 3]}, "box"),
+    ],
+)
+def test_invalid_review_is_422_and_the_run_stays_paused(client, decision, needle):
+    body = _paused(client)
+    r = client.post(body["review_url"], json=decision)
+    assert r.status_code == 422, r.text
+    assert needle in json.dumps(r.json()["detail"])
+    assert client.get(f"/api/runs/{body['run_id']}").json()["status"] == "pending-review"
+    ok = client.post(body["review_url"], json={"action": "accept", "reviewer": "dr-y"})
+    assert ok.status_code == 200 and ok.json()["review"]["reviewer"] == "dr-y"
+
+
+def test_review_of_unknown_run_is_404(client):
+    r = client.post("/api/runs/nope/review", json={"action": "accept", "reviewer": "x"})
+    assert r.status_code == 404 and "no run 'nope'" in r.json()["detail"]
+    for path in ("/api/runs/nope", "/api/runs/nope/events", "/api/runs/nope/overlay.png"):
+        assert client.get(path).status_code == 404
+
+
+# -- input validation ---------------------------------------------------------------------------------
+def test_text_file_is_415(client):
+    r = client.post("/api/runs", files={"file": ("notes.txt", b"patient notes, not an image", "text/plain")})
+    assert r.status_code == 415
+    assert r.json()["error"] == "UnsupportedFormatError" and "text, not an image" in r.json()["detail"]
+    assert client.get("/api/runs").json() == []
+
+
+def test_corrupt_png_and_empty_file_are_422(client):
+    r = _start(client, data=IMAGE[:60])
+    assert r.status_code == 422 and r.json()["error"] == "UnreadableImageError"
+    r = _start(client, data=b"")
+    assert r.status_code == 422 and "empty" in r.json()["detail"]
+
+
+def test_unknown_organ_and_bad_context_are_422(client):
+    r = _start(client, organ="liver")
+    assert r.status_code == 422 and r.json()["error"] == "UnknownOrganError" and "liver" in r.json()["detail"]
+    r = _start(client, age="200")
+    assert r.status_code == 422
+    r = _start(client, sex="robot")
+    assert r.status_code == 422
+
+
+def test_upload_size_and_pixel_limits_are_413(db):
+    big = _png(np.random.default_rng(0).integers(0, 255, (700, 700, 3), dtype=np.uint8))  # ~1.4 MB
+    with TestClient(create_app(agent_factory(), db_path=db, max_upload_mb=1.0, max_pixels=400 * 400)) as c:
+        r = _start(c, data=big)
+        assert r.status_code == 413 and "MB limit" in r.json()["detail"]
+        small_but_wide = _png(np.zeros((300, 600, 3), np.uint8))
+        r = _start(c, data=small_but_wide)
+        assert r.status_code == 413 and r.json()["error"] == "ImageTooLargeError"
+        assert _start(c, data=_png(np.full((300, 300, 3), 90, np.uint8))).status_code == 200
+
+
+def test_a_failing_run_reports_its_error(db):
+    # no organ and no router: the agent fails in perceive; the API shows why, the stream ends with it
+    with TestClient(create_app(agent_factory(organ=None), db_path=db)) as c:
+        r = _start(c)
+        assert r.status_code == 200 and r.json()["status"] == "error"
+        assert "no organ was given" in r.json()["error"]
+        end = _sse(c.get(f"/api/runs/{r.json()['run_id']}/events").text)[-1]
+        assert end[1] == "end" and end[2]["status"] == "error" and "organ" in end[2]["error"]
+        assert c.post(r.json()["review_url"], json={"action": "accept", "reviewer": "x"}).status_code == 409
+
+
+def test_factory_must_enable_review(db):
+    app = create_app(_no_review_factory, db_path=db)
+    with pytest.raises(EchoError, match="review=True"):
+        with TestClient(app):
+            pass
+
+
+def _no_review_factory(*, checkpointer, store):
+    from _fakes import fake_toolkit
+
+    from echo_agent.agent import EchoAgent
+
+    return EchoAgent(organ="breast", toolkit=fake_toolkit(), router=None, checkpointer=checkpointer)
+
+
+# -- persistence --------------------------------------------------------------------------------------
+def test_paused_review_survives_a_restart(db):
+    with TestClient(create_app(agent_factory(), db_path=db)) as c1:
+        body = _paused(c1, age="61")
+    assert (db.parent / "runs.images" / f"{body['image']['id']}.png").is_file()
+    # a new app (new agent, new in-memory image store) on the same database and image folder
+    with TestClient(create_app(agent_factory(), db_path=db)) as c2:
+        state = c2.get(f"/api/runs/{body['run_id']}").json()
+        assert state == body
+        assert c2.get(body["overlay_url"]).status_code == 200
+        r = c2.post(body["review_url"], json={"action": "edit", "reviewer": "dr-late", "label": "benign"})
+        assert r.status_code == 200, r.text
+        assert r.json()["review"]["changes"]["label"] == {"from": body["diagnosis"]["label"], "to": "benign"}
+        assert r.json()["review"]["original"]["label"] == body["diagnosis"]["label"]
+    with TestClient(create_app(agent_factory(), db_path=db)) as c3:
+        final = c3.get(f"/api/runs/{body['run_id']}").json()
+        assert final["status"] == "done" and final["diagnosis"]["label"] == "benign"
+        assert final["events"][: len(body["events"])] == body["events"]
+
+
+def test_a_run_interrupted_by_a_stop_is_marked_failed(db):
+    det = GatedDetector()
+    with TestClient(create_app(agent_factory(detector=det), db_path=db)) as c:
+        rid = _start(c, mode="background").json()["run_id"]
+        assert det.entered.wait(10)
+        # leaving the block stops the server with the run still blocked in the detector
+        det.gate.set()  # let the worker thread finish after the loop is gone
+    with TestClient(create_app(agent_factory(), db_path=db)) as c:
+        state = c.get(f"/api/runs/{rid}").json()
+        assert state["status"] == "error" and "server stopped" in state["error"]

@@ -1,0 +1,75 @@
+#!/usr/bin/env python
+"""Train the learned evidence fusion of the default reasoner for one organ.
+
+    python tools/train_policy.py --organ breast --centers busi breast_lesions_usg --split val \
+        --out echo_agent/assets/fusion/breast.json --runs-cache /tmp/fusion_runs_breast.jsonl
+
+It runs the real agent (embedded policy, packaged detector, captioner, retriever, heuristic
+fusion) on the chosen split of each center, keeps each run's typed evidence, and fits a calibrated
+logistic fusion by grouped cross-validation (see echo_agent/reasoners/fusion_training.py).
+
+Use a split the detector was NOT trained on (default: ``val``), so the fusion learns from the
+detector's out-of-sample behaviour. The test splits are never read here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from echo_agent.eval.datasets import load_split  # noqa: E402
+from echo_agent.reasoners.fusion_training import RunRecord, collect_runs, fit_fusion  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--organ", required=True)
+    ap.add_argument("--centers", nargs="+", required=True)
+    ap.add_argument("--split", default="val", choices=["train", "val"], help="never 'test'")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--runs-cache", type=Path, default=None, help="JSONL of collected runs (reused when present)")
+    ap.add_argument("--indeterminate-below", type=float, default=0.5)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--force", action="store_true", help="overwrite --out")
+    args = ap.parse_args()
+    if args.out.exists() and not args.force:
+        ap.error(f"{args.out} exists; pass --force to overwrite it")
+
+    records: list[RunRecord] = []
+    if args.runs_cache and args.runs_cache.exists():
+        records = [RunRecord(**json.loads(line)) for line in args.runs_cache.read_text().splitlines() if line.strip()]
+        print(f"reusing {len(records)} cached runs from {args.runs_cache}")
+    else:
+        images = [im for c in args.centers for im in load_split(c, args.split) if im.organ == args.organ]
+        t0 = time.perf_counter()
+
+        def progress(i: int, n: int) -> None:
+            if i % 25 == 0 or i == n:
+                print(f"  {i}/{n} runs ({time.perf_counter() - t0:.0f} s)", flush=True)
+
+        print(f"running the agent on {len(images)} {args.organ} images ({args.split} of {', '.join(args.centers)})")
+        records = collect_runs(images, progress=progress)
+        if args.runs_cache:
+            args.runs_cache.parent.mkdir(parents=True, exist_ok=True)
+            args.runs_cache.write_text("\n".join(r.to_json() for r in records) + "\n")
+    params = fit_fusion(
+        records, organ=args.organ, seed=args.seed, indeterminate_below=args.indeterminate_below,
+        notes={"centers": args.centers, "split": args.split,
+               "command": "python tools/train_policy.py " + " ".join(sys.argv[1:])},
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(params.to_json() + "\n")
+    print(json.dumps(params.training, indent=1))
+    print(f"wrote {args.out} (temperature {params.temperature:.3f}, {len(params.feature_names)} features)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
