@@ -132,13 +132,15 @@ def eval_(
     out: Annotated[Path, typer.Option(help="Output folder for metrics.json, predictions.jsonl, report.md, plots.")],
     organ: Annotated[str | None, typer.Option(help="Only rows of this organ.")] = None,
     split: Annotated[str | None, typer.Option(help="Only rows of this split (train/val/test).")] = None,
-    limit: Annotated[int | None, typer.Option(help="Evaluate at most N images.")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Allow writing into a non-empty output folder.")] = False,
+    limit: Annotated[int | None, typer.Option(help="Evaluate a seeded random subset of N images.")] = None,
+    score_threshold: Annotated[float, typer.Option(help="Detector score threshold of the detector-only baseline.")] = 0.25,
+    overwrite: Annotated[bool, typer.Option(help="Allow replacing the harness's own files in a non-empty output folder.")] = False,
 ) -> None:
     """Evaluate detector-only vs the full agent on a manifest."""
     from .eval.harness import eval_command
 
-    raise typer.Exit(code=eval_command(manifest, out, organ=organ, split=split, limit=limit, overwrite=overwrite))
+    raise typer.Exit(code=eval_command(manifest, out, organ=organ, split=split, limit=limit, overwrite=overwrite,
+                                       score_threshold=score_threshold))
 
 
 @app.command()
