@@ -30,6 +30,7 @@ from pathlib import Path
 from ..errors import ManifestError
 from ..schemas import Box
 from .manifest import ManifestImage, default_data_root
+from .splits import UnionFind
 
 BUSI = "busi"
 BREAST_LESIONS_USG = "breast_lesions_usg"
@@ -98,23 +99,6 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
-class _UnionFind:
-    def __init__(self) -> None:
-        self.parent: dict[str, str] = {}
-
-    def find(self, a: str) -> str:
-        self.parent.setdefault(a, a)
-        while self.parent[a] != a:
-            self.parent[a] = self.parent[self.parent[a]]
-            a = self.parent[a]
-        return a
-
-    def union(self, a: str, b: str) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[max(ra, rb)] = min(ra, rb)
-
-
 def _box(row: dict[str, str]) -> Box:
     return Box(x1=float(row["x_min"]), y1=float(row["y_min"]), x2=float(row["x_max"]), y2=float(row["y_max"]))
 
@@ -128,7 +112,7 @@ def load_busi(root: str | Path | None = None) -> DatasetBuild:
         if int(r["area_px"]) < BUSI_MIN_COMPONENT_PX:
             continue
         boxes[r["image"]].append(_box(r))
-    uf = _UnionFind()
+    uf = UnionFind()
     group_of = {r["image"]: f"ndg{int(r['near_dup_group']):04d}" for r in images}
     for name in group_of.values():
         uf.find(name)

@@ -30,6 +30,25 @@ DEFAULT_SEED = 20240611
 DEFAULT_FRACTIONS: Mapping[str, float] = {"train": 0.7, "val": 0.1, "test": 0.2}
 
 
+class UnionFind:
+    """Disjoint sets of string ids; the representative of a set is its smallest id."""
+
+    def __init__(self) -> None:
+        self.parent: dict[str, str] = {}
+
+    def find(self, a: str) -> str:
+        self.parent.setdefault(a, a)
+        while self.parent[a] != a:
+            self.parent[a] = self.parent[self.parent[a]]
+            a = self.parent[a]
+        return a
+
+    def union(self, a: str, b: str) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
+
+
 def _group_of(im: ManifestImage) -> str:
     return im.group or im.patient_id or im.key
 
@@ -188,26 +207,17 @@ class LeakageError(ManifestError):
 def merge_identical_groups(images: Sequence[ManifestImage]) -> list[ManifestImage]:
     """Copies of ``images`` whose ``group`` is merged across pixel-identical images (decodes every
     image once), so that :func:`assign_splits` keeps identical frames of different clips together."""
-    parent: dict[str, str] = {}
-
-    def find(a: str) -> str:
-        parent.setdefault(a, a)
-        while parent[a] != a:
-            parent[a] = parent[parent[a]]
-            a = parent[a]
-        return a
-
+    uf = UnionFind()
     first: dict[str, str] = {}
     for im in images:
-        g = find(_group_of(im))
+        g = _group_of(im)
         d = _pixel_digest(im.image)
         if d in first:
-            other = find(first[d])
-            if other != g:
-                parent[max(g, other)] = min(g, other)
+            uf.union(first[d], g)
         else:
             first[d] = g
-    return [replace(im, group=find(_group_of(im))) for im in images]
+            uf.find(g)
+    return [replace(im, group=uf.find(_group_of(im))) for im in images]
 
 
 def _pixel_digest(path: Path) -> str:
