@@ -134,6 +134,12 @@ class BoxConvention:
             return text
         return json.dumps(self.args_to_family(data), ensure_ascii=False, separators=(",", ":"))
 
+    def system_text(self, text: str) -> str:
+        """The system prompt with its box-convention sentence replaced by this family's."""
+        if not self.absolute:
+            return text
+        return f"{text.replace(_CONVENTION_SENTENCE, '').rstrip()}\n\n{self.system_note()}"
+
     def system_note(self) -> str:
         if not self.absolute:
             return ""
@@ -391,8 +397,7 @@ class QwenVLChatModel(BaseChatModel):
                     for c in e["tool_calls"]:
                         c["function"]["arguments"] = conv.args_to_family(c["function"]["arguments"])
                 elif e["role"] == "system":
-                    text = e["content"][0]["text"].replace(_CONVENTION_SENTENCE, "")
-                    e["content"][0]["text"] = f"{text.rstrip()}\n\n{conv.system_note()}"
+                    e["content"][0]["text"] = conv.system_text(e["content"][0]["text"])
         template = getattr(self._processor, "chat_template", None)
         if tools and not template_renders_tools(template):
             hf = _hermes_fallback(hf, tools)
