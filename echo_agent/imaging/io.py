@@ -93,6 +93,7 @@ class LoadedImage:
         store = store if store is not None else default_store()
         return store.put(
             self.array,
+            image_id=self.sha256,
             path=self.path,
             source_kind=self.source_kind,
             frame=self.frame,

@@ -60,13 +60,16 @@ class ImageStore:
         self._items: OrderedDict[str, np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
 
-    def put(self, array: np.ndarray, **meta: Any) -> ImageRef:
-        """Store a canonical HxWx3 uint8 array and return its reference."""
+    def put(self, array: np.ndarray, *, image_id: str | None = None, **meta: Any) -> ImageRef:
+        """Store a canonical HxWx3 uint8 array and return its reference.
+
+        ``image_id`` skips re-hashing when the caller already has :func:`pixel_hash` of ``array``.
+        """
         if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
             raise EchoInputError(
                 f"ImageStore holds canonical HxWx3 uint8 RGB arrays, got shape {array.shape} dtype {array.dtype}"
             )
-        image_id = pixel_hash(array)
+        image_id = image_id or pixel_hash(array)
         array = np.ascontiguousarray(array)
         array.setflags(write=False)  # callers share it; nobody may edit the stored pixels
         with self._lock:
