@@ -150,6 +150,50 @@ def export_onnx(best: Path, cfg: dict, output: Path) -> dict:
             "names": meta.get("names"), "imgsz": meta.get("imgsz")}
 
 
+def pipeline_metrics(onnx_path: Path, cfg: dict, thresholds=(0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5)) -> dict:
+    """Val-split metrics through the inference path (load_image -> prepare_for_detection -> ONNX ->
+    boxes mapped back to the original image): localization F1@0.5 and detector-only accuracy
+    (image label = label of the top box, normal when none), for several score thresholds."""
+    from echo_agent.detectors.onnx import OnnxDetector
+    from echo_agent.eval.datasets import load_split
+    from echo_agent.eval.metrics import PredictedBox, ScoredImage, detection_score
+    from echo_agent.imaging import load_image
+    from echo_agent.imaging.preprocess import prepare_for_detection
+    from echo_agent.organs import get_organ
+
+    spec = get_organ(cfg["organ"])
+    det = OnnxDetector(onnx_path)
+    images = [im for c in cfg["val_centers"] for im in load_split(c, "val")]
+    lowest = min(thresholds)
+    raw = []
+    for im in images:
+        prep = prepare_for_detection(load_image(im.image).array)
+        dets = det.detect(prep.array, score_threshold=lowest)
+        raw.append([(prep.to_original(d.box), d.label, float(d.score)) for d in dets])
+    out = {}
+    for t in thresholds:
+        scored = []
+        correct = 0
+        for im, dets in zip(images, raw, strict=True):
+            kept = [PredictedBox(box=b, label=spec.detector_label_map.get(lab, lab), score=sc)
+                    for b, lab, sc in dets if sc >= t]
+            pred_label = max(kept, key=lambda p: p.score).label if kept else spec.normal_label
+            if cfg.get("lesion_only") and kept:
+                pred_label = im.label if im.label != spec.normal_label else "lesion"
+            correct += pred_label == im.label
+            scored.append(ScoredImage(key=im.key, true_label=im.label, true_boxes=im.boxes,
+                                      pred_label=pred_label, pred_boxes=tuple(kept)))
+        loc = detection_score(scored, normal_label=spec.normal_label)
+        grd = detection_score(scored, grounded=True, normal_label=spec.normal_label)
+        out[f"{t:g}"] = {"loc_f1": loc.f1, "loc_precision": loc.precision, "loc_recall": loc.recall,
+                         "grounded_f1": grd.f1, "accuracy": correct / len(images)}
+    return {"n_images": len(images), "by_threshold": out}
+
+
+def _f(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
 def write_card_section(cfg: dict, summary: dict) -> None:
     organ = cfg["organ"]
     begin, end = f"<!-- BEGIN {organ} -->", f"<!-- END {organ} -->"
@@ -176,6 +220,13 @@ def write_card_section(cfg: dict, summary: dict) -> None:
         f"- Val metrics (ultralytics val, conf 0.001, IoU 0.7 NMS): precision {v['precision']:.3f}, "
         f"recall {v['recall']:.3f}, mAP@0.5 {v['mAP50']:.3f}, mAP@0.5:0.95 {v['mAP50_95']:.3f}; "
         "per class mAP@0.5: " + ", ".join(f"{k} {x:.3f}" for k, x in v["per_class_mAP50"].items()) + ".",
+        "- Val split through the inference path (preprocess -> ONNX -> boxes in original pixels; "
+        f"{summary['pipeline']['n_images']} images), by score threshold: "
+        + "; ".join(
+            f"{t}: loc F1@0.5 {_f(m['loc_f1'])}, grounded F1 {_f(m['grounded_f1'])}, detector-only accuracy "
+            f"{_f(m['accuracy'])}"
+            for t, m in summary["pipeline"]["by_threshold"].items()
+        ) + ".",
         f"- File: {summary['onnx']['bytes'] / 2**20:.1f} MiB.",
         end,
     ]
@@ -204,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output", type=Path, help="ONNX destination (default: the config's output)")
     ap.add_argument("--reuse-data", action="store_true", help="reuse <work>/<organ>/data if it exists")
     ap.add_argument("--limit", type=int, help="at most N images per split (smoke tests)")
+    ap.add_argument("--finish", action="store_true",
+                    help="only (re)compute the val pipeline metrics of an earlier run's ONNX and rewrite its card section")
     ap.add_argument("--no-card", action="store_true", help="do not touch MODEL_CARD.md")
     args = ap.parse_args(argv)
     cfg = _load_config(args.config, args)
@@ -211,6 +264,14 @@ def main(argv: list[str] | None = None) -> int:
     work = (args.work / tag).resolve()
     work.mkdir(parents=True, exist_ok=True)
     output = args.output or (REPO / cfg["output"])
+    if args.finish:
+        summary = json.loads((work / "summary.json").read_text())
+        summary["pipeline"] = pipeline_metrics(Path(summary["output"]), summary["config"])
+        (work / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        if not args.no_card:
+            write_card_section(summary["config"], summary)
+        print(json.dumps(summary["pipeline"]), flush=True)
+        return 0
     t0 = time.time()
     ds = build_dataset(cfg, work, args.limit, args.reuse_data)
     print(f"dataset built in {time.time() - t0:.0f}s: {ds.counts}", flush=True)
@@ -220,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     metrics = validate(best, cfg, ds.data_yaml, work)
     print("val metrics:", json.dumps(metrics), flush=True)
     onnx_info = export_onnx(best, cfg, output)
+    pipeline = pipeline_metrics(output, cfg)
+    print("val pipeline metrics:", json.dumps(pipeline), flush=True)
     import csv
 
     import ultralytics
@@ -231,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         "dataset": ds.counts,
         "val_metrics": metrics,
         "onnx": onnx_info,
+        "pipeline": pipeline,
         "train_minutes": train_min,
         "epochs_run": epochs_run,
         "machine": f"{os.cpu_count()}-core {platform.machine()}",
@@ -241,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     (work / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     if not args.no_card and args.output is None:
         write_card_section(cfg, summary)
-    print(json.dumps({k: summary[k] for k in ("val_metrics", "onnx", "train_minutes", "epochs_run")},
+    print(json.dumps({k: summary[k] for k in ("val_metrics", "onnx", "train_minutes", "epochs_run", "pipeline")},
                      default=str), flush=True)
     return 0
 
