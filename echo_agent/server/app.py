@@ -356,7 +356,9 @@ def _render_overlay(store: Any, rec: RunRecord, events: list[Any]) -> bytes:
     if rec.diagnosis:
         dx = Diagnosis.model_validate(rec.diagnosis)
         boxes = list(dx.findings)
-        title = f"{dx.label} p={dx.probability:.2f}" + (f"  {dx.category_system or ''} {dx.category}" if dx.category else "")
+        # After a review the agent's probability no longer describes the label; say who set it.
+        said = f"{dx.review.action} by {dx.review.reviewer}" if dx.review else f"p={dx.probability:.2f}"
+        title = f"{dx.label} ({said})" + (f"  {dx.category_system or ''} {dx.category}" if dx.category else "")
     else:
         reports = [e.evidence for e in events if e.type == "evidence" and e.evidence.kind == "detections"]
         if reports:
