@@ -42,7 +42,6 @@ from echo_agent.evidence.captioner import (  # noqa: E402
     decide_margin,
     decide_posterior,
     decide_shape,
-    linear_score,
 )
 from echo_agent.schemas import Box  # noqa: E402
 
@@ -219,16 +218,6 @@ def _fit_logistic(
     return rule, f"{len(names)} features, C={C}, CV kappa {best[0]:.3f}"
 
 
-def _best_threshold(scores: np.ndarray, truth: list[str], pos: str, neg: str) -> float:
-    best, best_t = -2.0, 0.5
-    for t in np.arange(0.2, 0.81, 0.02):
-        pred = [pos if s >= t else neg for s in scores]
-        k = cohen_kappa(truth, pred, [neg, pos])
-        if k > best + 1e-9:
-            best, best_t = k, float(t)
-    return round(best_t, 2)
-
-
 def _subtype(f: dict[str, float], st: dict[str, Any]) -> str:
     if f.get("n_spikes", 0.0) >= st["spiculated_spikes"]:
         return "spiculated"
@@ -248,9 +237,8 @@ def calibrate(
     y_irr = np.array([c["shape"] == "irregular" for c in cal_cases], dtype=int)
     b["shape_irregular"], info = _fit_logistic(cal_feats, y_irr, [IRREGULAR_SMALL, IRREGULAR_FEATURES], seed)
     print("shape_irregular:", info)
-    sc = np.array([linear_score(b["shape_irregular"], f) for f in cal_feats])
-    truth_irr = ["irregular" if v else "regular" for v in y_irr]
-    b["shape_irregular"]["threshold"] = _best_threshold(sc, truth_irr, "irregular", "regular")
+    # the class-balanced logistic rule is used at p = 0.5: tuning that cut-off too did not help in
+    # repeated half-splits of the calibration half and only added variance
     best = (-2.0, 1.25)
     for a in np.arange(1.05, 1.61, 0.025):
         b["shape_round"]["aspect"] = float(a)
@@ -263,10 +251,6 @@ def calibrate(
     y_m = np.array([c["margin"] != "circumscribed" for c in cal_cases], dtype=int)
     b["margin_not_circumscribed"], info = _fit_logistic(cal_feats, y_m, [MARGIN_SMALL, MARGIN_FEATURES], seed)
     print("margin_not_circumscribed:", info)
-    sm = np.array([linear_score(b["margin_not_circumscribed"], f) for f in cal_feats])
-    b["margin_not_circumscribed"]["threshold"] = _best_threshold(
-        sm, [c["margin"] for c in cal_cases], "not circumscribed", "circumscribed"
-    )
     # posterior: two thresholds on the below/lateral log-ratio, then the 'combined' pair
     truth_p = [c["posterior"] for c in cal_cases]
     p = b["posterior"]
@@ -417,7 +401,8 @@ def organ_check(root: Path, breast_images: list[Path], captioner: PixelCaptioner
     from PIL import Image
 
     kid = sorted((root / "Hydronephrosis-NCNU").glob("fold*/*/*.jpg"))
-    kid = [k for k in kid if not k.stem.endswith("_M")][:: max(1, len(kid) // max(n, 1))][:n]
+    kid = [k for k in kid if not k.stem.endswith("_M")]
+    kid = [kid[int(i)] for i in np.linspace(0, len(kid) - 1, min(n, len(kid)))] if kid else []
     br = breast_images[:n]
 
     def score(path: Path, organ: str) -> float:

@@ -37,6 +37,7 @@ _SEG_METHOD = "ard"
 _SEG_ARD_SIGMA = 1.6
 _SEG_ARD_LEVELS = 12
 _POST_GAP = 2
+_POST_STAT = "mean"
 
 
 def to_gray(image: np.ndarray) -> np.ndarray:
@@ -646,7 +647,8 @@ def _posterior_features(g: np.ndarray, m: np.ndarray, rfov: np.ndarray, f: dict[
         sel = rfov[yb1:yb2, xa:xb]
         if sel.mean() < 0.5:
             return nan
-        return float(gf[yb1:yb2, xa:xb][sel].mean())
+        vals = gf[yb1:yb2, xa:xb][sel]
+        return float(np.median(vals)) if _POST_STAT == "median" else float(vals.mean())
 
     c1, c2 = x_l + int(0.2 * wl), x_r - int(0.2 * wl)
     below = mean_of(c1, max(c2, c1 + 2))
