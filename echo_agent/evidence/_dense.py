@@ -10,7 +10,9 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -66,15 +68,43 @@ class MiniLMEncoder:
         self._load()
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """Embed ``texts``; one or two short texts (a query) run on a single torch thread.
+
+        A single query is too small to gain from intra-op threads, and on a busy machine (CI, a shared
+        2-core box) torch's thread pool spinning against other processes made one query ~10x slower
+        (measured: ~44 ms on one thread vs ~550 ms on two under load). The thread count is restored
+        afterwards so other torch users in the process are unaffected.
+        """
         model = self._load()
-        emb = model.encode(  # type: ignore[attr-defined]
-            list(texts),
-            batch_size=32,
-            convert_to_numpy=True,
-            normalize_embeddings=True,
-            show_progress_bar=False,
-        )
+        small = len(texts) <= 2
+        with _torch_threads(1 if small else None):
+            emb = model.encode(  # type: ignore[attr-defined]
+                list(texts),
+                batch_size=32,
+                convert_to_numpy=True,
+                normalize_embeddings=True,
+                show_progress_bar=False,
+            )
         return np.asarray(emb, dtype=np.float32)
+
+
+_threads_lock = threading.Lock()
+
+
+@contextmanager
+def _torch_threads(n: int | None) -> Iterator[None]:
+    if n is None:
+        yield
+        return
+    import torch
+
+    with _threads_lock:
+        before = torch.get_num_threads()
+        torch.set_num_threads(n)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
 
 
 def load_or_encode(
