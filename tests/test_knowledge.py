@@ -263,6 +263,7 @@ def test_filter_keeps_k_even_when_other_organ_dominates(retriever: KnowledgeRetr
 
 def test_organ_name_is_normalised(retriever: KnowledgeRetriever) -> None:
     assert retriever.retrieve("oval", organ=" Breast ", k=1).organ == "breast"
+    assert retriever.retrieve("oval", organ="  ", k=1).organ is None
 
 
 def test_no_matching_terms_gives_no_snippets(retriever: KnowledgeRetriever) -> None:

@@ -385,7 +385,8 @@ class _BaseRetriever:
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= int(k) <= MAX_K:
             raise EchoInputError(f"k must be an integer from 1 to {MAX_K}, got {k!r}")
         if organ is not None:
-            organ = str(organ).strip().lower()
+            organ = str(organ).strip().lower() or None  # "" from a model's tool call means "any organ"
+        if organ is not None:
             if organ not in self.knowledge_base.organs:
                 from ..organs import get_organ
 
