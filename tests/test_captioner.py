@@ -308,3 +308,46 @@ def test_real_breast_images_smoke(shared_data: Path, cap: PixelCaptioner) -> Non
         assert ctx.caption and ctx.regions[0].caption
         assert ctx.global_descriptors["fov_geometry"].value in {"linear", "sector"}
         ImageContext.model_validate(ctx.model_dump())
+
+
+# -- the validation tool's mapping and split -----------------------------------------------------
+
+
+def _validation_tool():  # noqa: ANN202 - a script module
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "tools" / "validate_captioner.py"
+    spec = importlib.util.spec_from_file_location("validate_captioner", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_radiologist_vocabulary_mapping() -> None:
+    tool = _validation_tool()
+    row = {
+        "Shape": "irregular",
+        "Margin": "not circumscribed - spiculated&angular&indistinct",
+        "Echogenicity": "complex cystic/solid",
+        "Posterior_features": "no",
+        "Pixel_size": "0.0078125",
+    }
+    ref = tool.map_reference(row)
+    assert ref["shape"] == "irregular"
+    assert ref["margin"] == "not circumscribed"
+    assert ref["margin_subtypes"] == {"spiculated", "angular", "indistinct"}
+    assert ref["echo"] == "complex cystic/solid"
+    assert ref["posterior"] == "none"
+    assert ref["spacing_mm"] == pytest.approx(0.078125)
+    assert tool.map_reference({**row, "Shape": "not applicable"}) is None
+    assert tool.map_reference({**row, "Margin": "circumscribed"})["margin_subtypes"] == set()
+
+
+def test_patient_split_is_fixed_and_disjoint() -> None:
+    tool = _validation_tool()
+    cases = [{"case": i} for i in range(1, 101)]
+    a, b = tool.split(cases, seed=7)
+    assert (a, b) == tool.split(cases, seed=7)
+    assert not set(a) & set(b) and len(a) == len(b) == 50
+    assert tool.split(cases, seed=8) != (a, b)

@@ -38,6 +38,8 @@ _SEG_ARD_SIGMA = 1.6
 _SEG_ARD_LEVELS = 12
 _POST_GAP = 2
 _POST_STAT = "mean"
+_POST_LAT_GAP = 0.15
+_POST_LAT_WIDTH = 0.5
 
 
 def to_gray(image: np.ndarray) -> np.ndarray:
@@ -652,8 +654,8 @@ def _posterior_features(g: np.ndarray, m: np.ndarray, rfov: np.ndarray, f: dict[
 
     c1, c2 = x_l + int(0.2 * wl), x_r - int(0.2 * wl)
     below = mean_of(c1, max(c2, c1 + 2))
-    gap = max(2, int(0.15 * wl))
-    lw = max(3, int(0.5 * wl))
+    gap = max(2, int(_POST_LAT_GAP * wl))
+    lw = max(3, int(_POST_LAT_WIDTH * wl))
     left = mean_of(x_l - gap - lw, x_l - gap)
     right = mean_of(x_r + gap, x_r + gap + lw)
     thirds = [mean_of(x_l + int(k * wl / 3), x_l + int((k + 1) * wl / 3)) for k in range(3)]

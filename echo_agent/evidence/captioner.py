@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -429,10 +430,9 @@ class PixelCaptioner:
     name = f"pixel-captioner/{__version__}"
 
     def __init__(self, thresholds: str | Path | Mapping[str, Any] | None = None) -> None:
-        if isinstance(thresholds, Mapping):
-            self.thresholds: dict[str, Any] = dict(thresholds)
-        else:
-            self.thresholds = load_thresholds(thresholds)
+        # a private deep copy: the loaded JSON is cached and shared between instances
+        source = thresholds if isinstance(thresholds, Mapping) else load_thresholds(thresholds)
+        self.thresholds: dict[str, Any] = copy.deepcopy(dict(source))
 
     # -- numeric features ----------------------------------------------------------------------
     def features(
