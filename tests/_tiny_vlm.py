@@ -36,7 +36,16 @@ def _trl_template(name: str) -> str:
     return path.read_text("utf-8")
 
 
-def _tokenizer(vocab_size: int = 400):
+def _corpus() -> list[str]:
+    # The packaged prompts make the tokenizer compress the real conversations (short prompts = fast tests).
+    from importlib import resources
+
+    prompts = resources.files("echo_agent") / "assets" / "prompts"
+    texts = [p.read_text("utf-8") for p in prompts.iterdir() if p.name.endswith((".md", ".yaml"))]
+    return _CORPUS * 4 + texts
+
+
+def _tokenizer(vocab_size: int = 1200):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import Qwen2TokenizerFast
 
@@ -47,7 +56,7 @@ def _tokenizer(vocab_size: int = 400):
         vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
-    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    tok.train_from_iterator(_corpus(), trainer=trainer)
     fast = Qwen2TokenizerFast(
         tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None, bos_token=None,
     )

@@ -118,11 +118,15 @@ def test_parsed_call_boxes_come_back_in_0_1000(tiny_ckpts, monkeypatch):
 def test_whole_graph_with_junk_model_ends_in_valid_diagnosis(tiny_ckpts, family):
     from echo_agent import EchoAgent
 
+    from echo_agent.reasoners.llm_finalizer import LLMFinalizer
+
     tk = fake_toolkit()
     llm = _llm(tiny_ckpts[family], tk, max_new_tokens=16)
-    agent = EchoAgent(reasoner=llm, organ="breast", toolkit=tk, router=None, max_tool_calls=2)
+    agent = EchoAgent(reasoner=llm, finalizer=LLMFinalizer(llm), organ="breast", toolkit=tk, router=None,
+                      max_tool_calls=2)
     out = agent.graph.invoke(agent.prepare_input(speckle_image(), context={"age": 50}))
     dx = Diagnosis.model_validate(out["diagnosis"])
+    assert any("LLM finalizer fell back" in w for w in dx.warnings)  # junk final answer -> fusion result
     assert dx.organ == "breast" and dx.label in dx.probabilities
     ai = [m for m in out["messages"] if isinstance(m, AIMessage) and m.name != "diagnosis"]
     assert ai and all("raw_text" in m.response_metadata for m in ai)  # the model really ran

@@ -313,6 +313,8 @@ class LLMFinalizer:
                 "warnings": [*warnings, _UNCALIBRATED],
             })
         reason = f"the LLM's final diagnosis was not usable ({error}); this is the evidence-fusion result"
+        if fusion_dx.indeterminate_reason:
+            reason += f", which is itself indeterminate: {fusion_dx.indeterminate_reason}"
         return fusion_dx.model_copy(update={
             "indeterminate": True,
             "indeterminate_reason": reason,
