@@ -246,6 +246,39 @@ def test_review_of_unknown_run_is_404(client):
 
 
 # -- input validation ---------------------------------------------------------------------------------
+def _dicom(pixels: np.ndarray, patient: str) -> bytes:
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.6.1"  # Ultrasound Image Storage
+    ds.SOPInstanceUID = generate_uid()
+    ds.Modality = "US"
+    ds.PatientName = patient
+    ds.PatientID = "ID-" + patient
+    ds.set_pixel_data(pixels, "MONOCHROME2", 8)
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def test_dicom_and_jpeg_uploads_and_no_identifier_is_stored(client, db):
+    gray = np.asarray(Image.open(io.BytesIO(IMAGE)).convert("L"))
+    body = _paused(client, data=_dicom(gray, "Doe^Secret"), name="study.dcm")
+    assert body["image"]["source_kind"] == "bytes-dicom"
+    assert (body["image"]["width"], body["image"]["height"]) == (gray.shape[1], gray.shape[0])
+    jpeg = io.BytesIO()
+    Image.fromarray(gray).save(jpeg, format="JPEG", quality=90)
+    assert _paused(client, data=jpeg.getvalue(), name="scan.jpg")["image"]["source_kind"] == "bytes-jpeg"
+    # only pixels are kept: the patient's name is nowhere in the database, the images or the API
+    assert "Secret" not in json.dumps(client.get(f"/api/runs/{body['run_id']}").json())
+    for f in db.parent.rglob("*"):
+        if f.is_file():
+            assert b"Secret" not in f.read_bytes(), f
+
+
 def test_text_file_is_415(client):
     r = client.post("/api/runs", files={"file": ("notes.txt", b"patient notes, not an image", "text/plain")})
     assert r.status_code == 415
@@ -413,3 +446,48 @@ def test_checkpointer_url_must_be_postgres(db):
     with pytest.raises(EchoError, match="postgresql://"):
         with TestClient(create_app(agent_factory(), db_path=db, checkpointer_url="mysql://x")):
             pass
+
+
+# -- the serve command --------------------------------------------------------------------------------
+def test_serve_command_rejects_bad_arguments(tmp_path):
+    from echo_agent.errors import EchoInputError
+    from echo_agent.server.cli import serve_command
+
+    with pytest.raises(EchoInputError, match="port"):
+        serve_command("127.0.0.1", 70000, tmp_path / "x.sqlite")
+    with pytest.raises(EchoInputError, match="is a folder"):
+        serve_command("127.0.0.1", 8000, tmp_path)
+
+
+def test_serve_command_serves_the_page_and_api(tmp_path):
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    pytest.importorskip("uvicorn", reason="the serve command needs uvicorn")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    db = tmp_path / "cli.sqlite"
+    code = f"from echo_agent.server.cli import serve_command; serve_command('127.0.0.1', {port}, {str(db)!r})"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2) as r:
+                    assert json.loads(r.read()) == {"status": "ok"}
+                    break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    out = proc.stdout.read().decode() if proc.poll() is not None else ""
+                    pytest.fail(f"echo-agent serve did not come up: {out[-2000:]}")
+                time.sleep(0.2)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as r:
+            assert b"echo-agent" in r.read()
+        assert db.is_file() and (tmp_path / "cli.images").is_dir()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)

@@ -212,7 +212,7 @@ class RunManager:
     ) -> RunRecord:
         """Record a new run for an already validated image and start the agent on it."""
         run_id = uuid.uuid4().hex
-        ref = loaded.to_ref(self.agent.toolkit.get_store())
+        ref = await asyncio.to_thread(loaded.to_ref, self.agent.toolkit.get_store())  # hashes and writes a PNG
         now = _now()
         rec = RunRecord(
             run_id=run_id, status="running", created_at=now, updated_at=now, filename=filename, organ=organ,
