@@ -111,6 +111,18 @@ def test_repaired_answer_is_used_and_boxes_become_pixels():
     assert any("repaired" in w for w in dx.warnings) and any("not calibrated" in w for w in dx.warnings)
 
 
+def test_invented_detection_is_refused():
+    invented = {"organ": "breast", "label": "malignant", "probabilities": {"normal": 0.1, "benign": 0.2, "malignant": 0.7},
+                "category": "4C", "findings": [{"box": [0, 0, 500, 500], "label": "malignant", "score": 0.7,
+                                                "detection_ids": ["det9:3"]}], "rationale": "r", "indeterminate": False}
+    model = ScriptedChatModel(script=[AIMessage(content=json.dumps(invented))] * 2)
+    dx = _agent(LLMFinalizer(model)).run(speckle_image())
+    assert "det9:3" in text_of(model.seen[1][-1].content)
+    assert dx.indeterminate and "no tool returned" in dx.indeterminate_reason
+    lenient = ScriptedChatModel(script=[AIMessage(content=json.dumps(invented))])
+    assert not _agent(LLMFinalizer(lenient, check_grounding=False)).run(speckle_image()).indeterminate
+
+
 def test_model_error_falls_back():
     class Broken(ScriptedChatModel):
         def _generate(self, *a: Any, **k: Any) -> ChatResult:

@@ -9,7 +9,8 @@ otherwise JSON in text). The answer is validated:
 * JSON that parses, fits the schema and :func:`echo_agent.messages.diagnosis_from_model`;
 * ``organ`` is the run's organ; the probabilities cover exactly the organ's labels;
 * the category (BI-RADS for breast) is the one the organ's likelihood bands give for the stated
-  probability of the positive label (a category the probabilities do not support is refused).
+  probability of the positive label (a category the probabilities do not support is refused);
+* the findings and evidence cite only ids that the tools returned (no invented detections).
 
 An invalid answer gets ONE repair attempt with the validation error; if that fails too, the fusion
 result is returned with ``indeterminate=True`` and the reason in ``indeterminate_reason`` and
@@ -186,6 +187,29 @@ def validate_diagnosis(data: dict[str, Any], organ: OrganSpec, width: int, heigh
     return dx
 
 
+def known_refs(state: dict[str, Any]) -> set[str]:
+    """Ids the Diagnosis may cite: evidence ids, detection ids, ``<kb id>:<snippet id>``, ``clinical``."""
+    refs = {"clinical", "image"}
+    for e in state.get("evidence") or []:
+        eid = str(e.get("id", ""))
+        refs.add(eid)
+        refs.update(str(d.get("id")) for d in e.get("detections") or [])
+        refs.update(f"{eid}:{sn.get('id')}" for sn in e.get("snippets") or [])
+    return refs
+
+
+def check_grounding(dx: Diagnosis, state: dict[str, Any]) -> None:
+    """Raise ``ValueError`` when the Diagnosis cites a detection or evidence no tool returned."""
+    known = known_refs(state)
+    for f in dx.findings:
+        missing = [i for i in f.detection_ids if i not in known]
+        if missing:
+            raise ValueError(f"a finding cites detection(s) {missing} that no tool returned; cite only ids from the evidence")
+    for r in dx.evidence:
+        if r.ref not in known:
+            raise ValueError(f"evidence ref {r.ref!r} was not returned by any tool; cite only ids from the evidence")
+
+
 class LLMFinalizer:
     """A :data:`echo_agent.graph.Finalizer` that asks a chat model for the Diagnosis.
 
@@ -196,6 +220,7 @@ class LLMFinalizer:
             models, JSON in text otherwise), ``'json_schema'`` or ``'text'``.
         include_image: send the image with the request (turn off for text-only models).
         check_category: refuse a category the probabilities do not support.
+        check_grounding: refuse findings and evidence refs that cite ids no tool returned.
         max_repairs: how many repair attempts an invalid answer gets (the issue asks for one).
         name: recorded as the Diagnosis's ``reasoner`` (default: ``llm:<model name>``).
     """
@@ -207,6 +232,7 @@ class LLMFinalizer:
         structured: Literal["auto", "json_schema", "text"] = "auto",
         include_image: bool = True,
         check_category: bool = True,
+        check_grounding: bool = True,
         max_repairs: int = 1,
         name: str | None = None,
     ) -> None:
@@ -216,6 +242,7 @@ class LLMFinalizer:
         self.structured = structured
         self.include_image = include_image
         self.check_category = check_category
+        self.check_grounding = check_grounding
         self.max_repairs = max(0, int(max_repairs))
         model_name = getattr(model, "model_name", None) or getattr(model, "model_path", None) or type(model).__name__
         self.name = name or f"llm:{model_name}"
@@ -299,6 +326,8 @@ class LLMFinalizer:
                 break
             try:
                 dx = validate_diagnosis(extract_json(text), organ, width, height, check_category=self.check_category)
+                if self.check_grounding:
+                    check_grounding(dx, state)
             except ValueError as exc:
                 error = str(exc)
                 messages = [*messages, AIMessage(content=text[:4000]),
@@ -323,4 +352,4 @@ class LLMFinalizer:
         })
 
 
-__all__ = ["LLMFinalizer", "diagnosis_schema", "extract_json", "report_template", "validate_diagnosis"]
+__all__ = ["LLMFinalizer", "check_grounding", "diagnosis_schema", "known_refs", "extract_json", "report_template", "validate_diagnosis"]
