@@ -117,7 +117,6 @@ def test_parsed_call_boxes_come_back_in_0_1000(tiny_ckpts, monkeypatch):
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
 def test_whole_graph_with_junk_model_ends_in_valid_diagnosis(tiny_ckpts, family):
     from echo_agent import EchoAgent
-
     from echo_agent.reasoners.llm_finalizer import LLMFinalizer
 
     tk = fake_toolkit()
