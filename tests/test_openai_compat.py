@@ -164,3 +164,13 @@ def test_qwen_resized_size_matches_transformers():
 def test_chat_model_settings():
     llm = chat_model_from_endpoint("http://127.0.0.1:9/v1", "m", images_in_tool_messages=False, box_convention="absolute")
     assert llm.images_in_tool_messages is False and llm.disable_streaming is True and llm.temperature == 0.0
+
+
+async def test_async_run_goes_through_the_same_wrapper(replay_server):
+    base_url, requests = replay_server
+    agent = agent_from_endpoint(base_url, "replay-model", organ="breast", toolkit=fake_toolkit(), router=None)
+    dx = await agent.arun(speckle_image(120, 160), context={"age": 52})
+    bodies = [r["body"] for r in requests()]
+    assert len(bodies) == 5 and "echo-image://" not in json.dumps(bodies)
+    assert bodies[3]["messages"][-2]["tool_calls"][0]["function"]["name"] == "detect_breast_lesions"  # parsed text call
+    assert dx.category == "4C" and dx.reasoner == "llm:replay-model"
