@@ -85,6 +85,10 @@ def test_upload_stream_report_edit_and_errors(server, page, tmp_path):
     page.goto(server + "/")
     page.wait_for_selector("body[data-ready='1']")
     assert page.locator("#organ option[value='breast']").count() == 1
+    unlabelled = page.eval_on_selector_all(
+        "input, select, textarea", "els => els.filter(e => !e.labels || e.labels.length === 0).map(e => e.id || e.name)"
+    )
+    assert unlabelled == [], f"form controls without a label: {unlabelled}"
 
     # 1. upload the packaged example with clinical context
     page.set_input_files("#file", str(example_image("breast_malignant")))
@@ -114,6 +118,8 @@ def test_upload_stream_report_edit_and_errors(server, page, tmp_path):
     page.check("input[name='action'][value='edit']")
     assert page.is_enabled("#edit-label")
     page.select_option("#edit-label", "benign")
+    assert page.input_value("#box-x1") == "150"  # prefilled with the agent's box
+    page.fill("#box-x1", "140")
     page.click("#submit-review")
     page.wait_for_selector("#review-record")
     assert "Done" in page.inner_text("#run-status")
@@ -130,6 +136,8 @@ def test_upload_stream_report_edit_and_errors(server, page, tmp_path):
     assert dx["label"] == "benign" and dx["review"]["reviewer"] == "dr-web"
     assert dx["review"]["changes"]["label"] == {"from": "malignant", "to": "benign"}
     assert dx["review"]["original"]["label"] == "malignant"
+    assert dx["review"]["changes"]["box"] == {"from": [150.0, 170.0, 330.0, 300.0], "to": [140.0, 170.0, 330.0, 300.0]}
+    assert dx["box"] == {"x1": 140.0, "y1": 170.0, "x2": 330.0, "y2": 300.0}
 
     # 5. a text file is refused with the library's message shown in the page
     notes = tmp_path / "notes.txt"
