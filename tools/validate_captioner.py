@@ -414,6 +414,45 @@ def organ_check(root: Path, breast_images: list[Path], captioner: PixelCaptioner
     return {"n_breast": len(br), "n_kidney": len(kid), "auc_breast_score": _auc(s_bb, s_bk)}
 
 
+def kidney_check(root: Path, captioner: PixelCaptioner, n: int) -> dict[str, float]:
+    """Share of kidney regions called 'collecting_system_fluid: present' on Hydronephrosis-NCNU.
+
+    Hydronephrosis frames are described in their ground-truth fluid boxes, in those boxes grown
+    2x (a kidney-sized region), and, like the normal frames, in a fixed central box (middle 60 %).
+    """
+    from PIL import Image
+
+    base = root / "Hydronephrosis-NCNU"
+    rows = list(csv.DictReader(open(base / "boxes.csv", newline="")))
+    frames = [r for r in csv.DictReader(open(base / "frames.csv", newline="")) if r["label"] == "normal"]
+    rows = [rows[int(i)] for i in np.linspace(0, len(rows) - 1, min(n, len(rows)))]
+    frames = [frames[int(i)] for i in np.linspace(0, len(frames) - 1, min(n, len(frames)))]
+
+    def present(path: Path, box: Box) -> bool:
+        img = np.array(Image.open(path).convert("RGB"))
+        d = captioner.describe(img, organ="kidney", regions=[box]).regions[0].descriptors
+        return d["collecting_system_fluid"].value == "present"
+
+    def central(path: Path) -> Box:
+        w, h = Image.open(path).size
+        return Box.from_xyxy([0.2 * w, 0.2 * h, 0.8 * w, 0.8 * h])
+
+    out: dict[str, float] = {"n": float(len(rows))}
+    hits = {"fluid_box": 0, "fluid_box_x2": 0, "hydro_central": 0, "normal_central": 0}
+    for r in rows:
+        p = base / r["image"]
+        b = Box.from_xyxy([float(r[k]) for k in ("x_min", "y_min", "x_max", "y_max")])
+        w, h = Image.open(p).size
+        hits["fluid_box"] += present(p, b)
+        hits["fluid_box_x2"] += present(p, b.expand(2.0, w, h))
+        hits["hydro_central"] += present(p, central(p))
+    for r in frames:
+        p = base / r["image"]
+        hits["normal_central"] += present(p, central(p))
+    out.update({k: v / max(len(rows) if k != "normal_central" else len(frames), 1) for k, v in hits.items()})
+    return out
+
+
 def _cv2_threads() -> int:
     import cv2
 
@@ -433,6 +472,7 @@ def main(argv: list[str] | None = None) -> int:
         "pooling held-out predictions of all lesions (needs scikit-learn)",
     )
     ap.add_argument("--organ-check", type=int, default=100, help="images per organ for the plausibility check (0: skip)")
+    ap.add_argument("--kidney-check", type=int, default=0, help="kidney frames per group for the fluid check (0: skip)")
     ap.add_argument("--json", type=Path, help="also write the numbers as JSON here")
     ap.add_argument("--no-tables", action="store_true")
     args = ap.parse_args(argv)
@@ -495,6 +535,14 @@ def main(argv: list[str] | None = None) -> int:
             f"{oc['n_breast']} BrEaST images from {oc['n_kidney']} Hydronephrosis-NCNU frames"
         )
         results["organ_plausibility"] = oc
+    if args.kidney_check > 0 and (root / "Hydronephrosis-NCNU").is_dir():
+        kc = kidney_check(root, captioner, args.kidney_check)
+        print(
+            f"\nkidney 'collecting_system_fluid: present' rate on Hydronephrosis-NCNU ({int(kc['n'])} per group): "
+            f"GT fluid boxes {kc['fluid_box']:.2f}, fluid boxes grown 2x {kc['fluid_box_x2']:.2f}, "
+            f"central box of hydronephrosis frames {kc['hydro_central']:.2f} vs of normal frames {kc['normal_central']:.2f}"
+        )
+        results["kidney_check"] = kc
     seg = [f["_segmentation"] for f in feats]
     print("\nsegmentation kinds:", {k: seg.count(k) for k in sorted(set(seg))})
     rm = np.array(comp["region_ms"])

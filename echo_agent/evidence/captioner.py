@@ -267,8 +267,14 @@ def _kidney_descriptors(f: Mapping[str, float], th: Mapping[str, Any]) -> dict[s
     return out
 
 
-def kidney_fluid_features(gray: np.ndarray, box: tuple[int, int, int, int], ring_mean: float) -> dict[str, float]:
-    """Anechoic-fluid fraction of a kidney box and the brightness of its remaining tissue."""
+def kidney_fluid_features(
+    gray: np.ndarray, box: tuple[int, int, int, int], ring_mean: float, fluid_level: float = 0.35
+) -> dict[str, float]:
+    """Anechoic-fluid fraction of a kidney box and the brightness of its remaining tissue.
+
+    Fluid pixels are darker than ``fluid_level`` x the reference tissue level (the larger of the
+    box's 75th percentile and the mean of the ring around the region), and at least 12.
+    """
     import cv2
 
     x1, y1, x2, y2 = box
@@ -279,7 +285,7 @@ def kidney_fluid_features(gray: np.ndarray, box: tuple[int, int, int, int], ring
     g = cv2.GaussianBlur(crop, (0, 0), 1.5).astype(np.float32)
     ref = float(np.percentile(g, 75)) if g.size else 0.0
     ref = max(ref, ring_mean if math.isfinite(ring_mean) else 0.0, 1.0)
-    fluid = (g < max(12.0, 0.35 * ref)).astype(np.uint8)
+    fluid = (g < max(12.0, fluid_level * ref)).astype(np.uint8)
     n, lab, stats, _ = cv2.connectedComponentsWithStats(fluid, connectivity=8)
     keep = np.zeros(n, bool)
     min_area = max(4, int(0.01 * fluid.size))
@@ -464,7 +470,8 @@ class PixelCaptioner:
         ra = _d.analyse_region(gray, box.to_list(), fov, mask=mask, pixel_spacing_mm=spacing)
         f = dict(ra.features)
         if kidney:
-            f.update(kidney_fluid_features(gray, ra.box, f.get("ring_mean", float("nan"))))
+            level = float(self.thresholds["kidney"].get("fluid_level", 0.35))
+            f.update(kidney_fluid_features(gray, ra.box, f.get("ring_mean", float("nan")), level))
         return f, ra
 
     # -- descriptors ---------------------------------------------------------------------------
