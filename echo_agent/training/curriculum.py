@@ -176,6 +176,7 @@ class CurriculumSample:
     messages: list[BaseMessage]
     image_paths: dict[str, str]
     meta: dict[str, Any] = field(default_factory=dict)
+    truth: dict[str, Any] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -576,6 +577,8 @@ class CurriculumBuilder:
                     task=task, key=im.key, organ=spec.name, split=im.split, messages=msgs,
                     image_paths={k: v for k, v in ctx.image_paths.items() if _uses(msgs, k)},
                     meta={"group": TASK_GROUPS[task], **meta},
+                    truth={"label": im.label, "boxes": [b.to_model(ctx.w, ctx.h) for b in im.boxes],
+                           "boxes_px": [b.to_list() for b in im.boxes], "width": ctx.w, "height": ctx.h},
                 ))
         for s in samples:
             if s.split in cfg.forbidden_splits:  # defence in depth: selection already filtered
@@ -1142,7 +1145,8 @@ def to_hf_record(sample: CurriculumSample, *, tool_images: bool = True, relative
     Keys: ``task``, ``key``, ``organ``, ``split``, ``messages`` (chat-template dicts, see
     :func:`to_hf_messages`), ``images`` (paths, one per image block, in order; relative to
     ``relative_to`` when given), ``tools`` (the OpenAI tool schemas of the organ as a JSON string,
-    ``""`` for samples without tool calls), ``meta`` (JSON string).
+    ``""`` for the finalizer-format task), ``meta`` (JSON string), ``truth`` (JSON string: ``label``,
+    ``boxes`` in 0..1000, ``boxes_px``, ``width``, ``height`` -- what the GRPO rewards compare with).
     """
     msgs, paths = to_hf_messages(sample.messages, sample.image_paths, tool_images=tool_images)
     if relative_to is not None:
@@ -1155,7 +1159,28 @@ def to_hf_record(sample: CurriculumSample, *, tool_images: bool = True, relative
     return {
         "task": sample.task, "key": sample.key, "organ": sample.organ, "split": sample.split or "",
         "messages": msgs, "images": paths, "tools": tools, "meta": json.dumps(sample.meta, ensure_ascii=False),
+        "truth": json.dumps(sample.truth, ensure_ascii=False),
     }
+
+
+def strip_tool_images(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of a record without the overlay images of its tool turns (and their paths)."""
+    paths = list(record["images"])
+    kept: list[str] = []
+    msgs = []
+    i = 0
+    for m in record["messages"]:
+        blocks = []
+        for b in m.get("content") or []:
+            if isinstance(b, dict) and b.get("type") == "image":
+                if m["role"] != "tool":
+                    blocks.append(b)
+                    kept.append(paths[i])
+                i += 1
+            else:
+                blocks.append(b)
+        msgs.append({**m, "content": blocks})
+    return {**record, "messages": msgs, "images": kept}
 
 
 def _rel(path: str, base: Path) -> str:
@@ -1282,6 +1307,7 @@ __all__ = [
     "radiologist_descriptors",
     "read_jsonl",
     "resolve_images",
+    "strip_tool_images",
     "to_hf_dataset",
     "to_hf_messages",
     "to_hf_record",

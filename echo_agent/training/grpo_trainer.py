@@ -1,0 +1,326 @@
+"""GRPO for the Qwen-VL reasoner with the agent's real tools, through TRL's ``GRPOTrainer``.
+
+The rollouts call the same tools as the agent -- the organ's lesion detector (through the single
+detection path :func:`echo_agent.tools.run_detector`), the pixel captioner and the knowledge retriever
+-- exposed to TRL as an ``environment_factory`` (one environment class per organ, whose public methods
+are the tools, named as at inference: ``detect_<organ>_lesions``, ``describe_image``,
+``retrieve_knowledge``). Each tool returns the same model-facing JSON as the agent's tool turn (and,
+with ``overlays``, the detector's overlay image), and errors come back as the same ``Error: ...`` text.
+
+The prompt shows the tools with the *same* JSON schemas as inference: the processor's
+``apply_chat_template`` is wrapped so that each environment method is rendered with the schema of the
+real LangChain tool (:func:`echo_agent.training.curriculum.tool_schemas`) instead of one derived from
+the Python signature.
+
+Rewards: a preset of :mod:`echo_agent.training.rewards` (``echo-ground`` / ``echo-diag``) as TRL
+``reward_funcs`` + ``reward_weights``; ground truth reaches them as dataset columns.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+from ..errors import EchoInputError
+from ..eval.manifest import ManifestImage
+from ..messages import dumps, evidence_to_model
+from ..organs import OrganSpec, get_organ
+from ..prompts import tool_text
+from ..schemas import Box, DetectorReport
+from ._config import dump_config, offline_env
+from .curriculum import SimulatedDetector, read_jsonl, resolve_images, tool_schemas
+from .grpo_config import EchoGRPOConfig
+from .rewards import get_preset
+from .sft_trainer import _LogWriter, _pil, _require_train_extra, load_model_and_processor
+
+
+def _error_text(exc: Exception) -> str:
+    # The text the graph's ToolNode returns for a failed tool call (echo_agent.graph.build).
+    return f"Error: {type(exc).__name__}: {exc}. Fix the arguments or call another tool."
+
+
+def _google_doc(description: str, fields: dict[str, str]) -> str:
+    lines = [description, "", "Args:"]
+    lines += [f"    {k}: {v}" for k, v in fields.items()]
+    return "\n".join(lines)
+
+
+def make_environment(
+    spec: OrganSpec,
+    *,
+    detector: str = "auto",
+    overlays: bool = True,
+    detectors: dict[str, Any] | None = None,
+    captioner: Any = None,
+    retriever: Any = None,
+    seed: int = 0,
+) -> type:
+    """An environment class for ``spec`` whose methods are the agent's tools (TRL ``environment_factory``).
+
+    ``reset(**row)`` reads the dataset row (``image_path``, ``key``, ``gt_label``, ``truth``) and
+    loads the image; tool calls then work on that image. ``detector``: ``'live'`` runs the real
+    detector (``detectors[organ]`` or the packaged weights), ``'simulated'`` uses
+    :class:`~echo_agent.training.curriculum.SimulatedDetector` (ground truth + noise; demos only),
+    ``'auto'`` picks live when the organ has weights.
+    """
+    from ..tools.builders import DescribeArgs, DetectArgs, RetrieveArgs
+
+    det_name, det_desc = tool_text("detect_lesions", spec)
+    desc_name, desc_desc = tool_text("describe_image")
+    kb_name, kb_desc = tool_text("retrieve_knowledge")
+    schemas = {s["function"]["name"]: s for s in tool_schemas(spec)}
+    mode = detector
+    if mode == "auto":
+        weights = spec.resolve_weights()
+        mode = "live" if (detectors and spec.name in detectors) or (weights is not None and weights.exists()) else "simulated"
+    shared: dict[str, Any] = {"captioner": captioner, "retriever": retriever}
+
+    def source() -> Any:
+        if "source" not in shared:
+            if mode == "live":
+                from .curriculum import LiveDetector
+
+                shared["source"] = LiveDetector(detectors)
+            else:
+                shared["source"] = SimulatedDetector(seed)
+        return shared["source"]
+
+    def cap() -> Any:
+        if shared["captioner"] is None:
+            from ..evidence.captioner import PixelCaptioner
+
+            shared["captioner"] = PixelCaptioner()
+        return shared["captioner"]
+
+    def ret() -> Any:
+        if shared["retriever"] is None:
+            from ..evidence.knowledge import get_retriever
+
+            shared["retriever"] = get_retriever()
+        return shared["retriever"]
+
+    class EchoToolEnvironment:
+        """One rollout's view of the agent's tools on one image."""
+
+        organ = spec.name
+
+        def __init__(self) -> None:
+            self.image: Any = None
+            self.im: ManifestImage | None = None
+            self.counts = {"det": 0, "desc": 0, "kb": 0}
+            self.calls: list[tuple[str, dict[str, Any]]] = []
+
+        def reset(self, **row: Any) -> None:
+            from ..imaging import load_image
+
+            truth = row.get("truth") or {}
+            if isinstance(truth, str):
+                truth = json.loads(truth)
+            path = row.get("image_path")
+            if not path:
+                raise EchoInputError("a GRPO dataset row needs 'image_path'")
+            self.image = load_image(path).array
+            boxes = tuple(Box.from_xyxy(b) for b in truth.get("boxes_px", []))
+            self.im = ManifestImage(image=Path(path), organ=spec.name, label=str(row.get("gt_label") or truth.get("label")),
+                                    boxes=boxes, split=row.get("split"))
+            self.counts = {"det": 0, "desc": 0, "kb": 0}
+            self.calls = []
+            return None
+
+        def _result(self, item: Any, image: Any = None) -> Any:
+            text = dumps(evidence_to_model(item))
+            if image is None:
+                return text
+            from PIL import Image
+
+            return [{"type": "text", "text": text}, {"type": "image", "image": Image.fromarray(image)}]
+
+    def detect(self, score_threshold: float = 0.25, tta: bool = False, region: list[int] | None = None) -> Any:
+        self.calls.append((det_name, {"score_threshold": score_threshold, "tta": tta, "region": region}))
+        try:
+            args = DetectArgs.model_validate({"score_threshold": score_threshold, "tta": tta, "region": region})
+            h, w = self.image.shape[:2]
+            self.counts["det"] += 1
+            eid = f"det{self.counts['det']}"
+            src = source()
+            dets = src(self.im, self.image, score_threshold=args.score_threshold, tta=args.tta) or []
+            region_box = Box.from_model(args.region, w, h) if args.region else None
+            if region_box is not None:
+                dets = [d for d in dets if d.box.intersection(region_box) > 0]
+            dets = [d.model_copy(update={"id": f"{eid}:{i}"}) for i, d in enumerate(dets)]
+            report = DetectorReport(id=eid, organ=spec.name, detector=src.name, detections=dets,
+                                    score_threshold=args.score_threshold, tta=args.tta, region=region_box,
+                                    image_width=w, image_height=h)
+        except Exception as exc:
+            return _error_text(exc)
+        overlay = None
+        if overlays:
+            from ..imaging.overlay import render_overlay
+
+            overlay = render_overlay(self.image, dets)
+        return self._result(report, overlay)
+
+    def describe(self, regions: list[list[int]] | None = None, detection_ids: list[str] | None = None) -> Any:
+        self.calls.append((desc_name, {"regions": regions, "detection_ids": detection_ids}))
+        try:
+            args = DescribeArgs.model_validate({"regions": regions or [], "detection_ids": detection_ids})
+            h, w = self.image.shape[:2]
+            if args.detection_ids is not None and len(args.detection_ids) != len(args.regions):
+                raise EchoInputError(
+                    f"detection_ids has {len(args.detection_ids)} entries but regions has {len(args.regions)}; "
+                    "give one id per region"
+                )
+            self.counts["desc"] += 1
+            boxes = [Box.from_model(r, w, h) for r in args.regions]
+            ctx = cap().describe(self.image, organ=spec.name, regions=boxes, detection_ids=args.detection_ids,
+                                 evidence_id=f"desc{self.counts['desc']}")
+        except Exception as exc:
+            return _error_text(exc)
+        return self._result(ctx)
+
+    def retrieve(self, query: str, organ: str | None = None, k: int = 3) -> Any:
+        self.calls.append((kb_name, {"query": query, "organ": organ, "k": k}))
+        try:
+            args = RetrieveArgs.model_validate({"query": query, "organ": organ, "k": k})
+            target = args.organ or spec.name
+            get_organ(target)
+            self.counts["kb"] += 1
+            res = ret().retrieve(args.query, organ=target, k=args.k, evidence_id=f"kb{self.counts['kb']}")
+        except Exception as exc:
+            return _error_text(exc)
+        return self._result(res)
+
+    for fn, name, description, model in (
+        (detect, det_name, det_desc, DetectArgs),
+        (describe, desc_name, desc_desc, DescribeArgs),
+        (retrieve, kb_name, kb_desc, RetrieveArgs),
+    ):
+        fields = {k: (f.description or k) for k, f in model.model_fields.items() if k != "runtime"}
+        fn.__name__ = fn.__qualname__ = name
+        fn.__doc__ = _google_doc(description, fields)
+        fn.__echo_schema__ = schemas[name]  # type: ignore[attr-defined]
+        setattr(EchoToolEnvironment, name, fn)
+    EchoToolEnvironment.__name__ = f"EchoToolEnvironment_{spec.name}"
+    return EchoToolEnvironment
+
+
+def use_inference_tool_schemas(processor: Any) -> Any:
+    """Make ``processor.apply_chat_template`` render environment methods with the inference tool
+    schemas they carry (``__echo_schema__``); other tools pass through unchanged."""
+    original = processor.apply_chat_template
+    if getattr(original, "__echo_wrapped__", False):
+        return processor
+
+    def apply_chat_template(conversation: Any, *args: Any, tools: Any = None, **kwargs: Any) -> Any:
+        if tools:
+            tools = [getattr(t, "__echo_schema__", None) or t for t in tools]
+        return original(conversation, *args, tools=tools, **kwargs)
+
+    apply_chat_template.__echo_wrapped__ = True  # type: ignore[attr-defined]
+    processor.apply_chat_template = apply_chat_template
+    return processor
+
+
+def grpo_rows(records: list[dict[str, Any]], base: Path) -> list[dict[str, Any]]:
+    """GRPO dataset rows from curriculum records: the system + user turns as the prompt, the image,
+    the organ's environment and the ground truth for the rewards."""
+    rows = []
+    for r in records:
+        truth = json.loads(r["truth"]) if isinstance(r.get("truth"), str) else r.get("truth") or {}
+        prompt = r["messages"][:2]
+        n_images = sum(1 for m in prompt for b in m["content"] if b.get("type") == "image")
+        images = resolve_images(r, base)[:n_images]
+        rows.append({
+            "prompt_json": json.dumps(prompt, ensure_ascii=False), "image_paths": images,
+            "image_path": images[0] if images else "", "environment": r["organ"], "organ": r["organ"],
+            "task": r["task"], "key": r["key"], "gt_label": truth.get("label", ""),
+            "gt_boxes": json.dumps(truth.get("boxes", [])), "truth": json.dumps(truth),
+            "width": int(truth.get("width", 0)), "height": int(truth.get("height", 0)),
+        })
+    return rows
+
+
+def _decode_grpo(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    out = dict(batch)
+    if "prompt_json" in out:
+        out["prompt"] = [json.loads(s) for s in out.pop("prompt_json")]
+    if "image_paths" in out:
+        out["images"] = [[_pil(p) for p in ps] for ps in out.pop("image_paths")]
+    if "gt_boxes" in out:
+        out["gt_boxes"] = [json.loads(s) if isinstance(s, str) else s for s in out["gt_boxes"]]
+    return out
+
+
+def grpo_dataset(cfg: EchoGRPOConfig) -> Any:
+    """The GRPO prompts of a curriculum file (``datasets.Dataset`` decoded on access)."""
+    import datasets
+
+    path = Path(cfg.train_file)
+    records = [r for r in read_jsonl(path) if r["task"] in set(cfg.tasks)]
+    if cfg.max_prompts is not None and len(records) > cfg.max_prompts:
+        records = random.Random(cfg.seed).sample(records, cfg.max_prompts)
+    if not records:
+        raise ValueError(f"{path} has no records of tasks {cfg.tasks}; build the curriculum with them")
+    ds = datasets.Dataset.from_list(grpo_rows(records, path.resolve().parent))
+    ds.set_transform(_decode_grpo)
+    return ds
+
+
+def run_grpo(cfg: EchoGRPOConfig, *, model: Any = None, processor: Any = None,
+             detectors: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run GRPO; save ``<output_dir>/final`` and the logs. Returns a summary with the reward curve."""
+    offline_env()
+    _require_train_extra()
+    import torch
+    from trl import GRPOConfig, GRPOTrainer
+
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, out / "echo_grpo_config.yaml")
+    dataset = grpo_dataset(cfg)
+    if model is None or processor is None:
+        model, processor = load_model_and_processor(cfg.model_path, dtype=cfg.dtype, max_pixels=cfg.max_pixels)
+        if cfg.adapter_path:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, cfg.adapter_path).merge_and_unload()
+    processor.tokenizer.padding_side = "left"
+    use_inference_tool_schemas(processor)
+    organs = sorted({dataset[i]["organ"] for i in range(len(dataset))})
+    factories = {o: make_environment(get_organ(o), detector=cfg.detector, overlays=cfg.overlays,
+                                     detectors=detectors, seed=cfg.seed) for o in organs}
+    preset = get_preset(cfg.reward_weights or cfg.preset)
+    peft_config = None
+    if cfg.use_lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=cfg.lora_target_modules,
+                                 task_type="CAUSAL_LM")
+    bf16 = torch.cuda.is_available() if cfg.bf16 is None else cfg.bf16
+    args = GRPOConfig(
+        output_dir=str(out), reward_weights=preset.weight_list(), max_tool_calling_iterations=cfg.max_tool_calling_iterations,
+        num_generations=cfg.num_generations, max_completion_length=cfg.max_completion_length,
+        temperature=cfg.temperature, beta=cfg.beta, learning_rate=cfg.learning_rate, max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps, logging_steps=cfg.logging_steps,
+        save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit, report_to=cfg.report_to, seed=cfg.seed,
+        bf16=bf16, use_cpu=not torch.cuda.is_available(), gradient_checkpointing=cfg.gradient_checkpointing,
+        use_vllm=cfg.use_vllm, remove_unused_columns=False,
+    )
+    trainer = GRPOTrainer(
+        model=model, reward_funcs=preset.funcs(), args=args, train_dataset=dataset, processing_class=processor,
+        environment_factory=factories, peft_config=peft_config, callbacks=[_LogWriter(out / "train_log.jsonl")],
+    )
+    trainer.train(resume_from_checkpoint=cfg.resume_from_checkpoint)
+    final = out / "final"
+    trainer.save_model(str(final))
+    processor.save_pretrained(str(final))
+    (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1, default=str), "utf-8")
+    rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
+    return {"steps": int(trainer.state.global_step), "rewards": rewards, "final_dir": str(final),
+            "preset": preset.name, "weights": dict(preset.weights), "n_prompts": len(dataset)}
+
+
+__all__ = ["grpo_dataset", "grpo_rows", "make_environment", "run_grpo", "use_inference_tool_schemas"]
