@@ -1,20 +1,214 @@
-"""The deployable graph served by ``langgraph dev`` (see ``graphs/langgraph.json``).
+"""Deployable graphs served by ``langgraph dev`` or a LangGraph server (see ``graphs/langgraph.json``).
 
-Input: ``{"image_path": "/path/on/the/server.png", "organ": "breast" | null, "clinical": {...}}``.
-The server supplies the checkpointer; images are loaded on the server and kept in a directory-backed
-image store so that a resumed thread can find them again.
+Two entries:
+
+* ``echo`` (:data:`graph`): image in, structured Diagnosis out.
+* ``echo_review`` (:data:`review_graph`): the same, paused before the end for a human reviewer;
+  resume the thread with ``Command(resume={"action": "accept" | "edit" | "reject", "reviewer": ...})``
+  (the fields of :class:`echo_agent.graph.ReviewDecision`).
+
+Input (JSON), one image source plus optional organ and clinical context::
+
+    {"image_b64": "<base64 of a PNG/JPEG/TIFF/BMP/DICOM file, or a data: URL>",
+     "image_path": "/path/readable/by/the/server.png",          # alternative to image_b64
+     "organ": "breast" | "kidney" | null,                         # null: routed from the pixels
+     "clinical": {"age": 52, "symptoms": "palpable lump"}}        # ClinicalContext fields
+
+Each graph is a small parent graph: a ``load`` node decodes the upload into the directory-backed
+image store (so a thread resumed later, or by another worker, finds the pixels again) and then the
+invoke-and-reason graph runs as the ``echo`` subgraph. Stream with ``stream_subgraphs=True`` to see
+the subgraph's node updates (perceive, reasoner, tools, reason, review).
+
+Configuration is by environment variable (set them in ``langgraph.json``'s ``env`` or the shell):
+
+* ``ECHO_AGENT_IMAGE_STORE``: folder of the image store (default ``~/.cache/echo-agent/images``).
+* ``ECHO_AGENT_IMAGE_ROOTS``: if set, ``image_path`` must lie under one of these folders
+  (``os.pathsep``-separated); otherwise any file the server can read is accepted.
+* ``ECHO_AGENT_MAX_UPLOAD_MB``: largest accepted ``image_b64`` payload after decoding (default 50).
+* ``ECHO_AGENT_TOOLKIT``: ``module:factory`` returning a :class:`echo_agent.tools.Toolkit`, called as
+  ``factory(store=ImageStore)`` (default: the packaged detectors, captioner and retriever).
+* ``ECHO_AGENT_LLM_BASE_URL`` / ``ECHO_AGENT_LLM_MODEL`` / ``ECHO_AGENT_LLM_API_KEY``: an
+  OpenAI-compatible endpoint (e.g. vLLM at ``http://host:8000/v1``) used as the reasoner and the
+  finaliser instead of the embedded policy.
+
+``langgraph dev`` resolves the graph paths from its working directory: run it inside ``graphs/``
+(``cd graphs && langgraph dev``); see ``docs/deployment.md``.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: LangGraph reads the state TypedDicts' hints at run time and
+# the server imports this file by path, where postponed annotations could not be resolved.
+import base64
+import binascii
+import importlib
 import os
 from pathlib import Path
+from typing import Annotated, Any
 
-from echo_agent.graph import build_graph
-from echo_agent.imaging.store import ImageStore
-from echo_agent.organs.routing import default_router
+from langchain_core.messages import AnyMessage
+from langgraph.graph import END, START, StateGraph
+from langgraph.graph.message import add_messages
+from typing_extensions import TypedDict
+
+from echo_agent.errors import EchoInputError, ImageTooLargeError
+from echo_agent.graph import EchoOutput, EchoRunContext, build_graph
+from echo_agent.imaging import ImageRef, ImageStore, load_image
 from echo_agent.tools import Toolkit
 
-_store_dir = Path(os.environ.get("ECHO_AGENT_IMAGE_STORE", Path.home() / ".cache" / "echo-agent" / "images"))
-toolkit = Toolkit(store=ImageStore(directory=_store_dir))
-graph = build_graph(toolkit=toolkit, router=default_router, review=os.environ.get("ECHO_AGENT_REVIEW") == "1")
+
+class ServedInput(TypedDict, total=False):
+    """The JSON a client sends to start a run (give exactly one of ``image_b64``, ``image_path``,
+    ``image``)."""
+
+    image_b64: str | None
+    image_path: str | None
+    image: ImageRef
+    organ: str | None
+    clinical: dict[str, Any] | None
+
+
+class ServedState(ServedInput, total=False):
+    """Parent-graph state: the input plus what the echo subgraph returns."""
+
+    messages: Annotated[list[AnyMessage], add_messages]
+    evidence: list[dict[str, Any]]
+    tool_calls_used: int
+    diagnosis: dict[str, Any] | None
+    warnings: list[str]
+
+
+def _env_paths(name: str) -> list[Path]:
+    raw = os.environ.get(name, "")
+    return [Path(p).expanduser().resolve() for p in raw.split(os.pathsep) if p.strip()]
+
+
+def decode_upload(data: str, *, max_bytes: int) -> bytes:
+    """Bytes of a base64 upload (plain base64 or a ``data:<mime>;base64,`` URL), size-checked first."""
+    if not isinstance(data, str) or not data.strip():
+        raise EchoInputError("image_b64 must be a non-empty base64 string of an image file")
+    text = data.strip()
+    if text.startswith("data:"):
+        head, sep, text = text.partition(",")
+        if not sep or ";base64" not in head:
+            raise EchoInputError("image_b64 is a data: URL without ';base64,'; send base64-encoded file bytes")
+    # 4 base64 characters carry 3 bytes: refuse oversized uploads before decoding them.
+    if len(text.rstrip("=")) * 3 // 4 > max_bytes:
+        raise ImageTooLargeError(
+            f"the uploaded image is larger than {max_bytes / 2**20:.1f} MB; "
+            "send a smaller file or raise ECHO_AGENT_MAX_UPLOAD_MB on the server"
+        )
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise EchoInputError("image_b64 is not valid base64; encode the image file's bytes with base64") from None
+
+
+def check_image_path(path: str, roots: list[Path]) -> str:
+    """``path`` resolved, refused when allowed roots are configured and it is outside all of them."""
+    resolved = Path(path).expanduser().resolve()
+    if roots and not any(resolved.is_relative_to(r) for r in roots):
+        raise EchoInputError(
+            f"image_path {path!r} is outside the folders this server may read; "
+            "upload the image as image_b64 instead"
+        )
+    return str(resolved)
+
+
+def _load_factory(spec: str) -> Any:
+    module, _, attr = spec.partition(":")
+    if not module or not attr:
+        raise EchoInputError(f"ECHO_AGENT_TOOLKIT={spec!r} must look like 'package.module:factory'")
+    return getattr(importlib.import_module(module), attr)
+
+
+def image_store_dir() -> Path:
+    """``ECHO_AGENT_IMAGE_STORE`` or ``~/.cache/echo-agent/images``."""
+    return Path(os.environ.get("ECHO_AGENT_IMAGE_STORE") or Path.home() / ".cache" / "echo-agent" / "images")
+
+
+def default_toolkit(store: ImageStore) -> Toolkit:
+    """The toolkit chosen by ``ECHO_AGENT_TOOLKIT`` (default: the packaged one) on ``store``."""
+    spec = os.environ.get("ECHO_AGENT_TOOLKIT")
+    if spec:
+        return _load_factory(spec)(store=store)
+    return Toolkit(store=store)
+
+
+def endpoint_reasoner(store: ImageStore) -> tuple[Any, Any]:
+    """``(chat model, LLM finaliser)`` for ``ECHO_AGENT_LLM_BASE_URL``, or ``(None, None)``."""
+    base_url = os.environ.get("ECHO_AGENT_LLM_BASE_URL")
+    if not base_url:
+        return None, None
+    model = os.environ.get("ECHO_AGENT_LLM_MODEL")
+    if not model:
+        raise EchoInputError("ECHO_AGENT_LLM_BASE_URL is set but ECHO_AGENT_LLM_MODEL is not; name the served model")
+    from echo_agent.reasoners.llm_finalizer import LLMFinalizer
+    from echo_agent.reasoners.openai_compat import chat_model_from_endpoint
+
+    llm = chat_model_from_endpoint(
+        base_url, model, api_key=os.environ.get("ECHO_AGENT_LLM_API_KEY", "EMPTY"), image_store=store
+    )
+    return llm, LLMFinalizer(llm)
+
+
+def make_graph(
+    *,
+    review: bool = False,
+    toolkit: Toolkit | None = None,
+    reasoner: Any = None,
+    finalizer: Any = None,
+    image_roots: list[Path] | None = None,
+    max_upload_bytes: int | None = None,
+) -> Any:
+    """Compile the served graph (no checkpointer: the LangGraph server supplies one).
+
+    Args:
+        review: pause before the end for a human reviewer.
+        toolkit: detectors, captioner, retriever and a directory-backed image store (default:
+            :func:`default_toolkit` on ``ECHO_AGENT_IMAGE_STORE``).
+        reasoner / finalizer: see :func:`echo_agent.build_graph` (default: ``ECHO_AGENT_LLM_*`` or the
+            embedded policy).
+        image_roots: folders ``image_path`` may point into (default: ``ECHO_AGENT_IMAGE_ROOTS``; empty
+            means any path the server can read).
+        max_upload_bytes: largest decoded ``image_b64`` (default: ``ECHO_AGENT_MAX_UPLOAD_MB``).
+    """
+    from echo_agent.organs.routing import default_router
+
+    if toolkit is None:
+        toolkit = default_toolkit(ImageStore(directory=image_store_dir()))
+    store = toolkit.get_store()
+    if reasoner is None and finalizer is None:
+        reasoner, finalizer = endpoint_reasoner(store)
+    roots = _env_paths("ECHO_AGENT_IMAGE_ROOTS") if image_roots is None else [Path(r).resolve() for r in image_roots]
+    limit = max_upload_bytes or int(float(os.environ.get("ECHO_AGENT_MAX_UPLOAD_MB", "50")) * 1024 * 1024)
+
+    def load(state: ServedState) -> dict[str, Any]:
+        given = [k for k in ("image_b64", "image_path", "image") if state.get(k)]
+        if len(given) != 1:
+            raise EchoInputError(
+                "give exactly one image source: image_b64 (an uploaded file), image_path (on the server) "
+                f"or image (a stored reference); got {given or 'none'}"
+            )
+        if given[0] == "image_b64":
+            loaded = load_image(decode_upload(state["image_b64"], max_bytes=limit))  # type: ignore[arg-type]
+            # Pixels go to the store; the checkpoint keeps the small reference, not the upload.
+            return {"image": loaded.to_ref(store), "image_b64": None}
+        if given[0] == "image_path":
+            return {"image_path": check_image_path(state["image_path"], roots)}  # type: ignore[arg-type]
+        return {}
+
+    echo = build_graph(reasoner, toolkit=toolkit, finalizer=finalizer, router=default_router, review=review)
+    parent: StateGraph = StateGraph(
+        ServedState, context_schema=EchoRunContext, input_schema=ServedInput, output_schema=EchoOutput
+    )
+    parent.add_node("load", load)
+    parent.add_node("echo", echo.compile())
+    parent.add_edge(START, "load")
+    parent.add_edge("load", "echo")
+    parent.add_edge("echo", END)
+    return parent.compile(name="echo_review" if review else "echo")
+
+
+# One toolkit for both entries: each detector is loaded once per server process.
+_toolkit = default_toolkit(ImageStore(directory=image_store_dir()))
+graph = make_graph(toolkit=_toolkit)
+review_graph = make_graph(toolkit=_toolkit, review=True)
