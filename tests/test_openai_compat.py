@@ -174,3 +174,20 @@ async def test_async_run_goes_through_the_same_wrapper(replay_server):
     assert len(bodies) == 5 and "echo-image://" not in json.dumps(bodies)
     assert bodies[3]["messages"][-2]["tool_calls"][0]["function"]["name"] == "detect_breast_lesions"  # parsed text call
     assert dx.category == "4C" and dx.reasoner == "llm:replay-model"
+
+
+def test_reply_fixes_parse_text_calls_and_convert_qwen2_5_boxes():
+    from langchain_core.outputs import ChatGeneration, ChatResult
+
+    from echo_agent.reasoners._openai_chat import _fix_result
+
+    conv = BoxConvention(True, (112, 84))
+    native = AIMessage(content="", tool_calls=[{"name": "describe_image", "args": {"regions": [[28, 42, 84, 84]]},
+                                                "id": "x", "type": "tool_call"}])
+    text = AIMessage(content='<tool_call>{"name": "detect_breast_lesions", "arguments": {"region": [0, 0, 56, 42]}}</tool_call>')
+    res = _fix_result(ChatResult(generations=[ChatGeneration(message=native), ChatGeneration(message=text)]), conv)
+    assert res.generations[0].message.tool_calls[0]["args"] == {"regions": [[250, 500, 750, 1000]]}
+    fixed = res.generations[1].message
+    assert fixed.content == "" and fixed.tool_calls[0]["args"] == {"region": [0, 0, 500, 500]}
+    plain = _fix_result(ChatResult(generations=[ChatGeneration(message=AIMessage(content='{"label": "x"}'))]), None)
+    assert plain.generations[0].message.content == '{"label": "x"}' and not plain.generations[0].message.tool_calls
