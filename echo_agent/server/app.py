@@ -52,7 +52,7 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 #: It must pass ``review=True``, the given checkpointer, and a Toolkit whose store is ``store``.
 AgentFactory = Callable[..., Any]
 
-_ERRORS = {400: {"model": ErrorBody}, 404: {"model": ErrorBody}, 409: {"model": ErrorBody},
+_ERRORS = {404: {"model": ErrorBody}, 409: {"model": ErrorBody},
            413: {"model": ErrorBody}, 415: {"model": ErrorBody}, 422: {"model": ErrorBody}}
 
 
@@ -207,7 +207,10 @@ def create_app(
 
     # -- API -------------------------------------------------------------------------------------------
     @app.post(
-        "/api/runs", response_model=RunState, status_code=202, responses=_ERRORS, tags=["runs"],
+        "/api/runs", response_model=RunState, status_code=202, tags=["runs"],
+        responses={200: {"model": RunState, "description": "mode=wait: the run paused for review or failed. "
+                         "mode=stream: text/event-stream of the run's events.",
+                         "content": {"text/event-stream": {}}}, **_ERRORS},
         summary="Upload an image and start a run",
     )
     async def create_run(
