@@ -193,3 +193,17 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
         QwenVLChatModel(model_path=str(tmp_path / "nope"), device="cpu").load()
     with pytest.raises(ModelLoadError, match="model_path"):
         QwenVLChatModel(device="cpu").load()
+
+
+def test_generation_settings_are_configuration(tiny_ckpts):
+    tk = fake_toolkit()
+    conv = _conversation(tk)[:2]
+
+    def sample(seed):
+        llm = _llm(tiny_ckpts["qwen3_vl"], tk, do_sample=True, temperature=1.5, seed=seed, max_new_tokens=12)
+        return llm.invoke(conv).response_metadata["raw_text"]
+
+    assert sample(3) == sample(3)
+    assert len({sample(s) for s in (1, 2, 3)}) > 1
+    short = _llm(tiny_ckpts["qwen3_vl"], tk, max_new_tokens=3).invoke(conv)
+    assert short.usage_metadata["output_tokens"] <= 3

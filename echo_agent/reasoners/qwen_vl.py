@@ -171,6 +171,7 @@ class QwenVLChatModel(BaseChatModel):
             image) or ``'relative1000'`` (Qwen3-VL).
         max_new_tokens, temperature, do_sample, top_p, repetition_penalty: generation settings
             (greedy decoding by default, so runs are reproducible).
+        seed: seeds torch before each sampled generation (``do_sample=True``).
         device: ``'auto'`` (CUDA when available), ``'cpu'``, ``'cuda'``, ``'cuda:1'`` ...
         dtype: ``'auto'`` (bfloat16 on GPU, float32 on CPU), ``'bfloat16'``, ``'float16'``, ``'float32'``.
         attn_implementation: passed to ``from_pretrained`` (e.g. ``'sdpa'``, ``'flash_attention_2'``).
@@ -193,6 +194,7 @@ class QwenVLChatModel(BaseChatModel):
     do_sample: bool = False
     top_p: float | None = None
     repetition_penalty: float | None = None
+    seed: int | None = None
     device: str = "auto"
     dtype: str = "auto"
     attn_implementation: str | None = None
@@ -257,6 +259,8 @@ class QwenVLChatModel(BaseChatModel):
             kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": self.trust_remote_code}
             if self.attn_implementation:
                 kwargs["attn_implementation"] = self.attn_implementation
+            if device.startswith("cuda"):
+                kwargs["device_map"] = device  # load straight onto the GPU (needs accelerate)
             try:
                 model = transformers.AutoModelForImageTextToText.from_pretrained(base, **kwargs)
             except (OSError, ValueError) as exc:
@@ -284,7 +288,8 @@ class QwenVLChatModel(BaseChatModel):
                 processor = transformers.AutoProcessor.from_pretrained(proc_src, **proc_kwargs)
             except (OSError, ValueError) as exc:
                 raise ModelLoadError(f"could not load the processor from {proc_src!r} ({exc})") from exc
-            model.to(device)
+            if not device.startswith("cuda"):
+                model.to(device)
             model.eval()
             cfg = getattr(model, "config", None)
             model_type = getattr(cfg, "model_type", "") or ""
@@ -428,6 +433,8 @@ class QwenVLChatModel(BaseChatModel):
         do_sample = bool(kwargs.pop("do_sample", self.do_sample)) and self.temperature > 0
         gen["do_sample"] = do_sample
         if do_sample:
+            if self.seed is not None:
+                torch.manual_seed(self.seed)
             gen["temperature"] = self.temperature
             if self.top_p is not None:
                 gen["top_p"] = self.top_p
