@@ -191,3 +191,12 @@ def test_reply_fixes_parse_text_calls_and_convert_qwen2_5_boxes():
     assert fixed.content == "" and fixed.tool_calls[0]["args"] == {"region": [0, 0, 500, 500]}
     plain = _fix_result(ChatResult(generations=[ChatGeneration(message=AIMessage(content='{"label": "x"}'))]), None)
     assert plain.generations[0].message.content == '{"label": "x"}' and not plain.generations[0].message.tool_calls
+
+
+def test_wrong_store_error_says_what_to_do():
+    from echo_agent.errors import EchoInputError
+    from echo_agent.imaging.store import ImageStore
+
+    ref = ImageStore().put(speckle_image())
+    with pytest.raises(EchoInputError, match="image_store=toolkit.get_store"):
+        prepare_messages([HumanMessage(content=[image_block(ref)])], store=ImageStore())

@@ -40,7 +40,7 @@ def resolve_image(block: dict[str, Any], store: ImageStore | None = None) -> np.
         url = inner.get("url") if isinstance(inner, dict) else inner
     image_id = image_id_from_block({"url": url}) if isinstance(url, str) else None
     if image_id is not None:
-        return (store or default_store()).get(image_id)
+        return get_image(image_id, store)
     data: bytes | None = None
     try:
         if isinstance(url, str) and url.startswith("data:"):
@@ -57,6 +57,17 @@ def resolve_image(block: dict[str, Any], store: ImageStore | None = None) -> np.
     from ..imaging import load_image
 
     return load_image(data).array
+
+
+def get_image(ref: dict[str, Any] | str, store: ImageStore | None = None) -> np.ndarray:
+    """Pixels of a stored image, with a hint when the reasoner looks in the wrong store."""
+    try:
+        return (store or default_store()).get(ref)
+    except EchoInputError as exc:
+        raise EchoInputError(
+            f"{exc}. If the agent uses its own Toolkit(store=...), give the reasoner the same store "
+            "(image_store=toolkit.get_store())"
+        ) from None
 
 
 def to_pil(array: np.ndarray, max_side: int | None = None) -> Any:

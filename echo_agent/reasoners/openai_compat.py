@@ -36,7 +36,15 @@ from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, System
 
 from ..errors import MissingExtraError
 from ..imaging.store import ImageStore, default_store
-from ._multimodal import answered_history, data_url, is_image_block, overlay_ref, resolve_image, text_of
+from ._multimodal import (
+    answered_history,
+    data_url,
+    get_image,
+    is_image_block,
+    overlay_ref,
+    resolve_image,
+    text_of,
+)
 from .qwen_vl import BoxConvention
 
 #: Default pixel bounds of the Qwen2.5-VL processor (as in its preprocessor_config.json).
@@ -89,7 +97,7 @@ def prepare_messages(
             parts: list[dict[str, Any]] = []
             for call_id, ref in pending:
                 parts.append({"type": "text", "text": f"Detector overlay for tool call {call_id}:"})
-                parts.append(image_part(store.get(ref)))
+                parts.append(image_part(get_image(ref, store)))
             out.append(HumanMessage(content=parts))
             pending.clear()
 
@@ -105,7 +113,7 @@ def prepare_messages(
                 text = conv.text_to_family(text)
             ref = overlay_ref(m)
             if ref is not None and images_in_tool_messages:
-                m = m.model_copy(update={"content": [{"type": "text", "text": text}, image_part(store.get(ref))]})
+                m = m.model_copy(update={"content": [{"type": "text", "text": text}, image_part(get_image(ref, store))]})
             else:
                 m = m.model_copy(update={"content": text})
                 if ref is not None:

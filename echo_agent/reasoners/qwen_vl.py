@@ -45,7 +45,7 @@ from pydantic import ConfigDict, Field, PrivateAttr
 
 from ..errors import MissingExtraError, ModelLoadError
 from ..prompts import read_prompt
-from ._multimodal import is_image_block, overlay_ref, resolve_image, text_of, to_pil
+from ._multimodal import get_image, is_image_block, overlay_ref, resolve_image, text_of, to_pil
 from .toolcall_parsing import parse_tool_calls
 
 #: Model families whose boxes are absolute pixels of the processor-resized image.
@@ -349,9 +349,7 @@ class QwenVLChatModel(BaseChatModel):
         def add_image(block: dict[str, Any] | None, ref: dict[str, Any] | None = None) -> dict[str, Any]:
             nonlocal first_key
             if ref is not None:
-                from ..imaging.store import default_store
-
-                arr = (store or default_store()).get(ref)
+                arr = get_image(ref, store)
                 key = str(ref.get("id"))
             else:
                 arr = resolve_image(block or {}, store)
