@@ -209,8 +209,32 @@ class EchoAgent:
         snapshot = self.graph.get_state(config)
         if not snapshot.next:
             raise EchoInputError(f"thread {thread_id!r} is not waiting for review")
+        _check_decision(snapshot, decision)
         out = self.graph.invoke(Command(resume=decision), config)
         return diagnosis_from_state(out)
+
+    async def astream_resume(
+        self, ticket: ReviewTicket | str, decision: dict[str, Any] | Any, *, first_step: int = 0
+    ) -> AsyncIterator[AgentEvent]:
+        """Async: resume a paused run with the reviewer's decision and yield its events (ending with
+        the final :class:`DiagnosisEvent`); ``first_step`` continues the paused run's event numbering."""
+        from langgraph.types import Command
+
+        from .graph import ReviewDecision
+
+        thread_id = ticket.thread_id if isinstance(ticket, ReviewTicket) else ticket
+        if isinstance(decision, ReviewDecision):
+            decision = decision.model_dump(exclude_none=True)
+        config = {"configurable": {"thread_id": thread_id}}
+        snapshot = await self.graph.aget_state(config)
+        if not snapshot.next:
+            raise EchoInputError(f"thread {thread_id!r} is not waiting for review")
+        _check_decision(snapshot, decision)
+        conv = _EventConverter({}, config)
+        conv.step = first_step
+        async for chunk in self.graph.astream(Command(resume=decision), config, stream_mode="updates"):
+            for ev in conv.convert(chunk):
+                yield ev
 
     # -- streaming ----------------------------------------------------------------------------------------
     def stream(
@@ -276,6 +300,23 @@ class EchoAgent:
                     except EchoError as exc:
                         results[i] = exc
         return results  # type: ignore[return-value]
+
+
+def _check_decision(snapshot: Any, decision: dict[str, Any]) -> None:
+    """Dry-run the review on the paused Diagnosis. A node that fails after ``interrupt`` keeps the
+    bad resume value in the checkpoint and replays it on every later resume, so an invalid
+    decision must be refused before it reaches the graph."""
+    from .graph.review import ReviewDecision, apply_review
+    from .organs import get_organ
+
+    try:
+        dec = ReviewDecision.model_validate(decision)
+    except Exception as exc:
+        raise EchoInputError(f"the review decision is invalid: {exc}") from None
+    if not dec.reviewer:
+        raise EchoInputError("a review needs a reviewer id: set 'reviewer' in the decision")
+    paused = Diagnosis.model_validate(snapshot.values["diagnosis"])
+    apply_review(paused, dec, get_organ(paused.organ), dec.reviewer)
 
 
 class _EventConverter:

@@ -85,6 +85,7 @@ def run(
     max_tool_calls: Annotated[int, typer.Option(help="Tool-call budget.")] = 8,
     force: Annotated[bool, typer.Option(help="Overwrite existing output files.")] = False,
     quiet: Annotated[bool, typer.Option(help="Do not print the summary.")] = False,
+    steps: Annotated[bool, typer.Option(help="Print each step (tool calls, evidence) as it happens.")] = False,
 ) -> None:
     """Diagnose one image and print a readable summary."""
     from rich.console import Console
@@ -102,7 +103,17 @@ def run(
 
         ctx = _parse_context(context, age, symptoms)
         agent = EchoAgent(organ=organ, max_tool_calls=max_tool_calls)
-        dx = agent.run(image, context=ctx, frame=frame)
+        if steps:
+            from .events import DiagnosisEvent
+
+            dx = None
+            for ev in agent.stream(image, context=ctx, frame=frame):
+                console.print(f"[dim]{ev.step:>2}[/] [bold]{ev.type}[/] " + ev.model_dump_json(exclude={"step", "type"})[:160])
+                if isinstance(ev, DiagnosisEvent):
+                    dx = ev.diagnosis
+            assert dx is not None
+        else:
+            dx = agent.run(image, context=ctx, frame=frame)
     except EchoError as exc:
         console.print(f"[bold red]error:[/] {exc}")
         raise typer.Exit(code=2) from None
@@ -186,6 +197,27 @@ def batch(
         t.add_row(f"label {lbl}", str(n))
     t.add_row("indeterminate", str(total.indeterminate))
     console.print(t)
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Interface to listen on (0.0.0.0 exposes it: put it behind an authenticating proxy).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    db: Annotated[Path, typer.Option(help="SQLite file for runs and checkpoints; uploaded images go to <db>.images/.")] = Path("echo-agent.sqlite"),
+    reload: Annotated[bool, typer.Option(help="Restart on code changes (development).")] = False,
+    max_upload_mb: Annotated[float, typer.Option(help="Largest accepted upload, in MB.")] = 20.0,
+    checkpointer_url: Annotated[str | None, typer.Option(help="postgresql://... URL to keep checkpoints in Postgres.")] = None,
+) -> None:
+    """Serve the review page and the JSON API (needs the 'serve' extra)."""
+    from .errors import EchoError
+    from .server.cli import serve_command
+
+    try:
+        code = serve_command(host, port, db, reload, max_upload_mb=max_upload_mb, checkpointer_url=checkpointer_url)
+    except EchoError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=2) from None
+    raise typer.Exit(code=code)
 
 
 @app.command()

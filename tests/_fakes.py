@@ -117,9 +117,12 @@ class FakeRetriever:
 
 
 def fake_toolkit(detections=None, **kw: Any) -> Toolkit:
+    store = kw.pop("store", None)
+    if store is None:  # an empty ImageStore is falsy (it has __len__), so no `or` here
+        store = ImageStore()
     return Toolkit(
         detectors={"breast": FakeDetector(detections), "kidney": FakeDetector([([5, 5, 30, 30], "hydronephrosis", 0.9)], labels=("hydronephrosis",))},
-        captioner=FakeCaptioner(), retriever=FakeRetriever(), store=kw.pop("store", None) or ImageStore(),
+        captioner=FakeCaptioner(), retriever=FakeRetriever(), store=store,
         preprocess=kw.pop("preprocess", False), **kw,
     )
 

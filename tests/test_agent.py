@@ -192,3 +192,20 @@ def test_review_start_resume():
         a.resume(t2, {"action": "edit", "reviewer": "x", "label": "hydronephrosis"})
     events = list(EchoAgent(organ="breast", toolkit=fake_toolkit(), router=None, review=True).stream(speckle_image()))
     assert isinstance(events[-1], ReviewRequestedEvent)
+
+
+def test_invalid_review_decision_does_not_wedge_the_run():
+    a = EchoAgent(organ="breast", toolkit=fake_toolkit(), router=None, review=True)
+    t = a.start(speckle_image())
+    with pytest.raises(EchoInputError, match="not a breast label"):
+        a.resume(t, {"action": "edit", "reviewer": "x", "label": "hydronephrosis"})
+    with pytest.raises(EchoInputError, match="reviewer"):
+        a.resume(t, {"action": "accept"})
+    dx = a.resume(t, {"action": "edit", "reviewer": "x", "label": "benign"})
+    assert dx.label == "benign" and dx.findings[0].label == "benign"
+
+
+def test_review_to_normal_clears_boxes():
+    a = EchoAgent(organ="breast", toolkit=fake_toolkit(), router=None, review=True)
+    dx = a.resume(a.start(speckle_image()), {"action": "edit", "reviewer": "x", "label": "normal", "category": "1"})
+    assert dx.findings == [] and dx.box is None and "findings" in dx.review.changes

@@ -45,6 +45,15 @@ def apply_review(dx: Diagnosis, decision: ReviewDecision, organ: OrganSpec, revi
                 )
             changes["label"] = {"from": dx.label, "to": decision.label}
             update["label"] = decision.label
+            if decision.label == organ.normal_label and dx.findings:
+                # "no lesion": the reviewer overrules every box
+                changes["findings"] = {"from": [f.box.to_list() for f in dx.findings], "to": []}
+                update["findings"] = []
+            elif dx.findings and decision.box is None:
+                top = max(range(len(dx.findings)), key=lambda i: dx.findings[i].score)
+                findings = list(dx.findings)
+                findings[top] = findings[top].model_copy(update={"label": decision.label})
+                update["findings"] = findings
         if decision.category is not None and decision.category != dx.category:
             allowed = [b.name for b in organ.categories] + ([organ.no_lesion_category] if organ.no_lesion_category else [])
             if decision.category not in allowed:
@@ -57,7 +66,7 @@ def apply_review(dx: Diagnosis, decision: ReviewDecision, organ: OrganSpec, revi
         if decision.box is not None:
             box = Box.from_xyxy(decision.box)
             label = update.get("label", dx.label)
-            findings = list(dx.findings)
+            findings = list(update.get("findings", dx.findings))
             top = max(range(len(findings)), key=lambda i: findings[i].score, default=None)
             new = Finding(box=box, label=label, score=1.0, detection_ids=[])
             old_box = findings[top].box.to_list() if top is not None else None
