@@ -208,7 +208,7 @@ class QwenVLChatModel(BaseChatModel):
     _processor: Any = PrivateAttr(default=None)
     _family: str | None = PrivateAttr(default=None)
     _lock: Any = PrivateAttr(default_factory=threading.Lock)
-    _resized_cache: dict[str, tuple[int, int]] = PrivateAttr(default_factory=dict)
+    _resized_cache: dict[tuple[int, int], tuple[int, int]] = PrivateAttr(default_factory=dict)
 
     @property
     def _llm_type(self) -> str:
@@ -321,8 +321,9 @@ class QwenVLChatModel(BaseChatModel):
         return self.bind(tools=[convert_to_openai_tool(t) for t in tools], **kwargs)
 
     # -- rendering -----------------------------------------------------------------------------------
-    def _resized_size(self, image: Any, key: str) -> tuple[int, int]:
+    def _resized_size(self, image: Any) -> tuple[int, int]:
         """(width, height) the processor resizes an image to (exact: read from its patch grid)."""
+        key = tuple(image.size)
         if key in self._resized_cache:
             return self._resized_cache[key]
         ip = self._processor.image_processor
@@ -343,20 +344,11 @@ class QwenVLChatModel(BaseChatModel):
         self.load()
         store = self.image_store
         images: list[Any] = []
-        first_key: str | None = None
         hf: list[dict[str, Any]] = []
 
         def add_image(block: dict[str, Any] | None, ref: dict[str, Any] | None = None) -> dict[str, Any]:
-            nonlocal first_key
-            if ref is not None:
-                arr = get_image(ref, store)
-                key = str(ref.get("id"))
-            else:
-                arr = resolve_image(block or {}, store)
-                key = str((block or {}).get("url") or id(block))[:200]
+            arr = get_image(ref, store) if ref is not None else resolve_image(block or {}, store)
             images.append(to_pil(arr))
-            if first_key is None:
-                first_key = key
             return {"type": "image"}
 
         for m in messages:
@@ -389,7 +381,7 @@ class QwenVLChatModel(BaseChatModel):
                 hf.append({"role": "tool", "content": blocks})
         absolute = self.absolute_boxes
         if absolute and images:
-            conv = BoxConvention(True, self._resized_size(images[0], first_key or ""))
+            conv = BoxConvention(True, self._resized_size(images[0]))
         else:
             conv = BoxConvention(False)
         if conv.absolute:
