@@ -301,11 +301,6 @@ class RunManager:
     # -- review --------------------------------------------------------------------------------------
     async def review(self, run_id: str, decision: Any) -> Diagnosis:
         """Resume a paused run with a :class:`~echo_agent.graph.ReviewDecision`; return the final Diagnosis."""
-        from langgraph.types import Command
-
-        # The private converter is the one EchoAgent.stream uses, so resumed runs emit the same events.
-        from ..agent import _EventConverter
-
         if not decision.reviewer:
             raise EchoInputError("a review needs a reviewer id; fill in 'reviewer'")
         lock = self._review_locks.setdefault(run_id, asyncio.Lock())
@@ -319,25 +314,18 @@ class RunManager:
                 raise RunConflict(
                     f"run {run_id} has no paused graph state in the checkpointer (was the database replaced?)"
                 )
-            # Check the decision before resuming: a node that fails after ``interrupt`` keeps the bad
-            # resume value in the checkpoint and every later resume would replay it, so an invalid
-            # decision must never reach the graph. apply_review is pure, so a dry run is exact.
-            from ..graph.review import apply_review
-            from ..organs import get_organ
-
-            paused = Diagnosis.model_validate(snapshot.values["diagnosis"])
-            apply_review(paused, decision, get_organ(paused.organ), decision.reviewer)
-            seen = len(await self.index.events(run_id))
-            conv = _EventConverter({}, config)
-            conv.step = max((e.step for e in await self.index.events(run_id)), default=-1) + 1
+            events = await self.index.events(run_id)
+            seen = len(events)
             final: Diagnosis | None = None
-            cmd = Command(resume=decision.model_dump(exclude_none=True))
-            async for chunk in self.agent.graph.astream(cmd, config, stream_mode="updates"):
-                for ev in conv.convert(chunk):
-                    await self.index.add_event(run_id, seen, ev)
-                    seen += 1
-                    if isinstance(ev, DiagnosisEvent):
-                        final = ev.diagnosis
+            # astream_resume dry-runs the decision first (an invalid one must never reach the graph)
+            # and emits the same typed events as EchoAgent.stream.
+            async for ev in self.agent.astream_resume(
+                run_id, decision.model_dump(exclude_none=True), first_step=max((e.step for e in events), default=-1) + 1
+            ):
+                await self.index.add_event(run_id, seen, ev)
+                seen += 1
+                if isinstance(ev, DiagnosisEvent):
+                    final = ev.diagnosis
             if final is None:
                 values = (await self.agent.graph.aget_state(config)).values
                 final = Diagnosis.model_validate(values["diagnosis"])
