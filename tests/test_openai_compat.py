@@ -200,3 +200,23 @@ def test_wrong_store_error_says_what_to_do():
     ref = ImageStore().put(speckle_image())
     with pytest.raises(EchoInputError, match="image_store=toolkit.get_store"):
         prepare_messages([HumanMessage(content=[image_block(ref)])], store=ImageStore())
+
+
+def test_finalizer_mode_follows_the_endpoint_option(monkeypatch):
+    import echo_agent.reasoners.llm_finalizer as lf
+
+    made: list[tuple[object, str]] = []
+
+    class Recording(lf.LLMFinalizer):
+        def __init__(self, model, **kw):
+            super().__init__(model, **kw)
+            made.append((model, self.structured))
+
+    monkeypatch.setattr(lf, "LLMFinalizer", Recording)
+    tk = fake_toolkit()
+    for option in ("text", True, False):
+        agent_from_endpoint("http://127.0.0.1:9/v1", "m", llm_finalizer=option, organ="breast", toolkit=tk, router=None)
+    assert [mode for _, mode in made] == ["text", "json_schema"]
+    assert made[0][0].image_store is tk.get_store()  # the model resolves images in the agent's store
+    assert lf.LLMFinalizer(object())._uses_json_schema() is False
+    assert lf.LLMFinalizer(chat_model_from_endpoint("http://127.0.0.1:9/v1", "m"))._uses_json_schema() is True

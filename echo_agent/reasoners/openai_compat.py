@@ -180,7 +180,7 @@ def agent_from_endpoint(
     *,
     api_key: str = "EMPTY",
     images_in_tool_messages: bool = True,
-    llm_finalizer: bool = True,
+    llm_finalizer: bool | Literal["json_schema", "text"] = True,
     box_convention: Literal["relative1000", "absolute"] = "relative1000",
     chat_kwargs: dict[str, Any] | None = None,
     **agent_kwargs: Any,
@@ -194,7 +194,8 @@ def agent_from_endpoint(
         images_in_tool_messages: ``False`` for servers that reject images inside tool messages; the
             detector overlay then follows the tool results in a user message.
         llm_finalizer: also ask the model for the final Diagnosis (structured output, validated,
-            one repair, fusion fallback: :class:`~echo_agent.reasoners.llm_finalizer.LLMFinalizer`).
+            one repair, fusion fallback: :class:`~echo_agent.reasoners.llm_finalizer.LLMFinalizer`);
+            ``'text'`` asks for JSON in plain text, for servers without JSON-schema output.
         box_convention: ``'absolute'`` for Qwen2.5-VL, ``'relative1000'`` (default) otherwise.
         chat_kwargs: more settings for :func:`chat_model_from_endpoint`.
         agent_kwargs: passed to :class:`EchoAgent` (``organ``, ``toolkit``, ``max_tool_calls``, ...).
@@ -210,7 +211,8 @@ def agent_from_endpoint(
     if llm_finalizer and agent_kwargs.get("finalizer") is None:
         from .llm_finalizer import LLMFinalizer
 
-        agent_kwargs["finalizer"] = LLMFinalizer(llm)
+        mode = llm_finalizer if isinstance(llm_finalizer, str) else "json_schema"
+        agent_kwargs["finalizer"] = LLMFinalizer(llm, structured=mode)
     return EchoAgent(reasoner=llm, toolkit=toolkit, **agent_kwargs)
 
 
