@@ -25,6 +25,8 @@ _EXPORTS: dict[str, str] = {
     "Toolkit": "echo_agent.tools",
     "make_tools": "echo_agent.tools",
     "EmbeddedPolicy": "echo_agent.reasoners",
+    "QwenVLChatModel": "echo_agent.reasoners",
+    "agent_from_endpoint": "echo_agent.reasoners",
     "OrganSpec": "echo_agent.organs",
     "CategoryBand": "echo_agent.organs",
     "register_organ": "echo_agent.organs",
@@ -65,7 +67,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .graph import EchoRunContext, ReviewDecision, build_graph
     from .imaging import example_image, load_image
     from .organs import CategoryBand, OrganSpec, get_organ, list_organs, register_organ
-    from .reasoners import EmbeddedPolicy
+    from .reasoners import EmbeddedPolicy, QwenVLChatModel, agent_from_endpoint
     from .schemas import (
         Box,
         ClinicalContext,

@@ -124,6 +124,11 @@ class ImageStore:
         with self._lock:
             return len(self._items)
 
+    def __bool__(self) -> bool:
+        # A store is a resource, not a container to test for emptiness: `store or default_store()`
+        # must keep an empty store the caller passed in.
+        return True
+
 
 _default_store: ImageStore | None = None
 _default_lock = threading.Lock()
