@@ -1,0 +1,219 @@
+"""Batch runs on Ray: the same resumable JSONL journal as :func:`echo_agent.batch.run_batch`, with the
+images spread over a pool of Ray Data actors.
+
+Each actor builds one agent (so each worker loads the detectors once) and turns chunks of items
+into journal records with :func:`echo_agent.batch.run_batch` itself, so a record written by the Ray
+engine is the record the local engine would write. The driver is the journal's only writer: it
+appends each record as it streams back (one fsync'd line per item), skips what the journal already
+holds, and never writes an item twice. Killed at any point and started again, the run finishes what
+is missing; items that were in flight on the workers are done again, nothing else is.
+
+Cluster: with no Ray running in the process, :func:`run_batch_ray` connects to ``address`` (or the
+``RAY_ADDRESS`` environment variable), else starts a local Ray instance for the run and stops it
+afterwards. On a multi-machine cluster, the images and the ``overlays`` / ``fhir`` folders must be on
+storage every worker can reach (the same absolute paths), and echo-agent must be installed in the
+workers' environment. See ``docs/deployment.md``.
+
+Ray is imported inside the functions (``pip install 'echo-agent[serve]'`` brings ``ray[data]``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..batch import BatchItem, BatchSummary, _append, _record, read_journal, run_batch
+from ..errors import EchoInputError, MissingExtraError
+
+AgentFactory = Callable[[], Any]
+
+
+def _require_ray() -> Any:
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError as exc:
+        raise MissingExtraError(
+            "the Ray engine needs Ray Data; install it with pip install 'echo-agent[serve]' (or 'ray[data]')"
+        ) from exc
+    return ray
+
+
+def _encode_item(item: BatchItem) -> str:
+    image = Path(item.image)
+    return json.dumps({
+        "id": item.id,
+        # Workers do not share the driver's working directory: relative paths are made absolute.
+        "image": str(image if image.is_absolute() else image.resolve()),
+        "organ": item.organ,
+        "context": item.context,
+        "truth": item.truth,
+    })
+
+
+def _decode_item(text: str) -> BatchItem:
+    d = json.loads(text)
+    return BatchItem(id=d["id"], image=Path(d["image"]), organ=d["organ"], context=d["context"], truth=d["truth"])
+
+
+class EchoBatchWorker:
+    """A Ray Data actor: one agent per worker, chunks of items in, journal records out.
+
+    Args:
+        agent_factory: zero-argument callable returning an :class:`~echo_agent.EchoAgent` (or anything
+            with its ``batch`` method); called once, in the worker. Default: ``EchoAgent()``.
+        overlays / fhir: folders (absolute, reachable by the worker) as in ``run_batch``.
+    """
+
+    def __init__(self, agent_factory: AgentFactory | None, overlays: str | None, fhir: str | None) -> None:
+        if agent_factory is None:
+            from ..agent import EchoAgent
+
+            agent_factory = EchoAgent
+        self.agent = agent_factory()
+        self.overlays = overlays
+        self.fhir = fhir
+        self._scratch = Path(tempfile.mkdtemp(prefix="echo-ray-"))
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
+        items = [_decode_item(str(s)) for s in batch["item"]]
+        records: dict[str, dict[str, Any]] = {}
+        # run_batch on a scratch journal makes exactly the records the local engine makes; the
+        # driver's journal stays the single source of truth.
+        scratch = self._scratch / f"{uuid.uuid4().hex}.jsonl"
+        try:
+            run_batch(
+                items, scratch, agent=self.agent, overlays=self.overlays, fhir=self.fhir,
+                chunk_size=len(items), on_item=lambda it, rec: records.__setitem__(it.id, rec), progress=False,
+            )
+        except Exception as exc:  # a chunk that fails as a whole is recorded per item; the run goes on
+            for it in items:
+                records.setdefault(it.id, _record(it, exc, 0.0, None, None, None))
+        finally:
+            scratch.unlink(missing_ok=True)
+        return {"id": [it.id for it in items], "record": [json.dumps(records[it.id]) for it in items]}
+
+    def __del__(self) -> None:
+        shutil.rmtree(getattr(self, "_scratch", ""), ignore_errors=True)
+
+
+def _tally(summary: BatchSummary, rec: dict[str, Any]) -> None:
+    if rec.get("status") == "ok":
+        summary.ok += 1
+        label = rec["diagnosis"]["label"]
+        summary.labels[label] = summary.labels.get(label, 0) + 1
+        summary.indeterminate += bool(rec["diagnosis"].get("indeterminate"))
+    else:
+        summary.errors += 1
+
+
+def run_batch_ray(
+    items: Sequence[BatchItem],
+    out: str | Path,
+    *,
+    workers: int = 2,
+    overlays: str | Path | None = None,
+    fhir: str | Path | None = None,
+    agent_factory: AgentFactory | None = None,
+    chunk_size: int = 4,
+    cpus_per_worker: float = 1.0,
+    gpus_per_worker: float = 0.0,
+    address: str | None = None,
+    on_item: Callable[[BatchItem, dict[str, Any]], None] | None = None,
+    progress: bool = True,
+) -> BatchSummary:
+    """Run the agent over ``items`` on a pool of Ray actors, appending to the journal ``out``.
+
+    Same journal, resume and error semantics as :func:`echo_agent.batch.run_batch`.
+
+    Args:
+        items: from :func:`echo_agent.batch.collect_inputs`.
+        out: the JSONL journal (written by this process only); finished items are skipped.
+        workers: number of actors, each with its own agent (detectors loaded once per actor).
+        overlays / fhir: folders for overlay PNGs / FHIR DiagnosticReports, written by the workers.
+        agent_factory: zero-argument callable building the agent in each worker (default
+            ``EchoAgent()``); it is pickled to the workers, so it must not capture live models. For an
+            MLLM reasoner served by vLLM: ``functools.partial(agent_from_endpoint, url, model)``.
+        chunk_size: items per actor call (one ``agent.batch`` per organ in the chunk).
+        cpus_per_worker / gpus_per_worker: Ray resources reserved by each actor.
+        address: Ray cluster to join (default: ``RAY_ADDRESS`` or a local instance for this run);
+            ignored when Ray is already initialised in this process.
+        on_item: callback after each journal line, on the driver.
+        progress: show Ray Data's progress bars.
+
+    Example::
+
+        from echo_agent.batch import collect_inputs
+        from echo_agent.scale.ray_engine import run_batch_ray
+        summary = run_batch_ray(collect_inputs("scans/", organ="breast"), "results.jsonl", workers=4)
+    """
+    if workers < 1:
+        raise EchoInputError(f"workers must be at least 1, got {workers}")
+    if chunk_size < 1:
+        raise EchoInputError(f"chunk_size must be at least 1, got {chunk_size}")
+    out = Path(out)
+    ids = [it.id for it in items]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise EchoInputError(f"batch item id {dup!r} appears twice; ids must be unique")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = read_journal(out)
+    todo = [it for it in items if it.id not in done]
+    summary = BatchSummary(total=len(items), done_before=len(items) - len(todo))
+    folders = []
+    for d in (overlays, fhir):
+        if d is not None:
+            Path(d).mkdir(parents=True, exist_ok=True)
+        folders.append(str(Path(d).resolve()) if d is not None else None)
+    if not todo:
+        return summary
+    by_id = {it.id: it for it in todo}
+
+    ray = _require_ray()
+    started_here = not ray.is_initialized()
+    if started_here:
+        target = address or os.environ.get("RAY_ADDRESS")
+        if target:
+            ray.init(address=target, log_to_driver=progress)
+        else:  # a local instance for this run only
+            ray.init(include_dashboard=False, log_to_driver=progress)
+    t0 = time.perf_counter()
+    fd = os.open(out, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        from ray.data import ActorPoolStrategy, DataContext
+
+        DataContext.get_current().enable_progress_bars = progress
+        n_blocks = -(-len(todo) // chunk_size)
+        ds = ray.data.from_items([{"item": _encode_item(it)} for it in todo], override_num_blocks=n_blocks)
+        ds = ds.map_batches(
+            EchoBatchWorker,
+            fn_constructor_kwargs={"agent_factory": agent_factory, "overlays": folders[0], "fhir": folders[1]},
+            batch_size=chunk_size, batch_format="numpy", compute=ActorPoolStrategy(size=workers),
+            num_cpus=cpus_per_worker, num_gpus=gpus_per_worker,
+        )
+        written = set(done)
+        for row in ds.iter_rows():
+            rec = json.loads(row["record"])
+            if rec["id"] in written:  # a retried Ray task may deliver an item again: one line per id
+                continue
+            _append(fd, rec)
+            written.add(rec["id"])
+            _tally(summary, rec)
+            if on_item is not None:
+                on_item(by_id[rec["id"]], rec)
+    finally:
+        os.close(fd)
+        summary.seconds = time.perf_counter() - t0
+        if started_here:
+            ray.shutdown()
+    return summary
+
+
+__all__ = ["EchoBatchWorker", "run_batch_ray"]
