@@ -67,3 +67,25 @@ def offline_env() -> None:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+
+
+def run_cli(doc: str, config_cls: type, runner: str, argv: list[str] | None = None) -> int:
+    """The command line of ``tools/train_sft.py`` / ``tools/train_grpo.py``: ``--config FILE``,
+    ``key=value`` overrides, ``--help-config``; ``runner`` is ``'module:function'`` (imported late)."""
+    import argparse
+    import importlib
+
+    offline_env()
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", help="YAML config (configs/training/*.yaml).")
+    ap.add_argument("--help-config", action="store_true", help="List the config fields and exit.")
+    ap.add_argument("overrides", nargs="*", help="key=value overrides.")
+    a = ap.parse_args(argv)
+    if a.help_config:
+        print(help_table(config_cls))
+        return 0
+    cfg = load_config(config_cls, a.config, a.overrides)
+    module, fn = runner.split(":")
+    summary = getattr(importlib.import_module(module), fn)(cfg)
+    print(json.dumps(summary, indent=1, default=str))
+    return 0

@@ -455,6 +455,11 @@ def tool_schemas(spec: OrganSpec) -> list[dict[str, Any]]:
     return [convert_to_openai_tool(t) for t in make_tools(Toolkit(), [spec])]
 
 
+@functools.lru_cache(maxsize=32)
+def _tool_schemas_json(organ: str) -> str:
+    return json.dumps(tool_schemas(get_organ(organ)), ensure_ascii=False)
+
+
 def _call(name: str, args: dict[str, Any], turn: int, i: int = 0) -> dict[str, Any]:
     return {"name": name, "args": args, "id": f"call_{turn}_{i}", "type": "tool_call"}
 
@@ -1155,7 +1160,7 @@ def to_hf_record(sample: CurriculumSample, *, tool_images: bool = True, relative
     # Every agent-format conversation is rendered with the organ's tools bound, as at inference; the
     # finalizer-format conversation (informed_diagnosis) is asked without tools, as LLMFinalizer does.
     has_tools = sample.task not in FINALIZER_TASKS
-    tools = json.dumps(tool_schemas(get_organ(sample.organ)), ensure_ascii=False) if has_tools else ""
+    tools = _tool_schemas_json(sample.organ) if has_tools else ""
     return {
         "task": sample.task, "key": sample.key, "organ": sample.organ, "split": sample.split or "",
         "messages": msgs, "images": paths, "tools": tools, "meta": json.dumps(sample.meta, ensure_ascii=False),
