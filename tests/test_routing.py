@@ -30,7 +30,9 @@ REPO = Path(__file__).resolve().parent.parent
 def _colour_photo(seed: int, h: int = 360, w: int = 480) -> np.ndarray:
     """A colourful 'photograph': a smooth colour field with a few filled shapes."""
     rng = np.random.default_rng(seed)
-    field = cv2.resize(rng.integers(0, 256, size=(4, 5, 3)).astype(np.uint8), (w, h), interpolation=cv2.INTER_CUBIC)
+    field = cv2.resize(
+        rng.integers(0, 256, size=(4, 5, 3)).astype(np.uint8), (w, h), interpolation=cv2.INTER_CUBIC
+    )
     for _ in range(8):
         c = tuple(int(v) for v in rng.integers(0, 256, size=3))
         centre = (int(rng.integers(0, w)), int(rng.integers(0, h)))
@@ -68,7 +70,10 @@ def test_import_pulls_no_training_libraries() -> None:
         ("grey frame", np.full((300, 300, 3), 128, np.uint8)),
         ("white frame", np.full((200, 320, 3), 255, np.uint8)),
         ("uniform noise", np.random.default_rng(0).integers(0, 256, size=(400, 400, 3), dtype=np.uint8)),
-        ("grey uniform noise", np.repeat(np.random.default_rng(1).integers(0, 256, size=(256, 320, 1), dtype=np.uint8), 3, 2)),
+        (
+            "grey uniform noise",
+            np.repeat(np.random.default_rng(1).integers(0, 256, size=(256, 320, 1), dtype=np.uint8), 3, 2),
+        ),
         ("colour photo", _colour_photo(0)),
         ("another colour photo", _colour_photo(7, 600, 800)),
     ],
@@ -139,7 +144,9 @@ def _test_images(center: str, n: int) -> list[np.ndarray]:
     return [np.asarray(Image.open(im.image).convert("RGB")) for im in picks]
 
 
-@pytest.mark.parametrize("center, organ", [("busi", "breast"), ("breast_lesions_usg", "breast"), ("hydronephrosis_ncnu", "kidney")])
+@pytest.mark.parametrize(
+    "center, organ", [("busi", "breast"), ("breast_lesions_usg", "breast"), ("hydronephrosis_ncnu", "kidney")]
+)
 def test_real_test_split_images_route_to_their_organ(shared_data: Path, center: str, organ: str) -> None:
     images = _test_images(center, 12)
     routed = [default_router(im)[0] for im in images]

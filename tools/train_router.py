@@ -130,7 +130,19 @@ def draw_ui(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     colours = [(255, 255, 255), (255, 255, 0), (0, 255, 0), (0, 255, 255), (200, 200, 200)]
     font = _font(int(rng.uniform(0.025, 0.05) * h))
     for _ in range(int(rng.integers(1, 5))):
-        txt = rng.choice(["L12-5", "Gain 52", "FR 28Hz", "Depth 4.0cm", "R KIDNEY", "BREAST RT", "12:00 3CM", "MI 1.1 TIS 0.4", "C5-1"])
+        txt = rng.choice(
+            [
+                "L12-5",
+                "Gain 52",
+                "FR 28Hz",
+                "Depth 4.0cm",
+                "R KIDNEY",
+                "BREAST RT",
+                "12:00 3CM",
+                "MI 1.1 TIS 0.4",
+                "C5-1",
+            ]
+        )
         x = rng.choice([int(0.02 * w), int(rng.uniform(0.55, 0.8) * w)])
         y = rng.choice([int(0.02 * h), int(rng.uniform(0.85, 0.95) * h)])
         d.text((x, y), str(txt), fill=colours[int(rng.integers(len(colours)))], font=font)
@@ -202,8 +214,8 @@ def augment(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         img = img * fan_mask(h, w, rng)[:, :, None].astype(np.uint8)
     if rng.random() < 0.5:
         h, w = img.shape[:2]
-        t, b, l, r = (int(rng.uniform(0, 0.25) * v) for v in (h, h, w, w))
-        img = cv2.copyMakeBorder(img, t, b, l, r, cv2.BORDER_CONSTANT, value=(0, 0, 0))
+        t, b, left, right = (int(rng.uniform(0, 0.25) * v) for v in (h, h, w, w))
+        img = cv2.copyMakeBorder(img, t, b, left, right, cv2.BORDER_CONSTANT, value=(0, 0, 0))
     if rng.random() < 0.4:
         img = draw_ui(np.ascontiguousarray(img), rng)
     if rng.random() < 0.3:
@@ -264,8 +276,18 @@ def synth_negative(kind: str, rng: np.random.Generator) -> np.ndarray:
         c1 = np.array([int(rng.integers(128, 256))] * 3 if grey else _colour(rng), np.float32)
         img = c0 * (1 - m) + c1 * m
     elif kind in ("document", "screenshot", "chart"):
-        bg = int(rng.integers(215, 256)) if kind != "screenshot" or rng.random() < 0.5 else int(rng.integers(20, 70))
-        pil = Image.new("RGB", (w, h), (bg, bg, bg) if grey or kind == "document" else tuple(min(255, bg + int(v)) for v in rng.integers(-30, 1, 3)))
+        bg = (
+            int(rng.integers(215, 256))
+            if kind != "screenshot" or rng.random() < 0.5
+            else int(rng.integers(20, 70))
+        )
+        pil = Image.new(
+            "RGB",
+            (w, h),
+            (bg, bg, bg)
+            if grey or kind == "document"
+            else tuple(min(255, bg + int(v)) for v in rng.integers(-30, 1, 3)),
+        )
         d = ImageDraw.Draw(pil)
         ink = (0, 0, 0) if bg > 128 else (230, 230, 230)
         if kind == "chart":
@@ -275,7 +297,9 @@ def synth_negative(kind: str, rng: np.random.Generator) -> np.ndarray:
             for _ in range(int(rng.integers(1, 4))):
                 c = (90, 90, 90) if grey else _colour(rng)
                 if rng.random() < 0.5:
-                    pts = [(x0 + (x1 - x0) * i / 12, y1 - (y1 - y0) * rng.uniform(0.1, 0.9)) for i in range(13)]
+                    pts = [
+                        (x0 + (x1 - x0) * i / 12, y1 - (y1 - y0) * rng.uniform(0.1, 0.9)) for i in range(13)
+                    ]
                     d.line(pts, fill=c, width=int(rng.integers(1, 4)))
                 else:
                     n = int(rng.integers(3, 12))
@@ -284,7 +308,20 @@ def synth_negative(kind: str, rng: np.random.Generator) -> np.ndarray:
                         top = y1 - (y1 - y0) * rng.uniform(0.05, 0.95)
                         d.rectangle([x0 + i * bw + 2, top, x0 + (i + 0.7) * bw, y1], fill=c)
         font = _font(int(rng.uniform(0.02, 0.06) * h))
-        words = ["patient", "report", "the", "lesion", "figure", "table", "result", "0.93", "mm", "total", "value", "2024"]
+        words = [
+            "patient",
+            "report",
+            "the",
+            "lesion",
+            "figure",
+            "table",
+            "result",
+            "0.93",
+            "mm",
+            "total",
+            "value",
+            "2024",
+        ]
         y = int(rng.uniform(0.02, 0.1) * h)
         while y < h * (0.35 if kind == "chart" else 0.95):
             line = " ".join(str(rng.choice(words)) for _ in range(int(rng.integers(2, 12))))
@@ -293,12 +330,18 @@ def synth_negative(kind: str, rng: np.random.Generator) -> np.ndarray:
         if kind == "screenshot":
             for _ in range(int(rng.integers(2, 8))):
                 x, yb = int(rng.uniform(0, w * 0.8)), int(rng.uniform(0, h * 0.8))
-                d.rectangle([x, yb, x + int(rng.uniform(20, w * 0.4)), yb + int(rng.uniform(10, h * 0.3))], outline=ink, fill=None if rng.random() < 0.5 else _colour(rng))
+                d.rectangle(
+                    [x, yb, x + int(rng.uniform(20, w * 0.4)), yb + int(rng.uniform(10, h * 0.3))],
+                    outline=ink,
+                    fill=None if rng.random() < 0.5 else _colour(rng),
+                )
         img = np.asarray(pil).astype(np.float32)
     elif kind == "noise_uniform":
         img = rng.uniform(0, 256, size=(h, w, 1 if grey else 3)) * np.ones((1, 1, 3))
     elif kind == "noise_gauss":
-        img = rng.normal(rng.uniform(60, 200), rng.uniform(10, 80), size=(h, w, 1 if grey else 3)) * np.ones((1, 1, 3))
+        img = rng.normal(rng.uniform(60, 200), rng.uniform(10, 80), size=(h, w, 1 if grey else 3)) * np.ones(
+            (1, 1, 3)
+        )
     elif kind == "smooth_colour":
         k = int(rng.integers(2, 9))
         small = rng.integers(0, 256, size=(k, k, 3)).astype(np.uint8)
@@ -326,7 +369,13 @@ def synth_negative(kind: str, rng: np.random.Generator) -> np.ndarray:
             if rng.random() < 0.5:
                 d.ellipse([x - r, y - r * rng.uniform(0.4, 1.5), x + r, y + r], fill=c)
             else:
-                d.polygon([(x + rng.uniform(-r, r), y + rng.uniform(-r, r)) for _ in range(int(rng.integers(3, 7)))], fill=c)
+                d.polygon(
+                    [
+                        (x + rng.uniform(-r, r), y + rng.uniform(-r, r))
+                        for _ in range(int(rng.integers(3, 7)))
+                    ],
+                    fill=c,
+                )
         img = np.asarray(pil).astype(np.float32)
         if rng.random() < 0.6:
             img = cv2.GaussianBlur(img, (0, 0), rng.uniform(0.5, 3))
@@ -352,8 +401,28 @@ def featurize(images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(feats), np.asarray(thumbs)
 
 
-def build_split(split: str, n_aug: dict[str, int], n_neg: int, *, seed: int) -> dict[str, list]:
-    """Features of one split: clean organ images, augmented copies and synthetic negatives.
+def photo_files(folder: Path | None, split: str) -> list[Path]:
+    """The photographs of ``folder`` assigned to ``split``: every fourth file (sorted by name,
+    starting with the second) is a validation photo, the rest train; none are test photos (the test
+    report uses other, real images: ``--real-negatives``)."""
+    if folder is None or split == "test":
+        return []
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    return [p for i, p in enumerate(files) if (i % 4 == 1) == (split == "val")]
+
+
+def photo_variant(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A photograph as it might reach the router: grey or colour, cropped, rescaled, framed."""
+    if rng.random() < 0.5:
+        img = np.repeat(img.mean(axis=2, keepdims=True), 3, axis=2).astype(np.uint8)
+    return augment(img, rng)
+
+
+def build_split(
+    split: str, n_aug: dict[str, int], n_neg: int, *, seed: int, photos: list[Path] = (), n_photo: int = 0
+) -> dict[str, list]:
+    """Features of one split: clean organ images, augmented copies, synthetic negatives and
+    variants of real photographs.
 
     Returns lists ``feat``, ``thumb``, ``label``, ``source`` (center or negative kind) and ``variant``
     (``clean``, ``aug`` or ``synthetic``)."""
@@ -376,6 +445,10 @@ def build_split(split: str, n_aug: dict[str, int], n_neg: int, *, seed: int) -> 
     for i in range(n_neg):
         kind = NEGATIVE_KINDS[i % len(NEGATIVE_KINDS)]
         add(synth_negative(kind, rng), UNKNOWN, kind, "synthetic")
+    for p in photos:
+        img = load_rgb(p)
+        for _ in range(n_photo):
+            add(photo_variant(img, rng), UNKNOWN, "photo", p.name)
     return rows
 
 
@@ -393,7 +466,9 @@ def fit_pca(thumbs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return mean, vt[:k]
 
 
-def fit_model(x: np.ndarray, y: np.ndarray, kind: str, c: float, seed: int, sample_weight: np.ndarray) -> list[dict]:
+def fit_model(
+    x: np.ndarray, y: np.ndarray, kind: str, c: float, seed: int, sample_weight: np.ndarray
+) -> list[dict]:
     """Fit on standardised x; returns the dense layers (weight rows follow CLASSES)."""
     if kind == "logreg":
         from sklearn.linear_model import LogisticRegression
@@ -409,12 +484,14 @@ def fit_model(x: np.ndarray, y: np.ndarray, kind: str, c: float, seed: int, samp
     counts = Counter(y.tolist())
     n = max(counts.values())
     idx = np.concatenate([rng.choice(np.flatnonzero(y == k), n, replace=True) for k in sorted(counts)])
-    m = MLPClassifier(hidden_layer_sizes=(32,), alpha=c, max_iter=400, random_state=seed, early_stopping=False)
+    hidden = int(kind[3:] or 32)  # "mlp" = 32 hidden units, "mlp64" = 64
+    m = MLPClassifier(
+        hidden_layer_sizes=(hidden,), alpha=c, max_iter=400, random_state=seed, early_stopping=False
+    )
     m.fit(x[idx], y[idx])
     assert list(m.classes_) == list(range(len(CLASSES)))
     return [
-        {"weight": m.coefs_[0].T.tolist(), "bias": m.intercepts_[0].tolist()},
-        {"weight": m.coefs_[1].T.tolist(), "bias": m.intercepts_[1].tolist()},
+        {"weight": w.T.tolist(), "bias": b.tolist()} for w, b in zip(m.coefs_, m.intercepts_, strict=True)
     ]
 
 
@@ -429,18 +506,32 @@ def decisions(router: OrganRouter, vecs: np.ndarray) -> list[str | None]:
     return [router.decide(p).organ for p in probs]
 
 
-def pick_threshold(router: OrganRouter, vecs: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
-    """Threshold maximising the balanced routing accuracy (organ correct / unknown rejected) on val."""
+def pick_threshold(
+    router: OrganRouter, vecs: np.ndarray, labels: np.ndarray, slack: float = 0.005
+) -> tuple[float, float]:
+    """The highest threshold whose balanced routing accuracy (organ correct, unknown rejected; mean
+    over the classes) on val is within ``slack`` of the best one: when in doubt, say "unknown"."""
     probs = router.probabilities_from_vectors(vecs)
-    best = (-1.0, 0.5)
-    for t in np.round(np.arange(0.40, 0.96, 0.01), 2):
+    curve = []
+    for t in np.round(np.arange(0.34, 0.96, 0.01), 2):
         router.threshold = float(t)
         pred = np.array([router.decide(p).organ or UNKNOWN for p in probs])
-        bal = float(np.mean([np.mean(pred[labels == c] == c) for c in CLASSES]))
-        if bal > best[0] + 1e-9:
-            best = (bal, float(t))
-    router.threshold = best[1]
-    return best[1], best[0]
+        curve.append((float(t), float(np.mean([np.mean(pred[labels == c] == c) for c in CLASSES]))))
+    top = max(b for _, b in curve)
+    t, bal = max((t, b) for t, b in curve if b >= top - slack)
+    router.threshold = t
+    return t, bal
+
+
+def _rounded(obj):
+    """Floats to 7 significant digits (float32 precision) to keep the JSON small."""
+    if isinstance(obj, float):
+        return float(f"{obj:.7g}")
+    if isinstance(obj, dict):
+        return {k: _rounded(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_rounded(v) for v in obj]
+    return obj
 
 
 def make_router(params: dict) -> OrganRouter:
@@ -451,7 +542,7 @@ def make_router(params: dict) -> OrganRouter:
 # evaluation
 
 
-def evaluate(router: OrganRouter, data: dict[str, np.ndarray], pca: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
+def evaluate(router: OrganRouter, data: dict[str, np.ndarray]) -> dict:
     """Routing metrics of one split, per center and variant and per negative kind."""
     vecs = vectors(router, data)
     pred = np.array([d or UNKNOWN for d in decisions(router, vecs)])
@@ -474,7 +565,11 @@ def evaluate(router: OrganRouter, data: dict[str, np.ndarray], pca: tuple[np.nda
     for kind in sorted(set(data["source"][neg])):
         m = neg & (data["source"] == kind)
         c = Counter(pred[m].tolist())
-        out["negatives"][kind] = {"n": int(m.sum()), "rejected": round(c.get(UNKNOWN, 0) / m.sum(), 4), "routed": {k: v for k, v in c.items() if k != UNKNOWN}}
+        out["negatives"][kind] = {
+            "n": int(m.sum()),
+            "rejected": round(c.get(UNKNOWN, 0) / m.sum(), 4),
+            "routed": {k: v for k, v in c.items() if k != UNKNOWN},
+        }
     out["negatives_rejected_overall"] = round(float(np.mean(pred[neg] == UNKNOWN)), 4) if neg.any() else None
     return out
 
@@ -513,6 +608,22 @@ def real_negatives(patterns: list[str], n_crops: int, seed: int) -> dict[str, li
     return rows
 
 
+def time_router(router: OrganRouter, n: int) -> dict[str, float]:
+    """Median and p90 wall time of ``router.route`` per image (decoded arrays, warm cache)."""
+    images = [load_rgb(im.image) for c in CENTERS for im in load_split(c, "test")[:n]]
+    router.route(images[0])
+    times = []
+    for img in images:
+        t = time.perf_counter()
+        router.route(img)
+        times.append((time.perf_counter() - t) * 1000)
+    return {
+        "n": len(times),
+        "p50": round(float(np.median(times)), 3),
+        "p90": round(float(np.percentile(times, 90)), 3),
+    }
+
+
 # --------------------------------------------------------------------------------------------------
 
 
@@ -523,11 +634,31 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--aug-breast", type=int, default=5, help="augmented copies per breast image (train)")
     ap.add_argument("--aug-kidney", type=int, default=2, help="augmented copies per kidney frame (train)")
     ap.add_argument("--aug-eval", type=int, default=2, help="augmented copies per image in val/test")
-    ap.add_argument("--negatives", type=int, default=3500, help="synthetic negatives in train (val/test: a third)")
-    ap.add_argument("--models", default="logreg:0.1,logreg:1,logreg:10,mlp:0.001,mlp:0.01", help="candidates kind:C")
-    ap.add_argument("--real-negatives", nargs="*", default=[], help="globs of real non-ultrasound images for the report")
+    ap.add_argument(
+        "--negatives", type=int, default=3500, help="synthetic negatives in train (val/test: a third)"
+    )
+    ap.add_argument(
+        "--models",
+        default="logreg:0.1,logreg:1,logreg:10,mlp:0.001,mlp:0.01,mlp64:0.01,mlp64:0.1,mlp128:0.1",
+        help="candidates kind:C (logreg:C, mlp[H]:alpha)",
+    )
+    ap.add_argument(
+        "--real-negatives", nargs="*", default=[], help="globs of real non-ultrasound images for the report"
+    )
+    ap.add_argument(
+        "--photo-negatives",
+        type=Path,
+        default=None,
+        help="folder of photographs for the unknown class (train/val)",
+    )
+    ap.add_argument(
+        "--photo-variants", type=int, default=40, help="variants per training photograph (val: a third)"
+    )
     ap.add_argument("--cache", type=Path, default=None, help="npz cache of the extracted features")
     ap.add_argument("--evaluate-only", action="store_true", help="evaluate --out instead of training")
+    ap.add_argument(
+        "--time", type=int, default=0, help="also time route() on this many test images per center"
+    )
     ap.add_argument("--report", type=Path, default=None, help="write the metrics JSON here")
     args = ap.parse_args(argv)
 
@@ -536,9 +667,11 @@ def main(argv: list[str] | None = None) -> int:
     cache = None
     if args.cache and args.cache.exists():
         cache = np.load(args.cache, allow_pickle=False)
-    for i, split in enumerate(("train", "val", "test")):
+    for split in ("train", "val", "test"):
         if cache is not None and f"{split}_feat" in cache.files:
-            splits[split] = {k: cache[f"{split}_{k}"] for k in ("feat", "thumb", "label", "source", "variant")}
+            splits[split] = {
+                k: cache[f"{split}_{k}"] for k in ("feat", "thumb", "label", "source", "variant")
+            }
             continue
         if split == "train" and args.evaluate_only:
             continue
@@ -549,7 +682,13 @@ def main(argv: list[str] | None = None) -> int:
             HYDRONEPHROSIS_NCNU: args.aug_kidney if train else max(1, args.aug_eval // 2),
         }
         n_neg = args.negatives if train else max(len(NEGATIVE_KINDS), args.negatives // 3)
-        splits[split] = to_arrays(build_split(split, n_aug, n_neg, seed=1000 * SEEDS[split] + args.seed))
+        photos = photo_files(args.photo_negatives, split)
+        n_photo = args.photo_variants if train else max(1, args.photo_variants // 3)
+        splits[split] = to_arrays(
+            build_split(
+                split, n_aug, n_neg, seed=1000 * SEEDS[split] + args.seed, photos=photos, n_photo=n_photo
+            )
+        )
         print(f"[{time.time() - t0:6.0f}s] {split}: {len(splits[split]['label'])} samples", flush=True)
     if args.cache and cache is None:
         np.savez(args.cache, **{f"{s}_{k}": v for s, d in splits.items() for k, v in d.items()})
@@ -579,10 +718,19 @@ def main(argv: list[str] | None = None) -> int:
         for cand in args.models.split(","):
             kind, c = cand.split(":")
             layers = fit_model((proj_tr - mu) / sd, y_tr, kind, float(c), args.seed, w)
-            params = {**base, "feature_mean": mu.tolist(), "feature_scale": sd.tolist(), "layers": layers, "threshold": 0.5}
+            params = {
+                **base,
+                "feature_mean": mu.tolist(),
+                "feature_scale": sd.tolist(),
+                "layers": layers,
+                "threshold": 0.5,
+            }
             router = make_router(params)
             t, bal = pick_threshold(router, proj_va, va["label"])
-            print(f"[{time.time() - t0:6.0f}s] {cand}: val balanced routing accuracy {bal:.4f} at threshold {t:.2f}", flush=True)
+            print(
+                f"[{time.time() - t0:6.0f}s] {cand}: val balanced routing accuracy {bal:.4f} at threshold {t:.2f}",
+                flush=True,
+            )
             if best is None or bal > best[0] + 1e-9:
                 best = (bal, {**params, "threshold": t}, cand)
         assert best is not None
@@ -597,9 +745,14 @@ def main(argv: list[str] | None = None) -> int:
             "train_samples": dict(Counter(tr["label"].tolist())),
             "val_balanced_routing_accuracy": round(best[0], 4),
         }
+        params = _rounded(params)
         router = make_router(params)
 
-    report = {"version": params.get("version"), "threshold": params["threshold"], "model": params.get("model")}
+    report = {
+        "version": params.get("version"),
+        "threshold": params["threshold"],
+        "model": params.get("model"),
+    }
     for split in ("val", "test"):
         report[split] = evaluate(router, splits[split])
     if real is not None and len(real.get("label", [])):
@@ -608,18 +761,23 @@ def main(argv: list[str] | None = None) -> int:
         report["real_non_ultrasound"] = {
             "files": sorted(set(real["variant"].tolist())),
             **{
-                src: {"n": int((real["source"] == src).sum()), "rejected": round(float(np.mean(pred[real["source"] == src] == UNKNOWN)), 4),
-                      "routed": dict(Counter(pred[(real["source"] == src) & (pred != UNKNOWN)].tolist()))}
+                src: {
+                    "n": int((real["source"] == src).sum()),
+                    "rejected": round(float(np.mean(pred[real["source"] == src] == UNKNOWN)), 4),
+                    "routed": dict(Counter(pred[(real["source"] == src) & (pred != UNKNOWN)].tolist())),
+                }
                 for src in sorted(set(real["source"].tolist()))
             },
         }
     if not args.evaluate_only:
-        params["test_summary"] = {
-            k: v["accuracy"] for k, v in report["test"]["organ_images"].items()
-        } | {"synthetic_negatives_rejected": report["test"]["negatives_rejected_overall"]}
+        params["test_summary"] = {k: v["accuracy"] for k, v in report["test"]["organ_images"].items()} | {
+            "synthetic_negatives_rejected": report["test"]["negatives_rejected_overall"]
+        }
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(params, separators=(",", ":")) + "\n", encoding="utf-8")
         print(f"wrote {args.out}")
+    if args.time:
+        report["timing_ms"] = time_router(router, args.time)
     text = json.dumps(report, indent=1)
     print(text)
     if args.report:

@@ -39,7 +39,7 @@ import numpy as np
 
 from ..errors import ChannelLayoutError, ImageTooSmallError, ModelLoadError
 
-FEATURE_VERSION = 1
+FEATURE_VERSION = 2
 """Version of :func:`extract_features`; a router file trained on another version is refused."""
 
 UNKNOWN = "unknown"
@@ -207,6 +207,30 @@ def extract_features(image: Any) -> tuple[np.ndarray, np.ndarray]:
         in_std,
     ]
 
+    # Fine scale (the working view, no further resampling), inside the lit area only: speckle keeps
+    # every pixel textured, while photographs and graphics have flat patches and sparse sharp edges.
+    ci = crop_u8.astype(np.int16)
+    gm = (np.abs(np.diff(ci, axis=1))[:-1, :] + np.abs(np.diff(ci, axis=0))[:, :-1]).astype(np.float32)
+    inside_px = crop_u8[:-1, :-1] >= k
+    cf = crop_u8.astype(np.float32)
+    lm = cv2.blur(cf, (5, 5))
+    lv = np.maximum(cv2.blur(cf * cf, (5, 5)) - lm * lm, 0.0)
+    lcv = np.sqrt(lv) / (lm + 4.0)
+    lcv_in = lcv[:-1, :-1][inside_px]
+    if lcv_in.size > 16:
+        gin = gm[inside_px]
+        m2 = float((gin * gin).mean())
+        fine = [
+            float(np.count_nonzero(gin <= 1) / gin.size),
+            float(gin.mean() / (in_mean * 255 + 10)),
+            float(np.log1p((gin**4).mean() / (m2 * m2 + 1e-6))),
+            float(np.median(lcv_in)),
+            float(np.count_nonzero(lcv_in < 0.03) / lcv_in.size),
+            float(np.count_nonzero(lcv_in > 0.5) / lcv_in.size),
+        ]
+    else:
+        fine = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+
     crop = gray[y0:y1, x0:x1]
     g = _resize(np.ascontiguousarray(crop), _GRID, _GRID)
     z = _zscore(g)
@@ -246,19 +270,68 @@ def extract_features(image: Any) -> tuple[np.ndarray, np.ndarray]:
     geometry = [*[float(v) for v in prof], float(np.log((centre + 1e-2) / (sides + 1e-2)))]
 
     thumb = _zscore(_resize(g, _THUMB, _THUMB)).ravel().astype(np.float64)
-    feats = np.asarray(colour + fov + intensity + texture + geometry + hist16.tolist(), dtype=np.float64)
+    feats = np.asarray(
+        colour + fov + intensity + texture + geometry + hist16.tolist() + fine, dtype=np.float64
+    )
     return np.nan_to_num(feats), np.nan_to_num(thumb)
 
 
 FEATURE_NAMES: tuple[str, ...] = (
-    *("sat_mean", "sat_frac_025", "sat_frac_050", "chroma_mean", "chroma_p95", "tint_coherence", "chroma_gray_corr"),
-    *("black_frac", "ring_black", "top_corner_black", "bottom_corner_black", "corner_black_diff", "content_frac", "white_frac"),
-    *("mean", "std", "q05", "q25", "q50", "q75", "q95", "q_range", "entropy", "levels_used", "content_black", "inside_mean", "inside_std"),
-    *("grad_x", "grad_y", "grad_xy_log_ratio", "grad_x32", "grad_y32", "grad_scale_log_ratio", "strong_edges", "flat_pixels"),
+    *(
+        "sat_mean",
+        "sat_frac_025",
+        "sat_frac_050",
+        "chroma_mean",
+        "chroma_p95",
+        "tint_coherence",
+        "chroma_gray_corr",
+    ),
+    *(
+        "black_frac",
+        "ring_black",
+        "top_corner_black",
+        "bottom_corner_black",
+        "corner_black_diff",
+        "content_frac",
+        "white_frac",
+    ),
+    *(
+        "mean",
+        "std",
+        "q05",
+        "q25",
+        "q50",
+        "q75",
+        "q95",
+        "q_range",
+        "entropy",
+        "levels_used",
+        "content_black",
+        "inside_mean",
+        "inside_std",
+    ),
+    *(
+        "grad_x",
+        "grad_y",
+        "grad_xy_log_ratio",
+        "grad_x32",
+        "grad_y32",
+        "grad_scale_log_ratio",
+        "strong_edges",
+        "flat_pixels",
+    ),
     *("speckle_cv_median", "speckle_cv_spread", "lit_blocks", "laplacian_energy", "autocorr_x", "autocorr_y"),
     *(f"depth_{i}" for i in range(8)),
     "centre_side_log_ratio",
     *(f"hist_{i}" for i in range(16)),
+    *(
+        "fine_flat",
+        "fine_grad",
+        "fine_grad_log_kurtosis",
+        "local_cv_median",
+        "local_cv_smooth",
+        "local_cv_high",
+    ),
 )
 
 
@@ -302,7 +375,9 @@ class OrganRouter:
                 f"{n_in}; retrain it with tools/train_router.py"
             )
         if self._layers[-1][0].shape[0] != len(self.classes):
-            raise ModelLoadError(f"router file {source}: the last layer does not match the {len(self.classes)} classes")
+            raise ModelLoadError(
+                f"router file {source}: the last layer does not match the {len(self.classes)} classes"
+            )
         self.params = params
 
     @classmethod
@@ -347,12 +422,16 @@ class OrganRouter:
         p_unknown = scores.get(UNKNOWN, 0.0)
         if p_unknown >= p_best:
             return RoutingResult(
-                None, p_unknown, scores,
+                None,
+                p_unknown,
+                scores,
                 f"does not look like {' or '.join(self.organs)} ultrasound (p_unknown={p_unknown:.2f})",
             )
         if p_best < self.threshold:
             return RoutingResult(
-                None, 1.0 - p_best, scores,
+                None,
+                1.0 - p_best,
+                scores,
                 f"best organ {best} has p={p_best:.2f}, below the routing threshold {self.threshold:.2f}",
             )
         return RoutingResult(best, p_best, scores, f"routed to {best} with p={p_best:.2f}")
