@@ -80,15 +80,6 @@ def _stop(proc: subprocess.Popen) -> None:
     os.killpg(pgid, signal.SIGKILL)
 
 
-def served_fake_toolkit(store):
-    """``ECHO_AGENT_TOOLKIT`` factory for the server process: the fake backends on the server's store."""
-    from _fakes import fake_toolkit
-
-    toolkit = fake_toolkit()
-    toolkit.store = store  # fake_toolkit(store=...) would drop an empty store (ImageStore is falsy when empty)
-    return toolkit
-
-
 def _packaged_weights() -> bool:
     return (WEIGHTS / "breast.onnx").is_file()
 
@@ -102,7 +93,7 @@ def served(request, tmp_path_factory):
     work = tmp_path_factory.mktemp(f"langgraph-{kind}")
     env_cfg = {"ECHO_AGENT_IMAGE_STORE": str(work / "images")}
     if kind == "fake-tools":
-        env_cfg["ECHO_AGENT_TOOLKIT"] = "test_langgraph_server:served_fake_toolkit"
+        env_cfg["ECHO_AGENT_TOOLKIT"] = "_fakes:fake_toolkit"
     config = {
         "dependencies": [str(REPO)],
         "graphs": {"echo": f"{GRAPH_FILE}:graph", "echo_review": f"{GRAPH_FILE}:review_graph"},
@@ -318,7 +309,7 @@ def served_module(monkeypatch, tmp_path):
     """graphs/echo_graph.py imported in-process (as the server imports it), on the fake tools."""
     import importlib.util
 
-    monkeypatch.setenv("ECHO_AGENT_TOOLKIT", "test_langgraph_server:served_fake_toolkit")
+    monkeypatch.setenv("ECHO_AGENT_TOOLKIT", "_fakes:fake_toolkit")
     monkeypatch.setenv("ECHO_AGENT_IMAGE_STORE", str(tmp_path / "images"))
     spec = importlib.util.spec_from_file_location("echo_graph_under_test", GRAPH_FILE)
     module = importlib.util.module_from_spec(spec)

@@ -1,0 +1,135 @@
+"""Images per second of a batch run: the local engine vs the Ray engine, on this machine.
+
+Both engines run the same images into their own fresh journal. Reported per engine:
+
+* ``end_to_end_img_s``: images / (start .. last journal line), i.e. including model loading and, for
+  Ray, starting the actors (the Ray instance itself is started before the clock runs);
+* ``first_result_s``: start .. first journal line;
+* ``second_half_img_s``: the rate over the second half of the journal lines (steady state).
+
+Examples::
+
+    # the packaged agent on 48 BrEaST-Lesions_USG images, local vs Ray with 2 workers
+    python tools/bench_batch.py --limit 48 --workers 2
+    # without detector weights: the fake tool backends of tests/_fakes.py (graph + fusion cost only)
+    python tools/bench_batch.py --limit 48 --fake-tools
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import functools
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def fake_tools_agent(organ: str) -> Any:
+    """An agent on the fake tool backends (tests/_fakes.py); importable by Ray workers by reference."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from _fakes import fake_toolkit
+
+    from echo_agent import EchoAgent
+
+    return EchoAgent(toolkit=fake_toolkit(), organ=organ, router=None)
+
+
+def packaged_agent(organ: str) -> Any:
+    """The default agent (packaged detectors, captioner, retriever, embedded policy)."""
+    from echo_agent import EchoAgent
+
+    return EchoAgent(organ=organ)
+
+
+def _timed(run: Any) -> dict[str, Any]:
+    stamps: list[float] = []
+    t0 = time.perf_counter()
+    summary = run(lambda it, rec: stamps.append(time.perf_counter()))
+    n = summary.processed
+    res: dict[str, Any] = {"images": n, "ok": summary.ok, "errors": summary.errors, "labels": summary.labels}
+    if n:
+        half = n // 2
+        res.update(
+            seconds=round(stamps[-1] - t0, 3),
+            first_result_s=round(stamps[0] - t0, 3),
+            end_to_end_img_s=round(n / (stamps[-1] - t0), 3),
+            # Results of a Ray run arrive in bursts after the actors start: the rate over the second
+            # half of the results is the steady rate, free of start-up cost.
+            second_half_img_s=round((n - half) / (stamps[-1] - stamps[half - 1]), 3) if half >= 1 and stamps[-1] > stamps[half - 1] else None,
+        )
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    from echo_agent.eval.manifest import default_data_root
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--source", default=None,
+                    help="folder, glob or manifest (default: BrEaST-Lesions_USG case images under $ECHO_AGENT_DATA)")
+    ap.add_argument("--organ", default="breast")
+    ap.add_argument("--limit", type=int, default=48, help="first N images of the source")
+    ap.add_argument("--engines", default="local,ray", help="comma list of local, ray")
+    ap.add_argument("--workers", type=int, default=2, help="Ray actors")
+    ap.add_argument("--chunk-size", type=int, default=4)
+    ap.add_argument("--fake-tools", action="store_true", help="use the fake tool backends of tests/_fakes.py")
+    ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = ap.parse_args(argv)
+
+    from echo_agent.batch import collect_inputs, run_batch
+
+    source = args.source or str(default_data_root() / "BrEaST-Lesions_USG" / "images_and_masks" / "case[0-9][0-9][0-9].png")
+    items = collect_inputs(source, organ=args.organ)[: args.limit]
+    factory = functools.partial(fake_tools_agent if args.fake_tools else packaged_agent, args.organ)
+    work = Path(tempfile.mkdtemp(prefix="bench-batch-"))
+    results: dict[str, Any] = {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": "python tools/bench_batch.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "source": source, "images": len(items),
+        "agent": "fake tool backends (tests/_fakes.py)" if args.fake_tools else "packaged default agent",
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+        "load_average_before": [round(x, 2) for x in os.getloadavg()],
+        "engines": {},
+    }
+    try:
+        for engine in [e.strip() for e in args.engines.split(",") if e.strip()]:
+            out = work / f"{engine}.jsonl"
+            if engine == "local":
+                agent = factory()
+                results["engines"]["local"] = _timed(lambda cb, agent=agent, out=out: run_batch(
+                    items, out, agent=agent, chunk_size=args.chunk_size, on_item=cb, progress=False))
+            elif engine == "ray":
+                import ray
+
+                from echo_agent.scale.ray_engine import run_batch_ray
+
+                ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+                         runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([str(REPO / "tools"), str(REPO)])}})
+                try:
+                    res = _timed(lambda cb, out=out: run_batch_ray(
+                        items, out, workers=args.workers, chunk_size=args.chunk_size, agent_factory=factory,
+                        on_item=cb, progress=False))
+                finally:
+                    ray.shutdown()
+                results["engines"][f"ray-{args.workers}w"] = res
+            else:
+                ap.error(f"unknown engine {engine!r}; use local or ray")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.json:
+        args.json.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
