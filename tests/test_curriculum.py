@@ -56,6 +56,9 @@ def synthetic_manifest(folder: Path, *, n_per_split: int = 1, size: tuple[int, i
     rows = []
     kinds = [("breast", "malignant", [[20, 15, 60, 45]]), ("breast", "benign", [[30, 20, 70, 50]]),
              ("breast", "normal", []), ("kidney", "hydronephrosis", [[25, 20, 55, 50]])]
+    sx, sy = w / 96, h / 72  # the boxes above are drawn for 96x72
+    kinds = [(o, lbl, [[round(b[0] * sx), round(b[1] * sy), round(b[2] * sx), round(b[3] * sy)] for b in bs])
+             for o, lbl, bs in kinds]
     for split in ("train", "val", "test"):
         for i in range(n_per_split):
             for organ, label, boxes in kinds:

@@ -1127,7 +1127,10 @@ def to_hf_messages(
                     blocks.append({"type": "text", "text": b.get("text", "")})
             out.append({"role": "user", "content": blocks})
         elif isinstance(m, AIMessage):
-            entry: dict[str, Any] = {"role": "assistant", "content": [{"type": "text", "text": _text_of(m.content)}]}
+            text = _text_of(m.content)
+            # An empty text turn must be an empty list: Qwen's templates test the content's truth
+            # value before a tool call, and a list holding "" would add a newline inference lacks.
+            entry: dict[str, Any] = {"role": "assistant", "content": [{"type": "text", "text": text}] if text else []}
             if m.tool_calls:
                 entry["tool_calls"] = [
                     {"type": "function", "function": {"name": c["name"], "arguments": c.get("args") or {}}}

@@ -1,0 +1,155 @@
+"""SFT and GRPO on a tiny random Qwen3-VL (offline): the trainers run, resume, and render the same
+conversation text the agent's QwenVLChatModel renders at inference."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("trl")
+pytest.importorskip("peft")
+
+from PIL import Image  # noqa: E402
+from test_curriculum import synthetic_manifest  # noqa: E402
+
+from echo_agent.eval.manifest import load_manifest  # noqa: E402
+from echo_agent.organs import get_organ  # noqa: E402
+from echo_agent.training.curriculum import (  # noqa: E402
+    CurriculumBuilder,
+    CurriculumConfig,
+    SimulatedDetector,
+    read_jsonl,
+    to_hf_record,
+    tool_schemas,
+    write_jsonl,
+)
+
+pytestmark = [pytest.mark.heavy, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from _tiny_vlm import build_tiny_qwen_vl
+
+    return build_tiny_qwen_vl("qwen3_vl", tmp_path_factory.mktemp("tiny") / "qwen3_vl")
+
+
+@pytest.fixture(scope="module")
+def curriculum(tmp_path_factory: pytest.TempPathFactory) -> tuple[list, Path]:
+    root = tmp_path_factory.mktemp("train")
+    images = load_manifest(synthetic_manifest(root / "data", size=(64, 48)))
+    images = [im for im in images if im.organ == "breast"]
+    cfg = CurriculumConfig(tasks=("rec", "grounded_diagnosis"), seed=0)
+    samples = CurriculumBuilder(cfg, detections=SimulatedDetector(0), overlay_dir=root / "cur" / "overlays").build(images)
+    write_jsonl([to_hf_record(s, relative_to=root / "cur") for s in samples], root / "cur" / "train.jsonl")
+    return samples, root / "cur" / "train.jsonl"
+
+
+def test_training_text_is_the_inference_text(tiny: Path, curriculum) -> None:  # noqa: ANN001
+    """The SFT rendering of a curriculum conversation equals QwenVLChatModel.render of the same
+    LangChain messages (system prompt, tools, image, tool results with the overlay image)."""
+    from transformers import AutoProcessor
+
+    from echo_agent.imaging.store import ImageStore
+    from echo_agent.reasoners.qwen_vl import QwenVLChatModel
+    from echo_agent.training.sft_trainer import _pil, fill_images
+
+    samples, _ = curriculum
+    sample = next(s for s in samples if s.task == "grounded_diagnosis")
+    store = ImageStore()
+    for path in sample.image_paths.values():
+        store.put(np.asarray(Image.open(path).convert("RGB")))
+    tools = tool_schemas(get_organ(sample.organ))
+    prefix = sample.messages[:-1]  # everything the model sees before writing its final turn
+    llm = QwenVLChatModel(model_path=str(tiny), image_store=store, device="cpu")
+    served, served_images, _ = llm.render(prefix, tools)
+
+    rec = to_hf_record(type(sample)(**{**sample.__dict__, "messages": prefix}))
+    proc = AutoProcessor.from_pretrained(tiny)
+    msgs = fill_images(rec["messages"], [_pil(p) for p in rec["images"]])
+    trained = proc.apply_chat_template(msgs, tools=json.loads(rec["tools"]), tokenize=False, add_generation_prompt=True)
+    assert trained == served
+    assert len(served_images) == len(rec["images"]) == 2  # the image and the detector overlay
+
+
+def test_sft_two_steps_lora_and_resume(tiny: Path, curriculum, tmp_path: Path) -> None:  # noqa: ANN001
+    from echo_agent.training.sft_config import EchoSFTConfig
+    from echo_agent.training.sft_trainer import run_sft
+
+    _, train_file = curriculum
+    cfg = EchoSFTConfig(model_path=str(tiny), train_file=str(train_file), output_dir=str(tmp_path / "sft"),
+                        tasks=["rec"], max_steps=2, gradient_accumulation_steps=1, logging_steps=1, save_steps=1,
+                        gradient_checkpointing=False, tool_images=False, lora_r=4, lora_alpha=8, learning_rate=1e-3)
+    out = run_sft(cfg)
+    assert out["steps"] == 2 and np.isfinite(out["train_loss"])
+    final = Path(out["final_dir"])
+    assert (final / "adapter_config.json").is_file() and (final / "processor_config.json").is_file()
+    log = [json.loads(line) for line in (tmp_path / "sft" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2]
+    assert (tmp_path / "sft" / "checkpoint-2").is_dir()
+    cfg.max_steps, cfg.resume_from_checkpoint = 3, True
+    assert run_sft(cfg)["steps"] == 3  # resumed from checkpoint-2, one more step
+
+
+def test_assistant_only_loss_masks_prompt_and_tool_turns(tiny: Path, curriculum) -> None:  # noqa: ANN001
+    from transformers import AutoProcessor
+    from trl.chat_template_utils import get_training_chat_template
+
+    from echo_agent.training.curriculum import to_hf_dataset
+    from echo_agent.training.sft_trainer import ToolAwareVisionCollator
+
+    _, train_file = curriculum
+    recs = [r for r in read_jsonl(train_file) if r["task"] == "grounded_diagnosis"][:1]
+    proc = AutoProcessor.from_pretrained(tiny)
+    coll = ToolAwareVisionCollator(proc, chat_template=get_training_chat_template(proc))
+    batch = coll([to_hf_dataset(recs, base=train_file.parent)[0]])
+    labels = batch["labels"][0]
+    trained = proc.tokenizer.decode(labels[labels != -100])
+    assert "detect_breast_lesions" in trained and '"label":' in trained  # tool calls and the Diagnosis
+    assert "Read this breast ultrasound image" not in trained and "evidence_id" not in trained  # not user/tool turns
+    assert batch["pixel_values"].shape[0] > 0 and batch["image_grid_thw"].shape[0] == 2
+
+
+def test_environment_tools_match_inference(tiny: Path, curriculum) -> None:  # noqa: ANN001
+    from transformers import AutoProcessor
+
+    from echo_agent.training.grpo_trainer import make_environment, use_inference_tool_schemas
+
+    samples, _ = curriculum
+    s = next(x for x in samples if x.task == "grounded_diagnosis" and x.truth["boxes"])
+    env_cls = make_environment(get_organ("breast"), detector="simulated", overlays=True)
+    env = env_cls()
+    env.reset(image_path=next(iter(s.image_paths.values())), gt_label=s.truth["label"], truth=json.dumps(s.truth))
+    out = env.detect_breast_lesions(tta=True)
+    report = json.loads(out[0]["text"])
+    assert report["evidence_id"] == "det1" and report["tta"] is True and out[1]["type"] == "image"
+    assert env.describe_image(regions=[[10, 10, 5, 5]]).startswith("Error: ValidationError")
+    kb = json.loads(env.retrieve_knowledge(query="oval circumscribed mass"))
+    assert kb["evidence_id"] == "kb1" and kb["snippets"]
+    proc = use_inference_tool_schemas(AutoProcessor.from_pretrained(tiny))
+    conv = [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
+    methods = [env.detect_breast_lesions, env.describe_image, env.retrieve_knowledge]
+    assert proc.apply_chat_template(conv, tools=methods, tokenize=False) == proc.apply_chat_template(
+        conv, tools=tool_schemas(get_organ("breast")), tokenize=False)
+
+
+def test_grpo_two_steps(tiny: Path, curriculum, tmp_path: Path) -> None:  # noqa: ANN001
+    from echo_agent.training.grpo_config import EchoGRPOConfig
+    from echo_agent.training.grpo_trainer import run_grpo
+
+    _, train_file = curriculum
+    cfg = EchoGRPOConfig(model_path=str(tiny), train_file=str(train_file), output_dir=str(tmp_path / "grpo"),
+                         tasks=["grounded_diagnosis"], max_prompts=2, max_steps=2, num_generations=2,
+                         per_device_train_batch_size=2, max_completion_length=16, max_tool_calling_iterations=1,
+                         use_lora=False, gradient_checkpointing=False, detector="simulated", overlays=False,
+                         preset="echo-ground", save_steps=2)
+    out = run_grpo(cfg)
+    assert out["steps"] == 2 and len(out["rewards"]) == 2
+    hist = json.loads((tmp_path / "grpo" / "log_history.json").read_text())
+    logged = [h for h in hist if "reward" in h]
+    assert all(f"rewards/{n}_reward/mean" in logged[0] for n in ("localization", "shape", "format"))
+    assert (Path(out["final_dir"]) / "model.safetensors").is_file()
