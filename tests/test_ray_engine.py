@@ -171,7 +171,7 @@ ray.init(address={address!r}, log_to_driver=False,
          runtime_env={{"env_vars": {{"PYTHONPATH": {pythonpath!r}}}}})
 items = collect_inputs({folder!r}, organ="breast")
 run_batch_ray(items, {out!r}, workers=2, chunk_size=1, progress=False,
-              agent_factory=functools.partial(fake_agent, {markers!r}, delay_s=0.4))
+              agent_factory=functools.partial(fake_agent, {markers!r}, delay_s=0.6))
 """
 
 

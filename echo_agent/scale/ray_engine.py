@@ -141,7 +141,8 @@ def run_batch_ray(
         agent_factory: zero-argument callable building the agent in each worker (default
             ``EchoAgent()``); it is pickled to the workers, so it must not capture live models. For an
             MLLM reasoner served by vLLM: ``functools.partial(agent_from_endpoint, url, model)``.
-        chunk_size: items per actor call (one ``agent.batch`` per organ in the chunk).
+        chunk_size: items per actor call (one ``agent.batch`` per organ in the chunk); lowered when
+            there are fewer than ``workers * chunk_size`` items so that every worker gets some.
         cpus_per_worker / gpus_per_worker: Ray resources reserved by each actor.
         address: Ray cluster to join (default: ``RAY_ADDRESS`` or a local instance for this run);
             ignored when Ray is already initialised in this process.
@@ -190,6 +191,8 @@ def run_batch_ray(
         from ray.data import ActorPoolStrategy, DataContext
 
         DataContext.get_current().enable_progress_bars = progress
+        # Smaller chunks when there are few items, so that every worker gets some.
+        chunk_size = max(1, min(chunk_size, -(-len(todo) // workers)))
         n_blocks = -(-len(todo) // chunk_size)
         ds = ray.data.from_items([{"item": _encode_item(it)} for it in todo], override_num_blocks=n_blocks)
         ds = ds.map_batches(
