@@ -239,3 +239,36 @@ def test_real_breast_slice(shared_data: Path, tmp_path: Path) -> None:
     answer = json.loads(rec.messages[-1].content)
     for k, v in radiologist_descriptors(key_im).items():
         assert answer["descriptors"][k] == v
+
+
+def test_build_curriculum_cli(tmp_path: Path) -> None:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import build_curriculum
+
+    manifest = synthetic_manifest(tmp_path / "data")
+    out = tmp_path / "cur"
+    rc = build_curriculum.main(["--manifest", str(manifest), "--out", str(out), "--detector", "simulated",
+                                "--tasks", "rec", "tool_detection", "--no-overlays"])
+    assert rc == 0
+    recs = read_jsonl(out / "train.jsonl")
+    assert {r["task"] for r in recs} == {"rec", "tool_detection"} and {r["split"] for r in recs} == {"train"}
+    assert "| tool_detection |" in (out / "counts.md").read_text()
+    with pytest.raises(ValueError, match="forbidden"):
+        build_curriculum.main(["--manifest", str(manifest), "--out", str(out), "--split", "test", "--detector", "simulated"])
+
+
+def test_training_configs_load() -> None:
+    from echo_agent.training._config import load_config
+    from echo_agent.training.grpo_config import EchoGRPOConfig
+    from echo_agent.training.sft_config import EchoSFTConfig
+
+    files = sorted((Path(__file__).resolve().parents[1] / "configs" / "training").glob("*.yaml"))
+    assert len(files) >= 4
+    for f in files:
+        cfg = load_config(EchoGRPOConfig if "grpo" in f.name else EchoSFTConfig, f)
+        assert cfg.output_dir
+    with pytest.raises(ValueError, match="unknown EchoSFTConfig field"):
+        load_config(EchoSFTConfig, None, ["learning_rat=1"])
+    assert load_config(EchoSFTConfig, None, ["max_steps=5", "tasks=[rec]"]).tasks == ["rec"]
