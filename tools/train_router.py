@@ -608,6 +608,74 @@ def real_negatives(patterns: list[str], n_crops: int, seed: int) -> dict[str, li
     return rows
 
 
+def _gamma(img: np.ndarray, g: float) -> np.ndarray:
+    return (255 * (img / 255.0) ** g).astype(np.uint8)
+
+
+def _rescale(img: np.ndarray, side: int) -> np.ndarray:
+    h, w = img.shape[:2]
+    s = side / max(h, w)
+    return cv2.resize(
+        img, (int(w * s), int(h * s)), interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR
+    )
+
+
+def _pad(img: np.ndarray) -> np.ndarray:
+    h, w = img.shape[:2]
+    t, b, left, right = (int(0.2 * v) for v in (h, h, w, w))
+    return cv2.copyMakeBorder(img, t, b, left, right, cv2.BORDER_CONSTANT, value=(0, 0, 0))
+
+
+def _fan(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return img * fan_mask(*img.shape[:2], rng)[:, :, None].astype(np.uint8)
+
+
+def _tight(img: np.ndarray) -> np.ndarray:
+    x0, y0, x1, y1 = _content_box(img)
+    mx, my = int(0.06 * (x1 - x0)), int(0.06 * (y1 - y0))
+    return np.ascontiguousarray(img[y0 + my : y1 - my, x0 + mx : x1 - mx])
+
+
+def _jpeg(img: np.ndarray) -> np.ndarray:
+    return cv2.imdecode(cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 50])[1], cv2.IMREAD_UNCHANGED)
+
+
+def _blur(img: np.ndarray) -> np.ndarray:
+    h, w = img.shape[:2]
+    return cv2.resize(cv2.resize(img, (w // 3, h // 3), interpolation=cv2.INTER_AREA), (w, h))
+
+
+def robustness(router: OrganRouter, n: int, seed: int = 5) -> dict[str, dict[str, float]]:
+    """Accuracy on ``n`` evenly spaced test images per center under one fixed transform at a time."""
+    rng = np.random.default_rng(seed)
+    ops = {
+        "clean": lambda x: x,
+        "fan": lambda x: _fan(x, rng),
+        "black_padding_20pct": _pad,
+        "fan+padding": lambda x: _pad(_fan(x, rng)),
+        "tight_crop": _tight,
+        "rescaled_800px": lambda x: _rescale(x, 800),
+        "rescaled_200px": lambda x: _rescale(x, 200),
+        "tint": lambda x: np.clip(x * np.array([0.85, 0.95, 1.0]), 0, 255).astype(np.uint8),
+        "scanner_ui": lambda x: draw_ui(np.ascontiguousarray(x), rng),
+        "blur_x3": _blur,
+        "jpeg_q50": _jpeg,
+        "gamma_0.7": lambda x: _gamma(x, 0.7),
+        "gamma_1.4": lambda x: _gamma(x, 1.4),
+    }
+    out = {}
+    for c in CENTERS:
+        items = load_split(c, "test")
+        items = items[:: max(1, len(items) // n)][:n]
+        imgs = [load_rgb(im.image) for im in items]
+        organ = CENTER_ORGAN[c]
+        out[c] = {
+            k: round(float(np.mean([router.route(f(im)).organ == organ for im in imgs])), 3)
+            for k, f in ops.items()
+        }
+    return out
+
+
 def time_router(router: OrganRouter, n: int) -> dict[str, float]:
     """Median and p90 wall time of ``router.route`` per image (decoded arrays, warm cache)."""
     images = [load_rgb(im.image) for c in CENTERS for im in load_split(c, "test")[:n]]
@@ -658,6 +726,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--evaluate-only", action="store_true", help="evaluate --out instead of training")
     ap.add_argument(
         "--time", type=int, default=0, help="also time route() on this many test images per center"
+    )
+    ap.add_argument(
+        "--robustness", type=int, default=0, help="per-transform accuracy on this many test images per center"
     )
     ap.add_argument("--report", type=Path, default=None, help="write the metrics JSON here")
     args = ap.parse_args(argv)
@@ -778,6 +849,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {args.out}")
     if args.time:
         report["timing_ms"] = time_router(router, args.time)
+    if args.robustness:
+        report["robustness_test"] = robustness(router, args.robustness)
     text = json.dumps(report, indent=1)
     print(text)
     if args.report:
