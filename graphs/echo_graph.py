@@ -194,7 +194,12 @@ def make_graph(
             return {"image": loaded.to_ref(store), "image_b64": None}
         if given[0] == "image_path":
             return {"image_path": check_image_path(state["image_path"], roots)}  # type: ignore[arg-type]
-        return {}
+        # A reference from an earlier run: resolve it by id in this server's store only (a client's
+        # 'path' is not trusted) and take the size from the pixels, not from the client.
+        ref = dict(state["image"])  # type: ignore[arg-type]
+        pixels = store.get(str(ref.get("id", "")))
+        ref.update(path=None, width=int(pixels.shape[1]), height=int(pixels.shape[0]))
+        return {"image": ref}
 
     echo = build_graph(reasoner, toolkit=toolkit, finalizer=finalizer, router=default_router, review=review)
     parent: StateGraph = StateGraph(

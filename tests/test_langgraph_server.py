@@ -339,3 +339,13 @@ def test_upload_decoding_and_path_roots(served_module, tmp_path):
     assert g.invoke({"image_path": str(inside), "organ": "breast"})["diagnosis"]["organ"] == "breast"
     with pytest.raises(EchoInputError, match="exactly one image source"):
         g.invoke({"organ": "breast"})
+    # A reference from an earlier run is resolved by id in the server's store; its 'path' and size
+    # are not taken from the client.
+    first = g.invoke({"image_b64": base64.b64encode(raw).decode(), "organ": "breast"})
+    forged = {**first["image"], "path": "/etc/passwd", "width": 1, "height": 1}
+    again = g.invoke({"image": forged, "organ": "breast"})
+    assert again["image"]["path"] is None
+    assert (again["image"]["width"], again["image"]["height"]) == (first["image"]["width"], first["image"]["height"])
+    assert again["diagnosis"] == first["diagnosis"]
+    with pytest.raises(EchoInputError, match="not in the image store"):
+        g.invoke({"image": {"id": "0" * 24, "path": str(inside), "width": 9, "height": 9}, "organ": "breast"})
