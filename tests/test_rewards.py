@@ -95,7 +95,9 @@ def test_format_reward_checks_calls_and_diagnosis() -> None:
                 {"role": "tool", "content": "{}"}, {"role": "assistant", "content": "I think it is benign."}]
     wrong_labels = dx("benign").replace('"normal"', '"cyst"')
     organs = ["breast"] * 3
-    assert format_reward([good_call, bad_call, wrong_labels], organ=organs) == [1.0, 0.0, 0.5]
+    assert format_reward([good_call, bad_call, wrong_labels], organ=organs) == [1.0, 0.0, 0.0]
+    truncated = good_call[:2]  # valid call, no final answer yet
+    assert format_reward([truncated], organ=["breast"]) == [0.5]
     assert format_reward(['{"box": [1, 2, 30, 40]}'], organ=["breast"], task=["rec"]) == [1.0]
     assert parse_answer(dx("benign", organ="kidney"), "breast", 100, 100) is None  # wrong organ
 

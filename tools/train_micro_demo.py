@@ -1,6 +1,6 @@
 """Micro-scale demonstration that the training recipe runs and moves its numbers, on a CPU.
 
-    nice python tools/train_micro_demo.py --out runs/micro --images 8 --sft-steps 60 --grpo-steps 4
+    nice python tools/train_micro_demo.py --out runs/micro --images 8 --sft-steps 150 --grpo-steps 4
 
 1. builds the curriculum of a few BrEaST-Lesions_USG + BUSI *train* images (simulated detector: no
    trained detector weights are assumed) and the same for a few *val* images (evaluation prompts);
@@ -80,7 +80,8 @@ def build_model(target: Path, train_file: Path, vocab_size: int) -> Path:
 
 
 def measure(model_dir: Path, val_file: Path, max_prompts: int, max_new_tokens: int) -> dict[str, float]:
-    """Valid first tool call rate and valid Diagnosis JSON rate of greedy replies on val prompts."""
+    """On val conversations: valid first tool call rate and valid Diagnosis JSON rate of greedy
+    replies, and the teacher-forced loss (mean NLL per assistant token) of the reference replies."""
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -95,12 +96,12 @@ def measure(model_dir: Path, val_file: Path, max_prompts: int, max_new_tokens: i
     recs = recs[:max_prompts]
     base = val_file.parent
 
-    def reply(messages: list, images: list, tools: list) -> str:
+    def reply(messages: list, images: list, tools: list, limit: int) -> str:
         msgs = fill_images(messages, [_pil(p) for p in images])
         inputs = proc.apply_chat_template(msgs, tools=tools, add_generation_prompt=True, tokenize=True,
                                           return_dict=True, return_tensors="pt")
         with torch.inference_mode():
-            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+            out = model.generate(**inputs, max_new_tokens=limit, do_sample=False)
         return proc.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
     tool_ok = dx_ok = 0
@@ -111,18 +112,37 @@ def measure(model_dir: Path, val_file: Path, max_prompts: int, max_new_tokens: i
         imgs = resolve_images(r, base)
         head = r["messages"][:2]
         n_head = sum(1 for m in head for b in m["content"] if b.get("type") == "image")
-        text = reply(head, imgs[:n_head], tools)
+        text = reply(head, imgs[:n_head], tools, 48)
         calls = parse_tool_calls(text).tool_calls
         ok = bool(calls) and all(valid_tool_call(c["name"], c["args"], r["organ"]) for c in calls)
         tool_ok += ok
         before_final = r["messages"][:-1]
-        text2 = reply(before_final, imgs, tools)
+        text2 = reply(before_final, imgs, tools, max_new_tokens)
         ans = parse_answer(text2, r["organ"], truth["width"], truth["height"])
         dx_ok += bool(ans and ans["diagnosis"] is not None)
         examples.setdefault("first_turn", text[:300])
         examples.setdefault("final_turn", text2[:300])
+    # teacher-forced loss of the reference assistant turns (the SFT objective, on held-out data)
+    from trl.chat_template_utils import get_training_chat_template
+
+    from echo_agent.training.curriculum import to_hf_dataset
+    from echo_agent.training.sft_trainer import ToolAwareVisionCollator
+
+    coll = ToolAwareVisionCollator(proc, chat_template=get_training_chat_template(proc))
+    ds = to_hf_dataset(recs, base=base)
+    nll = n_tok = 0.0
+    for i in range(len(ds)):
+        batch = coll([ds[i]])
+        labels = batch.pop("labels")
+        with torch.inference_mode():
+            logits = model(**batch).logits[0, :-1]
+        tgt = labels[0, 1:]
+        keep = tgt != -100
+        nll += float(torch.nn.functional.cross_entropy(logits[keep], tgt[keep], reduction="sum"))
+        n_tok += int(keep.sum())
     n = max(len(recs), 1)
     return {"n_prompts": len(recs), "valid_tool_call_rate": tool_ok / n, "valid_diagnosis_rate": dx_ok / n,
+            "val_assistant_loss": nll / max(n_tok, 1),
             "example_first_turn": examples.get("first_turn", ""), "example_final_turn": examples.get("final_turn", "")}
 
 
@@ -130,11 +150,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/micro")
     ap.add_argument("--images", type=int, default=8, help="Train images (half BrEaST, half BUSI).")
-    ap.add_argument("--sft-steps", type=int, default=60)
+    ap.add_argument("--sft-steps", type=int, default=150)
+    ap.add_argument("--sft-lr", type=float, default=4e-3)
     ap.add_argument("--grpo-steps", type=int, default=4)
     ap.add_argument("--vocab-size", type=int, default=3000)
     ap.add_argument("--eval-prompts", type=int, default=6)
-    ap.add_argument("--max-new-tokens", type=int, default=200)
+    ap.add_argument("--max-new-tokens", type=int, default=420, help="For the final (Diagnosis) turn.")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
     out = Path(a.out)
@@ -162,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     t = time.time()
     sft = run_sft(EchoSFTConfig(
         model_path=str(model_dir), train_file=str(files["train"]), output_dir=str(out / "sft"), use_lora=False,
-        max_steps=a.sft_steps, learning_rate=3e-3, gradient_accumulation_steps=1, warmup_ratio=0.05,
+        max_steps=a.sft_steps, learning_rate=a.sft_lr, gradient_accumulation_steps=1, warmup_ratio=0.05,
         lr_scheduler_type="cosine", logging_steps=5, save_steps=max(a.sft_steps // 2, 1), gradient_checkpointing=False,
         tool_images=False, seed=a.seed,
     ))

@@ -391,27 +391,32 @@ def valid_tool_call(name: str, args: Any, organ: str | None = None) -> bool:
 
 
 def format_reward(completions: Sequence[Any], **kwargs: Any) -> list[float]:
-    """Half for well-formed tool calls (the share of calls that name a real tool with valid arguments;
-    full half when there are none), half for a valid final answer (a Diagnosis JSON that
+    """Well-formed output: a valid final answer (a Diagnosis JSON that
     :func:`echo_agent.messages.diagnosis_from_model` accepts with the organ's labels, or a
-    ``{"box": ...}`` answer for the grounding tasks ``rec``).
+    ``{"box": ...}`` answer for the grounding tasks ``rec`` / ``reg``) and, when the completion calls
+    tools, well-formed calls (the share of calls that name a real tool with arguments its schema
+    accepts). With tool calls the two count half each; without, the final answer is the whole reward,
+    so text that is neither a call nor an answer earns nothing.
 
     >>> dx = '{"organ":"breast","label":"normal","probabilities":{"normal":0.9,"benign":0.05,"malignant":0.05}}'
     >>> format_reward([dx, "no json here"], organ=["breast", "breast"])
-    [1.0, 0.5]
+    [1.0, 0.0]
     """
     n = len(completions)
     organs, ws, hs, tasks = (_column(kwargs, k, n) for k in ("organ", "width", "height", "task"))
     out = []
     for c, organ, w, h, task in zip(completions, organs, ws, hs, tasks, strict=True):
         calls = tool_calls_of(c)
-        tool_part = sum(valid_tool_call(nm, a, organ) for nm, a in calls) / len(calls) if calls else 1.0
         ans = parse_answer(c, organ, w, h)
         if task in ("rec", "reg"):
             ok = ans is not None and bool(ans["boxes"])
         else:
             ok = ans is not None and ans["diagnosis"] is not None
-        out.append(0.5 * tool_part + 0.5 * float(ok))
+        if calls:
+            tool_part = sum(valid_tool_call(nm, a, organ) for nm, a in calls) / len(calls)
+            out.append(0.5 * tool_part + 0.5 * float(ok))
+        else:
+            out.append(float(ok))
     return out
 
 
