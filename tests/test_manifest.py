@@ -128,3 +128,24 @@ def test_blank_lines_are_skipped(folder: Path) -> None:
     p = _write(folder, "a.png,breast,benign,1,2,5,6\n\nb.png,breast,normal,,,,\n",
                header="image,organ,label,x_min,y_min,x_max,y_max\n")
     assert [im.rows for im in load_manifest(p)] == [(2,), (4,)]
+
+
+@pytest.mark.realdata
+def test_prepare_data_writes_loadable_manifests(shared_data: Path, tmp_path: Path) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "prepare_data", Path(__file__).resolve().parents[1] / "tools" / "prepare_data.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    assert mod.main(["--out", str(tmp_path), "--relative", "--centers", "breast_lesions_usg",
+                     "--data-root", str(shared_data)]) == 0
+    folder = tmp_path / "breast_lesions_usg"
+    every = load_manifest(folder / "all.csv")
+    parts = [load_manifest(folder / f"{s}.csv") for s in ("train", "val", "test")]
+    assert len(every) == 256 == sum(len(p) for p in parts)
+    assert all(im.split == s for p, s in zip(parts, ("train", "val", "test"), strict=True) for im in p)
+    assert "../" in (folder / "all.csv").read_text().splitlines()[1]  # relative paths
+    assert sum(len(im.boxes) for im in every) == 252
+    assert {im.label for im in every} == {"normal", "benign", "malignant"}
+    assert (folder / "flags.csv").read_text().count("other_finding") == 7
