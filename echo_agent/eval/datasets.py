@@ -246,7 +246,11 @@ CENTER_ORGAN: dict[str, str] = {BUSI: "breast", BREAST_LESIONS_USG: "breast", HY
 
 
 def load_center(center: str, root: str | Path | None = None) -> DatasetBuild:
-    """Run the adapter of ``center`` (one of :data:`ADAPTERS`)."""
+    """Run the adapter of ``center`` (one of :data:`ADAPTERS`).
+
+    Image keys (and so the committed splits) are computed relative to :func:`default_data_root`;
+    point ``$ECHO_AGENT_DATA`` at the data rather than passing a different ``root``.
+    """
     try:
         adapter = ADAPTERS[center]
     except KeyError:
