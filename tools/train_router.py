@@ -5,7 +5,8 @@ leakage-safe splits of ``echo_agent/eval/splits`` (BUSI by near-duplicate group,
 hydronephrosis by clip). The ``unknown`` class is trained on synthetic non-ultrasound images
 (generated here: blank frames, gradients, checkerboards, noise, documents, charts, smooth colour
 fields, simulated colour and grey "photos", shapes, empty scanner frames) drawn from a different
-random stream for train, val and test.
+random stream for train, val and test, plus variants of real photographs from ``--photo-negatives``
+(the sample images of scikit-image, see docs/router.md; 3/4 of the files train, 1/4 val).
 
 Robustness: every organ image is also used in augmented copies (random crops incl. tight crops of
 the scan area, rescaling to other pixel sizes, blur from down/up-sampling, black padding, convex-probe
@@ -19,7 +20,7 @@ best organ probability is picked on the validation split too.
 
 Usage::
 
-    .venv/bin/python tools/train_router.py                      # train, evaluate, write router.json
+    .venv/bin/python tools/train_router.py --photo-negatives DIR  # train, evaluate, write router.json
     .venv/bin/python tools/train_router.py --evaluate-only      # evaluate the packaged router
     .venv/bin/python tools/train_router.py --real-negatives 'path/*.jpg' ...
 
@@ -470,6 +471,12 @@ def fit_model(
     x: np.ndarray, y: np.ndarray, kind: str, c: float, seed: int, sample_weight: np.ndarray
 ) -> list[dict]:
     """Fit on standardised x; returns the dense layers (weight rows follow CLASSES)."""
+    try:
+        import sklearn  # noqa: F401
+    except ImportError as exc:
+        from echo_agent.errors import MissingExtraError
+
+        raise MissingExtraError("scikit-learn", "eval", "training the organ router") from exc
     if kind == "logreg":
         from sklearn.linear_model import LogisticRegression
 
@@ -733,6 +740,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--report", type=Path, default=None, help="write the metrics JSON here")
     args = ap.parse_args(argv)
 
+    if args.photo_negatives is None and not args.evaluate_only:
+        print("warning: no --photo-negatives; the unknown class sees synthetic images only", file=sys.stderr)
     t0 = time.time()
     splits: dict[str, dict[str, np.ndarray]] = {}
     cache = None
