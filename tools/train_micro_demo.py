@@ -57,6 +57,30 @@ def build_curricula(out: Path, n_images: int, seed: int, tasks: tuple[str, ...])
     return paths
 
 
+def widen(target: Path, hidden: int, layers: int, seed: int = 0) -> None:
+    """Rebuild the tiny checkpoint's model with a wider / deeper text tower (same tokenizer, processor
+    and architecture; random weights). The 32-wide builder default learns the loss but not to copy
+    structured output at this step budget."""
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    cfg = AutoConfig.from_pretrained(target)
+    heads = max(hidden // 32, 2)
+    tc = cfg.text_config
+    tc.hidden_size, tc.intermediate_size, tc.num_hidden_layers = hidden, 2 * hidden, layers
+    tc.num_attention_heads, tc.num_key_value_heads, tc.head_dim = heads, max(heads // 2, 1), hidden // heads
+    half = tc.head_dim // 2
+    rope = dict(tc.rope_parameters)
+    rope["mrope_section"] = [half // 2, half // 4, half - half // 2 - half // 4]
+    tc.rope_parameters = rope
+    cfg.vision_config.out_hidden_size = hidden
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(cfg)
+    model.generation_config.eos_token_id = tc.eos_token_id
+    model.generation_config.pad_token_id = tc.pad_token_id
+    model.save_pretrained(target)
+
+
 def build_model(target: Path, train_file: Path, vocab_size: int) -> Path:
     sys.path.insert(0, str(REPO / "tests"))
     import _tiny_vlm
@@ -155,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--grpo-steps", type=int, default=4)
     ap.add_argument("--vocab-size", type=int, default=3000)
     ap.add_argument("--eval-prompts", type=int, default=6)
+    ap.add_argument("--text-hidden", type=int, default=0, help="Widen the text tower to this (0 = builder default 32).")
+    ap.add_argument("--text-layers", type=int, default=4, help="Text layers when --text-hidden is given.")
     ap.add_argument("--max-new-tokens", type=int, default=420, help="For the final (Diagnosis) turn.")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
@@ -171,6 +197,12 @@ def main(argv: list[str] | None = None) -> int:
 
     t = time.time()
     model_dir = build_model(out / "tiny_qwen3_vl", files["train"], a.vocab_size)
+    if a.text_hidden:
+        widen(model_dir, a.text_hidden, a.text_layers, a.seed)
+    from transformers import AutoConfig
+
+    tc = AutoConfig.from_pretrained(model_dir).text_config
+    results["model"] = {"text_hidden": tc.hidden_size, "text_layers": tc.num_hidden_layers, "vocab": tc.vocab_size}
     timings["build_model_s"] = time.time() - t
     results["before"] = measure(model_dir, files["val"], a.eval_prompts, a.max_new_tokens)
     print("before", results["before"], flush=True)
