@@ -170,6 +170,31 @@ def measure(model_dir: Path, val_file: Path, max_prompts: int, max_new_tokens: i
             "example_first_turn": examples.get("first_turn", ""), "example_final_turn": examples.get("final_turn", "")}
 
 
+def grpo_stage(a: argparse.Namespace, out: Path, files: dict[str, Path], sft_final: Path, results: dict,
+               timings: dict[str, float], name: str) -> None:
+    from echo_agent.training.grpo_config import EchoGRPOConfig
+    from echo_agent.training.grpo_trainer import run_grpo
+
+    t = time.time()
+    g = a.grpo_generations
+    grpo = run_grpo(EchoGRPOConfig(
+        model_path=str(sft_final), train_file=str(files["train"]), output_dir=str(out / name), use_lora=False,
+        max_steps=a.grpo_steps, num_generations=g, per_device_train_batch_size=g, max_completion_length=256,
+        max_tool_calling_iterations=2, learning_rate=1e-4, temperature=a.grpo_temperature,
+        gradient_checkpointing=False, overlays=False, detector="simulated", preset="echo-diag", logging_steps=1,
+        save_steps=a.grpo_steps, seed=a.seed,
+    ))
+    timings[f"{name}_s"] = time.time() - t
+    hist = json.loads((out / name / "log_history.json").read_text())
+    results["grpo"] = dict(grpo)
+    results["grpo_curve"] = [{k: h.get(k) for k in ("step", "reward", "reward_std", "rewards/format_reward/mean",
+                                                    "rewards/classification_reward/mean", "rewards/tool_cost_reward/mean",
+                                                    "tools/call_frequency", "tools/failure_frequency",
+                                                    "completions/mean_length")} for h in hist if "reward" in h]
+    results["after_grpo"] = measure(Path(grpo["final_dir"]), files["val"], a.eval_prompts, a.max_new_tokens)
+    print("after_grpo", results["after_grpo"], flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/micro")
@@ -182,6 +207,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--text-hidden", type=int, default=0, help="Widen the text tower to this (0 = builder default 32).")
     ap.add_argument("--text-layers", type=int, default=4, help="Text layers when --text-hidden is given.")
     ap.add_argument("--max-new-tokens", type=int, default=420, help="For the final (Diagnosis) turn.")
+    ap.add_argument("--grpo-generations", type=int, default=2, help="Rollouts per prompt.")
+    ap.add_argument("--grpo-temperature", type=float, default=1.0)
+    ap.add_argument("--grpo-only", action="store_true",
+                    help="Reuse <out>/curriculum and <out>/sft/final of an earlier run; redo only GRPO (results_grpo.json).")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
     out = Path(a.out)
@@ -189,6 +218,14 @@ def main(argv: list[str] | None = None) -> int:
     timings: dict[str, float] = {}
     results: dict = {"command": "python tools/train_micro_demo.py " + " ".join(argv or sys.argv[1:])}
 
+    if a.grpo_only:
+        files = {"train": out / "curriculum" / "train.jsonl", "val": out / "curriculum" / "val.jsonl"}
+        sft_final = out / "sft" / "final"
+        results["after_sft"] = measure(sft_final, files["val"], a.eval_prompts, a.max_new_tokens)
+        grpo_stage(a, out, files, sft_final, results, timings, "grpo_only")
+        (out / "results_grpo.json").write_text(json.dumps(results, indent=1, default=str), "utf-8")
+        print(json.dumps(results, indent=1, default=str))
+        return 0
     t = time.time()
     tasks = ("rec", "grounded_diagnosis", "tool_detection", "report_generation", "misdiagnosis_correction")
     files = build_curricula(out, a.images, a.seed, tasks)
@@ -207,8 +244,6 @@ def main(argv: list[str] | None = None) -> int:
     results["before"] = measure(model_dir, files["val"], a.eval_prompts, a.max_new_tokens)
     print("before", results["before"], flush=True)
 
-    from echo_agent.training.grpo_config import EchoGRPOConfig
-    from echo_agent.training.grpo_trainer import run_grpo
     from echo_agent.training.sft_config import EchoSFTConfig
     from echo_agent.training.sft_trainer import run_sft
 
@@ -226,21 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     results["after_sft"] = measure(Path(sft["final_dir"]), files["val"], a.eval_prompts, a.max_new_tokens)
     print("after_sft", results["after_sft"], flush=True)
 
-    t = time.time()
-    grpo = run_grpo(EchoGRPOConfig(
-        model_path=sft["final_dir"], train_file=str(files["train"]), output_dir=str(out / "grpo"), use_lora=False,
-        max_steps=a.grpo_steps, num_generations=2, per_device_train_batch_size=2, max_completion_length=256,
-        max_tool_calling_iterations=2, learning_rate=1e-4, temperature=1.0, gradient_checkpointing=False,
-        overlays=False, detector="simulated", preset="echo-diag", logging_steps=1, save_steps=a.grpo_steps, seed=a.seed,
-    ))
-    timings["grpo_s"] = time.time() - t
-    hist = json.loads((out / "grpo" / "log_history.json").read_text())
-    results["grpo"] = {k: v for k, v in grpo.items()}
-    results["grpo_curve"] = [{k: h.get(k) for k in ("step", "reward", "rewards/format_reward/mean",
-                                                    "rewards/classification_reward/mean", "tools/call_frequency",
-                                                    "tools/failure_frequency")} for h in hist if "reward" in h]
-    results["after_grpo"] = measure(Path(grpo["final_dir"]), files["val"], a.eval_prompts, a.max_new_tokens)
-    print("after_grpo", results["after_grpo"], flush=True)
+    grpo_stage(a, out, files, Path(sft["final_dir"]), results, timings, "grpo")
     results["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str), "utf-8")
     print(json.dumps({k: v for k, v in results.items() if k not in ("counts_train",)}, indent=1, default=str))
