@@ -39,7 +39,8 @@ PARSE_ERROR_KEY = "__parse_error__"
 Finalizer = Callable[[dict[str, Any], OrganSpec, Diagnosis], Diagnosis]
 
 
-def _tool_error_text(exc: Exception) -> str:
+def tool_error_text(exc: Exception) -> str:
+    """The text a failed tool call returns to the reasoner (also used by the GRPO environment)."""
     return f"Error: {type(exc).__name__}: {exc}. Fix the arguments or call another tool."
 
 
@@ -47,11 +48,11 @@ def _handle_tool_error(exc: Exception) -> str:
     # Input problems and tool failures go back to the reasoner as error ToolMessages; programming
     # errors (TypeError, AttributeError, ...) still surface so they get fixed, not hidden.
     if isinstance(exc, (EchoError, ValueError, KeyError)):
-        return _tool_error_text(exc)
+        return tool_error_text(exc)
     from langchain_core.tools import ToolException
 
     if isinstance(exc, ToolException):
-        return _tool_error_text(exc)
+        return tool_error_text(exc)
     raise exc
 
 

@@ -277,7 +277,8 @@ class QwenVLChatModel(BaseChatModel):
                 model = PeftModel.from_pretrained(model, self.adapter_path)
                 if self.merge_adapter:
                     model = model.merge_and_unload()
-                if (Path(self.adapter_path) / "preprocessor_config.json").exists():
+                # transformers 5 saves processor_config.json, older versions preprocessor_config.json
+                if any((Path(self.adapter_path) / n).exists() for n in ("processor_config.json", "preprocessor_config.json")):
                     proc_src = self.adapter_path
             proc_kwargs: dict[str, Any] = {"trust_remote_code": self.trust_remote_code}
             if self.min_pixels is not None:

@@ -430,7 +430,7 @@ def _descriptor_values(ctx_region: Mapping[str, Descriptor], vocabulary: Iterabl
 
 def _phrase(descs: Mapping[str, Any]) -> str:
     order = ["shape", "orientation", "margin", "echo_pattern", "posterior_features", "halo", "calcifications",
-             "collecting_system_fluid", "fluid_extent", "echogenicity_vs_cortex", "shadowing"]
+             "collecting_system_fluid", "fluid_extent", "echogenicity_vs_cortex", "acoustic_shadowing"]
     parts = []
     for k in order:
         if k in descs:
@@ -734,7 +734,7 @@ class CurriculumBuilder:
         unit = "mm" if "size_mm" in descs else "px"
         morph = {k: descs[k] for k in ("shape", "orientation", "margin", "collecting_system_fluid", "fluid_extent") if k in descs}
         echo = {k: descs[k] for k in ("echo_pattern", "posterior_features", "halo", "calcifications",
-                                       "echogenicity_vs_cortex", "shadowing") if k in descs}
+                                       "echogenicity_vs_cortex", "acoustic_shadowing") if k in descs}
         cites = ""
         if kb is not None and kb.snippets:
             cites = "; ".join(f"{s.title} [{kb.id}:{s.id}]" for s in kb.snippets)

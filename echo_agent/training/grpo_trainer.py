@@ -37,8 +37,10 @@ from .sft_trainer import _LogWriter, _pil, _require_train_extra, load_model_and_
 
 
 def _error_text(exc: Exception) -> str:
-    # The text the graph's ToolNode returns for a failed tool call (echo_agent.graph.build).
-    return f"Error: {type(exc).__name__}: {exc}. Fix the arguments or call another tool."
+    # Exactly the text the graph's ToolNode returns for a failed tool call.
+    from ..graph.build import tool_error_text
+
+    return tool_error_text(exc)
 
 
 def _google_doc(description: str, fields: dict[str, str]) -> str:
