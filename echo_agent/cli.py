@@ -146,12 +146,21 @@ def eval_(
     limit: Annotated[int | None, typer.Option(help="Evaluate a seeded random subset of N images.")] = None,
     score_threshold: Annotated[float, typer.Option(help="Detector score threshold of the detector-only baseline.")] = 0.25,
     overwrite: Annotated[bool, typer.Option(help="Allow replacing the harness's own files in a non-empty output folder.")] = False,
+    fusion: Annotated[str, typer.Option(help="Reason-node fusion: 'default' (learned where parameters ship) or 'heuristic'.")] = "default",
 ) -> None:
     """Evaluate detector-only vs the full agent on a manifest."""
     from .eval.harness import eval_command
 
+    agent = None
+    if fusion == "heuristic":
+        from .agent import EchoAgent
+        from .reasoners import HeuristicFusion
+
+        agent = EchoAgent(fusion=HeuristicFusion())
+    elif fusion != "default":
+        raise typer.BadParameter(f"--fusion must be 'default' or 'heuristic', got {fusion!r}")
     raise typer.Exit(code=eval_command(manifest, out, organ=organ, split=split, limit=limit, overwrite=overwrite,
-                                       score_threshold=score_threshold))
+                                       score_threshold=score_threshold, agent=agent))
 
 
 @app.command()

@@ -8,6 +8,7 @@ learned, calibrated fusion replaces it as the default once trained weights ship.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -72,11 +73,18 @@ def describe_descriptors(descs: dict[str, Any], keys: Sequence[str]) -> str:
     return ", ".join(parts)
 
 
+def short_citation(source: str) -> str:
+    """'Stavros AT, Thickman D, ... Radiology 1995;196:...' -> 'Stavros AT 1995' (full text stays in the snippet)."""
+    first = re.split(r"[,.;(]", source, maxsplit=1)[0].strip()
+    year = re.search(r"\b(19|20)\d{2}\b", source)
+    return f"{first} {year.group(0)}" if year else first
+
+
 def knowledge_refs(knowledge: Sequence[KnowledgeResult], limit: int = 3) -> list[EvidenceRef]:
     refs = []
     for res in knowledge:
         for s in res.snippets[:limit]:
-            refs.append(EvidenceRef(kind="knowledge", ref=f"{res.id}:{s.id}", summary=f"{s.title} ({s.source})"))
+            refs.append(EvidenceRef(kind="knowledge", ref=f"{res.id}:{s.id}", summary=f"{s.title} ({short_citation(s.source)})"))
     return refs
 
 

@@ -85,7 +85,7 @@ def fit_fusion(
     records: Sequence[RunRecord],
     *,
     organ: str,
-    l2_grid: Sequence[float] = (0.3, 1.0, 3.0, 10.0, 30.0),
+    l2_grid: Sequence[float] = (0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0),
     folds: int = 5,
     seed: int = 0,
     indeterminate_below: float = 0.5,
