@@ -63,9 +63,9 @@ def test_features_are_named_and_bounded():
     assert f["det_max_malignant"] == 0.8 and f["det_max_benign"] == 0.0
     assert f["desc_shape=irregular"] == 0.8 and f["desc_shape=oval"] == 0.0
     assert f["palpable"] == 1.0 and f["age"] == pytest.approx(1.0)
-    assert f["global_annotations"] == 0.0
+    assert not any(k.startswith("global_") for k in f) and "age_known" not in f  # center shortcuts
     empty = fusion_features(BREAST, _evidence(None, 0), None, (200, 160))
-    assert empty["det_top"] == 0.0 and empty["age_known"] == 0.0
+    assert empty["det_top"] == 0.0 and empty["age"] == 0.0
 
 
 def test_merged_candidates_fuse_repeated_calls():

@@ -16,6 +16,7 @@ from pydantic import Field
 
 from echo_agent import EchoAgent
 from echo_agent.organs import get_organ
+from echo_agent.reasoners import HeuristicFusion
 from echo_agent.reasoners._multimodal import text_of
 from echo_agent.reasoners.llm_finalizer import (
     LLMFinalizer,
@@ -63,6 +64,8 @@ class InstructionFollower(BaseChatModel):
 
 
 def _agent(finalizer, **kw):
+    # The transparent heuristic fusion keeps the fallback expectations independent of shipped parameters.
+    kw.setdefault("fusion", HeuristicFusion())
     return EchoAgent(organ="breast", toolkit=fake_toolkit(), router=None, finalizer=finalizer, **kw)
 
 

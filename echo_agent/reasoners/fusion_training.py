@@ -127,12 +127,13 @@ def fit_fusion(
     temperature = fit_temperature(oof, y)
     W, b = fit_logistic(Xs, y, len(labels), l2=best_l2, sample_weight=sw)
     oof_acc = float((oof.argmax(1) == y).mean())
+    detectors = sorted({e.get("detector") for r in recs for e in r.evidence if e.get("kind") == "detections"} - {None})
     per_class = {lbl: float((oof.argmax(1)[y == i] == i).mean()) if (y == i).any() else None for i, lbl in enumerate(labels)}
     training = {
         "n": len(y), "class_counts": {lbl: int(c) for lbl, c in zip(labels, counts)},
         "l2": best_l2, "cv_nll": {str(k): round(v, 4) for k, v in scores.items()},
         "oof_accuracy": round(oof_acc, 4), "oof_per_class_recall": per_class,
-        "folds": len(fold_idx), "seed": seed, "balanced": balance,
+        "folds": len(fold_idx), "seed": seed, "balanced": balance, "detectors": detectors,
         "date": time.strftime("%Y-%m-%d"), **(notes or {}),
     }
     return FusionParams(

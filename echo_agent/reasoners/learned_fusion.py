@@ -88,14 +88,10 @@ def fusion_features(
             d = descs.get(name)
             for v in values:
                 f[f"desc_{name}={v}"] = float(d.confidence) if d is not None and d.value == v else 0.0
-    if contexts:
-        for name, d in contexts[-1].global_descriptors.items():
-            if isinstance(d.value, bool):
-                f[f"global_{name}"] = float(d.value)
-            elif name in ("contrast", "gain_saturation", "speckle_index") and isinstance(d.value, (int, float)):
-                f[f"global_{name}"] = float(d.value)
+    # Whole-image statistics (contrast, speckle, burned-in annotations) and "is the age known" are
+    # left out on purpose: they identify the acquiring center rather than the lesion, and a fusion
+    # trained on them learns center shortcuts that fail elsewhere (measured on held-out folds).
     age = clinical.age if clinical is not None else None
-    f["age_known"] = float(age is not None)
     f["age"] = (age - 50) / 15.0 if age is not None else 0.0
     text = " ".join(x for x in ((clinical.symptoms or ""), (clinical.notes or "")) if x).lower() if clinical else ""
     f["palpable"] = float(any(k in text for k in _PALPABLE))
@@ -249,12 +245,14 @@ class LearnedFusion:
 
     Args:
         params: per-organ parameters (default: the packaged ``assets/fusion/<organ>.json``).
+        secondary_min_score: score a lesion other than the leading one needs to be reported.
     """
 
     name = f"learned-fusion/{FUSION_VERSION}"
 
-    def __init__(self, params: Mapping[str, FusionParams] | None = None) -> None:
+    def __init__(self, params: Mapping[str, FusionParams] | None = None, *, secondary_min_score: float = 0.25) -> None:
         self._params = dict(params) if params is not None else None
+        self.secondary_min_score = secondary_min_score
         self._fallback = HeuristicFusion()
 
     def params_for(self, organ: str) -> FusionParams | None:
@@ -274,6 +272,15 @@ class LearnedFusion:
         reports, contexts, knowledge = collect(evidence)
         if params is None or not reports:
             return self._fallback.fuse(organ, evidence, clinical=clinical, image_size=image_size)
+        trained_on = params.training.get("detectors") or []
+        foreign = sorted({r.detector for r in reports} - set(trained_on)) if trained_on else []
+        if foreign:
+            # The weights encode one detector's score distribution; another detector's scores
+            # would be read on the wrong scale, so the transparent fusion takes over.
+            dx = self._fallback.fuse(organ, evidence, clinical=clinical, image_size=image_size)
+            note = (f"learned fusion skipped: it was trained on detector {', '.join(trained_on)}, "
+                    f"this run used {', '.join(foreign)}")
+            return dx.model_copy(update={"warnings": [*dx.warnings, note]})
         if list(params.labels) != list(organ.image_labels):
             raise ModelLoadError(
                 f"fusion parameters for {organ.name} have labels {params.labels}, the organ has {list(organ.image_labels)}"
@@ -301,6 +308,10 @@ class LearnedFusion:
             # The fused label overrides a disagreeing detector label: the detector is evidence.
             findings.append(Finding(box=top.box, label=label, score=top.score, detection_ids=[top.id]))
             for d in cands[1:]:
+                # Secondary lesions must stand on their own (the first call's threshold), and a box
+                # on an already reported lesion under the other class label is the same lesion.
+                if d.score < self.secondary_min_score or any(d.box.iou(f.box) >= 0.5 for f in findings):
+                    continue
                 findings.append(Finding(box=d.box, label=organ.image_label_for(d.label), score=d.score, detection_ids=[d.id]))
             refs.insert(0, EvidenceRef(kind="detection", ref=top.id, summary=f"{top.label} {top.score:.2f}"))
         desc_text = ""
