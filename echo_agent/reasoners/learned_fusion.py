@@ -235,6 +235,8 @@ def _feature_text(name: str, value: float) -> str:
     if name.startswith("desc_") and "=" in name:
         k, v = name[5:].split("=", 1)
         return f"{k.replace('_', ' ')} {v}"
+    if name == "age":
+        return f"patient age {value * 15 + 50:.0f}"
     if name.startswith("global_"):
         return f"image {name[7:].replace('_', ' ')} {value:g}"
     return f"{_FEATURE_TEXT.get(name, name)} {value:.2f}" if name != "palpable" else "palpable finding"
