@@ -173,6 +173,36 @@ def fhir_report(item: BatchItem, dx: Any) -> dict[str, Any]:
     }
 
 
+def tally(summary: BatchSummary, rec: dict[str, Any]) -> None:
+    """Count one journal record into ``summary`` (ok / errors / labels / indeterminate)."""
+    if rec.get("status") == "ok":
+        summary.ok += 1
+        lbl = rec["diagnosis"]["label"]
+        summary.labels[lbl] = summary.labels.get(lbl, 0) + 1
+        summary.indeterminate += bool(rec["diagnosis"].get("indeterminate"))
+    else:
+        summary.errors += 1
+
+
+def open_journal(
+    items: Sequence[BatchItem], out: Path, *, overlays: str | Path | None = None, fhir: str | Path | None = None
+) -> tuple[list[BatchItem], BatchSummary]:
+    """Start or resume a run on the journal ``out``: check that ids are unique, create the output
+    folders, read what is done (repairing a torn last line) and return ``(todo, summary)``.
+    Shared by every engine so they resume the same way."""
+    ids = [it.id for it in items]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise EchoInputError(f"batch item id {dup!r} appears twice; ids must be unique")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = read_journal(out)
+    todo = [it for it in items if it.id not in done]
+    for d in (overlays, fhir):
+        if d is not None:
+            Path(d).mkdir(parents=True, exist_ok=True)
+    return todo, BatchSummary(total=len(items), done_before=len(items) - len(todo))
+
+
 def run_batch(
     items: Sequence[BatchItem],
     out: str | Path,
@@ -196,17 +226,7 @@ def run_batch(
         on_item: callback after each item (e.g. for a UI).
     """
     out = Path(out)
-    ids = [it.id for it in items]
-    if len(set(ids)) != len(ids):
-        dup = next(i for i in ids if ids.count(i) > 1)
-        raise EchoInputError(f"batch item id {dup!r} appears twice; ids must be unique")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    done = read_journal(out)
-    todo = [it for it in items if it.id not in done]
-    summary = BatchSummary(total=len(items), done_before=len(items) - len(todo))
-    for d in (overlays, fhir):
-        if d is not None:
-            Path(d).mkdir(parents=True, exist_ok=True)
+    todo, summary = open_journal(items, out, overlays=overlays, fhir=fhir)
     if agent is None:
         from .agent import EchoAgent
 
@@ -237,13 +257,7 @@ def run_batch(
             for it, (res, ms) in zip(chunk, results):
                 rec = _record(it, res, ms, overlays, fhir, agent)
                 _append(fd, rec)
-                if rec["status"] == "ok":
-                    summary.ok += 1
-                    lbl = rec["diagnosis"]["label"]
-                    summary.labels[lbl] = summary.labels.get(lbl, 0) + 1
-                    summary.indeterminate += bool(rec["diagnosis"].get("indeterminate"))
-                else:
-                    summary.errors += 1
+                tally(summary, rec)
                 if on_item is not None:
                     on_item(it, rec)
                 if bar is not None:
@@ -291,13 +305,7 @@ def summarise_journal(path: str | Path) -> BatchSummary:
     recs = read_journal(Path(path)).values()
     s = BatchSummary(total=len(recs))
     for r in recs:
-        if r.get("status") == "ok":
-            s.ok += 1
-            lbl = r["diagnosis"]["label"]
-            s.labels[lbl] = s.labels.get(lbl, 0) + 1
-            s.indeterminate += bool(r["diagnosis"].get("indeterminate"))
-        else:
-            s.errors += 1
+        tally(s, r)
     return s
 
 

@@ -190,7 +190,7 @@ def batch(
         elif engine == "ray":
             from .scale.ray_engine import run_batch_ray
 
-            s = run_batch_ray(items, out, workers=workers, overlays=overlays, fhir=fhir)
+            s = run_batch_ray(items, out, workers=workers, overlays=overlays, fhir=fhir, chunk_size=chunk_size)
         else:
             raise typer.BadParameter(f"--engine must be 'local' or 'ray', got {engine!r}")
     except EchoError as exc:

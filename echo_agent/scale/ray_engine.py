@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..batch import BatchItem, BatchSummary, _append, _record, read_journal, run_batch
+from ..batch import BatchItem, BatchSummary, _append, _record, open_journal, run_batch, tally
 from ..errors import EchoInputError, MissingExtraError
 
 AgentFactory = Callable[[], Any]
@@ -104,16 +104,6 @@ class EchoBatchWorker:
         shutil.rmtree(getattr(self, "_scratch", ""), ignore_errors=True)
 
 
-def _tally(summary: BatchSummary, rec: dict[str, Any]) -> None:
-    if rec.get("status") == "ok":
-        summary.ok += 1
-        label = rec["diagnosis"]["label"]
-        summary.labels[label] = summary.labels.get(label, 0) + 1
-        summary.indeterminate += bool(rec["diagnosis"].get("indeterminate"))
-    else:
-        summary.errors += 1
-
-
 def run_batch_ray(
     items: Sequence[BatchItem],
     out: str | Path,
@@ -160,19 +150,8 @@ def run_batch_ray(
     if chunk_size < 1:
         raise EchoInputError(f"chunk_size must be at least 1, got {chunk_size}")
     out = Path(out)
-    ids = [it.id for it in items]
-    if len(set(ids)) != len(ids):
-        dup = next(i for i in ids if ids.count(i) > 1)
-        raise EchoInputError(f"batch item id {dup!r} appears twice; ids must be unique")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    done = read_journal(out)
-    todo = [it for it in items if it.id not in done]
-    summary = BatchSummary(total=len(items), done_before=len(items) - len(todo))
-    folders = []
-    for d in (overlays, fhir):
-        if d is not None:
-            Path(d).mkdir(parents=True, exist_ok=True)
-        folders.append(str(Path(d).resolve()) if d is not None else None)
+    todo, summary = open_journal(items, out, overlays=overlays, fhir=fhir)
+    folders = [str(Path(d).resolve()) if d is not None else None for d in (overlays, fhir)]
     if not todo:
         return summary
     by_id = {it.id: it for it in todo}
@@ -201,14 +180,14 @@ def run_batch_ray(
             batch_size=chunk_size, batch_format="numpy", compute=ActorPoolStrategy(size=workers),
             num_cpus=cpus_per_worker, num_gpus=gpus_per_worker,
         )
-        written = set(done)
+        written: set[str] = set()
         for row in ds.iter_rows():
             rec = json.loads(row["record"])
             if rec["id"] in written:  # a retried Ray task may deliver an item again: one line per id
                 continue
             _append(fd, rec)
             written.add(rec["id"])
-            _tally(summary, rec)
+            tally(summary, rec)
             if on_item is not None:
                 on_item(by_id[rec["id"]], rec)
     finally:
