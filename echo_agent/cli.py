@@ -146,19 +146,38 @@ def eval_(
     limit: Annotated[int | None, typer.Option(help="Evaluate a seeded random subset of N images.")] = None,
     score_threshold: Annotated[float, typer.Option(help="Detector score threshold of the detector-only baseline.")] = 0.25,
     overwrite: Annotated[bool, typer.Option(help="Allow replacing the harness's own files in a non-empty output folder.")] = False,
-    fusion: Annotated[str, typer.Option(help="Reason-node fusion: 'default' (learned where parameters ship) or 'heuristic'.")] = "default",
+    fusion: Annotated[str, typer.Option(help="Reason-node fusion: 'default' (learned where parameters ship), 'heuristic', or a fusion-parameters JSON file.")] = "default",
+    detector: Annotated[Path | None, typer.Option(help="Use these detector weights (.onnx/.pt) for --organ instead of the packaged ones.")] = None,
 ) -> None:
     """Evaluate detector-only vs the full agent on a manifest."""
     from .eval.harness import eval_command
 
     agent = None
-    if fusion == "heuristic":
+    if fusion != "default" or detector is not None:
         from .agent import EchoAgent
-        from .reasoners import HeuristicFusion
+        from .tools import Toolkit
 
-        agent = EchoAgent(fusion=HeuristicFusion())
-    elif fusion != "default":
-        raise typer.BadParameter(f"--fusion must be 'default' or 'heuristic', got {fusion!r}")
+        toolkit = Toolkit()
+        if detector is not None:
+            if organ is None:
+                raise typer.BadParameter("--detector needs --organ (the organ these weights detect)")
+            from .detectors import load_detector
+            from .organs import get_organ
+
+            toolkit = Toolkit(detectors={organ: load_detector(detector, labels=get_organ(organ).detector_labels)})
+        fusion_obj = None
+        if fusion == "heuristic":
+            from .reasoners import HeuristicFusion
+
+            fusion_obj = HeuristicFusion()
+        elif fusion != "default":
+            from .reasoners.learned_fusion import LearnedFusion, load_fusion_params
+
+            params = load_fusion_params(organ or "", str(fusion)) if organ else None
+            if params is None:
+                raise typer.BadParameter("--fusion PATH needs --organ")
+            fusion_obj = LearnedFusion({params.organ: params})
+        agent = EchoAgent(toolkit=toolkit, fusion=fusion_obj)
     raise typer.Exit(code=eval_command(manifest, out, organ=organ, split=split, limit=limit, overwrite=overwrite,
                                        score_threshold=score_threshold, agent=agent))
 

@@ -38,6 +38,7 @@ def main() -> int:
     ap.add_argument("--indeterminate-below", type=float, default=0.5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--force", action="store_true", help="overwrite --out")
+    ap.add_argument("--detector", type=Path, default=None, help="detector weights to use instead of the packaged ones")
     args = ap.parse_args()
     if args.out.exists() and not args.force:
         ap.error(f"{args.out} exists; pass --force to overwrite it")
@@ -55,7 +56,16 @@ def main() -> int:
                 print(f"  {i}/{n} runs ({time.perf_counter() - t0:.0f} s)", flush=True)
 
         print(f"running the agent on {len(images)} {args.organ} images ({args.split} of {', '.join(args.centers)})")
-        records = collect_runs(images, progress=progress)
+        agent = None
+        if args.detector is not None:
+            from echo_agent import EchoAgent, get_organ
+            from echo_agent.detectors import load_detector
+            from echo_agent.reasoners import HeuristicFusion
+            from echo_agent.tools import Toolkit
+
+            det = load_detector(args.detector, labels=get_organ(args.organ).detector_labels)
+            agent = EchoAgent(fusion=HeuristicFusion(), toolkit=Toolkit(detectors={args.organ: det}))
+        records = collect_runs(images, agent=agent, progress=progress)
         if args.runs_cache:
             args.runs_cache.parent.mkdir(parents=True, exist_ok=True)
             args.runs_cache.write_text("\n".join(r.to_json() for r in records) + "\n")
