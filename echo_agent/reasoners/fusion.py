@@ -88,6 +88,28 @@ def knowledge_refs(knowledge: Sequence[KnowledgeResult], limit: int = 3) -> list
     return refs
 
 
+WEAK_EVIDENCE_RECOMMENDATION = "Evidence is weak: refer for a sonographer's or radiologist's review."
+
+
+def recommendation_for(organ: OrganSpec, label: str, category: str | None, indeterminate: bool) -> str:
+    """What to do next: refer when indeterminate, else the category's management, else a default."""
+    band = organ.band(category) if category else None
+    if indeterminate:
+        return WEAK_EVIDENCE_RECOMMENDATION
+    if band is not None and band.management:
+        return band.management
+    if label == organ.normal_label:
+        return "No lesion identified; routine follow-up as clinically indicated."
+    return "Correlate clinically and with the referring physician."
+
+
+def clinical_refs(clinical: ClinicalContext | None) -> list[EvidenceRef]:
+    """The clinical context as an evidence reference (none when it is empty)."""
+    if clinical is None or clinical.is_empty():
+        return []
+    return [EvidenceRef(kind="clinical", ref="clinical", summary=clinical.as_text())]
+
+
 class HeuristicFusion:
     """Transparent, uncalibrated baseline fusion (see module docstring)."""
 
@@ -161,18 +183,12 @@ class HeuristicFusion:
         if krefs:
             rationale += " Knowledge: " + "; ".join(r.summary for r in krefs[:2]) + "."
         refs.extend(krefs)
-        if clinical is not None and not clinical.is_empty():
-            refs.append(EvidenceRef(kind="clinical", ref="clinical", summary=clinical.as_text()))
+        refs.extend(clinical_refs(clinical))
         pos = organ.positive_label
         category = organ.category_for(probs.get(pos) if pos else None, lesion_found=bool(dets))
-        band = organ.band(category) if category else None
         confidence = probs[label]
         indeterminate = confidence < self.min_confidence
-        recommendation = band.management if band and band.management else (
-            "Correlate clinically." if not indeterminate else ""
-        )
-        if indeterminate:
-            recommendation = "Evidence is weak: refer for a sonographer's or radiologist's review."
+        recommendation = recommendation_for(organ, label, category, indeterminate)
         return Diagnosis(
             organ=organ.name, label=label, probabilities=probs, category=category,
             category_system=organ.category_system if category else None, findings=findings,

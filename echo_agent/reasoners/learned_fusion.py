@@ -35,7 +35,15 @@ from ..schemas import (
     EvidenceRef,
     Finding,
 )
-from .fusion import HeuristicFusion, collect, describe_descriptors, knowledge_refs, region_descriptors
+from .fusion import (
+    HeuristicFusion,
+    clinical_refs,
+    collect,
+    describe_descriptors,
+    knowledge_refs,
+    recommendation_for,
+    region_descriptors,
+)
 
 FUSION_VERSION = "1"
 _PALPABLE = ("palpable", "lump", "mass", "nodule felt")
@@ -323,12 +331,10 @@ class LearnedFusion:
                 refs.append(EvidenceRef(kind="description", ref=contexts[-1].id, summary=desc_text))
         krefs = knowledge_refs(knowledge)
         refs.extend(krefs)
-        if clinical is not None and not clinical.is_empty():
-            refs.append(EvidenceRef(kind="clinical", ref="clinical", summary=clinical.as_text()))
+        refs.extend(clinical_refs(clinical))
 
         pos = organ.positive_label
         category = organ.category_for(probs.get(pos) if pos else None, lesion_found=bool(findings))
-        band = organ.band(category) if category else None
         conf = probs[label]
         indeterminate = conf < params.indeterminate_below
         if findings:
@@ -346,14 +352,7 @@ class LearnedFusion:
             rationale += f" Descriptors: {desc_text}."
         if krefs:
             rationale += " Knowledge: " + "; ".join(r.summary for r in krefs[:2]) + "."
-        if indeterminate:
-            recommendation = "Evidence is weak: refer for a sonographer's or radiologist's review."
-        elif band is not None and band.management:
-            recommendation = band.management
-        elif label == organ.normal_label:
-            recommendation = "No lesion identified; routine follow-up as clinically indicated."
-        else:
-            recommendation = "Correlate clinically and with the referring physician."
+        recommendation = recommendation_for(organ, label, category, indeterminate)
         return Diagnosis(
             organ=organ.name, label=label, probabilities=probs, category=category,
             category_system=organ.category_system if category else None, findings=findings, evidence=refs,
