@@ -30,7 +30,7 @@ grounding tasks, ``{"box": [...]}``.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -205,6 +205,19 @@ def _pixels(box: Sequence[float], w: int | None, h: int | None) -> list[float]:
     return Box.from_model(box, int(w), int(h)).to_list()
 
 
+def _answers_with_truth(
+    completions: Sequence[Any], gt_boxes: Sequence[Any], kwargs: Mapping[str, Any]
+) -> Iterator[tuple[list[list[float]] | None, list[list[float]]]]:
+    """Per completion: the answer's boxes in pixels (``None`` when it cannot be parsed) and the
+    true boxes in pixels, reading ``organ``/``width``/``height`` columns from ``kwargs``."""
+    n = len(completions)
+    organs, ws, hs = (_column(kwargs, k, n) for k in ("organ", "width", "height"))
+    for c, gt, organ, w, h in zip(completions, gt_boxes, organs, ws, hs, strict=True):
+        ans = parse_answer(c, organ, w, h)
+        gts = [_pixels(b, w, h) for b in _boxes(gt)]
+        yield (None if ans is None else [_pixels(b, w, h) for b in ans["boxes"]]), gts
+
+
 def _best(gt: Sequence[float], preds: Sequence[Sequence[float]], fn: Callable[[Sequence[float], Sequence[float]], float]) -> float:
     return max((fn(p, gt) for p in preds), default=-1.0 if fn is box_diou else 0.0)
 
@@ -230,20 +243,14 @@ def localization_reward(
     >>> localization_reward(['{"box": [0, 0, 100, 100]}'], gt_boxes=[[]])
     [0.0]
     """
-    n = len(completions)
-    organs, ws, hs = (_column(kwargs, k, n) for k in ("organ", "width", "height"))
     out = []
-    for c, gt, organ, w, h in zip(completions, gt_boxes, organs, ws, hs, strict=True):
-        ans = parse_answer(c, organ, w, h)
-        gts = _boxes(gt)
-        if ans is None:
+    for preds, gts in _answers_with_truth(completions, gt_boxes, kwargs):
+        if preds is None:
             out.append(0.0)
             continue
-        preds = [_pixels(b, w, h) for b in ans["boxes"]]
         if not gts:
             out.append(1.0 if not preds else 0.0)
             continue
-        gts = [_pixels(b, w, h) for b in gts]
         hits = [sum(_best(g, preds, box_iou) >= t for t in thresholds) / len(thresholds) for g in gts]
         fp = [p for p in preds if max(box_iou(p, g) for g in gts) < min(thresholds)]
         penalty = 0.5 * len(fp) / len(preds) if preds else 0.0
@@ -296,20 +303,15 @@ def shape_reward(completions: Sequence[Any], *, gt_boxes: Sequence[Any], **kwarg
     >>> shape_reward([dx], gt_boxes=[[[0, 0, 100, 100]]])
     [1.0]
     """
-    n = len(completions)
-    organs, ws, hs = (_column(kwargs, k, n) for k in ("organ", "width", "height"))
     out = []
-    for c, gt, organ, w, h in zip(completions, gt_boxes, organs, ws, hs, strict=True):
-        ans = parse_answer(c, organ, w, h)
-        gts = _boxes(gt)
-        if ans is None:
+    for preds, gts in _answers_with_truth(completions, gt_boxes, kwargs):
+        if preds is None:
             out.append(0.0)
             continue
-        preds = [_pixels(b, w, h) for b in ans["boxes"]]
         if not gts or not preds:
             out.append(1.0 if not gts and not preds else 0.0)
             continue
-        vals = [(1.0 + _best(_pixels(g, w, h), preds, box_diou)) / 2.0 for g in gts]
+        vals = [(1.0 + _best(g, preds, box_diou)) / 2.0 for g in gts]
         out.append(sum(vals) / len(vals))
     return out
 
