@@ -22,6 +22,7 @@ from .prompts import user_prompt
 from .schemas import (
     Box,
     ClinicalContext,
+    Detection,
     DetectorReport,
     Diagnosis,
     Evidence,
@@ -66,11 +67,15 @@ def report_to_model(report: DetectorReport) -> dict[str, Any]:
         "score_threshold": report.score_threshold,
         "tta": report.tta,
         "region": report.region.to_model(w, h) if report.region else None,
-        "candidates": [
-            {"id": d.id, "box": d.box.to_model(w, h), "label": d.label, "score": _r(d.score)}
-            for d in report.detections
-        ],
+        "candidates": [_candidate_to_model(d, w, h) for d in report.detections],
     }
+
+
+def _candidate_to_model(d: Detection, w: int, h: int) -> dict[str, Any]:
+    out: dict[str, Any] = {"id": d.id, "box": d.box.to_model(w, h), "label": d.label, "score": _r(d.score)}
+    if d.class_scores:
+        out["class_scores"] = {k: _r(v) for k, v in d.class_scores.items()}
+    return out
 
 
 def _descriptors_to_model(descs: dict[str, Any]) -> dict[str, Any]:

@@ -152,6 +152,11 @@ class Detection(_Model):
     label: str = Field(description="One of the organ's lesion labels, e.g. 'benign', 'malignant', 'lesion'.")
     score: float = Field(ge=0.0, le=1.0, description="Detector confidence in [0, 1].")
     source: str = Field("detector", description="What produced it: 'detector', 'tta', 'wbf', 'reasoner'.")
+    class_scores: dict[str, float] | None = Field(
+        None,
+        description="Best score of every detector class at this location, set when overlapping boxes of "
+        "different classes were merged into this one (class-agnostic suppression); includes the label's own score.",
+    )
 
 
 class DetectorReport(_Model):

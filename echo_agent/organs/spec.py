@@ -63,7 +63,17 @@ class OrganSpec(BaseModel):
     detector_weights: str | None = Field(
         None, description="ONNX weights: a path, or 'package:<relative path>' inside echo_agent/assets."
     )
-    detector_input_size: int = 640
+    detector_input_size: int | None = Field(
+        None,
+        description="Side of the detector's square network input, for documentation; the detector itself reads "
+        "it from the weights (a test checks that the two agree for the built-in organs).",
+    )
+    detector_agnostic_nms: bool = Field(
+        False,
+        description="One box per location across classes: a candidate overlapping a higher-scored candidate of "
+        "another class by IoU > 0.5 is merged into it (its score kept in class_scores). Use it when the classes "
+        "are mutually exclusive readings of the same lesion (benign / malignant).",
+    )
     knowledge_files: tuple[str, ...] = ()
     prompt: str = Field("", description="Organ-specific snippet appended to the reasoner's system prompt.")
     report_sections: tuple[str, ...] = ()

@@ -65,8 +65,16 @@ def merged_candidates(reports: Sequence[DetectorReport]) -> list[Detection]:
     out = []
     for f in fused:
         best = max(originals, key=lambda d: (d.box.iou(f.box) if d.label == f.label else -1, d.score))
-        out.append(f.model_copy(update={"id": best.id}))
+        out.append(f.model_copy(update={"id": best.id, "class_scores": best.class_scores}))
     return sorted(out, key=lambda d: -d.score)
+
+
+def class_score(d: Detection, label: str) -> float:
+    """A candidate's score for ``label``: its ``class_scores`` entry where boxes of several classes were
+    merged into it, else its score when it carries that label, else 0."""
+    if d.class_scores is not None:
+        return float(d.class_scores.get(label, 0.0))
+    return d.score if d.label == label else 0.0
 
 
 def fusion_features(
@@ -83,7 +91,7 @@ def fusion_features(
     f["det_n"] = min(len(cands), 5) / 5.0
     f["det_top"] = cands[0].score if cands else 0.0
     for lbl in organ.detector_labels:
-        f[f"det_max_{lbl}"] = max((d.score for d in cands if d.label == lbl), default=0.0)
+        f[f"det_max_{lbl}"] = max((class_score(d, lbl) for d in cands), default=0.0)
     f["det_tta"] = float(any(r.tta for r in reports))
     if cands:
         top = cands[0]

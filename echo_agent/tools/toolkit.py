@@ -147,4 +147,37 @@ def run_detector(
             )
         out.append(d.model_copy(update={"box": box}))
     out.sort(key=lambda d: -d.score)
+    if spec.detector_agnostic_nms:
+        out = merge_across_classes(out)
     return out
+
+
+def merge_across_classes(detections: list[Detection], iou_threshold: float = 0.5) -> list[Detection]:
+    """Class-agnostic suppression that keeps what it suppresses as ``class_scores``.
+
+    Greedy by descending score: a candidate overlapping an already kept one by IoU above
+    ``iou_threshold`` is dropped, whatever its class, and its score becomes that class's entry in the
+    kept candidate's ``class_scores`` (best score per class; the kept label's own score included).
+    Candidates that absorbed nothing are returned unchanged. Order: descending score.
+
+    >>> from echo_agent.schemas import Box
+    >>> a = Detection(box=Box(x1=0, y1=0, x2=10, y2=10), label="benign", score=0.6)
+    >>> b = Detection(box=Box(x1=1, y1=0, x2=10, y2=10), label="malignant", score=0.4)
+    >>> [(d.label, d.class_scores) for d in merge_across_classes([a, b])]
+    [('benign', {'benign': 0.6, 'malignant': 0.4})]
+    """
+    kept: list[Detection] = []
+    absorbed: list[dict[str, float]] = []
+    for d in sorted(detections, key=lambda d: -d.score):
+        for i, k in enumerate(kept):
+            if k.box.iou(d.box) > iou_threshold:
+                scores = absorbed[i]
+                scores[d.label] = max(scores.get(d.label, 0.0), d.score)
+                break
+        else:
+            kept.append(d)
+            absorbed.append({d.label: d.score})
+    return [
+        k if len(scores) == 1 else k.model_copy(update={"class_scores": scores})
+        for k, scores in zip(kept, absorbed, strict=True)
+    ]
