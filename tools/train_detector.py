@@ -151,25 +151,26 @@ def export_onnx(best: Path, cfg: dict, output: Path) -> dict:
 
 
 def pipeline_metrics(onnx_path: Path, cfg: dict, thresholds=(0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5)) -> dict:
-    """Val-split metrics through the inference path (load_image -> prepare_for_detection -> ONNX ->
-    boxes mapped back to the original image): localization F1@0.5 and detector-only accuracy
+    """Val-split metrics through the inference path (``run_detector``: load_image -> prepare_for_detection
+    -> ONNX -> boxes mapped back to the original image -> the organ's class merging): localization F1@0.5 and detector-only accuracy
     (image label = label of the top box, normal when none), for several score thresholds."""
     from echo_agent.detectors.onnx import OnnxDetector
     from echo_agent.eval.datasets import load_split
     from echo_agent.eval.metrics import PredictedBox, ScoredImage, detection_score
     from echo_agent.imaging import load_image
-    from echo_agent.imaging.preprocess import prepare_for_detection
     from echo_agent.organs import get_organ
+    from echo_agent.tools.toolkit import run_detector
 
     spec = get_organ(cfg["organ"])
     det = OnnxDetector(onnx_path)
+    if cfg.get("lesion_only"):  # the single-class model emits 'lesion', which the organ does not know
+        spec = spec.model_copy(update={"detector_labels": tuple(det.labels), "detector_agnostic_nms": False})
     images = [im for c in cfg["val_centers"] for im in load_split(c, "val")]
     lowest = min(thresholds)
     raw = []
-    for im in images:
-        prep = prepare_for_detection(load_image(im.image).array)
-        dets = det.detect(prep.array, score_threshold=lowest)
-        raw.append([(prep.to_original(d.box), d.label, float(d.score)) for d in dets])
+    for im in images:  # the agent's own detection path (preprocessing, mapping back, class merging)
+        dets = run_detector(spec, load_image(im.image).array, detector=det, score_threshold=lowest)
+        raw.append([(d.box, d.label, float(d.score)) for d in dets])
     out = {}
     for t in thresholds:
         scored = []
@@ -220,7 +221,7 @@ def write_card_section(cfg: dict, summary: dict) -> None:
         f"- Val metrics (ultralytics val, conf 0.001, IoU 0.7 NMS): precision {v['precision']:.3f}, "
         f"recall {v['recall']:.3f}, mAP@0.5 {v['mAP50']:.3f}, mAP@0.5:0.95 {v['mAP50_95']:.3f}; "
         "per class mAP@0.5: " + ", ".join(f"{k} {x:.3f}" for k, x in v["per_class_mAP50"].items()) + ".",
-        "- Val split through the inference path (preprocess -> ONNX -> boxes in original pixels; "
+        "- Val split through the inference path (preprocess -> ONNX -> boxes in original pixels -> the organ's class merging; "
         f"{summary['pipeline']['n_images']} images), by score threshold: "
         + "; ".join(
             f"{t}: loc F1@0.5 {_f(m['loc_f1'])}, grounded F1 {_f(m['grounded_f1'])}, detector-only accuracy "
