@@ -524,7 +524,7 @@ def test_tta_on_a_detector(models):
 
 @pytest.mark.parametrize("key", ["rect", "rect_fixed_batch"])
 def test_batch_equals_per_image(models, key):
-    d = OnnxDetector(models[key], max_batch=2)
+    d = OnnxDetector(models[key], max_batch=2, cache_size=0)  # count every forward pass
     calls = []
     forward = d._forward
     d._forward = lambda batch: calls.append(len(batch)) or forward(batch)
@@ -545,6 +545,53 @@ def test_batch_equals_per_image(models, key):
         single = [d.detect(img, tta=tta) for img in images]
         assert batched == single
     assert d.detect_batch([]) == []
+
+
+def test_output_cache_skips_repeated_views_and_keeps_results(models):
+    d = OnnxDetector(models["rect"], max_batch=4)
+    cold = OnnxDetector(models["rect"], cache_size=0)
+    calls = []
+    forward = d._forward
+    d._forward = lambda batch: calls.append(len(batch)) or forward(batch)
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 100, (h, w, 3), dtype=np.uint8) for h, w in [(120, 160), (200, 90), (64, 64)]]
+    for img in images:
+        img[20:50, 20:60] = 255
+    first = d.detect(images[0], score_threshold=0.25)
+    assert calls == [1]
+    again = d.detect(images[0], score_threshold=0.1, tta=True)  # the original view is cached: only the mirror runs
+    assert calls == [1, 1]
+    assert first == cold.detect(images[0], score_threshold=0.25)
+    assert again == cold.detect(images[0], score_threshold=0.1, tta=True)
+    calls.clear()
+    d.prefetch(images[1:])  # one batched pass for the two new images
+    assert calls == [2]
+    assert d.detect_batch(images) == cold.detect_batch(images) and calls == [2]
+    calls.clear()
+    d.detect_batch([images[1], images[1].copy()])  # equal pixels, different arrays: both hits
+    assert calls == []
+    modified = images[1].copy()
+    modified[0, 0] = 255 - modified[0, 0]  # a different input must not hit
+    d.detect(modified)
+    assert calls == [1]
+    d.clear_cache()
+    calls.clear()
+    d.detect(images[0])
+    assert calls == [1]
+
+
+def test_output_cache_is_bounded_and_read_only(models):
+    d = OnnxDetector(models["rect"], cache_size=2)
+    imgs = [np.full((64, 64, 3), v, np.uint8) for v in (10, 20, 30)]
+    for img in imgs:
+        d.detect(img)
+    assert len(d._cache) == 2
+    raw, _ = d.predict_raw(imgs[2:])
+    assert not next(iter(d._cache.values())).flags.writeable
+    raw[...] = 0  # the returned batch is the caller's own copy
+    assert d.predict_raw(imgs[2:])[0].any()
+    with pytest.raises(ValueError, match="cache_size"):
+        OnnxDetector(models["rect"], cache_size=-1)
 
 
 def test_concurrent_first_use_creates_one_session(models, monkeypatch):

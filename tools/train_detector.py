@@ -7,8 +7,8 @@
 Steps: (1) build a YOLO folder from the committed train/val splits of the config's centers, every
 image passed through ``prepare_for_detection`` (the inference preprocessing); (2) train from the
 model YAML (no pretrained weights; offline ultralytics set-up); (3) validate the best checkpoint on
-the val split; (4) export ONNX (fixed input ``imgsz``, batch 1, ultralytics' standard
-``(1, 4 + nc, N)`` output with ``names``/``imgsz`` metadata), check it is <= 12 MB and loads in
+the val split; (4) export ONNX (fixed input ``imgsz``, dynamic batch axis, ultralytics' standard
+``(B, 4 + nc, N)`` output with ``names``/``imgsz`` metadata), check it is <= 12 MB and loads in
 onnxruntime; (5) write ``<work>/<organ>/summary.json`` and the organ's section of
 ``echo_agent/assets/weights/MODEL_CARD.md``.
 
@@ -131,11 +131,32 @@ def validate(best: Path, cfg: dict, data_yaml: Path, work: Path) -> dict:
 
 
 def export_onnx(best: Path, cfg: dict, output: Path) -> dict:
+    """ONNX with a dynamic batch axis and a fixed ``imgsz`` input, so ``EchoAgent.batch`` runs the
+    detector on many images in one forward pass.
+
+    ultralytics' ``dynamic=True`` makes batch, height and width symbolic; height, width and the
+    anchor count are then fixed again and the graph re-slimmed, so only the batch axis stays
+    dynamic and ONNX Runtime keeps its static-shape optimisations (the graph has the same nodes as
+    the fixed-batch export; outputs are bit-identical, see the model card).
+    """
+    import onnx
+    import onnxslim
+    from onnxruntime.tools.onnx_model_utils import make_dim_param_fixed
     from ultralytics import YOLO
 
+    imgsz = int(cfg["imgsz"])
     m = YOLO(str(best))
-    path = Path(m.export(format="onnx", imgsz=int(cfg["imgsz"]), opset=17, dynamic=False, simplify=True,
-                         device="cpu"))
+    path = Path(m.export(format="onnx", imgsz=imgsz, opset=17, dynamic=True, simplify=True, device="cpu"))
+    model = onnx.load(str(path))
+    out_dims = model.graph.output[0].type.tensor_type.shape.dim
+    anchors = sum((imgsz // s) ** 2 for s in (8, 16, 32))  # YOLOv8/11 head: strides 8, 16, 32
+    for param, value in (("height", imgsz), ("width", imgsz), (out_dims[2].dim_param or "anchors", anchors)):
+        make_dim_param_fixed(model.graph, param, value)
+    slim = onnxslim.slim(onnx.shape_inference.infer_shapes(model))
+    del slim.metadata_props[:]
+    slim.metadata_props.extend(model.metadata_props)  # names, imgsz, stride ... as ultralytics wrote them
+    onnx.checker.check_model(slim)
+    onnx.save(slim, str(path))
     size = path.stat().st_size
     if size > MAX_ONNX_BYTES:
         raise SystemExit(f"exported ONNX is {size / 2**20:.1f} MiB > 12 MiB; choose a smaller model YAML")

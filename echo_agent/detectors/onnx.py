@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import ast
+import hashlib
 import logging
-import os
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -12,13 +14,19 @@ from typing import Any
 import numpy as np
 
 from ..errors import ModelLoadError
-from .base import LetterboxYoloDetector
+from .base import LetterboxYoloDetector, check_image
+from .postprocess import LetterboxInfo, letterbox
 
-__all__ = ["OnnxDetector", "parse_ultralytics_metadata"]
+__all__ = ["WEIGHTS_VERSION_KEY", "OnnxDetector", "parse_ultralytics_metadata"]
 
 log = logging.getLogger(__name__)
 
 _DEFAULT_INPUT_SIZE = 640
+
+#: Metadata key naming the weights version of a re-export whose outputs were proven identical to the
+#: file it replaces (e.g. the same checkpoint exported again with a dynamic batch axis). The detector
+#: name then keeps that version, so evidence and fitted fusions refer to the same model.
+WEIGHTS_VERSION_KEY = "echo_weights_version"
 
 
 def parse_ultralytics_metadata(meta: dict[str, str]) -> dict[str, Any]:
@@ -77,9 +85,17 @@ class OnnxDetector(LetterboxYoloDetector):
         input_size: side of the square network input (default: the fixed input shape, else the
             ``imgsz`` metadata, else 640).
         providers: ONNX Runtime execution providers, in order of preference.
-        intra_op_threads: threads inside one operator (default ``min(2, cpu count)``).
-        name: detector name (default ``'<stem>-onnx@<sha256[:8] of the file>'``).
+        intra_op_threads: threads inside one operator (default 1: on a small shared CPU a second
+            spinning thread costs more than it gains; measured in ``docs/benchmarks.md``). Idle
+            threads never spin-wait, so they leave the cores to the rest of the agent.
+        name: detector name (default ``'<stem>-onnx@<version>'``: the file's
+            ``echo_weights_version`` metadata when it has one, else the first 8 hex digits of its
+            SHA-256).
         max_batch: most images per forward pass in :meth:`detect_batch`.
+        cache_size: raw network outputs kept per letterboxed input (0 turns the cache off). The
+            agent calls the detector several times on one image (a first look, then a re-check with
+            test-time augmentation); the cache answers the repeated view without a forward pass, and
+            :meth:`prefetch` fills it for many images in one batched pass.
     """
 
     backend = "onnx"
@@ -94,6 +110,7 @@ class OnnxDetector(LetterboxYoloDetector):
         intra_op_threads: int | None = None,
         name: str | None = None,
         max_batch: int = 16,
+        cache_size: int = 64,
     ) -> None:
         path = Path(path).expanduser()
         if not path.is_file():
@@ -112,6 +129,11 @@ class OnnxDetector(LetterboxYoloDetector):
         self._session: Any = None
         self._input_name = ""
         self._checked_output = False
+        if cache_size < 0:
+            raise ValueError(f"cache_size must be >= 0, got {cache_size}")
+        self.cache_size = int(cache_size)
+        self._cache: OrderedDict[bytes, np.ndarray] = OrderedDict()
+        self._cache_lock = threading.Lock()
 
     def _load(self) -> None:
         try:
@@ -121,8 +143,10 @@ class OnnxDetector(LetterboxYoloDetector):
 
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.intra_op_num_threads = int(self.intra_op_threads or min(2, os.cpu_count() or 1))
+        opts.intra_op_num_threads = int(self.intra_op_threads or 1)
         opts.inter_op_num_threads = 1
+        # Spin-waiting worker threads compete with the captioner and with other runs for the cores.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.log_severity_level = 3
         try:
@@ -228,6 +252,89 @@ class OnnxDetector(LetterboxYoloDetector):
                 )
             self._checked_output = True
         return out
+
+    @property
+    def name(self) -> str:
+        """``'<weights stem>-onnx@<version>'`` unless a name was given (see ``name`` in the class doc)."""
+        if self._name is None:
+            version = self._weights_version()
+            self._name = f"{self.path.stem}-{self.backend}@{version}" if version else super().name
+        return self._name
+
+    def _weights_version(self) -> str | None:
+        try:
+            import onnxruntime as ort
+
+            opts = ort.SessionOptions()
+            opts.log_severity_level = 3
+            # Reading metadata needs a session; a loaded detector already has one.
+            sess = self._session or ort.InferenceSession(str(self.path), sess_options=opts,
+                                                         providers=["CPUExecutionProvider"])
+            value = (sess.get_modelmeta().custom_metadata_map or {}).get(WEIGHTS_VERSION_KEY)
+        except Exception:  # unreadable files fail later with a clear ModelLoadError from load()
+            return None
+        return str(value).strip() or None if value is not None else None
+
+    def predict_raw(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, list[LetterboxInfo]]:
+        """Letterbox ``images`` and run the network on those not in the output cache.
+
+        Same result as the shared pipeline (the cache key is a digest of the letterboxed pixels the
+        network would see, so a hit returns the very output that input produced); uncached inputs go
+        through the network ``max_batch`` at a time when the model has a dynamic batch axis.
+        """
+        self.load()
+        images = [check_image(img, f"image {i}") for i, img in enumerate(images)]
+        if not images:
+            return np.zeros((0, 0, 0), dtype=np.float32), []
+        s = self._input_size
+        padded = np.empty((len(images), s, s, 3), dtype=np.uint8)
+        infos = [letterbox(img, s, out=padded[i])[1] for i, img in enumerate(images)]
+        keys = [hashlib.blake2b(padded[i].data, digest_size=20).digest() for i in range(len(images))]
+        outs: list[np.ndarray | None] = [None] * len(images)
+        if self.cache_size:
+            with self._cache_lock:
+                for i, k in enumerate(keys):
+                    hit = self._cache.get(k)
+                    if hit is not None:
+                        self._cache.move_to_end(k)
+                        outs[i] = hit
+        first: dict[bytes, int] = {}  # one forward per distinct input (a batch may repeat an image)
+        todo = [i for i in range(len(images)) if outs[i] is None and first.setdefault(keys[i], i) == i]
+        step = self.max_batch if self._dynamic_batch else 1
+        for start in range(0, len(todo), step):
+            idx = todo[start : start + step]
+            batch = np.empty((len(idx), 3, s, s), dtype=np.float32)
+            np.divide(padded[idx].transpose(0, 3, 1, 2), np.float32(255.0), out=batch, dtype=np.float32)
+            raw = self._forward(batch)
+            for j, i in enumerate(idx):
+                one = raw[j : j + 1].copy()
+                one.setflags(write=False)  # shared through the cache
+                outs[i] = one
+            if self.cache_size:
+                with self._cache_lock:
+                    for i in idx:
+                        self._cache[keys[i]] = outs[i]  # type: ignore[assignment]
+                        self._cache.move_to_end(keys[i])
+                    while len(self._cache) > self.cache_size:
+                        self._cache.popitem(last=False)
+        for i in range(len(images)):
+            if outs[i] is None:
+                outs[i] = outs[first[keys[i]]]
+        return np.concatenate(outs, axis=0), infos  # type: ignore[arg-type]
+
+    def prefetch(self, images: Sequence[np.ndarray]) -> None:
+        """Run the network on ``images`` now, batched, and keep the outputs for the next ``detect``.
+
+        ``EchoAgent.batch`` calls it with the prepared views of a chunk of images so that their
+        first detector calls cost no forward pass of their own. A no-op when the cache is off.
+        """
+        if self.cache_size:
+            self.predict_raw(list(images)[-self.cache_size :])
+
+    def clear_cache(self) -> None:
+        """Forget the cached network outputs."""
+        with self._cache_lock:
+            self._cache.clear()
 
     @property
     def dynamic_batch(self) -> bool:
