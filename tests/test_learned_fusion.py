@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 import numpy as np
@@ -9,8 +10,20 @@ import pytest
 
 from echo_agent.errors import ModelLoadError
 from echo_agent.organs import get_organ
-from echo_agent.reasoners.fusion_training import RunRecord, fit_fusion
+from echo_agent.reasoners.fusion_training import (
+    Candidate,
+    CandidateScore,
+    RunRecord,
+    default_candidates,
+    ece_with_interval,
+    feature_subset,
+    fit_fusion,
+    select_candidate,
+)
 from echo_agent.reasoners.learned_fusion import (
+    DETECTOR_RULE,
+    HEURISTIC_RULE,
+    LOGISTIC,
     FusionParams,
     LearnedFusion,
     fusion_features,
@@ -29,11 +42,27 @@ from echo_agent.schemas import (
 BREAST = get_organ("breast")
 
 
-def _evidence(label: str | None, score: float, shape: str = "oval", tta: bool = False, eid: str = "det1"):
+def _fit(records, **kw):
+    """fit_fusion with light CV settings (one fold assignment, a short bootstrap) to keep tests fast."""
+    return fit_fusion(records, organ="breast", **{"folds": 3, "seeds": (0,), "n_boot": 50, **kw})
+
+
+@functools.lru_cache(maxsize=1)
+def _fitted_json() -> str:
+    return _fit(_records()).to_json()
+
+
+def _fitted() -> FusionParams:
+    """The fusion fitted on :func:`_records` (fitted once per session, a fresh copy each call)."""
+    return FusionParams.from_json(_fitted_json())
+
+
+def _evidence(label: str | None, score: float, shape: str = "oval", tta: bool = False, eid: str = "det1",
+              detector: str = "t"):
     dets = []
     if label is not None:
         dets = [Detection(id=f"{eid}:0", box=Box(x1=40, y1=30, x2=120, y2=80), label=label, score=score)]
-    rep = DetectorReport(id=eid, organ="breast", detector="t", detections=dets, score_threshold=0.25, tta=tta,
+    rep = DetectorReport(id=eid, organ="breast", detector=detector, detections=dets, score_threshold=0.25, tta=tta,
                          image_width=200, image_height=160)
     regs = [RegionDescription(box=d.box, detection_id=d.id,
                               descriptors={"shape": Descriptor(value=shape, confidence=0.8)}) for d in dets]
@@ -77,7 +106,7 @@ def test_merged_candidates_fuse_repeated_calls():
 
 
 def test_fit_predicts_and_round_trips_through_json(tmp_path):
-    params = fit_fusion(_records(), organ="breast", folds=3)
+    params = _fitted()
     assert params.training["oof_accuracy"] > 0.6
     path = tmp_path / "breast.json"
     path.write_text(params.to_json())
@@ -98,7 +127,7 @@ def test_fit_predicts_and_round_trips_through_json(tmp_path):
 
 
 def test_fused_label_overrides_a_disagreeing_detector_label():
-    params = fit_fusion(_records(), organ="breast", folds=3)
+    params = _fitted()
     dx = LearnedFusion({"breast": params}).fuse(BREAST, _evidence("benign", 0.5, "irregular"), clinical=None, image_size=(200, 160))
     if dx.label == "malignant":
         assert dx.findings[0].label == "malignant" and dx.findings[0].detection_ids == ["det1:0"]
@@ -112,9 +141,130 @@ def test_without_params_falls_back_to_heuristic():
 def test_bad_parameter_files_raise_model_load_error(tmp_path):
     with pytest.raises(ModelLoadError):
         FusionParams.from_json("not json")
-    good = json.loads(fit_fusion(_records(), organ="breast", folds=3).to_json())
+    good = json.loads(_fitted().to_json())
     good["weights"] = good["weights"][:1]
     with pytest.raises(ModelLoadError, match="inconsistent"):
         FusionParams.from_json(json.dumps(good))
     with pytest.raises(ValueError, match="at least 10"):
         fit_fusion(_records(6), organ="breast")
+    bad_kind = json.loads(_fitted().to_json())
+    bad_kind["kind"] = "random_forest"
+    with pytest.raises(ModelLoadError, match="kind"):
+        FusionParams.from_json(json.dumps(bad_kind))
+
+
+# -- model selection -------------------------------------------------------------------------------------
+def _score(name, n_features, loss, se=0.05, acc=0.8, bacc=0.8, l2=None, kind=LOGISTIC):
+    return CandidateScore(name=name, kind=kind, features=None, l2=l2, balanced=False, n_features=n_features,
+                          cv_log_loss=loss, cv_log_loss_se=se, cv_accuracy=acc, cv_balanced_accuracy=bacc, cv_ece=0.1)
+
+
+def test_selection_rule_prefers_the_simpler_model_within_one_standard_error():
+    scores = [_score("rule", 0, 0.60, kind=DETECTOR_RULE, acc=0.7, bacc=0.7), _score("small", 5, 0.52, l2=10.0),
+              _score("big", 30, 0.50, se=0.03, l2=10.0)]
+    assert select_candidate(scores, 0.7, 0.7) == 1  # 0.52 <= 0.50 + 0.03
+    assert [s.chosen for s in scores] == [False, True, False]
+    scores[2].cv_log_loss_se = 0.01
+    assert select_candidate(scores, 0.7, 0.7) == 2  # now "small" is more than one SE worse
+    # same features: the stronger L2 is the simpler model
+    twins = [_score("weak", 5, 0.50, l2=1.0), _score("strong", 5, 0.52, l2=100.0)]
+    assert select_candidate(twins, 0.0, 0.0) == 1
+
+
+def test_selection_guard_rejects_models_that_lose_accuracy_to_the_detector():
+    scores = [_score("rule", 0, 0.90, kind=DETECTOR_RULE, acc=0.70, bacc=0.70),
+              _score("majority", 5, 0.60, acc=0.75, bacc=0.50),  # more accurate, but drops a class
+              _score("worse", 9, 0.55, acc=0.65, bacc=0.72)]
+    assert select_candidate(scores, 0.70, 0.70) == 0
+    assert [s.eligible for s in scores] == [True, False, False]
+
+
+def _signal_records(n: int, *, signal: str, seed: int = 0) -> list[RunRecord]:
+    """Breast runs whose truth is carried by the detector (``signal='detector'``, shapes are noise) or
+    only by the captioner's shape descriptor (``signal='descriptor'``, detector labels are noise)."""
+    rng = np.random.default_rng(seed)
+    shape_of = {"benign": "oval", "malignant": "irregular"}
+    out = []
+    for i in range(n):
+        truth = ("benign", "malignant")[i % 2]
+        other = ("malignant", "benign")[i % 2]
+        if signal == "detector":
+            det_label = truth if rng.random() < 0.9 else other
+            shape = shape_of[("benign", "malignant")[int(rng.integers(2))]]
+        else:
+            det_label = ("benign", "malignant")[int(rng.integers(2))]
+            shape = shape_of[truth] if rng.random() < 0.95 else shape_of[other]
+        ev = _evidence(det_label, float(rng.uniform(0.5, 0.9)), shape=shape)
+        out.append(RunRecord(key=f"k{i}", group=f"g{i // 2}", organ="breast", label=truth, width=200, height=160,
+                             evidence=[e.model_dump(mode="json") for e in ev], clinical=None))
+    return out
+
+
+def test_selection_ignores_pure_noise_features():
+    cands = [Candidate(DETECTOR_RULE), Candidate(LOGISTIC, "detector", 10.0), Candidate(LOGISTIC, "all", 10.0)]
+    params = _fit(_signal_records(120, signal="detector"), candidates=cands)
+    assert params.training["chosen"] != "logistic[all] l2=10"
+    assert not any(n.startswith("desc_") for n in params.feature_names)
+
+
+def test_selection_takes_the_learned_model_when_descriptors_carry_the_signal():
+    cands = [Candidate(DETECTOR_RULE), Candidate(LOGISTIC, "detector", 10.0), Candidate(LOGISTIC, "all", 10.0)]
+    params = _fit(_signal_records(120, signal="descriptor"), candidates=cands)
+    assert params.kind == LOGISTIC and params.training["chosen"] == "logistic[all] l2=10"
+    table = {c["name"]: c for c in params.training["selection"]["candidates"]}
+    assert table["logistic[all] l2=10"]["cv_accuracy"] > table["detector_rule+temperature"]["cv_accuracy"] + 0.2
+    assert params.training["oof_accuracy"] == table["logistic[all] l2=10"]["cv_accuracy"]
+
+
+def test_few_images_fall_back_to_a_calibrated_rule_with_a_warning():
+    params = _fit(_signal_records(30, signal="descriptor"), min_images=50)
+    assert params.kind in (DETECTOR_RULE, HEURISTIC_RULE) and params.feature_names == []
+    assert any("only 30 breast images" in w for w in params.training["warnings"])
+    assert {c["kind"] for c in params.training["selection"]["candidates"]} <= {DETECTOR_RULE, HEURISTIC_RULE}
+    # the rule's diagnosis follows the detector's vote, with a temperature-calibrated probability
+    dx = LearnedFusion({"breast": params}).fuse(BREAST, _evidence("malignant", 0.8), clinical=None, image_size=(200, 160))
+    assert dx.label == "malignant" and dx.reasoner.startswith("learned") and "malignant detector score 0.80" in dx.rationale
+
+
+def test_selection_fields_round_trip_through_json_and_fitting_is_deterministic(tmp_path):
+    a = _fit(_records())
+    b = _fit(_records())
+    assert a.to_json() == b.to_json()
+    loaded = FusionParams.from_json(a.to_json())
+    assert loaded.kind == a.kind and loaded.training == json.loads(a.to_json())["training"]
+    sel = loaded.training["selection"]
+    assert sel["rule"] and len(sel["candidates"]) == len(default_candidates())
+    assert sum(c["chosen"] for c in sel["candidates"]) == 1 and loaded.training["n"] == 90
+    assert len(sel["candidates"][0]["cv_ece_ci"]) == 2
+    # a rule-kind parameter file has no features and still loads
+    rule = _fit(_records(), candidates=[Candidate(HEURISTIC_RULE)], min_images=10)
+    assert rule.kind in (DETECTOR_RULE, HEURISTIC_RULE)
+    assert FusionParams.from_json(rule.to_json()).feature_names == []
+
+
+def test_feature_sets_are_nested():
+    names = sorted(fusion_features(BREAST, _evidence("malignant", 0.8, "irregular"), ClinicalContext(age=60), (200, 160)))
+    det, geo, full = (feature_subset(names, fs) for fs in ("detector", "detector+geometry", "all"))
+    assert set(det) < set(geo) < set(full) == set(names)
+    assert "det_max_malignant" in det and "det_top_area" in geo and "det_top_area" not in det
+    assert not any(n.startswith("desc_") or n == "age" for n in geo)
+
+
+def test_ece_interval_matches_the_harness_definition():
+    from echo_agent.eval.metrics import calibration_score
+
+    rng = np.random.default_rng(1)
+    probs = rng.dirichlet([1, 1, 1], 60)
+    y = rng.integers(0, 3, 60)
+    labels = ["normal", "benign", "malignant"]
+    ece, (lo, hi) = ece_with_interval(y, probs, labels, [f"g{i // 3}" for i in range(60)], n_boot=200)
+    ref = calibration_score([labels[i] for i in y], [dict(zip(labels, p)) for p in probs], labels).ece
+    assert ece == pytest.approx(ref) and 0.0 <= lo <= hi <= 1.0
+
+
+def test_parameters_for_another_detector_are_refused():
+    params = _fitted()
+    assert params.training["detectors"] == ["t"]
+    dx = LearnedFusion({"breast": params}).fuse(BREAST, _evidence("malignant", 0.8, detector="other"),
+                                                clinical=None, image_size=(200, 160))
+    assert dx.reasoner.startswith("heuristic") and any("trained on detector t" in w for w in dx.warnings)

@@ -5,8 +5,12 @@
         --out echo_agent/assets/fusion/breast.json --runs-cache /tmp/fusion_runs_breast.jsonl
 
 It runs the real agent (embedded policy, packaged detector, captioner, retriever, heuristic
-fusion) on the chosen split of each center, keeps each run's typed evidence, and fits a calibrated
-logistic fusion by grouped cross-validation (see echo_agent/reasoners/fusion_training.py).
+fusion) on the chosen split of each center, keeps each run's typed evidence, compares candidate
+fusions (calibrated decision rules, logistic models over nested feature sets and L2 strengths) by
+grouped cross-validation, chooses one by a rule fixed in advance, and writes it with its CV table
+(see echo_agent/reasoners/fusion_training.py). For another detector:
+
+    python tools/train_policy.py --organ breast --centers busi --split val --detector X.onnx --out Y.json
 
 Use a split the detector was NOT trained on (default: ``val``), so the fusion learns from the
 detector's out-of-sample behaviour. The test splits are never read here.
@@ -28,6 +32,24 @@ from echo_agent.eval.datasets import load_split  # noqa: E402
 from echo_agent.reasoners.fusion_training import RunRecord, collect_runs, fit_fusion  # noqa: E402
 
 
+def print_selection(training: dict) -> None:
+    """The grouped-CV table of the candidates, the choice and any warning."""
+    sel = training["selection"]
+    print(f"\nn = {training['n']} images in {training['n_groups']} groups, {sel['folds']}-fold grouped CV x "
+          f"{len(sel['cv_seeds'])} fold assignments; detector-only CV accuracy {sel['detector_only_cv_accuracy']:.3f}, "
+          f"balanced {sel['detector_only_cv_balanced_accuracy']:.3f}")
+    print(f"{'candidate':50s} {'feat':>4s} {'log-loss':>15s} {'acc':>6s} {'bal.acc':>7s} {'ECE [95% CI]':>22s}")
+    for c in sel["candidates"]:
+        ci = c["cv_ece_ci"]
+        mark = "<- chosen" if c["chosen"] else ("" if c["eligible"] else "(fails guard)")
+        print(f"{c['name']:50s} {c['n_features']:4d} {c['cv_log_loss']:7.3f} ± {c['cv_log_loss_se']:5.3f} "
+              f"{c['cv_accuracy']:6.3f} {c['cv_balanced_accuracy']:7.3f} {c['cv_ece']:6.3f} "
+              f"[{ci[0]:.3f}, {ci[1]:.3f}] {mark}" if ci else f"{c['name']:50s} ... {mark}")
+    print(f"rule: {sel['rule']}")
+    for w in training.get("warnings") or []:
+        print(f"WARNING: {w}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--organ", required=True)
@@ -37,6 +59,8 @@ def main() -> int:
     ap.add_argument("--runs-cache", type=Path, default=None, help="JSONL of collected runs (reused when present)")
     ap.add_argument("--indeterminate-below", type=float, default=0.5)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--min-images", type=int, default=50,
+                    help="below this many images only the temperature-calibrated rules are considered")
     ap.add_argument("--force", action="store_true", help="overwrite --out")
     ap.add_argument("--detector", type=Path, default=None, help="detector weights to use instead of the packaged ones")
     args = ap.parse_args()
@@ -71,13 +95,15 @@ def main() -> int:
             args.runs_cache.write_text("\n".join(r.to_json() for r in records) + "\n")
     params = fit_fusion(
         records, organ=args.organ, seed=args.seed, indeterminate_below=args.indeterminate_below,
+        min_images=args.min_images,
         notes={"centers": args.centers, "split": args.split,
                "command": "python tools/train_policy.py " + " ".join(sys.argv[1:])},
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(params.to_json() + "\n")
-    print(json.dumps(params.training, indent=1))
-    print(f"wrote {args.out} (temperature {params.temperature:.3f}, {len(params.feature_names)} features)")
+    print_selection(params.training)
+    print(f"wrote {args.out} ({params.training['chosen']}, temperature {params.temperature:.3f}, "
+          f"{len(params.feature_names)} features, n={params.training['n']})")
     return 0
 
 

@@ -46,6 +46,12 @@ from .fusion import (
 )
 
 FUSION_VERSION = "1"
+#: Model kinds a parameter file may hold: a logistic regression over named features, or one of two
+#: parameter-free decision rules whose probabilities are only temperature-calibrated.
+LOGISTIC = "logistic"
+DETECTOR_RULE = "detector_rule"  # the first detector call's top candidate (the detector-only decision)
+HEURISTIC_RULE = "heuristic"  # the last (most refined) detector call's top candidate, as HeuristicFusion
+FUSION_KINDS = (LOGISTIC, DETECTOR_RULE, HEURISTIC_RULE)
 _PALPABLE = ("palpable", "lump", "mass", "nodule felt")
 
 
@@ -75,6 +81,30 @@ def class_score(d: Detection, label: str) -> float:
     if d.class_scores is not None:
         return float(d.class_scores.get(label, 0.0))
     return d.score if d.label == label else 0.0
+
+
+def rule_log_probs(organ: OrganSpec, reports: Sequence[DetectorReport], kind: str) -> np.ndarray:
+    """Log-probabilities of a parameter-free decision rule over ``organ.image_labels``.
+
+    The rule reads one detector call (the first for :data:`DETECTOR_RULE`, the last for
+    :data:`HEURISTIC_RULE`): its top candidate's image label gets the candidate's score, the other
+    labels share the rest; with no candidate, ``normal`` gets ``1 - threshold``. The voted label always
+    stays the arg-max (its share is kept just above ``1/K``), so a temperature changes confidences only.
+    """
+    labels = list(organ.image_labels)
+    k = len(labels)
+    if not reports:
+        return np.full(k, -math.log(k))
+    rep = reports[0] if kind == DETECTOR_RULE else reports[-1]
+    dets = sorted(rep.detections, key=lambda d: -d.score)
+    if dets:
+        label, share = organ.image_label_for(dets[0].label), dets[0].score
+    else:
+        label, share = organ.normal_label, 1.0 - rep.score_threshold
+    share = float(np.clip(share, 1.0 / k + 0.01, 1.0 - 1e-3))
+    p = np.full(k, (1.0 - share) / max(k - 1, 1))
+    p[labels.index(label)] = share
+    return np.log(p)
 
 
 def fusion_features(
@@ -130,6 +160,8 @@ class FusionParams:
     indeterminate_below: float = 0.5
     version: str = FUSION_VERSION
     training: dict[str, Any] = field(default_factory=dict)
+    #: one of :data:`FUSION_KINDS`; the rule kinds have no features and use only ``temperature``
+    kind: str = LOGISTIC
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, indent=1)
@@ -146,6 +178,8 @@ class FusionParams:
             raise ModelLoadError(f"fusion parameters in {source} have inconsistent shapes")
         if not (p.temperature > 0):
             raise ModelLoadError(f"fusion parameters in {source}: temperature must be > 0")
+        if p.kind not in FUSION_KINDS:
+            raise ModelLoadError(f"fusion parameters in {source} have kind {p.kind!r}; expected one of {', '.join(FUSION_KINDS)}")
         return p
 
     def vector(self, feats: Mapping[str, float]) -> np.ndarray:
@@ -157,6 +191,15 @@ class FusionParams:
 
     def predict_proba(self, feats: Mapping[str, float]) -> np.ndarray:
         return softmax(self.logits(feats) / self.temperature)
+
+    def run_logits(self, organ: OrganSpec, evidence: Sequence[Evidence], clinical: ClinicalContext | None,
+                   image_size: tuple[int, int]) -> tuple[np.ndarray, dict[str, float]]:
+        """Uncalibrated logits of one run's evidence (divide by ``temperature``) and its features."""
+        if self.kind == LOGISTIC:
+            feats = fusion_features(organ, evidence, clinical, image_size)
+            return self.logits(feats), feats
+        reports, _, _ = collect(evidence)
+        return rule_log_probs(organ, reports, self.kind), {}
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
@@ -304,18 +347,24 @@ class LearnedFusion:
                 f"fusion parameters for {organ.name} have labels {params.labels}, the organ has {list(organ.image_labels)}"
             )
         w, h = image_size
-        feats = fusion_features(organ, evidence, clinical, image_size)
-        probs_arr = params.predict_proba(feats)
+        z, feats = params.run_logits(organ, evidence, clinical, image_size)
+        probs_arr = softmax(z / params.temperature)
         probs = {lbl: float(p) for lbl, p in zip(params.labels, probs_arr)}
         label = max(probs, key=probs.__getitem__)
         k = params.labels.index(label)
-        x = params.vector(feats)
-        W = np.asarray(params.weights)
-        contrib = (W[k] - W.mean(axis=0)) * x
-        order = [i for i in np.argsort(-contrib) if contrib[i] > 0.05 and feats.get(params.feature_names[i], 0.0) != 0.0][:3]
-        drivers = [_feature_text(params.feature_names[i], feats.get(params.feature_names[i], 0.0)) for i in order]
-
         cands = merged_candidates(reports)
+        if params.kind == LOGISTIC:
+            x = params.vector(feats)
+            W = np.asarray(params.weights)
+            contrib = (W[k] - W.mean(axis=0)) * x
+            order = [i for i in np.argsort(-contrib) if contrib[i] > 0.05 and feats.get(params.feature_names[i], 0.0) != 0.0][:3]
+            drivers = [_feature_text(params.feature_names[i], feats.get(params.feature_names[i], 0.0)) for i in order]
+        else:
+            rep = reports[0] if params.kind == DETECTOR_RULE else reports[-1]
+            top = max(rep.detections, key=lambda d: d.score, default=None)
+            drivers = [f"{top.label} detector score {top.score:.2f}" if top is not None
+                       else f"no candidate at threshold {rep.score_threshold:g} in the {'first' if params.kind == DETECTOR_RULE else 'last'} detector call"]
+
         refs: list[EvidenceRef] = [
             EvidenceRef(kind="detection", ref=r.id, summary=f"{len(r.detections)} candidate(s) at {r.score_threshold:g}"
                         + (" with TTA" if r.tta else "")) for r in reports
