@@ -76,6 +76,9 @@ class EchoAgent:
         review: pause each run for a human reviewer (use :meth:`start` / :meth:`resume`).
         checkpointer: any LangGraph checkpointer (an in-memory one is used when review is on).
         max_pixels: images above this pixel count are refused (decompression-bomb guard).
+        prefetch: in :meth:`batch`, run the detector on each chunk of images in one batched forward
+            pass before the graphs start (default: on with the embedded policy, which always calls
+            the detector first; results are the same either way).
     """
 
     def __init__(
@@ -91,6 +94,7 @@ class EchoAgent:
         review: bool = False,
         checkpointer: Any = None,
         max_pixels: int = 50_000_000,
+        prefetch: bool | None = None,
     ) -> None:
         from .graph import build_graph
         from .organs import get_organ
@@ -101,6 +105,7 @@ class EchoAgent:
         self.organ = organ
         self.toolkit = toolkit or Toolkit()
         self.max_pixels = max_pixels
+        self.prefetch = reasoner is None if prefetch is None else bool(prefetch)
         self.review = review
         if router == "default":
             from .organs.routing import default_router
@@ -283,11 +288,16 @@ class EchoAgent:
                 slots.append(i)
             except EchoError as exc:
                 results[i] = exc
-        if inputs:
-            outs = self.graph.batch(
-                inputs, configs or None, return_exceptions=True,
+        outs: list[Any] = []
+        for start in range(0, len(inputs), _PREFETCH_CHUNK):
+            chunk = inputs[start : start + _PREFETCH_CHUNK]
+            if self.prefetch:
+                self._prefetch(chunk)
+            outs += self.graph.batch(
+                chunk, configs[start : start + _PREFETCH_CHUNK] or None, return_exceptions=True,
                 **({"max_concurrency": max_concurrency} if max_concurrency else {}),
             )
+        if inputs:
             for i, out, cfg in zip(slots, outs, configs):
                 if isinstance(out, EchoError):
                     results[i] = out
@@ -300,6 +310,24 @@ class EchoAgent:
                     except EchoError as exc:
                         results[i] = exc
         return results  # type: ignore[return-value]
+
+    def _prefetch(self, inputs: Sequence[dict[str, Any]]) -> None:
+        """Batch the first detector call of every image whose organ is known: one forward pass for
+        the chunk instead of one per image (the tool's own call then finds the outputs ready)."""
+        by_organ: dict[str, list[str]] = {}
+        for inp in inputs:
+            if inp.get("organ"):
+                by_organ.setdefault(inp["organ"], []).append(inp["image"]["id"])
+        for organ, ids in by_organ.items():
+            try:
+                self.toolkit.prefetch_detections(organ, ids)
+            except EchoError:
+                pass  # a bad image or missing weights: each run reports its own error
+
+
+#: Images per batched detector pass in :meth:`EchoAgent.batch` (within the detector's output cache
+#: and the toolkit's preprocessing cache).
+_PREFETCH_CHUNK = 16
 
 
 def _check_decision(snapshot: Any, decision: dict[str, Any]) -> None:

@@ -129,3 +129,60 @@ def test_sigkill_and_restart_finishes_exactly_once(tmp_path):
     lines = out.read_text().splitlines()
     ids = [json.loads(x)["id"] for x in lines]
     assert len(ids) == 24 and len(set(ids)) == 24
+
+
+# -- batched detector ------------------------------------------------------------------------------
+def _packaged_breast_agent(**kw):
+    from echo_agent.detectors.onnx import OnnxDetector
+    from echo_agent.organs import get_organ
+    from echo_agent.tools import Toolkit
+
+    det = OnnxDetector(get_organ("breast").resolve_weights())  # own instance: its own output cache
+    if not det.dynamic_batch:
+        pytest.skip("the packaged breast detector has a fixed batch of 1")
+    calls: list[int] = []
+    forward = det._forward
+    det._forward = lambda batch: calls.append(len(batch)) or forward(batch)
+    toolkit = Toolkit(detectors={"breast": det}, render_overlays=False)
+    return EchoAgent(organ="breast", toolkit=toolkit, router=None, **kw), calls
+
+
+def _variants():
+    from echo_agent.imaging import example_image, load_image
+
+    base = load_image(example_image("breast_malignant")).array
+    h, w = base.shape[:2]
+    return [base, base[:, ::-1].copy(), base[h // 10 :, : w - w // 8].copy(), base[: h - h // 6].copy()]
+
+
+def test_batch_runs_the_detector_once_for_the_chunk_and_matches_run():
+    images = _variants()
+    agent, calls = _packaged_breast_agent()
+    batched = agent.batch(images)
+    assert calls[0] == len(images)  # the prefetch: one forward pass for the whole chunk
+    assert all(c <= 2 for c in calls[1:])  # afterwards only the re-checks' own views
+    single_agent, single_calls = _packaged_breast_agent(prefetch=False)
+    single = [single_agent.run(img) for img in images]
+    assert all(c == 1 for c in single_calls)
+    assert [d.model_dump() for d in batched] == [d.model_dump() for d in single]
+    assert len(calls) < len(single_calls)
+
+
+def test_prepared_inputs_are_remembered_per_image_and_region():
+    from echo_agent.imaging.preprocess import prepare_for_detection
+    from echo_agent.tools import Toolkit
+
+    tk = Toolkit()
+    img = _variants()[0]
+    a = tk.prepared("id-a", img)
+    assert tk.prepared("id-a", img) is a
+    assert not a.array.flags.writeable
+    expected = prepare_for_detection(img)
+    assert (a.array == expected.array).all() and a.crop == expected.crop
+    crop = (10, 20, 200, 220)
+    r = tk.prepared("id-a", img[20:220, 10:200], crop)
+    assert r is not a and r.original_size == (190, 200)
+    tk.prepared_capacity = 2
+    tk.prepared("id-b", img)
+    tk.prepared("id-c", img)
+    assert tk.prepared("id-a", img) is not a  # evicted, recomputed

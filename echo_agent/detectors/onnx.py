@@ -289,7 +289,7 @@ class OnnxDetector(LetterboxYoloDetector):
         s = self._input_size
         padded = np.empty((len(images), s, s, 3), dtype=np.uint8)
         infos = [letterbox(img, s, out=padded[i])[1] for i, img in enumerate(images)]
-        keys = [hashlib.blake2b(padded[i].data, digest_size=20).digest() for i in range(len(images))]
+        keys = [hashlib.sha256(padded[i].data).digest() for i in range(len(images))]
         outs: list[np.ndarray | None] = [None] * len(images)
         if self.cache_size:
             with self._cache_lock:

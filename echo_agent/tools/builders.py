@@ -145,6 +145,7 @@ def make_detect_tool(organ: OrganSpec, toolkit: Toolkit) -> BaseTool:
         dets = run_detector(
             organ, image, detector=detector, score_threshold=score_threshold, tta=tta,
             region=region_box, preprocess=toolkit.preprocess,
+            prepare=lambda view, crop: toolkit.prepared(ref["id"], view, crop),
         )
         elapsed = (time.perf_counter() - t0) * 1000
         eid = next_evidence_id(runtime.state, runtime.tool_call_id, DETECT_PREFIX, detector_tool_names)

@@ -7,7 +7,8 @@ is never called never loads its model.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -58,6 +59,9 @@ class Toolkit:
         preprocess: crop to the ultrasound field of view and mask burned-in annotations before
             detection (the same preprocessing the detectors were trained with).
         render_overlays: draw the detector's boxes into an overlay image (tool artifact).
+
+    The toolkit also remembers the preprocessed detector input of the last few images
+    (:meth:`prepared`), keyed by the image's content id: a re-check of the same image reuses it.
     """
 
     detectors: dict[str, Any] = field(default_factory=dict)
@@ -67,6 +71,11 @@ class Toolkit:
     preprocess: bool = True
     render_overlays: bool = True
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    _prepared: OrderedDict[tuple[Any, ...], Any] = field(default_factory=OrderedDict, repr=False, compare=False)
+    _prepared_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    #: How many preprocessed detector inputs :meth:`prepared` keeps.
+    prepared_capacity = 32
 
     def get_store(self) -> ImageStore:
         if self.store is None:
@@ -81,6 +90,49 @@ class Toolkit:
 
             det = get_detector(organ)
         return det
+
+    def prepared(self, image_id: str, view: np.ndarray, region: tuple[int, int, int, int] | None = None) -> Any:
+        """``prepare_for_detection(view)``, remembered under ``(image_id, region)``.
+
+        ``image_id`` must be the content id of the stored image (an :class:`ImageRef`'s ``id``) and
+        ``region`` the integer crop of it that ``view`` is, so equal keys mean equal pixels. The
+        returned arrays are read-only: they are shared by later calls.
+        """
+        from ..imaging.preprocess import prepare_for_detection
+
+        key = (image_id, region)
+        with self._prepared_lock:
+            hit = self._prepared.get(key)
+            if hit is not None:
+                self._prepared.move_to_end(key)
+                return hit
+        prepared = prepare_for_detection(view)
+        for arr in (prepared.array, prepared.fov_mask, prepared.annotation_mask):
+            arr.setflags(write=False)
+        with self._prepared_lock:
+            self._prepared[key] = prepared
+            while len(self._prepared) > self.prepared_capacity:
+                self._prepared.popitem(last=False)
+        return prepared
+
+    def prefetch_detections(self, organ: str, image_ids: Sequence[str]) -> None:
+        """Run ``organ``'s detector on many stored images in one batched pass, ahead of the graph.
+
+        Each image is preprocessed exactly as the detector tool's first call will do it (whole image,
+        :meth:`prepared`), and the detector keeps the network outputs, so that call costs no forward
+        pass of its own. Only detectors with a ``prefetch`` method (``OnnxDetector``) take part; for
+        the others this is a no-op. Results are unchanged either way.
+        """
+        det = self.detector(organ)
+        prefetch = getattr(det, "prefetch", None)
+        if prefetch is None or not image_ids:
+            return
+        store = self.get_store()
+        views = []
+        for image_id in image_ids:
+            image = store.get(image_id)
+            views.append(self.prepared(image_id, image).array if self.preprocess else image)
+        prefetch(views)
 
     def get_captioner(self) -> Captioner:
         with self._lock:
@@ -108,27 +160,35 @@ def run_detector(
     tta: bool = False,
     region: Box | None = None,
     preprocess: bool = True,
+    prepare: Callable[[np.ndarray, tuple[int, int, int, int] | None], Any] | None = None,
 ) -> list[Detection]:
     """Run a detector the way the agent does, returning boxes in ``image`` pixel coordinates.
 
     This is the single detection path shared by the agent's tool and the detector-only baseline of
     the evaluation harness, so the two see exactly the same pixels. ``region`` restricts detection
-    to a box (the image is cropped to it, the boxes are mapped back).
+    to a box (the image is cropped to it, the boxes are mapped back). ``prepare(view, crop)``
+    replaces ``prepare_for_detection(view)`` (e.g. :meth:`Toolkit.prepared`, which remembers it);
+    ``crop`` is the integer ``(x0, y0, x1, y1)`` of ``view`` in ``image``, or None for the whole image.
     """
     spec = get_organ(organ) if isinstance(organ, str) else organ
     h, w = image.shape[:2]
     x0 = y0 = 0
     view = image
+    crop = None
     if region is not None:
         r = region.clip(w, h)
         x0, y0 = int(np.floor(r.x1)), int(np.floor(r.y1))
         x1, y1 = max(int(np.ceil(r.x2)), x0 + 1), max(int(np.ceil(r.y2)), y0 + 1)
         view = image[y0:y1, x0:x1]
+        crop = (x0, y0, x1, y1)
     prepared = None
     if preprocess:
-        from ..imaging.preprocess import prepare_for_detection
+        if prepare is not None:
+            prepared = prepare(view, crop)
+        else:
+            from ..imaging.preprocess import prepare_for_detection
 
-        prepared = prepare_for_detection(view)
+            prepared = prepare_for_detection(view)
         view = prepared.array
     dets = detector.detect(view, score_threshold=score_threshold, tta=tta)
     out: list[Detection] = []
