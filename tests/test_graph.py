@@ -280,3 +280,35 @@ def test_state_is_plain_json():
     out = build_graph(toolkit=tk).compile().invoke(_input(tk))
     json.dumps({k: v for k, v in out.items() if k != "messages"})  # no custom objects in state
     assert isinstance(out["image"]["id"], str) and np.asarray(tk.get_store().get(out["image"])).shape == (120, 160, 3)
+
+
+def test_tool_fast_path_matches_the_callback_path_and_callbacks_still_fire():
+    from langchain_core.callbacks import BaseCallbackHandler
+
+    class Recorder(BaseCallbackHandler):
+        def __init__(self) -> None:
+            self.started: list[str] = []
+
+        def on_tool_start(self, serialized, input_str, **kwargs):  # noqa: ANN001, ANN201
+            self.started.append((serialized or {}).get("name", ""))
+
+    tk = fake_toolkit(render_overlays=False)
+    graph = build_graph(toolkit=tk, organs=["breast"]).compile()
+    inp = _input(tk)
+    quiet = graph.invoke(inp)
+    rec = Recorder()
+    heard = graph.invoke(inp, {"callbacks": [rec]})
+    assert rec.started == [c["name"] for m in heard["messages"] if isinstance(m, AIMessage) for c in m.tool_calls]
+    assert rec.started  # the full LangChain path ran for every tool call
+    assert quiet["diagnosis"] == heard["diagnosis"]
+    assert [m.content for m in _tool_messages(quiet)] == [m.content for m in _tool_messages(heard)]
+    # an invalid argument is refused the same way on both paths
+    from echo_agent.tools import make_tools
+
+    det = make_tools(tk, ["breast"])[0]
+    bad = {"type": "tool_call", "id": "x", "name": det.name, "args": {"score_threshold": 5.0}}
+    with pytest.raises(Exception) as quiet_err:
+        det.invoke(bad)
+    with pytest.raises(Exception) as heard_err:
+        det.invoke(bad, {"callbacks": [Recorder()]})
+    assert type(quiet_err.value) is type(heard_err.value)

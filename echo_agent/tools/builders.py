@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from typing import Annotated, Any
+from typing import Annotated, Any, get_type_hints
 
 from langchain_core.messages import AIMessage, ToolMessage
 from langchain_core.tools import BaseTool, InjectedToolArg, StructuredTool
@@ -116,13 +116,68 @@ def _image_of(runtime: ToolRuntime, toolkit: Toolkit) -> tuple[Any, dict[str, An
     return toolkit.get_store().get(ref), ref
 
 
+class _ToolCommand(Command):  # type: ignore[type-arg]
+    """The Command a tool returns. Each call builds a fresh one that nobody else holds, so the
+    defensive ``deepcopy`` LangGraph's ToolNode makes of every tool Command (a walk over the whole
+    evidence dict, a few hundred microseconds a call) can be a copy of the top-level update dict."""
+
+    __slots__ = ()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _ToolCommand:
+        update = dict(self.update) if isinstance(self.update, dict) else self.update
+        return _ToolCommand(graph=self.graph, update=update, resume=self.resume, goto=self.goto)
+
+
 def _result(runtime: ToolRuntime, item: Evidence, artifact: dict[str, Any] | None = None) -> Command:
     msg = ToolMessage(
         content=dumps(evidence_to_model(item)),
         tool_call_id=runtime.tool_call_id or "",
         artifact=artifact or {},
     )
-    return Command(update={"messages": [msg], "evidence": [item.model_dump(mode="json")]})
+    return _ToolCommand(update={"messages": [msg], "evidence": [item.model_dump(mode="json")]})
+
+
+def _listened(config: Any) -> bool:
+    """Whether anything observes LangChain callbacks of this call (handlers, or tracing switched on)."""
+    from langchain_core.tracers.context import _tracing_v2_is_enabled
+
+    cb = (config or {}).get("callbacks")
+    if isinstance(cb, list):
+        if cb:
+            return True
+    elif cb is not None and (getattr(cb, "handlers", None) or getattr(cb, "inheritable_handlers", None)):
+        return True
+    return bool(_tracing_v2_is_enabled())
+
+
+class _EchoTool(StructuredTool):
+    """StructuredTool that skips the callback machinery when no one listens.
+
+    ``BaseTool.run`` configures a callback manager, opens a tool run, sets a config context and
+    reads the function's type hints on every call: about a millisecond per call on a small CPU, for
+    nothing when no handler or tracer is attached. In that case the arguments are validated by the
+    same schema and the function is called directly; errors propagate exactly as from
+    ``BaseTool.run`` (ToolNode turns them into error ToolMessages). With any handler or tracing on,
+    the full LangChain path runs.
+    """
+
+    def invoke(self, input: Any, config: Any = None, **kwargs: Any) -> Any:
+        if (
+            kwargs
+            or self.func is None
+            or not (isinstance(input, dict) and input.get("type") == "tool_call" and "args" in input)
+            or _listened(config)
+        ):
+            return super().invoke(input, config, **kwargs)
+        args, kw = self._to_args_and_kwargs(input["args"], input.get("id"))
+        return self.func(*args, **kw)
+
+
+def _resolved(func: Any) -> Any:
+    """Evaluate the function's (string) annotations once: LangChain reads them with
+    ``get_type_hints`` on every tool call, which otherwise compiles each annotation again."""
+    func.__annotations__ = get_type_hints(func, include_extras=True)
+    return func
 
 
 # -- builders ----------------------------------------------------------------------------------------
@@ -163,8 +218,8 @@ def make_detect_tool(organ: OrganSpec, toolkit: Toolkit) -> BaseTool:
             artifact["overlay"] = toolkit.get_store().put(overlay, source_kind="overlay")
         return _result(runtime, report, artifact)
 
-    return StructuredTool.from_function(
-        func=detect, name=name, description=description, args_schema=DetectArgs,
+    return _EchoTool.from_function(
+        func=_resolved(detect), name=name, description=description, args_schema=DetectArgs,
         metadata={"echo_kind": "detect", "organ": organ.name},
     )
 
@@ -193,8 +248,8 @@ def make_describe_tool(toolkit: Toolkit) -> BaseTool:
             ctx = ctx.model_copy(update={"elapsed_ms": round((time.perf_counter() - t0) * 1000, 2)})
         return _result(runtime, ctx, {"evidence_id": eid})
 
-    return StructuredTool.from_function(
-        func=describe, name=name, description=description, args_schema=DescribeArgs,
+    return _EchoTool.from_function(
+        func=_resolved(describe), name=name, description=description, args_schema=DescribeArgs,
         metadata={"echo_kind": "describe"},
     )
 
@@ -211,8 +266,8 @@ def make_retrieve_tool(toolkit: Toolkit) -> BaseTool:
         res = toolkit.get_retriever().retrieve(query, organ=organ, k=k, evidence_id=eid)
         return _result(runtime, res, {"evidence_id": eid})
 
-    return StructuredTool.from_function(
-        func=retrieve, name=name, description=description, args_schema=RetrieveArgs,
+    return _EchoTool.from_function(
+        func=_resolved(retrieve), name=name, description=description, args_schema=RetrieveArgs,
         metadata={"echo_kind": "retrieve"},
     )
 
