@@ -115,6 +115,22 @@ class Toolkit:
                 self._prepared.popitem(last=False)
         return prepared
 
+    def clear_caches(self) -> None:
+        """Forget remembered detector inputs and the organ detectors' cached network outputs (for
+        benchmarks that time the same image repeatedly)."""
+        from ..organs import list_organs
+
+        with self._prepared_lock:
+            self._prepared.clear()
+        for spec in list_organs():
+            try:
+                det = self.detector(spec.name)
+            except Exception:  # an organ without weights has nothing cached
+                continue
+            clear = getattr(det, "clear_cache", None)
+            if clear is not None:
+                clear()
+
     def prefetch_detections(self, organ: str, image_ids: Sequence[str]) -> None:
         """Run ``organ``'s detector on many stored images in one batched pass, ahead of the graph.
 
