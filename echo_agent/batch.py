@@ -210,7 +210,7 @@ def run_batch(
     agent: Any = None,
     overlays: str | Path | None = None,
     fhir: str | Path | None = None,
-    chunk_size: int = 8,
+    chunk_size: int = 16,
     on_item: Callable[[BatchItem, dict[str, Any]], None] | None = None,
     progress: bool = True,
 ) -> BatchSummary:
@@ -222,7 +222,8 @@ def run_batch(
         agent: an :class:`~echo_agent.EchoAgent` (default: a new one).
         overlays: folder for one overlay PNG per successful item.
         fhir: folder for one FHIR DiagnosticReport JSON per successful item.
-        chunk_size: images handed to ``agent.batch`` at a time (the journal is written per item).
+        chunk_size: images handed to ``agent.batch`` at a time (the journal is written per item once
+            its chunk is done); the default agent runs its detector on a chunk in one batched pass.
         on_item: callback after each item (e.g. for a UI).
     """
     out = Path(out)

@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=48, help="first N images of the source")
     ap.add_argument("--engines", default="local,ray", help="comma list of local, ray")
     ap.add_argument("--workers", type=int, default=2, help="Ray actors")
-    ap.add_argument("--chunk-size", type=int, default=4)
+    ap.add_argument("--chunk-size", type=int, default=16,
+                    help="images per agent.batch call (one batched detector pass each)")
     ap.add_argument("--fake-tools", action="store_true", help="use the fake tool backends of tests/_fakes.py")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args(argv)
