@@ -267,7 +267,7 @@ def build_graph(
             dx = dx.model_copy(update={"warnings": [*dx.warnings, *state["warnings"]]})
         if finalizer is not None:
             dx = finalizer(dict(state), spec, dx)
-        Diagnosis.model_validate(dx.model_dump())  # the finaliser must hand back a valid Diagnosis
+            Diagnosis.model_validate(dx.model_dump())  # the finaliser must hand back a valid Diagnosis
         final = AIMessage(content=dumps(diagnosis_to_model(dx)), name="diagnosis")
         return {"diagnosis": dx.model_dump(mode="json"), "messages": [final]}
 

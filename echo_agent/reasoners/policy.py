@@ -21,6 +21,7 @@ A tool that answered with an error is not called again with the same arguments.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from typing import Any
@@ -67,12 +68,27 @@ def _tool_results(messages: Sequence[BaseMessage]) -> list[tuple[str, dict[str, 
             is_error = getattr(m, "status", "success") == "error"
             data = None
             if not is_error and isinstance(m.content, str):
-                try:
-                    data = json.loads(m.content)
-                except json.JSONDecodeError:
-                    is_error = True
+                data = _parsed(m.content)
+                if data is _UNPARSEABLE:
+                    data, is_error = None, True
             out.append((name, data, args, is_error))
     return out
+
+
+_UNPARSEABLE = object()
+
+
+@functools.lru_cache(maxsize=256)
+def _parsed(content: str) -> Any:
+    """A tool message's JSON, parsed once (``_UNPARSEABLE`` if it is not JSON).
+
+    Every turn re-reads the whole conversation, so without the cache a run parses its first tool
+    result again at every later turn. The policy only reads the parsed data: it must not modify it.
+    """
+    try:
+        return json.loads(content)
+    except json.JSONDecodeError:
+        return _UNPARSEABLE
 
 
 def _expand(box: list[int], frac: float) -> list[int]:
@@ -147,7 +163,7 @@ class EmbeddedPolicy(BaseChatModel):
         latest = detections[-1][0] if detections else {"candidates": []}
         ranked = sorted(latest.get("candidates", []), key=lambda c: -c["score"])[: self.max_regions]
         if "describe_image" in self.bound_tool_names and not described and not describe_failed:
-            args: dict[str, Any] = {"regions": [c["box"] for c in ranked]}
+            args: dict[str, Any] = {"regions": [list(c["box"]) for c in ranked]}  # own copies: the parsed data is shared
             if ranked:
                 args["detection_ids"] = [c["id"] for c in ranked]
             return call("describe_image", args, "Describing the image and the top candidates.")
