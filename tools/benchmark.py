@@ -4,6 +4,7 @@ Usage::
 
     python tools/benchmark.py                 # import, construction, latency, plumbing, cold CLI
     python tools/benchmark.py --light-venv    # also build a fresh light-runtime venv and measure it
+    python tools/benchmark.py --only-latency --stages --runs 30   # latency, plumbing, per-stage time
 
 Prints medians (and p95 where it matters) of repeated runs on this machine.
 """
@@ -21,6 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -103,6 +105,74 @@ def bench_plumbing(n: int) -> dict[str, float]:
             "plumbing_cpu_ms_p50": statistics.median(cpu)}
 
 
+def bench_stages(n: int, image: Path | str) -> dict[str, float]:
+    """Where a run's wall time goes: mean ms per run spent in each stage (wrapped with timers).
+
+    Stages may nest (``detector: forward`` is inside ``detector: detect``); ``plumbing + rest`` is
+    the run minus the top-level stages (graph, tool wrappers, messages, JSON). Patches the library
+    in this process, so it runs last.
+    """
+    import collections
+    import importlib
+
+    from echo_agent import EchoAgent
+
+    acc: dict[str, float] = collections.defaultdict(float)
+
+    def timed(owner: Any, attr: str, label: str) -> None:
+        fn = getattr(owner, attr)
+
+        def wrapper(*a: Any, **k: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                acc[label] += time.perf_counter() - t
+
+        setattr(owner, attr, wrapper)
+
+    mod = importlib.import_module
+    from echo_agent.detectors.base import LetterboxYoloDetector
+    from echo_agent.evidence.captioner import PixelCaptioner
+
+    top = {  # top-level stages (they do not nest in one another)
+        "load + hash image": (mod("echo_agent.imaging"), "load_image"),
+        "organ routing": (mod("echo_agent.organs.routing"), "default_router"),
+        "detector: FOV crop + annotation removal": (mod("echo_agent.imaging.preprocess"), "prepare_for_detection"),
+        "detector: detect (letterbox, forward, decode, TTA merge)": (LetterboxYoloDetector, "detect_batch"),
+        "captioner: describe": (PixelCaptioner, "describe"),
+        "overlay rendering": (mod("echo_agent.imaging.overlay"), "render_overlay"),
+    }
+    inner = {
+        "  detector: network forward passes": (mod("echo_agent.detectors.onnx").OnnxDetector, "_forward"),
+        "  captioner: whole-image analysis": (mod("echo_agent.evidence._descriptors"), "analyse_image"),
+        "  captioner: regions": (mod("echo_agent.evidence._descriptors"), "analyse_region"),
+    }
+    for label, (owner, attr) in {**top, **inner}.items():
+        timed(owner, attr, label)
+    # the router and the captioner's helpers are looked up through their modules at call time
+    agent = EchoAgent()
+    retriever = agent.toolkit.get_retriever()
+    timed(type(retriever), "retrieve", "retriever")
+    fusion_mod = mod("echo_agent.reasoners.learned_fusion")
+    timed(fusion_mod.LearnedFusion, "fuse", "reason: fusion")
+    agent.run(image)
+    acc.clear()
+    t_all = 0.0
+    for _ in range(n):
+        clear = getattr(agent.toolkit, "clear_caches", None)
+        if clear is not None:
+            clear()
+        t = time.perf_counter()
+        agent.run(image)
+        t_all += time.perf_counter() - t
+    out = {f"stage_ms {k}": v * 1000 / n for k, v in acc.items()}
+    tops = sum(v for k, v in acc.items() if k in top or k in ("retriever", "reason: fusion"))
+    out["stage_ms plumbing + rest"] = (t_all - tops) * 1000 / n
+    out["stage_ms run (mean)"] = t_all * 1000 / n
+    return out
+
+
 def bench_light_venv() -> dict[str, float]:
     d = Path(tempfile.mkdtemp(prefix="echo-light-"))
     try:
@@ -123,6 +193,9 @@ def main() -> None:
     ap.add_argument("--image", type=Path, default=None, help="image to time (default: bundled example)")
     ap.add_argument("--light-venv", action="store_true", help="measure a fresh light-runtime venv")
     ap.add_argument("--json", type=Path, default=None, help="also write the numbers as JSON")
+    ap.add_argument("--stages", action="store_true", help="also break a run's wall time down by stage")
+    ap.add_argument("--only-latency", action="store_true",
+                    help="skip the import and cold-CLI measurements (latency and plumbing only)")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from echo_agent.imaging import example_image
@@ -132,12 +205,15 @@ def main() -> None:
         "machine": f"{platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}",
         "date": time.strftime("%Y-%m-%d"),
     }
-    res.update(bench_import(7))
-    res.update(bench_cold_cli(5, image))
+    if not args.only_latency:
+        res.update(bench_import(7))
+        res.update(bench_cold_cli(5, image))
     res.update(bench_agent(args.runs, image))
     res.update(bench_plumbing(args.runs))
     if args.light_venv:
         res.update(bench_light_venv())
+    if args.stages:
+        res.update(bench_stages(args.runs, image))
     for k, v in res.items():
         print(f"{k:28s} {v:.4g}" if isinstance(v, float) else f"{k:28s} {v}")
     if args.json:
