@@ -27,6 +27,7 @@ from echo_agent.training.curriculum import (  # noqa: E402
     tool_schemas,
     write_jsonl,
 )
+from echo_agent.training.rewards import get_preset, valid_diagnosis_reward, valid_tool_calls_reward  # noqa: E402
 
 pytestmark = [pytest.mark.heavy, pytest.mark.slow]
 
@@ -152,4 +153,65 @@ def test_grpo_two_steps(tiny: Path, curriculum, tmp_path: Path) -> None:  # noqa
     hist = json.loads((tmp_path / "grpo" / "log_history.json").read_text())
     logged = [h for h in hist if "reward" in h]
     assert all(f"rewards/{n}_reward/mean" in logged[0] for n in ("localization", "shape", "format"))
+    # the validity metrics are logged with weight 0: they never change the optimised reward
+    for h in logged:
+        assert 0.0 <= h["rewards/valid_tool_calls_reward/mean"] <= 1.0
+        assert 0.0 <= h["rewards/valid_diagnosis_reward/mean"] <= 1.0
+        weighted = sum(w * h[f"rewards/{n}_reward/mean"] for n, w in get_preset("echo-ground").weights.items())
+        assert h["reward"] == pytest.approx(weighted, abs=1e-5)
     assert (Path(out["final_dir"]) / "model.safetensors").is_file()
+
+
+def test_validity_metrics_hand_cases() -> None:
+    def call(name: str, args: dict) -> list[dict]:
+        return [{"role": "assistant", "content": "", "tool_calls": [{"type": "function",
+                                                                     "function": {"name": name, "arguments": args}}]}]
+
+    good, wrong_organ, bad_args = call("detect_breast_lesions", {}), call("detect_kidney_lesions", {}), \
+        call("describe_image", {"regions": [[10, 10, 5, 5]]})
+    text_call = '<tool_call>\n{"name": "detect_breast_lesions", "arguments": {"tta": true}}\n</tool_call>'
+    organs = ["breast"] * 5
+    assert valid_tool_calls_reward([good, wrong_organ, bad_args, text_call, "junk"], organ=organs) == [1, 0, 0, 1, 0]
+    dx = '{"organ":"breast","label":"malignant","probabilities":{"normal":0.1,"benign":0.2,"malignant":0.7}}'
+    kidney_dx = '{"organ":"kidney","label":"normal","probabilities":{"normal":1.0}}'
+    assert valid_diagnosis_reward([dx, kidney_dx, '{"box": [1, 2, 3, 4]}'], organ=["breast"] * 3) == [1, 0, 0]
+    assert get_preset({"format": 1.0, "valid_tool_calls": 0.0}).names == ["format", "valid_tool_calls"]
+
+
+def test_tiny_model_sizes_and_corpus(tmp_path: Path) -> None:
+    """build_tiny_qwen_vl honours its size and tokenizer parameters, and the checkpoint runs."""
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+    from echo_agent.training.tiny_model import (
+        TinyQwenVLSpec,
+        build_tiny_qwen_vl,
+        curriculum_corpus,
+        train_tokenizer,
+    )
+
+    with pytest.raises(ValueError, match="multiple of 64"):
+        TinyQwenVLSpec(text_hidden=30).heads()
+    recs = [{"tools": '[{"name": "detect_breast_lesions"}]', "messages": [
+        {"role": "assistant", "content": [{"type": "text", "text": "oval circumscribed mass"}],
+         "tool_calls": [{"function": {"name": "detect_breast_lesions", "arguments": {}}}]}]}]
+    corpus = curriculum_corpus(recs)
+    assert corpus[:3] == ['[{"name": "detect_breast_lesions"}]', "oval circumscribed mass",
+                          '{"name": "detect_breast_lesions", "arguments": {}}']
+    default_tok = train_tokenizer(None, 400)
+    for family in ("qwen3_vl", "qwen2_5_vl"):
+        target = build_tiny_qwen_vl(family, tmp_path / family, corpus=corpus[:3], vocab_size=400, text_hidden=64,
+                                    text_layers=1)
+        tc = AutoConfig.from_pretrained(target).text_config
+        assert (tc.hidden_size, tc.num_hidden_layers, tc.intermediate_size) == (64, 1, 128)
+        proc = AutoProcessor.from_pretrained(target)
+        assert len(proc.tokenizer) <= 400 + 12 and tc.vocab_size == len(proc.tokenizer)
+        # the tokenizer is trained on the given corpus: its texts become a few tokens each
+        def n_tokens(tok: object) -> int:
+            return sum(len(tok(t)["input_ids"]) for t in corpus[:3])  # type: ignore[operator]
+
+        assert n_tokens(proc.tokenizer) < n_tokens(default_tok)
+        model = AutoModelForImageTextToText.from_pretrained(target)
+        ids = proc.tokenizer("oval circumscribed mass", return_tensors="pt")["input_ids"]
+        with torch.inference_mode():
+            assert model(input_ids=ids).logits.shape == (1, ids.shape[1], tc.vocab_size)

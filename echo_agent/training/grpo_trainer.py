@@ -32,7 +32,7 @@ from ..schemas import Box, DetectorReport
 from ._config import dump_config, offline_env
 from .curriculum import SimulatedDetector, read_jsonl, resolve_images, tool_schemas
 from .grpo_config import EchoGRPOConfig
-from .rewards import get_preset
+from .rewards import VALIDITY_METRICS, get_preset
 from .sft_trainer import _LogWriter, _pil, _require_train_extra, load_model_and_processor
 
 
@@ -301,8 +301,12 @@ def run_grpo(cfg: EchoGRPOConfig, *, model: Any = None, processor: Any = None,
         peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=cfg.lora_target_modules,
                                  task_type="CAUSAL_LM")
     bf16 = torch.cuda.is_available() if cfg.bf16 is None else cfg.bf16
+    # The validity metrics ride along with weight 0: logged every step (rewards/<name>/mean), never optimised.
+    metrics = [k for k in VALIDITY_METRICS if k not in preset.weights]
+    reward_funcs = preset.funcs() + [VALIDITY_METRICS[k] for k in metrics]
+    reward_weights = preset.weight_list() + [0.0] * len(metrics)
     args = GRPOConfig(
-        output_dir=str(out), reward_weights=preset.weight_list(), max_tool_calling_iterations=cfg.max_tool_calling_iterations,
+        output_dir=str(out), reward_weights=reward_weights, max_tool_calling_iterations=cfg.max_tool_calling_iterations,
         num_generations=cfg.num_generations, max_completion_length=cfg.max_completion_length,
         temperature=cfg.temperature, beta=cfg.beta, learning_rate=cfg.learning_rate, max_steps=cfg.max_steps,
         per_device_train_batch_size=cfg.per_device_train_batch_size,
@@ -312,7 +316,7 @@ def run_grpo(cfg: EchoGRPOConfig, *, model: Any = None, processor: Any = None,
         use_vllm=cfg.use_vllm, remove_unused_columns=False,
     )
     trainer = GRPOTrainer(
-        model=model, reward_funcs=preset.funcs(), args=args, train_dataset=dataset, processing_class=processor,
+        model=model, reward_funcs=reward_funcs, args=args, train_dataset=dataset, processing_class=processor,
         environment_factory=factories, peft_config=peft_config, callbacks=[_LogWriter(out / "train_log.jsonl")],
     )
     trainer.train(resume_from_checkpoint=cfg.resume_from_checkpoint)

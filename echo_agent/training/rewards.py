@@ -422,6 +422,48 @@ def format_reward(completions: Sequence[Any], **kwargs: Any) -> list[float]:
     return out
 
 
+def valid_tool_calls_reward(completions: Sequence[Any], **kwargs: Any) -> list[float]:
+    """1 when the completion calls at least one tool and every call is valid (:func:`valid_tool_call`),
+    else 0. Its mean over a batch is the share of rollouts with well-formed tool use; ``run_grpo``
+    logs it with weight 0 as a metric.
+
+    >>> call = [{"role": "assistant", "content": "", "tool_calls": [
+    ...     {"type": "function", "function": {"name": "detect_breast_lesions", "arguments": {}}}]}]
+    >>> valid_tool_calls_reward([call, "no call"], organ=["breast", "breast"])
+    [1.0, 0.0]
+    """
+    organs = _column(kwargs, "organ", len(completions))
+    out = []
+    for c, organ in zip(completions, organs, strict=True):
+        calls = tool_calls_of(c)
+        out.append(float(bool(calls) and all(valid_tool_call(nm, a, organ) for nm, a in calls)))
+    return out
+
+
+def valid_diagnosis_reward(completions: Sequence[Any], **kwargs: Any) -> list[float]:
+    """1 when the completion's final turn is a Diagnosis JSON that :func:`parse_answer` accepts for the
+    organ, else 0 (``run_grpo`` logs it with weight 0 as a metric).
+
+    >>> dx = '{"organ":"breast","label":"benign","probabilities":{"normal":0.1,"benign":0.8,"malignant":0.1}}'
+    >>> valid_diagnosis_reward([dx, '{"label": "benign"}'], organ=["breast", "breast"])
+    [1.0, 0.0]
+    """
+    n = len(completions)
+    organs, ws, hs = (_column(kwargs, k, n) for k in ("organ", "width", "height"))
+    out = []
+    for c, organ, w, h in zip(completions, organs, ws, hs, strict=True):
+        ans = parse_answer(c, organ, w, h)
+        out.append(float(ans is not None and ans["diagnosis"] is not None))
+    return out
+
+
+#: Zero-weight metrics that ``run_grpo`` logs next to any preset (TRL logs every reward function's mean).
+VALIDITY_METRICS: dict[str, Callable[..., list[float]]] = {
+    "valid_tool_calls": valid_tool_calls_reward,
+    "valid_diagnosis": valid_diagnosis_reward,
+}
+
+
 # ---------------------------------------------------------------------------------------------------
 # presets
 # ---------------------------------------------------------------------------------------------------
@@ -431,6 +473,7 @@ REWARD_FUNCS: dict[str, Callable[..., list[float]]] = {
     "shape": shape_reward,
     "tool_cost": tool_cost_reward,
     "format": format_reward,
+    **VALIDITY_METRICS,
 }
 
 
@@ -495,6 +538,7 @@ __all__ = [
     "ECHO_GROUND",
     "IOU_THRESHOLDS",
     "PRESETS",
+    "VALIDITY_METRICS",
     "REWARD_FUNCS",
     "RewardPreset",
     "box_diou",
@@ -507,6 +551,8 @@ __all__ = [
     "parse_answer",
     "shape_reward",
     "tool_calls_of",
+    "valid_diagnosis_reward",
+    "valid_tool_calls_reward",
     "tool_cost_reward",
     "valid_tool_call",
 ]
