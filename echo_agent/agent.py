@@ -276,7 +276,11 @@ class EchoAgent:
         max_concurrency: int | None = None,
     ) -> list[Diagnosis | EchoError]:
         """Diagnose many images. The result list is aligned with ``images``; an item that fails holds
-        its error (an :class:`EchoError`) and the other items still complete."""
+        its error (an :class:`EchoError`) and the other items still complete.
+
+        The default agent runs its detector on up to 16 images in one batched forward pass, then
+        the graphs one after the other (``max_concurrency`` > 1: that many at a time, in threads).
+        """
         if contexts is not None and len(contexts) != len(images):
             raise EchoInputError(f"contexts has {len(contexts)} entries for {len(images)} images; give one per image")
         results: list[Diagnosis | EchoError | None] = [None] * len(images)
@@ -293,10 +297,7 @@ class EchoAgent:
             chunk = inputs[start : start + _PREFETCH_CHUNK]
             if self.prefetch:
                 self._prefetch(chunk)
-            outs += self.graph.batch(
-                chunk, configs[start : start + _PREFETCH_CHUNK] or None, return_exceptions=True,
-                **({"max_concurrency": max_concurrency} if max_concurrency else {}),
-            )
+            outs += self._invoke_all(chunk, configs[start : start + _PREFETCH_CHUNK], max_concurrency)
         if inputs:
             for i, out, cfg in zip(slots, outs, configs):
                 if isinstance(out, EchoError):
@@ -310,6 +311,30 @@ class EchoAgent:
                     except EchoError as exc:
                         results[i] = exc
         return results  # type: ignore[return-value]
+
+    def _invoke_all(self, inputs: Sequence[dict[str, Any]], configs: Sequence[dict[str, Any]],
+                    max_concurrency: int | None) -> list[Any]:
+        """Run the graph on each input; an exception is returned in its slot instead of raised.
+
+        One after the other by default: the detector's batched pass has already run, the rest is
+        mostly Python, and ``graph.batch``'s thread-pool machinery measured about 10 ms of CPU per
+        image on this project's 2-core machine (docs/benchmarks.md). ``max_concurrency > 1`` runs
+        that many graphs at a time in threads.
+        """
+
+        def one(pair: tuple[dict[str, Any], dict[str, Any]]) -> Any:
+            try:
+                return self.graph.invoke(pair[0], pair[1] or None)
+            except Exception as exc:  # returned, not raised: the other items still complete
+                return exc
+
+        pairs = list(zip(inputs, configs))
+        if not max_concurrency or max_concurrency <= 1 or len(pairs) <= 1:
+            return [one(p) for p in pairs]
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=max_concurrency) as pool:
+            return list(pool.map(one, pairs))
 
     def _prefetch(self, inputs: Sequence[dict[str, Any]]) -> None:
         """Batch the first detector call of every image whose organ is known: one forward pass for

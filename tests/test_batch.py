@@ -186,3 +186,13 @@ def test_prepared_inputs_are_remembered_per_image_and_region():
     tk.prepared("id-b", img)
     tk.prepared("id-c", img)
     assert tk.prepared("id-a", img) is not a  # evicted, recomputed
+
+
+def test_agent_batch_concurrency_gives_the_same_results_and_keeps_errors_per_item(tmp_path):
+    paths = _images(tmp_path / "in", 4, bad=1)
+    agent = _agent()
+    seq = agent.batch(paths)
+    par = agent.batch(paths, max_concurrency=3)
+    assert [type(r).__name__ for r in seq] == [type(r).__name__ for r in par]
+    assert isinstance(seq[-1], EchoInputError) or type(seq[-1]).__name__.endswith("Error")
+    assert [r.model_dump() for r in seq[:-1]] == [r.model_dump() for r in par[:-1]]
