@@ -209,3 +209,31 @@ def test_review_to_normal_clears_boxes():
     a = EchoAgent(organ="breast", toolkit=fake_toolkit(), router=None, review=True)
     dx = a.resume(a.start(speckle_image()), {"action": "edit", "reviewer": "x", "label": "normal", "category": "1"})
     assert dx.findings == [] and dx.box is None and "findings" in dx.review.changes
+
+
+def test_policy_reuses_parsed_tool_results_without_sharing_mutable_arguments():
+    import json
+
+    from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
+
+    from echo_agent.reasoners.policy import EmbeddedPolicy
+
+    policy = EmbeddedPolicy(bound_tool_names=["detect_breast_lesions", "describe_image", "retrieve_knowledge"])
+    report = {"candidates": [{"id": "det1:0", "box": [100, 100, 400, 400], "label": "benign", "score": 0.9}]}
+    msgs = [
+        HumanMessage("image"),
+        AIMessage("", tool_calls=[{"name": "detect_breast_lesions", "args": {}, "id": "c0", "type": "tool_call"}]),
+        ToolMessage(json.dumps(report), tool_call_id="c0"),
+    ]
+    first = policy.decide(msgs)
+    assert first.tool_calls[0]["name"] == "describe_image"
+    regions = first.tool_calls[0]["args"]["regions"]
+    regions[0][0] = 999  # a caller editing the call's arguments must not reach the parsed cache
+    again = policy.decide(msgs)
+    assert again.tool_calls[0]["args"]["regions"] == [[100, 100, 400, 400]]
+    # unparseable content counts as a failed call (not retried); valid JSON without candidates
+    # ("null") is not an error, so the detector is asked again, as before the parse cache
+    broken = [*msgs[:2], ToolMessage("not json", tool_call_id="c0")]
+    assert policy.decide(broken).tool_calls[0]["name"] == "describe_image"
+    null = [*msgs[:2], ToolMessage("null", tool_call_id="c0")]
+    assert policy.decide(null).tool_calls[0]["name"] == "detect_breast_lesions"
