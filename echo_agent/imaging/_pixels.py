@@ -105,6 +105,15 @@ def check_size(width: int, height: int, *, max_pixels: int, min_size: int, what:
         )
 
 
+def _gray_to_rgb(g: np.ndarray) -> np.ndarray:
+    """A new HxWx3 copy of an HxW uint8 image (OpenCV: ~20x faster than ``np.repeat``, same bytes)."""
+    if g.size == 0:
+        return np.repeat(g[:, :, None], 3, axis=2)
+    import cv2
+
+    return cv2.cvtColor(g, cv2.COLOR_GRAY2RGB)
+
+
 def to_canonical(a: np.ndarray) -> np.ndarray:
     """Return a new, writable HxWx3 uint8 RGB array (gray replicated, RGBA composited on black).
 
@@ -114,8 +123,8 @@ def to_canonical(a: np.ndarray) -> np.ndarray:
     if a.ndim == 3 and a.shape[2] == 1:
         a = a[:, :, 0]
     if a.ndim == 2:
-        g = to_uint8(a)
-        return np.repeat(g[:, :, None], 3, axis=2)
+        g = np.ascontiguousarray(to_uint8(a))
+        return _gray_to_rgb(g)
     if a.shape[2] == 4:
         rgb = to_uint8(a[:, :, :3])
         frac = _alpha_fraction(a[:, :, 3])
