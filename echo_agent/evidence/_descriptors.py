@@ -68,27 +68,39 @@ class GlobalAnalysis:
 
 def fov_mask(gray: np.ndarray) -> np.ndarray:
     """Boolean mask of the ultrasound field of view: the largest non-black region, holes filled."""
+    return _fov_mask_and_small(gray)[0]
+
+
+def _global_small(gray: np.ndarray) -> np.ndarray:
+    """The downsampled copy (long side :data:`GLOBAL_SIZE`) behind the whole-image statistics."""
     h, w = gray.shape
     s = min(1.0, GLOBAL_SIZE / max(h, w))
-    small = cv2.resize(gray, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA)
-    small = cv2.medianBlur(small, 5)
+    return cv2.resize(gray, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA)
+
+
+def _fov_mask_and_small(gray: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`fov_mask` and the :func:`_global_small` copy it was found on (shared, not recomputed)."""
+    h, w = gray.shape
+    s = min(1.0, GLOBAL_SIZE / max(h, w))
+    small0 = _global_small(gray)
+    small = cv2.medianBlur(small0, 5)
     m = (small >= FOV_LEVEL).astype(np.uint8)
     m = cv2.morphologyEx(m, cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (7, 7)))
     n, lab, stats, _ = cv2.connectedComponentsWithStats(m, connectivity=8)
     if n <= 1:
-        return np.ones_like(gray, dtype=bool)
+        return np.ones_like(gray, dtype=bool), small0
     k = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
     m = (lab == k).astype(np.uint8)
     m = _fill_holes(m)
     if s < 1.0:
         m = cv2.resize(m, (w, h), interpolation=cv2.INTER_NEAREST)
-    return m.astype(bool)
+    return m.astype(bool), small0
 
 
 def analyse_image(image: np.ndarray, gray: np.ndarray) -> GlobalAnalysis:
     """Field of view, quality and layout statistics of the whole image."""
     h, w = gray.shape
-    fov = fov_mask(gray)
+    fov, small = _fov_mask_and_small(gray)
     n_fov = int(np.count_nonzero(fov))
     if n_fov == 0:  # pragma: no cover - fov_mask never returns an empty mask
         fov = np.ones_like(gray, dtype=bool)
@@ -109,9 +121,7 @@ def analyse_image(image: np.ndarray, gray: np.ndarray) -> GlobalAnalysis:
     f["depth_px"] = float(fy2 - fy1)
 
     # quality statistics on a downsampled copy restricted to the field of view
-    s = min(1.0, GLOBAL_SIZE / max(h, w))
-    sw, sh = max(1, round(w * s)), max(1, round(h * s))
-    small = cv2.resize(gray, (sw, sh), interpolation=cv2.INTER_AREA)
+    sh, sw = small.shape  # the same INTER_AREA copy the field of view was found on
     sfov = cv2.resize(fov.astype(np.uint8), (sw, sh), interpolation=cv2.INTER_NEAREST).astype(bool)
     inner = cv2.erode(sfov.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
     if inner.sum() < 64:
