@@ -192,7 +192,7 @@ def batch(
     fhir: Annotated[Path | None, typer.Option(help="Folder for one FHIR DiagnosticReport JSON per image.")] = None,
     engine: Annotated[str, typer.Option(help="local | ray")] = "local",
     workers: Annotated[int, typer.Option(help="Ray: number of actor workers.")] = 2,
-    chunk_size: Annotated[int, typer.Option(help="Images per agent.batch call.")] = 8,
+    chunk_size: Annotated[int, typer.Option(help="Images per agent.batch call (one batched detector pass each).")] = 16,
 ) -> None:
     """Diagnose many images; killed and restarted, it resumes without redoing or losing items."""
     from rich.console import Console
