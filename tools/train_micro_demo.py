@@ -1,6 +1,6 @@
 """Micro-scale demonstration that the training recipe runs and moves its numbers, on a CPU.
 
-    python tools/train_micro_demo.py --out runs/micro --images 10 --sft-steps 320 --grpo-steps 36
+    python tools/train_micro_demo.py --out runs/micro --images 10 --sft-steps 320 --grpo-steps 60
 
 1. builds the curriculum of a few BrEaST-Lesions_USG + BUSI *train* images, with the packaged ONNX
    breast detector producing the tool results (``--detector live``; ``simulated`` = ground truth +
@@ -216,11 +216,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="live = the packaged ONNX detector (curriculum and GRPO rollouts); simulated = ground truth + noise.")
     ap.add_argument("--sft-steps", type=int, default=320)
     ap.add_argument("--sft-lr", type=float, default=2e-3)
-    ap.add_argument("--grpo-steps", type=int, default=36)
+    ap.add_argument("--grpo-steps", type=int, default=60)
     ap.add_argument("--grpo-lr", type=float, default=3e-4)
     ap.add_argument("--grpo-beta", type=float, default=0.0)
     ap.add_argument("--grpo-generations", type=int, default=8, help="Rollouts per prompt.")
-    ap.add_argument("--grpo-temperature", type=float, default=0.8)
+    ap.add_argument("--grpo-temperature", type=float, default=1.0)
     ap.add_argument("--grpo-rewards", default='{"format": 1.0, "tool_cost": 0.5}',
                     help="A preset name (echo-diag, echo-ground) or JSON {reward: weight}.")
     ap.add_argument("--vocab-size", type=int, default=3000)
