@@ -13,7 +13,9 @@ from typer.testing import CliRunner
 from echo_agent.cli import app
 from echo_agent.imaging import example_image
 
-runner = CliRunner()
+# Wide terminal: rich wraps error panels at the terminal width, so a long tmp path could split a
+# message such as "already exists" across two lines and make text assertions depend on the path.
+runner = CliRunner(env={"COLUMNS": "300"})
 
 HEAVY = ("torch", "torchvision", "ultralytics", "transformers", "trl", "peft", "sklearn", "matplotlib", "langchain_openai")
 
