@@ -178,8 +178,13 @@ def eval_(
                 raise typer.BadParameter("--fusion PATH needs --organ")
             fusion_obj = LearnedFusion({params.organ: params})
         agent = EchoAgent(toolkit=toolkit, fusion=fusion_obj)
+    from .eval.harness import _default_command
+
+    extra = [*(["--fusion", str(fusion)] if fusion != "default" else []),
+             *(["--detector", str(detector)] if detector is not None else [])]
+    command = _default_command(str(manifest), out, organ, split, limit, score_threshold, extra)
     raise typer.Exit(code=eval_command(manifest, out, organ=organ, split=split, limit=limit, overwrite=overwrite,
-                                       score_threshold=score_threshold, agent=agent))
+                                       score_threshold=score_threshold, agent=agent, command=command))
 
 
 @app.command()

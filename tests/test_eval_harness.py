@@ -378,3 +378,24 @@ def test_real_images_with_the_real_agent(tmp_path: Path):
         assert m.n_images == 3
         assert m.localization.f1 is None or 0.0 <= m.localization.f1 <= 1.0
     assert res.metrics["breast"].overall[AGENT].calibration is not None
+
+
+def test_report_reproduce_line_names_every_option(manifest: Path, tmp_path: Path):
+    from rich.console import Console
+
+    from echo_agent.eval.harness import _default_command
+
+    console = Console(file=io.StringIO(), width=120)
+    # default: rebuilt from the arguments, a non-default baseline threshold included
+    assert eval_command(manifest, tmp_path / "a", agent=FakeAgent(), progress=False, console=console,
+                        organ="breast", score_threshold=0.3) == 0
+    report = (tmp_path / "a" / "report.md").read_text()
+    assert f"echo-agent eval {manifest} --out {tmp_path / 'a'} --organ breast --score-threshold 0.3" in report
+    # a custom agent: the caller's real command line is what the report shows
+    cmd = _default_command(str(manifest), tmp_path / "b", "breast", None, None, 0.25,
+                           ["--fusion", "/x/fusion.json", "--detector", "/x/det.onnx"])
+    assert cmd.endswith("--organ breast --fusion /x/fusion.json --detector /x/det.onnx")
+    assert eval_command(manifest, tmp_path / "b", agent=FakeAgent(), progress=False, console=console,
+                        command=cmd) == 0
+    assert cmd in (tmp_path / "b" / "report.md").read_text()
+    assert json.loads((tmp_path / "b" / "metrics.json").read_text())["command"] == cmd

@@ -384,7 +384,7 @@ def evaluate(
     for name, spec in specs.items():
         organ_metrics[name] = _organ_metrics(spec, scored[name], iou_threshold=iou_threshold, n_boot=n_boot, seed=seed)
 
-    cmd = command or _default_command(manifest_name, out, organ, split, limit)
+    cmd = command or _default_command(manifest_name, out, organ, split, limit, score_threshold)
     summary = {
         "schema": SCHEMA,
         "manifest": manifest_name,
@@ -445,12 +445,17 @@ def _timing(values: Sequence[float]) -> dict[str, float | None]:
             "p95": round(float(np.quantile(a, 0.95)), 2)}
 
 
-def _default_command(manifest: str, out: Path, organ: str | None, split: str | None, limit: int | None) -> str:
+def _default_command(
+    manifest: str, out: Path, organ: str | None, split: str | None, limit: int | None,
+    score_threshold: float = 0.25, extra: Sequence[str] = (),
+) -> str:
     parts = ["echo-agent", "eval", manifest, "--out", str(out)]
     for flag, v in (("--organ", organ), ("--split", split), ("--limit", limit)):
         if v is not None:
             parts += [flag, str(v)]
-    return shlex.join(parts)
+    if score_threshold != 0.25:
+        parts += ["--score-threshold", str(score_threshold)]
+    return shlex.join([*parts, *extra])
 
 
 def eval_command(
@@ -465,8 +470,12 @@ def eval_command(
     progress: bool = True,
     score_threshold: float = 0.25,
     console: Any = None,
+    command: str | None = None,
 ) -> int:
     """``echo-agent eval MANIFEST.csv --out DIR``: run :func:`evaluate`, print a summary, return an exit code.
+
+    ``command`` is the command line the report gives under "Reproduce" (default: an equivalent
+    ``echo-agent eval`` built from the arguments above; pass the real one when a custom agent was used).
 
     Exit codes: 0 done; 1 the run finished but a system failed on every image; 2 bad input (manifest,
     output folder, missing extra).
@@ -477,7 +486,7 @@ def eval_command(
     try:
         result = evaluate(
             manifest, agent=agent, out_dir=out, organ=organ, split=split, limit=limit,
-            overwrite=overwrite, progress=progress, score_threshold=score_threshold,
+            overwrite=overwrite, progress=progress, score_threshold=score_threshold, command=command,
         )
     except (EchoInputError, MissingExtraError, FileNotFoundError) as exc:
         console.print(f"[red]error:[/] {exc}")
