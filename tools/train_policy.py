@@ -12,6 +12,13 @@ grouped cross-validation, chooses one by a rule fixed in advance, and writes it 
 
     python tools/train_policy.py --organ breast --centers busi --split val --detector X.onnx --out Y.json
 
+For your own center (recalibration), fit on a manifest of labelled images the detector never saw
+(columns as for ``echo-agent eval``; give ``patient_id`` or ``group`` so the CV keeps a patient's
+images together), then use the result with ``echo-agent eval ... --organ breast --fusion Y.json``
+(in Python: ``EchoAgent(fusion=LearnedFusion({"breast": load_fusion_params("breast", "Y.json")}))``):
+
+    python tools/train_policy.py --organ breast --manifest my_center/calibration.csv --out Y.json
+
 Use a split the detector was NOT trained on (default: ``val``), so the fusion learns from the
 detector's out-of-sample behaviour. The test splits are never read here.
 """
@@ -50,10 +57,44 @@ def print_selection(training: dict) -> None:
         print(f"WARNING: {w}")
 
 
+MIN_RUNS = 10  # fit_fusion's own minimum
+
+
+def _source(args: argparse.Namespace) -> str:
+    return f"manifest {args.manifest}" if args.manifest else f"{args.split} of {', '.join(args.centers)}"
+
+
+def _images(args: argparse.Namespace, ap: argparse.ArgumentParser) -> list:
+    """The images to fit on: a staged split of the given centers, or the rows of --manifest."""
+    if args.manifest is None:
+        return [im for c in args.centers for im in load_split(c, args.split) if im.organ == args.organ]
+    from echo_agent.errors import ManifestError
+    from echo_agent.eval.manifest import load_manifest
+
+    try:
+        rows = load_manifest(args.manifest)
+    except ManifestError as exc:
+        ap.error(str(exc))
+    test = [im for im in rows if im.split == "test"]
+    if test:
+        ap.error(f"{args.manifest}: {len(test)} row(s) have split=test (first: {test[0].image}); "
+                 "fit the fusion on images you will not test on")
+    images = [im for im in rows if im.organ == args.organ]
+    if not images:
+        ap.error(f"{args.manifest} has no {args.organ!r} rows")
+    if len(images) < MIN_RUNS:
+        ap.error(f"{args.manifest} has {len(images)} {args.organ} image(s); a fusion needs at least {MIN_RUNS} "
+                 "(and at least 50 for a learned one)")
+    return images
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--organ", required=True)
-    ap.add_argument("--centers", nargs="+", required=True)
+    source = ap.add_mutually_exclusive_group(required=True)
+    source.add_argument("--centers", nargs="+", help="staged centers (their committed --split)")
+    source.add_argument("--manifest", type=Path, default=None,
+                        help="a manifest CSV of your own labelled images (rows with split=test are refused)")
     ap.add_argument("--split", default="val", choices=["train", "val"], help="never 'test'")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--runs-cache", type=Path, default=None, help="JSONL of collected runs (reused when present)")
@@ -72,14 +113,14 @@ def main() -> int:
         records = [RunRecord(**json.loads(line)) for line in args.runs_cache.read_text().splitlines() if line.strip()]
         print(f"reusing {len(records)} cached runs from {args.runs_cache}")
     else:
-        images = [im for c in args.centers for im in load_split(c, args.split) if im.organ == args.organ]
+        images = _images(args, ap)
         t0 = time.perf_counter()
 
         def progress(i: int, n: int) -> None:
             if i % 25 == 0 or i == n:
                 print(f"  {i}/{n} runs ({time.perf_counter() - t0:.0f} s)", flush=True)
 
-        print(f"running the agent on {len(images)} {args.organ} images ({args.split} of {', '.join(args.centers)})")
+        print(f"running the agent on {len(images)} {args.organ} images ({_source(args)})")
         agent = None
         if args.detector is not None:
             from echo_agent import EchoAgent, get_organ
@@ -93,12 +134,16 @@ def main() -> int:
         if args.runs_cache:
             args.runs_cache.parent.mkdir(parents=True, exist_ok=True)
             args.runs_cache.write_text("\n".join(r.to_json() for r in records) + "\n")
-    params = fit_fusion(
-        records, organ=args.organ, seed=args.seed, indeterminate_below=args.indeterminate_below,
-        min_images=args.min_images,
-        notes={"centers": args.centers, "split": args.split,
-               "command": "python tools/train_policy.py " + " ".join(sys.argv[1:])},
-    )
+    try:
+        params = fit_fusion(
+            records, organ=args.organ, seed=args.seed, indeterminate_below=args.indeterminate_below,
+            min_images=args.min_images,
+            notes={"centers": args.centers, "split": None if args.manifest else args.split,
+                   "manifest": str(args.manifest) if args.manifest else None,
+                   "command": "python tools/train_policy.py " + " ".join(sys.argv[1:])},
+        )
+    except ValueError as exc:  # e.g. too few runs of the organ
+        ap.error(str(exc))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(params.to_json() + "\n")
     print_selection(params.training)
