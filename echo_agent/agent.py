@@ -340,9 +340,12 @@ class EchoAgent:
         """Batch the first detector call of every image whose organ is known: one forward pass for
         the chunk instead of one per image (the tool's own call then finds the outputs ready)."""
         by_organ: dict[str, list[str]] = {}
+        store = self.toolkit.get_store()
         for inp in inputs:
             if inp.get("organ"):
                 by_organ.setdefault(inp["organ"], []).append(inp["image"]["id"])
+                # the captioner's whole-image analyses run in a background thread meanwhile
+                self.toolkit.prefetch_image_context(store.get(inp["image"]["id"]))
         for organ, ids in by_organ.items():
             try:
                 self.toolkit.prefetch_detections(organ, ids)

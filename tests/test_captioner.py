@@ -351,3 +351,56 @@ def test_patient_split_is_fixed_and_disjoint() -> None:
     assert (a, b) == tool.split(cases, seed=7)
     assert not set(a) & set(b) and len(a) == len(b) == 50
     assert tool.split(cases, seed=8) != (a, b)
+
+
+# -- whole-image analysis started ahead of describe() -------------------------------------------
+
+
+def _dump(ctx: ImageContext) -> dict[str, object]:
+    d = ctx.model_dump()
+    d.pop("elapsed_ms")
+    return d
+
+
+def test_prefetched_analysis_gives_the_same_description() -> None:
+    img, box = spiky_mass(seed=5)
+    img.flags.writeable = False
+    cap = PixelCaptioner()
+    assert cap.prefetch(img) is True
+    assert cap.prefetch(img) is False  # already pending: no second job
+    got = cap.describe(img, organ="breast", regions=[box], evidence_id="d")
+    assert not cap._pending  # taken by describe, not kept
+    want = PixelCaptioner().describe(img, organ="breast", regions=[box], evidence_id="d")
+    assert _dump(got) == _dump(want)
+    # a different image of the same content still gets its own (equal) analysis
+    other = img.copy()
+    assert _dump(cap.describe(other, organ="breast", regions=[box], evidence_id="d")) == _dump(want)
+
+
+def test_prefetch_skips_writable_arrays_and_bad_images_still_raise_typed_errors() -> None:
+    from echo_agent.errors import ImageTooSmallError
+
+    cap = PixelCaptioner()
+    img, _ = oval_cyst()
+    assert cap.prefetch(img) is False  # writable: its pixels could change before describe()
+    tiny = np.zeros((4, 4, 3), np.uint8)
+    tiny.flags.writeable = False
+    assert cap.prefetch(tiny) is True  # fails in the background thread ...
+    with pytest.raises(ImageTooSmallError):  # ... and describe() raises the typed error itself
+        cap.describe(tiny, organ="breast")
+
+
+def test_prefetch_keeps_a_bounded_number_of_pending_analyses() -> None:
+    cap = PixelCaptioner()
+    cap.prefetch_capacity = 3
+    imgs = []
+    for seed in range(5):
+        img, _ = oval_cyst(seed=seed)
+        img.flags.writeable = False
+        imgs.append(img)
+        cap.prefetch(img)
+    assert len(cap._pending) == 3
+    # an evicted image is analysed inline, with the same result
+    a = cap.describe(imgs[0], organ="breast")
+    b = PixelCaptioner().describe(imgs[0], organ="breast")
+    assert _dump(a) == _dump(b)

@@ -312,3 +312,38 @@ def test_tool_fast_path_matches_the_callback_path_and_callbacks_still_fire():
     with pytest.raises(Exception) as heard_err:
         det.invoke(bad, {"callbacks": [Recorder()]})
     assert type(quiet_err.value) is type(heard_err.value)
+
+
+class _CountingCaptioner:
+    """Wraps the fake captioner and counts prefetch requests."""
+
+    def __init__(self, inner):
+        self.inner, self.name, self.prefetched = inner, inner.name, []
+
+    def prefetch(self, image):
+        self.prefetched.append(image)
+        return True
+
+    def describe(self, image, **kw):
+        return self.inner.describe(image, **kw)
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_detector_tool_prefetches_the_captioner_context_once(enabled):
+    tk = fake_toolkit(prefetch_context=enabled)
+    tk.captioner = _CountingCaptioner(tk.captioner)
+    # weak benign top candidate: a TTA re-check before describing; the fake captioner calls it
+    # irregular and spiculated, so the policy then re-examines the region (after the description)
+    tk.detectors["breast"] = FakeDetector([([10, 10, 50, 40], "benign", 0.3)])
+    inp = _input(tk)
+    out = build_graph(toolkit=tk).compile().invoke(inp)
+    detects = [c for m in out["messages"] if isinstance(m, AIMessage) for c in m.tool_calls
+               if c["name"] == "detect_breast_lesions"]
+    assert len(detects) == 3 and detects[2]["args"].get("region")
+    image = tk.get_store().get(inp["image"])
+    if enabled:
+        # asked at each detector call before the description (the captioner ignores repeats),
+        # not for the re-examination after it: that analysis would never be used
+        assert len(tk.captioner.prefetched) == 2 and all(p is image for p in tk.captioner.prefetched)
+    else:
+        assert tk.captioner.prefetched == []

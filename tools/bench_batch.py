@@ -44,11 +44,12 @@ def fake_tools_agent(organ: str) -> Any:
     return EchoAgent(toolkit=fake_toolkit(), organ=organ, router=None)
 
 
-def packaged_agent(organ: str) -> Any:
+def packaged_agent(organ: str, prefetch_context: bool = True) -> Any:
     """The default agent (packaged detectors, captioner, retriever, embedded policy)."""
     from echo_agent import EchoAgent
+    from echo_agent.tools import Toolkit
 
-    return EchoAgent(organ=organ)
+    return EchoAgent(organ=organ, toolkit=Toolkit(prefetch_context=prefetch_context))
 
 
 def _timed(run: Any) -> dict[str, Any]:
@@ -88,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chunk-size", type=int, default=16,
                     help="images per agent.batch call (one batched detector pass each)")
     ap.add_argument("--fake-tools", action="store_true", help="use the fake tool backends of tests/_fakes.py")
+    ap.add_argument("--no-prefetch-context", action="store_true",
+                    help="packaged agent with the captioner's whole-image analysis inline (Toolkit(prefetch_context=False))")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args(argv)
 
@@ -95,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
 
     source = args.source or str(default_data_root() / "BrEaST-Lesions_USG" / "images_and_masks" / "case[0-9][0-9][0-9].png")
     items = collect_inputs(source, organ=args.organ)[: args.limit]
-    factory = functools.partial(fake_tools_agent if args.fake_tools else packaged_agent, args.organ)
+    factory = (functools.partial(fake_tools_agent, args.organ) if args.fake_tools
+               else functools.partial(packaged_agent, args.organ, not args.no_prefetch_context))
     work = Path(tempfile.mkdtemp(prefix="bench-batch-"))
     results: dict[str, Any] = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

@@ -55,11 +55,12 @@ def bench_cold_cli(n: int, image: Path) -> dict[str, float]:
     return {"cold_cli_run_s_median": statistics.median(times), "cold_cli_run_s_max": max(times)}
 
 
-def bench_agent(n: int, image: Path) -> dict[str, float]:
+def bench_agent(n: int, image: Path, *, prefetch_context: bool = True) -> dict[str, float]:
     from echo_agent import EchoAgent
+    from echo_agent.tools import Toolkit
 
     t = time.perf_counter()
-    agent = EchoAgent()
+    agent = EchoAgent(toolkit=Toolkit(prefetch_context=prefetch_context))
     construct = time.perf_counter() - t
     t = time.perf_counter()
     agent.run(image)  # first run loads the detector, captioner, retriever
@@ -145,7 +146,8 @@ def bench_stages(n: int, image: Path | str) -> dict[str, float]:
     }
     inner = {
         "  detector: network forward passes": (mod("echo_agent.detectors.onnx").OnnxDetector, "_forward"),
-        "  captioner: whole-image analysis": (mod("echo_agent.evidence._descriptors"), "analyse_image"),
+        # runs in the captioner's background thread while the detector works (Toolkit.prefetch_context)
+        "  captioner: whole-image analysis (background)": (mod("echo_agent.evidence._descriptors"), "analyse_image"),
         "  captioner: regions": (mod("echo_agent.evidence._descriptors"), "analyse_region"),
     }
     for label, (owner, attr) in {**top, **inner}.items():
@@ -194,6 +196,8 @@ def main() -> None:
     ap.add_argument("--light-venv", action="store_true", help="measure a fresh light-runtime venv")
     ap.add_argument("--json", type=Path, default=None, help="also write the numbers as JSON")
     ap.add_argument("--stages", action="store_true", help="also break a run's wall time down by stage")
+    ap.add_argument("--no-prefetch-context", action="store_true",
+                    help="time run with the captioner's whole-image analysis inline (Toolkit(prefetch_context=False))")
     ap.add_argument("--only-latency", action="store_true",
                     help="skip the import and cold-CLI measurements (latency and plumbing only)")
     args = ap.parse_args()
@@ -208,7 +212,7 @@ def main() -> None:
     if not args.only_latency:
         res.update(bench_import(7))
         res.update(bench_cold_cli(5, image))
-    res.update(bench_agent(args.runs, image))
+    res.update(bench_agent(args.runs, image, prefetch_context=not args.no_prefetch_context))
     res.update(bench_plumbing(args.runs))
     if args.light_venv:
         res.update(bench_light_venv())

@@ -273,7 +273,10 @@ class LetterboxYoloDetector:
             return []
         views = list(images)
         if cfg.tta:
-            views += [np.ascontiguousarray(img[:, ::-1]) for img in images]
+            import cv2  # lazy, like letterbox: keeps `import echo_agent.detectors` light
+
+            # the mirrored views (cv2.flip: the bytes of img[:, ::-1], ~10x faster to materialise)
+            views += [cv2.flip(img, 1) for img in images]
         raw, infos = self.predict_raw(views)
         decoded = self._decode(raw, cfg)
         per_view = [self._to_detections(d, info, "detector") for d, info in zip(decoded, infos, strict=True)]

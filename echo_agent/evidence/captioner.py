@@ -27,8 +27,12 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -439,6 +443,60 @@ class PixelCaptioner:
         # a private deep copy: the loaded JSON is cached and shared between instances
         source = thresholds if isinstance(thresholds, Mapping) else load_thresholds(thresholds)
         self.thresholds: dict[str, Any] = copy.deepcopy(dict(source))
+        # whole-image analyses started ahead of describe() (see prefetch), by image object
+        self._pending: OrderedDict[int, tuple[np.ndarray, Future[tuple[np.ndarray, _d.GlobalAnalysis]]]] = OrderedDict()
+        self._pending_lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_pid = 0
+
+    #: How many prefetched whole-image analyses are kept until describe() takes them.
+    prefetch_capacity = 32
+
+    # -- whole-image analysis, possibly ahead of time -------------------------------------------
+    def prefetch(self, image: np.ndarray) -> bool:
+        """Start the whole-image analysis of ``image`` in a background thread.
+
+        The analysis (field of view, quality, layout: about a third of a describe call) does not
+        depend on the candidate boxes, so it can run while the detector's forward passes keep the
+        other core busy; a later :meth:`describe` of the same array object takes the result
+        instead of computing it. The descriptors are the same either way.
+
+        Only read-only arrays take part (the image store hands out read-only arrays), so the pixels
+        cannot change between the prefetch and the describe call. Returns whether a job was
+        started (False: not read-only, or already prefetched).
+        """
+        if image.flags.writeable or image.ndim != 3:
+            return False
+        key = id(image)
+        with self._pending_lock:
+            hit = self._pending.get(key)
+            if hit is not None and hit[0] is image:
+                return False
+            if self._pool is None or self._pool_pid != os.getpid():  # a forked child needs its own thread
+                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="echo-captioner")
+                self._pool_pid = os.getpid()
+            fut = self._pool.submit(_whole_image, image)
+            self._pending[key] = (image, fut)
+            while len(self._pending) > self.prefetch_capacity:
+                self._pending.popitem(last=False)[1][1].cancel()
+        return True
+
+    def _whole_image(self, image: np.ndarray) -> tuple[np.ndarray, _d.GlobalAnalysis]:
+        """(gray, whole-image analysis): the prefetched result if there is one, else computed now."""
+        with self._pending_lock:
+            hit = self._pending.get(id(image))
+            if hit is not None and hit[0] is image:
+                del self._pending[id(image)]
+            else:
+                hit = None
+        if hit is not None:
+            fut = hit[1]
+            if not fut.cancel():  # already running or done: wait for it (not started: do it here)
+                try:
+                    return fut.result()
+                except Exception:  # noqa: BLE001 - recomputed below, so the error surfaces here
+                    pass
+        return _whole_image(image)
 
     # -- numeric features ----------------------------------------------------------------------
     def features(
@@ -530,7 +588,7 @@ class PixelCaptioner:
             evidence_id: the ``id`` of the returned :class:`ImageContext`.
         """
         t0 = time.perf_counter()
-        gray = _d.to_gray(image)
+        gray, ga = self._whole_image(image)  # validates the image first
         h, w = gray.shape
         if detection_ids is not None and len(detection_ids) != len(regions):
             raise EchoInputError(
@@ -538,7 +596,6 @@ class PixelCaptioner:
                 "give one id (or None) per region"
             )
         spacing = _check_spacing(pixel_spacing_mm)
-        ga = _d.analyse_image(image, gray)
         glob = _global_descriptors(ga, organ, spacing, self.thresholds)
         descs: list[RegionDescription] = []
         for i, raw in enumerate(regions):
@@ -570,6 +627,11 @@ class PixelCaptioner:
             captioner=self.name,
             elapsed_ms=(time.perf_counter() - t0) * 1000.0,
         )
+
+
+def _whole_image(image: np.ndarray) -> tuple[np.ndarray, _d.GlobalAnalysis]:
+    gray = _d.to_gray(image)
+    return gray, _d.analyse_image(image, gray)
 
 
 def _image_caption(organ: str | None, glob: Mapping[str, Descriptor], regions: Sequence[RegionDescription]) -> str:

@@ -196,6 +196,8 @@ def make_detect_tool(organ: OrganSpec, toolkit: Toolkit) -> BaseTool:
         h, w = image.shape[:2]
         region_box = Box.from_model(region, w, h) if region else None
         detector = toolkit.detector(organ.name)
+        if not any(e.get("kind") == "description" for e in runtime.state.get("evidence") or ()):
+            toolkit.prefetch_image_context(image)  # overlaps the forward passes; no-op once started
         t0 = time.perf_counter()
         dets = run_detector(
             organ, image, detector=detector, score_threshold=score_threshold, tta=tta,

@@ -59,6 +59,10 @@ class Toolkit:
         preprocess: crop to the ultrasound field of view and mask burned-in annotations before
             detection (the same preprocessing the detectors were trained with).
         render_overlays: draw the detector's boxes into an overlay image (tool artifact).
+        prefetch_context: when the detector tool starts on an image, start the captioner's
+            whole-image analysis of it in a background thread (captioners with a ``prefetch``
+            method, like the default one), so it overlaps the detector's forward passes; the
+            descriptors are unchanged. Turn it off for reasoners that rarely call ``describe_image``.
 
     The toolkit also remembers the preprocessed detector input of the last few images
     (:meth:`prepared`), keyed by the image's content id: a re-check of the same image reuses it.
@@ -70,6 +74,7 @@ class Toolkit:
     store: ImageStore | None = None
     preprocess: bool = True
     render_overlays: bool = True
+    prefetch_context: bool = True
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
     _prepared: OrderedDict[tuple[Any, ...], Any] = field(default_factory=OrderedDict, repr=False, compare=False)
     _prepared_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
@@ -149,6 +154,15 @@ class Toolkit:
             image = store.get(image_id)
             views.append(self.prepared(image_id, image).array if self.preprocess else image)
         prefetch(views)
+
+    def prefetch_image_context(self, image: np.ndarray) -> None:
+        """Start the captioner's whole-image analysis of a stored (read-only) image ahead of its
+        ``describe`` call, where the captioner supports it and ``prefetch_context`` is on."""
+        if not self.prefetch_context:
+            return
+        prefetch = getattr(self.get_captioner(), "prefetch", None)
+        if prefetch is not None:
+            prefetch(image)
 
     def get_captioner(self) -> Captioner:
         with self._lock:
