@@ -203,6 +203,30 @@ def open_journal(
     return todo, BatchSummary(total=len(items), done_before=len(items) - len(todo))
 
 
+def emit(
+    fd: int, summary: BatchSummary, item: BatchItem, rec: dict[str, Any],
+    on_item: Callable[[BatchItem, dict[str, Any]], None] | None, bar: tuple[Any, Any] = (None, None),
+) -> None:
+    """Append one record to the journal, count it, call ``on_item`` and advance the progress bar
+    (``(bar, task)`` from :func:`progress_bar`). Every engine writes its records through here."""
+    _append(fd, rec)
+    tally(summary, rec)
+    if on_item is not None:
+        on_item(item, rec)
+    if bar[0] is not None:
+        bar[0].update(bar[1], advance=1, status=f"{item.id[-40:]}: {rec['status']}")
+
+
+def progress_bar(total: int, completed: int) -> tuple[Any, Any]:
+    """A started rich progress bar for a batch run and its task (``status`` field: the last item)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("[bold]batch"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                   TextColumn("{task.fields[status]}"))
+    bar.start()
+    return bar, bar.add_task("batch", total=total, completed=completed, status="")
+
+
 def run_batch(
     items: Sequence[BatchItem],
     out: str | Path,
@@ -234,15 +258,8 @@ def run_batch(
         agent = EchoAgent()
     t0 = time.perf_counter()
     fd = os.open(out, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    bar = None
+    bar, task = progress_bar(len(items), summary.done_before) if progress else (None, None)
     try:
-        if progress:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            bar = Progress(TextColumn("[bold]batch"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                           TextColumn("{task.fields[status]}"))
-            bar.start()
-            task = bar.add_task("batch", total=len(items), completed=summary.done_before, status="")
         for start in range(0, len(todo), max(chunk_size, 1)):
             chunk = todo[start : start + chunk_size]
             by_organ: dict[str | None, list[int]] = {}
@@ -256,13 +273,7 @@ def run_batch(
                 for i, r in zip(idx, res):
                     results[i] = (r, per_item_ms)
             for it, (res, ms) in zip(chunk, results):
-                rec = _record(it, res, ms, overlays, fhir, agent)
-                _append(fd, rec)
-                tally(summary, rec)
-                if on_item is not None:
-                    on_item(it, rec)
-                if bar is not None:
-                    bar.update(task, advance=1, status=f"{it.id[-40:]}: {rec['status']}")
+                emit(fd, summary, it, _record(it, res, ms, overlays, fhir, agent), on_item, (bar, task))
     finally:
         os.close(fd)
         if bar is not None:

@@ -195,8 +195,9 @@ def batch(
     split: Annotated[str | None, typer.Option(help="Manifest only: just this split.")] = None,
     overlays: Annotated[Path | None, typer.Option(help="Folder for one overlay PNG per image.")] = None,
     fhir: Annotated[Path | None, typer.Option(help="Folder for one FHIR DiagnosticReport JSON per image.")] = None,
-    engine: Annotated[str, typer.Option(help="local | ray")] = "local",
-    workers: Annotated[int, typer.Option(help="Ray: number of actor workers.")] = 2,
+    engine: Annotated[str, typer.Option(
+        help="local (this process) | processes (a local pool of worker processes) | ray (Ray actors)")] = "local",
+    workers: Annotated[int, typer.Option(help="processes / ray: number of worker processes.")] = 2,
     chunk_size: Annotated[int, typer.Option(help="Images per agent.batch call (one batched detector pass each).")] = 16,
 ) -> None:
     """Diagnose many images; killed and restarted, it resumes without redoing or losing items."""
@@ -211,12 +212,16 @@ def batch(
         items = collect_inputs(source, organ=organ, split=split)
         if engine == "local":
             s = run_batch(items, out, overlays=overlays, fhir=fhir, chunk_size=chunk_size)
+        elif engine == "processes":
+            from .scale.process_engine import run_batch_processes
+
+            s = run_batch_processes(items, out, workers=workers, overlays=overlays, fhir=fhir, chunk_size=chunk_size)
         elif engine == "ray":
             from .scale.ray_engine import run_batch_ray
 
             s = run_batch_ray(items, out, workers=workers, overlays=overlays, fhir=fhir, chunk_size=chunk_size)
         else:
-            raise typer.BadParameter(f"--engine must be 'local' or 'ray', got {engine!r}")
+            raise typer.BadParameter(f"--engine must be 'local', 'processes' or 'ray', got {engine!r}")
     except EchoError as exc:
         console.print(f"[bold red]error:[/] {exc}")
         raise typer.Exit(code=2) from None

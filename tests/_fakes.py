@@ -131,3 +131,28 @@ def speckle_image(h: int = 120, w: int = 160, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     g = rng.integers(40, 140, size=(h, w), dtype=np.uint8)
     return np.repeat(g[:, :, None], 3, axis=2)
+
+
+def batch_folder(d):
+    """Fill folder ``d`` with ten batch inputs: the two bundled examples, seven synthetic frames
+    and one corrupt file (``zz_corrupt.png``). Returns ``d``."""
+    import shutil
+
+    from echo_agent.imaging import example_image, save_png
+
+    d.mkdir(parents=True, exist_ok=True)
+    for name in ("breast_benign", "breast_malignant"):
+        shutil.copy(example_image(name), d / f"{name}.png")
+    rng = np.random.default_rng(7)
+    for i in range(7):
+        g = rng.integers(20 + 10 * i, 120 + 10 * i, size=(96 + 8 * i, 128), dtype=np.uint8)
+        save_png(np.repeat(g[:, :, None], 3, axis=2), d / f"synthetic_{i}.png")
+    (d / "zz_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    return d
+
+
+def journal_lines(path):
+    """The records of a JSONL batch journal."""
+    import json
+
+    return [json.loads(line) for line in path.read_text().splitlines()]

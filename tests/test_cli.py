@@ -96,3 +96,23 @@ def test_default_agent_runs_without_heavy_packages():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.split()[0] == "breast"
+
+
+@needs_weights
+def test_batch_command_engines_write_the_same_journal(tmp_path):
+    import shutil
+
+    src = tmp_path / "imgs"
+    src.mkdir()
+    for name in ("breast_benign", "breast_malignant"):
+        shutil.copy(example_image(name), src / f"{name}.png")
+    journals = {}
+    for engine in ("local", "processes"):
+        out = tmp_path / f"{engine}.jsonl"
+        res = runner.invoke(app, ["batch", str(src), "--organ", "breast", "--out", str(out), "--engine", engine])
+        assert res.exit_code == 0, res.output
+        assert "ok / errors (whole journal)" in res.output and "2 / 0" in res.output
+        journals[engine] = {r["id"]: r["diagnosis"]["label"] for r in map(json.loads, out.read_text().splitlines())}
+    assert journals["local"] == journals["processes"] and len(journals["local"]) == 2
+    res = runner.invoke(app, ["batch", str(src), "--out", str(tmp_path / "x.jsonl"), "--engine", "threads"])
+    assert res.exit_code != 0 and "processes" in res.output

@@ -5,7 +5,6 @@ losing or duplicating items."""
 from __future__ import annotations
 
 import functools
-import json
 import os
 import shutil
 import signal
@@ -16,13 +15,11 @@ import time
 import uuid
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 pytest.importorskip("ray.data", reason="Ray Data is not installed (pip install -e '.[serve]')")
 
 from echo_agent.batch import collect_inputs, read_journal, run_batch  # noqa: E402
-from echo_agent.imaging import example_image  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
@@ -73,22 +70,15 @@ def ray_cluster():
 @pytest.fixture
 def folder(tmp_path):
     """Ten images: the two bundled examples, seven synthetic frames and one corrupt file."""
-    from echo_agent.imaging import save_png
+    from _fakes import batch_folder
 
-    d = tmp_path / "images"
-    d.mkdir()
-    for name in ("breast_benign", "breast_malignant"):
-        shutil.copy(example_image(name), d / f"{name}.png")
-    rng = np.random.default_rng(7)
-    for i in range(7):
-        g = rng.integers(20 + 10 * i, 120 + 10 * i, size=(96 + 8 * i, 128), dtype=np.uint8)
-        save_png(np.repeat(g[:, :, None], 3, axis=2), d / f"synthetic_{i}.png")
-    (d / "zz_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
-    return d
+    return batch_folder(tmp_path / "images")
 
 
 def _lines(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    from _fakes import journal_lines
+
+    return journal_lines(path)
 
 
 def _stable(rec: dict) -> dict:

@@ -1,9 +1,10 @@
-"""Images per second of a batch run: the local engine vs the Ray engine, on this machine.
+"""Images per second of a batch run: the local engine vs the process-pool and Ray engines, on this machine.
 
-Both engines run the same images into their own fresh journal. Reported per engine:
+Every engine runs the same images into its own fresh journal. Reported per engine:
 
 * ``end_to_end_img_s``: images / (start .. last journal line), i.e. including model loading and, for
-  Ray, starting the actors (the Ray instance itself is started before the clock runs);
+  the process pool and Ray, starting the workers (the Ray instance itself is started before the
+  clock runs);
 * ``first_result_s``: start .. first journal line;
 * ``second_half_img_s``: the rate over the second half of the journal lines (steady state);
 * ``cpu_ms_per_image``: CPU time of the driver process per image (the local engine's whole cost).
@@ -12,6 +13,8 @@ Examples::
 
     # the packaged agent on 48 BrEaST-Lesions_USG images, local vs Ray with 2 workers
     python tools/bench_batch.py --limit 48 --workers 2
+    # the packaged agent on all 256 BrEaST-Lesions_USG images, in this process vs 2 worker processes
+    python tools/bench_batch.py --limit 256 --engines local,processes
     # without detector weights: the fake tool backends of tests/_fakes.py (graph + fusion cost only)
     python tools/bench_batch.py --limit 48 --fake-tools
 """
@@ -84,8 +87,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="folder, glob or manifest (default: BrEaST-Lesions_USG case images under $ECHO_AGENT_DATA)")
     ap.add_argument("--organ", default="breast")
     ap.add_argument("--limit", type=int, default=48, help="first N images of the source")
-    ap.add_argument("--engines", default="local,ray", help="comma list of local, ray")
-    ap.add_argument("--workers", type=int, default=2, help="Ray actors")
+    ap.add_argument("--engines", default="local,ray", help="comma list of local, processes, ray")
+    ap.add_argument("--workers", type=int, default=2, help="worker processes (processes, ray)")
     ap.add_argument("--chunk-size", type=int, default=16,
                     help="images per agent.batch call (one batched detector pass each)")
     ap.add_argument("--fake-tools", action="store_true", help="use the fake tool backends of tests/_fakes.py")
@@ -117,6 +120,12 @@ def main(argv: list[str] | None = None) -> int:
                 agent = factory()
                 results["engines"]["local"] = _timed(lambda cb, agent=agent, out=out: run_batch(
                     items, out, agent=agent, chunk_size=args.chunk_size, on_item=cb, progress=False))
+            elif engine == "processes":
+                from echo_agent.scale.process_engine import run_batch_processes
+
+                results["engines"][f"processes-{args.workers}w"] = _timed(lambda cb, out=out: run_batch_processes(
+                    items, out, workers=args.workers, chunk_size=args.chunk_size, agent_factory=factory,
+                    on_item=cb, progress=False))
             elif engine == "ray":
                 import ray
 

@@ -21,18 +21,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..batch import BatchItem, BatchSummary, _append, _record, open_journal, run_batch, tally
-from ..errors import EchoInputError, MissingExtraError
-
-AgentFactory = Callable[[], Any]
+from ..batch import BatchItem, BatchSummary, _append, tally
+from ..errors import MissingExtraError
+from .worker import AgentFactory, EchoBatchWorker, _decode_item, _encode_item, open_pool_run  # noqa: F401 - re-exported
 
 
 def _require_ray() -> Any:
@@ -44,64 +40,6 @@ def _require_ray() -> Any:
             "the Ray engine needs Ray Data; install it with pip install 'echo-agent[serve]' (or 'ray[data]')"
         ) from exc
     return ray
-
-
-def _encode_item(item: BatchItem) -> str:
-    image = Path(item.image)
-    return json.dumps({
-        "id": item.id,
-        # Workers do not share the driver's working directory: relative paths are made absolute.
-        "image": str(image if image.is_absolute() else image.resolve()),
-        "organ": item.organ,
-        "context": item.context,
-        "truth": item.truth,
-    })
-
-
-def _decode_item(text: str) -> BatchItem:
-    d = json.loads(text)
-    return BatchItem(id=d["id"], image=Path(d["image"]), organ=d["organ"], context=d["context"], truth=d["truth"])
-
-
-class EchoBatchWorker:
-    """A Ray Data actor: one agent per worker, chunks of items in, journal records out.
-
-    Args:
-        agent_factory: zero-argument callable returning an :class:`~echo_agent.EchoAgent` (or anything
-            with its ``batch`` method); called once, in the worker. Default: ``EchoAgent()``.
-        overlays / fhir: folders (absolute, reachable by the worker) as in ``run_batch``.
-    """
-
-    def __init__(self, agent_factory: AgentFactory | None, overlays: str | None, fhir: str | None) -> None:
-        if agent_factory is None:
-            from ..agent import EchoAgent
-
-            agent_factory = EchoAgent
-        self.agent = agent_factory()
-        self.overlays = overlays
-        self.fhir = fhir
-        self._scratch = Path(tempfile.mkdtemp(prefix="echo-ray-"))
-
-    def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
-        items = [_decode_item(str(s)) for s in batch["item"]]
-        records: dict[str, dict[str, Any]] = {}
-        # run_batch on a scratch journal makes exactly the records the local engine makes; the
-        # driver's journal stays the single source of truth.
-        scratch = self._scratch / f"{uuid.uuid4().hex}.jsonl"
-        try:
-            run_batch(
-                items, scratch, agent=self.agent, overlays=self.overlays, fhir=self.fhir,
-                chunk_size=len(items), on_item=lambda it, rec: records.__setitem__(it.id, rec), progress=False,
-            )
-        except Exception as exc:  # a chunk that fails as a whole is recorded per item; the run goes on
-            for it in items:
-                records.setdefault(it.id, _record(it, exc, 0.0, None, None, None))
-        finally:
-            scratch.unlink(missing_ok=True)
-        return {"id": [it.id for it in items], "record": [json.dumps(records[it.id]) for it in items]}
-
-    def __del__(self) -> None:
-        shutil.rmtree(getattr(self, "_scratch", ""), ignore_errors=True)
 
 
 def run_batch_ray(
@@ -145,13 +83,8 @@ def run_batch_ray(
         from echo_agent.scale.ray_engine import run_batch_ray
         summary = run_batch_ray(collect_inputs("scans/", organ="breast"), "results.jsonl", workers=4)
     """
-    if workers < 1:
-        raise EchoInputError(f"workers must be at least 1, got {workers}")
-    if chunk_size < 1:
-        raise EchoInputError(f"chunk_size must be at least 1, got {chunk_size}")
-    out = Path(out)
-    todo, summary = open_journal(items, out, overlays=overlays, fhir=fhir)
-    folders = [str(Path(d).resolve()) if d is not None else None for d in (overlays, fhir)]
+    out, todo, summary, folders = open_pool_run(
+        items, out, workers=workers, chunk_size=chunk_size, overlays=overlays, fhir=fhir)
     if not todo:
         return summary
     by_id = {it.id: it for it in todo}
