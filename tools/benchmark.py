@@ -106,6 +106,58 @@ def bench_plumbing(n: int) -> dict[str, float]:
             "plumbing_cpu_ms_p50": statistics.median(cpu)}
 
 
+def bench_graph_floor(n: int) -> dict[str, float]:
+    """LangGraph's own cost for the agent's graph shape: the same state schema, nodes and edges as
+    ``build_graph`` (with its inline single-call ToolNode), nodes that do nothing but write the
+    messages of a 3-tool-call run. What ``plumbing`` measures above this is echo-agent's own code."""
+    from langchain_core.messages import AIMessage, HumanMessage
+    from langchain_core.tools import tool
+    from langgraph.graph import END, START, StateGraph
+
+    from echo_agent.graph.build import _ToolNode
+    from echo_agent.graph.state import EchoInput, EchoOutput, EchoState
+
+    @tool
+    def noop(x: int = 0) -> str:
+        """Does nothing."""
+        return "{}"
+
+    def perceive(state):  # noqa: ANN001 - LangGraph reads the hints: none here (local names)
+        return {"messages": [HumanMessage("look")], "tool_calls_used": 0}
+
+    def reasoner(state):  # noqa: ANN001
+        used = state.get("tool_calls_used", 0)
+        if used < 3:
+            call = {"name": "noop", "args": {}, "id": f"c{used}", "type": "tool_call"}
+            return {"messages": [AIMessage("", tool_calls=[call])], "tool_calls_used": used + 1}
+        return {"messages": [AIMessage("done")]}
+
+    def route(state):  # noqa: ANN001
+        return "tools" if state["messages"][-1].tool_calls else "reason"
+
+    def reason(state):  # noqa: ANN001
+        return {"diagnosis": {"label": "normal"}, "messages": [AIMessage("diagnosis")]}
+
+    g = StateGraph(EchoState, input_schema=EchoInput, output_schema=EchoOutput)
+    for name, fn in (("perceive", perceive), ("reasoner", reasoner), ("tools", _ToolNode([noop])), ("reason", reason)):
+        g.add_node(name, fn)
+    g.add_edge(START, "perceive")
+    g.add_edge("perceive", "reasoner")
+    g.add_conditional_edges("reasoner", route, ["tools", "reason"])
+    g.add_edge("tools", "reasoner")
+    g.add_edge("reason", END)
+    graph = g.compile()
+    inp = {"image": {"id": "x", "width": 1, "height": 1}, "organ": "breast"}
+    for _ in range(20):
+        graph.invoke(inp)
+    lat = []
+    for _ in range(n):
+        t = time.perf_counter()
+        graph.invoke(inp)
+        lat.append((time.perf_counter() - t) * 1000)
+    return {"graph_floor_ms_p50": statistics.median(lat)}
+
+
 def bench_stages(n: int, image: Path | str) -> dict[str, float]:
     """Where a run's wall time goes: mean ms per run spent in each stage (wrapped with timers).
 
@@ -214,6 +266,7 @@ def main() -> None:
         res.update(bench_cold_cli(5, image))
     res.update(bench_agent(args.runs, image, prefetch_context=not args.no_prefetch_context))
     res.update(bench_plumbing(args.runs))
+    res.update(bench_graph_floor(max(args.runs, 100)))
     if args.light_venv:
         res.update(bench_light_venv())
     if args.stages:
