@@ -156,3 +156,14 @@ def journal_lines(path):
     import json
 
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def stable_record(rec, volatile=("ms", "overlay", "fhir")):
+    """A journal record without what differs between engines for the same input: timing, output
+    folders, and the decoder's exception class quoted in an error message (for the same corrupt
+    bytes Pillow raises different classes in different processes, depending on which plugins a
+    process has already imported); the typed error itself must match."""
+    out = {k: v for k, v in rec.items() if k not in volatile}
+    if out.get("status") == "error":
+        out["error"] = out["error"].split(" (", 1)[0]
+    return out

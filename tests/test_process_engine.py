@@ -57,7 +57,9 @@ def _lines(path: Path) -> list[dict]:
 
 
 def _stable(rec: dict) -> dict:
-    return {k: v for k, v in rec.items() if k not in VOLATILE}
+    from _fakes import stable_record
+
+    return stable_record(rec, VOLATILE)
 
 
 def test_journal_matches_the_local_engine_one_agent_per_worker(folder, tmp_path):
