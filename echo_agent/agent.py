@@ -284,21 +284,23 @@ class EchoAgent:
         if contexts is not None and len(contexts) != len(images):
             raise EchoInputError(f"contexts has {len(contexts)} entries for {len(images)} images; give one per image")
         results: list[Diagnosis | EchoError | None] = [None] * len(images)
-        inputs, configs, slots = [], [], []
-        for i, image in enumerate(images):
-            try:
-                inputs.append(self.prepare_input(image, organ=organ, context=contexts[i] if contexts else None))
-                configs.append(self._config(None))
-                slots.append(i)
-            except EchoError as exc:
-                results[i] = exc
-        outs: list[Any] = []
-        for start in range(0, len(inputs), _PREFETCH_CHUNK):
-            chunk = inputs[start : start + _PREFETCH_CHUNK]
+        # Chunk by chunk, inputs included: an image is stored only when its chunk is about to run,
+        # so a long batch of arrays never pushes its first images out of the image store's LRU
+        # before their graphs read them.
+        for start in range(0, len(images), _PREFETCH_CHUNK):
+            inputs, configs, slots = [], [], []
+            for i in range(start, min(start + _PREFETCH_CHUNK, len(images))):
+                try:
+                    inputs.append(self.prepare_input(images[i], organ=organ, context=contexts[i] if contexts else None))
+                    configs.append(self._config(None))
+                    slots.append(i)
+                except EchoError as exc:
+                    results[i] = exc
+            if not inputs:
+                continue
             if self.prefetch:
-                self._prefetch(chunk)
-            outs += self._invoke_all(chunk, configs[start : start + _PREFETCH_CHUNK], max_concurrency)
-        if inputs:
+                self._prefetch(inputs)
+            outs = self._invoke_all(inputs, configs, max_concurrency)
             for i, out, cfg in zip(slots, outs, configs):
                 if isinstance(out, EchoError):
                     results[i] = out
@@ -344,8 +346,10 @@ class EchoAgent:
         for inp in inputs:
             if inp.get("organ"):
                 by_organ.setdefault(inp["organ"], []).append(inp["image"]["id"])
-                # the captioner's whole-image analyses run in a background thread meanwhile
-                self.toolkit.prefetch_image_context(store.get(inp["image"]["id"]))
+                try:  # the captioner's whole-image analyses run in a background thread meanwhile
+                    self.toolkit.prefetch_image_context(store.get(inp["image"]))
+                except EchoError:
+                    pass  # the run itself reports what is wrong with this image
         for organ, ids in by_organ.items():
             try:
                 self.toolkit.prefetch_detections(organ, ids)

@@ -196,3 +196,19 @@ def test_agent_batch_concurrency_gives_the_same_results_and_keeps_errors_per_ite
     assert [type(r).__name__ for r in seq] == [type(r).__name__ for r in par]
     assert isinstance(seq[-1], EchoInputError) or type(seq[-1]).__name__.endswith("Error")
     assert [r.model_dump() for r in seq[:-1]] == [r.model_dump() for r in par[:-1]]
+
+
+def test_batch_of_more_arrays_than_the_store_holds_keeps_every_image():
+    """In-memory arrays have no path to re-read them from: every image must still be in the image
+    store when its graph runs, however long the batch (inputs are stored chunk by chunk)."""
+    from echo_agent.imaging.store import ImageStore
+
+    agent = EchoAgent(organ="breast", toolkit=fake_toolkit(store=ImageStore(capacity=40)), router=None)
+    images = [speckle_image(seed=i) for i in range(45)]
+    results = agent.batch(images)
+    assert len(results) == 45 and not any(isinstance(r, Exception) for r in results)
+    for dx in results:
+        # each run saw its detector's, captioner's and retriever's evidence (no tool failed on a
+        # missing image)
+        assert not dx.indeterminate, dx.indeterminate_reason
+        assert {r.kind for r in dx.evidence} >= {"detection", "description", "knowledge"}
