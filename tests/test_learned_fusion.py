@@ -268,3 +268,59 @@ def test_parameters_for_another_detector_are_refused():
     dx = LearnedFusion({"breast": params}).fuse(BREAST, _evidence("malignant", 0.8, detector="other"),
                                                 clinical=None, image_size=(200, 160))
     assert dx.reasoner.startswith("heuristic") and any("trained on detector t" in w for w in dx.warnings)
+
+
+# -- evidence conflict: a non-malignant reading of a candidate that looks malignant -------------------
+SUSPICIOUS_LOOK = {"shape": "irregular", "orientation": "not parallel", "margin": "spiculated",
+                   "posterior_features": "shadowing"}
+BENIGN_LOOK = {"shape": "oval", "orientation": "parallel", "margin": "circumscribed", "posterior_features": "none"}
+
+
+def _described(label: str, score: float, look: dict[str, str]):
+    rep, ctx = _evidence(label, score)
+    region = ctx.regions[0].model_copy(update={"descriptors": {k: Descriptor(value=v, confidence=0.8) for k, v in look.items()}})
+    return [rep, ctx.model_copy(update={"regions": [region]})]
+
+
+def test_evidence_conflict_rule_counts_the_organs_suspicious_values():
+    from echo_agent.reasoners.fusion import evidence_conflict
+
+    descs = {k: Descriptor(value=v) for k, v in SUSPICIOUS_LOOK.items()}
+    why = evidence_conflict(BREAST, "normal", descs)
+    assert why and "4 of 4 malignant features" in why and "margin spiculated" in why
+    assert evidence_conflict(BREAST, "malignant", descs) is None  # agrees with the reading
+    two = {**{k: Descriptor(value=v) for k, v in BENIGN_LOOK.items()}, "shape": Descriptor(value="irregular"),
+           "margin": Descriptor(value="indistinct")}
+    assert evidence_conflict(BREAST, "benign", two) is None  # 2 < conflict_min_votes (3)
+    three = {**two, "posterior_features": Descriptor(value="combined")}
+    assert "3 of 4" in evidence_conflict(BREAST, "benign", three)
+    assert evidence_conflict(get_organ("kidney"), "normal", descs) is None  # no suspicious sets declared
+
+
+@pytest.mark.parametrize("fusion", ["learned", "heuristic"])
+def test_conflicting_evidence_makes_the_diagnosis_indeterminate_without_changing_it(fusion):
+    from echo_agent.reasoners.fusion import CONFLICT_RECOMMENDATION, HeuristicFusion
+
+    # learned: fitted on few images, so a calibrated detector rule (it reads only the detector, like
+    # the packaged breast fusion's features); heuristic: the transparent fallback
+    f = LearnedFusion({"breast": _fit(_records(n=30))}) if fusion == "learned" else HeuristicFusion()
+    calm = f.fuse(BREAST, _described("benign", 0.9, BENIGN_LOOK), clinical=None, image_size=(200, 160))
+    odd = f.fuse(BREAST, _described("benign", 0.9, SUSPICIOUS_LOOK), clinical=None, image_size=(200, 160))
+    assert calm.reasoner == odd.reasoner and calm.reasoner.startswith("heuristic" if fusion == "heuristic" else "learned")
+    assert not calm.indeterminate and "evidence conflict" not in (calm.indeterminate_reason or "")
+    assert odd.indeterminate and "evidence conflict" in odd.indeterminate_reason
+    assert odd.recommendation == CONFLICT_RECOMMENDATION
+    # both read only the detector here: the flag changes nothing but the indeterminate fields
+    assert (odd.label, odd.probabilities, odd.category) == (calm.label, calm.probabilities, calm.category)
+
+
+def test_suspicious_descriptors_must_come_from_the_vocabulary():
+    from echo_agent.organs import OrganSpec
+
+    base = BREAST.model_dump()
+    bad = {**base, "name": "breast_bad", "suspicious_descriptors": {"shape": ["jagged"]}}
+    with pytest.raises(ValueError, match="suspicious_descriptors"):
+        OrganSpec.model_validate(bad)
+    nopos = {**base, "name": "breast_nopos", "positive_label": None, "categories": ()}
+    with pytest.raises(ValueError, match="positive_label"):
+        OrganSpec.model_validate(nopos)

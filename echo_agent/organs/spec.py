@@ -78,6 +78,13 @@ class OrganSpec(BaseModel):
     prompt: str = Field("", description="Organ-specific snippet appended to the reasoner's system prompt.")
     report_sections: tuple[str, ...] = ()
     descriptor_vocabulary: dict[str, tuple[str, ...]] = Field(default_factory=dict)
+    suspicious_descriptors: dict[str, tuple[str, ...]] = Field(
+        default_factory=dict,
+        description="Descriptor values that argue for positive_label (e.g. an irregular shape). When the fused "
+        "label is not the positive one but the top candidate shows at least conflict_min_votes of these, the "
+        "reason node marks the Diagnosis indeterminate (evidence conflict). Empty: no such check.",
+    )
+    conflict_min_votes: int = Field(3, ge=1, description="See suspicious_descriptors.")
 
     @model_validator(mode="after")
     def _check(self) -> OrganSpec:
@@ -101,6 +108,15 @@ class OrganSpec(BaseModel):
             raise ValueError(f"organ {self.name!r}: positive_label {self.positive_label!r} is not an image label")
         if self.categories:
             _check_tiling(self.name, self.categories)
+        for key, values in self.suspicious_descriptors.items():
+            allowed = self.descriptor_vocabulary.get(key)
+            if allowed is None or not set(values) <= set(allowed):
+                raise ValueError(
+                    f"organ {self.name!r}: suspicious_descriptors[{key!r}] = {values} must name values of "
+                    f"descriptor_vocabulary[{key!r}] = {allowed}"
+                )
+        if self.suspicious_descriptors and self.positive_label is None:
+            raise ValueError(f"organ {self.name!r}: suspicious_descriptors need a positive_label")
         return self
 
     # -- helpers --------------------------------------------------------------------------------

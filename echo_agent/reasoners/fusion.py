@@ -91,9 +91,37 @@ def knowledge_refs(knowledge: Sequence[KnowledgeResult], limit: int = 3) -> list
 WEAK_EVIDENCE_RECOMMENDATION = "Evidence is weak: refer for a sonographer's or radiologist's review."
 
 
-def recommendation_for(organ: OrganSpec, label: str, category: str | None, indeterminate: bool) -> str:
-    """What to do next: refer when indeterminate, else the category's management, else a default."""
+def evidence_conflict(organ: OrganSpec, label: str, descriptors: dict[str, Any]) -> str | None:
+    """Why a label other than the organ's positive one conflicts with the top candidate's
+    descriptors (``None``: no conflict). See ``OrganSpec.suspicious_descriptors``."""
+    pos = organ.positive_label
+    if not organ.suspicious_descriptors or pos is None or label == pos:
+        return None
+    hits = []
+    for key, values in organ.suspicious_descriptors.items():
+        d = descriptors.get(key)
+        if d is not None and d.value in values:
+            hits.append(f"{key.replace('_', ' ')} {d.value}")
+    if len(hits) < organ.conflict_min_votes:
+        return None
+    return (f"evidence conflict: read as {label}, but the top candidate shows {len(hits)} of "
+            f"{len(organ.suspicious_descriptors)} {pos} features ({', '.join(hits)})")
+
+
+CONFLICT_RECOMMENDATION = (
+    "The detector's reading and the sonographic features of its top candidate disagree: refer for a "
+    "radiologist's review."
+)
+
+
+def recommendation_for(
+    organ: OrganSpec, label: str, category: str | None, indeterminate: bool, conflict: bool = False
+) -> str:
+    """What to do next: refer when indeterminate (saying why when the evidence conflicts), else the
+    category's management, else a default."""
     band = organ.band(category) if category else None
+    if conflict:
+        return CONFLICT_RECOMMENDATION
     if indeterminate:
         return WEAK_EVIDENCE_RECOMMENDATION
     if band is not None and band.management:
@@ -159,6 +187,7 @@ class HeuristicFusion:
             raw[label] = s
             probs = normalise_probabilities(raw)
             descs = region_descriptors(contexts, top)
+            conflict = evidence_conflict(organ, label, descs)
             desc_text = describe_descriptors(descs, list(organ.descriptor_vocabulary) + ["size_mm"])
             refs.insert(0, EvidenceRef(kind="detection", ref=top.id, summary=f"{top.label} {top.score:.2f}"))
             rationale = f"The detector's strongest candidate ({top.id}) is {top.label} with score {s:.2f}."
@@ -167,6 +196,7 @@ class HeuristicFusion:
                 refs.append(EvidenceRef(kind="description", ref=contexts[-1].id, summary=desc_text))
         else:
             label = organ.normal_label
+            conflict = None
             # With no candidate even at the report's threshold the image is read as normal; the
             # remaining mass reflects that the detector can miss lesions (uncalibrated).
             s = 1.0 - report.score_threshold
@@ -187,13 +217,14 @@ class HeuristicFusion:
         pos = organ.positive_label
         category = organ.category_for(probs.get(pos) if pos else None, lesion_found=bool(dets))
         confidence = probs[label]
-        indeterminate = confidence < self.min_confidence
-        recommendation = recommendation_for(organ, label, category, indeterminate)
+        reasons = [f"top probability {confidence:.2f} < {self.min_confidence:.2f}"] if confidence < self.min_confidence else []
+        reasons += [conflict] if conflict else []
+        indeterminate = bool(reasons)
+        recommendation = recommendation_for(organ, label, category, indeterminate, conflict=bool(conflict))
         return Diagnosis(
             organ=organ.name, label=label, probabilities=probs, category=category,
             category_system=organ.category_system if category else None, findings=findings,
             evidence=refs, rationale=rationale, recommendation=recommendation,
-            indeterminate=indeterminate,
-            indeterminate_reason=f"top probability {confidence:.2f} < {self.min_confidence:.2f}" if indeterminate else None,
+            indeterminate=indeterminate, indeterminate_reason="; ".join(reasons) or None,
             reasoner=self.name, image_width=w, image_height=h, warnings=warnings,
         )

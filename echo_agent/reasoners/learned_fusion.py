@@ -40,6 +40,7 @@ from .fusion import (
     clinical_refs,
     collect,
     describe_descriptors,
+    evidence_conflict,
     knowledge_refs,
     recommendation_for,
     region_descriptors,
@@ -382,8 +383,11 @@ class LearnedFusion:
                 findings.append(Finding(box=d.box, label=organ.image_label_for(d.label), score=d.score, detection_ids=[d.id]))
             refs.insert(0, EvidenceRef(kind="detection", ref=top.id, summary=f"{top.label} {top.score:.2f}"))
         desc_text = ""
+        conflict = None
         if cands:
-            desc_text = describe_descriptors(region_descriptors(contexts, cands[0]), list(organ.descriptor_vocabulary) + ["size_mm"])
+            top_descs = region_descriptors(contexts, cands[0])
+            conflict = evidence_conflict(organ, label, top_descs)
+            desc_text = describe_descriptors(top_descs, list(organ.descriptor_vocabulary) + ["size_mm"])
             if desc_text and contexts:
                 refs.append(EvidenceRef(kind="description", ref=contexts[-1].id, summary=desc_text))
         krefs = knowledge_refs(knowledge)
@@ -393,7 +397,10 @@ class LearnedFusion:
         pos = organ.positive_label
         category = organ.category_for(probs.get(pos) if pos else None, lesion_found=bool(findings))
         conf = probs[label]
-        indeterminate = conf < params.indeterminate_below
+        reasons = ([f"calibrated top probability {conf:.2f} < {params.indeterminate_below:.2f}"]
+                   if conf < params.indeterminate_below else [])
+        reasons += [conflict] if conflict else []
+        indeterminate = bool(reasons)
         if findings:
             top = findings[0]
             rationale = f"{label.capitalize()} (p={conf:.2f}): candidate {top.detection_ids[0]} at score {top.score:.2f}"
@@ -409,12 +416,11 @@ class LearnedFusion:
             rationale += f" Descriptors: {desc_text}."
         if krefs:
             rationale += " Knowledge: " + "; ".join(r.summary for r in krefs[:2]) + "."
-        recommendation = recommendation_for(organ, label, category, indeterminate)
+        recommendation = recommendation_for(organ, label, category, indeterminate, conflict=bool(conflict))
         return Diagnosis(
             organ=organ.name, label=label, probabilities=probs, category=category,
             category_system=organ.category_system if category else None, findings=findings, evidence=refs,
             rationale=rationale, recommendation=recommendation, indeterminate=indeterminate,
-            indeterminate_reason=(f"calibrated top probability {conf:.2f} < {params.indeterminate_below:.2f}"
-                                  if indeterminate else None),
+            indeterminate_reason="; ".join(reasons) or None,
             reasoner=self.name, image_width=w, image_height=h,
         )
