@@ -20,6 +20,7 @@ from echo_agent.eval.metrics import (
     detection_score,
     image_counts,
     match_boxes,
+    referral_score,
 )
 from echo_agent.schemas import Box
 
@@ -264,6 +265,28 @@ def test_compute_metrics_wires_everything():
     d = m.to_dict()
     assert d["localization"]["ci"]["n_boot"] == 50
     assert d["classification"]["confusion"]["labels"] == list(BREAST)
+
+
+def test_referral_counts_by_hand():
+    conflict = "evidence conflict: read as normal, but the top candidate shows 4 of 4 malignant features (...)"
+    rows = [
+        img("a", "malignant", pred_label="normal", indeterminate=True, indeterminate_reason=conflict),
+        img("b", "malignant", pred_label="benign", indeterminate=False),  # a miss nobody is warned about
+        img("c", "malignant", pred_label="malignant", indeterminate=False),
+        img("d", "benign", pred_label="benign", indeterminate=True,
+            indeterminate_reason="calibrated top probability 0.41 < 0.50"),
+        img("e", "normal", pred_label="normal", indeterminate=False),
+    ]
+    r = referral_score(rows, "malignant")
+    assert (r.n_images, r.n_referred) == (5, 2) and r.referred_rate == pytest.approx(0.4)
+    assert r.accuracy_kept == pytest.approx(2 / 3) and r.accuracy_referred == pytest.approx(1 / 2)
+    assert (r.positive_missed_kept, r.positive_missed_referred) == (1, 1)
+    assert r.by_reason == {"calibrated top probability": 1, "evidence conflict": 1}
+    # a system without the notion (the detector-only baseline) gets no referral score
+    assert referral_score([img("x", "normal")], "malignant") is None
+    m = compute_metrics(rows, labels=BREAST, positive_label="malignant", n_boot=20)
+    assert m.referral == r and m.to_dict()["referral"]["n_referred"] == 2
+    assert compute_metrics([img("x", "normal")], labels=BREAST, positive_label="malignant", n_boot=20).referral is None
 
 
 # -- properties ------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import shlex
 import time
 import traceback
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
@@ -273,7 +273,8 @@ def _run_item(
         boxes = [PredictedBox(f.box, spec.image_label_for(f.label), f.score) for f in dx.findings]
         probs = {lbl: float(dx.probabilities.get(lbl, 0.0)) for lbl in spec.image_labels}
         pos = probs[spec.positive_label] if spec.positive_label else None
-        scored[AGENT] = _scored(im, dx.label, boxes, probs, pos)
+        scored[AGENT] = replace(_scored(im, dx.label, boxes, probs, pos), indeterminate=bool(dx.indeterminate),
+                                indeterminate_reason=dx.indeterminate_reason)
     except Exception as exc:
         rec = record.get(AGENT) or {"elapsed_ms": round((time.perf_counter() - t0) * 1000, 2)}
         rec["error"] = _error_record(exc)

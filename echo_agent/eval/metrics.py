@@ -19,6 +19,7 @@ into :func:`compute_metrics`, which returns a :class:`SystemMetrics` (``.to_dict
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -54,6 +55,8 @@ class ScoredImage:
     system has none, e.g. the detector-only baseline; calibration is then not computed).
     ``positive_score`` is the number ranked by the AUC (e.g. the probability of ``malignant``).
     ``cluster`` identifies the resampling unit of the bootstrap (patient, clip, near-duplicate group).
+    ``indeterminate`` (and its reason) is whether the system referred the image for review instead of
+    standing by its label (``None``: the system has no such notion, e.g. the detector-only baseline).
     """
 
     key: str
@@ -64,6 +67,8 @@ class ScoredImage:
     probabilities: Mapping[str, float] | None = None
     positive_score: float | None = None
     cluster: str | None = None
+    indeterminate: bool | None = None
+    indeterminate_reason: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -201,6 +206,52 @@ class CalibrationScore(_Result):
 
 
 @dataclass(frozen=True)
+class ReferralScore(_Result):
+    """How the images the system marked indeterminate (referred for review) split.
+
+    ``accuracy_kept`` / ``accuracy_referred``: accuracy on the images it stood by / referred (``None``
+    when there are none); ``positive_missed_kept``: images of the positive label the system neither
+    labelled positive nor referred, i.e. the misses a reader of its output would not be warned about;
+    ``positive_missed_referred``: positive images labelled otherwise but referred. ``by_reason``
+    counts referrals by the first word group of their reason (e.g. ``evidence conflict``).
+    """
+
+    n_images: int
+    n_referred: int
+    referred_rate: float
+    accuracy_kept: float | None
+    accuracy_referred: float | None
+    positive_missed_kept: int | None
+    positive_missed_referred: int | None
+    by_reason: dict[str, int] = field(default_factory=dict)
+
+
+def referral_score(images: Sequence[ScoredImage], positive_label: str | None) -> ReferralScore | None:
+    """The referral counts of a system whose predictions say whether they are indeterminate (else
+    ``None``)."""
+    if not images or any(i.indeterminate is None for i in images):
+        return None
+    referred = [i for i in images if i.indeterminate]
+    kept = [i for i in images if not i.indeterminate]
+
+    def acc(xs: Sequence[ScoredImage]) -> float | None:
+        return sum(i.pred_label == i.true_label for i in xs) / len(xs) if xs else None
+
+    def missed(xs: Sequence[ScoredImage]) -> int | None:
+        if positive_label is None:
+            return None
+        return sum(i.true_label == positive_label and i.pred_label != positive_label for i in xs)
+
+    reasons: dict[str, int] = {}
+    for i in referred:
+        for part in (i.indeterminate_reason or "unspecified").split("; "):
+            key = part.split(":")[0].strip() if "evidence conflict" in part else re.sub(r"[0-9.<>=]+", "", part).strip()
+            reasons[key] = reasons.get(key, 0) + 1
+    return ReferralScore(len(images), len(referred), len(referred) / len(images), acc(kept), acc(referred),
+                         missed(kept), missed(referred), dict(sorted(reasons.items())))
+
+
+@dataclass(frozen=True)
 class SystemMetrics(_Result):
     """Every metric of one system (detector-only or agent) on one set of images."""
 
@@ -213,6 +264,7 @@ class SystemMetrics(_Result):
     calibration: CalibrationScore | None
     calibration_reason: str | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
+    referral: ReferralScore | None = None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -573,7 +625,8 @@ def compute_metrics(
     loc = replace(loc, ci=cis["localization_f1"])
     grd = replace(grd, ci=cis["grounded_f1"])
     cls = replace(cls, accuracy_ci=cis["accuracy"], balanced_accuracy_ci=cis["balanced_accuracy"])
-    return SystemMetrics(len(images), labels, loc, grd, cls, auc, cal, cal_reason, tuple(notes))
+    return SystemMetrics(len(images), labels, loc, grd, cls, auc, cal, cal_reason, tuple(notes),
+                         referral_score(images, positive_label))
 
 
 def default_negative_label(labels: Sequence[str], positive_label: str, normal_label: str) -> str:
@@ -583,6 +636,8 @@ def default_negative_label(labels: Sequence[str], positive_label: str, normal_la
 
 
 __all__ = [
+    "ReferralScore",
+    "referral_score",
     "ECE_BINS",
     "IOU_THRESHOLD",
     "AUCScore",

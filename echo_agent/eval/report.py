@@ -66,7 +66,28 @@ def headline_rows(systems: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, s
         ("ECE (15 bins)", *both(lambda m: _cal(m, "ece"))),
         ("Brier score", *both(lambda m: _cal(m, "brier"))),
     ]
+    if (ag or det).get("referral"):
+        rows += [
+            ("referred for review (indeterminate)", *both(_referred)),
+            ("  accuracy kept / referred", *both(lambda m: _ref(m, lambda r: f"{fmt(r['accuracy_kept'])} / {fmt(r['accuracy_referred'])}"))),
+            ("  positives missed: unflagged / referred",
+             *both(lambda m: _ref(m, lambda r: f"{r['positive_missed_kept']} / {r['positive_missed_referred']}"
+                                  if r["positive_missed_kept"] is not None else _DASH))),
+        ]
     return rows
+
+
+def _ref(m: Mapping[str, Any], f: Any) -> str:
+    r = m.get("referral")
+    return f(r) if r else _DASH
+
+
+def _referred(m: Mapping[str, Any]) -> str:
+    def text(r: Mapping[str, Any]) -> str:
+        why = ", ".join(f"{k} {v}" for k, v in r["by_reason"].items())
+        return f"{r['n_referred']} ({r['referred_rate']:.1%})" + (f": {why}" if why else "")
+
+    return _ref(m, text)
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]], align_right_from: int = 1) -> list[str]:
