@@ -18,6 +18,8 @@ from echo_agent.eval.splits import (
     apply_splits,
     assign_fold_splits,
     assign_splits,
+    cross_fit_fold,
+    cv_group,
     leakage_report,
     read_split_file,
     split_file,
@@ -161,3 +163,33 @@ def test_breast_lesions_usg_splits_recompute_identically(shared_data: Path) -> N
 
     build = load_center("breast_lesions_usg", shared_data)
     assert compute_splits(build) == read_split_file(split_file("breast_lesions_usg"))
+
+
+def test_cross_fit_folds_keep_groups_together_and_leave_each_image_out_once() -> None:
+    import importlib.util
+
+    images = _images(90)
+    folds = [cross_fit_fold(cv_group(im), 3) for im in images]
+    assert set(folds) == {0, 1, 2}
+    by_group = defaultdict(set)
+    for im, f in zip(images, folds):
+        by_group[im.group].add(f)
+    assert all(len(f) == 1 for f in by_group.values())  # a group is never split across folds
+    sizes = Counter(next(iter(f)) for f in by_group.values())
+    assert min(sizes.values()) >= 20  # 90 groups: roughly a third each
+    assert cross_fit_fold("g1", 3) == cross_fit_fold("g1", 3)  # no state, no file needed
+    with pytest.raises(ValueError):
+        cross_fit_fold("g1", 1)
+    # the detector trainer's training set for fold k is exactly the images whose fold is not k
+    spec = importlib.util.spec_from_file_location("train_detector", Path(__file__).parents[1] / "tools" / "train_detector.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    for k in range(3):
+        kept = tool.leave_fold_out(images, k, 3)
+        assert kept == [im for im, f in zip(images, folds) if f != k]
+    assert tool.leave_fold_out(images, None, None) == images
+    # cv_group: group, else patient, else the image itself
+    im = images[0]
+    assert cv_group(im) == im.group
+    assert cv_group(replace(im, group=None, patient_id="p7")) == "p7"
+    assert cv_group(replace(im, group=None, patient_id=None)) == im.key

@@ -74,3 +74,49 @@ def test_manifest_without_the_organ_or_with_errors_is_refused(tmp_path: Path):
     assert r.returncode == 2 and "has 6 breast image(s); a fusion needs at least 10" in r.stderr
     r = _run("--organ", "breast", "--manifest", str(m), "--centers", "busi", "--out", str(tmp_path / "f.json"))
     assert r.returncode == 2 and "not allowed with" in r.stderr
+
+
+def _weights_copy(tmp_path: Path, tag: str) -> Path:
+    """The packaged breast detector with a metadata tag: same outputs, another digest, so another
+    detector name (``breast-onnx@<digest>``)."""
+    import onnx
+
+    from echo_agent.organs import get_organ
+
+    model = onnx.load(str(get_organ("breast").resolve_weights()))
+    entry = model.metadata_props.add()
+    entry.key, entry.value = "echo_test_fold", tag
+    out = tmp_path / f"fold_{tag}.onnx"
+    onnx.save(model, str(out))
+    return out
+
+
+def test_cross_fitted_detectors_each_see_only_their_fold(tmp_path: Path):
+    from echo_agent.detectors import get_detector, load_detector
+    from echo_agent.eval.splits import cross_fit_fold
+    from echo_agent.reasoners.fusion_training import RunRecord
+
+    folds = [_weights_copy(tmp_path, str(k)) for k in range(2)]
+    names = [load_detector(f, labels=("benign", "malignant")).name for f in folds]
+    assert names[0] != names[1]
+    out, cache = tmp_path / "oof.json", tmp_path / "runs.jsonl"
+    r = _run("--organ", "breast", "--manifest", str(_manifest(tmp_path)), "--cross-fitted", *map(str, folds),
+             "--out", str(out), "--runs-cache", str(cache))
+    assert r.returncode == 0, r.stderr
+    # every image ran with the detector of its patient's fold, i.e. the one trained without it
+    for line in cache.read_text().splitlines():
+        rec = RunRecord(**json.loads(line))
+        used = {e["detector"] for e in rec.evidence if e.get("kind") == "detections"}
+        assert used == {names[cross_fit_fold(rec.group, 2)]}, rec.key
+    training = json.loads(out.read_text())["training"]
+    # written for the packaged detector, which the cross-fitted ones stand in for
+    assert training["detectors"] == [get_detector("breast").name]
+    assert sorted(training["runs_detectors"]) == sorted(set(names))
+    assert training["cross_fit"]["folds"] == 2 and training["cross_fit"]["groups_per_fold"] == [3, 3]
+    # argument errors
+    r = _run("--organ", "breast", "--manifest", str(tmp_path / "cal.csv"), "--cross-fitted", str(folds[0]),
+             "--out", str(tmp_path / "x.json"))
+    assert r.returncode == 2 and "at least 2 detectors" in r.stderr
+    r = _run("--organ", "breast", "--manifest", str(tmp_path / "cal.csv"), "--for-detector", str(folds[0]),
+             "--out", str(tmp_path / "x.json"))
+    assert r.returncode == 2 and "only goes with --cross-fitted" in r.stderr

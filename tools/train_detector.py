@@ -51,6 +51,16 @@ def _load_config(path: Path, overrides: argparse.Namespace) -> dict:
     return cfg
 
 
+def leave_fold_out(images: list, fold: int | None, folds: int | None) -> list:
+    """The train images without cross-fitting fold ``fold`` of ``folds`` (whole groups: a patient,
+    clip or near-duplicate group is in one fold; :func:`echo_agent.eval.splits.cross_fit_fold`)."""
+    if fold is None:
+        return images
+    from echo_agent.eval.splits import cross_fit_fold, cv_group
+
+    return [im for im in images if cross_fit_fold(cv_group(im), folds) != fold]
+
+
 def build_dataset(cfg: dict, work: Path, limit: int | None = None, reuse: bool = False):
     from echo_agent.eval.datasets import load_split
     from echo_agent.eval.yolo_data import YoloDataset, build_yolo_dataset, label_class_map
@@ -59,8 +69,9 @@ def build_dataset(cfg: dict, work: Path, limit: int | None = None, reuse: bool =
         counts = json.loads((work / "data" / "counts.json").read_text())
         return YoloDataset(data_yaml=work / "data" / "data.yaml", names=tuple(cfg["names"]), counts=counts)
 
+    train_images = [im for c in cfg["train_centers"] for im in load_split(c, "train")]
     splits = {
-        "train": [im for c in cfg["train_centers"] for im in load_split(c, "train")],
+        "train": leave_fold_out(train_images, cfg.get("fold"), cfg.get("folds")),
         "val": [im for c in cfg["val_centers"] for im in load_split(c, "val")],
     }
     if limit:
@@ -280,9 +291,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--finish", action="store_true",
                     help="only (re)compute the val pipeline metrics of an earlier run's ONNX and rewrite its card section")
     ap.add_argument("--no-card", action="store_true", help="do not touch MODEL_CARD.md")
+    ap.add_argument("--fold", type=int, help="cross-fitting: leave this fold of the train split's groups out "
+                    "(a detector for out-of-fold predictions; tools/train_policy.py --cross-fitted)")
+    ap.add_argument("--folds", type=int, help="cross-fitting: number of folds (with --fold)")
     args = ap.parse_args(argv)
+    if (args.fold is None) != (args.folds is None):
+        ap.error("--fold and --folds go together")
+    if args.fold is not None:
+        if args.folds < 2 or not 0 <= args.fold < args.folds:
+            ap.error(f"--fold must be in 0..{args.folds - 1} and --folds at least 2")
+        if args.output is None:
+            ap.error("a cross-fitted detector needs its own --output (it must not replace the packaged weights)")
     cfg = _load_config(args.config, args)
-    tag = cfg["organ"] + ("_lesion" if cfg.get("lesion_only") else "")
+    if args.fold is not None:
+        cfg["fold"], cfg["folds"] = args.fold, args.folds
+    tag = cfg["organ"] + ("_lesion" if cfg.get("lesion_only") else "") + (
+        f"_fold{args.fold}of{args.folds}" if args.fold is not None else "")
     work = (args.work / tag).resolve()
     work.mkdir(parents=True, exist_ok=True)
     output = args.output or (REPO / cfg["output"])

@@ -21,6 +21,22 @@ images together), then use the result with ``echo-agent eval ... --organ breast 
 
 Use a split the detector was NOT trained on (default: ``val``), so the fusion learns from the
 detector's out-of-sample behaviour. The test splits are never read here.
+
+Out-of-fold detector predictions on the **train** split (the issue's recipe; it needs K extra
+detector trainings, about 84 min each on a 2-core CPU, which is why the packaged fusions use the val
+splits instead): train K cross-fitted detectors, each without one fold of the train split's groups,
+then pair every train image with the detector that did not see it:
+
+    for k in 0 1 2; do python tools/train_detector.py configs/detector/breast.yaml --fold $k --folds 3 \
+        --work /tmp/cf --output /tmp/cf/breast_fold$k.onnx; done
+    python tools/train_policy.py --organ breast --centers busi breast_lesions_usg --split train \
+        --cross-fitted /tmp/cf/breast_fold0.onnx /tmp/cf/breast_fold1.onnx /tmp/cf/breast_fold2.onnx \
+        --out Y.json
+
+The fusion is written for the packaged detector (``--for-detector`` to name another, e.g. one you
+trained on the whole train split), which the cross-fitted ones stand in for; the runs' own
+detectors are kept in ``training.runs_detectors`` and the fold of each group in
+``training.cross_fit``.
 """
 
 from __future__ import annotations
@@ -88,6 +104,48 @@ def _images(args: argparse.Namespace, ap: argparse.ArgumentParser) -> list:
     return images
 
 
+def _agent_with(organ: str, weights: Path):
+    """The default agent (heuristic fusion: the runs feed the fusion being fitted) on other weights."""
+    from echo_agent import EchoAgent, get_organ
+    from echo_agent.detectors import load_detector
+    from echo_agent.reasoners import HeuristicFusion
+    from echo_agent.tools import Toolkit
+
+    det = load_detector(weights, labels=get_organ(organ).detector_labels)
+    return EchoAgent(fusion=HeuristicFusion(), toolkit=Toolkit(detectors={organ: det}))
+
+
+def _cross_fitted_runs(args: argparse.Namespace, images: list, progress) -> list[RunRecord]:
+    """Each image run with the cross-fitted detector of its group's fold (the one that did not see it)."""
+    from echo_agent.eval.splits import cross_fit_fold, cv_group
+
+    k = len(args.cross_fitted)
+    by_fold: dict[int, list] = {}
+    for im in images:
+        by_fold.setdefault(cross_fit_fold(cv_group(im), k), []).append(im)
+    records: list[RunRecord] = []
+    for fold in sorted(by_fold):
+        print(f"  fold {fold}: {len(by_fold[fold])} images with {args.cross_fitted[fold]}")
+        records += collect_runs(by_fold[fold], agent=_agent_with(args.organ, args.cross_fitted[fold]), progress=progress)
+    order = {im.key: i for i, im in enumerate(images)}
+    return sorted(records, key=lambda r: order[r.key])  # the manifest's order, whatever the folds
+
+
+def _detector_name(organ: str, weights: Path | None) -> str:
+    from echo_agent import get_organ
+    from echo_agent.detectors import get_detector, load_detector
+
+    det = get_detector(organ) if weights is None else load_detector(weights, labels=get_organ(organ).detector_labels)
+    return str(det.name)
+
+
+def _groups_per_fold(records: list[RunRecord], k: int) -> list[int]:
+    from echo_agent.eval.splits import cross_fit_fold
+
+    groups = {r.group for r in records}
+    return [sum(cross_fit_fold(g, k) == f for g in groups) for f in range(k)]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--organ", required=True)
@@ -104,9 +162,24 @@ def main() -> int:
                     help="below this many images only the temperature-calibrated rules are considered")
     ap.add_argument("--force", action="store_true", help="overwrite --out")
     ap.add_argument("--detector", type=Path, default=None, help="detector weights to use instead of the packaged ones")
+    ap.add_argument("--cross-fitted", type=Path, nargs="+", default=None, metavar="FOLD_ONNX",
+                    help="K detectors, the k-th trained without cross-fitting fold k (tools/train_detector.py "
+                         "--fold k --folds K): each image runs with the one that did not see it")
+    ap.add_argument("--for-detector", type=Path, default=None,
+                    help="with --cross-fitted: the weights of the detector the fusion is for (default: packaged)")
     args = ap.parse_args()
     if args.out.exists() and not args.force:
         ap.error(f"{args.out} exists; pass --force to overwrite it")
+    if args.cross_fitted is not None:
+        if len(args.cross_fitted) < 2:
+            ap.error("--cross-fitted needs at least 2 detectors (one per fold)")
+        if args.detector is not None:
+            ap.error("--detector and --cross-fitted exclude each other (use --for-detector)")
+        missing = [str(p) for p in args.cross_fitted if not p.is_file()]
+        if missing:
+            ap.error(f"cross-fitted detector(s) not found: {', '.join(missing)}")
+    elif args.for_detector is not None:
+        ap.error("--for-detector only goes with --cross-fitted")
 
     records: list[RunRecord] = []
     if args.runs_cache and args.runs_cache.exists():
@@ -121,26 +194,27 @@ def main() -> int:
                 print(f"  {i}/{n} runs ({time.perf_counter() - t0:.0f} s)", flush=True)
 
         print(f"running the agent on {len(images)} {args.organ} images ({_source(args)})")
-        agent = None
-        if args.detector is not None:
-            from echo_agent import EchoAgent, get_organ
-            from echo_agent.detectors import load_detector
-            from echo_agent.reasoners import HeuristicFusion
-            from echo_agent.tools import Toolkit
-
-            det = load_detector(args.detector, labels=get_organ(args.organ).detector_labels)
-            agent = EchoAgent(fusion=HeuristicFusion(), toolkit=Toolkit(detectors={args.organ: det}))
-        records = collect_runs(images, agent=agent, progress=progress)
+        if args.cross_fitted is not None:
+            records = _cross_fitted_runs(args, images, progress)
+        else:
+            agent = _agent_with(args.organ, args.detector) if args.detector is not None else None
+            records = collect_runs(images, agent=agent, progress=progress)
         if args.runs_cache:
             args.runs_cache.parent.mkdir(parents=True, exist_ok=True)
             args.runs_cache.write_text("\n".join(r.to_json() for r in records) + "\n")
+    notes = {"centers": args.centers, "split": None if args.manifest else args.split,
+             "manifest": str(args.manifest) if args.manifest else None,
+             "command": "python tools/train_policy.py " + " ".join(sys.argv[1:])}
+    for_detectors = None
+    if args.cross_fitted is not None:
+        k = len(args.cross_fitted)
+        for_detectors = [_detector_name(args.organ, args.for_detector)]
+        notes["cross_fit"] = {"folds": k, "detectors": [str(p) for p in args.cross_fitted],
+                              "groups_per_fold": _groups_per_fold(records, k)}
     try:
         params = fit_fusion(
             records, organ=args.organ, seed=args.seed, indeterminate_below=args.indeterminate_below,
-            min_images=args.min_images,
-            notes={"centers": args.centers, "split": None if args.manifest else args.split,
-                   "manifest": str(args.manifest) if args.manifest else None,
-                   "command": "python tools/train_policy.py " + " ".join(sys.argv[1:])},
+            min_images=args.min_images, notes=notes, for_detectors=for_detectors,
         )
     except ValueError as exc:  # e.g. too few runs of the organ
         ap.error(str(exc))

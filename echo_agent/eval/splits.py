@@ -268,7 +268,28 @@ def leakage_report(
     return rep
 
 
+def cv_group(im: ManifestImage) -> str:
+    """The unit an image is kept together with in cross-validation and cross-fitting: its ``group``
+    (near-duplicate group, clip), else its patient, else the image itself."""
+    return im.group or im.patient_id or im.key
+
+
+def cross_fit_fold(group: str, folds: int) -> int:
+    """The cross-fitting fold (``0 .. folds-1``) of a group: a hash of the group id, so every tool
+    (the detector trainer leaving a fold out, the fusion trainer pairing each image with the
+    detector that did not see it) computes the same fold without sharing a file.
+
+    >>> cross_fit_fold("p12", 3) == cross_fit_fold("p12", 3)
+    True
+    """
+    if folds < 2:
+        raise ValueError(f"cross-fitting needs at least 2 folds, got {folds}")
+    return int(hashlib.sha256(f"echo-cross-fit/{group}".encode()).hexdigest()[:12], 16) % folds
+
+
 __all__ = [
+    "cross_fit_fold",
+    "cv_group",
     "DEFAULT_FRACTIONS",
     "DEFAULT_SEED",
     "EXCLUDED",

@@ -77,6 +77,7 @@ class RunRecord:
 def collect_runs(images: Sequence[Any], *, agent: Any = None, progress: Callable[[int, int], None] | None = None) -> list[RunRecord]:
     """Run the agent on manifest images (``ManifestImage``) and keep evidence + truth."""
     from ..agent import EchoAgent
+    from ..eval.splits import cv_group
     from .fusion import HeuristicFusion
 
     agent = agent or EchoAgent(fusion=HeuristicFusion())
@@ -87,7 +88,7 @@ def collect_runs(images: Sequence[Any], *, agent: Any = None, progress: Callable
         state = agent.graph.invoke(inp)
         ref = state["image"]
         out.append(RunRecord(
-            key=im.key, group=im.group or im.patient_id or im.key, organ=im.organ, label=im.label,
+            key=im.key, group=cv_group(im), organ=im.organ, label=im.label,
             width=int(ref["width"]), height=int(ref["height"]), evidence=state.get("evidence") or [],
             clinical=inp.get("clinical"),
         ))
@@ -321,6 +322,7 @@ def fit_fusion(
     indeterminate_below: float = 0.5,
     n_boot: int = 1000,
     notes: dict[str, Any] | None = None,
+    for_detectors: Sequence[str] | None = None,
 ) -> FusionParams:
     """Choose and fit the fusion for one organ (see module docstring).
 
@@ -331,8 +333,14 @@ def fit_fusion(
         seed: seed of the final model's out-of-fold temperature fit.
         min_images: below this many images only the calibrated rules are considered (a logistic
             fusion fitted on a few dozen images does not transfer); the choice says so in ``warnings``.
+        for_detectors: the detector(s) the fusion is for, when the runs came from other ones:
+            cross-fitted detectors, each trained without the images it ran on, stand in for the final
+            detector trained on all of them (out-of-fold predictions). Default: the runs' detectors.
+            The runs' own detectors are then kept in ``training.runs_detectors``.
     """
     spec = get_organ(organ)
+    if for_detectors is not None and not list(for_detectors):
+        raise ValueError("for_detectors must name at least one detector")
     recs = [r for r in records if r.organ == organ]
     if len(recs) < 10:
         raise ValueError(f"need at least 10 {organ} runs to fit a fusion, got {len(recs)}")
@@ -394,6 +402,9 @@ def fit_fusion(
         subset, weights, bias, mean_l, std_l = [], [[] for _ in labels], [0.0] * k, [], []
         temperature = fit_temperature(R[chosen.kind], y)
     detectors = sorted({e.get("detector") for r in recs for e in r.evidence if e.get("kind") == "detections"} - {None})
+    if for_detectors is not None:
+        notes = {**(notes or {}), "runs_detectors": detectors}
+        detectors = sorted(set(for_detectors))
     chosen_score = next(s for s in scores if s.chosen)
     P0 = oof[chosen.name][0]
     per_class = {lbl: float((P0.argmax(1)[y == i] == i).mean()) if (y == i).any() else None for i, lbl in enumerate(labels)}
