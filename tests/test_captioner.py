@@ -404,3 +404,17 @@ def test_prefetch_keeps_a_bounded_number_of_pending_analyses() -> None:
     a = cap.describe(imgs[0], organ="breast")
     b = PixelCaptioner().describe(imgs[0], organ="breast")
     assert _dump(a) == _dump(b)
+
+
+def test_captioner_copies_and_pickles_without_its_thread() -> None:
+    import copy
+    import pickle
+
+    cap = PixelCaptioner()
+    img, box = oval_cyst()
+    img.flags.writeable = False
+    cap.prefetch(img)
+    assert cap.prefetch([[1, 2, 3]]) is False  # not an array: nothing to do
+    for clone in (copy.deepcopy(cap), pickle.loads(pickle.dumps(cap))):
+        assert clone.thresholds == cap.thresholds and not clone._pending
+        assert _dump(clone.describe(img, organ="breast", regions=[box])) == _dump(cap.describe(img, organ="breast", regions=[box]))

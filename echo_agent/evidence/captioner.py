@@ -465,7 +465,7 @@ class PixelCaptioner:
         cannot change between the prefetch and the describe call. Returns whether a job was
         started (False: not read-only, or already prefetched).
         """
-        if image.flags.writeable or image.ndim != 3:
+        if not isinstance(image, np.ndarray) or image.flags.writeable or image.ndim != 3:
             return False
         key = id(image)
         with self._pending_lock:
@@ -480,6 +480,13 @@ class PixelCaptioner:
             while len(self._pending) > self.prefetch_capacity:
                 self._pending.popitem(last=False)[1][1].cancel()
         return True
+
+    def __getstate__(self) -> dict[str, Any]:
+        # copies and pickles (a Ray actor, copy.deepcopy) take the thresholds, not the thread
+        return {"thresholds": self.thresholds}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["thresholds"])  # type: ignore[misc]
 
     def _whole_image(self, image: np.ndarray) -> tuple[np.ndarray, _d.GlobalAnalysis]:
         """(gray, whole-image analysis): the prefetched result if there is one, else computed now."""
