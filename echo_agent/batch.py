@@ -14,7 +14,8 @@ import json
 import os
 import re
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -203,28 +204,41 @@ def open_journal(
     return todo, BatchSummary(total=len(items), done_before=len(items) - len(todo))
 
 
-def emit(
-    fd: int, summary: BatchSummary, item: BatchItem, rec: dict[str, Any],
-    on_item: Callable[[BatchItem, dict[str, Any]], None] | None, bar: tuple[Any, Any] = (None, None),
-) -> None:
-    """Append one record to the journal, count it, call ``on_item`` and advance the progress bar
-    (``(bar, task)`` from :func:`progress_bar`). Every engine writes its records through here."""
-    _append(fd, rec)
-    tally(summary, rec)
-    if on_item is not None:
-        on_item(item, rec)
-    if bar[0] is not None:
-        bar[0].update(bar[1], advance=1, status=f"{item.id[-40:]}: {rec['status']}")
+@contextmanager
+def journal_writer(
+    out: Path, summary: BatchSummary, total: int,
+    on_item: Callable[[BatchItem, dict[str, Any]], None] | None = None, progress: bool = False,
+) -> Iterator[Callable[[BatchItem, dict[str, Any]], None]]:
+    """Open the journal ``out`` for appending and yield ``write(item, record)``, the one way every
+    engine records an item: one fsync'd line, counted into ``summary``, then ``on_item`` and the
+    progress bar (``progress``: a rich bar over ``total`` items). On exit the journal is closed and
+    ``summary.seconds`` set to the time spent inside."""
+    bar = task = None
+    if progress:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+        bar = Progress(TextColumn("[bold]batch"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                       TextColumn("{task.fields[status]}"))
+        bar.start()
+        task = bar.add_task("batch", total=total, completed=summary.done_before, status="")
 
-def progress_bar(total: int, completed: int) -> tuple[Any, Any]:
-    """A started rich progress bar for a batch run and its task (``status`` field: the last item)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    def write(item: BatchItem, rec: dict[str, Any]) -> None:
+        _append(fd, rec)
+        tally(summary, rec)
+        if on_item is not None:
+            on_item(item, rec)
+        if bar is not None:
+            bar.update(task, advance=1, status=f"{item.id[-40:]}: {rec['status']}")
 
-    bar = Progress(TextColumn("[bold]batch"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                   TextColumn("{task.fields[status]}"))
-    bar.start()
-    return bar, bar.add_task("batch", total=total, completed=completed, status="")
+    t0 = time.perf_counter()
+    fd = os.open(out, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        yield write
+    finally:
+        os.close(fd)
+        if bar is not None:
+            bar.stop()
+        summary.seconds = time.perf_counter() - t0
 
 
 def run_batch(
@@ -256,10 +270,7 @@ def run_batch(
         from .agent import EchoAgent
 
         agent = EchoAgent()
-    t0 = time.perf_counter()
-    fd = os.open(out, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    bar, task = progress_bar(len(items), summary.done_before) if progress else (None, None)
-    try:
+    with journal_writer(out, summary, len(items), on_item, progress) as write:
         for start in range(0, len(todo), max(chunk_size, 1)):
             chunk = todo[start : start + chunk_size]
             by_organ: dict[str | None, list[int]] = {}
@@ -273,12 +284,7 @@ def run_batch(
                 for i, r in zip(idx, res):
                     results[i] = (r, per_item_ms)
             for it, (res, ms) in zip(chunk, results):
-                emit(fd, summary, it, _record(it, res, ms, overlays, fhir, agent), on_item, (bar, task))
-    finally:
-        os.close(fd)
-        if bar is not None:
-            bar.stop()
-    summary.seconds = time.perf_counter() - t0
+                write(it, _record(it, res, ms, overlays, fhir, agent))
     return summary
 
 

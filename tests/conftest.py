@@ -32,3 +32,11 @@ def shared_data() -> Path:
     if not (root / "BrEaST-Lesions_USG").is_dir():
         pytest.skip(f"real data not found at {root} (set ECHO_AGENT_DATA to the shared data folder)")
     return root
+
+
+@pytest.fixture
+def batch_folder(tmp_path: Path) -> Path:
+    """Ten batch inputs (two bundled examples, seven synthetic frames, one corrupt file) in a folder."""
+    from _fakes import batch_folder as fill
+
+    return fill(tmp_path / "images")

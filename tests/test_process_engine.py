@@ -9,12 +9,11 @@ import uuid
 from pathlib import Path
 
 import pytest
+from _fakes import journal_lines, stable_record
 
 from echo_agent.batch import collect_inputs, read_journal, run_batch
 from echo_agent.scale import process_engine
 from echo_agent.scale.process_engine import run_batch_processes
-
-VOLATILE = {"ms", "overlay", "fhir"}
 
 
 def fake_agent(marker_dir: str, die_on: str | None = None):
@@ -42,28 +41,12 @@ def broken_factory():
     raise RuntimeError("no weights here")
 
 
-@pytest.fixture
-def folder(tmp_path):
-    """Ten images: the two bundled examples, seven synthetic frames and one corrupt file."""
-    from _fakes import batch_folder
-
-    return batch_folder(tmp_path / "images")
 
 
-def _lines(path: Path) -> list[dict]:
-    from _fakes import journal_lines
-
-    return journal_lines(path)
 
 
-def _stable(rec: dict) -> dict:
-    from _fakes import stable_record
-
-    return stable_record(rec, VOLATILE)
-
-
-def test_journal_matches_the_local_engine_one_agent_per_worker(folder, tmp_path):
-    items = collect_inputs(folder, organ="breast")
+def test_journal_matches_the_local_engine_one_agent_per_worker(batch_folder, tmp_path):
+    items = collect_inputs(batch_folder, organ="breast")
     markers = tmp_path / "markers"
     markers.mkdir()
     local = run_batch(items, tmp_path / "local.jsonl", agent=fake_agent(str(tmp_path)),
@@ -74,11 +57,11 @@ def test_journal_matches_the_local_engine_one_agent_per_worker(folder, tmp_path)
         fhir=tmp_path / "fhir-proc", agent_factory=functools.partial(fake_agent, str(markers)),
         on_item=lambda it, rec: seen.append(it.id), progress=False,
     )
-    lines = _lines(tmp_path / "proc.jsonl")
+    lines = journal_lines(tmp_path / "proc.jsonl")
     assert sorted(r["id"] for r in lines) == sorted(it.id for it in items) and sorted(seen) == sorted(it.id for it in items)
     local_by_id = read_journal(tmp_path / "local.jsonl")
     for rec in lines:
-        assert _stable(rec) == _stable(local_by_id[rec["id"]]), rec["id"]
+        assert stable_record(rec) == stable_record(local_by_id[rec["id"]]), rec["id"]
     assert (summary.total, summary.done_before, summary.ok, summary.errors) == (10, 0, local.ok, local.errors)
     assert summary.labels == local.labels and summary.ok == 9
     assert sorted(p.name for p in (tmp_path / "ov-proc").iterdir()) == sorted(p.name for p in (tmp_path / "ov-local").iterdir())
@@ -87,8 +70,8 @@ def test_journal_matches_the_local_engine_one_agent_per_worker(folder, tmp_path)
     assert len(made) == 2 and len(set(made)) == 2 and str(os.getpid()) not in made
 
 
-def test_resume_skips_done_items_and_a_finished_journal_starts_no_workers(folder, tmp_path):
-    items = collect_inputs(folder, organ="breast")
+def test_resume_skips_done_items_and_a_finished_journal_starts_no_workers(batch_folder, tmp_path):
+    items = collect_inputs(batch_folder, organ="breast")
     markers = tmp_path / "markers"
     markers.mkdir()
     factory = functools.partial(fake_agent, str(markers))
@@ -104,15 +87,15 @@ def test_resume_skips_done_items_and_a_finished_journal_starts_no_workers(folder
     assert sorted(seen) == sorted(it.id for it in items[4:])
     data = out.read_bytes()
     assert data.startswith(before)
-    ids = [r["id"] for r in _lines(out)]
+    ids = [r["id"] for r in journal_lines(out)]
     assert sorted(ids) == sorted(it.id for it in items) and len(ids) == len(set(ids))
     n_agents = len(list(markers.iterdir()))
     third = run_batch_processes(items, out, workers=2, agent_factory=factory, progress=False)
     assert third.processed == 0 and out.read_bytes() == data and len(list(markers.iterdir())) == n_agents
 
 
-def test_a_dying_worker_costs_only_its_own_image(folder, tmp_path):
-    items = collect_inputs(folder, organ="breast")
+def test_a_dying_worker_costs_only_its_own_image(batch_folder, tmp_path):
+    items = collect_inputs(batch_folder, organ="breast")
     markers = tmp_path / "markers"
     markers.mkdir()
     out = tmp_path / "crash.jsonl"
@@ -120,7 +103,7 @@ def test_a_dying_worker_costs_only_its_own_image(folder, tmp_path):
         items, out, workers=2, chunk_size=3, progress=False,
         agent_factory=functools.partial(fake_agent, str(markers), die_on="synthetic_3"),
     )
-    by_id = {r["id"]: r for r in _lines(out)}
+    by_id = {r["id"]: r for r in journal_lines(out)}
     assert sorted(by_id) == sorted(it.id for it in items)  # every item once, none lost
     dead = by_id["synthetic_3.png"]
     assert dead["status"] == "error" and dead["error_type"] == "WorkerCrashedError"
@@ -131,11 +114,11 @@ def test_a_dying_worker_costs_only_its_own_image(folder, tmp_path):
     assert summary.errors == 2 and summary.ok == 8
 
 
-def test_a_failing_agent_factory_is_reported_per_item(folder, tmp_path):
-    items = collect_inputs(folder, organ="breast")[:3]
+def test_a_failing_agent_factory_is_reported_per_item(batch_folder, tmp_path):
+    items = collect_inputs(batch_folder, organ="breast")[:3]
     out = tmp_path / "nofactory.jsonl"
     summary = run_batch_processes(items, out, workers=1, agent_factory=broken_factory, progress=False)
-    recs = _lines(out)
+    recs = journal_lines(out)
     assert len(recs) == 3 and summary.errors == 3
     assert all(r["error_type"] == "WorkerStartError" and "no weights here" in r["error"] for r in recs)
 

@@ -19,11 +19,12 @@ import pytest
 
 pytest.importorskip("ray.data", reason="Ray Data is not installed (pip install -e '.[serve]')")
 
+from _fakes import journal_lines, stable_record  # noqa: E402
+
 from echo_agent.batch import collect_inputs, read_journal, run_batch  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
-VOLATILE = {"ms", "overlay", "fhir"}  # timing and output folders differ between the two runs
 
 
 def fake_agent(marker_dir: str, delay_s: float = 0.0):
@@ -67,30 +68,14 @@ def ray_cluster():
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-@pytest.fixture
-def folder(tmp_path):
-    """Ten images: the two bundled examples, seven synthetic frames and one corrupt file."""
-    from _fakes import batch_folder
-
-    return batch_folder(tmp_path / "images")
 
 
-def _lines(path: Path) -> list[dict]:
-    from _fakes import journal_lines
-
-    return journal_lines(path)
 
 
-def _stable(rec: dict) -> dict:
-    from _fakes import stable_record
-
-    return stable_record(rec, VOLATILE)
-
-
-def test_ray_journal_matches_local_engine(ray_cluster, folder, tmp_path):
+def test_ray_journal_matches_local_engine(ray_cluster, batch_folder, tmp_path):
     from echo_agent.scale.ray_engine import run_batch_ray
 
-    items = collect_inputs(folder, organ="breast")
+    items = collect_inputs(batch_folder, organ="breast")
     local_markers = tmp_path / "local-markers"
     ray_markers = tmp_path / "ray-markers"
     local_markers.mkdir()
@@ -101,12 +86,12 @@ def test_ray_journal_matches_local_engine(ray_cluster, folder, tmp_path):
         items, tmp_path / "ray.jsonl", workers=2, chunk_size=2, overlays=tmp_path / "ov-ray",
         fhir=tmp_path / "fhir-ray", agent_factory=functools.partial(fake_agent, str(ray_markers)), progress=False,
     )
-    lines = _lines(tmp_path / "ray.jsonl")
+    lines = journal_lines(tmp_path / "ray.jsonl")
     assert sorted(r["id"] for r in lines) == sorted(it.id for it in items)  # each item once
     by_id = {r["id"]: r for r in lines}
     local_by_id = read_journal(tmp_path / "local.jsonl")
     for item_id, rec in local_by_id.items():
-        assert _stable(by_id[item_id]) == _stable(rec), item_id
+        assert stable_record(by_id[item_id]) == stable_record(rec), item_id
     assert by_id["zz_corrupt.png"]["status"] == "error"
     assert by_id["zz_corrupt.png"]["error_type"] == local_by_id["zz_corrupt.png"]["error_type"]
     assert (summary.total, summary.done_before, summary.ok, summary.errors) == (10, 0, local.ok, local.errors)
@@ -122,10 +107,10 @@ def test_ray_journal_matches_local_engine(ray_cluster, folder, tmp_path):
     assert len(made) == 2 and len(set(made)) == 2 and str(os.getpid()) not in made
 
 
-def test_ray_resumes_a_journal_skipping_done_items_and_a_torn_line(ray_cluster, folder, tmp_path):
+def test_ray_resumes_a_journal_skipping_done_items_and_a_torn_line(ray_cluster, batch_folder, tmp_path):
     from echo_agent.scale.ray_engine import run_batch_ray
 
-    items = collect_inputs(folder, organ="breast")
+    items = collect_inputs(batch_folder, organ="breast")
     markers = tmp_path / "markers"
     markers.mkdir()
     factory = functools.partial(fake_agent, str(markers))
@@ -143,7 +128,7 @@ def test_ray_resumes_a_journal_skipping_done_items_and_a_torn_line(ray_cluster, 
     assert sorted(seen) == sorted(it.id for it in items[4:])  # nothing redone
     data = out.read_bytes()
     assert data.startswith(before)  # earlier lines untouched, the torn one removed
-    ids = [r["id"] for r in _lines(out)]
+    ids = [r["id"] for r in journal_lines(out)]
     assert sorted(ids) == sorted(it.id for it in items) and len(ids) == len(set(ids))
     # A finished journal: nothing to do, no workers started, nothing written.
     n_agents = len(list(markers.iterdir()))
@@ -167,17 +152,17 @@ run_batch_ray(items, {out!r}, workers=2, chunk_size=1, progress=False,
 """
 
 
-def test_ray_driver_killed_with_sigkill_then_resumed(ray_cluster, folder, tmp_path):
+def test_ray_driver_killed_with_sigkill_then_resumed(ray_cluster, batch_folder, tmp_path):
     """The driver is the journal's only writer: SIGKILL it mid-run, restart, and the journal ends
     with every item exactly once, the lines written before the kill untouched."""
     from echo_agent.scale.ray_engine import run_batch_ray
 
-    items = collect_inputs(folder, organ="breast")
+    items = collect_inputs(batch_folder, organ="breast")
     out = tmp_path / "killed.jsonl"
     markers = tmp_path / "markers"
     markers.mkdir()
     address = ray_cluster.get_runtime_context().gcs_address
-    script = _DRIVER.format(tests=str(TESTS), repo=str(REPO), address=address, folder=str(folder),
+    script = _DRIVER.format(tests=str(TESTS), repo=str(REPO), address=address, folder=str(batch_folder),
                             pythonpath=os.pathsep.join([str(TESTS), str(REPO)]),
                             out=str(out), markers=str(markers))
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -204,5 +189,5 @@ def test_ray_driver_killed_with_sigkill_then_resumed(ray_cluster, folder, tmp_pa
                             agent_factory=functools.partial(fake_agent, str(markers)), progress=False)
     assert summary.done_before == n_before and summary.processed == len(items) - n_before
     assert out.read_bytes().startswith(complete)
-    ids = [r["id"] for r in _lines(out)]
+    ids = [r["id"] for r in journal_lines(out)]
     assert sorted(ids) == sorted(it.id for it in items) and len(ids) == len(set(ids))

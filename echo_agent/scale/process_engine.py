@@ -22,9 +22,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import multiprocessing.util
-import os
 import shutil
-import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -32,7 +30,7 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
-from ..batch import BatchItem, BatchSummary, _record, emit, progress_bar
+from ..batch import BatchItem, BatchSummary, _record, journal_writer
 from ..errors import EchoError
 from .worker import AgentFactory, EchoBatchWorker, _encode_item, open_pool_run
 
@@ -114,72 +112,68 @@ def run_batch_processes(
     pending: deque[tuple[list[BatchItem], bool]] = deque(
         (todo[i : i + chunk_size], False) for i in range(0, len(todo), chunk_size)
     )
+    with journal_writer(out, summary, len(items), on_item, progress) as write:
+        _run_pool(pending, write, workers=workers, initargs=(agent_factory, *folders))
+    return summary
+
+
+def _run_pool(
+    pending: deque[tuple[list[BatchItem], bool]], write: Callable[[BatchItem, dict[str, Any]], None], *,
+    workers: int, initargs: tuple[Any, ...],
+) -> None:
+    """Hand the pending chunks to worker processes and write every item's record (see module doc)."""
     ctx = multiprocessing.get_context("spawn")
-
-    t0 = time.perf_counter()
-    fd = os.open(out, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    bar, task = progress_bar(len(items), summary.done_before) if progress else (None, None)
-
-    def write(item: BatchItem, rec: dict[str, Any]) -> None:
-        emit(fd, summary, item, rec, on_item, (bar, task))
 
     def crashed(it: BatchItem, why: str) -> None:
         write(it, _record(it, WorkerCrashedError(why), 0.0, None, None, None))
 
     restarts = 0
-    try:
-        while pending:
-            pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
-                                       initargs=(agent_factory, *folders))
-            running: dict[Future[list[str]], tuple[list[BatchItem], bool]] = {}
-            broken: list[tuple[list[BatchItem], bool]] = []
-            try:
-                while pending or running:
-                    # keep every worker busy with one chunk queued behind it, no more (bounded memory,
-                    # and little to redo when the run is killed); an isolated chunk runs alone
-                    while pending and not broken and len(running) < 2 * workers:
-                        if (pending[0][1] and running) or any(iso for _, iso in running.values()):
-                            break
-                        chunk, isolated = pending.popleft()
-                        running[pool.submit(_run_chunk, [_encode_item(it) for it in chunk])] = (chunk, isolated)
-                    if not running:
+    while pending:
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
+                                   initargs=initargs)
+        running: dict[Future[list[str]], tuple[list[BatchItem], bool]] = {}
+        broken: list[tuple[list[BatchItem], bool]] = []
+        try:
+            while pending or running:
+                # keep every worker busy with one chunk queued behind it, no more (bounded memory,
+                # and little to redo when the run is killed); an isolated chunk runs alone
+                while pending and not broken and len(running) < 2 * workers:
+                    if (pending[0][1] and running) or any(iso for _, iso in running.values()):
                         break
-                    done, _ = wait(running, return_when=FIRST_COMPLETED)
-                    for fut in done:
-                        chunk, isolated = running.pop(fut)
-                        try:
-                            records = [json.loads(r) for r in fut.result()]
-                        except BrokenProcessPool:
-                            broken.append((chunk, isolated))
-                            continue
-                        except Exception as exc:  # noqa: BLE001 - e.g. the factory failed: per item, run goes on
-                            records = [_record(it, exc, 0.0, None, None, None) for it in chunk]
-                        for it, rec in zip(chunk, records, strict=True):
-                            write(it, rec)
-            finally:
-                pool.shutdown(wait=True, cancel_futures=True)
-            if not broken:
-                continue
-            restarts += 1
-            if restarts > MAX_POOL_RESTARTS:
-                for chunk, _ in [*broken, *pending]:
-                    for it in chunk:
-                        crashed(it, f"worker processes kept dying ({restarts} pools); this image was not processed")
-                pending.clear()
-                break
-            retry: list[tuple[list[BatchItem], bool]] = []
-            for chunk, isolated in broken:
-                if isolated:  # it broke a pool while running alone: it is the cause; not retried again
-                    crashed(chunk[0], "the worker process died while processing this image")
-                else:  # which item did it is unknown: retry each alone, before the rest
-                    retry += [([it], True) for it in chunk]
-            pending.extendleft(reversed(retry))
-    finally:
-        os.close(fd)
-        if bar is not None:
-            bar.stop()
-    summary.seconds = time.perf_counter() - t0
-    return summary
+                    chunk, isolated = pending.popleft()
+                    running[pool.submit(_run_chunk, [_encode_item(it) for it in chunk])] = (chunk, isolated)
+                if not running:
+                    break
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    chunk, isolated = running.pop(fut)
+                    try:
+                        records = [json.loads(r) for r in fut.result()]
+                    except BrokenProcessPool:
+                        broken.append((chunk, isolated))
+                        continue
+                    except Exception as exc:  # noqa: BLE001 - e.g. the factory failed: per item, run goes on
+                        records = [_record(it, exc, 0.0, None, None, None) for it in chunk]
+                    for it, rec in zip(chunk, records, strict=True):
+                        write(it, rec)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+        if not broken:
+            continue
+        restarts += 1
+        if restarts > MAX_POOL_RESTARTS:
+            for chunk, _ in [*broken, *pending]:
+                for it in chunk:
+                    crashed(it, f"worker processes kept dying ({restarts} pools); this image was not processed")
+            pending.clear()
+            break
+        retry: list[tuple[list[BatchItem], bool]] = []
+        for chunk, isolated in broken:
+            if isolated:  # it broke a pool while running alone: it is the cause; not retried again
+                crashed(chunk[0], "the worker process died while processing this image")
+            else:  # which item did it is unknown: retry each alone, before the rest
+                retry += [([it], True) for it in chunk]
+        pending.extendleft(reversed(retry))
 
 
 __all__ = ["MAX_POOL_RESTARTS", "WorkerCrashedError", "WorkerStartError", "run_batch_processes"]

@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..batch import BatchItem, BatchSummary, _append, tally
+from ..batch import BatchItem, BatchSummary, journal_writer
 from ..errors import MissingExtraError
 from .worker import AgentFactory, EchoBatchWorker, _decode_item, _encode_item, open_pool_run  # noqa: F401 - re-exported
 
@@ -97,8 +96,6 @@ def run_batch_ray(
             ray.init(address=target, log_to_driver=progress)
         else:  # a local instance for this run only
             ray.init(include_dashboard=False, log_to_driver=progress)
-    t0 = time.perf_counter()
-    fd = os.open(out, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         from ray.data import ActorPoolStrategy, DataContext
 
@@ -114,18 +111,15 @@ def run_batch_ray(
             num_cpus=cpus_per_worker, num_gpus=gpus_per_worker,
         )
         written: set[str] = set()
-        for row in ds.iter_rows():
-            rec = json.loads(row["record"])
-            if rec["id"] in written:  # a retried Ray task may deliver an item again: one line per id
-                continue
-            _append(fd, rec)
-            written.add(rec["id"])
-            tally(summary, rec)
-            if on_item is not None:
-                on_item(by_id[rec["id"]], rec)
+        # Ray Data draws its own progress bars: none from the writer
+        with journal_writer(out, summary, len(items), on_item) as write:
+            for row in ds.iter_rows():
+                rec = json.loads(row["record"])
+                if rec["id"] in written:  # a retried Ray task may deliver an item again: one line per id
+                    continue
+                write(by_id[rec["id"]], rec)
+                written.add(rec["id"])
     finally:
-        os.close(fd)
-        summary.seconds = time.perf_counter() - t0
         if started_here:
             ray.shutdown()
     return summary

@@ -56,7 +56,7 @@ class EchoBatchWorker:
         self.agent = agent_factory()
         self.overlays = overlays
         self.fhir = fhir
-        self._scratch = Path(tempfile.mkdtemp(prefix="echo-ray-"))
+        self._scratch = Path(tempfile.mkdtemp(prefix="echo-batch-"))
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
         items = [_decode_item(str(s)) for s in batch["item"]]
