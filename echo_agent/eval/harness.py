@@ -22,7 +22,7 @@ import shlex
 import time
 import traceback
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
@@ -189,11 +189,12 @@ def detector_prediction(spec: OrganSpec, detections: Sequence[Detection]) -> dic
 
 def _scored(
     im: ManifestImage, pred_label: str, boxes: Iterable[PredictedBox], probs: Mapping[str, float] | None,
-    positive_score: float | None,
+    positive_score: float | None, **referral: Any,
 ) -> ScoredImage:
     return ScoredImage(
         key=im.key, true_label=im.label, true_boxes=tuple(im.boxes), pred_label=pred_label,
         pred_boxes=tuple(boxes), probabilities=probs, positive_score=positive_score, cluster=_cluster(im),
+        **referral,
     )
 
 
@@ -273,7 +274,7 @@ def _run_item(
         boxes = [PredictedBox(f.box, spec.image_label_for(f.label), f.score) for f in dx.findings]
         probs = {lbl: float(dx.probabilities.get(lbl, 0.0)) for lbl in spec.image_labels}
         pos = probs[spec.positive_label] if spec.positive_label else None
-        scored[AGENT] = replace(_scored(im, dx.label, boxes, probs, pos), indeterminate=bool(dx.indeterminate),
+        scored[AGENT] = _scored(im, dx.label, boxes, probs, pos, indeterminate=bool(dx.indeterminate),
                                 indeterminate_reason=dx.indeterminate_reason)
     except Exception as exc:
         rec = record.get(AGENT) or {"elapsed_ms": round((time.perf_counter() - t0) * 1000, 2)}

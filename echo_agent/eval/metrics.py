@@ -245,7 +245,8 @@ def referral_score(images: Sequence[ScoredImage], positive_label: str | None) ->
     reasons: dict[str, int] = {}
     for i in referred:
         for part in (i.indeterminate_reason or "unspecified").split("; "):
-            key = part.split(":")[0].strip() if "evidence conflict" in part else re.sub(r"[0-9.<>=]+", "", part).strip()
+            # the reason's kind: its words before any ':' and without its numbers
+            key = re.sub(r"[0-9.<>=]+", "", part.split(":")[0]).strip()
             reasons[key] = reasons.get(key, 0) + 1
     return ReferralScore(len(images), len(referred), len(referred) / len(images), acc(kept), acc(referred),
                          missed(kept), missed(referred), dict(sorted(reasons.items())))

@@ -488,7 +488,7 @@ class PixelCaptioner:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(state["thresholds"])  # type: ignore[misc]
 
-    def _whole_image(self, image: np.ndarray) -> tuple[np.ndarray, _d.GlobalAnalysis]:
+    def _take_whole_image(self, image: np.ndarray) -> tuple[np.ndarray, _d.GlobalAnalysis]:
         """(gray, whole-image analysis): the prefetched result if there is one, else computed now."""
         with self._pending_lock:
             hit = self._pending.get(id(image))
@@ -595,7 +595,7 @@ class PixelCaptioner:
             evidence_id: the ``id`` of the returned :class:`ImageContext`.
         """
         t0 = time.perf_counter()
-        gray, ga = self._whole_image(image)  # validates the image first
+        gray, ga = self._take_whole_image(image)  # validates the image first
         h, w = gray.shape
         if detection_ids is not None and len(detection_ids) != len(regions):
             raise EchoInputError(
