@@ -254,6 +254,36 @@ def test_features_expose_raw_numbers(cap: PixelCaptioner) -> None:
     assert cap.features(img, box, mask=m)["solidity"] > 0.95
 
 
+@pytest.mark.parametrize("no_defects", ["none", "empty", "raises"])
+def test_convex_region_has_no_concavity_on_every_opencv(
+    cap: PixelCaptioner, monkeypatch: pytest.MonkeyPatch, no_defects: str
+) -> None:
+    """A convex mask: OpenCV 4 says ``None``, OpenCV 5 an empty array, some builds raise."""
+    from echo_agent.evidence import _descriptors
+
+    def fake(cnt, hull):  # noqa: ANN001 - cv2's signature
+        if no_defects == "raises":
+            raise cv2.error("degenerate hull")
+        return None if no_defects == "none" else np.zeros((0, 1, 4), np.int32)
+
+    monkeypatch.setattr(_descriptors.cv2, "convexityDefects", fake)
+    img, box = spiky_mass()
+    m = np.zeros(img.shape[:2], bool)
+    m[int(box.y1) : int(box.y2), int(box.x1) : int(box.x2)] = True
+    f = cap.features(img, box, mask=m)
+    assert f["n_concavities"] == 0.0 and f["max_concavity"] == 0.0
+    assert f["solidity"] > 0.95
+
+
+def test_real_convex_region_through_installed_opencv(cap: PixelCaptioner) -> None:
+    img, box = spiky_mass()
+    yy, xx = np.mgrid[: img.shape[0], : img.shape[1]]
+    cx, cy = (box.x1 + box.x2) / 2, (box.y1 + box.y2) / 2
+    m = ((xx - cx) / max(1.0, (box.x2 - box.x1) / 2)) ** 2 + ((yy - cy) / max(1.0, (box.y2 - box.y1) / 2)) ** 2 <= 1
+    f = cap.features(img, box, mask=m)
+    assert f["max_concavity"] < 0.08
+
+
 def test_thresholds_are_plain_json_and_complete() -> None:
     path = Path(__file__).resolve().parent.parent / "echo_agent" / "assets" / "captioner" / "thresholds.json"
     data = json.loads(path.read_text())

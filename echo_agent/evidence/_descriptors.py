@@ -424,6 +424,24 @@ def analyse_region(
     )
 
 
+def _defect_depths(cnt: np.ndarray) -> np.ndarray:
+    """Depths (pixels) of the contour's convexity defects; empty for a convex contour.
+
+    OpenCV 4 returns ``None`` when a contour has no defects, OpenCV 5 an empty array, and some
+    degenerate hulls raise: all three mean "no concavity" here.
+    """
+    if len(cnt) < 5:
+        return np.zeros(0, dtype=np.float64)
+    hull_idx = cv2.convexHull(cnt, returnPoints=False)
+    try:
+        defects = cv2.convexityDefects(cnt, hull_idx)
+    except cv2.error:
+        defects = None
+    if defects is None or np.size(defects) == 0:
+        return np.zeros(0, dtype=np.float64)
+    return np.asarray(defects).reshape(-1, 4)[:, 3].astype(np.float64) / 256.0
+
+
 def _shape_features(
     m: np.ndarray, f: dict[str, float], sx: float, sy: float, spacing: tuple[float, float] | None
 ) -> None:
@@ -502,17 +520,11 @@ def _shape_features(
     # concavities: convexity defects deeper than 8 % of the equivalent radius
     f["n_concavities"] = 0.0
     f["max_concavity"] = 0.0
-    if len(cnt) >= 5:
-        hull_idx = cv2.convexHull(cnt, returnPoints=False)
-        try:
-            defects = cv2.convexityDefects(cnt, hull_idx)
-        except cv2.error:
-            defects = None
-        if defects is not None:
-            depth = defects.reshape(-1, 4)[:, 3] / 256.0
-            req = math.sqrt(max(area, 1.0) / math.pi)
-            f["n_concavities"] = float((depth > 0.08 * req).sum())
-            f["max_concavity"] = float(depth.max() / req)
+    depth = _defect_depths(cnt)
+    if depth.size:
+        req = math.sqrt(max(area, 1.0) / math.pi)
+        f["n_concavities"] = float((depth > 0.08 * req).sum())
+        f["max_concavity"] = float(depth.max() / req)
     # sharp corners of a polygonal approximation (angular margins)
     eps = 0.03 * perim
     poly = cv2.approxPolyDP(cnt, eps, True)[:, 0, :].astype(np.float32)
