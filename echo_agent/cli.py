@@ -148,23 +148,30 @@ def eval_(
     overwrite: Annotated[bool, typer.Option(help="Allow replacing the harness's own files in a non-empty output folder.")] = False,
     fusion: Annotated[str, typer.Option(help="Reason-node fusion: 'default' (learned where parameters ship), 'heuristic', or a fusion-parameters JSON file.")] = "default",
     detector: Annotated[Path | None, typer.Option(help="Use these detector weights (.onnx/.pt) for --organ instead of the packaged ones.")] = None,
+    classifier: Annotated[str | None, typer.Option(help="Second-look classifier for --organ: an .onnx file instead of the packaged one, or 'none' to run without a second look.")] = None,
 ) -> None:
     """Evaluate detector-only vs the full agent on a manifest."""
     from .eval.harness import eval_command
 
     agent = None
-    if fusion != "default" or detector is not None:
+    if fusion != "default" or detector is not None or classifier is not None:
         from .agent import EchoAgent
         from .tools import Toolkit
 
         toolkit = Toolkit()
+        if (detector is not None or classifier is not None) and organ is None:
+            raise typer.BadParameter("--detector and --classifier need --organ (the organ these weights are for)")
         if detector is not None:
-            if organ is None:
-                raise typer.BadParameter("--detector needs --organ (the organ these weights detect)")
             from .detectors import load_detector
             from .organs import get_organ
 
-            toolkit = Toolkit(detectors={organ: load_detector(detector, labels=get_organ(organ).detector_labels)})
+            toolkit.detectors[organ] = load_detector(detector, labels=get_organ(organ).detector_labels)  # type: ignore[index]
+        if classifier == "none":
+            toolkit.classifiers[organ] = None  # type: ignore[index]  # no classify tool for the organ
+        elif classifier is not None:
+            from .detectors import load_region_classifier
+
+            toolkit.classifiers[organ] = load_region_classifier(Path(classifier))  # type: ignore[index]
         fusion_obj = None
         if fusion == "heuristic":
             from .reasoners import HeuristicFusion
@@ -181,7 +188,8 @@ def eval_(
     from .eval.harness import _default_command
 
     extra = [*(["--fusion", str(fusion)] if fusion != "default" else []),
-             *(["--detector", str(detector)] if detector is not None else [])]
+             *(["--detector", str(detector)] if detector is not None else []),
+             *(["--classifier", str(classifier)] if classifier is not None else [])]
     command = _default_command(str(manifest), out, organ, split, limit, score_threshold, extra)
     raise typer.Exit(code=eval_command(manifest, out, organ=organ, split=split, limit=limit, overwrite=overwrite,
                                        score_threshold=score_threshold, agent=agent, command=command))

@@ -21,6 +21,7 @@ from .organs import OrganSpec
 from .prompts import user_prompt
 from .schemas import (
     Box,
+    ClassificationResult,
     ClinicalContext,
     Detection,
     DetectorReport,
@@ -117,8 +118,26 @@ def knowledge_to_model(res: KnowledgeResult) -> dict[str, Any]:
     }
 
 
+def classification_to_model(res: ClassificationResult) -> dict[str, Any]:
+    w, h = res.image_width, res.image_height
+    return {
+        "evidence_id": res.id,
+        "regions": [
+            {
+                "box": r.box.to_model(w, h) if r.box is not None else "whole image",
+                "detection_id": r.detection_id,
+                "label": r.label,
+                "probabilities": {k: _r(v) for k, v in r.probabilities.items()},
+            }
+            for r in res.regions
+        ],
+    }
+
+
 def evidence_to_model(item: Evidence) -> dict[str, Any]:
     """Model-facing dict of any typed tool result."""
+    if isinstance(item, ClassificationResult):
+        return classification_to_model(item)
     if isinstance(item, DetectorReport):
         return report_to_model(item)
     if isinstance(item, ImageContext):

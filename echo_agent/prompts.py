@@ -33,7 +33,8 @@ def tool_text(kind: str, organ: OrganSpec | None = None) -> tuple[str, str]:
     entry = tool_texts()[kind]
     fill: dict[str, Any] = {}
     if organ is not None:
-        fill = {"organ": organ.name, "labels": ", ".join(organ.detector_labels)}
+        fill = {"organ": organ.name, "labels": ", ".join(organ.detector_labels),
+                "image_labels": ", ".join(organ.image_labels)}
     return entry["name"].format(**fill), " ".join(entry["description"].split()).format(**fill)
 
 

@@ -235,7 +235,35 @@ class KnowledgeResult(_Model):
     elapsed_ms: float = 0.0
 
 
-Evidence = DetectorReport | ImageContext | KnowledgeResult
+class RegionClassification(_Model):
+    """The second-look classifier's class probabilities for one region (or the whole image)."""
+
+    box: Box | None = Field(None, description="The region in pixels; None = the whole image.")
+    detection_id: str | None = None
+    probabilities: dict[str, float] = Field(description="Calibrated probabilities over the organ's image labels.")
+
+    @property
+    def label(self) -> str:
+        return max(self.probabilities, key=self.probabilities.__getitem__)
+
+
+class ClassificationResult(_Model):
+    """The typed result of one ``classify_*_regions`` tool call."""
+
+    kind: Literal["classification"] = "classification"
+    id: str = Field(description="Evidence id, e.g. 'cls1'.")
+    organ: str
+    classifier: str = Field(description="Classifier name and version.")
+    regions: list[RegionClassification] = Field(default_factory=list)
+    image_width: int
+    image_height: int
+    elapsed_ms: float = 0.0
+
+    def whole_image(self) -> RegionClassification | None:
+        return next((r for r in self.regions if r.box is None), None)
+
+
+Evidence = DetectorReport | ImageContext | KnowledgeResult | ClassificationResult
 """Any typed tool result accumulated in the graph state (discriminated by ``kind``)."""
 
 
@@ -278,7 +306,7 @@ class ClinicalContext(_Model):
 class EvidenceRef(_Model):
     """A pointer from the Diagnosis to the evidence that supports it."""
 
-    kind: Literal["detection", "description", "knowledge", "clinical", "image"]
+    kind: Literal["detection", "description", "knowledge", "clinical", "image", "classification"]
     ref: str = Field(description="Evidence id such as 'det1:0', 'desc1', 'kb1:breast/birads-4'.")
     summary: str = ""
 
@@ -394,12 +422,15 @@ def parse_evidence(data: dict[str, Any]) -> Evidence:
         return ImageContext.model_validate(data)
     if kind == "knowledge":
         return KnowledgeResult.model_validate(data)
-    raise ValueError(f"unknown evidence kind {kind!r}; expected detections, description or knowledge")
+    if kind == "classification":
+        return ClassificationResult.model_validate(data)
+    raise ValueError(f"unknown evidence kind {kind!r}; expected detections, description, knowledge or classification")
 
 
 __all__ = [
     "MODEL_BOX_SCALE",
     "Box",
+    "ClassificationResult",
     "ClinicalContext",
     "Descriptor",
     "Detection",
@@ -411,6 +442,7 @@ __all__ = [
     "ImageContext",
     "KnowledgeResult",
     "KnowledgeSnippet",
+    "RegionClassification",
     "RegionDescription",
     "ReviewRecord",
     "normalise_probabilities",

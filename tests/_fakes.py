@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -120,8 +122,11 @@ def fake_toolkit(detections=None, **kw: Any) -> Toolkit:
     store = kw.pop("store", None)
     if store is None:  # an empty ImageStore is falsy (it has __len__), so no `or` here
         store = ImageStore()
+    # No second-look classifier unless a test gives one: the plumbing tests script exact tool sequences.
+    classifiers = {"breast": None, "kidney": None, **kw.pop("classifiers", {})}
     return Toolkit(
         detectors={"breast": FakeDetector(detections), "kidney": FakeDetector([([5, 5, 30, 30], "hydronephrosis", 0.9)], labels=("hydronephrosis",))},
+        classifiers=classifiers,
         captioner=FakeCaptioner(), retriever=FakeRetriever(), store=store,
         preprocess=kw.pop("preprocess", False), **kw,
     )
@@ -167,3 +172,41 @@ def stable_record(rec, volatile=("ms", "overlay", "fhir")):
     if out.get("status") == "error":
         out["error"] = out["error"].split(" (", 1)[0]
     return out
+
+
+def tiny_classifier(path: Path, labels=("normal", "benign", "malignant"), *, temperature: float = 1.0,
+                    meta: dict | None = None, n_out: int | None = None, size: int = 32) -> Path:
+    """An ONNX 'classifier': mean of each input channel -> linear layer. Brighter crops score the
+    last label higher, so tests can steer it with pixel values."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from echo_agent.detectors import CLASSIFIER_META_KEY
+
+    k = n_out or len(labels)
+    w = np.zeros((3, k), np.float32)
+    w[:, -1] = 2.0
+    w[:, 0] = -2.0
+    b = np.zeros(k, np.float32)
+    nodes = [
+        helper.make_node("ReduceMean", ["images", "axes"], ["pooled"], keepdims=0),
+        helper.make_node("Gemm", ["pooled", "W", "B"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "tiny",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, size, size])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", k])],
+        initializer=[numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "B"),
+                     numpy_helper.from_array(np.array([2, 3], np.int64), "axes")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    info = {"labels": list(labels), "input_size": size, "margin": 0.25, "offset": 127.0, "scale": 128.0,
+            "temperature": temperature}
+    if meta is not None:
+        info = meta
+    if info:
+        entry = model.metadata_props.add()
+        entry.key, entry.value = CLASSIFIER_META_KEY, json.dumps(info)
+    onnx.save(model, str(path))
+    return path

@@ -361,3 +361,15 @@ def test_to_dict_has_no_nan():
             assert math.isfinite(x)
 
     walk(d)
+
+
+def test_category_agreement_by_hand():
+    from echo_agent.eval.metrics import category_agreement
+
+    order = ["1", "2", "3", "4A", "4B", "4C", "5"]
+    a = category_agreement(["4a", "5", "3", "2", None, "4C"], ["4A", "4C", "1", None, "5", "4c"], order)
+    assert a.n == 5 and a.n_missing == 1  # the None reader category is left out; the None prediction counts
+    assert a.exact == 2 / 5 and a.within_one == 3 / 5
+    assert a.confusion[order.index("5")][order.index("4C")] == 1
+    empty = category_agreement([None], ["5"], order)
+    assert empty.n == 0 and empty.exact is None

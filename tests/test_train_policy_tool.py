@@ -120,3 +120,33 @@ def test_cross_fitted_detectors_each_see_only_their_fold(tmp_path: Path):
     r = _run("--organ", "breast", "--manifest", str(tmp_path / "cal.csv"), "--for-detector", str(folds[0]),
              "--out", str(tmp_path / "x.json"))
     assert r.returncode == 2 and "only goes with --cross-fitted" in r.stderr
+
+
+def test_cross_fitted_classifiers_each_see_only_their_fold(tmp_path: Path):
+    from _fakes import tiny_classifier
+
+    from echo_agent.detectors import OnnxRegionClassifier, get_region_classifier
+    from echo_agent.eval.splits import cross_fit_fold
+    from echo_agent.reasoners.fusion_training import RunRecord
+
+    folds = [tiny_classifier(tmp_path / f"cls{k}.onnx", temperature=1.0 + k) for k in range(2)]
+    names = [OnnxRegionClassifier(f).name for f in folds]
+    assert names[0] != names[1]
+    out, cache = tmp_path / "oof.json", tmp_path / "runs.jsonl"
+    r = _run("--organ", "breast", "--manifest", str(_manifest(tmp_path)), "--cross-fitted-classifiers",
+             *map(str, folds), "--out", str(out), "--runs-cache", str(cache))
+    assert r.returncode == 0, r.stderr
+    for line in cache.read_text().splitlines():
+        rec = RunRecord(**json.loads(line))
+        used = {e["classifier"] for e in rec.evidence if e.get("kind") == "classification"}
+        assert used == {names[cross_fit_fold(rec.group, 2)]}, rec.key
+    training = json.loads(out.read_text())["training"]
+    assert training["classifiers"] == [get_region_classifier("breast").name]
+    assert sorted(training["runs_classifiers"]) == sorted(names)
+    assert training["cross_fit_classifiers"]["folds"] == 2
+    r = _run("--organ", "breast", "--manifest", str(tmp_path / "cal.csv"), "--cross-fitted-classifiers",
+             str(folds[0]), "--out", str(tmp_path / "x.json"))
+    assert r.returncode == 2 and "at least 2 classifiers" in r.stderr
+    r = _run("--organ", "breast", "--manifest", str(tmp_path / "cal.csv"), "--for-classifier", str(folds[0]),
+             "--out", str(tmp_path / "x.json"))
+    assert r.returncode == 2 and "only goes with --cross-fitted-classifiers" in r.stderr

@@ -36,7 +36,9 @@ then pair every train image with the detector that did not see it:
 The fusion is written for the packaged detector (``--for-detector`` to name another, e.g. one you
 trained on the whole train split), which the cross-fitted ones stand in for; the runs' own
 detectors are kept in ``training.runs_detectors`` and the fold of each group in
-``training.cross_fit``.
+``training.cross_fit``. The second-look classifier is cross-fitted the same way
+(``tools/train_classifier.py --fold k --folds K``, then ``--cross-fitted-classifiers C0 .. CK-1``,
+``--for-classifier`` for another than the packaged one; the runs' own in ``training.runs_classifiers``).
 """
 
 from __future__ import annotations
@@ -104,29 +106,36 @@ def _images(args: argparse.Namespace, ap: argparse.ArgumentParser) -> list:
     return images
 
 
-def _agent_with(organ: str, weights: Path):
+def _agent_with(organ: str, weights: Path | None, classifier: Path | None = None):
     """The default agent (heuristic fusion: the runs feed the fusion being fitted) on other weights."""
     from echo_agent import EchoAgent, get_organ
-    from echo_agent.detectors import load_detector
+    from echo_agent.detectors import load_detector, load_region_classifier
     from echo_agent.reasoners import HeuristicFusion
     from echo_agent.tools import Toolkit
 
-    det = load_detector(weights, labels=get_organ(organ).detector_labels)
-    return EchoAgent(fusion=HeuristicFusion(), toolkit=Toolkit(detectors={organ: det}))
+    toolkit = Toolkit()
+    if weights is not None:
+        toolkit.detectors[organ] = load_detector(weights, labels=get_organ(organ).detector_labels)
+    if classifier is not None:
+        toolkit.classifiers[organ] = load_region_classifier(classifier)
+    return EchoAgent(fusion=HeuristicFusion(), toolkit=toolkit)
 
 
 def _cross_fitted_runs(args: argparse.Namespace, images: list, progress) -> list[RunRecord]:
-    """Each image run with the cross-fitted detector of its group's fold (the one that did not see it)."""
+    """Each image run with the cross-fitted detector (and classifier) of its group's fold: the ones
+    that did not see it."""
     from echo_agent.eval.splits import cross_fit_fold, cv_group
 
-    k = len(args.cross_fitted)
+    k = len(args.cross_fitted or args.cross_fitted_classifiers)
     by_fold: dict[int, list] = {}
     for im in images:
         by_fold.setdefault(cross_fit_fold(cv_group(im), k), []).append(im)
     records: list[RunRecord] = []
     for fold in sorted(by_fold):
-        print(f"  fold {fold}: {len(by_fold[fold])} images with {args.cross_fitted[fold]}")
-        records += collect_runs(by_fold[fold], agent=_agent_with(args.organ, args.cross_fitted[fold]), progress=progress)
+        det = args.cross_fitted[fold] if args.cross_fitted else None
+        clf = args.cross_fitted_classifiers[fold] if args.cross_fitted_classifiers else None
+        print(f"  fold {fold}: {len(by_fold[fold])} images with detector {det or 'packaged'}, classifier {clf or 'packaged'}")
+        records += collect_runs(by_fold[fold], agent=_agent_with(args.organ, det, clf), progress=progress)
     order = {im.key: i for i, im in enumerate(images)}
     return sorted(records, key=lambda r: order[r.key])  # the manifest's order, whatever the folds
 
@@ -137,6 +146,27 @@ def _detector_name(organ: str, weights: Path | None) -> str:
 
     det = get_detector(organ) if weights is None else load_detector(weights, labels=get_organ(organ).detector_labels)
     return str(det.name)
+
+
+def _check_cross_fitted(ap: argparse.ArgumentParser, files: list[Path] | None, for_file: Path | None,
+                        flag: str, for_flag: str, what: str) -> None:
+    """Refuse fewer than 2 fold models, missing files, and ``for_flag`` without ``flag``."""
+    if files is None:
+        if for_file is not None:
+            ap.error(f"{for_flag} only goes with {flag}")
+        return
+    if len(files) < 2:
+        ap.error(f"{flag} needs at least 2 {what}s (one per fold)")
+    missing = [str(p) for p in files if not p.is_file()]
+    if missing:
+        ap.error(f"cross-fitted {what}(s) not found: {', '.join(missing)}")
+
+
+def _classifier_name(organ: str, weights: Path | None) -> str:
+    from echo_agent.detectors import get_region_classifier, load_region_classifier
+
+    clf = get_region_classifier(organ) if weights is None else load_region_classifier(weights)
+    return str(clf.name)
 
 
 def _groups_per_fold(records: list[RunRecord], k: int) -> list[int]:
@@ -167,19 +197,21 @@ def main() -> int:
                          "--fold k --folds K): each image runs with the one that did not see it")
     ap.add_argument("--for-detector", type=Path, default=None,
                     help="with --cross-fitted: the weights of the detector the fusion is for (default: packaged)")
+    ap.add_argument("--cross-fitted-classifiers", type=Path, nargs="+", default=None, metavar="FOLD_ONNX",
+                    help="K second-look classifiers, the k-th trained without fold k (tools/train_classifier.py "
+                         "--fold k --folds K); with --cross-fitted, the same K folds")
+    ap.add_argument("--for-classifier", type=Path, default=None,
+                    help="with --cross-fitted-classifiers: the classifier the fusion is for (default: packaged)")
     args = ap.parse_args()
     if args.out.exists() and not args.force:
         ap.error(f"{args.out} exists; pass --force to overwrite it")
-    if args.cross_fitted is not None:
-        if len(args.cross_fitted) < 2:
-            ap.error("--cross-fitted needs at least 2 detectors (one per fold)")
-        if args.detector is not None:
-            ap.error("--detector and --cross-fitted exclude each other (use --for-detector)")
-        missing = [str(p) for p in args.cross_fitted if not p.is_file()]
-        if missing:
-            ap.error(f"cross-fitted detector(s) not found: {', '.join(missing)}")
-    elif args.for_detector is not None:
-        ap.error("--for-detector only goes with --cross-fitted")
+    _check_cross_fitted(ap, args.cross_fitted, args.for_detector, "--cross-fitted", "--for-detector", "detector")
+    _check_cross_fitted(ap, args.cross_fitted_classifiers, args.for_classifier, "--cross-fitted-classifiers",
+                        "--for-classifier", "classifier")
+    if args.cross_fitted is not None and args.detector is not None:
+        ap.error("--detector and --cross-fitted exclude each other (use --for-detector)")
+    if args.cross_fitted and args.cross_fitted_classifiers and len(args.cross_fitted) != len(args.cross_fitted_classifiers):
+        ap.error("--cross-fitted and --cross-fitted-classifiers must have one file per fold each (same K)")
 
     records: list[RunRecord] = []
     if args.runs_cache and args.runs_cache.exists():
@@ -194,7 +226,7 @@ def main() -> int:
                 print(f"  {i}/{n} runs ({time.perf_counter() - t0:.0f} s)", flush=True)
 
         print(f"running the agent on {len(images)} {args.organ} images ({_source(args)})")
-        if args.cross_fitted is not None:
+        if args.cross_fitted is not None or args.cross_fitted_classifiers is not None:
             records = _cross_fitted_runs(args, images, progress)
         else:
             agent = _agent_with(args.organ, args.detector) if args.detector is not None else None
@@ -211,10 +243,16 @@ def main() -> int:
         for_detectors = [_detector_name(args.organ, args.for_detector)]
         notes["cross_fit"] = {"folds": k, "detectors": [str(p) for p in args.cross_fitted],
                               "groups_per_fold": _groups_per_fold(records, k)}
+    for_classifiers = None
+    if args.cross_fitted_classifiers is not None:
+        k = len(args.cross_fitted_classifiers)
+        for_classifiers = [_classifier_name(args.organ, args.for_classifier)]
+        notes["cross_fit_classifiers"] = {"folds": k, "classifiers": [str(p) for p in args.cross_fitted_classifiers],
+                                          "groups_per_fold": _groups_per_fold(records, k)}
     try:
         params = fit_fusion(
             records, organ=args.organ, seed=args.seed, indeterminate_below=args.indeterminate_below,
-            min_images=args.min_images, notes=notes, for_detectors=for_detectors,
+            min_images=args.min_images, notes=notes, for_detectors=for_detectors, for_classifiers=for_classifiers,
         )
     except ValueError as exc:  # e.g. too few runs of the organ
         ap.error(str(exc))

@@ -30,17 +30,21 @@ from .postprocess import (
     unletterbox_boxes,
     weighted_box_fusion,
 )
+from .region_classifier import CLASSIFIER_META_KEY, OnnxRegionClassifier, RegionClassifier, square_crop
 from .ultralytics_backend import UltralyticsDetector, configure_ultralytics_offline, export_onnx
 
 if TYPE_CHECKING:
     from ..organs import OrganSpec
 
 __all__ = [
+    "CLASSIFIER_META_KEY",
     "Detector",
     "DetectorConfig",
     "LetterboxInfo",
     "LetterboxYoloDetector",
     "OnnxDetector",
+    "OnnxRegionClassifier",
+    "RegionClassifier",
     "UltralyticsDetector",
     "batched_nms",
     "check_image",
@@ -49,9 +53,12 @@ __all__ = [
     "decode_yolo",
     "export_onnx",
     "get_detector",
+    "get_region_classifier",
+    "load_region_classifier",
     "letterbox",
     "load_detector",
     "nms",
+    "square_crop",
     "tta_merge",
     "unletterbox_boxes",
     "weighted_box_fusion",
@@ -83,25 +90,34 @@ def load_detector(spec_or_path: OrganSpec | str | Path, **kw: Any) -> Detector:
     Extra keyword arguments go to the backend's constructor. Raises :class:`ModelLoadError` when the
     weights are not configured or the file is missing.
     """
+    spec, path = _organ_weights(spec_or_path, "detector")
+    if spec is not None:
+        kw.setdefault("labels", spec.detector_labels)
+    return _from_path(path, **kw)
+
+
+def _organ_weights(spec_or_path: OrganSpec | str | Path, kind: str) -> tuple[OrganSpec | None, Path]:
+    """``(spec, weights path)`` for an organ (by spec or registered name) or ``(None, path)`` for a
+    path; ``kind`` is ``"detector"`` or ``"classifier"``. Raises :class:`ModelLoadError` when an organ
+    has no such weights configured or the file is missing."""
     from ..organs import OrganSpec, get_organ  # lazy: the registry parses YAML at import
 
     if isinstance(spec_or_path, str) and not Path(spec_or_path).suffix and not Path(spec_or_path).exists():
         spec_or_path = get_organ(spec_or_path)
-    if isinstance(spec_or_path, OrganSpec):
-        spec = spec_or_path
-        path = spec.resolve_weights()
-        if path is None:
-            raise ModelLoadError(
-                f"organ {spec.name!r} has no detector weights configured; set detector_weights in its OrganSpec"
-            )
-        if not path.is_file():
-            raise ModelLoadError(
-                f"the {spec.name!r} detector weights are missing: expected {path}; train and export them "
-                "(tools/train_detector.py) or point the organ's detector_weights at an existing file"
-            )
-        kw.setdefault("labels", spec.detector_labels)
-        return _from_path(path, **kw)
-    return _from_path(Path(spec_or_path).expanduser(), **kw)
+    if not isinstance(spec_or_path, OrganSpec):
+        return None, Path(spec_or_path).expanduser()
+    spec = spec_or_path
+    field, tool, what = (("detector_weights", "tools/train_detector.py", "detector weights") if kind == "detector"
+                         else ("classifier_weights", "tools/train_classifier.py", "region classifier weights"))
+    path = spec.resolve_weights() if kind == "detector" else spec.resolve_classifier_weights()
+    if path is None:
+        raise ModelLoadError(f"organ {spec.name!r} has no {what} configured; set {field} in its OrganSpec")
+    if not path.is_file():
+        raise ModelLoadError(
+            f"the {spec.name!r} {what} are missing: expected {path}; train and export them ({tool}) or point "
+            f"the organ's {field} at an existing file"
+        )
+    return spec, path
 
 
 _cache_lock = threading.Lock()
@@ -117,16 +133,45 @@ def get_detector(organ_name: str) -> Detector:
     from ..organs import get_organ
 
     spec = get_organ(organ_name)
-    key = (spec.name, str(spec.resolve_weights()))
+    return _cached(_cache, (spec.name, str(spec.resolve_weights())), lambda: load_detector(spec))
+
+
+def _cached(cache: dict[tuple[str, str], Any], key: tuple[str, str], make: Any) -> Any:
+    """``cache[key]``, created by ``make()`` on first use (under the module's lock)."""
     with _cache_lock:
-        det = _cache.get(key)
-        if det is None:
-            det = load_detector(spec)
-            _cache[key] = det
-        return det
+        obj = cache.get(key)
+        if obj is None:
+            obj = cache[key] = make()
+        return obj
 
 
 def clear_detector_cache() -> None:
-    """Forget every cached detector (their sessions are freed when no longer referenced)."""
+    """Forget every cached detector and region classifier (their sessions are freed when no longer
+    referenced)."""
     with _cache_lock:
         _cache.clear()
+        _cls_cache.clear()
+
+
+def load_region_classifier(spec_or_path: OrganSpec | str | Path, **kw: Any) -> RegionClassifier:
+    """Create a second-look region classifier (lazily loaded) for an organ or an ``.onnx`` file.
+
+    For an organ, its ``classifier_weights``; the classifier's labels must equal the organ's
+    ``image_labels`` (checked on first use by the tool). Raises :class:`ModelLoadError` when no
+    weights are configured or the file is missing.
+    """
+    spec, path = _organ_weights(spec_or_path, "classifier")
+    if spec is None and path.suffix.lower() != ".onnx":
+        raise ModelLoadError(f"a region classifier must be an .onnx file exported by tools/train_classifier.py, got {path}")
+    return OnnxRegionClassifier(path, **kw)
+
+
+_cls_cache: dict[tuple[str, str], RegionClassifier] = {}
+
+
+def get_region_classifier(organ: OrganSpec | str) -> RegionClassifier:
+    """The process-wide region classifier of an organ (by spec or registered name), created once."""
+    from ..organs import get_organ
+
+    spec = get_organ(organ) if isinstance(organ, str) else organ
+    return _cached(_cls_cache, (spec.name, str(spec.resolve_classifier_weights())), lambda: load_region_classifier(spec))

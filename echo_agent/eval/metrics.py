@@ -630,6 +630,58 @@ def compute_metrics(
                          referral_score(images, positive_label))
 
 
+@dataclass(frozen=True)
+class CategoryAgreement:
+    """Agreement of predicted assessment categories (e.g. BI-RADS) with a reader's, on an ordinal scale."""
+
+    n: int
+    exact: float | None
+    within_one: float | None
+    order: tuple[str, ...]
+    confusion: tuple[tuple[int, ...], ...]  # rows: reader, columns: predicted, in ``order``
+    n_missing: int  # images with a reader category but no predicted one (scored as disagreement)
+
+
+def normalise_category(value: str | None) -> str | None:
+    """'4a' -> '4A', ' 5 ' -> '5'; empty -> None."""
+    if value is None:
+        return None
+    v = str(value).strip().upper()
+    return v or None
+
+
+def category_agreement(
+    truth: Sequence[str | None], predicted: Sequence[str | None], order: Sequence[str]
+) -> CategoryAgreement:
+    """Exact and within-one-step agreement over images with a reader category in ``order``.
+
+    ``order`` is the ordinal scale (BI-RADS: 1, 2, 3, 4A, 4B, 4C, 5). A missing or unknown predicted
+    category counts as disagreement (``n_missing``).
+
+    >>> a = category_agreement(["4a", "5", "3", None], ["4A", "4C", "1", "2"], ["1", "2", "3", "4A", "4B", "4C", "5"])
+    >>> (a.n, round(a.exact, 3), round(a.within_one, 3))
+    (3, 0.333, 0.667)
+    """
+    order = tuple(normalise_category(o) or "" for o in order)
+    index = {c: i for i, c in enumerate(order)}
+    table = [[0] * len(order) for _ in order]
+    n = exact = near = missing = 0
+    for t, p in zip(truth, predicted, strict=True):
+        tc, pc = normalise_category(t), normalise_category(p)
+        if tc not in index:
+            continue
+        n += 1
+        if pc not in index:
+            missing += 1
+            continue
+        table[index[tc]][index[pc]] += 1
+        d = abs(index[tc] - index[pc])
+        exact += d == 0
+        near += d <= 1
+    return CategoryAgreement(n, exact / n if n else None, near / n if n else None, order,
+                             tuple(tuple(r) for r in table), missing)
+
+
 def default_negative_label(labels: Sequence[str], positive_label: str, normal_label: str) -> str:
     """The AUC's negative class: the other lesion label if there is exactly one, else the normal label."""
     others = [lbl for lbl in labels if lbl not in (positive_label, normal_label)]
@@ -637,7 +689,10 @@ def default_negative_label(labels: Sequence[str], positive_label: str, normal_la
 
 
 __all__ = [
+    "CategoryAgreement",
     "ReferralScore",
+    "category_agreement",
+    "normalise_category",
     "referral_score",
     "ECE_BINS",
     "IOU_THRESHOLD",

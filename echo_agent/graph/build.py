@@ -108,7 +108,7 @@ def _tools_for(organ: OrganSpec, tools: Sequence[BaseTool]) -> list[BaseTool]:
     out = []
     for t in tools:
         meta = t.metadata or {}
-        if meta.get("echo_kind") == "detect" and meta.get("organ") != organ.name:
+        if meta.get("echo_kind") in ("detect", "classify") and meta.get("organ") != organ.name:
             continue
         out.append(t)
     return out

@@ -63,6 +63,11 @@ class OrganSpec(BaseModel):
     detector_weights: str | None = Field(
         None, description="ONNX weights: a path, or 'package:<relative path>' inside echo_agent/assets."
     )
+    classifier_weights: str | None = Field(
+        None,
+        description="Second-look region classifier (ONNX exported by tools/train_classifier.py): a path, or "
+        "'package:<relative path>'. Its labels must be the organ's image_labels. None: no classify tool.",
+    )
     detector_input_size: int | None = Field(
         None,
         description="Side of the detector's square network input, for documentation; the detector itself reads "
@@ -149,6 +154,10 @@ class OrganSpec(BaseModel):
     def resolve_weights(self) -> Path | None:
         """The detector weights as a filesystem path (``None`` when the organ has none)."""
         return resolve_asset(self.detector_weights) if self.detector_weights else None
+
+    def resolve_classifier_weights(self) -> Path | None:
+        """The region classifier's weights as a filesystem path (``None`` when the organ has none)."""
+        return resolve_asset(self.classifier_weights) if self.classifier_weights else None
 
     def resolve_knowledge_files(self) -> list[Path]:
         return [resolve_asset(p) for p in self.knowledge_files]

@@ -112,16 +112,23 @@ CONFLICT_RECOMMENDATION = (
     "The detector's reading and the sonographic features of its top candidate disagree: refer for a "
     "radiologist's review."
 )
+PRESENCE_RECOMMENDATION = (
+    "Read as normal, but the second-look classifier sees a lesion: refer for a sonographer's or "
+    "radiologist's review."
+)
 
 
 def recommendation_for(
-    organ: OrganSpec, label: str, category: str | None, indeterminate: bool, conflict: bool = False
+    organ: OrganSpec, label: str, category: str | None, indeterminate: bool, conflict: bool = False,
+    presence_conflict: bool = False,
 ) -> str:
     """What to do next: refer when indeterminate (saying why when the evidence conflicts), else the
     category's management, else a default."""
     band = organ.band(category) if category else None
     if conflict:
         return CONFLICT_RECOMMENDATION
+    if presence_conflict:
+        return PRESENCE_RECOMMENDATION
     if indeterminate:
         return WEAK_EVIDENCE_RECOMMENDATION
     if band is not None and band.management:

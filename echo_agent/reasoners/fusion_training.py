@@ -109,22 +109,29 @@ def _group_folds(groups: Sequence[str], k: int, seed: int) -> list[np.ndarray]:
 # -- candidates ----------------------------------------------------------------------------------------
 _GEOMETRY = ("det_top_area", "det_top_taller", "det_top_depth")
 #: Nested feature sets of the logistic candidates, simplest first.
-FEATURE_SETS = ("detector", "detector+geometry", "all")
+FEATURE_SETS = ("detector", "detector+geometry", "classifier", "detector+classifier", "all")
 
 
 def feature_subset(names: Sequence[str], which: str) -> list[str]:
     """The names of ``names`` that belong to a feature set of :data:`FEATURE_SETS`.
 
     ``detector``: detector scores, count, TTA flag; ``detector+geometry``: plus the top candidate's
-    size, taller-than-wide ratio and depth; ``all``: plus descriptors and clinical context.
+    size, taller-than-wide ratio and depth; ``classifier``: the second-look classifier's
+    log-probabilities (whole image, top candidate) alone; ``detector+classifier``: detector,
+    geometry and classifier; ``all``: plus descriptors and clinical context.
     """
     if which not in FEATURE_SETS:
         raise ValueError(f"unknown feature set {which!r}; expected one of {', '.join(FEATURE_SETS)}")
     if which == "all":
         return list(names)
+    cls = [n for n in names if n.startswith("cls_")]
+    if which == "classifier":
+        return [n for n in names if n in cls or n.startswith("bias_")]
     keep = [n for n in names if (n.startswith("det_") or n.startswith("bias_")) and n not in _GEOMETRY]
-    if which == "detector+geometry":
+    if which in ("detector+geometry", "detector+classifier"):
         keep += [n for n in names if n in _GEOMETRY]
+    if which == "detector+classifier":
+        keep += cls
     return [n for n in names if n in keep]
 
 
@@ -323,6 +330,7 @@ def fit_fusion(
     n_boot: int = 1000,
     notes: dict[str, Any] | None = None,
     for_detectors: Sequence[str] | None = None,
+    for_classifiers: Sequence[str] | None = None,
 ) -> FusionParams:
     """Choose and fit the fusion for one organ (see module docstring).
 
@@ -337,6 +345,7 @@ def fit_fusion(
             cross-fitted detectors, each trained without the images it ran on, stand in for the final
             detector trained on all of them (out-of-fold predictions). Default: the runs' detectors.
             The runs' own detectors are then kept in ``training.runs_detectors``.
+        for_classifiers: the same for the second-look classifier (``training.runs_classifiers``).
     """
     spec = get_organ(organ)
     if for_detectors is not None and not list(for_detectors):
@@ -405,6 +414,10 @@ def fit_fusion(
     if for_detectors is not None:
         notes = {**(notes or {}), "runs_detectors": detectors}
         detectors = sorted(set(for_detectors))
+    classifiers = sorted({e.get("classifier") for r in recs for e in r.evidence if e.get("kind") == "classification"} - {None})
+    if for_classifiers is not None:
+        notes = {**(notes or {}), "runs_classifiers": classifiers}
+        classifiers = sorted(set(for_classifiers))
     chosen_score = next(s for s in scores if s.chosen)
     P0 = oof[chosen.name][0]
     per_class = {lbl: float((P0.argmax(1)[y == i] == i).mean()) if (y == i).any() else None for i, lbl in enumerate(labels)}
@@ -420,7 +433,8 @@ def fit_fusion(
         "oof_accuracy": round(chosen_score.cv_accuracy, 4), "oof_per_class_recall": per_class,
         "cv_ece": round(chosen_score.cv_ece, 4),
         "cv_ece_ci95": [round(v, 4) for v in chosen_score.cv_ece_ci] if chosen_score.cv_ece_ci else None,
-        "seed": seed, "balanced": chosen.balanced, "detectors": detectors, "warnings": warnings,
+        "seed": seed, "balanced": chosen.balanced, "detectors": detectors, "classifiers": classifiers,
+        "warnings": warnings,
         "date": time.strftime("%Y-%m-%d"), **(notes or {}),
     }
     return FusionParams(

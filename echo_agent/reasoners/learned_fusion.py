@@ -27,6 +27,7 @@ import numpy as np
 from ..errors import ModelLoadError
 from ..organs import OrganSpec
 from ..schemas import (
+    ClassificationResult,
     ClinicalContext,
     Detection,
     DetectorReport,
@@ -34,6 +35,7 @@ from ..schemas import (
     Evidence,
     EvidenceRef,
     Finding,
+    RegionClassification,
 )
 from .fusion import (
     HeuristicFusion,
@@ -82,6 +84,59 @@ def class_score(d: Detection, label: str) -> float:
     if d.class_scores is not None:
         return float(d.class_scores.get(label, 0.0))
     return d.score if d.label == label else 0.0
+
+
+def classifications(evidence: Sequence[Evidence]) -> list[ClassificationResult]:
+    """The second-look classifier's results among the evidence, in call order."""
+    return [e for e in evidence if isinstance(e, ClassificationResult)]
+
+
+def region_classification(results: Sequence[ClassificationResult], detection: Detection) -> RegionClassification | None:
+    """The latest classification of a candidate: linked by detection id, else the best box IoU >= 0.5."""
+    best, best_iou = None, 0.5
+    for res in reversed(results):
+        for r in res.regions:
+            if r.box is None:
+                continue
+            if r.detection_id and r.detection_id == detection.id:
+                return r
+            iou = r.box.iou(detection.box)
+            if iou >= best_iou:
+                best, best_iou = r, iou
+    return best
+
+
+#: A "normal" reading is referred when the second look gives a region (or the whole image) at
+#: least this probability of a lesion.
+PRESENCE_CONFLICT_MIN = 0.5
+
+
+def presence_conflict(organ: OrganSpec, label: str, regions: Sequence[RegionClassification]) -> str | None:
+    """Why a ``normal`` reading conflicts with the second look (``None``: no conflict): "normal" must
+    not stand when the region classifier sees a lesion."""
+    if label != organ.normal_label:
+        return None
+    for r in regions:
+        p = lesion_probability(organ, r)
+        if p is not None and p >= PRESENCE_CONFLICT_MIN:
+            where = "the whole image" if r.box is None else "a candidate region"
+            return f"evidence conflict: read as {label}, but the second look gives {where} lesion probability {p:.2f}"
+    return None
+
+
+#: Floor of a classifier probability before its log is taken (a feature of at least log(0.005)).
+_CLS_FLOOR = 0.005
+
+
+def _logp(p: float) -> float:
+    return math.log(min(max(float(p), _CLS_FLOOR), 1.0))
+
+
+def lesion_probability(organ: OrganSpec, region: RegionClassification | None) -> float | None:
+    """1 - p(normal) of a classified region (None when there is no classification)."""
+    if region is None:
+        return None
+    return 1.0 - float(region.probabilities.get(organ.normal_label, 0.0))
 
 
 def rule_log_probs(organ: OrganSpec, reports: Sequence[DetectorReport], kind: str) -> np.ndarray:
@@ -135,6 +190,19 @@ def fusion_features(
             d = descs.get(name)
             for v in values:
                 f[f"desc_{name}={v}"] = float(d.confidence) if d is not None and d.value == v else 0.0
+    # The second look: log-probabilities of the region classifier for the whole image and for the
+    # top candidate (the whole image's again when there is no candidate or it was not classified).
+    cls = classifications(evidence)
+    if cls:
+        whole = next((r for res in reversed(cls) for r in res.regions if r.box is None), None)
+        top_cls = region_classification(cls, cands[0]) if cands else None
+        f["cls_present"] = 1.0
+        for lbl in organ.image_labels:
+            if whole is not None:
+                f[f"cls_whole_{lbl}"] = _logp(whole.probabilities.get(lbl, 0.0))
+            src = top_cls or whole
+            if src is not None:
+                f[f"cls_top_{lbl}"] = _logp(src.probabilities.get(lbl, 0.0))
     # Whole-image statistics (contrast, speckle, burned-in annotations) and "is the age known" are
     # left out on purpose: they identify the acquiring center rather than the lesion, and a fusion
     # trained on them learns center shortcuts that fail elsewhere (measured on held-out folds).
@@ -290,6 +358,10 @@ _FEATURE_TEXT = {
 
 
 def _feature_text(name: str, value: float) -> str:
+    if name.startswith("cls_whole_"):
+        return f"second look, whole image: {name[10:]} p={math.exp(value):.2f}"
+    if name.startswith("cls_top_"):
+        return f"second look, top candidate: {name[8:]} p={math.exp(value):.2f}"
     if name.startswith("det_max_"):
         return f"{name[8:]} detector score {value:.2f}"
     if name.startswith("desc_") and "=" in name:
@@ -343,6 +415,17 @@ class LearnedFusion:
             note = (f"learned fusion skipped: it was trained on detector {', '.join(trained_on)}, "
                     f"this run used {', '.join(foreign)}")
             return dx.model_copy(update={"warnings": [*dx.warnings, note]})
+        cls_trained = params.training.get("classifiers") or []
+        cls_results = classifications(evidence)
+        cls_used = sorted({c.classifier for c in cls_results})
+        uses_cls = params.kind == LOGISTIC and any(n.startswith("cls_") for n in params.feature_names)
+        if uses_cls and (not cls_results or (cls_trained and sorted(set(cls_used) - set(cls_trained)))):
+            # Features of a classifier the fusion was not trained with (or none at all) would be read
+            # on the wrong scale or as "absent": the transparent fusion takes over.
+            dx = self._fallback.fuse(organ, evidence, clinical=clinical, image_size=image_size)
+            note = ("learned fusion skipped: it needs the second-look classifier's evidence "
+                    f"({', '.join(cls_trained) or 'any'}), this run has {', '.join(cls_used) or 'none'}")
+            return dx.model_copy(update={"warnings": [*dx.warnings, note]})
         if list(params.labels) != list(organ.image_labels):
             raise ModelLoadError(
                 f"fusion parameters for {organ.name} have labels {params.labels}, the organ has {list(organ.image_labels)}"
@@ -390,16 +473,32 @@ class LearnedFusion:
             desc_text = describe_descriptors(top_descs, list(organ.descriptor_vocabulary) + ["size_mm"])
             if desc_text and contexts:
                 refs.append(EvidenceRef(kind="description", ref=contexts[-1].id, summary=desc_text))
+        cls_text = ""
+        presence = None
+        if cls_results:
+            whole = next((r for res in reversed(cls_results) for r in res.regions if r.box is None), None)
+            top_cls = region_classification(cls_results, cands[0]) if cands else None
+            parts = []
+            if top_cls is not None:
+                parts.append(f"top candidate {top_cls.label} (p={top_cls.probabilities[top_cls.label]:.2f})")
+            if whole is not None:
+                parts.append(f"whole image {whole.label} (p={whole.probabilities[whole.label]:.2f})")
+            cls_text = ", ".join(parts)
+            if cls_text:
+                refs.append(EvidenceRef(kind="classification", ref=cls_results[-1].id, summary=cls_text))
+            presence = presence_conflict(organ, label, [r for r in (top_cls, whole) if r is not None])
         krefs = knowledge_refs(knowledge)
         refs.extend(krefs)
         refs.extend(clinical_refs(clinical))
 
         pos = organ.positive_label
-        category = organ.category_for(probs.get(pos) if pos else None, lesion_found=bool(findings))
+        # A lesion judged present gets a category from its probability even without a box.
+        category = organ.category_for(probs.get(pos) if pos else None, lesion_found=label != organ.normal_label)
         conf = probs[label]
         reasons = ([f"calibrated top probability {conf:.2f} < {params.indeterminate_below:.2f}"]
                    if conf < params.indeterminate_below else [])
         reasons += [conflict] if conflict else []
+        reasons += [presence] if presence else []
         indeterminate = bool(reasons)
         if findings:
             top = findings[0]
@@ -412,11 +511,14 @@ class LearnedFusion:
         if drivers:
             rationale += "; driven by " + ", ".join(drivers)
         rationale += "."
+        if cls_text:
+            rationale += f" Second look: {cls_text}."
         if desc_text:
             rationale += f" Descriptors: {desc_text}."
         if krefs:
             rationale += " Knowledge: " + "; ".join(r.summary for r in krefs[:2]) + "."
-        recommendation = recommendation_for(organ, label, category, indeterminate, conflict=bool(conflict))
+        recommendation = recommendation_for(organ, label, category, indeterminate, conflict=bool(conflict),
+                                            presence_conflict=bool(presence))
         return Diagnosis(
             organ=organ.name, label=label, probabilities=probs, category=category,
             category_system=organ.category_system if category else None, findings=findings, evidence=refs,

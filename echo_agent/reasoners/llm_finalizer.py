@@ -96,7 +96,7 @@ def diagnosis_schema(organ: OrganSpec) -> dict[str, Any]:
                     "type": "object",
                     "additionalProperties": False,
                     "properties": {
-                        "kind": {"type": "string", "enum": ["detection", "description", "knowledge", "clinical", "image"]},
+                        "kind": {"type": "string", "enum": ["detection", "description", "knowledge", "clinical", "image", "classification"]},
                         "ref": {"type": "string"},
                         "summary": {"type": "string"},
                     },

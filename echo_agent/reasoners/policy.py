@@ -9,12 +9,14 @@ Policy (one step per call):
 1. no detector result yet -> call the organ's detector;
 2. the detector found nothing, or only weak candidates, and has not been re-checked -> call it again
    with test-time augmentation and a lower threshold (self-refinement);
-3. candidates not described yet -> ``describe_image`` on the top candidates (and the whole image);
-4. the top candidate's label disagrees with its descriptors (a "benign" box that looks irregular,
+3. a second-look classifier is bound and has not judged yet -> ``classify_<organ>_regions`` on the
+   top candidates and the whole image (lesion presence and class from a pretrained backbone);
+4. candidates not described yet -> ``describe_image`` on the top candidates (and the whole image);
+5. the top candidate's label disagrees with its descriptors (a "benign" box that looks irregular,
    not circumscribed, shadowing; a "malignant" box that looks oval, parallel, circumscribed) and it
    has not been re-examined -> call the detector again on that region with test-time augmentation;
-5. no knowledge yet -> ``retrieve_knowledge`` for the leading hypothesis and its descriptors;
-6. otherwise stop (a plain assistant message summarising the evidence).
+6. no knowledge yet -> ``retrieve_knowledge`` for the leading hypothesis and its descriptors;
+7. otherwise stop (a plain assistant message summarising the evidence).
 
 A tool that answered with an error is not called again with the same arguments.
 """
@@ -105,6 +107,8 @@ class EmbeddedPolicy(BaseChatModel):
         weak_score: a top candidate below this counts as weak evidence and triggers a re-check.
         recheck_threshold: score threshold of the re-check call.
         max_regions: how many top candidates to describe.
+        classify_regions: how many top candidates the second-look classifier judges (besides the
+            whole image).
         knowledge_k: passages to retrieve.
     """
 
@@ -112,6 +116,7 @@ class EmbeddedPolicy(BaseChatModel):
     recheck_threshold: float = 0.1
     disagreement_votes: int = 2
     max_regions: int = 3
+    classify_regions: int = 2
     knowledge_k: int = 3
     bound_tool_names: list[str] = Field(default_factory=list)
 
@@ -162,6 +167,13 @@ class EmbeddedPolicy(BaseChatModel):
 
         latest = detections[-1][0] if detections else {"candidates": []}
         ranked = sorted(latest.get("candidates", []), key=lambda c: -c["score"])[: self.max_regions]
+        classify_tool = next((n for n in self.bound_tool_names if n.startswith("classify_")), None)
+        if classify_tool and not any(n == classify_tool for n, _, _, _ in results):
+            chosen = ranked[: self.classify_regions]
+            cargs: dict[str, Any] = {"regions": [list(c["box"]) for c in chosen], "whole_image": True}
+            if chosen:
+                cargs["detection_ids"] = [c["id"] for c in chosen]
+            return call(classify_tool, cargs, "Taking a second look: classifying the candidates and the whole image.")
         if "describe_image" in self.bound_tool_names and not described and not describe_failed:
             args: dict[str, Any] = {"regions": [list(c["box"]) for c in ranked]}  # own copies: the parsed data is shared
             if ranked:

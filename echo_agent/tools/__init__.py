@@ -1,9 +1,11 @@
 """Typed LangChain tools over the detectors and the evidence layer."""
 
 from .builders import (
+    ClassifyArgs,
     DescribeArgs,
     DetectArgs,
     RetrieveArgs,
+    make_classify_tool,
     make_describe_tool,
     make_detect_tool,
     make_retrieve_tool,
@@ -14,11 +16,13 @@ from .toolkit import Captioner, Retriever, Toolkit, run_detector
 
 __all__ = [
     "Captioner",
+    "ClassifyArgs",
     "DescribeArgs",
     "DetectArgs",
     "Retriever",
     "RetrieveArgs",
     "Toolkit",
+    "make_classify_tool",
     "make_describe_tool",
     "make_detect_tool",
     "make_retrieve_tool",

@@ -17,14 +17,15 @@ from langgraph.prebuilt import ToolRuntime
 from langgraph.types import Command
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ..errors import EchoInputError
+from ..errors import EchoInputError, ModelLoadError
 from ..messages import dumps, evidence_to_model
 from ..organs import OrganSpec, get_organ, list_organs
 from ..prompts import tool_text
-from ..schemas import Box, DetectorReport, Evidence
+from ..schemas import Box, ClassificationResult, DetectorReport, Evidence, RegionClassification
 from .toolkit import Toolkit, run_detector
 
 DETECT_PREFIX = "det"
+CLASSIFY_PREFIX = "cls"
 DESCRIBE_PREFIX = "desc"
 KNOWLEDGE_PREFIX = "kb"
 
@@ -81,6 +82,17 @@ class DescribeArgs(_ToolArgs):
         return [_model_box(b) for b in v]  # type: ignore[misc]
 
 
+class ClassifyArgs(DescribeArgs):
+    """Arguments of ``classify_<organ>_regions`` (regions and detection ids as for ``describe_image``)."""
+
+    regions: list[list[int]] = Field(
+        default_factory=list,
+        max_length=8,
+        description="Boxes [x1, y1, x2, y2] in 0..1000 to judge (e.g. the detector's candidates, or your own).",
+    )
+    whole_image: bool = Field(True, description="Also judge the whole image (is there a lesion at all?).")
+
+
 class RetrieveArgs(_ToolArgs):
     """Arguments of ``retrieve_knowledge``."""
 
@@ -114,6 +126,21 @@ def _image_of(runtime: ToolRuntime, toolkit: Toolkit) -> tuple[Any, dict[str, An
     if not ref:
         raise EchoInputError("no image in the graph state; the perceive step must run before any tool")
     return toolkit.get_store().get(ref), ref
+
+
+def _image_and_regions(
+    runtime: ToolRuntime, toolkit: Toolkit, regions: list[list[int]] | None, detection_ids: list[str] | None
+) -> tuple[Any, dict[str, Any], list[Box]]:
+    """The state's image, its reference and the model's 0..1000 regions as pixel boxes (one
+    detection id per region when ids are given)."""
+    image, ref = _image_of(runtime, toolkit)
+    h, w = image.shape[:2]
+    regions = regions or []
+    if detection_ids is not None and len(detection_ids) != len(regions):
+        raise EchoInputError(
+            f"detection_ids has {len(detection_ids)} entries but regions has {len(regions)}; give one id per region"
+        )
+    return image, ref, [Box.from_model(r, w, h) for r in regions]
 
 
 class _ToolCommand(Command):  # type: ignore[type-arg]
@@ -226,19 +253,65 @@ def make_detect_tool(organ: OrganSpec, toolkit: Toolkit) -> BaseTool:
     )
 
 
+def make_classify_tool(organ: OrganSpec, toolkit: Toolkit) -> BaseTool:
+    """``classify_<organ>_regions``: the organ's second-look region classifier as a tool.
+
+    Crops come from the same preprocessed image the detector sees (field of view, burned-in
+    annotations masked), which is what the classifier was trained on."""
+    name, description = tool_text("classify_regions", organ)
+
+    def classify(
+        runtime: ToolRuntime,
+        regions: list[list[int]] | None = None,
+        detection_ids: list[str] | None = None,
+        whole_image: bool = True,
+    ) -> Command:
+        image, ref, boxes = _image_and_regions(runtime, toolkit, regions, detection_ids)
+        h, w = image.shape[:2]
+        if not boxes and not whole_image:
+            raise EchoInputError("nothing to classify: give regions or whole_image=true")
+        regions = regions or []
+        boxes = [*boxes, None] if whole_image else list(boxes)
+        ids: list[str | None] = list(detection_ids or [None] * len(regions)) + ([None] if whole_image else [])
+        clf = toolkit.classifier(organ)
+        if tuple(clf.labels) != tuple(organ.image_labels):
+            raise ModelLoadError(
+                f"the {organ.name} region classifier has labels {tuple(clf.labels)}, the organ's image labels are "
+                f"{organ.image_labels}; retrain it with the organ's labels"
+            )
+        t0 = time.perf_counter()
+        view, mapped = image, boxes
+        if toolkit.preprocess:
+            prepared = toolkit.prepared(ref["id"], image, None)
+            view = prepared.array
+            mapped = []
+            for b in boxes:
+                try:
+                    mapped.append(prepared.from_original(b) if b is not None else None)
+                except ValueError:  # outside the field of view: judge the blank region as it is
+                    mapped.append(b.clip(w, h) if b is not None else None)
+        probs = clf.classify(view, mapped)
+        elapsed = (time.perf_counter() - t0) * 1000
+        eid = next_evidence_id(runtime.state, runtime.tool_call_id, CLASSIFY_PREFIX, [name])
+        res = ClassificationResult(
+            id=eid, organ=organ.name, classifier=str(getattr(clf, "name", type(clf).__name__)),
+            regions=[RegionClassification(box=b, detection_id=i, probabilities=p) for b, i, p in zip(boxes, ids, probs, strict=True)],
+            image_width=w, image_height=h, elapsed_ms=round(elapsed, 2),
+        )
+        return _result(runtime, res, {"evidence_id": eid})
+
+    return _EchoTool.from_function(
+        func=_resolved(classify), name=name, description=description, args_schema=ClassifyArgs,
+        metadata={"echo_kind": "classify", "organ": organ.name},
+    )
+
+
 def make_describe_tool(toolkit: Toolkit) -> BaseTool:
     """``describe_image``: the global-context captioner as a tool."""
     name, description = tool_text("describe_image")
 
     def describe(runtime: ToolRuntime, regions: list[list[int]] | None = None, detection_ids: list[str] | None = None) -> Command:
-        image, ref = _image_of(runtime, toolkit)
-        h, w = image.shape[:2]
-        regions = regions or []
-        if detection_ids is not None and len(detection_ids) != len(regions):
-            raise EchoInputError(
-                f"detection_ids has {len(detection_ids)} entries but regions has {len(regions)}; give one id per region"
-            )
-        boxes = [Box.from_model(r, w, h) for r in regions]
+        image, ref, boxes = _image_and_regions(runtime, toolkit, regions, detection_ids)
         eid = next_evidence_id(runtime.state, runtime.tool_call_id, DESCRIBE_PREFIX, [name])
         spacing = ref.get("pixel_spacing_mm")
         t0 = time.perf_counter()
@@ -275,11 +348,12 @@ def make_retrieve_tool(toolkit: Toolkit) -> BaseTool:
 
 
 def make_tools(toolkit: Toolkit | None = None, organs: Iterable[str | OrganSpec] | None = None) -> list[BaseTool]:
-    """All tools: one detector tool per registered organ (or per given organ), the captioner and
-    the retriever. Each is a plain LangChain ``BaseTool`` usable by any agent."""
+    """All tools: one detector tool per registered organ (or per given organ), one second-look
+    classify tool per organ that has a region classifier, the captioner and the retriever. Each is a plain LangChain ``BaseTool`` usable by any agent."""
     toolkit = toolkit or Toolkit()
     specs = [get_organ(o) if isinstance(o, str) else o for o in organs] if organs is not None else list_organs()
     tools = [make_detect_tool(s, toolkit) for s in specs]
+    tools += [make_classify_tool(s, toolkit) for s in specs if toolkit.has_classifier(s)]
     tools.append(make_describe_tool(toolkit))
     tools.append(make_retrieve_tool(toolkit))
     return tools

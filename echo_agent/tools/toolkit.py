@@ -53,6 +53,10 @@ class Toolkit:
     Args:
         detectors: per-organ detector overrides (``{"breast": my_detector}``); organs without one use
             the packaged weights (``echo_agent.detectors.get_detector``).
+        classifiers: per-organ second-look region classifier overrides (any
+            :class:`~echo_agent.detectors.RegionClassifier`, or ``None`` to give the organ no
+            classify tool); organs without an entry use their ``classifier_weights``, and organs
+            with neither get no classify tool.
         captioner: the global-context captioner (default: the pixel captioner).
         retriever: the knowledge retriever (default: BM25 over the packaged knowledge base).
         store: where images live (default: the process-wide in-memory store).
@@ -69,6 +73,7 @@ class Toolkit:
     """
 
     detectors: dict[str, Any] = field(default_factory=dict)
+    classifiers: dict[str, Any | None] = field(default_factory=dict)
     captioner: Captioner | None = None
     retriever: Retriever | None = None
     store: ImageStore | None = None
@@ -95,6 +100,27 @@ class Toolkit:
 
             det = get_detector(organ)
         return det
+
+    def classifier(self, organ: OrganSpec | str) -> Any:
+        """The organ's second-look region classifier (loaded on first use)."""
+        name = organ if isinstance(organ, str) else organ.name
+        if name in self.classifiers:
+            clf = self.classifiers[name]
+            if clf is None:
+                from ..errors import ModelLoadError
+
+                raise ModelLoadError(f"the second-look classifier of {name!r} is switched off in this toolkit")
+            return clf
+        from ..detectors import get_region_classifier
+
+        return get_region_classifier(organ)
+
+    def has_classifier(self, organ: OrganSpec) -> bool:
+        """Whether ``organ`` has a region classifier (an override, or weights that exist)."""
+        if organ.name in self.classifiers:
+            return self.classifiers[organ.name] is not None
+        path = organ.resolve_classifier_weights()
+        return path is not None and path.is_file()
 
     def prepared(self, image_id: str, view: np.ndarray, region: tuple[int, int, int, int] | None = None) -> Any:
         """``prepare_for_detection(view)``, remembered under ``(image_id, region)``.

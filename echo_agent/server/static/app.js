@@ -84,6 +84,14 @@ function describeEvidence(ev) {
     return el("div", {}, el("p", { text: e.caption || "image described" }),
       regions.length ? el("ul", {}, ...regions) : null);
   }
+  if (e.kind === "classification") {
+    const regions = e.regions.map((r) => {
+      const probs = Object.entries(r.probabilities).map(([k, v]) => `${k} ${fmt(v)}`).join(", ");
+      const where = r.box ? `${r.detection_id || "region"} ${boxText(r.box)}` : "whole image";
+      return el("li", { text: `${where}: ${probs}` });
+    });
+    return el("div", {}, el("p", { text: `second look (${e.classifier})` }), el("ul", {}, ...regions));
+  }
   if (e.kind === "knowledge") {
     return el("div", {}, el("p", { text: `query: “${e.query}”` }),
       el("ul", {}, ...e.snippets.map((s) => el("li", { text: `${s.title} — ${s.source}` }))));

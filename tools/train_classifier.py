@@ -1,0 +1,117 @@
+#!/usr/bin/env python
+"""Train a second-look region classifier (EfficientNet-Lite0, ImageNet start) and export it to ONNX.
+
+    python tools/train_classifier.py configs/classifier/breast.yaml
+    python tools/train_classifier.py configs/classifier/kidney.yaml --output /tmp/kidney_cls.onnx
+    python tools/train_classifier.py configs/classifier/breast_busi_only.yaml --output /tmp/xc/busi_cls.onnx
+    python tools/train_classifier.py configs/classifier/kidney.yaml --fold 0 --folds 2 --output /tmp/cf/kidney_cls0.onnx
+
+Reads the committed train/val splits of the config's centers from the staged data
+(``$ECHO_AGENT_DATA`` or ``../shared/data``), fine-tunes (``echo_agent.training.region_classifier``),
+fits the temperature on val, exports ONNX with its metadata, checks size (<= 15 MB) and that ONNX
+Runtime reproduces the torch logits, and writes ``<output>.json`` (the training report). The
+default output is the packaged ``echo_agent/assets/classifiers/<organ>.onnx``.
+
+Needs the ``train`` extra. ``--minutes`` bounds the wall-clock training time. ``--fold k --folds K``
+leaves out one hash-assigned fold of the train split's groups (``echo_agent.eval.splits.cross_fit_fold``,
+the same folds as ``tools/train_detector.py``), for out-of-fold predictions on the train split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+MAX_ONNX_BYTES = 15 * 1024 * 1024
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("config", type=Path)
+    ap.add_argument("--output", type=Path, default=None, help="ONNX path (default: the packaged classifier)")
+    ap.add_argument("--minutes", type=float, default=None, help="wall-clock training budget")
+    ap.add_argument("--epochs", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--random-init", action="store_true", help="start from random weights (ablation)")
+    ap.add_argument("--fold", type=int, default=None,
+                    help="cross-fitting: leave this fold of the train split's groups out (needs --folds and --output)")
+    ap.add_argument("--folds", type=int, default=None)
+    args = ap.parse_args(argv)
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from echo_agent.eval.datasets import load_split
+    from echo_agent.training.region_classifier import (
+        ClassifierTrainConfig,
+        export_onnx,
+        prepare_cases,
+        train_classifier,
+    )
+
+    cfg = ClassifierTrainConfig.from_yaml(args.config)
+    for key, value in (("max_minutes", args.minutes), ("epochs", args.epochs), ("seed", args.seed), ("threads", args.threads)):
+        if value is not None:
+            setattr(cfg, key, value)
+    if args.random_init:
+        cfg.pretrained = False
+    if (args.fold is None) != (args.folds is None):
+        ap.error("--fold and --folds go together")
+    if args.fold is not None and (args.output is None or not 0 <= args.fold < args.folds):
+        ap.error("--fold k needs 0 <= k < --folds and its own --output (a fold model is never the packaged one)")
+    out = args.output or REPO / "echo_agent" / "assets" / "classifiers" / f"{cfg.organ}.onnx"
+
+    t0 = time.monotonic()
+    train_imgs = [im for c in cfg.centers for im in load_split(c, cfg.train_split)]
+    if args.fold is not None:
+        from echo_agent.eval.splits import cross_fit_fold, cv_group
+
+        train_imgs = [im for im in train_imgs if cross_fit_fold(cv_group(im), args.folds) != args.fold]
+    val_imgs = [im for c in cfg.centers for im in load_split(c, cfg.val_split)]
+    train_cases = prepare_cases(train_imgs, cfg.labels, max_frames_per_group=cfg.max_frames_per_group, seed=cfg.seed)
+    val_cases = prepare_cases(val_imgs, cfg.labels)
+    print(f"prepared {len(train_cases)} train / {len(val_cases)} val images in {time.monotonic() - t0:.0f} s", flush=True)
+    model, report = train_classifier(cfg, train_cases, val_cases, log=lambda s: print(s, flush=True))
+    export_onnx(model, out, cfg, report)
+    size = out.stat().st_size
+    if size > MAX_ONNX_BYTES:
+        print(f"error: {out} is {size / 2**20:.1f} MB > 15 MB", file=sys.stderr)
+        return 1
+    _check_onnx(model, out, val_cases[:4], cfg)
+    report.update({
+        "output": str(out), "bytes": size, "config": str(args.config), "train_images": len(train_cases),
+        "val_images": len(val_cases), "wall_minutes": round((time.monotonic() - t0) / 60, 1),
+        "machine": f"{platform.machine()} {os.cpu_count()} cpu", "date": time.strftime("%Y-%m-%d"),
+    })
+    out.with_suffix(".json").write_text(json.dumps(report, indent=1))
+    print(json.dumps({k: report[k] for k in ("val", "temperature", "wall_minutes", "bytes")}), flush=True)
+    return 0
+
+
+def _check_onnx(model, path: Path, cases, cfg) -> None:  # noqa: ANN001 - torch objects
+    """ONNX Runtime must reproduce the torch logits on real crops."""
+    import numpy as np
+    import torch
+
+    from echo_agent.detectors.region_classifier import OnnxRegionClassifier
+
+    clf = OnnxRegionClassifier(path)
+    model.eval()
+    for c in cases:
+        x = clf.crops(c.array, [None, *c.boxes[:1]])
+        with torch.no_grad():
+            ref = model(torch.from_numpy(x)).numpy()
+        got = clf.logits(c.array, [None, *c.boxes[:1]])
+        if not np.allclose(ref, got, atol=1e-3):
+            raise SystemExit(f"ONNX logits differ from torch: {np.abs(ref - got).max():.2e}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
