@@ -133,7 +133,10 @@ def test_environment_tools_match_inference(tiny: Path, curriculum) -> None:  # n
     assert kb["evidence_id"] == "kb1" and kb["snippets"]
     proc = use_inference_tool_schemas(AutoProcessor.from_pretrained(tiny))
     conv = [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
-    methods = [env.detect_breast_lesions, env.describe_image, env.retrieve_knowledge]
+    cls = json.loads(env.classify_breast_regions(regions=[[100, 100, 600, 600]], detection_ids=["det1:0"]))
+    assert cls["evidence_id"] == "cls1" and cls["regions"][-1]["box"] == "whole image"
+    assert env.classify_breast_regions(regions=[], whole_image=False).startswith("Error: ")
+    methods = [env.detect_breast_lesions, env.classify_breast_regions, env.describe_image, env.retrieve_knowledge]
     assert proc.apply_chat_template(conv, tools=methods, tokenize=False) == proc.apply_chat_template(
         conv, tools=tool_schemas(get_organ("breast")), tokenize=False)
 

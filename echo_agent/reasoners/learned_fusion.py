@@ -358,10 +358,10 @@ _FEATURE_TEXT = {
 
 
 def _feature_text(name: str, value: float) -> str:
-    if name.startswith("cls_whole_"):
-        return f"second look, whole image: {name[10:]} p={math.exp(value):.2f}"
-    if name.startswith("cls_top_"):
-        return f"second look, top candidate: {name[8:]} p={math.exp(value):.2f}"
+    if name.startswith(("cls_whole_", "cls_top_")):
+        where, label = ("whole image", name[10:]) if name.startswith("cls_whole_") else ("top candidate", name[8:])
+        p = math.exp(value)
+        return f"second look, {where}: {label} {'likely' if p >= 0.5 else 'unlikely'} (p={p:.2f})"
     if name.startswith("det_max_"):
         return f"{name[8:]} detector score {value:.2f}"
     if name.startswith("desc_") and "=" in name:

@@ -12,7 +12,7 @@ from .builders import (
     make_tools,
     next_evidence_id,
 )
-from .toolkit import Captioner, Retriever, Toolkit, run_detector
+from .toolkit import Captioner, Retriever, Toolkit, run_classifier, run_detector
 
 __all__ = [
     "Captioner",
@@ -28,5 +28,6 @@ __all__ = [
     "make_retrieve_tool",
     "make_tools",
     "next_evidence_id",
+    "run_classifier",
     "run_detector",
 ]

@@ -17,12 +17,12 @@ from langgraph.prebuilt import ToolRuntime
 from langgraph.types import Command
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ..errors import EchoInputError, ModelLoadError
+from ..errors import EchoInputError
 from ..messages import dumps, evidence_to_model
 from ..organs import OrganSpec, get_organ, list_organs
 from ..prompts import tool_text
 from ..schemas import Box, ClassificationResult, DetectorReport, Evidence, RegionClassification
-from .toolkit import Toolkit, run_detector
+from .toolkit import Toolkit, run_classifier, run_detector
 
 DETECT_PREFIX = "det"
 CLASSIFY_PREFIX = "cls"
@@ -274,23 +274,9 @@ def make_classify_tool(organ: OrganSpec, toolkit: Toolkit) -> BaseTool:
         boxes = [*boxes, None] if whole_image else list(boxes)
         ids: list[str | None] = list(detection_ids or [None] * len(regions)) + ([None] if whole_image else [])
         clf = toolkit.classifier(organ)
-        if tuple(clf.labels) != tuple(organ.image_labels):
-            raise ModelLoadError(
-                f"the {organ.name} region classifier has labels {tuple(clf.labels)}, the organ's image labels are "
-                f"{organ.image_labels}; retrain it with the organ's labels"
-            )
         t0 = time.perf_counter()
-        view, mapped = image, boxes
-        if toolkit.preprocess:
-            prepared = toolkit.prepared(ref["id"], image, None)
-            view = prepared.array
-            mapped = []
-            for b in boxes:
-                try:
-                    mapped.append(prepared.from_original(b) if b is not None else None)
-                except ValueError:  # outside the field of view: judge the blank region as it is
-                    mapped.append(b.clip(w, h) if b is not None else None)
-        probs = clf.classify(view, mapped)
+        probs = run_classifier(organ, image, boxes, classifier=clf, preprocess=toolkit.preprocess,
+                               prepare=lambda view, crop: toolkit.prepared(ref["id"], view, crop))
         elapsed = (time.perf_counter() - t0) * 1000
         eid = next_evidence_id(runtime.state, runtime.tool_call_id, CLASSIFY_PREFIX, [name])
         res = ClassificationResult(

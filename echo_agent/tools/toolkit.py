@@ -268,6 +268,46 @@ def run_detector(
     return out
 
 
+def run_classifier(
+    organ: OrganSpec,
+    image: np.ndarray,
+    boxes: Sequence[Box | None],
+    *,
+    classifier: Any,
+    preprocess: bool = True,
+    prepare: Callable[[np.ndarray, tuple[int, int, int, int] | None], Any] | None = None,
+) -> list[dict[str, float]]:
+    """Run a second-look classifier the way the agent does: on the detector's preprocessed view
+    (field-of-view crop, annotations masked; ``prepare`` as in :func:`run_detector`), boxes in
+    ``image`` pixels (``None`` = whole image). Shared by the tool and the GRPO environment.
+
+    Raises :class:`~echo_agent.errors.ModelLoadError` when the classifier's labels are not the
+    organ's image labels."""
+    from ..errors import ModelLoadError
+
+    if tuple(classifier.labels) != tuple(organ.image_labels):
+        raise ModelLoadError(
+            f"the {organ.name} region classifier has labels {tuple(classifier.labels)}, the organ's image labels are "
+            f"{organ.image_labels}; retrain it with the organ's labels"
+        )
+    if not preprocess:
+        return classifier.classify(image, list(boxes))
+    if prepare is not None:
+        prepared = prepare(image, None)
+    else:
+        from ..imaging.preprocess import prepare_for_detection
+
+        prepared = prepare_for_detection(image)
+    h, w = image.shape[:2]
+    mapped: list[Box | None] = []
+    for b in boxes:
+        try:
+            mapped.append(prepared.from_original(b) if b is not None else None)
+        except ValueError:  # outside the field of view: judge the blank region as it is
+            mapped.append(b.clip(w, h) if b is not None else None)
+    return classifier.classify(prepared.array, mapped)
+
+
 def merge_across_classes(detections: list[Detection], iou_threshold: float = 0.5) -> list[Detection]:
     """Class-agnostic suppression that keeps what it suppresses as ``class_scores``.
 

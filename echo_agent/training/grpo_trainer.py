@@ -28,7 +28,7 @@ from ..eval.manifest import ManifestImage
 from ..messages import dumps, evidence_to_model
 from ..organs import OrganSpec, get_organ
 from ..prompts import tool_text
-from ..schemas import Box, DetectorReport
+from ..schemas import Box, ClassificationResult, DetectorReport, RegionClassification
 from ._config import dump_config, offline_env
 from .curriculum import SimulatedDetector, read_jsonl, resolve_images, tool_schemas
 from .grpo_config import EchoGRPOConfig
@@ -57,6 +57,7 @@ def make_environment(
     detectors: dict[str, Any] | None = None,
     captioner: Any = None,
     retriever: Any = None,
+    classifiers: dict[str, Any] | None = None,
     seed: int = 0,
 ) -> type:
     """An environment class for ``spec`` whose methods are the agent's tools (TRL ``environment_factory``).
@@ -65,11 +66,13 @@ def make_environment(
     loads the image; tool calls then work on that image. ``detector``: ``'live'`` runs the real
     detector (``detectors[organ]`` or the packaged weights), ``'simulated'`` uses
     :class:`~echo_agent.training.curriculum.SimulatedDetector` (ground truth + noise; demos only),
-    ``'auto'`` picks live when the organ has weights.
+    ``'auto'`` picks live when the organ has weights. Organs with a second-look classifier get its
+    tool too (``classifiers[organ]`` or the packaged weights), as at inference.
     """
-    from ..tools.builders import DescribeArgs, DetectArgs, RetrieveArgs
+    from ..tools.builders import ClassifyArgs, DescribeArgs, DetectArgs, RetrieveArgs
 
     det_name, det_desc = tool_text("detect_lesions", spec)
+    cls_name, cls_desc = tool_text("classify_regions", spec)
     desc_name, desc_desc = tool_text("describe_image")
     kb_name, kb_desc = tool_text("retrieve_knowledge")
     schemas = {s["function"]["name"]: s for s in tool_schemas(spec)}
@@ -182,6 +185,37 @@ def make_environment(
             return _error_text(exc)
         return self._result(ctx)
 
+    def classify(self, regions: list[list[int]] | None = None, detection_ids: list[str] | None = None,
+                 whole_image: bool = True) -> Any:
+        self.calls.append((cls_name, {"regions": regions, "detection_ids": detection_ids, "whole_image": whole_image}))
+        try:
+            from ..detectors import get_region_classifier
+            from ..tools.toolkit import run_classifier
+
+            args = ClassifyArgs.model_validate({"regions": regions or [], "detection_ids": detection_ids,
+                                                "whole_image": whole_image})
+            h, w = self.image.shape[:2]
+            if args.detection_ids is not None and len(args.detection_ids) != len(args.regions):
+                raise EchoInputError(
+                    f"detection_ids has {len(args.detection_ids)} entries but regions has {len(args.regions)}; "
+                    "give one id per region"
+                )
+            if not args.regions and not args.whole_image:
+                raise EchoInputError("nothing to classify: give regions or whole_image=true")
+            boxes: list[Box | None] = [Box.from_model(r, w, h) for r in args.regions] + ([None] if args.whole_image else [])
+            ids = list(args.detection_ids or [None] * len(args.regions)) + ([None] if args.whole_image else [])
+            clf = (classifiers or {}).get(spec.name) or get_region_classifier(spec)
+            probs = run_classifier(spec, self.image, boxes, classifier=clf)
+            self.counts["cls"] = self.counts.get("cls", 0) + 1
+            res = ClassificationResult(
+                id=f"cls{self.counts['cls']}", organ=spec.name, classifier=str(clf.name),
+                regions=[RegionClassification(box=b, detection_id=i, probabilities=p) for b, i, p in zip(boxes, ids, probs, strict=True)],
+                image_width=w, image_height=h,
+            )
+        except Exception as exc:
+            return _error_text(exc)
+        return self._result(res)
+
     def retrieve(self, query: str, organ: str | None = None, k: int = 3) -> Any:
         self.calls.append((kb_name, {"query": query, "organ": organ, "k": k}))
         try:
@@ -194,11 +228,11 @@ def make_environment(
             return _error_text(exc)
         return self._result(res)
 
-    for fn, name, description, model in (
-        (detect, det_name, det_desc, DetectArgs),
-        (describe, desc_name, desc_desc, DescribeArgs),
-        (retrieve, kb_name, kb_desc, RetrieveArgs),
-    ):
+    tools = [(detect, det_name, det_desc, DetectArgs)]
+    if cls_name in schemas:  # the organ has a second-look classifier (as at inference)
+        tools.append((classify, cls_name, cls_desc, ClassifyArgs))
+    tools += [(describe, desc_name, desc_desc, DescribeArgs), (retrieve, kb_name, kb_desc, RetrieveArgs)]
+    for fn, name, description, model in tools:
         fields = {k: (f.description or k) for k, f in model.model_fields.items() if k != "runtime"}
         fn.__name__ = fn.__qualname__ = name
         fn.__doc__ = _google_doc(description, fields)

@@ -359,7 +359,7 @@ def tool_cost_reward(
 
 def _arg_models(organ: str | None) -> dict[str, Any]:
     from ..prompts import tool_text
-    from ..tools.builders import DescribeArgs, DetectArgs, RetrieveArgs
+    from ..tools.builders import ClassifyArgs, DescribeArgs, DetectArgs, RetrieveArgs
 
     models: dict[str, Any] = {tool_text("describe_image")[0]: DescribeArgs, tool_text("retrieve_knowledge")[0]: RetrieveArgs}
     from ..organs import list_organs
@@ -367,6 +367,8 @@ def _arg_models(organ: str | None) -> dict[str, Any]:
     specs = [get_organ(organ)] if organ else list_organs()
     for s in specs:
         models[tool_text("detect_lesions", s)[0]] = DetectArgs
+        if s.classifier_weights:
+            models[tool_text("classify_regions", s)[0]] = ClassifyArgs
     return models
 
 
