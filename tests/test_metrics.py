@@ -212,6 +212,8 @@ def test_ece_and_brier_by_hand():
     # per image sum_k (p_k - onehot_k)^2: .02, .08, .98 (0.7^2 + 0.7^2), .72 (0.6^2 + 0.6^2)
     brier = (0.02 + 0.08 + 0.98 + 0.72) / 4
     assert c.brier == pytest.approx(brier)
+    # true-label probabilities .9, .8, .3, .4
+    assert c.log_loss == pytest.approx(-(math.log(0.9) + math.log(0.8) + math.log(0.3) + math.log(0.4)) / 4)
 
 
 def test_ece_same_bin_averages_before_difference():

@@ -196,13 +196,15 @@ class ReliabilityBin(_Result):
 
 @dataclass(frozen=True)
 class CalibrationScore(_Result):
-    """Expected calibration error, multi-class Brier score and the reliability-diagram bins."""
+    """Expected calibration error, multi-class Brier score, log-loss (mean negative log-likelihood of
+    the true label, probabilities floored at 1e-12) and the reliability-diagram bins."""
 
     n_images: int
     ece: float
     brier: float
     n_bins: int
     bins: tuple[ReliabilityBin, ...]
+    log_loss: float = float("nan")
 
 
 @dataclass(frozen=True)
@@ -472,6 +474,7 @@ def calibration_score(
     onehot = np.zeros_like(p)
     onehot[np.arange(n), t] = 1.0
     brier = float(np.mean(np.sum((p - onehot) ** 2, axis=1)))
+    log_loss = float(-np.mean(np.log(np.clip(p[np.arange(n), t], 1e-12, None))))
     # searchsorted(side="left") on the inner edges puts conf in (e_b, e_{b+1}] into bin b; 0 -> bin 0.
     edges = np.linspace(0.0, 1.0, n_bins + 1)
     idx = np.searchsorted(edges[1:-1], conf, side="left")
@@ -485,7 +488,7 @@ def calibration_score(
         if c:
             ece += c / n * abs(acc - mc)  # type: ignore[operator]
         bins.append(ReliabilityBin(float(edges[b]), float(edges[b + 1]), c, mc, acc))
-    return CalibrationScore(n, float(ece), brier, n_bins, tuple(bins))
+    return CalibrationScore(n, float(ece), brier, n_bins, tuple(bins), log_loss)
 
 
 # ---------------------------------------------------------------------------------------------------
