@@ -72,6 +72,9 @@ class EchoAgent:
         toolkit: detectors, captioner, retriever, image store (see :class:`echo_agent.tools.Toolkit`).
         fusion / finalizer: see :func:`echo_agent.build_graph`.
         router: ``f(image) -> (organ | None, confidence)``; default: the packaged organ router.
+        check_given_organ: with an explicit organ, still let the router check that the image is a
+            usable ultrasound image (a blank frame or noise gets an indeterminate Diagnosis with the
+            reason; another organ a warning). ``False`` skips the check (``router=None`` too).
         max_tool_calls: tool-call budget per image.
         review: pause each run for a human reviewer (use :meth:`start` / :meth:`resume`).
         checkpointer: any LangGraph checkpointer (an in-memory one is used when review is on).
@@ -95,6 +98,7 @@ class EchoAgent:
         checkpointer: Any = None,
         max_pixels: int = 50_000_000,
         prefetch: bool | None = None,
+        check_given_organ: bool = True,
     ) -> None:
         from .graph import build_graph
         from .organs import get_organ
@@ -118,7 +122,7 @@ class EchoAgent:
         self.checkpointer = checkpointer
         self._builder = build_graph(
             reasoner, toolkit=self.toolkit, fusion=fusion, finalizer=finalizer, router=router,
-            max_tool_calls=max_tool_calls, review=review,
+            max_tool_calls=max_tool_calls, review=review, check_given_organ=check_given_organ,
         )
         self.graph = self._builder.compile(checkpointer=checkpointer)
 

@@ -347,3 +347,50 @@ def test_detector_tool_prefetches_the_captioner_context_once(enabled):
         assert len(tk.captioner.prefetched) == 2 and all(p is image for p in tk.captioner.prefetched)
     else:
         assert tk.captioner.prefetched == []
+
+
+# -- usability check of an explicitly given organ (hardening: blank/noise images) --------------------
+def _checked_agent(router, **kw):
+    from echo_agent import EchoAgent
+
+    return EchoAgent(toolkit=fake_toolkit(), router=router, **kw)
+
+
+def test_given_organ_still_gets_an_image_check():
+    from echo_agent.graph.build import UNUSABLE_IMAGE_RECOMMENDATION
+
+    dx = _checked_agent(lambda img: (None, 0.99)).run(speckle_image(), organ="breast")
+    assert dx.indeterminate and "image check" in (dx.indeterminate_reason or "")
+    assert dx.recommendation == UNUSABLE_IMAGE_RECOMMENDATION.format(organ="breast")
+    assert any("does not recognise" in w for w in dx.warnings)
+
+
+def test_given_organ_that_the_router_reads_as_another_is_only_a_warning():
+    dx = _checked_agent(lambda img: ("kidney", 0.97)).run(speckle_image(), organ="breast")
+    assert "image check" not in (dx.indeterminate_reason or "")
+    assert any("reads this image as kidney" in w for w in dx.warnings)
+
+
+def test_image_check_can_be_switched_off():
+    calls = []
+
+    def router(img):
+        calls.append(1)
+        return None, 0.99
+
+    dx = _checked_agent(router, check_given_organ=False).run(speckle_image(), organ="breast")
+    assert not calls and "image check" not in (dx.indeterminate_reason or "")
+
+
+def test_blank_and_noise_images_with_an_explicit_organ_are_not_read_as_confident_normals():
+    import numpy as np
+
+    from echo_agent import EchoAgent
+
+    agent = EchoAgent()  # packaged router, detectors, classifiers
+    rng = np.random.default_rng(0)
+    for img in (np.zeros((300, 300, 3), np.uint8), np.full((300, 300, 3), 255, np.uint8),
+                rng.integers(0, 256, (300, 300, 3), dtype=np.uint8)):
+        for organ in ("breast", "kidney"):
+            dx = agent.run(img, organ=organ)
+            assert dx.indeterminate and "image check" in dx.indeterminate_reason, (organ, dx.indeterminate_reason)

@@ -114,6 +114,27 @@ def _tools_for(organ: OrganSpec, tools: Sequence[BaseTool]) -> list[BaseTool]:
     return out
 
 
+UNUSABLE_IMAGE_RECOMMENDATION = (
+    "The image does not look like a usable {organ} ultrasound image: check the image and the organ, "
+    "or have it read by a sonographer. The reading above is not reliable."
+)
+
+
+def _check_given_organ(organ: str, routed: tuple[str | None, float | None]) -> dict[str, Any]:
+    """State updates of the usability check of an explicitly given organ: an image the organ router
+    rejects (a blank frame, noise, a photograph) gets ``image_check`` (the Diagnosis is then marked
+    indeterminate); an image it routes to another organ gets a warning only (the caller chose)."""
+    name, conf = routed
+    p = f", p={conf:.2f}" if conf is not None else ""
+    if name is None:
+        return {"image_check": f"image check: it does not look like {organ} ultrasound (organ router: "
+                               f"no organ{p})",
+                "warnings": [f"the organ router does not recognise this image as {organ} ultrasound{p}"]}
+    if name != organ:
+        return {"warnings": [f"the organ router reads this image as {name}{p}, not {organ} as given"]}
+    return {}
+
+
 def _budget(runtime: Runtime[EchoRunContext] | None, default: int) -> int:
     ctx = getattr(runtime, "context", None) if runtime is not None else None
     value = getattr(ctx, "max_tool_calls", None) if ctx is not None else None
@@ -132,6 +153,7 @@ def build_graph(
     max_tool_calls: int = 8,
     max_reasoner_turns: int | None = None,
     review: bool = False,
+    check_given_organ: bool = True,
 ) -> StateGraph:
     """Build the uncompiled invoke-and-reason graph.
 
@@ -145,6 +167,10 @@ def build_graph(
             fusion where parameters ship for the organ, else the transparent heuristic fusion).
         finalizer: optional final-reasoning step run after fusion (e.g. an LLM with structured output).
         router: ``f(image_array) -> (organ | None, confidence)`` used when the input has no organ.
+        check_given_organ: when the input names the organ, still run the router as a usability
+            check: an image it recognises as no organ at all (a blank frame, noise, a photograph)
+            gets an indeterminate Diagnosis with the reason; one it reads as another organ gets a
+            warning. Needs a router.
         max_tool_calls: tool-call budget per run (overridable per run via ``EchoRunContext``).
         max_reasoner_turns: stop asking the reasoner after this many turns (default: budget + 2).
         review: pause before END for a human reviewer (LangGraph ``interrupt``).
@@ -201,6 +227,8 @@ def build_graph(
                 )
             update["organ"] = organ_name
             update["organ_confidence"] = confidence
+        elif router is not None and check_given_organ:
+            update.update(_check_given_organ(organ_name, router(store.get(ref))))
         spec = get_organ(organ_name)
         clinical = state.get("clinical")
         if clinical is not None and not isinstance(clinical, dict):
@@ -265,6 +293,12 @@ def build_graph(
         dx = fusion.fuse(spec, evidence, clinical=clinical, image_size=(int(ref["width"]), int(ref["height"])))
         if state.get("warnings"):
             dx = dx.model_copy(update={"warnings": [*dx.warnings, *state["warnings"]]})
+        if state.get("image_check"):
+            reasons = [r for r in (dx.indeterminate_reason, state["image_check"]) if r]
+            dx = dx.model_copy(update={
+                "indeterminate": True, "indeterminate_reason": "; ".join(reasons),
+                "recommendation": UNUSABLE_IMAGE_RECOMMENDATION.format(organ=spec.name),
+            })
         if finalizer is not None:
             dx = finalizer(dict(state), spec, dx)
             Diagnosis.model_validate(dx.model_dump())  # the finaliser must hand back a valid Diagnosis

@@ -35,6 +35,9 @@ class EchoState(EchoInput, total=False):
     tool_calls_used: int
     diagnosis: dict[str, Any] | None
     warnings: Annotated[list[str], operator.add]
+    #: Why the image failed the usability check of an explicitly given organ (None: it passed or
+    #: was not checked); the reason node then marks the Diagnosis indeterminate.
+    image_check: str | None
 
 
 class EchoOutput(TypedDict, total=False):
