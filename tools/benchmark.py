@@ -194,6 +194,7 @@ def bench_stages(n: int, image: Path | str) -> dict[str, float]:
         "detector: FOV crop + annotation removal": (mod("echo_agent.imaging.preprocess"), "prepare_for_detection"),
         "detector: detect (letterbox, forward, decode, TTA merge)": (LetterboxYoloDetector, "detect_batch"),
         "captioner: describe": (PixelCaptioner, "describe"),
+        "second look: classify (crops + forward)": (mod("echo_agent.detectors.region_classifier").OnnxRegionClassifier, "classify"),
         "overlay rendering": (mod("echo_agent.imaging.overlay"), "render_overlay"),
     }
     inner = {
@@ -227,12 +228,39 @@ def bench_stages(n: int, image: Path | str) -> dict[str, float]:
     return out
 
 
+def bench_classifier(n: int, image: Path | str) -> dict[str, float]:
+    """The breast second-look classifier alone (ONNX Runtime, one thread, as in the agent): p50 ms
+    for 1 crop (the whole image) and for 3 crops (two candidates and the whole image, the embedded
+    policy's call), on the example image after the detector's preprocessing."""
+    from echo_agent.detectors import get_region_classifier
+    from echo_agent.imaging import load_image
+    from echo_agent.imaging.preprocess import prepare_for_detection
+    from echo_agent.schemas import Box
+
+    clf = get_region_classifier("breast")
+    view = prepare_for_detection(load_image(image).array).array
+    h, w = view.shape[:2]
+    boxes = [Box(x1=w * 0.3, y1=h * 0.3, x2=w * 0.6, y2=h * 0.7), Box(x1=w * 0.1, y1=h * 0.1, x2=w * 0.3, y2=h * 0.3), None]
+    clf.classify(view, boxes)  # load the session
+    out = {}
+    for k in (1, 3):
+        ts = []
+        for _ in range(n):
+            t = time.perf_counter()
+            clf.classify(view, boxes[-k:])
+            ts.append(time.perf_counter() - t)
+        out[f"classifier_{k}_crop_ms_p50"] = _pct(ts, 0.5) * 1000
+    out["classifier_ms_per_crop_p50"] = out["classifier_3_crop_ms_p50"] / 3
+    return out
+
+
 def bench_light_venv() -> dict[str, float]:
     d = Path(tempfile.mkdtemp(prefix="echo-light-"))
     try:
         subprocess.run([sys.executable, "-m", "venv", str(d)], check=True)
         t = time.perf_counter()
-        subprocess.run([str(d / "bin" / "pip"), "install", "-q", str(REPO)], check=True)
+        lock = REPO / "requirements" / "constraints.txt"  # as the README's run command installs it
+        subprocess.run([str(d / "bin" / "pip"), "install", "-q", "-c", str(lock), str(REPO)], check=True)
         install_s = time.perf_counter() - t
         size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file() and not f.is_symlink())
         has_torch = subprocess.run([str(d / "bin" / "python"), "-c", "import torch"], capture_output=True).returncode == 0
@@ -265,6 +293,7 @@ def main() -> None:
         res.update(bench_import(7))
         res.update(bench_cold_cli(5, image))
     res.update(bench_agent(args.runs, image, prefetch_context=not args.no_prefetch_context))
+    res.update(bench_classifier(args.runs, image))
     res.update(bench_plumbing(args.runs))
     res.update(bench_graph_floor(max(args.runs, 100)))
     if args.light_venv:

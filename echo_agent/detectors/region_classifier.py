@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -120,7 +121,7 @@ class OnnxRegionClassifier:
 
     Args:
         path: the ``.onnx`` file (with :data:`CLASSIFIER_META_KEY` metadata).
-        intra_op_threads: ONNX Runtime threads (default 1: the agent runs tools side by side).
+        intra_op_threads: ONNX Runtime threads (default: 2, or 1 on a one-core machine).
         name: evidence name (default ``onnx-classifier:<file stem>@<8 hex of the file hash>``).
         max_batch: crops per forward pass.
 
@@ -163,7 +164,9 @@ class OnnxRegionClassifier:
 
             opts = ort.SessionOptions()
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            opts.intra_op_num_threads = int(self.intra_op_threads or 1)
+            # Two threads by default: the classifier runs after the detector, when the captioner's
+            # background analysis is usually done, and 3 crops take 17 ms instead of 30 on 2 cores.
+            opts.intra_op_num_threads = int(self.intra_op_threads or min(2, os.cpu_count() or 1))
             opts.inter_op_num_threads = 1
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
             opts.log_severity_level = 3
