@@ -762,3 +762,42 @@ def test_import_is_light() -> None:
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert res.stdout.strip() == ""
+
+
+# -- paths that are not regular files (hardening) ----------------------------------------------------
+def test_fifo_device_and_huge_files_are_refused_without_reading(tmp_path):
+    import os
+
+    from echo_agent.errors import EchoInputError, ImageTooLargeError
+    from echo_agent.imaging import load_image
+    from echo_agent.imaging.io import read_image_file
+
+    fifo = tmp_path / "scan.png"
+    os.mkfifo(fifo)  # opening a FIFO for reading would block forever without O_NONBLOCK
+    with pytest.raises(EchoInputError, match="not a regular file"):
+        load_image(fifo)
+    if os.path.exists("/dev/zero"):
+        with pytest.raises(EchoInputError, match="not a regular file"):
+            load_image("/dev/zero")
+    big = tmp_path / "big.png"
+    with open(big, "wb") as f:  # sparse: no disk used
+        f.truncate(300 * 1024 * 1024)
+    with pytest.raises(ImageTooLargeError, match="MiB"):
+        load_image(big)
+    small = tmp_path / "small.bin"
+    small.write_bytes(b"x" * 100)
+    with pytest.raises(ImageTooLargeError):
+        read_image_file(small, max_bytes=10)
+    assert read_image_file(small) == b"x" * 100
+
+
+def test_cli_run_on_a_fifo_exits_with_an_error_instead_of_hanging(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    fifo = tmp_path / "scan.png"
+    os.mkfifo(fifo)
+    r = subprocess.run([sys.executable, "-m", "echo_agent.cli", "run", str(fifo), "--organ", "breast"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "not a regular file" in (r.stdout + r.stderr)

@@ -157,13 +157,7 @@ def load_image(
         return source
     if isinstance(source, (str, os.PathLike)):
         path = _check_path(source)
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise UnreadableImageError(
-                f"{path} could not be read ({exc.strerror or type(exc).__name__}); check its permissions."
-            ) from None
-        return _from_bytes(data, frame=frame, path=path, prefix="", **limits)
+        return _from_bytes(read_image_file(path), frame=frame, path=path, prefix="", **limits)
     if isinstance(source, (bytes, bytearray, memoryview)):
         return _from_bytes(bytes(source), frame=frame, path=None, prefix="bytes-", **limits)
     if isinstance(source, np.ndarray):
@@ -216,6 +210,51 @@ def _check_path(source: str | os.PathLike[str]) -> Path:
     if path.is_dir():
         raise EchoInputError(f"{str(path)!r} is a directory, not an image file; pass the path of one image.")
     return path
+
+
+#: Largest image file :func:`load_image` reads from a path (ultrasound frames and cine DICOMs are
+#: far smaller); bigger files are refused before any byte is read.
+MAX_FILE_BYTES = 256 * 1024 * 1024
+
+
+def read_image_file(path: str | os.PathLike[str], *, max_bytes: int = MAX_FILE_BYTES) -> bytes:
+    """The bytes of a **regular** file of at most ``max_bytes``.
+
+    A FIFO, a character device (``/dev/zero``), a socket or a directory is refused before it is read
+    (opening is non-blocking, and the type is checked on the opened descriptor, so the path cannot
+    be swapped in between), as is a file larger than ``max_bytes``; a file that grows while being
+    read is cut off at ``max_bytes + 1`` bytes and refused.
+
+    Raises:
+        EchoInputError: not a regular file. ImageTooLargeError: larger than ``max_bytes``.
+        UnreadableImageError: the OS refused to open or read it (permissions, I/O error).
+    """
+    import stat
+
+    path = Path(os.fspath(path))
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise UnreadableImageError(
+            f"{path} could not be opened ({exc.strerror or type(exc).__name__}); check its permissions."
+        ) from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise EchoInputError(
+                f"{str(path)!r} is not a regular file (a pipe, device or socket); pass the path of an image file."
+            )
+        if st.st_size > max_bytes:
+            raise ImageTooLargeError(
+                f"{str(path)!r} is {st.st_size / 2**20:.0f} MiB, above the {max_bytes / 2**20:.0f} MiB limit for an image file."
+            )
+        try:
+            data = f.read(max_bytes + 1)
+        except OSError as exc:
+            raise UnreadableImageError(f"{path} could not be read ({exc.strerror or type(exc).__name__}).") from None
+    if len(data) > max_bytes:
+        raise ImageTooLargeError(f"{str(path)!r} grew above the {max_bytes / 2**20:.0f} MiB limit while being read.")
+    return data
 
 
 def _is_pil_image(obj: object) -> bool:
