@@ -37,7 +37,9 @@ def to_clinical(context: ContextInput) -> ClinicalContext | None:
     if isinstance(context, ClinicalContext):
         return context
     if isinstance(context, str):
-        return ClinicalContext(notes=context) if context.strip() else None
+        context = {"notes": context} if context.strip() else None
+        if context is None:
+            return None
     if isinstance(context, dict):
         unknown = sorted(set(context) - set(ClinicalContext.model_fields))
         if unknown:

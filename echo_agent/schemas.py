@@ -9,6 +9,7 @@ as Qwen3-VL uses. :meth:`Box.to_model` and :meth:`Box.from_model` are the only c
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -267,6 +268,12 @@ Evidence = DetectorReport | ImageContext | KnowledgeResult | ClassificationResul
 """Any typed tool result accumulated in the graph state (discriminated by ``kind``)."""
 
 
+#: Characters removed from clinical free text (replaced by a space): C0/C1 control characters other
+#: than tab and newline (NUL, ESC, ...), and Unicode bidirectional overrides and isolates, which can
+#: make the text display differently from what it says in reports and FHIR resources.
+_CONTROL_CHARS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\u200e\u200f]")
+
+
 class ClinicalContext(_Model):
     """Optional clinical information about the patient, passed to the reasoner as *data*.
 
@@ -284,7 +291,7 @@ class ClinicalContext(_Model):
     def _strip(cls, v: str | None) -> str | None:
         if v is None:
             return None
-        v = v.strip()
+        v = _CONTROL_CHARS.sub(" ", v).strip()
         return v or None
 
     def is_empty(self) -> bool:

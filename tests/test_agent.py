@@ -237,3 +237,10 @@ def test_policy_reuses_parsed_tool_results_without_sharing_mutable_arguments():
     assert policy.decide(broken).tool_calls[0]["name"] == "describe_image"
     null = [*msgs[:2], ToolMessage("null", tool_call_id="c0")]
     assert policy.decide(null).tool_calls[0]["name"] == "detect_breast_lesions"
+
+
+def test_too_long_free_text_context_is_a_clinical_context_error():
+    from echo_agent.errors import ClinicalContextError
+
+    with pytest.raises(ClinicalContextError, match="notes"):
+        EchoAgent(toolkit=fake_toolkit(), router=None).run(speckle_image(), organ="breast", context="x" * 5000)

@@ -90,3 +90,12 @@ def test_clinical_context():
     assert ClinicalContext().is_empty()
     with pytest.raises(ValidationError):
         ClinicalContext(age=300)
+
+
+def test_clinical_free_text_loses_control_and_bidi_characters():
+    from echo_agent.schemas import ClinicalContext
+
+    c = ClinicalContext(notes="lump\x00 \x1b[31mred\u202e evil\nline2\ttab", symptoms="\u2066pain\u2069")
+    assert c.notes is not None and not any(ch in c.notes for ch in "\x00\x1b\u202e")
+    assert "\n" in c.notes and "\t" in c.notes  # ordinary layout characters stay
+    assert c.symptoms == "pain"
