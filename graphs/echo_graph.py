@@ -22,8 +22,11 @@ the subgraph's node updates (perceive, reasoner, tools, reason, review).
 Configuration is by environment variable (set them in ``langgraph.json``'s ``env`` or the shell):
 
 * ``ECHO_AGENT_IMAGE_STORE``: folder of the image store (default ``~/.cache/echo-agent/images``).
-* ``ECHO_AGENT_IMAGE_ROOTS``: if set, ``image_path`` must lie under one of these folders
-  (``os.pathsep``-separated); otherwise any file the server can read is accepted.
+* ``ECHO_AGENT_IMAGE_ROOTS``: folders (``os.pathsep``-separated) that ``image_path`` may point
+  into. **Unset, server-side paths are refused** (default deny): clients upload ``image_b64``.
+  A path is resolved (symlinks followed) and checked against the roots before anything touches the
+  file, and the refusal says nothing about whether it exists; inside the roots, only regular files
+  of bounded size are read (``echo_agent.imaging.io.read_image_file``).
 * ``ECHO_AGENT_MAX_UPLOAD_MB``: largest accepted ``image_b64`` payload after decoding (default 50).
 * ``ECHO_AGENT_TOOLKIT``: ``module:factory`` returning a :class:`echo_agent.tools.Toolkit`, called as
   ``factory(store=ImageStore)`` (default: the packaged detectors, captioner and retriever).
@@ -52,6 +55,7 @@ from typing_extensions import TypedDict
 from echo_agent.errors import EchoInputError, ImageTooLargeError
 from echo_agent.graph import EchoOutput, EchoRunContext, build_graph
 from echo_agent.imaging import ImageRef, ImageStore, load_image
+from echo_agent.imaging.store import check_image_id
 from echo_agent.tools import Toolkit
 
 
@@ -103,12 +107,22 @@ def decode_upload(data: str, *, max_bytes: int) -> bytes:
 
 
 def check_image_path(path: str, roots: list[Path]) -> str:
-    """``path`` resolved, refused when allowed roots are configured and it is outside all of them."""
-    resolved = Path(path).expanduser().resolve()
-    if roots and not any(resolved.is_relative_to(r) for r in roots):
+    """``path`` resolved; refused unless it lies under one of ``roots`` (no roots: every path is
+    refused). The error never depends on whether the path exists."""
+    if not roots:
         raise EchoInputError(
-            f"image_path {path!r} is outside the folders this server may read; "
+            "this server reads no server-side image paths (ECHO_AGENT_IMAGE_ROOTS is not set); "
             "upload the image as image_b64 instead"
+        )
+    if not isinstance(path, str) or not path or "\x00" in path:
+        raise EchoInputError("image_path must be a non-empty path string")
+    try:
+        resolved = Path(path).expanduser().resolve()
+    except (OSError, RuntimeError, ValueError):  # symlink loops, over-long names: as outside
+        resolved = None
+    if resolved is None or not any(resolved.is_relative_to(r) for r in roots):
+        raise EchoInputError(
+            "image_path is outside the folders this server may read; upload the image as image_b64 instead"
         )
     return str(resolved)
 
@@ -167,8 +181,8 @@ def make_graph(
             :func:`default_toolkit` on ``ECHO_AGENT_IMAGE_STORE``).
         reasoner / finalizer: see :func:`echo_agent.build_graph` (default: ``ECHO_AGENT_LLM_*`` or the
             embedded policy).
-        image_roots: folders ``image_path`` may point into (default: ``ECHO_AGENT_IMAGE_ROOTS``; empty
-            means any path the server can read).
+        image_roots: folders ``image_path`` may point into (default: ``ECHO_AGENT_IMAGE_ROOTS``; none:
+            ``image_path`` is refused).
         max_upload_bytes: largest decoded ``image_b64`` (default: ``ECHO_AGENT_MAX_UPLOAD_MB``).
     """
     from echo_agent.organs.routing import default_router
@@ -197,7 +211,7 @@ def make_graph(
         # A reference from an earlier run: resolve it by id in this server's store only (a client's
         # 'path' is not trusted) and take the size from the pixels, not from the client.
         ref = dict(state["image"])  # type: ignore[arg-type]
-        pixels = store.get(str(ref.get("id", "")))
+        pixels = store.get(check_image_id(ref.get("id", "")))
         ref.update(path=None, width=int(pixels.shape[1]), height=int(pixels.shape[0]))
         return {"image": ref}
 

@@ -91,7 +91,9 @@ def served(request, tmp_path_factory):
     if kind == "packaged-tools" and not _packaged_weights():
         pytest.skip(f"packaged detector weights are not shipped yet ({WEIGHTS / 'breast.onnx'} is missing)")
     work = tmp_path_factory.mktemp(f"langgraph-{kind}")
-    env_cfg = {"ECHO_AGENT_IMAGE_STORE": str(work / "images")}
+    env_cfg = {"ECHO_AGENT_IMAGE_STORE": str(work / "images"),
+               # server-side paths are refused unless roots are configured: allow the bundled examples
+               "ECHO_AGENT_IMAGE_ROOTS": str(example_image("breast_benign").resolve().parent)}
     if kind == "fake-tools":
         env_cfg["ECHO_AGENT_TOOLKIT"] = "_fakes:fake_toolkit"
     config = {
@@ -349,3 +351,36 @@ def test_upload_decoding_and_path_roots(served_module, tmp_path):
     assert again["diagnosis"] == first["diagnosis"]
     with pytest.raises(EchoInputError, match="not in the image store"):
         g.invoke({"image": {"id": "0" * 24, "path": str(inside), "width": 9, "height": 9}, "organ": "breast"})
+    # ids are content ids: a path-like id never reaches the store's directory
+    for bad in ("../secret", "../../etc/passwd", "0" * 23 + "/", "A" * 24):
+        with pytest.raises(EchoInputError, match="not an image id"):
+            g.invoke({"image": {"id": bad, "width": 9, "height": 9}, "organ": "breast"})
+
+
+def test_server_side_paths_are_denied_by_default(served_module, monkeypatch, tmp_path):
+    """Default deny: no ECHO_AGENT_IMAGE_ROOTS, no server-side path; outside the roots, the error
+    is the same whether the file exists or not; inside, pipes and devices are refused unread."""
+    from _fakes import fake_toolkit
+
+    from echo_agent.errors import EchoInputError
+
+    m = served_module
+    monkeypatch.delenv("ECHO_AGENT_IMAGE_ROOTS", raising=False)
+    g = m.make_graph(toolkit=fake_toolkit())
+    with pytest.raises(EchoInputError, match="reads no server-side image paths"):
+        g.invoke({"image_path": str(example_image("breast_benign")), "organ": "breast"})
+    root = tmp_path / "allowed"
+    root.mkdir()
+    g = m.make_graph(toolkit=fake_toolkit(), image_roots=[root])
+    messages = set()
+    for probe in ("/etc/passwd", "/root/.ssh/id_rsa", "/no/such/file.png", str(root / ".." / "x.png"), "/dev/zero"):
+        with pytest.raises(EchoInputError) as err:
+            g.invoke({"image_path": probe, "organ": "breast"})
+        messages.add(str(err.value))
+    assert len(messages) == 1 and "outside the folders" in messages.pop()
+    os.mkfifo(root / "pipe.png")
+    with pytest.raises(EchoInputError, match="not a regular file"):
+        g.invoke({"image_path": str(root / "pipe.png"), "organ": "breast"})
+    (root / "link.png").symlink_to("/etc/passwd")
+    with pytest.raises(EchoInputError, match="outside the folders"):
+        g.invoke({"image_path": str(root / "link.png"), "organ": "breast"})

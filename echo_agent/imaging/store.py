@@ -9,6 +9,7 @@ restart (a LangGraph server, a resumed review).
 from __future__ import annotations
 
 import hashlib
+import re
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -31,6 +32,20 @@ class ImageRef(TypedDict, total=False):
     frame: int | None
     n_frames: int | None
     pixel_spacing_mm: list[float] | None
+
+
+#: What a content id looks like (:func:`pixel_hash`): anything else is refused before it can name a file.
+_ID_PATTERN = re.compile(r"[0-9a-f]{24}")
+
+
+def check_image_id(image_id: object) -> str:
+    """``image_id`` if it is a content id (24 lowercase hex digits), else :class:`EchoInputError`
+    (an id such as ``'../secret'`` must never become a path in the store's directory)."""
+    if not isinstance(image_id, str) or not _ID_PATTERN.fullmatch(image_id):
+        raise EchoInputError(
+            f"{str(image_id)[:40]!r} is not an image id (24 hexadecimal digits, as returned in an ImageRef)"
+        )
+    return image_id
 
 
 def pixel_hash(array: np.ndarray) -> str:
@@ -69,7 +84,7 @@ class ImageStore:
             raise EchoInputError(
                 f"ImageStore holds canonical HxWx3 uint8 RGB arrays, got shape {array.shape} dtype {array.dtype}"
             )
-        image_id = image_id or pixel_hash(array)
+        image_id = check_image_id(image_id) if image_id is not None else pixel_hash(array)
         array = np.ascontiguousarray(array)
         array.setflags(write=False)  # callers share it; nobody may edit the stored pixels
         with self._lock:
@@ -91,7 +106,7 @@ class ImageStore:
 
     def get(self, ref: ImageRef | str) -> np.ndarray:
         """Return the pixels for a reference (re-reading from the directory or the source path)."""
-        image_id = ref if isinstance(ref, str) else ref.get("id", "")
+        image_id = check_image_id(ref if isinstance(ref, str) else ref.get("id", ""))
         with self._lock:
             arr = self._items.get(image_id)
             if arr is not None:
