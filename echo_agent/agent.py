@@ -98,7 +98,7 @@ class EchoAgent:
         max_tool_calls: int = 8,
         review: bool = False,
         checkpointer: Any = None,
-        max_pixels: int = 50_000_000,
+        max_pixels: int = 12_000_000,  # imaging.io.DEFAULT_MAX_PIXELS (a test keeps them equal)
         prefetch: bool | None = None,
         check_given_organ: bool = True,
     ) -> None:

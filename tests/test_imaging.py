@@ -801,3 +801,26 @@ def test_cli_run_on_a_fifo_exits_with_an_error_instead_of_hanging(tmp_path):
     r = subprocess.run([sys.executable, "-m", "echo_agent.cli", "run", str(fifo), "--organ", "breast"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "not a regular file" in (r.stdout + r.stderr)
+
+
+def test_one_default_pixel_limit_everywhere():
+    import inspect
+
+    from echo_agent import EchoAgent
+    from echo_agent.imaging.io import DEFAULT_MAX_PIXELS
+    from echo_agent.server.app import create_app
+
+    assert inspect.signature(load_image).parameters["max_pixels"].default == DEFAULT_MAX_PIXELS
+    assert inspect.signature(EchoAgent).parameters["max_pixels"].default == DEFAULT_MAX_PIXELS
+    assert inspect.signature(create_app).parameters["max_pixels"].default == DEFAULT_MAX_PIXELS
+
+
+def test_a_tiny_file_of_a_huge_blank_image_is_refused_by_default():
+    """A 47 KB all-zero 7000 x 7000 PNG took 2.4 GB through the agent: refused from its header now."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (7000, 7000), 0).save(buf, format="PNG", optimize=True)
+    assert len(buf.getvalue()) < 100_000
+    with pytest.raises(ImageTooLargeError, match="limit"):
+        load_image(buf.getvalue())

@@ -102,11 +102,17 @@ class LoadedImage:
         )
 
 
+#: Default pixel limit (width x height) of every decoded image. Ultrasound frames are 0.3-2 MP and a
+#: 4K screen capture 8.3 MP; at 12 MP a single input peaks below 1 GB of memory through the whole
+#: agent (a 16 MP blank PNG of 47 KB peaked at 1.0 GB, a 49 MP one at 1.9 GB: docs/security.md).
+DEFAULT_MAX_PIXELS = 12_000_000
+
+
 def load_image(
     source: ImageSource,
     *,
     frame: int | None = None,
-    max_pixels: int = 50_000_000,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
     min_size: int = 32,
 ) -> LoadedImage:
     """Read an image from a path, bytes, PIL image, numpy array or pydicom Dataset.

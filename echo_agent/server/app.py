@@ -115,7 +115,7 @@ def create_app(
     max_upload_mb: float = 20.0,
     *,
     image_dir: str | os.PathLike[str] | None = None,
-    max_pixels: int = 50_000_000,
+    max_pixels: int = 12_000_000,  # imaging.io.DEFAULT_MAX_PIXELS (a test keeps them equal)
     checkpointer_url: str | None = None,
 ) -> FastAPI:
     """Build the web service.
