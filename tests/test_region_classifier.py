@@ -249,3 +249,24 @@ def test_normal_reading_against_the_second_look_is_referred() -> None:
     dx = LearnedFusion({"breast": p}).fuse(spec, ev, clinical=None, image_size=(100, 100))
     assert dx.label == "normal" and dx.indeterminate
     assert "second look" in (dx.indeterminate_reason or "") and dx.recommendation == PRESENCE_RECOMMENDATION
+
+
+def test_reranking_by_the_second_look_is_an_option() -> None:
+    from echo_agent.reasoners.learned_fusion import LearnedFusion
+
+    spec = get_organ("breast")
+    a = Detection(id="det1:0", box=Box(x1=10, y1=10, x2=40, y2=40), label="benign", score=0.6)
+    b = Detection(id="det1:1", box=Box(x1=60, y1=60, x2=90, y2=90), label="malignant", score=0.5)
+    report = DetectorReport(id="det1", organ="breast", detector="d", detections=[a, b], score_threshold=0.25,
+                            image_width=100, image_height=100)
+    cls = ClassificationResult(id="cls1", organ="breast", classifier="c", image_width=100, image_height=100, regions=[
+        RegionClassification(box=a.box, detection_id=a.id, probabilities={"normal": 0.9, "benign": 0.05, "malignant": 0.05}),
+        RegionClassification(box=b.box, detection_id=b.id, probabilities={"normal": 0.1, "benign": 0.1, "malignant": 0.8}),
+        RegionClassification(box=None, probabilities={"normal": 0.2, "benign": 0.2, "malignant": 0.6}),
+    ])
+    p = _params()
+    plain = LearnedFusion({"breast": p}).fuse(spec, [report, cls], clinical=None, image_size=(100, 100))
+    reranked = LearnedFusion({"breast": p}, rerank_with_classifier=True).fuse(
+        spec, [report, cls], clinical=None, image_size=(100, 100))
+    assert plain.findings[0].detection_ids == ["det1:0"]
+    assert reranked.findings[0].detection_ids == ["det1:1"]  # 0.5 x 0.9 beats 0.6 x 0.1

@@ -380,14 +380,34 @@ class LearnedFusion:
     Args:
         params: per-organ parameters (default: the packaged ``assets/fusion/<organ>.json``).
         secondary_min_score: score a lesion other than the leading one needs to be reported.
+        rerank_with_classifier: order the candidates for the findings by detector score x the second
+            look's lesion probability (unclassified candidates take the whole image's) instead of by
+            detector score alone. Off by default (see docs/eval/second_look/PREREGISTRATION.md, rule 3).
     """
 
     name = f"learned-fusion/{FUSION_VERSION}"
 
-    def __init__(self, params: Mapping[str, FusionParams] | None = None, *, secondary_min_score: float = 0.25) -> None:
+    def __init__(self, params: Mapping[str, FusionParams] | None = None, *, secondary_min_score: float = 0.25,
+                 rerank_with_classifier: bool = False) -> None:
         self._params = dict(params) if params is not None else None
         self.secondary_min_score = secondary_min_score
+        self.rerank_with_classifier = rerank_with_classifier
         self._fallback = HeuristicFusion()
+
+    @staticmethod
+    def _ranked(organ: OrganSpec, cands: list[Detection], results: Sequence[ClassificationResult]) -> list[Detection]:
+        """Candidates by detector score x second-look lesion probability (stable for ties)."""
+        if not results:
+            return cands
+        whole = next((r for res in reversed(results) for r in res.regions if r.box is None), None)
+        default = lesion_probability(organ, whole)
+        default = 1.0 if default is None else default
+
+        def support(d: Detection) -> float:
+            p = lesion_probability(organ, region_classification(results, d))
+            return d.score * (default if p is None else p)
+
+        return sorted(cands, key=lambda d: -support(d))
 
     def params_for(self, organ: str) -> FusionParams | None:
         if self._params is not None:
@@ -455,10 +475,11 @@ class LearnedFusion:
         ]
         findings: list[Finding] = []
         if label != organ.normal_label and cands:
-            top = cands[0]
+            ranked = self._ranked(organ, cands, cls_results) if self.rerank_with_classifier else cands
+            top = ranked[0]
             # The fused label overrides a disagreeing detector label: the detector is evidence.
             findings.append(Finding(box=top.box, label=label, score=top.score, detection_ids=[top.id]))
-            for d in cands[1:]:
+            for d in ranked[1:]:
                 # Secondary lesions must stand on their own (the first call's threshold), and a box
                 # on an already reported lesion under the other class label is the same lesion.
                 if d.score < self.secondary_min_score or any(d.box.iou(f.box) >= 0.5 for f in findings):
