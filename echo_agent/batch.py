@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import EchoError, EchoInputError
+from .errors import EchoError, EchoInputError, OutputPathError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom"}
 
@@ -146,13 +146,53 @@ def read_journal(path: Path) -> dict[str, dict[str, Any]]:
     return done
 
 
-def _append(fd: int, record: dict[str, Any]) -> None:
+def _append(fd: int, record: dict[str, Any], path: Path | None = None) -> None:
+    """Append one journal line, all or nothing: when the write fails (a full disk), the partial line
+    is cut off again, so the journal never holds a torn line, and :class:`OutputPathError` says why."""
     data = (json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+    start = os.lseek(fd, 0, os.SEEK_END)
     view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
-    os.fsync(fd)
+    try:
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+        os.fsync(fd)
+    except OSError as exc:
+        try:
+            os.ftruncate(fd, start)
+        except OSError:
+            pass  # read_journal still repairs a torn last line on resume
+        raise OutputPathError(
+            f"the batch journal {path or ''} could not be written ({exc.strerror or type(exc).__name__}); "
+            "the items done so far are kept: free space or fix permissions and run the same command again"
+        ) from None
+
+
+def check_writable_dir(folder: str | Path, what: str) -> Path:
+    """Create ``folder`` if needed and prove it writable with a probe file, or raise
+    :class:`OutputPathError` naming ``what`` and the path (checked before a batch starts)."""
+    import tempfile
+
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".echo-write-check-"):
+            pass
+    except OSError as exc:
+        raise OutputPathError(
+            f"the {what} folder {str(folder)!r} is not writable ({exc.strerror or type(exc).__name__}); "
+            "choose another folder or fix its permissions"
+        ) from None
+    return folder
+
+
+def check_writable_file(path: str | Path, what: str) -> Path:
+    """``path``'s folder is writable and ``path``, if it exists, is a regular file we may append to."""
+    path = Path(path)
+    check_writable_dir(path.parent, f"{what}'s")
+    if path.exists() and (not path.is_file() or not os.access(path, os.W_OK)):
+        raise OutputPathError(f"the {what} {str(path)!r} exists but is not a writable regular file")
+    return path
 
 
 def fhir_report(item: BatchItem, dx: Any) -> dict[str, Any]:
@@ -195,12 +235,14 @@ def open_journal(
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
         raise EchoInputError(f"batch item id {dup!r} appears twice; ids must be unique")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    # Every output is checked before any work, so a bad path costs nothing and says which it is.
+    check_writable_file(out, "journal")
+    if overlays is not None:
+        check_writable_dir(overlays, "overlays")
+    if fhir is not None:
+        check_writable_dir(fhir, "FHIR")
     done = read_journal(out)
     todo = [it for it in items if it.id not in done]
-    for d in (overlays, fhir):
-        if d is not None:
-            Path(d).mkdir(parents=True, exist_ok=True)
     return todo, BatchSummary(total=len(items), done_before=len(items) - len(todo))
 
 
@@ -223,7 +265,7 @@ def journal_writer(
         task = bar.add_task("batch", total=total, completed=summary.done_before, status="")
 
     def write(item: BatchItem, rec: dict[str, Any]) -> None:
-        _append(fd, rec)
+        _append(fd, rec, out)
         tally(summary, rec)
         if on_item is not None:
             on_item(item, rec)
@@ -307,15 +349,33 @@ def _record(item: BatchItem, res: Any, ms: float, overlays: Any, fhir: Any, agen
             save_png(render_overlay(arr, res.findings, title=f"{res.label} {res.probability:.2f}"), tmp, overwrite=True)
             os.replace(tmp, target)
             rec["overlay"] = str(target)
-        except EchoError as exc:  # the diagnosis stands even if the overlay cannot be drawn
-            rec["overlay_error"] = str(exc)
+        except (EchoError, OSError) as exc:  # the diagnosis stands even if the overlay cannot be written
+            _discard(Path(overlays) / f"{name}.tmp.png")
+            rec["overlay_error"] = _output_error(exc)
     if fhir is not None:
         target = Path(fhir) / f"{name}.json"
         tmp = target.with_suffix(".tmp")
-        tmp.write_text(json.dumps(fhir_report(item, res), indent=2), encoding="utf-8")
-        os.replace(tmp, target)
-        rec["fhir"] = str(target)
+        try:
+            tmp.write_text(json.dumps(fhir_report(item, res), indent=2), encoding="utf-8")
+            os.replace(tmp, target)
+            rec["fhir"] = str(target)
+        except OSError as exc:  # a per-item error, not the end of the batch
+            _discard(tmp)
+            rec["fhir_error"] = _output_error(exc)
     return rec
+
+
+def _output_error(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and not isinstance(exc, EchoError):
+        return f"{exc.strerror or type(exc).__name__}: {exc.filename or ''}".strip()
+    return str(exc)
+
+
+def _discard(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def summarise_journal(path: str | Path) -> BatchSummary:

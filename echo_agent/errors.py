@@ -64,6 +64,11 @@ class MissingExtraError(EchoError, ImportError):
         self.extra = extra
 
 
+class OutputPathError(EchoError, OSError):
+    """An output file or folder cannot be created or written (permissions, a file where a folder is
+    expected, a full disk); the message names the path. Raised before any work when checkable."""
+
+
 class ToolBudgetExceeded(EchoError):
     """Raised inside a tool call that arrives after the run's tool-call budget is spent."""
 
@@ -83,6 +88,7 @@ __all__ = [
     "ManifestError",
     "MissingExtraError",
     "ModelLoadError",
+    "OutputPathError",
     "ReasonerOutputError",
     "ToolBudgetExceeded",
     "UnknownOrganError",

@@ -212,3 +212,75 @@ def test_batch_of_more_arrays_than_the_store_holds_keeps_every_image():
         # missing image)
         assert not dx.indeterminate, dx.indeterminate_reason
         assert {r.kind for r in dx.evidence} >= {"detection", "description", "knowledge"}
+
+
+# -- outputs that cannot be written (hardening) -------------------------------------------------------
+def test_unwritable_outputs_are_refused_before_any_work(tmp_path):
+    from echo_agent.errors import OutputPathError
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    _images(folder, 2)
+    items = collect_inputs(str(folder), organ="breast")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    calls = []
+    agent = _agent()
+    original = agent.batch
+    agent.batch = lambda *a, **k: calls.append(1) or original(*a, **k)
+    for kw in ({"out": blocker / "r.jsonl"}, {"out": tmp_path / "r.jsonl", "overlays": blocker},
+               {"out": tmp_path / "r.jsonl", "fhir": blocker / "sub"}, {"out": tmp_path}):
+        out = kw.pop("out")
+        with pytest.raises(OutputPathError, match="not writable|not a writable"):
+            run_batch(items, out, agent=agent, progress=False, **kw)
+    assert not calls
+
+
+def test_overlay_and_fhir_write_failures_are_per_item(tmp_path, monkeypatch):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    _images(folder, 3)
+    items = collect_inputs(str(folder), organ="breast")
+    real_write_text = Path.write_text
+
+    def flaky(self, *a, **k):
+        if self.suffix == ".tmp" and "img_001" in self.name:  # one item's FHIR write hits a full disk
+            raise OSError(28, "No space left on device", str(self))
+        return real_write_text(self, *a, **k)
+
+    monkeypatch.setattr(Path, "write_text", flaky)
+    out = tmp_path / "r.jsonl"
+    s = run_batch(items, out, agent=_agent(), fhir=tmp_path / "fhir", progress=False)
+    recs = list(read_journal(out).values())
+    assert len(recs) == 3 and s.total == 3
+    failed = [r for r in recs if "fhir_error" in r]
+    assert len(failed) == 1 and "No space left" in failed[0]["fhir_error"] and failed[0]["status"] == "ok"
+    assert not list((tmp_path / "fhir").glob("*.tmp"))
+
+
+def test_a_full_disk_leaves_no_torn_journal_line(tmp_path, monkeypatch):
+    from echo_agent import batch as batch_mod
+    from echo_agent.errors import OutputPathError
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    _images(folder, 3)
+    items = collect_inputs(str(folder), organ="breast")
+    out = tmp_path / "r.jsonl"
+    run_batch(items[:1], out, agent=_agent(), progress=False)
+    before = out.read_bytes()
+    real_write = os.write
+
+    def half_then_full(fd, data):
+        if fd > 2 and len(data) > 20:
+            real_write(fd, bytes(data[:10]))  # part of the line lands, then the disk is full
+            raise OSError(28, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(batch_mod.os, "write", half_then_full)
+    with pytest.raises(OutputPathError, match="No space left"):
+        run_batch(items, out, agent=_agent(), progress=False)
+    monkeypatch.undo()
+    assert out.read_bytes() == before  # the partial line was cut off again
+    run_batch(items, out, agent=_agent(), progress=False)  # and the same command finishes the rest
+    assert len(read_journal(out)) == 3
