@@ -491,3 +491,49 @@ def test_serve_command_serves_the_page_and_api(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def test_chunked_upload_is_cut_off_at_the_limit(db):
+    """No Content-Length (chunked): the body is counted while it streams and refused past the limit,
+    instead of being spooled to temp files in full before a 413."""
+    def body():
+        yield b"--xx\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.png\"\r\n" \
+              b"Content-Type: image/png\r\n\r\n"
+        for _ in range(40):  # 40 MB
+            yield b"\0" * (1 << 20)
+        yield b"\r\n--xx--\r\n"
+
+    with TestClient(create_app(agent_factory(), db_path=db, max_upload_mb=1.0)) as c:
+        r = c.post("/api/runs", content=body(), headers={"content-type": "multipart/form-data; boundary=xx"})
+        assert r.status_code == 413 and r.json()["error"] == "ImageTooLargeError"
+        assert c.get("/api/runs").status_code == 200  # the server goes on
+
+
+async def test_body_limit_stops_reading_a_chunked_body_at_the_limit():
+    """The middleware itself, driven as an ASGI server would: the app behind it sees a disconnect
+    once the limit is passed, the rest of the body is never received, and the answer is 413."""
+    from echo_agent.server.app import BodyLimit
+
+    chunks = [{"type": "http.request", "body": b"x" * 1000, "more_body": True} for _ in range(100)]
+    received, sent, app_saw = [], [], []
+
+    async def receive():
+        received.append(1)
+        return chunks[len(received) - 1]
+
+    async def send(message):
+        sent.append(message)
+
+    async def app(scope, receive, send):  # reads like a multipart parser, then answers 200
+        while True:
+            m = await receive()
+            app_saw.append(m["type"])
+            if m["type"] == "http.disconnect" or not m.get("more_body"):
+                break
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    scope = {"type": "http", "method": "POST", "path": "/api/runs", "headers": []}
+    await BodyLimit(app, paths=("/api/runs",), max_bytes=5000, upload_limit=5000)(scope, receive, send)
+    assert len(received) == 6 and app_saw[-1] == "http.disconnect"
+    assert sent[0]["status"] == 413 and b"ImageTooLargeError" in sent[1]["body"]

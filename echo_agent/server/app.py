@@ -80,6 +80,53 @@ def status_for(exc: EchoError) -> int:
     return 500
 
 
+class BodyLimit:
+    """ASGI middleware: POST bodies to ``paths`` may carry at most ``max_bytes`` (HTTP 413 above).
+
+    Checks ``Content-Length`` first; then counts the body as it streams (chunked uploads have no
+    length), and once over the limit stops passing it on (the app sees a disconnect) and answers
+    413 in place of whatever the app would have answered."""
+
+    def __init__(self, app: Any, *, paths: tuple[str, ...], max_bytes: int, upload_limit: int) -> None:
+        self.app, self.paths, self.max_bytes, self.upload_limit = app, paths, max_bytes, upload_limit
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope.get("type") != "http" or scope.get("method") != "POST" or scope.get("path") not in self.paths:
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length", b"").decode("latin-1")
+        if length.isdigit() and int(length) > self.max_bytes:
+            await _error(413, _too_big(int(length), self.upload_limit), "ImageTooLargeError")(scope, receive, send)
+            return
+        seen = 0
+        over = False
+
+        async def limited_receive() -> dict[str, Any]:
+            nonlocal seen, over
+            if over:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message.get("type") == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    over = True
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message: dict[str, Any]) -> None:
+            if not over:
+                await send(message)
+
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except Exception:
+            if not over:
+                raise
+        if over:
+            await _error(413, _too_big(seen, self.upload_limit), "ImageTooLargeError")(scope, receive, send)
+
+
 def _error(status: int, detail: str, name: str) -> JSONResponse:
     return JSONResponse({"detail": detail, "error": name}, status_code=status)
 
@@ -180,14 +227,10 @@ def create_app(
             log.error("request %s failed: %s", request.url.path, exc)
         return _error(status, str(exc), type(exc).__name__)
 
-    @app.middleware("http")
-    async def _limit_upload(request: Request, call_next: Any) -> Any:
-        # Refuse an oversized upload from its Content-Length, before the multipart body is read.
-        if request.method == "POST" and request.url.path == "/api/runs":
-            length = request.headers.get("content-length")
-            if length and length.isdigit() and int(length) > max_bytes + 64 * 1024:
-                return _error(413, _too_big(int(length), max_bytes), "ImageTooLargeError")
-        return await call_next(request)
+    # Oversized uploads are refused from their Content-Length before the body is read, and a body
+    # without one (chunked) is counted while it streams: past the limit it is cut off (nothing more
+    # reaches the multipart parser's temp files) and the answer is the same 413.
+    app.add_middleware(BodyLimit, paths=("/api/runs",), max_bytes=max_bytes + 64 * 1024, upload_limit=max_bytes)
 
     def manager() -> RunManager:
         return app.state.manager
