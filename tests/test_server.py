@@ -537,3 +537,17 @@ async def test_body_limit_stops_reading_a_chunked_body_at_the_limit():
     await BodyLimit(app, paths=("/api/runs",), max_bytes=5000, upload_limit=5000)(scope, receive, send)
     assert len(received) == 6 and app_saw[-1] == "http.disconnect"
     assert sent[0]["status"] == 413 and b"ImageTooLargeError" in sent[1]["body"]
+
+
+def test_inverted_nan_or_outside_review_boxes_are_refused_and_boxes_are_clipped(client):
+    body = _paused(client)
+    for box in ([220, 260, 100, 120], [float("nan"), 1, 2, 3], [1, 2, 3, float("inf")]):
+        r = client.post(body["review_url"], content=json.dumps({"action": "edit", "reviewer": "dr-x", "box": box}),
+                        headers={"content-type": "application/json"})
+        assert r.status_code == 422, (box, r.text)
+    r = client.post(body["review_url"], json={"action": "edit", "reviewer": "dr-x", "box": [5000, 5000, 6000, 6000]})
+    assert r.status_code == 422 and "outside" in r.json()["detail"]
+    r = client.post(body["review_url"], json={"action": "edit", "reviewer": "dr-x", "box": [-50, 10, 100, 9000]})
+    assert r.status_code == 200, r.text
+    dx = Diagnosis.model_validate(r.json())
+    assert dx.box.x1 == 0 and dx.box.y2 == dx.image_height

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from datetime import datetime, timezone
 from typing import Any, Literal
 
 from langgraph.runtime import Runtime
 from langgraph.types import interrupt
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..errors import EchoInputError
 from ..organs import OrganSpec, get_organ
@@ -30,6 +31,17 @@ class ReviewDecision(BaseModel):
     label: str | None = None
     category: str | None = None
     box: list[float] | None = Field(None, min_length=4, max_length=4)
+
+    @field_validator("box")
+    @classmethod
+    def _check_box(cls, v: list[float] | None) -> list[float] | None:
+        if v is None:
+            return None
+        if not all(math.isfinite(c) for c in v):
+            raise ValueError(f"box coordinates must be finite numbers, got {v}")
+        if v[2] <= v[0] or v[3] <= v[1]:
+            raise ValueError(f"box must be [x1, y1, x2, y2] with x2 > x1 and y2 > y1, got {v}")
+        return v
 
 
 def apply_review(dx: Diagnosis, decision: ReviewDecision, organ: OrganSpec, reviewer: str) -> Diagnosis:
@@ -64,7 +76,13 @@ def apply_review(dx: Diagnosis, decision: ReviewDecision, organ: OrganSpec, revi
             update["category"] = decision.category
             update["category_system"] = organ.category_system
         if decision.box is not None:
-            box = Box.from_xyxy(decision.box)
+            try:  # a box partly outside the image is clipped to it; one entirely outside is refused
+                box = Box.from_xyxy(decision.box).clip(dx.image_width, dx.image_height) if dx.image_width and dx.image_height \
+                    else Box.from_xyxy(decision.box)
+            except ValueError:
+                raise EchoInputError(
+                    f"box {decision.box} lies outside the {dx.image_width}x{dx.image_height} image"
+                ) from None
             label = update.get("label", dx.label)
             findings = list(update.get("findings", dx.findings))
             top = max(range(len(findings)), key=lambda i: findings[i].score, default=None)

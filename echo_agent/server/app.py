@@ -220,6 +220,16 @@ def create_app(
         lifespan=lifespan,
     )
 
+    from fastapi.exceptions import RequestValidationError
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own handler echoes each bad input back, and an input such as NaN cannot be
+        # written as JSON (the 422 became a 500): answer with where and why only.
+        errors = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
+                  for e in exc.errors()]
+        return JSONResponse({"detail": errors, "error": "ValidationError"}, status_code=422)
+
     @app.exception_handler(EchoError)
     async def _echo_error(request: Request, exc: EchoError) -> JSONResponse:
         status = status_for(exc)
