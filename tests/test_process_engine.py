@@ -131,3 +131,69 @@ def test_bad_arguments_raise_typed_errors(tmp_path):
     with pytest.raises(EchoInputError, match="chunk_size"):
         run_batch_processes([], tmp_path / "x.jsonl", chunk_size=0)
     assert process_engine.MAX_POOL_RESTARTS >= 1
+
+
+def slow_agent(marker_dir: str):
+    """A fake-tool agent whose batches take a while, so a driver can be killed mid-run."""
+    import time
+
+    agent = fake_agent(marker_dir)
+    original = agent.batch
+
+    def batch(images, **kw):
+        time.sleep(0.5)
+        return original(images, **kw)
+
+    agent.batch = batch
+    return agent
+
+
+def test_sigkilled_driver_leaves_no_worker_behind(batch_folder, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+    import time
+
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    script = tmp_path / "driver.py"
+    script.write_text(textwrap.dedent(f"""
+        import functools
+        from echo_agent.batch import collect_inputs
+        from echo_agent.scale.process_engine import run_batch_processes
+        from test_process_engine import slow_agent
+        if __name__ == "__main__":
+            items = collect_inputs({str(batch_folder)!r}, organ="breast") * 1
+            run_batch_processes(items, {str(tmp_path / 'r.jsonl')!r}, workers=2, chunk_size=1, progress=False,
+                                agent_factory=functools.partial(slow_agent, {str(markers)!r}))
+    """))
+    tests_dir = str(Path(__file__).resolve().parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests_dir, os.environ.get("PYTHONPATH", "")])}
+    driver = subprocess.Popen([sys.executable, str(script)], env=env)
+    try:
+        deadline = time.monotonic() + 90
+        while len(list(markers.iterdir())) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        pids = {int(p.name.split("-")[0]) for p in markers.iterdir()}
+        assert len(pids) == 2, "the workers did not start"
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=10)
+
+        def alive(pid):
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return False
+            try:  # a zombie (exited, not yet reaped by init) counts as gone
+                return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+            except OSError:
+                return False
+
+        deadline = time.monotonic() + 10
+        while any(alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(alive(p) for p in pids), "worker processes outlived their killed driver"
+    finally:
+        if driver.poll() is None:
+            driver.kill()

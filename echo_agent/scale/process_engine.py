@@ -22,7 +22,9 @@ from __future__ import annotations
 import json
 import multiprocessing
 import multiprocessing.util
+import os
 import shutil
+import sys
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -51,8 +53,40 @@ class WorkerStartError(EchoError):
 _START_ERROR: str | None = None
 
 
-def _init_worker(agent_factory: AgentFactory | None, overlays: str | None, fhir: str | None) -> None:
+def exit_with_parent(parent_pid: int, poll_s: float = 0.5) -> None:
+    """Make this (worker) process end when ``parent_pid`` does, even if the parent is SIGKILLed and
+    never shuts its pool down: on Linux the kernel sends SIGTERM at the parent's death
+    (``PR_SET_PDEATHSIG``); everywhere, a daemon thread notices the parent is gone (this process is
+    re-parented) and exits within ``poll_s``."""
+    import os
+    import signal
+    import threading
+    import time
+
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(poll_s)
+        os._exit(1)  # the driver is gone: nobody will read this worker's results
+
+    if os.getppid() != parent_pid:  # already orphaned before the watch could start
+        os._exit(1)
+    threading.Thread(target=watch, name="echo-exit-with-parent", daemon=True).start()
+
+
+def _init_worker(agent_factory: AgentFactory | None, overlays: str | None, fhir: str | None,
+                 parent_pid: int | None = None) -> None:
     global _WORKER, _START_ERROR
+    if parent_pid is not None:
+        exit_with_parent(parent_pid)
     try:
         _WORKER = EchoBatchWorker(agent_factory, overlays, fhir)
         # its scratch folder goes when the process exits (the pool's workers exit normally)
@@ -113,7 +147,8 @@ def run_batch_processes(
         (todo[i : i + chunk_size], False) for i in range(0, len(todo), chunk_size)
     )
     with journal_writer(out, summary, len(items), on_item, progress) as write:
-        _run_pool(pending, write, workers=workers, initargs=(agent_factory, *folders))
+        # workers exit when this process does, even killed with SIGKILL (exit_with_parent)
+        _run_pool(pending, write, workers=workers, initargs=(agent_factory, *folders, os.getpid()))
     return summary
 
 
