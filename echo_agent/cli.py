@@ -253,13 +253,15 @@ def serve(
     reload: Annotated[bool, typer.Option(help="Restart on code changes (development).")] = False,
     max_upload_mb: Annotated[float, typer.Option(help="Largest accepted upload, in MB.")] = 20.0,
     checkpointer_url: Annotated[str | None, typer.Option(help="postgresql://... URL to keep checkpoints in Postgres.")] = None,
+    allow_host: Annotated[list[str] | None, typer.Option(help="Host name the server answers to besides localhost/127.0.0.1/::1 (repeatable; e.g. your proxy's name).")] = None,
 ) -> None:
     """Serve the review page and the JSON API (needs the 'serve' extra)."""
     from .errors import EchoError
     from .server.cli import serve_command
 
     try:
-        code = serve_command(host, port, db, reload, max_upload_mb=max_upload_mb, checkpointer_url=checkpointer_url)
+        code = serve_command(host, port, db, reload, max_upload_mb=max_upload_mb, checkpointer_url=checkpointer_url,
+                             allowed_hosts=tuple(allow_host or ()))
     except EchoError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=2) from None

@@ -13,7 +13,11 @@ pytest.importorskip("fastapi", reason="the web service needs the 'serve' extra (
 pytest.importorskip("langgraph.checkpoint.sqlite.aio", reason="the web service needs langgraph-checkpoint-sqlite")
 
 from _server_fakes import GatedDetector, agent_factory  # noqa: E402
-from fastapi.testclient import TestClient  # noqa: E402
+from fastapi.testclient import TestClient as _TestClient  # noqa: E402
+
+
+def TestClient(app, **kw):  # noqa: N802 - the server answers to loopback hosts, not Starlette's "testserver"
+    return _TestClient(app, base_url=kw.pop("base_url", "http://127.0.0.1"), **kw)
 from PIL import Image  # noqa: E402
 from pydantic import TypeAdapter  # noqa: E402
 
@@ -551,3 +555,31 @@ def test_inverted_nan_or_outside_review_boxes_are_refused_and_boxes_are_clipped(
     assert r.status_code == 200, r.text
     dx = Diagnosis.model_validate(r.json())
     assert dx.box.x1 == 0 and dx.box.y2 == dx.image_height
+
+
+def test_host_origin_checks_and_security_headers(db):
+    app = create_app(agent_factory(), db_path=db, allowed_hosts=["review.example.org"])
+    with TestClient(app) as c:
+        r = c.get("/api/organs")
+        assert r.status_code == 200
+        for name in ("content-security-policy", "x-frame-options", "x-content-type-options", "referrer-policy"):
+            assert name in r.headers
+        assert "frame-ancestors 'none'" in r.headers["content-security-policy"]
+        assert r.headers["x-frame-options"] == "DENY" and r.headers["x-content-type-options"] == "nosniff"
+        # DNS rebinding: an attacker's name resolving to 127.0.0.1 arrives with its own Host
+        r = c.get("/api/organs", headers={"host": "evil.example.com"})
+        assert r.status_code == 400 and r.json()["error"] == "HostNotAllowed"
+        assert "x-frame-options" in r.headers
+        assert c.get("/api/organs", headers={"host": "review.example.org:8443"}).status_code == 200
+        assert c.get("/api/organs", headers={"host": "[::1]:8000"}).status_code == 200
+        # a page elsewhere cannot start runs or post reviews
+        png = _png(np.full((300, 300, 3), 90, np.uint8))
+        for headers in ({"origin": "http://evil.example.com"}, {"origin": "null"}, {"sec-fetch-site": "cross-site"}):
+            r = c.post("/api/runs", files={"file": ("a.png", png, "image/png")}, headers=headers)
+            assert r.status_code == 403 and r.json()["error"] == "CrossOriginRefused", headers
+            r = c.post("/api/runs/x/review", json={"action": "accept"}, headers=headers)
+            assert r.status_code == 403
+        same = c.post("/api/runs", files={"file": ("a.png", png, "image/png")}, headers={"origin": "http://127.0.0.1"})
+        assert same.status_code == 202, same.text
+    with TestClient(create_app(agent_factory(), db_path=db, allowed_hosts=["*"])) as c:
+        assert c.get("/api/organs", headers={"host": "anything.example"}).status_code == 200

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -127,6 +127,81 @@ class BodyLimit:
             await _error(413, _too_big(seen, self.upload_limit), "ImageTooLargeError")(scope, receive, send)
 
 
+#: Host names the server answers to by default (DNS rebinding: a hostile page's own domain that
+#: resolves to 127.0.0.1 sends its name in Host, and is refused).
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+#: Headers on every response: no framing, no MIME sniffing, scripts and styles only from the server.
+SECURITY_HEADERS = (
+    (b"content-security-policy", b"default-src 'self'; img-src 'self' data: blob:; script-src 'self'; "
+                                 b"style-src 'self'; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; "
+                                 b"form-action 'self'; object-src 'none'"),
+    (b"x-frame-options", b"DENY"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"cross-origin-resource-policy", b"same-origin"),
+)
+
+
+def _host_name(value: str) -> str:
+    """The host part of a Host / Origin authority, lower-cased, without port or IPv6 brackets."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[1 : value.find("]")] if "]" in value else value
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
+class RequestGuard:
+    """ASGI middleware for the browser-facing server:
+
+    * **Host check** — a request whose ``Host`` is not an allowed name gets 400 (defeats DNS
+      rebinding of a loopback server);
+    * **Origin check** — a state-changing request (POST, PUT, PATCH, DELETE) from a browser must come
+      from the server's own origin: an ``Origin`` of another host:port, or ``Sec-Fetch-Site:
+      cross-site`` without one, gets 403 (a page a reviewer visits cannot submit runs or reviews);
+    * **security headers** (:data:`SECURITY_HEADERS`) on every response.
+    """
+
+    def __init__(self, app: Any, *, allowed_hosts: Sequence[str]) -> None:
+        self.app = app
+        self.allowed = {_host_name(h) for h in allowed_hosts}
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope.get("type") != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.lower(): v.decode("latin-1") for k, v in scope.get("headers") or []}
+        host = headers.get(b"host", "")
+        if "*" not in self.allowed and _host_name(host) not in self.allowed:
+            await self._refuse(400, f"host {host[:100]!r} is not served here; use one of {sorted(self.allowed)} "
+                                    "(echo-agent serve --allow-host NAME to add one)", "HostNotAllowed", scope, receive, send)
+            return
+        if scope.get("method") in ("POST", "PUT", "PATCH", "DELETE"):
+            origin = headers.get(b"origin")
+            if origin is not None and origin != "null":
+                authority = origin.split("://", 1)[-1].rstrip("/")
+                if authority.lower() != host.lower():
+                    await self._refuse(403, "cross-origin request refused: state-changing requests must come from "
+                                            "this server's own page", "CrossOriginRefused", scope, receive, send)
+                    return
+            elif origin == "null" or headers.get(b"sec-fetch-site") == "cross-site":
+                await self._refuse(403, "cross-site request refused", "CrossOriginRefused", scope, receive, send)
+                return
+
+        async def send_with_headers(message: dict[str, Any]) -> None:
+            if message.get("type") == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *SECURITY_HEADERS]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+    @staticmethod
+    async def _refuse(status: int, detail: str, name: str, scope: Any, receive: Any, send: Any) -> None:
+        response = _error(status, detail, name)
+        response.headers.update({k.decode(): v.decode() for k, v in SECURITY_HEADERS})
+        await response(scope, receive, send)
+
+
 def _error(status: int, detail: str, name: str) -> JSONResponse:
     return JSONResponse({"detail": detail, "error": name}, status_code=status)
 
@@ -163,6 +238,7 @@ def create_app(
     *,
     image_dir: str | os.PathLike[str] | None = None,
     max_pixels: int = 12_000_000,  # imaging.io.DEFAULT_MAX_PIXELS (a test keeps them equal)
+    allowed_hosts: Sequence[str] = (),
     checkpointer_url: str | None = None,
 ) -> FastAPI:
     """Build the web service.
@@ -175,6 +251,9 @@ def create_app(
         max_upload_mb: largest accepted upload (HTTP 413 above it).
         image_dir: folder of the uploaded images (default: ``<db_path without suffix>.images``).
         max_pixels: largest accepted width x height (HTTP 413 above it; checked before decoding).
+        allowed_hosts: host names (as in the ``Host`` header, no port) the server answers to besides
+            localhost / 127.0.0.1 / ::1, e.g. the name of a reverse proxy in front of it; ``"*"``
+            turns the Host check off. Every other Host gets 400 (DNS rebinding).
         checkpointer_url: a ``postgresql://`` URL to keep checkpoints in Postgres instead of SQLite.
 
     Returns:
@@ -241,6 +320,8 @@ def create_app(
     # without one (chunked) is counted while it streams: past the limit it is cut off (nothing more
     # reaches the multipart parser's temp files) and the answer is the same 413.
     app.add_middleware(BodyLimit, paths=("/api/runs",), max_bytes=max_bytes + 64 * 1024, upload_limit=max_bytes)
+    # added last, so it runs first: a refused host or origin never reaches the body limit or the app
+    app.add_middleware(RequestGuard, allowed_hosts=(*LOOPBACK_HOSTS, *(allowed_hosts or ())))
 
     def manager() -> RunManager:
         return app.state.manager
@@ -461,11 +542,12 @@ def _version() -> str:
 
 def app_from_env() -> FastAPI:
     """App factory for ``uvicorn --factory`` / ``--reload``: settings from ``ECHO_AGENT_SERVE_*``
-    environment variables (DB, MAX_UPLOAD_MB, CHECKPOINTER_URL)."""
+    environment variables (DB, MAX_UPLOAD_MB, CHECKPOINTER_URL, ALLOWED_HOSTS comma-separated)."""
     return create_app(
         db_path=os.environ.get("ECHO_AGENT_SERVE_DB", "echo-agent.sqlite"),
         max_upload_mb=float(os.environ.get("ECHO_AGENT_SERVE_MAX_UPLOAD_MB", "20")),
         checkpointer_url=os.environ.get("ECHO_AGENT_SERVE_CHECKPOINTER_URL") or None,
+        allowed_hosts=tuple(h for h in os.environ.get("ECHO_AGENT_SERVE_ALLOWED_HOSTS", "").split(",") if h.strip()),
     )
 
 

@@ -17,6 +17,7 @@ def serve_command(
     max_upload_mb: float = 20.0,
     checkpointer_url: str | None = None,
     log_level: str = "info",
+    allowed_hosts: tuple[str, ...] = (),
 ) -> int:
     """Serve the page and the JSON API until interrupted; return the exit code.
 
@@ -29,6 +30,8 @@ def serve_command(
         max_upload_mb: largest accepted upload.
         checkpointer_url: ``postgresql://...`` to keep LangGraph checkpoints in Postgres.
         log_level: uvicorn's log level.
+        allowed_hosts: more host names to answer to (see ``create_app``); a non-loopback ``host``
+            is added automatically.
     """
     try:
         import uvicorn
@@ -39,18 +42,23 @@ def serve_command(
     db_path = Path(db).expanduser().resolve()
     if db_path.is_dir():
         raise EchoInputError(f"--db {str(db_path)!r} is a folder; give a file path such as runs.sqlite")
+    if host not in ("127.0.0.1", "localhost", "::1", "0.0.0.0", "::"):
+        allowed_hosts = (*allowed_hosts, host)
     if reload:
         # uvicorn's reloader imports the app in a child process, so the settings travel as env vars.
         os.environ["ECHO_AGENT_SERVE_DB"] = str(db_path)
         os.environ["ECHO_AGENT_SERVE_MAX_UPLOAD_MB"] = str(max_upload_mb)
         if checkpointer_url:
             os.environ["ECHO_AGENT_SERVE_CHECKPOINTER_URL"] = checkpointer_url
+        if allowed_hosts:
+            os.environ["ECHO_AGENT_SERVE_ALLOWED_HOSTS"] = ",".join(allowed_hosts)
         uvicorn.run("echo_agent.server.app:app_from_env", factory=True, host=host, port=port, reload=True,
                     log_level=log_level)
         return 0
     from .app import create_app
 
-    app = create_app(db_path=db_path, max_upload_mb=max_upload_mb, checkpointer_url=checkpointer_url)
+    app = create_app(db_path=db_path, max_upload_mb=max_upload_mb, checkpointer_url=checkpointer_url,
+                     allowed_hosts=allowed_hosts)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
     return 0
 
