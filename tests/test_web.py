@@ -100,7 +100,8 @@ def test_upload_stream_report_edit_and_errors(server, page, tmp_path):
     # 2. the steps stream in, the run pauses for review, the report and the overlay appear
     page.wait_for_selector("#steps li[data-type='review_requested']")
     page.wait_for_selector("#report-table")
-    page.wait_for_function("document.getElementById('overlay').complete && document.getElementById('overlay').naturalWidth > 0")
+    # polled from here: wait_for_function compiles its predicate in the page, which the page's CSP forbids
+    _wait_until(page, "document.getElementById('overlay').complete && document.getElementById('overlay').naturalWidth > 0")
     types = page.eval_on_selector_all("#steps li", "els => els.map(e => e.dataset.type)")
     assert types[0] == "perceived" and types[-1] == "review_requested"
     assert "tool_called" in types and "evidence" in types
@@ -171,3 +172,13 @@ def test_reviewer_id_is_required_and_reject_needs_a_comment(server, page):
     run_id = page.evaluate("location.hash").split("=", 1)[1]
     dx = _get(f"{server}/api/runs/{run_id}")["diagnosis"]
     assert dx["indeterminate"] and dx["review"]["action"] == "reject" and "shadowing" in dx["review"]["comment"]
+
+
+def _wait_until(page, expression: str, timeout_s: float = 20.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not page.evaluate(expression):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {expression}")
+        time.sleep(0.1)
