@@ -583,3 +583,40 @@ def test_host_origin_checks_and_security_headers(db):
         assert same.status_code == 202, same.text
     with TestClient(create_app(agent_factory(), db_path=db, allowed_hosts=["*"])) as c:
         assert c.get("/api/organs", headers={"host": "anything.example"}).status_code == 200
+
+
+def test_concurrent_decoding_is_bounded(db, monkeypatch):
+    import threading
+    import time as _time
+
+    from echo_agent import imaging
+
+    real = imaging.load_image
+    state = {"now": 0, "max": 0}
+    lock = threading.Lock()
+
+    def slow_load(*a, **k):
+        if not (a and isinstance(a[0], (bytes, bytearray))):  # only the server's decoding of uploads
+            return real(*a, **k)
+        with lock:
+            state["now"] += 1
+            state["max"] = max(state["max"], state["now"])
+        _time.sleep(0.3)
+        try:
+            return real(*a, **k)
+        finally:
+            with lock:
+                state["now"] -= 1
+
+    monkeypatch.setattr(imaging, "load_image", slow_load)
+    png = _png(np.full((300, 300, 3), 90, np.uint8))
+    with TestClient(create_app(agent_factory(), db_path=db, max_concurrent_decodes=1)) as c:
+        codes = []
+        threads = [threading.Thread(target=lambda: codes.append(_start(c, data=png).status_code)) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert codes.count(200) + codes.count(202) == 4 and state["max"] == 1
+    with pytest.raises(ValueError, match="max_concurrent_decodes"):
+        create_app(agent_factory(), db_path=db, max_concurrent_decodes=0)

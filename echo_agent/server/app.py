@@ -240,6 +240,7 @@ def create_app(
     max_pixels: int = 12_000_000,  # imaging.io.DEFAULT_MAX_PIXELS (a test keeps them equal)
     allowed_hosts: Sequence[str] = (),
     checkpointer_url: str | None = None,
+    max_concurrent_decodes: int = 2,
 ) -> FastAPI:
     """Build the web service.
 
@@ -254,6 +255,9 @@ def create_app(
         allowed_hosts: host names (as in the ``Host`` header, no port) the server answers to besides
             localhost / 127.0.0.1 / ::1, e.g. the name of a reverse proxy in front of it; ``"*"``
             turns the Host check off. Every other Host gets 400 (DNS rebinding).
+        max_concurrent_decodes: uploads decoded at the same time (the others wait): with the pixel
+            limit, this bounds the memory that decoding can take (about 1 GB per 12 MP image through
+            the agent, see docs/security.md).
         checkpointer_url: a ``postgresql://`` URL to keep checkpoints in Postgres instead of SQLite.
 
     Returns:
@@ -263,6 +267,11 @@ def create_app(
     images = Path(image_dir).expanduser() if image_dir is not None else db.with_suffix(".images")
     factory = agent_factory or default_agent_factory
     max_bytes = int(max_upload_mb * 1024 * 1024)
+    if max_concurrent_decodes < 1:
+        raise ValueError(f"max_concurrent_decodes must be >= 1, got {max_concurrent_decodes}")
+    import asyncio
+
+    decode_slots = asyncio.Semaphore(max_concurrent_decodes)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -381,7 +390,8 @@ def create_app(
         context = to_clinical(fields) if fields else None
         if context is not None and context.is_empty():
             context = None
-        loaded = await run_in_threadpool(load_image, data, frame=frame, max_pixels=max_pixels)
+        async with decode_slots:  # at most max_concurrent_decodes images decoded at once
+            loaded = await run_in_threadpool(load_image, data, frame=frame, max_pixels=max_pixels)
         rec = await manager().start(loaded, filename=file.filename, organ=organ, context=context)
         if mode == "wait":
             await manager().wait_until_settled(rec.run_id)
