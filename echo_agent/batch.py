@@ -8,6 +8,7 @@ duplicate lines. A partial last line left by a kill is the only thing removed on
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import hashlib
 import json
@@ -64,12 +65,33 @@ def _looks_like_image(p: Path) -> bool:
     return p.is_file() and (p.suffix.lower() in IMAGE_SUFFIXES or p.suffix == "")
 
 
-def collect_inputs(source: str | Path, *, organ: str | None = None, split: str | None = None) -> list[BatchItem]:
+def collect_inputs(
+    source: str | Path, *, organ: str | None = None, split: str | None = None, hash_ids: bool = False
+) -> list[BatchItem]:
     """Expand a folder (recursive), a glob pattern or a manifest CSV into batch items.
 
     Item ids are stable across runs (paths relative to the folder / manifest), which is what makes
-    resuming possible.
+    resuming possible. File names can carry patient names, and ids go into the journal, overlay and
+    FHIR file names and the FHIR resource ids: ``hash_ids=True`` replaces each id by
+    :func:`hashed_id` of it (still stable, so resuming works; the journal's ``image`` field keeps the
+    path, so keep the journal where the images are).
     """
+    items = _collect(source, organ=organ, split=split)
+    if hash_ids:
+        items = [dataclasses.replace(it, id=hashed_id(it.id)) for it in items]
+    return items
+
+
+def hashed_id(item_id: str) -> str:
+    """A stable id that does not show the file name: ``item-`` + 16 hex digits of its SHA-256.
+
+    >>> hashed_id("smith_jane_2024.png")
+    'item-f67f29d9c83863e9'
+    """
+    return "item-" + hashlib.sha256(item_id.encode("utf-8")).hexdigest()[:16]
+
+
+def _collect(source: str | Path, *, organ: str | None, split: str | None) -> list[BatchItem]:
     s = str(source)
     p = Path(s)
     if p.is_file() and p.suffix.lower() == ".csv":

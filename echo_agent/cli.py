@@ -201,6 +201,7 @@ def batch(
     out: Annotated[Path, typer.Option(help="JSONL journal of results; an existing one is resumed.")] = Path("results.jsonl"),
     organ: Annotated[str | None, typer.Option(help="Organ for every image (default: routed / from the manifest).")] = None,
     split: Annotated[str | None, typer.Option(help="Manifest only: just this split.")] = None,
+    hash_ids: Annotated[bool, typer.Option(help="Item ids (journal, overlay/FHIR file names, FHIR ids) as hashes of the file names, which can carry patient names.")] = False,
     overlays: Annotated[Path | None, typer.Option(help="Folder for one overlay PNG per image.")] = None,
     fhir: Annotated[Path | None, typer.Option(help="Folder for one FHIR DiagnosticReport JSON per image.")] = None,
     engine: Annotated[str, typer.Option(
@@ -217,7 +218,7 @@ def batch(
 
     console = Console()
     try:
-        items = collect_inputs(source, organ=organ, split=split)
+        items = collect_inputs(source, organ=organ, split=split, hash_ids=hash_ids)
         if engine == "local":
             s = run_batch(items, out, overlays=overlays, fhir=fhir, chunk_size=chunk_size)
         elif engine == "processes":

@@ -284,3 +284,22 @@ def test_a_full_disk_leaves_no_torn_journal_line(tmp_path, monkeypatch):
     assert out.read_bytes() == before  # the partial line was cut off again
     run_batch(items, out, agent=_agent(), progress=False)  # and the same command finishes the rest
     assert len(read_journal(out)) == 3
+
+
+def test_hashed_ids_keep_file_names_out_of_ids_fhir_and_file_names(tmp_path):
+    from echo_agent.batch import hashed_id
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(speckle_image()).save(folder / "smith_jane_1961.png")
+    items = collect_inputs(str(folder), organ="breast", hash_ids=True)
+    assert [it.id for it in items] == [hashed_id("smith_jane_1961.png")]
+    assert collect_inputs(str(folder), organ="breast", hash_ids=True)[0].id == items[0].id  # stable: resumable
+    out = tmp_path / "r.jsonl"
+    run_batch(items, out, agent=_agent(), fhir=tmp_path / "fhir", overlays=tmp_path / "ov", progress=False)
+    rec = next(iter(read_journal(out).values()))
+    assert "smith" not in rec["id"]
+    for f in [*(tmp_path / "fhir").iterdir(), *(tmp_path / "ov").iterdir()]:
+        assert "smith" not in f.name
+        if f.suffix == ".json":
+            assert "smith" not in json.loads(f.read_text())["id"]
