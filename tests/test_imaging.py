@@ -824,3 +824,31 @@ def test_a_tiny_file_of_a_huge_blank_image_is_refused_by_default():
     assert len(buf.getvalue()) < 100_000
     with pytest.raises(ImageTooLargeError, match="limit"):
         load_image(buf.getvalue())
+
+
+def test_directory_store_takes_the_same_image_from_many_threads(tmp_path):
+    """Concurrent uploads of one image used to race on one temp file name (500 under load)."""
+    import threading
+
+    from echo_agent.imaging import ImageStore
+
+    arr = np.random.default_rng(0).integers(0, 255, (200, 200, 3), dtype=np.uint8)
+    errors = []
+
+    def put():
+        try:
+            ImageStore(directory=tmp_path).put(arr)
+        except Exception as exc:  # noqa: BLE001 - collected for the assertion
+            errors.append(exc)
+
+    for _ in range(5):
+        threads = [threading.Thread(target=put) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for f in tmp_path.glob("*.png"):
+            f.unlink()
+    assert not errors, errors
+    ImageStore(directory=tmp_path).put(arr)
+    assert [p.name.endswith(".png") for p in tmp_path.iterdir()] == [True]  # no temp files left behind

@@ -9,6 +9,7 @@ restart (a LangGraph server, a resumed review).
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import threading
 from collections import OrderedDict
@@ -97,9 +98,14 @@ class ImageStore:
             if not target.exists():
                 from PIL import Image
 
-                tmp = target.with_suffix(".png.tmp")
-                Image.fromarray(array).save(tmp, format="PNG")
-                tmp.replace(target)
+                # one temp name per writer: two requests storing the same image at once must not
+                # write (or rename away) each other's temp file; the content is the same either way
+                tmp = target.with_name(f".{image_id}.{os.getpid()}.{threading.get_ident()}.png.tmp")
+                try:
+                    Image.fromarray(array).save(tmp, format="PNG")
+                    os.replace(tmp, target)
+                finally:
+                    tmp.unlink(missing_ok=True)
         ref: ImageRef = {"id": image_id, "width": int(array.shape[1]), "height": int(array.shape[0])}
         ref.update(meta)  # type: ignore[typeddict-item]
         return ref
