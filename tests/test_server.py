@@ -620,3 +620,60 @@ def test_concurrent_decoding_is_bounded(db, monkeypatch):
     assert codes.count(200) + codes.count(202) == 4 and state["max"] == 1
     with pytest.raises(ValueError, match="max_concurrent_decodes"):
         create_app(agent_factory(), db_path=db, max_concurrent_decodes=0)
+
+
+# -- storage faults (hardening): a locked database costs time, not consistency --------------------------
+def test_review_survives_a_storage_failure_between_graph_and_index(db, monkeypatch):
+    """The graph takes the review, then recording it fails with 'database is locked': the retry
+    finds the review in the checkpointer and finishes the bookkeeping instead of leaving the run
+    stuck in 'pending-review' (every retry used to get 409)."""
+    import sqlite3
+
+    from echo_agent.server.runs import RunIndex
+
+    real_update = RunIndex.update
+    failures = {"left": 1}
+
+    async def flaky_update(self, run_id, **fields):
+        if fields.get("status") == "done" and failures["left"]:
+            failures["left"] -= 1
+            raise sqlite3.OperationalError("database is locked")
+        return await real_update(self, run_id, **fields)
+
+    monkeypatch.setattr(RunIndex, "update", flaky_update)
+    with TestClient(create_app(agent_factory(), db_path=db)) as c:
+        body = _paused(c)
+        r = c.post(body["review_url"], json={"action": "accept", "reviewer": "dr-l"})
+        assert r.status_code == 200, r.text
+        assert c.get(f"/api/runs/{body['run_id']}").json()["status"] == "done"
+        again = c.post(body["review_url"], json={"action": "accept", "reviewer": "dr-l"})  # a client retry
+        assert again.status_code == 200 and again.json()["review"]["reviewer"] == "dr-l"
+        other = c.post(body["review_url"], json={"action": "reject", "reviewer": "dr-m"})
+        assert other.status_code == 409 and other.json()["error"] == "RunConflict"
+
+
+def test_an_exclusive_lock_on_the_database_delays_but_does_not_wedge_the_server(db):
+    import sqlite3
+    import threading
+    import time as _time
+
+    with TestClient(create_app(agent_factory(), db_path=db), raise_server_exceptions=False) as c:
+        body = _paused(c)
+        held = threading.Event()
+
+        def hold(seconds):
+            con = sqlite3.connect(db, timeout=1, isolation_level=None)
+            con.execute("BEGIN EXCLUSIVE")
+            held.set()
+            _time.sleep(seconds)
+            con.execute("COMMIT")
+            con.close()
+
+        t = threading.Thread(target=hold, args=(7.0,))  # longer than the checkpointer's 5 s busy timeout
+        t.start()
+        held.wait(5)
+        r = c.post(body["review_url"], json={"action": "accept", "reviewer": "dr-k"})
+        t.join()
+        assert r.status_code == 200 and r.headers["content-type"].startswith("application/json"), r.text
+        assert c.get(f"/api/runs/{body['run_id']}").json()["status"] == "done"
+        assert _start(c).status_code == 200  # and the server serves normally afterwards

@@ -42,7 +42,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 from ..graph.review import ReviewDecision
 from ..schemas import ClinicalContext, Diagnosis
 from .models import ErrorBody, ImageInfo, OrganInfo, RunState, RunSummary
-from .runs import RunConflict, RunIndex, RunManager, RunNotFound, RunRecord
+from .runs import RunConflict, RunIndex, RunManager, RunNotFound, RunRecord, StorageBusyError
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,8 @@ def status_for(exc: EchoError) -> int:
         return 404
     if isinstance(exc, RunConflict):
         return 409
+    if isinstance(exc, StorageBusyError):
+        return 503
     if isinstance(exc, (EchoInputError, UnreadableImageError, UnknownOrganError)):
         return 422
     return 500
@@ -317,6 +319,17 @@ def create_app(
         errors = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
                   for e in exc.errors()]
         return JSONResponse({"detail": errors, "error": "ValidationError"}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # Every error has the JSON shape, never a plain-text 500; a lock that outlived the retries
+        # (raised outside the retried paths) is a 503 like StorageBusyError.
+        from .runs import is_transient_storage_error
+
+        if is_transient_storage_error(exc):
+            return _error(503, "the run database is locked; try again shortly", "StorageBusyError")
+        log.exception("request %s failed", request.url.path)
+        return _error(500, f"internal error ({type(exc).__name__}); the server logged the details", type(exc).__name__)
 
     @app.exception_handler(EchoError)
     async def _echo_error(request: Request, exc: EchoError) -> JSONResponse:

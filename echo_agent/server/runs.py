@@ -58,6 +58,48 @@ class RunNotFound(EchoInputError):
     """No run has this id (HTTP 404)."""
 
 
+class StorageBusyError(EchoError):
+    """The run database stayed locked or busy through every retry (HTTP 503: try again later)."""
+
+
+def is_transient_storage_error(exc: BaseException) -> bool:
+    """SQLite's "database is locked" / "busy": another connection holds the lock; worth retrying."""
+    import sqlite3
+
+    text = str(exc).lower()
+    return isinstance(exc, sqlite3.OperationalError) and ("locked" in text or "busy" in text)
+
+
+#: How long storage operations keep retrying a locked database (seconds, exponential backoff).
+STORAGE_RETRY_S = 60.0
+
+
+async def with_storage_retries(op: Any, *, what: str, on_retry: Any = None, retry_s: float | None = None) -> Any:
+    """``await op()``, retried with exponential backoff (0.2 s .. 2 s) while it fails with a transient
+    SQLite lock, for at most ``retry_s`` (default :data:`STORAGE_RETRY_S`); then :class:`StorageBusyError`.
+    ``on_retry()`` runs before each new attempt (e.g. a rollback of the failed transaction)."""
+    from tenacity import AsyncRetrying, RetryError, retry_if_exception, stop_after_delay, wait_exponential
+
+    limit = STORAGE_RETRY_S if retry_s is None else retry_s
+    try:
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception(is_transient_storage_error), stop=stop_after_delay(limit),
+            wait=wait_exponential(multiplier=0.2, max=2.0), reraise=False,
+        ):
+            with attempt:
+                if attempt.retry_state.attempt_number > 1:
+                    log.warning("%s: the run database was locked; retrying (attempt %d)", what,
+                                attempt.retry_state.attempt_number)
+                    if on_retry is not None:
+                        await on_retry()
+                return await op()
+    except RetryError as exc:
+        raise StorageBusyError(
+            f"{what}: the run database stayed locked for {limit:.0f} s; nothing was changed, try again shortly"
+        ) from exc.last_attempt.exception()
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
 class RunConflict(EchoInputError):
     """The run is not in a state that allows the operation, e.g. a review of a finished run (HTTP 409)."""
 
@@ -104,45 +146,66 @@ class RunIndex:
             await self._conn.close()
             self._conn = None
 
+    async def _write(self, what: str, sql: str, args: tuple[Any, ...]) -> Any:
+        """One statement and its commit, as a unit: a locked database is retried with backoff
+        (the failed transaction rolled back first, so the connection is never left half-way)."""
+
+        async def op() -> Any:
+            async with self._lock:
+                try:
+                    cur = await self._conn.execute(sql, args)
+                    await self._conn.commit()
+                    return cur
+                except BaseException:
+                    await self._rollback()
+                    raise
+
+        return await with_storage_retries(op, what=what)
+
+    async def _rollback(self) -> None:
+        try:
+            await self._conn.rollback()
+        except Exception:  # noqa: BLE001 - nothing more to undo
+            pass
+
+    async def _read(self, what: str, sql: str, args: Any, one: bool) -> Any:
+        async def op() -> Any:
+            async with self._lock:
+                cur = await self._conn.execute(sql, args)
+                return await (cur.fetchone() if one else cur.fetchall())
+
+        return await with_storage_retries(op, what=what)
+
     async def create(self, rec: RunRecord) -> None:
-        async with self._lock:
-            await self._conn.execute(
-                "INSERT INTO echo_runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (rec.run_id, rec.status, rec.created_at, rec.updated_at, rec.filename, rec.organ,
-                 _dump(rec.context), _dump(rec.image), _dump(rec.diagnosis), rec.error),
-            )
-            await self._conn.commit()
+        await self._write(
+            "saving the run", "INSERT INTO echo_runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (rec.run_id, rec.status, rec.created_at, rec.updated_at, rec.filename, rec.organ,
+             _dump(rec.context), _dump(rec.image), _dump(rec.diagnosis), rec.error),
+        )
 
     async def update(self, run_id: str, **fields: Any) -> None:
         cols = {k: (_dump(v) if k in ("context", "image", "diagnosis") else v) for k, v in fields.items()}
         cols["updated_at"] = _now()
         sets = ", ".join(f"{k} = ?" for k in cols)
-        async with self._lock:
-            await self._conn.execute(f"UPDATE echo_runs SET {sets} WHERE run_id = ?", (*cols.values(), run_id))
-            await self._conn.commit()
+        await self._write("updating the run", f"UPDATE echo_runs SET {sets} WHERE run_id = ?", (*cols.values(), run_id))
 
     async def add_event(self, run_id: str, seq: int, event: AgentEvent) -> None:
-        async with self._lock:
-            await self._conn.execute(
-                "INSERT OR REPLACE INTO echo_run_events VALUES (?, ?, ?)",
-                (run_id, seq, json.dumps(event.model_dump(mode="json"))),
-            )
-            await self._conn.commit()
+        await self._write(
+            "saving an event", "INSERT OR REPLACE INTO echo_run_events VALUES (?, ?, ?)",
+            (run_id, seq, json.dumps(event.model_dump(mode="json"))),
+        )
 
     async def get(self, run_id: str) -> RunRecord:
-        async with self._lock:
-            cur = await self._conn.execute("SELECT * FROM echo_runs WHERE run_id = ?", (run_id,))
-            row = await cur.fetchone()
+        row = await self._read("reading the run", "SELECT * FROM echo_runs WHERE run_id = ?", (run_id,), one=True)
         if row is None:
             raise RunNotFound(f"there is no run {run_id!r}; start one with POST /api/runs")
         return _record(row)
 
     async def events(self, run_id: str, since: int = 0) -> list[AgentEvent]:
-        async with self._lock:
-            cur = await self._conn.execute(
-                "SELECT event FROM echo_run_events WHERE run_id = ? AND seq >= ? ORDER BY seq", (run_id, since)
-            )
-            rows = await cur.fetchall()
+        rows = await self._read(
+            "reading events", "SELECT event FROM echo_run_events WHERE run_id = ? AND seq >= ? ORDER BY seq",
+            (run_id, since), one=False,
+        )
         return [_EVENT.validate_python(json.loads(r[0])) for r in rows]
 
     async def list(self, status: str | None = None, limit: int = 50) -> list[RunRecord]:
@@ -152,20 +215,16 @@ class RunIndex:
             args.append(status)
         q += " ORDER BY created_at DESC, rowid DESC LIMIT ?"
         args.append(limit)
-        async with self._lock:
-            cur = await self._conn.execute(q, args)
-            rows = await cur.fetchall()
+        rows = await self._read("listing runs", q, args, one=False)
         return [_record(r) for r in rows]
 
     async def mark_abandoned(self) -> int:
         """Runs left 'running' by a stopped server cannot continue: mark them failed."""
-        async with self._lock:
-            cur = await self._conn.execute(
-                "UPDATE echo_runs SET status = 'error', updated_at = ?, error = ? WHERE status = 'running'",
-                (_now(), "the server stopped while this run was in progress; upload the image again"),
-            )
-            await self._conn.commit()
-            return cur.rowcount
+        cur = await self._write(
+            "marking abandoned runs", "UPDATE echo_runs SET status = 'error', updated_at = ?, error = ? WHERE status = 'running'",
+            (_now(), "the server stopped while this run was in progress; upload the image again"),
+        )
+        return cur.rowcount
 
 
 def _dump(v: Any) -> str | None:
@@ -305,32 +364,50 @@ class RunManager:
             raise EchoInputError("a review needs a reviewer id; fill in 'reviewer'")
         lock = self._review_locks.setdefault(run_id, asyncio.Lock())
         async with lock:
-            rec = await self.index.get(run_id)
-            if rec.status != "pending-review":
-                raise RunConflict(f"run {run_id} is {rec.status}, not waiting for review; only a paused run can be reviewed")
-            config = {"configurable": {"thread_id": run_id}}
-            snapshot = await self.agent.graph.aget_state(config)
-            if not snapshot.next:
-                raise RunConflict(
-                    f"run {run_id} has no paused graph state in the checkpointer (was the database replaced?)"
-                )
-            events = await self.index.events(run_id)
-            seen = len(events)
-            final: Diagnosis | None = None
-            # astream_resume dry-runs the decision first (an invalid one must never reach the graph)
-            # and emits the same typed events as EchoAgent.stream.
-            async for ev in self.agent.astream_resume(
-                run_id, decision.model_dump(exclude_none=True), first_step=max((e.step for e in events), default=-1) + 1
-            ):
-                await self.index.add_event(run_id, seen, ev)
-                seen += 1
-                if isinstance(ev, DiagnosisEvent):
-                    final = ev.diagnosis
-            if final is None:
-                values = (await self.agent.graph.aget_state(config)).values
-                final = Diagnosis.model_validate(values["diagnosis"])
-            await self.index.update(run_id, status="done", diagnosis=final.model_dump(mode="json"))
-            return final
+            # A locked database is retried as a whole: each attempt starts from what the checkpointer
+            # holds, so a review is applied once or not at all.
+            return await with_storage_retries(lambda: self._review_once(run_id, decision), what="applying the review")
+
+    async def _review_once(self, run_id: str, decision: Any) -> Diagnosis:
+        rec = await self.index.get(run_id)
+        done_review = ((rec.diagnosis or {}).get("review") or {}) if rec.status == "done" else {}
+        if done_review and done_review.get("reviewer") == decision.reviewer and done_review.get("action") == decision.action:
+            return Diagnosis.model_validate(rec.diagnosis)  # a client retrying the review it already made
+        if rec.status != "pending-review":
+            raise RunConflict(f"run {run_id} is {rec.status}, not waiting for review; only a paused run can be reviewed")
+        config = {"configurable": {"thread_id": run_id}}
+        snapshot = await self.agent.graph.aget_state(config)
+        if not snapshot.next:
+            applied = (snapshot.values or {}).get("diagnosis") or {}
+            review = applied.get("review") or {}
+            if review:
+                # The graph took a review but the index did not record it (storage failed in between):
+                # finish the bookkeeping instead of leaving the run stuck in 'pending-review'.
+                final = Diagnosis.model_validate(applied)
+                await self.index.update(run_id, status="done", diagnosis=final.model_dump(mode="json"))
+                if review.get("reviewer") == decision.reviewer and review.get("action") == decision.action:
+                    return final  # the same review again (a client retry): answered, applied once
+                raise RunConflict(f"run {run_id} was already reviewed by {review.get('reviewer')!r} ({review.get('action')})")
+            raise RunConflict(
+                f"run {run_id} has no paused graph state in the checkpointer (was the database replaced?)"
+            )
+        events = await self.index.events(run_id)
+        seen = len(events)
+        final: Diagnosis | None = None
+        # astream_resume dry-runs the decision first (an invalid one must never reach the graph)
+        # and emits the same typed events as EchoAgent.stream.
+        async for ev in self.agent.astream_resume(
+            run_id, decision.model_dump(exclude_none=True), first_step=max((e.step for e in events), default=-1) + 1
+        ):
+            await self.index.add_event(run_id, seen, ev)
+            seen += 1
+            if isinstance(ev, DiagnosisEvent):
+                final = ev.diagnosis
+        if final is None:
+            values = (await self.agent.graph.aget_state(config)).values
+            final = Diagnosis.model_validate(values["diagnosis"])
+        await self.index.update(run_id, status="done", diagnosis=final.model_dump(mode="json"))
+        return final
 
     # -- lifecycle -----------------------------------------------------------------------------------
     async def shutdown(self) -> None:
