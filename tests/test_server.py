@@ -677,3 +677,27 @@ def test_an_exclusive_lock_on_the_database_delays_but_does_not_wedge_the_server(
         assert r.status_code == 200 and r.headers["content-type"].startswith("application/json"), r.text
         assert c.get(f"/api/runs/{body['run_id']}").json()["status"] == "done"
         assert _start(c).status_code == 200  # and the server serves normally afterwards
+
+
+def test_a_full_disk_is_a_json_507_and_leaves_no_temp_files(db, monkeypatch, tmp_path):
+    import errno
+
+    from PIL import Image as PILImage
+
+    real_save = PILImage.Image.save
+
+    def full(self, fp, *a, **k):
+        if str(fp).endswith(".tmp"):
+            with open(fp, "wb") as f:  # part of the file lands, then the disk is full
+                f.write(b"\x89PNG")
+            raise OSError(errno.ENOSPC, "No space left on device", str(fp))
+        return real_save(self, fp, *a, **k)
+
+    images = tmp_path / "imgs"
+    with TestClient(create_app(agent_factory(), db_path=db, image_dir=images), raise_server_exceptions=False) as c:
+        monkeypatch.setattr(PILImage.Image, "save", full)
+        r = _start(c, data=_png(np.full((300, 300, 3), 77, np.uint8)))
+        assert r.status_code == 507 and r.json()["error"] == "StorageFullError", r.text
+        assert not [p for p in images.iterdir() if ".tmp" in p.name]
+        monkeypatch.undo()
+        assert _start(c).status_code == 200  # space back: the server goes on

@@ -13,6 +13,7 @@ survives a restart of the server.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -328,6 +329,9 @@ def create_app(
 
         if is_transient_storage_error(exc):
             return _error(503, "the run database is locked; try again shortly", "StorageBusyError")
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            log.error("request %s failed: the disk is full (%s)", request.url.path, exc)
+            return _error(507, "the server's disk is full; nothing was stored, try again later", "StorageFullError")
         log.exception("request %s failed", request.url.path)
         return _error(500, f"internal error ({type(exc).__name__}); the server logged the details", type(exc).__name__)
 
