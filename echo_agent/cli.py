@@ -248,13 +248,14 @@ def batch(
 
 @app.command()
 def serve(
-    host: Annotated[str, typer.Option(help="Interface to listen on (0.0.0.0 exposes it: put it behind an authenticating proxy).")] = "127.0.0.1",
+    host: Annotated[str, typer.Option(help="Interface to listen on (0.0.0.0 exposes it: needs --tokens-file, and a TLS proxy in front).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     db: Annotated[Path, typer.Option(help="SQLite file for runs and checkpoints; uploaded images go to <db>.images/.")] = Path("echo-agent.sqlite"),
     reload: Annotated[bool, typer.Option(help="Restart on code changes (development).")] = False,
     max_upload_mb: Annotated[float, typer.Option(help="Largest accepted upload, in MB.")] = 20.0,
     checkpointer_url: Annotated[str | None, typer.Option(help="postgresql://... URL to keep checkpoints in Postgres.")] = None,
     allow_host: Annotated[list[str] | None, typer.Option(help="Host name the server answers to besides localhost/127.0.0.1/::1 (repeatable; e.g. your proxy's name).")] = None,
+    tokens_file: Annotated[Path | None, typer.Option(help="File of 'reviewer:token' lines: every API call needs a token, reviews are recorded under its reviewer. Required with a non-loopback --host.")] = None,
 ) -> None:
     """Serve the review page and the JSON API (needs the 'serve' extra)."""
     from .errors import EchoError
@@ -262,7 +263,7 @@ def serve(
 
     try:
         code = serve_command(host, port, db, reload, max_upload_mb=max_upload_mb, checkpointer_url=checkpointer_url,
-                             allowed_hosts=tuple(allow_host or ()))
+                             allowed_hosts=tuple(allow_host or ()), tokens_file=tokens_file)
     except EchoError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=2) from None

@@ -701,3 +701,46 @@ def test_a_full_disk_is_a_json_507_and_leaves_no_temp_files(db, monkeypatch, tmp
         assert not [p for p in images.iterdir() if ".tmp" in p.name]
         monkeypatch.undo()
         assert _start(c).status_code == 200  # space back: the server goes on
+
+
+# -- access tokens (hardening) ----------------------------------------------------------------------------
+TOKENS = {"tok-alice-0123456789abcdef": "alice", "tok-bob-0123456789abcdefgh": "bob"}
+
+
+def test_tokens_guard_the_api_and_name_the_reviewer(db):
+    with TestClient(create_app(agent_factory(), db_path=db, auth_tokens=TOKENS)) as c:
+        assert c.get("/api/health").status_code == 200  # liveness stays open
+        assert c.get("/").status_code == 200  # the page itself holds no data
+        r = c.get("/api/runs")
+        assert r.status_code == 401 and r.json()["error"] == "Unauthorized" and r.headers["www-authenticate"] == "Bearer"
+        assert c.get("/api/runs", headers={"Authorization": "Bearer wrong-token-0123456789"}).status_code == 401
+        alice = {"Authorization": "Bearer tok-alice-0123456789abcdef"}
+        r = c.post("/api/runs?mode=wait", files={"file": ("scan.png", IMAGE, "image/png")}, headers=alice)
+        assert r.status_code == 200, r.text
+        # whoever the body names, the review is recorded under the token's reviewer
+        rv = c.post(r.json()["review_url"], json={"action": "accept", "reviewer": "someone-else"}, headers=alice)
+        assert rv.status_code == 200 and rv.json()["review"]["reviewer"] == "alice"
+        # the page's way: exchange the token for an HttpOnly, SameSite=Strict cookie
+        bad = c.post("/api/session", json={"token": "nope"})
+        assert bad.status_code == 401
+        s = c.post("/api/session", json={"token": "tok-bob-0123456789abcdefgh"})
+        assert s.status_code == 200 and s.json()["reviewer"] == "bob"
+        cookie = s.headers["set-cookie"].lower()
+        assert "httponly" in cookie and "samesite=strict" in cookie
+        assert c.get("/api/runs").status_code == 200  # the cookie now authenticates
+
+
+def test_tokens_file_and_the_non_loopback_rule(tmp_path):
+    from echo_agent.errors import EchoInputError
+    from echo_agent.server.app import load_tokens
+    from echo_agent.server.cli import serve_command
+
+    f = tmp_path / "tokens.txt"
+    f.write_text("# reviewers\nalice:tok-alice-0123456789abcdef\n\nbob:tok-bob-0123456789abcdefgh\n")
+    assert load_tokens(f) == TOKENS
+    for bad in ("alice:short", "no-colon-here-0123456789", "alice:tok-alice-0123456789abcdef\nalice:tok-x-0123456789abcdefgh"):
+        (tmp_path / "bad.txt").write_text(bad)
+        with pytest.raises(EchoInputError):
+            load_tokens(tmp_path / "bad.txt")
+    with pytest.raises(EchoInputError, match="tokens-file"):
+        serve_command("0.0.0.0", 8000, tmp_path / "x.sqlite")

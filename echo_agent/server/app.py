@@ -205,6 +205,79 @@ class RequestGuard:
         await response(scope, receive, send)
 
 
+#: Cookie that carries a browser session's token (set by POST /api/session).
+SESSION_COOKIE = "echo_token"
+#: API paths open without a token (liveness, and exchanging a token for the session cookie).
+OPEN_PATHS = ("/api/health", "/api/session")
+
+
+class AuthGuard:
+    """ASGI middleware: with tokens configured (``token -> reviewer id``), every ``/api/`` request but
+    :data:`OPEN_PATHS` needs ``Authorization: Bearer <token>`` or the session cookie; else 401. The
+    reviewer id of the token goes into ``scope["state"]["reviewer"]`` (reviews are recorded under it).
+    The page itself (``/``, ``/static``) stays open: it holds no data and asks for the token."""
+
+    def __init__(self, app: Any, *, tokens: dict[str, str]) -> None:
+        import hmac
+
+        self.app, self.tokens, self._eq = app, dict(tokens), hmac.compare_digest
+
+    def reviewer_for(self, token: str | None) -> str | None:
+        if not token:
+            return None
+        for known, reviewer in self.tokens.items():  # constant-time comparison, every entry
+            if self._eq(known.encode(), token.encode()):
+                return reviewer
+        return None
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        path = scope.get("path", "")
+        if scope.get("type") != "http" or not path.startswith("/api/") or path in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        headers = {k.lower(): v.decode("latin-1") for k, v in scope.get("headers") or []}
+        auth = headers.get(b"authorization", "")
+        token = auth[7:].strip() if auth.lower().startswith("bearer ") else None
+        if token is None:
+            from http.cookies import SimpleCookie
+
+            jar = SimpleCookie()
+            try:
+                jar.load(headers.get(b"cookie", ""))
+            except Exception:  # noqa: BLE001 - a malformed cookie header is no token
+                jar = SimpleCookie()
+            token = jar[SESSION_COOKIE].value if SESSION_COOKIE in jar else None
+        reviewer = self.reviewer_for(token)
+        if reviewer is None:
+            response = _error(401, "this server needs an access token: send 'Authorization: Bearer <token>', or "
+                                   "enter it on the page", "Unauthorized")
+            response.headers["WWW-Authenticate"] = "Bearer"
+            await response(scope, receive, send)
+            return
+        scope.setdefault("state", {})["reviewer"] = reviewer
+        await self.app(scope, receive, send)
+
+
+def load_tokens(path: str | os.PathLike[str]) -> dict[str, str]:
+    """``token -> reviewer id`` from a file of ``reviewer:token`` lines (``#`` comments, blank lines
+    ignored). Tokens must be at least 16 characters; reviewer ids non-empty and unique."""
+    tokens: dict[str, str] = {}
+    for n, line in enumerate(Path(path).expanduser().read_text(encoding="utf-8").splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        reviewer, sep, token = line.partition(":")
+        reviewer, token = reviewer.strip(), token.strip()
+        if not sep or not reviewer or len(token) < 16:
+            raise EchoInputError(f"{path}, line {n}: expected 'reviewer:token' with a token of at least 16 characters")
+        if token in tokens or reviewer in tokens.values():
+            raise EchoInputError(f"{path}, line {n}: duplicate reviewer or token")
+        tokens[token] = reviewer
+    if not tokens:
+        raise EchoInputError(f"{path} names no 'reviewer:token' line")
+    return tokens
+
+
 def _error(status: int, detail: str, name: str) -> JSONResponse:
     return JSONResponse({"detail": detail, "error": name}, status_code=status)
 
@@ -244,6 +317,7 @@ def create_app(
     allowed_hosts: Sequence[str] = (),
     checkpointer_url: str | None = None,
     max_concurrent_decodes: int = 2,
+    auth_tokens: dict[str, str] | None = None,
 ) -> FastAPI:
     """Build the web service.
 
@@ -258,6 +332,10 @@ def create_app(
         allowed_hosts: host names (as in the ``Host`` header, no port) the server answers to besides
             localhost / 127.0.0.1 / ::1, e.g. the name of a reverse proxy in front of it; ``"*"``
             turns the Host check off. Every other Host gets 400 (DNS rebinding).
+        auth_tokens: ``token -> reviewer id`` (:func:`load_tokens` reads them from a file). With
+            tokens, every API call needs one (bearer header, or the cookie POST /api/session sets
+            for the page) and a review is recorded under the token's reviewer, whatever the body
+            says. Without, the API is open (loopback use).
         max_concurrent_decodes: uploads decoded at the same time (the others wait): with the pixel
             limit, this bounds the memory that decoding can take (about 1 GB per 12 MP image through
             the agent, see docs/security.md).
@@ -346,7 +424,10 @@ def create_app(
     # without one (chunked) is counted while it streams: past the limit it is cut off (nothing more
     # reaches the multipart parser's temp files) and the answer is the same 413.
     app.add_middleware(BodyLimit, paths=("/api/runs",), max_bytes=max_bytes + 64 * 1024, upload_limit=max_bytes)
-    # added last, so it runs first: a refused host or origin never reaches the body limit or the app
+    if auth_tokens:
+        app.add_middleware(AuthGuard, tokens=dict(auth_tokens))
+    # added last, so it runs first: a refused host or origin never reaches the token check, the body
+    # limit or the app
     app.add_middleware(RequestGuard, allowed_hosts=(*LOOPBACK_HOSTS, *(allowed_hosts or ())))
 
     def manager() -> RunManager:
@@ -468,12 +549,31 @@ def create_app(
 
     @app.post("/api/runs/{run_id}/review", response_model=Diagnosis, responses=_ERRORS, tags=["review"],
               summary="Accept, edit or reject the Diagnosis")
-    async def review(run_id: str, decision: ReviewDecision) -> Diagnosis:
-        """Resume the paused run with the reviewer's decision. ``reviewer`` is required; ``edit``
-        changes ``label``, ``category`` and/or ``box`` (pixel ``[x1, y1, x2, y2]``); ``reject``
-        marks the Diagnosis indeterminate with the comment. The returned Diagnosis records who
-        changed what in ``review``, next to the agent's ``original``."""
+    async def review(run_id: str, decision: ReviewDecision, request: Request) -> Diagnosis:
+        """Resume the paused run with the reviewer's decision. ``reviewer`` is required (with
+        tokens, it is the token's reviewer, whatever the body says); ``edit`` changes ``label``,
+        ``category`` and/or ``box`` (pixel ``[x1, y1, x2, y2]``); ``reject`` marks the Diagnosis
+        indeterminate with the comment. The returned Diagnosis records who changed what in
+        ``review``, next to the agent's ``original``."""
+        authenticated = getattr(request.state, "reviewer", None)
+        if authenticated:
+            decision = decision.model_copy(update={"reviewer": authenticated})
         return await manager().review(run_id, decision)
+
+    @app.post("/api/session", tags=["review"], summary="Exchange an access token for a session cookie")
+    async def session(body: dict[str, str]) -> JSONResponse:
+        """For the page: with a valid token, set an HttpOnly, SameSite=Strict cookie that carries it
+        (the page's fetches and its event stream then authenticate); answer the reviewer id."""
+        if not auth_tokens:
+            return JSONResponse({"reviewer": None, "auth": False})
+        token = str(body.get("token", ""))
+        guard = AuthGuard(None, tokens=dict(auth_tokens))
+        reviewer = guard.reviewer_for(token)
+        if reviewer is None:
+            return _error(401, "unknown access token", "Unauthorized")
+        response = JSONResponse({"reviewer": reviewer, "auth": True})
+        response.set_cookie(SESSION_COOKIE, token, httponly=True, samesite="strict", path="/")
+        return response
 
     @app.get("/api/schema/diagnosis", tags=["schema"], summary="JSON schema of a Diagnosis")
     async def diagnosis_schema() -> dict[str, Any]:
@@ -575,7 +675,8 @@ def app_from_env() -> FastAPI:
         max_upload_mb=float(os.environ.get("ECHO_AGENT_SERVE_MAX_UPLOAD_MB", "20")),
         checkpointer_url=os.environ.get("ECHO_AGENT_SERVE_CHECKPOINTER_URL") or None,
         allowed_hosts=tuple(h for h in os.environ.get("ECHO_AGENT_SERVE_ALLOWED_HOSTS", "").split(",") if h.strip()),
+        auth_tokens=load_tokens(os.environ["ECHO_AGENT_SERVE_TOKENS_FILE"]) if os.environ.get("ECHO_AGENT_SERVE_TOKENS_FILE") else None,
     )
 
 
-__all__ = ["AgentFactory", "create_app", "default_agent_factory", "status_for", "app_from_env"]
+__all__ = ["AgentFactory", "create_app", "default_agent_factory", "load_tokens", "status_for", "app_from_env"]

@@ -18,12 +18,13 @@ def serve_command(
     checkpointer_url: str | None = None,
     log_level: str = "info",
     allowed_hosts: tuple[str, ...] = (),
+    tokens_file: str | os.PathLike[str] | None = None,
 ) -> int:
     """Serve the page and the JSON API until interrupted; return the exit code.
 
     Args:
-        host: interface to listen on (``0.0.0.0`` exposes the service to the network: put it
-            behind an authenticating proxy, it has no login of its own).
+        host: interface to listen on (``0.0.0.0`` exposes the service to the network: that needs
+            ``tokens_file``, and a TLS-terminating proxy in front).
         port: TCP port.
         db: SQLite file for runs and checkpoints; uploaded images go to ``<db without suffix>.images/``.
         reload: restart on code changes (development only).
@@ -32,6 +33,9 @@ def serve_command(
         log_level: uvicorn's log level.
         allowed_hosts: more host names to answer to (see ``create_app``); a non-loopback ``host``
             is added automatically.
+        tokens_file: ``reviewer:token`` lines (:func:`echo_agent.server.app.load_tokens`); every API
+            call then needs a token and reviews are recorded under its reviewer. Required when
+            ``host`` is not a loopback address.
     """
     try:
         import uvicorn
@@ -42,6 +46,15 @@ def serve_command(
     db_path = Path(db).expanduser().resolve()
     if db_path.is_dir():
         raise EchoInputError(f"--db {str(db_path)!r} is a folder; give a file path such as runs.sqlite")
+    loopback = host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
+    if not loopback and tokens_file is None:
+        raise EchoInputError(
+            f"--host {host} exposes the service beyond this machine: give --tokens-file (lines 'reviewer:token') "
+            "so every call is authenticated, or keep the default 127.0.0.1"
+        )
+    from .app import load_tokens
+
+    tokens = load_tokens(tokens_file) if tokens_file is not None else None
     if host not in ("127.0.0.1", "localhost", "::1", "0.0.0.0", "::"):
         allowed_hosts = (*allowed_hosts, host)
     if reload:
@@ -52,13 +65,15 @@ def serve_command(
             os.environ["ECHO_AGENT_SERVE_CHECKPOINTER_URL"] = checkpointer_url
         if allowed_hosts:
             os.environ["ECHO_AGENT_SERVE_ALLOWED_HOSTS"] = ",".join(allowed_hosts)
+        if tokens_file is not None:
+            os.environ["ECHO_AGENT_SERVE_TOKENS_FILE"] = str(Path(tokens_file).expanduser().resolve())
         uvicorn.run("echo_agent.server.app:app_from_env", factory=True, host=host, port=port, reload=True,
                     log_level=log_level)
         return 0
     from .app import create_app
 
     app = create_app(db_path=db_path, max_upload_mb=max_upload_mb, checkpointer_url=checkpointer_url,
-                     allowed_hosts=allowed_hosts)
+                     allowed_hosts=allowed_hosts, auth_tokens=tokens)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
     return 0
 

@@ -49,8 +49,20 @@ function showError(box, message) {
   box.hidden = !message;
 }
 
-async function api(path, options = {}) {
+// A server started with access tokens answers 401 until the page has a session: ask for the token
+// once, exchange it for an HttpOnly cookie (POST /api/session), then repeat the request.
+async function signIn() {
+  const token = window.prompt("This server needs your access token:");
+  if (!token) return false;
+  const res = await fetch("/api/session", {
+    method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ token }),
+  });
+  return res.ok;
+}
+
+async function api(path, options = {}, retried = false) {
   const res = await fetch(path, options);
+  if (res.status === 401 && !retried && await signIn()) return api(path, options, true);
   let body = null;
   try { body = await res.json(); } catch (e) { body = null; }
   if (!res.ok) throw new Error(errorText(body, res.status) + ` (HTTP ${res.status})`);
