@@ -852,3 +852,21 @@ def test_directory_store_takes_the_same_image_from_many_threads(tmp_path):
     assert not errors, errors
     ImageStore(directory=tmp_path).put(arr)
     assert [p.name.endswith(".png") for p in tmp_path.iterdir()] == [True]  # no temp files left behind
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "TIFF", "JPEG"])
+def test_exif_rotated_scans_are_read_upright_and_routed(tmp_path, fmt):
+    from PIL import Image
+
+    from echo_agent.imaging import example_image
+    from echo_agent.organs.routing import default_router
+
+    upright = Image.open(example_image("breast_malignant")).convert("RGB")
+    stored = upright.rotate(90, expand=True)  # stored on its side; the tag tells viewers to turn it back
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / f"scan.{fmt.lower()}"
+    stored.save(path, format=fmt, exif=exif.tobytes())
+    img = load_image(path)
+    assert (img.width, img.height) == upright.size
+    assert default_router(img.array)[0] == "breast"

@@ -406,8 +406,9 @@ def _from_encoded(
             warnings.simplefilter("ignore")
             im.load()
         meta: dict[str, Any] = {"format": kind, "mode": im.mode}
-        if kind == "jpeg":
-            im = _exif_upright(im, meta)
+        # Any format that carries EXIF (JPEG, and PNG's eXIf chunk, TIFF, WebP) is shown upright by
+        # viewers; a PNG stored rotated with an orientation tag was read sideways and failed routing.
+        im = _exif_upright(im, meta)
         array = _pil_to_canonical(im)
     except (EchoInputError, MemoryError):
         raise
@@ -432,7 +433,7 @@ def _pick_frame(frame: int | None, n_frames: int, where: str) -> int:
 
 
 def _exif_upright(im: PILImage.Image, meta: dict[str, Any]) -> PILImage.Image:
-    """Apply a JPEG's EXIF orientation so boxes refer to the image as viewers display it."""
+    """Apply an EXIF orientation (any format) so boxes refer to the image as viewers display it."""
     from PIL import ImageOps
 
     try:
