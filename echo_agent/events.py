@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .schemas import ClassificationResult, DetectorReport, Diagnosis, ImageContext, KnowledgeResult
+from .schemas import Diagnosis, Evidence
 
 
 class _Event(BaseModel):
@@ -47,7 +47,7 @@ class EvidenceEvent(_Event):
     type: Literal["evidence"] = "evidence"
     name: str
     call_id: str
-    evidence: DetectorReport | ImageContext | KnowledgeResult | ClassificationResult = Field(discriminator="kind")
+    evidence: Evidence = Field(discriminator="kind")
 
 
 class ToolErrorEvent(_Event):

@@ -17,7 +17,7 @@ from ..errors import ModelLoadError
 from .base import LetterboxYoloDetector, check_image
 from .postprocess import LetterboxInfo, letterbox
 
-__all__ = ["WEIGHTS_VERSION_KEY", "OnnxDetector", "parse_ultralytics_metadata"]
+__all__ = ["WEIGHTS_VERSION_KEY", "OnnxDetector", "inference_session", "parse_ultralytics_metadata"]
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +27,33 @@ _DEFAULT_INPUT_SIZE = 640
 #: file it replaces (e.g. the same checkpoint exported again with a dynamic batch axis). The detector
 #: name then keeps that version, so evidence and fitted fusions refer to the same model.
 WEIGHTS_VERSION_KEY = "echo_weights_version"
+
+
+def inference_session(path: Path, *, threads: int, providers: Sequence[str] = ("CPUExecutionProvider",),
+                      hint: str = "") -> Any:
+    """An ONNX Runtime session as every model of the agent runs: full graph optimisation, ``threads``
+    intra-op threads, one inter-op thread, sequential, no spin-waiting (spinning threads compete
+    with the captioner and with other runs for the cores), warnings off. A file ONNX Runtime cannot
+    load is a :class:`ModelLoadError` naming it (``hint`` says what to do)."""
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:  # pragma: no cover - onnxruntime is a core dependency
+        raise ModelLoadError("onnxruntime is not installed; `pip install onnxruntime`") from exc
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads = int(threads)
+    opts.inter_op_num_threads = 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), sess_options=opts, providers=list(providers))
+    except Exception as exc:  # ORT raises its own pybind exception types
+        raise ModelLoadError(
+            f"{path} could not be loaded by ONNX Runtime ({type(exc).__name__}: {str(exc).strip()[:200]})"
+            + (f"; {hint}" if hint else "")
+        ) from exc
 
 
 def parse_ultralytics_metadata(meta: dict[str, str]) -> dict[str, Any]:
@@ -136,26 +163,8 @@ class OnnxDetector(LetterboxYoloDetector):
         self._cache_lock = threading.Lock()
 
     def _load(self) -> None:
-        try:
-            import onnxruntime as ort
-        except ImportError as exc:  # pragma: no cover - onnxruntime is a core dependency
-            raise ModelLoadError("onnxruntime is not installed; `pip install onnxruntime`") from exc
-
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.intra_op_num_threads = int(self.intra_op_threads or 1)
-        opts.inter_op_num_threads = 1
-        # Spin-waiting worker threads compete with the captioner and with other runs for the cores.
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.log_severity_level = 3
-        try:
-            session = ort.InferenceSession(str(self.path), sess_options=opts, providers=list(self.providers))
-        except Exception as exc:  # ORT raises its own pybind exception types
-            raise ModelLoadError(
-                f"{self.path} could not be loaded by ONNX Runtime ({type(exc).__name__}: "
-                f"{str(exc).strip()[:200]}); is it an ONNX model file? Re-export it with export_onnx()"
-            ) from exc
+        session = inference_session(self.path, threads=int(self.intra_op_threads or 1), providers=self.providers,
+                                    hint="is it an ONNX model file? Re-export it with export_onnx()")
 
         self.metadata = parse_ultralytics_metadata(session.get_modelmeta().custom_metadata_map or {})
         task = self.metadata.get("task", "detect")

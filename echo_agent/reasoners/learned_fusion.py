@@ -91,6 +91,11 @@ def classifications(evidence: Sequence[Evidence]) -> list[ClassificationResult]:
     return [e for e in evidence if isinstance(e, ClassificationResult)]
 
 
+def whole_image_classification(results: Sequence[ClassificationResult]) -> RegionClassification | None:
+    """The latest classification of the whole image among ``results`` (None when there is none)."""
+    return next((r for res in reversed(results) for r in res.regions if r.box is None), None)
+
+
 def region_classification(results: Sequence[ClassificationResult], detection: Detection) -> RegionClassification | None:
     """The latest classification of a candidate: linked by detection id, else the best box IoU >= 0.5."""
     best, best_iou = None, 0.5
@@ -194,7 +199,7 @@ def fusion_features(
     # top candidate (the whole image's again when there is no candidate or it was not classified).
     cls = classifications(evidence)
     if cls:
-        whole = next((r for res in reversed(cls) for r in res.regions if r.box is None), None)
+        whole = whole_image_classification(cls)
         top_cls = region_classification(cls, cands[0]) if cands else None
         f["cls_present"] = 1.0
         for lbl in organ.image_labels:
@@ -399,7 +404,7 @@ class LearnedFusion:
         """Candidates by detector score x second-look lesion probability (stable for ties)."""
         if not results:
             return cands
-        whole = next((r for res in reversed(results) for r in res.regions if r.box is None), None)
+        whole = whole_image_classification(results)
         default = lesion_probability(organ, whole)
         default = 1.0 if default is None else default
 
@@ -439,7 +444,7 @@ class LearnedFusion:
         cls_results = classifications(evidence)
         cls_used = sorted({c.classifier for c in cls_results})
         uses_cls = params.kind == LOGISTIC and any(n.startswith("cls_") for n in params.feature_names)
-        if uses_cls and (not cls_results or (cls_trained and sorted(set(cls_used) - set(cls_trained)))):
+        if uses_cls and (not cls_results or (cls_trained and set(cls_used) - set(cls_trained))):
             # Features of a classifier the fusion was not trained with (or none at all) would be read
             # on the wrong scale or as "absent": the transparent fusion takes over.
             dx = self._fallback.fuse(organ, evidence, clinical=clinical, image_size=image_size)
@@ -497,7 +502,7 @@ class LearnedFusion:
         cls_text = ""
         presence = None
         if cls_results:
-            whole = next((r for res in reversed(cls_results) for r in res.regions if r.box is None), None)
+            whole = whole_image_classification(cls_results)
             top_cls = region_classification(cls_results, cands[0]) if cands else None
             parts = []
             if top_cls is not None:

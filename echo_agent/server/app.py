@@ -43,7 +43,15 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 from ..graph.review import ReviewDecision
 from ..schemas import ClinicalContext, Diagnosis
 from .models import ErrorBody, ImageInfo, OrganInfo, RunState, RunSummary
-from .runs import RunConflict, RunIndex, RunManager, RunNotFound, RunRecord, StorageBusyError
+from .runs import (
+    RunConflict,
+    RunIndex,
+    RunManager,
+    RunNotFound,
+    RunRecord,
+    StorageBusyError,
+    is_transient_storage_error,
+)
 
 log = logging.getLogger(__name__)
 
@@ -218,17 +226,7 @@ class AuthGuard:
     The page itself (``/``, ``/static``) stays open: it holds no data and asks for the token."""
 
     def __init__(self, app: Any, *, tokens: dict[str, str]) -> None:
-        import hmac
-
-        self.app, self.tokens, self._eq = app, dict(tokens), hmac.compare_digest
-
-    def reviewer_for(self, token: str | None) -> str | None:
-        if not token:
-            return None
-        for known, reviewer in self.tokens.items():  # constant-time comparison, every entry
-            if self._eq(known.encode(), token.encode()):
-                return reviewer
-        return None
+        self.app, self.tokens = app, dict(tokens)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         path = scope.get("path", "")
@@ -247,7 +245,7 @@ class AuthGuard:
             except Exception:  # noqa: BLE001 - a malformed cookie header is no token
                 jar = SimpleCookie()
             token = jar[SESSION_COOKIE].value if SESSION_COOKIE in jar else None
-        reviewer = self.reviewer_for(token)
+        reviewer = reviewer_for_token(self.tokens, token)
         if reviewer is None:
             response = _error(401, "this server needs an access token: send 'Authorization: Bearer <token>', or "
                                    "enter it on the page", "Unauthorized")
@@ -256,6 +254,19 @@ class AuthGuard:
             return
         scope.setdefault("state", {})["reviewer"] = reviewer
         await self.app(scope, receive, send)
+
+
+def reviewer_for_token(tokens: dict[str, str], token: str | None) -> str | None:
+    """The reviewer id of ``token`` (``None``: unknown), compared in constant time with every entry."""
+    import hmac
+
+    if not token:
+        return None
+    found = None
+    for known, reviewer in tokens.items():
+        if hmac.compare_digest(known.encode(), token.encode()):
+            found = reviewer
+    return found
 
 
 def load_tokens(path: str | os.PathLike[str]) -> dict[str, str]:
@@ -403,8 +414,6 @@ def create_app(
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         # Every error has the JSON shape, never a plain-text 500; a lock that outlived the retries
         # (raised outside the retried paths) is a 503 like StorageBusyError.
-        from .runs import is_transient_storage_error
-
         if is_transient_storage_error(exc):
             return _error(503, "the run database is locked; try again shortly", "StorageBusyError")
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -567,8 +576,7 @@ def create_app(
         if not auth_tokens:
             return JSONResponse({"reviewer": None, "auth": False})
         token = str(body.get("token", ""))
-        guard = AuthGuard(None, tokens=dict(auth_tokens))
-        reviewer = guard.reviewer_for(token)
+        reviewer = reviewer_for_token(auth_tokens, token)
         if reviewer is None:
             return _error(401, "unknown access token", "Unauthorized")
         response = JSONResponse({"reviewer": reviewer, "auth": True})

@@ -12,7 +12,7 @@ from .builders import (
     make_tools,
     next_evidence_id,
 )
-from .toolkit import Captioner, Retriever, Toolkit, run_classifier, run_detector
+from .toolkit import Captioner, Retriever, Toolkit, classify_regions, run_classifier, run_detector
 
 __all__ = [
     "Captioner",
@@ -22,6 +22,7 @@ __all__ = [
     "Retriever",
     "RetrieveArgs",
     "Toolkit",
+    "classify_regions",
     "make_classify_tool",
     "make_describe_tool",
     "make_detect_tool",

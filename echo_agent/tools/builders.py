@@ -21,8 +21,8 @@ from ..errors import EchoInputError
 from ..messages import dumps, evidence_to_model
 from ..organs import OrganSpec, get_organ, list_organs
 from ..prompts import tool_text
-from ..schemas import Box, ClassificationResult, DetectorReport, Evidence, RegionClassification
-from .toolkit import Toolkit, run_classifier, run_detector
+from ..schemas import Box, DetectorReport, Evidence
+from .toolkit import Toolkit, classify_regions, run_detector
 
 DETECT_PREFIX = "det"
 CLASSIFY_PREFIX = "cls"
@@ -267,22 +267,11 @@ def make_classify_tool(organ: OrganSpec, toolkit: Toolkit) -> BaseTool:
         whole_image: bool = True,
     ) -> Command:
         image, ref, boxes = _image_and_regions(runtime, toolkit, regions, detection_ids)
-        h, w = image.shape[:2]
-        if not boxes and not whole_image:
-            raise EchoInputError("nothing to classify: give regions or whole_image=true")
-        regions = regions or []
-        boxes = [*boxes, None] if whole_image else list(boxes)
-        ids: list[str | None] = list(detection_ids or [None] * len(regions)) + ([None] if whole_image else [])
-        clf = toolkit.classifier(organ)
-        t0 = time.perf_counter()
-        probs = run_classifier(organ, image, boxes, classifier=clf, preprocess=toolkit.preprocess,
-                               prepare=lambda view, crop: toolkit.prepared(ref["id"], view, crop))
-        elapsed = (time.perf_counter() - t0) * 1000
         eid = next_evidence_id(runtime.state, runtime.tool_call_id, CLASSIFY_PREFIX, [name])
-        res = ClassificationResult(
-            id=eid, organ=organ.name, classifier=str(getattr(clf, "name", type(clf).__name__)),
-            regions=[RegionClassification(box=b, detection_id=i, probabilities=p) for b, i, p in zip(boxes, ids, probs, strict=True)],
-            image_width=w, image_height=h, elapsed_ms=round(elapsed, 2),
+        res = classify_regions(
+            organ, image, boxes, detection_ids, whole_image=whole_image, classifier=toolkit.classifier(organ),
+            evidence_id=eid, preprocess=toolkit.preprocess,
+            prepare=lambda view, crop: toolkit.prepared(ref["id"], view, crop),
         )
         return _result(runtime, res, {"evidence_id": eid})
 

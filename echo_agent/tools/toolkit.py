@@ -7,6 +7,7 @@ is never called never loads its model.
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -16,7 +17,14 @@ import numpy as np
 
 from ..imaging.store import ImageStore, default_store
 from ..organs import OrganSpec, get_organ
-from ..schemas import Box, Detection, ImageContext, KnowledgeResult
+from ..schemas import (
+    Box,
+    ClassificationResult,
+    Detection,
+    ImageContext,
+    KnowledgeResult,
+    RegionClassification,
+)
 
 
 @runtime_checkable
@@ -306,6 +314,44 @@ def run_classifier(
         except ValueError:  # outside the field of view: judge the blank region as it is
             mapped.append(b.clip(w, h) if b is not None else None)
     return classifier.classify(prepared.array, mapped)
+
+
+def classify_regions(
+    organ: OrganSpec,
+    image: np.ndarray,
+    boxes: Sequence[Box],
+    detection_ids: Sequence[str] | None = None,
+    *,
+    whole_image: bool = True,
+    classifier: Any,
+    evidence_id: str,
+    preprocess: bool = True,
+    prepare: Callable[[np.ndarray, tuple[int, int, int, int] | None], Any] | None = None,
+) -> ClassificationResult:
+    """One second-look call as typed evidence: ``boxes`` (pixels of ``image``) and, with
+    ``whole_image``, the whole image, through :func:`run_classifier`. Shared by the graph tool and
+    the GRPO environment, so both check and answer alike.
+
+    Raises :class:`~echo_agent.errors.EchoInputError` when there is nothing to classify or
+    ``detection_ids`` does not give one id per box."""
+    from ..errors import EchoInputError
+
+    if detection_ids is not None and len(detection_ids) != len(boxes):
+        raise EchoInputError(
+            f"detection_ids has {len(detection_ids)} entries but regions has {len(boxes)}; give one id per region"
+        )
+    if not boxes and not whole_image:
+        raise EchoInputError("nothing to classify: give regions or whole_image=true")
+    targets: list[Box | None] = [*boxes, None] if whole_image else list(boxes)
+    ids: list[str | None] = [*(detection_ids or [None] * len(boxes)), *([None] if whole_image else [])]
+    t0 = time.perf_counter()
+    probs = run_classifier(organ, image, targets, classifier=classifier, preprocess=preprocess, prepare=prepare)
+    h, w = image.shape[:2]
+    return ClassificationResult(
+        id=evidence_id, organ=organ.name, classifier=str(getattr(classifier, "name", type(classifier).__name__)),
+        regions=[RegionClassification(box=b, detection_id=i, probabilities=p) for b, i, p in zip(targets, ids, probs, strict=True)],
+        image_width=w, image_height=h, elapsed_ms=round((time.perf_counter() - t0) * 1000, 2),
+    )
 
 
 def merge_across_classes(detections: list[Detection], iou_threshold: float = 0.5) -> list[Detection]:

@@ -28,7 +28,7 @@ from ..eval.manifest import ManifestImage
 from ..messages import dumps, evidence_to_model
 from ..organs import OrganSpec, get_organ
 from ..prompts import tool_text
-from ..schemas import Box, ClassificationResult, DetectorReport, RegionClassification
+from ..schemas import Box, DetectorReport
 from ._config import dump_config, offline_env
 from .curriculum import SimulatedDetector, read_jsonl, resolve_images, tool_schemas
 from .grpo_config import EchoGRPOConfig
@@ -114,7 +114,7 @@ def make_environment(
         def __init__(self) -> None:
             self.image: Any = None
             self.im: ManifestImage | None = None
-            self.counts = {"det": 0, "desc": 0, "kb": 0}
+            self.counts = {"det": 0, "cls": 0, "desc": 0, "kb": 0}
             self.calls: list[tuple[str, dict[str, Any]]] = []
 
         def reset(self, **row: Any) -> None:
@@ -130,7 +130,7 @@ def make_environment(
             boxes = tuple(Box.from_xyxy(b) for b in truth.get("boxes_px", []))
             self.im = ManifestImage(image=Path(path), organ=spec.name, label=str(row.get("gt_label") or truth.get("label")),
                                     boxes=boxes, split=row.get("split"))
-            self.counts = {"det": 0, "desc": 0, "kb": 0}
+            self.counts = {"det": 0, "cls": 0, "desc": 0, "kb": 0}
             self.calls = []
             return None
 
@@ -190,28 +190,16 @@ def make_environment(
         self.calls.append((cls_name, {"regions": regions, "detection_ids": detection_ids, "whole_image": whole_image}))
         try:
             from ..detectors import get_region_classifier
-            from ..tools.toolkit import run_classifier
+            from ..tools.toolkit import classify_regions
 
             args = ClassifyArgs.model_validate({"regions": regions or [], "detection_ids": detection_ids,
                                                 "whole_image": whole_image})
             h, w = self.image.shape[:2]
-            if args.detection_ids is not None and len(args.detection_ids) != len(args.regions):
-                raise EchoInputError(
-                    f"detection_ids has {len(args.detection_ids)} entries but regions has {len(args.regions)}; "
-                    "give one id per region"
-                )
-            if not args.regions and not args.whole_image:
-                raise EchoInputError("nothing to classify: give regions or whole_image=true")
-            boxes: list[Box | None] = [Box.from_model(r, w, h) for r in args.regions] + ([None] if args.whole_image else [])
-            ids = list(args.detection_ids or [None] * len(args.regions)) + ([None] if args.whole_image else [])
             clf = (classifiers or {}).get(spec.name) or get_region_classifier(spec)
-            probs = run_classifier(spec, self.image, boxes, classifier=clf)
-            self.counts["cls"] = self.counts.get("cls", 0) + 1
-            res = ClassificationResult(
-                id=f"cls{self.counts['cls']}", organ=spec.name, classifier=str(clf.name),
-                regions=[RegionClassification(box=b, detection_id=i, probabilities=p) for b, i, p in zip(boxes, ids, probs, strict=True)],
-                image_width=w, image_height=h,
-            )
+            res = classify_regions(spec, self.image, [Box.from_model(r, w, h) for r in args.regions], args.detection_ids,
+                                   whole_image=args.whole_image, classifier=clf,
+                                   evidence_id=f"cls{self.counts['cls'] + 1}")
+            self.counts["cls"] += 1
         except Exception as exc:
             return _error_text(exc)
         return self._result(res)
