@@ -71,15 +71,9 @@ class ClassifierTrainConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> ClassifierTrainConfig:
-        import yaml
+        from ._config import load_config
 
-        data = yaml.safe_load(Path(path).read_text())
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: a classifier config must be a mapping")
-        unknown = set(data) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
-        return cls(**data)
+        return load_config(cls, path)
 
 
 @dataclass
@@ -175,9 +169,14 @@ def build_samples(cases: Sequence[PreparedCase], rng: random.Random, *, normal_i
 
 def augment(crop: np.ndarray, rng: random.Random) -> np.ndarray:
     """Beam-respecting augmentation of one uint8 crop: horizontal flip, gain, contrast, speckle."""
-    x = crop.astype(np.float32)
     if rng.random() < 0.5:
-        x = x[:, ::-1]
+        crop = crop[:, ::-1]
+    return photometric(crop, rng)
+
+
+def photometric(crop: np.ndarray, rng: random.Random) -> np.ndarray:
+    """Gain, gamma and (half the time) multiplicative speckle of one uint8 image; no geometry."""
+    x = crop.astype(np.float32)
     gain = math.exp(rng.uniform(-0.3, 0.3))
     gamma = math.exp(rng.uniform(-0.25, 0.25))
     x = 255.0 * np.power(np.clip(x * gain / 255.0, 0, 1), gamma)

@@ -1,0 +1,179 @@
+"""The pretrained-backbone detector (Lite-FCOS): targets, losses, augmentation, export behind OnnxDetector."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("onnx")
+pytest.importorskip("efficientnet_lite_pytorch")
+
+from echo_agent.detectors import OnnxDetector  # noqa: E402
+from echo_agent.schemas import Box  # noqa: E402
+from echo_agent.training.lite_detector import (  # noqa: E402
+    DETECTOR_META_KEY,
+    DetectionSample,
+    LiteDetectorTrainConfig,
+    build_detector,
+    build_export_module,
+    detection_samples,
+    export_onnx,
+    fcos_targets,
+    giou_loss,
+    localization_by_threshold,
+    predict_boxes,
+    random_crop,
+    score_shift_for,
+    train_detector,
+    training_view,
+)
+from echo_agent.training.region_classifier import PreparedCase  # noqa: E402
+
+
+def _points(size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    from echo_agent.training.lite_detector import STRIDES, _grid
+
+    grid = [_grid(size, s) for s in STRIDES]
+    pts = torch.from_numpy(np.concatenate(grid))
+    strides = torch.from_numpy(np.concatenate([np.full(len(g), s, np.float32) for g, s in zip(grid, STRIDES, strict=True)]))
+    return pts, strides
+
+
+def test_fcos_targets_put_positives_in_the_box_centre_on_the_right_level() -> None:
+    pts, strides = _points(256)
+    small = torch.tensor([[20.0, 20.0, 44.0, 44.0]])  # reach <= 32 px: the stride-8 level
+    cls_t, reg_t, ctr_t, pos = fcos_targets(pts, strides, small, torch.tensor([1]), 2, input_size=256)
+    assert pos.any() and set(strides[pos].tolist()) == {8.0}
+    assert cls_t[pos, 1].eq(1).all() and cls_t[pos, 0].eq(0).all() and cls_t[~pos].eq(0).all()
+    px = pts[pos]
+    assert ((px[:, 0] > 20) & (px[:, 0] < 44) & (px[:, 1] > 20) & (px[:, 1] < 44)).all()
+    assert (reg_t[pos] > 0).all() and ((ctr_t[pos] > 0) & (ctr_t[pos] <= 1)).all() and ctr_t[~pos].eq(0).all()
+    large = torch.tensor([[10.0, 10.0, 250.0, 240.0]])  # reach > 64 px: the stride-32 level
+    _, _, _, pos = fcos_targets(pts, strides, large, torch.tensor([0]), 2, input_size=256)
+    assert pos.any() and set(strides[pos].tolist()) == {32.0}
+    empty = fcos_targets(pts, strides, torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), 2, input_size=256)
+    assert not empty[3].any() and empty[0].sum() == 0
+
+
+def test_giou_loss_is_zero_for_equal_boxes_and_grows_apart() -> None:
+    a = torch.tensor([[5.0, 5.0, 5.0, 5.0]])
+    assert float(giou_loss(a, a)) == pytest.approx(0.0, abs=1e-6)
+    assert float(giou_loss(torch.tensor([[1.0, 1.0, 1.0, 1.0]]), a)) > float(giou_loss(torch.tensor([[4.0, 4.0, 4.0, 4.0]]), a))
+
+
+def test_score_shift_maps_the_val_threshold_onto_the_operating_one() -> None:
+    shift = score_shift_for(0.4, 0.25)
+    mapped = 1 / (1 + math.exp(-(math.log(0.4 / 0.6) + shift)))
+    assert mapped == pytest.approx(0.25)
+    assert score_shift_for(0.1, 0.25) > 0 > score_shift_for(0.5, 0.25)
+
+
+def test_augmented_views_keep_boxes_on_the_lesion() -> None:
+    arr = np.full((120, 200, 3), 30, np.uint8)
+    arr[40:80, 20:70] = 230  # a bright lesion on the left
+    sample = DetectionSample("k", "g", arr, np.array([[20.0, 40.0, 70.0, 80.0]]), np.array([1]))
+    rng = random.Random(0)
+    for _ in range(20):
+        img, boxes, classes = training_view(sample, 96, rng, crop_probability=0.7)
+        assert img.shape == (96, 96, 3) and img.dtype == np.uint8 and classes.tolist() == [1]
+        x1, y1, x2, y2 = np.round(boxes[0]).astype(int)
+        inner = img[y1 + 2 : y2 - 2, x1 + 2 : x2 - 2].mean()
+        assert inner > 120, "the box must still cover the bright lesion after crop/flip/letterbox"
+    _, kept, _ = random_crop(arr, sample.boxes, random.Random(1))
+    area = (kept[0, 2] - kept[0, 0]) * (kept[0, 3] - kept[0, 1])
+    assert area >= 0.6 * 50 * 40
+
+
+def test_detection_samples_map_labels_and_downscale() -> None:
+    big = np.zeros((400, 800, 3), np.uint8)
+    cases = [PreparedCase("a", "g1", big, 2, [Box(x1=100, y1=100, x2=300, y2=200)]),
+             PreparedCase("b", "g2", big[:100, :100], 0, [])]
+    s = detection_samples(cases, ["normal", "benign", "malignant"], ["benign", "malignant"], max_side=400)
+    assert s[0].array.shape[:2] == (200, 400) and s[0].boxes.tolist() == [[50.0, 50.0, 150.0, 100.0]]
+    assert s[0].classes.tolist() == [1] and len(s[1].boxes) == 0
+    one = detection_samples(cases[:1], ["normal", "benign", "malignant"], ["lesion"], max_side=1000)
+    assert one[0].classes.tolist() == [0]
+
+
+def test_localization_counts_false_positives_on_lesion_free_images() -> None:
+    s = [DetectionSample("a", "a", np.zeros((64, 64, 3), np.uint8), np.array([[10.0, 10.0, 30.0, 30.0]]), np.array([0])),
+         DetectionSample("b", "b", np.zeros((64, 64, 3), np.uint8), np.zeros((0, 4)), np.zeros(0, np.int64))]
+    preds = [(np.array([[10.0, 10.0, 30.0, 30.0]]), np.array([0.9])), (np.array([[1.0, 1.0, 9.0, 9.0]]), np.array([0.8]))]
+    m = localization_by_threshold(s, preds, 64, thresholds=(0.5, 0.85, 0.95))
+    assert m["0.5"] == {"precision": 0.5, "recall": 1.0, "f1": pytest.approx(2 / 3)}
+    assert m["0.85"]["precision"] == 1.0 and m["0.95"]["recall"] == 0.0
+
+
+def test_config_is_checked(tmp_path: Path) -> None:
+    p = tmp_path / "c.yaml"
+    p.write_text("organ: breast\nlabels: [benign]\ntrain_centers: [busi]\nval_centers: [busi]\nwat: 1\n")
+    with pytest.raises(ValueError, match="unknown LiteDetectorTrainConfig field"):
+        LiteDetectorTrainConfig.from_yaml(p)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        LiteDetectorTrainConfig("breast", ["benign"], ["busi"], ["busi"], input_size=100).check()
+
+
+def _synthetic(n: int, seed: int) -> list[DetectionSample]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        arr = rng.integers(20, 60, size=(64, 64, 3), dtype=np.uint8)
+        x, y = rng.integers(4, 30, size=2)
+        arr[y : y + 24, x : x + 24] = 220
+        out.append(DetectionSample(f"s{i}", f"g{i}", arr, np.array([[x, y, x + 24, y + 24]], float), np.array([i % 2])))
+    return out
+
+
+def test_training_run_exports_a_model_that_onnx_detector_loads(tmp_path: Path) -> None:
+    cfg = LiteDetectorTrainConfig("breast", ["benign", "malignant"], ["busi"], ["busi"], input_size=64, pretrained=False,
+                                  epochs=2, batch_size=4, fpn_channels=16, crop_probability=0.0, threads=1)
+    export, report = train_detector(cfg, _synthetic(8, 0), _synthetic(4, 1), log=lambda s: None)
+    assert report["best_epoch"] in (1, 2) and len(report["epochs"]) == 2
+    assert all(math.isfinite(e["loss"]) for e in report["epochs"])
+    assert report["score_shift"] == pytest.approx(score_shift_for(report["val_threshold"], 0.25))
+    path = export_onnx(export, tmp_path / "lite.onnx", cfg, report)
+
+    det = OnnxDetector(path)
+    assert det.labels == ("benign", "malignant") and det.input_size == 64
+    img = _synthetic(1, 2)[0].array
+    raw, _ = det.predict_raw([img, img])
+    with torch.no_grad():
+        ref = export(torch.from_numpy(np.stack([img, img]).transpose(0, 3, 1, 2).astype(np.float32) / 255.0)).numpy()
+    assert raw.shape == (2, 6, 64 + 16 + 4) and np.allclose(raw, ref, rtol=1e-3, atol=1e-2)  # fp16 weights
+    dets = det.detect(img, score_threshold=0.0, max_detections=5)
+    assert dets and all(0 <= d.box.x1 < d.box.x2 <= 64 and 0 <= d.score <= 1 for d in dets)
+    import onnx
+
+    props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    info = json.loads(props[DETECTOR_META_KEY])
+    assert info["architecture"] == "lite-fcos" and info["initial_weights"] == "random"
+    assert info["val_threshold"] == report["val_threshold"]
+
+
+def test_export_module_scores_are_monotone_in_the_shift() -> None:
+    model = build_detector(1, pretrained=False, input_size=64, fpn_channels=16).eval()
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        a = build_export_module(model)(x)[0, 4]
+        b = build_export_module(model, score_shift=1.0)(x)[0, 4]
+    assert torch.all(b > a) and torch.equal(torch.argsort(a), torch.argsort(b))
+    assert predict_boxes(build_export_module(model), _synthetic(2, 3), 64, agnostic=True)[0][0].shape[1] == 4
+
+
+def test_half_precision_weights_halve_the_file_and_keep_the_outputs(tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    cfg = LiteDetectorTrainConfig("breast", ["benign"], ["busi"], ["busi"], input_size=64, pretrained=False, fpn_channels=16)
+    export = build_export_module(build_detector(1, pretrained=False, input_size=64, fpn_channels=16)).eval()
+    full = export_onnx(export, tmp_path / "f32.onnx", cfg, {}, fp16_weights=False)
+    half = export_onnx(export, tmp_path / "f16.onnx", cfg, {})
+    assert half.stat().st_size < 0.6 * full.stat().st_size
+    x = np.random.default_rng(0).random((2, 3, 64, 64), dtype=np.float32)
+    a, b = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"images": x})[0] for p in (full, half))
+    assert b.dtype == np.float32 and np.allclose(a, b, rtol=1e-2, atol=1e-2)
