@@ -399,3 +399,16 @@ def test_report_reproduce_line_names_every_option(manifest: Path, tmp_path: Path
                         command=cmd) == 0
     assert cmd in (tmp_path / "b" / "report.md").read_text()
     assert json.loads((tmp_path / "b" / "metrics.json").read_text())["command"] == cmd
+
+
+def test_report_counts_lesion_images_called_normal() -> None:
+    from echo_agent.eval.report import headline_rows, lesions_called_normal
+
+    cm = {"labels": ["normal", "benign", "malignant"], "matrix": [[5, 1, 0], [2, 7, 1], [1, 0, 8]]}
+    m = {"n_images": 25, "classification": {"confusion": cm, "accuracy": 0.8, "accuracy_ci": None,
+                                            "balanced_accuracy": 0.8, "balanced_accuracy_ci": None},
+         "localization": {"f1": 0.5, "ci": None, "precision": 0.5, "recall": 0.5}, "grounded": {"f1": 0.5, "ci": None}}
+    assert lesions_called_normal(m) == (3, 19)
+    rows = {r[0]: r for r in headline_rows({"detector": m, "agent": m})}
+    assert rows["lesion images called normal"][1] == "3 / 19 (15.8 %)"
+    assert lesions_called_normal({"classification": {"confusion": {"labels": ["normal", "x"], "matrix": [[3, 0], [0, 0]]}}}) is None

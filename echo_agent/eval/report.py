@@ -42,6 +42,22 @@ def _cal(m: Mapping[str, Any], key: str) -> str:
     return fmt(cal[key]) if cal else _DASH
 
 
+def lesions_called_normal(m: Mapping[str, Any]) -> tuple[int, int] | None:
+    """``(lesion images read as the normal label, lesion images)`` from a system's confusion matrix
+    (the organ's first label is its normal label); ``None`` without lesion images."""
+    cm = (m.get("classification") or {}).get("confusion")
+    if not cm or not cm.get("labels"):
+        return None
+    rows = cm["matrix"][1:]
+    total = sum(sum(r) for r in rows)
+    return (sum(r[0] for r in rows), total) if total else None
+
+
+def _called_normal(m: Mapping[str, Any]) -> str:
+    v = lesions_called_normal(m)
+    return _DASH if v is None else f"{v[0]} / {v[1]} ({100.0 * v[0] / v[1]:.1f} %)"
+
+
 def headline_rows(systems: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, str, str]]:
     """``(metric, detector-only, agent)`` rows of the headline metrics (values formatted)."""
     det, ag = systems.get("detector", {}), systems.get("agent", {})
@@ -62,6 +78,7 @@ def headline_rows(systems: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, s
         ("accuracy", *both(lambda m: fmt_ci(m["classification"]["accuracy"], m["classification"]["accuracy_ci"]))),
         ("balanced accuracy", *both(lambda m: fmt_ci(m["classification"]["balanced_accuracy"],
                                                      m["classification"]["balanced_accuracy_ci"]))),
+        ("lesion images called normal", *both(_called_normal)),
         (auc_name, *both(_auc)),
         ("ECE (15 bins)", *both(lambda m: _cal(m, "ece"))),
         ("Brier score", *both(lambda m: _cal(m, "brier"))),
