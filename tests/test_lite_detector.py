@@ -177,3 +177,26 @@ def test_half_precision_weights_halve_the_file_and_keep_the_outputs(tmp_path: Pa
     x = np.random.default_rng(0).random((2, 3, 64, 64), dtype=np.float32)
     a, b = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"images": x})[0] for p in (full, half))
     assert b.dtype == np.float32 and np.allclose(a, b, rtol=1e-2, atol=1e-2)
+
+
+def test_training_tool_on_real_images(shared_data: Path, tmp_path: Path) -> None:
+    """The CLI end to end on a few real BrEaST images: prepare, train one epoch, export, check ONNX."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "lite.onnx"
+    proc = subprocess.run(
+        [sys.executable, str(repo / "tools" / "train_lite_detector.py"),
+         str(repo / "configs" / "lite_detector" / "breast_breast_lesions_usg_only.yaml"),
+         "--limit", "8", "--epochs", "1", "--threads", "1", "--output", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=repo,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["train_images"] == 8 and report["best_epoch"] == 1 and report["bytes"] == out.stat().st_size
+    assert OnnxDetector(out).labels == ("benign", "malignant")
+    bad = subprocess.run([sys.executable, str(repo / "tools" / "train_lite_detector.py"),
+                          str(repo / "configs" / "lite_detector" / "breast_busi_only.yaml"), "--fold", "1"],
+                         capture_output=True, text=True, timeout=120, cwd=repo)
+    assert bad.returncode == 2 and "--fold and --folds go together" in bad.stderr

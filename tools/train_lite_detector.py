@@ -127,8 +127,12 @@ def _check_onnx(export, path: Path, samples, size: int) -> None:  # noqa: ANN001
     with torch.no_grad():
         ref = export(torch.from_numpy(x)).numpy()
     got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"images": x})[0]
-    if not np.allclose(ref, got, atol=1e-2, rtol=1e-3):
-        raise SystemExit(f"ONNX output differs from torch: {np.abs(ref - got).max():.2e}")
+    # the file stores the weights in float16: boxes within 1 % (or half a pixel), scores within 0.01
+    boxes_ok = np.allclose(ref[:, :4], got[:, :4], rtol=1e-2, atol=0.5)
+    scores_ok = np.allclose(ref[:, 4:], got[:, 4:], atol=1e-2)
+    if not (boxes_ok and scores_ok):
+        raise SystemExit(f"ONNX output differs from torch: boxes {np.abs(ref[:, :4] - got[:, :4]).max():.2e} px, "
+                         f"scores {np.abs(ref[:, 4:] - got[:, 4:]).max():.2e}")
 
 
 if __name__ == "__main__":
