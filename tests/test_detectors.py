@@ -689,6 +689,12 @@ def test_load_detector_paths_and_specs(models, tmp_path):
         load_detector(tmp_path / "weights.bin")
     d = load_detector(_spec("testorgan", str(models["no_meta"])))
     assert d.labels == ("benign", "malignant")  # the spec's detector labels
+    assert d.intra_op_threads is None  # the backend's default
+    threaded = _spec("testorgan", str(models["no_meta"])).model_copy(update={"detector_threads": 2})
+    assert load_detector(threaded).intra_op_threads == 2
+    assert load_detector(threaded, intra_op_threads=1).intra_op_threads == 1  # an explicit argument wins
+    with pytest.raises(ValueError):
+        OrganSpec(name="x", image_labels=("normal", "a"), detector_labels=("a",), detector_threads=0)
     missing = tmp_path / "missing.onnx"
     with pytest.raises(
         ModelLoadError, match=r"'testorgan' detector weights are missing: expected .*missing\.onnx"

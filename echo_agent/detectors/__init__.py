@@ -84,7 +84,8 @@ def load_detector(spec_or_path: OrganSpec | str | Path, **kw: Any) -> Detector:
     """Create a detector (lazily loaded) for an organ or a weights file.
 
     * ``OrganSpec`` (or a registered organ name such as ``"breast"``): its ``detector_weights``, with
-      ``labels`` defaulting to the spec's ``detector_labels``;
+      ``labels`` defaulting to the spec's ``detector_labels`` and an ONNX model's ``intra_op_threads``
+      to its ``detector_threads``;
     * a path: ``.onnx`` -> :class:`OnnxDetector`, ``.pt`` / ``.yaml`` -> :class:`UltralyticsDetector`.
 
     Extra keyword arguments go to the backend's constructor. Raises :class:`ModelLoadError` when the
@@ -93,6 +94,8 @@ def load_detector(spec_or_path: OrganSpec | str | Path, **kw: Any) -> Detector:
     spec, path = _organ_weights(spec_or_path, "detector")
     if spec is not None:
         kw.setdefault("labels", spec.detector_labels)
+        if spec.detector_threads is not None and path.suffix.lower() == ".onnx":
+            kw.setdefault("intra_op_threads", spec.detector_threads)
     return _from_path(path, **kw)
 
 

@@ -73,6 +73,13 @@ class OrganSpec(BaseModel):
         description="Side of the detector's square network input, for documentation; the detector itself reads "
         "it from the weights (a test checks that the two agree for the built-in organs).",
     )
+    detector_threads: int | None = Field(
+        None,
+        ge=1,
+        description="ONNX Runtime intra-op threads of this organ's packaged detector (None: the backend's default, "
+        "1). A larger network (e.g. one on a pretrained backbone) can gain from 2 on a small CPU; measure with "
+        "tools/benchmark.py.",
+    )
     detector_agnostic_nms: bool = Field(
         False,
         description="One box per location across classes: a candidate overlapping a higher-scored candidate of "
