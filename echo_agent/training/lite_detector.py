@@ -153,9 +153,10 @@ def detection_samples(cases: Sequence[PreparedCase], image_labels: Sequence[str]
 
 
 def random_crop(arr: np.ndarray, boxes: np.ndarray, rng: random.Random, *, min_keep: float = 0.6,
-                min_frac: float = 0.6) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                min_frac: float = 0.6) -> tuple[np.ndarray, np.ndarray]:
     """A random crop (each side ``min_frac``..1 of the image) that keeps at least ``min_keep`` of every
-    box's area; returns ``(pixels, boxes clipped to the crop, kept mask)``. Falls back to the whole image."""
+    box's area, so every box survives; returns ``(pixels, boxes clipped to the crop)``. Falls back to
+    the whole image."""
     h, w = arr.shape[:2]
     areas = np.clip(boxes[:, 2] - boxes[:, 0], 0, None) * np.clip(boxes[:, 3] - boxes[:, 1], 0, None)
     for _ in range(10):
@@ -166,8 +167,8 @@ def random_crop(arr: np.ndarray, boxes: np.ndarray, rng: random.Random, *, min_k
         b[:, [1, 3]] = np.clip(b[:, [1, 3]] - y0, 0, ch)
         kept_area = np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)
         if np.all(kept_area >= min_keep * np.maximum(areas, 1e-9)):
-            return arr[y0 : y0 + ch, x0 : x0 + cw], b, np.ones(len(b), bool)
-    return arr, boxes.copy(), np.ones(len(boxes), bool)
+            return arr[y0 : y0 + ch, x0 : x0 + cw], b
+    return arr, boxes.copy()
 
 
 def training_view(sample: DetectionSample, size: int, rng: random.Random, *,
@@ -175,18 +176,17 @@ def training_view(sample: DetectionSample, size: int, rng: random.Random, *,
     """One augmented, letterboxed ``size`` x ``size`` view: ``(uint8 HxWx3, boxes in input pixels, classes)``."""
     from ..detectors.postprocess import letterbox, letterbox_boxes
 
-    arr, boxes, classes = sample.array, sample.boxes, sample.classes
+    arr, boxes = sample.array, sample.boxes
     if rng.random() < crop_probability:
-        arr, boxes, keep = random_crop(arr, boxes, rng)
-        classes = classes[keep]
+        arr, boxes = random_crop(arr, boxes, rng)
     if rng.random() < 0.5:
         w = arr.shape[1]
         arr = arr[:, ::-1]
         boxes = boxes[:, [2, 1, 0, 3]] * np.array([-1, 1, -1, 1]) + np.array([w, 0, w, 0])
     padded, info = letterbox(np.ascontiguousarray(arr), size)
-    region = padded[info.pad_y : info.pad_y + info.new_h, info.pad_x : info.pad_x + info.new_w]
-    padded[info.pad_y : info.pad_y + info.new_h, info.pad_x : info.pad_x + info.new_w] = photometric(region, rng)
-    return padded, letterbox_boxes(boxes, info), classes
+    content = (slice(info.pad_y, info.pad_y + info.new_h), slice(info.pad_x, info.pad_x + info.new_w))
+    padded[content] = photometric(padded[content], rng)  # the letterbox border stays the inference grey
+    return padded, letterbox_boxes(boxes, info), sample.classes
 
 
 def validation_view(sample: DetectionSample, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -237,7 +237,6 @@ def build_detector(n_classes: int, *, backbone: str = "efficientnet-lite0", pret
             self.register_buffer("points", torch.from_numpy(np.concatenate(grid)).float(), persistent=False)
             strides = np.concatenate([np.full(len(g), s, np.float32) for g, s in zip(grid, STRIDES, strict=True)])
             self.register_buffer("strides", torch.from_numpy(strides), persistent=False)
-            self.level_sizes = [len(g) for g in grid]
 
         def features(self, x: torch.Tensor) -> list[torch.Tensor]:
             b = self.body
@@ -349,7 +348,9 @@ def giou_loss(pred: Any, target: Any) -> Any:
     return 1.0 - (iou - (enclose - union) / enclose)
 
 
-def fcos_loss(model: Any, outputs: tuple[Any, Any, Any], targets: Sequence[tuple[Any, Any, Any, Any]]) -> tuple[Any, dict[str, float]]:
+def fcos_loss(outputs: tuple[Any, Any, Any], targets: Sequence[tuple[Any, Any, Any, Any]]) -> tuple[Any, dict[str, float]]:
+    """Focal (classes, per positive) + centerness-weighted GIoU (boxes) + BCE (centerness) of a batch;
+    returns the loss and its parts as floats."""
     import torch
     from torch import nn
     from torchvision.ops import sigmoid_focal_loss
@@ -440,29 +441,25 @@ def predict_boxes(export: Any, samples: Sequence[DetectionSample], size: int, *,
 
 def localization_by_threshold(samples: Sequence[DetectionSample], preds: Sequence[tuple[np.ndarray, np.ndarray]],
                               size: int, thresholds: Sequence[float] = VAL_THRESHOLDS) -> dict[str, dict[str, float]]:
-    """Localization precision / recall / F1 at IoU 0.5 (greedy matching by score), images with boxes
-    and lesion-free images alike (a box on a lesion-free image is a false positive)."""
-    from ..detectors.postprocess import box_iou
+    """Localization precision / recall / F1 at IoU 0.5 (the evaluation harness's greedy matching,
+    :func:`echo_agent.eval.metrics.match_boxes`), images with boxes and lesion-free images alike (a
+    box on a lesion-free image is a false positive; so is a degenerate box of zero width or height)."""
+    from ..eval.metrics import PredictedBox, match_boxes
+    from ..schemas import Box
 
-    gts = [validation_view(s, size)[1] for s in samples]
+    gts = [[Box.from_xyxy(b) for b in validation_view(s, size)[1]] for s in samples]
     out = {}
     for t in thresholds:
         tp = fp = fn = 0
         for gt, (boxes, scores) in zip(gts, preds, strict=True):
-            b = boxes[scores >= t]
-            matched = np.zeros(len(gt), bool)
-            if len(b) and len(gt):
-                iou = box_iou(b, gt)
-                for k in range(len(b)):
-                    j = int(np.argmax(np.where(matched, -1.0, iou[k])))
-                    if not matched[j] and iou[k, j] >= 0.5:
-                        matched[j] = True
-                        tp += 1
-                    else:
-                        fp += 1
-            else:
-                fp += len(b)
-            fn += int((~matched).sum())
+            keep = scores >= t
+            b, sc = boxes[keep], scores[keep]
+            proper = (b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])
+            pred = [PredictedBox(Box.from_xyxy(x), "", float(v)) for x, v in zip(b[proper], sc[proper], strict=True)]
+            m = match_boxes(pred, gt, 0.5)
+            tp += len(m.pairs)
+            fp += len(m.unmatched_pred) + int((~proper).sum())
+            fn += len(m.unmatched_gt)
         p = tp / (tp + fp) if tp + fp else 0.0
         r = tp / (tp + fn) if tp + fn else 0.0
         out[f"{t:g}"] = {"precision": p, "recall": r, "f1": 2 * p * r / (p + r) if p + r else 0.0}
@@ -520,7 +517,7 @@ def train_detector(
     report: dict[str, Any] = {"epochs": [], "train_images": len(train), "val_images": len(val),
                               "train_boxes": int(sum(len(s.boxes) for s in train)),
                               "val_boxes": int(sum(len(s.boxes) for s in val))}
-    best: tuple[float, int, dict[str, Any], str] | None = None
+    best: tuple[float, int, dict[str, Any], str, dict[str, dict[str, float]]] | None = None
     step = 0
     stopped = False
     order = list(range(len(train)))
@@ -540,7 +537,7 @@ def train_detector(
             targets = [fcos_targets(model.points, model.strides, torch.from_numpy(v[1]).float(),
                                     torch.from_numpy(v[2]), nc, input_size=size, radius=config.center_radius)
                        for v in views]
-            loss, parts = fcos_loss(model, model(x), targets)
+            loss, parts = fcos_loss(model(x), targets)
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
@@ -561,7 +558,7 @@ def train_detector(
         report["epochs"].append(ep)
         log(json.dumps(ep))
         if best is None or m_best["f1"] > best[0]:
-            best = (m_best["f1"], epoch + 1, copy.deepcopy(model.state_dict()), t_best)
+            best = (m_best["f1"], epoch + 1, copy.deepcopy(model.state_dict()), t_best, loc)
         if stopped:
             break
     assert best is not None
@@ -572,8 +569,7 @@ def train_detector(
     export = build_export_module(model, score_shift=shift)
     report.update({"best_epoch": best[1], "val_threshold": threshold, "score_shift": shift,
                    "operating_threshold": config.operating_threshold, "stopped_by_time_budget": stopped,
-                   "val": localization_by_threshold(val, predict_boxes(build_export_module(model), val, size,
-                                                                       agnostic=config.agnostic_validation), size)})
+                   "val": best[4]})
     return export, report
 
 
