@@ -37,9 +37,9 @@ def to_clinical(context: ContextInput) -> ClinicalContext | None:
     if isinstance(context, ClinicalContext):
         return context
     if isinstance(context, str):
-        context = {"notes": context} if context.strip() else None
-        if context is None:
+        if not context.strip():
             return None
+        context = {"notes": context}  # through the mapping path below, with its checks
     if isinstance(context, dict):
         unknown = sorted(set(context) - set(ClinicalContext.model_fields))
         if unknown:
