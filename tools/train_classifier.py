@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--random-init", action="store_true", help="start from random weights (ablation)")
+    ap.add_argument("--train-split", default=None,
+                    help="split or '+'-joined pool to train on (e.g. train+val; default: the config's train_split)")
     ap.add_argument("--fold", type=int, default=None,
                     help="cross-fitting: leave this fold of the train split's groups out (needs --folds and --output)")
     ap.add_argument("--folds", type=int, default=None)
@@ -57,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     cfg = ClassifierTrainConfig.from_yaml(args.config)
-    for key, value in (("max_minutes", args.minutes), ("epochs", args.epochs), ("seed", args.seed), ("threads", args.threads)):
+    for key, value in (("max_minutes", args.minutes), ("epochs", args.epochs), ("seed", args.seed), ("threads", args.threads),
+                       ("train_split", args.train_split)):
         if value is not None:
             setattr(cfg, key, value)
     if args.random_init:

@@ -39,7 +39,7 @@ def _load_config(path: Path, overrides: argparse.Namespace) -> dict:
     import yaml
 
     cfg = yaml.safe_load(path.read_text())
-    for key in ("hours", "epochs", "imgsz", "batch", "workers", "seed"):
+    for key in ("hours", "epochs", "imgsz", "batch", "workers", "seed", "train_split"):
         v = getattr(overrides, key, None)
         if v is not None:
             cfg[key] = v
@@ -69,7 +69,7 @@ def build_dataset(cfg: dict, work: Path, limit: int | None = None, reuse: bool =
         counts = json.loads((work / "data" / "counts.json").read_text())
         return YoloDataset(data_yaml=work / "data" / "data.yaml", names=tuple(cfg["names"]), counts=counts)
 
-    train_images = [im for c in cfg["train_centers"] for im in load_split(c, "train")]
+    train_images = [im for c in cfg["train_centers"] for im in load_split(c, cfg.get("train_split", "train"))]
     splits = {
         "train": leave_fold_out(train_images, cfg.get("fold"), cfg.get("folds")),
         "val": [im for c in cfg["val_centers"] for im in load_split(c, "val")],
@@ -284,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int)
     ap.add_argument("--workers", type=int)
     ap.add_argument("--seed", type=int)
+    ap.add_argument("--train-split", help="split (or '+'-joined pool, e.g. train+val) to train on; default: "
+                    "the config's train_split or 'train'. With a pool, --fold leaves a fold of the pool out")
     ap.add_argument("--lesion-only", action="store_true", help="one 'lesion' class (class-design experiment)")
     ap.add_argument("--output", type=Path, help="ONNX destination (default: the config's output)")
     ap.add_argument("--reuse-data", action="store_true", help="reuse <work>/<organ>/data if it exists")

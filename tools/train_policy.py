@@ -183,7 +183,9 @@ def main() -> int:
     source.add_argument("--centers", nargs="+", help="staged centers (their committed --split)")
     source.add_argument("--manifest", type=Path, default=None,
                         help="a manifest CSV of your own labelled images (rows with split=test are refused)")
-    ap.add_argument("--split", default="val", choices=["train", "val"], help="never 'test'")
+    ap.add_argument("--split", default="val", choices=["train", "val", "train+val"],
+                    help="never 'test'; train+val (the development pool) goes with cross-fitted models of the "
+                         "same pool")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--runs-cache", type=Path, default=None, help="JSONL of collected runs (reused when present)")
     ap.add_argument("--indeterminate-below", type=float, default=0.5)

@@ -275,11 +275,37 @@ def load_split(
     center: str, split: str | None = None, root: str | Path | None = None
 ) -> list[ManifestImage]:
     """Images of ``center`` with the committed split assignment; only ``split`` when given
-    (``train``, ``val``, ``test``; ``None`` = all, including ``excluded``)."""
+    (``train``, ``val``, ``test``; ``None`` = all, including ``excluded``).
+
+    ``split`` may name a pool of splits joined by ``+`` (``"train+val"``: the development pool, for
+    choices made by grouped cross-validation where a center's val split is too small to choose on).
+    A pool never contains ``test``.
+    """
     from .splits import apply_splits, split_file
 
+    wanted = None if split is None else parse_split_pool(split)
     images = apply_splits(load_center(center, root).images, split_file(center))
-    return [im for im in images if split is None or im.split == split]
+    return [im for im in images if wanted is None or im.split in wanted]
+
+
+def parse_split_pool(split: str) -> tuple[str, ...]:
+    """``"train"`` -> ``("train",)``; ``"train+val"`` -> ``("train", "val")``.
+
+    Raises :class:`ValueError` for an unknown split name, a repeated one, or ``test`` in a pool of
+    several splits (a development pool must never reach into the test split).
+    """
+    from .splits import SPLITS
+
+    parts = tuple(p.strip() for p in split.split("+"))
+    unknown = [p for p in parts if p not in SPLITS]
+    if unknown:
+        raise ValueError(f"unknown split {unknown[0]!r} in {split!r}; expected one of {', '.join(SPLITS)} "
+                         "or a '+'-joined pool such as 'train+val'")
+    if len(set(parts)) != len(parts):
+        raise ValueError(f"split pool {split!r} names a split twice")
+    if len(parts) > 1 and "test" in parts:
+        raise ValueError(f"split pool {split!r} includes 'test'; the test split is never pooled with the others")
+    return parts
 
 
 __all__ = [
@@ -297,5 +323,6 @@ __all__ = [
     "compute_splits",
     "load_center",
     "load_split",
+    "parse_split_pool",
     "load_hydronephrosis_ncnu",
 ]
