@@ -394,3 +394,28 @@ def test_blank_and_noise_images_with_an_explicit_organ_are_not_read_as_confident
         for organ in ("breast", "kidney"):
             dx = agent.run(img, organ=organ)
             assert dx.indeterminate and "image check" in dx.indeterminate_reason, (organ, dx.indeterminate_reason)
+
+
+def test_graph_uses_the_specs_it_was_given_even_unregistered_ones():
+    """An OrganSpec passed to build_graph needs no registry entry: perceive, reasoner, reason and
+    the review node use the given spec (regression: they looked the name up in the registry)."""
+    from langgraph.types import Command
+
+    from echo_agent.organs import OrganSpec, get_organ
+
+    spec = OrganSpec(name="liver_unreg", image_labels=("normal", "lesion"), detector_labels=("lesion",))
+    with pytest.raises(UnknownOrganError):
+        get_organ("liver_unreg")
+    tk = fake_toolkit()
+    tk.detectors["liver_unreg"] = FakeDetector([([10, 10, 60, 60], "lesion", 0.9)], labels=("lesion",))
+    tk.classifiers["liver_unreg"] = None
+    graph = build_graph(toolkit=tk, organs=[spec], review=True).compile(checkpointer=InMemorySaver())
+    cfg = {"configurable": {"thread_id": "unreg"}}
+    graph.invoke(_input(tk, organ="liver_unreg"), cfg)
+    out = graph.invoke(Command(resume={"action": "accept", "reviewer": "dr-x"}), cfg)
+    dx = diagnosis_from_state(out)
+    assert dx.organ == "liver_unreg" and dx.label == "lesion"
+    assert any(isinstance(m, ToolMessage) and m.name == "detect_liver_unreg_lesions" for m in out["messages"])
+    # an organ that is neither given nor registered is refused by name
+    with pytest.raises(UnknownOrganError, match="breast"):
+        build_graph(toolkit=tk, organs=[spec]).compile().invoke(_input(tk, organ="breast"))

@@ -141,6 +141,26 @@ def _budget(runtime: Runtime[EchoRunContext] | None, default: int) -> int:
     return default if value is None else int(value)
 
 
+def _spec_resolver(specs: Sequence[OrganSpec], *, fixed: bool) -> Callable[[str], OrganSpec]:
+    """Organ name -> the spec this graph was built with. With ``fixed`` (the caller passed
+    ``organs=``) only those organs exist for the graph, registered or not; otherwise an organ
+    registered after the graph was built is still found in the registry."""
+    by_name = {s.name: s for s in specs}
+
+    def spec_of(name: str) -> OrganSpec:
+        spec = by_name.get(name)
+        if spec is not None:
+            return spec
+        if fixed:
+            raise UnknownOrganError(
+                f"organ {name!r} is not one of this graph's organs ({', '.join(sorted(by_name)) or 'none'}); "
+                "build the graph with organs=[...] including it"
+            )
+        return get_organ(name)
+
+    return spec_of
+
+
 def build_graph(
     reasoner: BaseChatModel | None = None,
     *,
@@ -191,6 +211,7 @@ def build_graph(
 
         fusion = LearnedFusion()
     specs = [get_organ(o) if isinstance(o, str) else o for o in organs] if organs is not None else list_organs()
+    spec_of = _spec_resolver(specs, fixed=organs is not None)
     tools = make_tools(toolkit, specs) + list(extra_tools)
     bound: dict[str, Any] = {}
     turn_limit = max_reasoner_turns if max_reasoner_turns is not None else max_tool_calls + 2
@@ -229,7 +250,7 @@ def build_graph(
             update["organ_confidence"] = confidence
         elif router is not None and check_given_organ:
             update.update(_check_given_organ(organ_name, router(store.get(ref))))
-        spec = get_organ(organ_name)
+        spec = spec_of(organ_name)
         clinical = state.get("clinical")
         if clinical is not None and not isinstance(clinical, dict):
             raise EchoInputError("'clinical' must be a dict of ClinicalContext fields")
@@ -240,7 +261,7 @@ def build_graph(
         return update
 
     def reasoner_node(state: EchoState, runtime: Runtime[EchoRunContext]) -> dict[str, Any]:
-        spec = get_organ(state["organ"]) if state.get("organ") else None
+        spec = spec_of(state["organ"]) if state.get("organ") else None
         if spec is None:
             raise UnknownOrganError("reasoner reached without an organ; perceive must run first")
         limit = _budget(runtime, max_tool_calls)
@@ -286,7 +307,7 @@ def build_graph(
         return "reasoner" if state.get("tool_calls_used", 0) < _budget(runtime, max_tool_calls) else "reason"
 
     def reason(state: EchoState) -> dict[str, Any]:
-        spec = get_organ(state["organ"])  # type: ignore[arg-type]
+        spec = spec_of(state["organ"])  # type: ignore[arg-type]
         ref = state["image"]
         evidence = typed_evidence(state)
         clinical = clinical_of(state)
@@ -321,9 +342,9 @@ def build_graph(
     g.add_conditional_edges("reasoner", after_reasoner, ["tools", "reason"])
     g.add_conditional_edges("tools", after_tools, ["reasoner", "reason"])
     if review:
-        from .review import review_node
+        from .review import make_review_node
 
-        g.add_node("review", review_node)
+        g.add_node("review", make_review_node(spec_of))
         g.add_edge("reason", "review")
         g.add_edge("review", END)
     else:

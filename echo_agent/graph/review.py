@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from datetime import datetime, timezone
+from collections.abc import Callable
 from typing import Any, Literal
 
 from langgraph.runtime import Runtime
@@ -111,7 +112,21 @@ def apply_review(dx: Diagnosis, decision: ReviewDecision, organ: OrganSpec, revi
 
 
 def review_node(state: dict[str, Any], runtime: Runtime[EchoRunContext]) -> dict[str, Any]:
-    """Pause with the Diagnosis; resume with a :class:`ReviewDecision` dict."""
+    """Pause with the Diagnosis; resume with a :class:`ReviewDecision` dict (the organ's spec from
+    the registry; :func:`make_review_node` for a graph's own specs)."""
+    return _review(state, runtime, get_organ)
+
+
+def make_review_node(spec_of: Callable[[str], OrganSpec]) -> Callable[..., dict[str, Any]]:
+    """The review node of a graph whose organ specs are resolved by ``spec_of`` (name -> spec)."""
+
+    def review(state: dict[str, Any], runtime: Runtime[EchoRunContext]) -> dict[str, Any]:
+        return _review(state, runtime, spec_of)
+
+    return review
+
+
+def _review(state: dict[str, Any], runtime: Runtime[EchoRunContext], spec_of: Callable[[str], OrganSpec]) -> dict[str, Any]:
     dx = Diagnosis.model_validate(state["diagnosis"])
     raw = interrupt({"type": "review", "diagnosis": state["diagnosis"], "actions": ["accept", "edit", "reject"]})
     try:
@@ -122,5 +137,5 @@ def review_node(state: dict[str, Any], runtime: Runtime[EchoRunContext]) -> dict
     reviewer = decision.reviewer or (getattr(ctx, "reviewer", None) if ctx is not None else None)
     if not reviewer:
         raise EchoInputError("a review needs a reviewer id: set 'reviewer' in the decision or the run context")
-    reviewed = apply_review(dx, decision, get_organ(dx.organ), reviewer)
+    reviewed = apply_review(dx, decision, spec_of(dx.organ), reviewer)
     return {"diagnosis": reviewed.model_dump(mode="json")}
