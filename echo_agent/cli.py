@@ -178,7 +178,7 @@ def eval_(
 
             fusion_obj = HeuristicFusion()
         elif fusion != "default":
-            from .reasoners.learned_fusion import LearnedFusion, load_fusion_params
+            from .fusion import LearnedFusion, load_fusion_params
 
             params = load_fusion_params(organ or "", str(fusion)) if organ else None
             if params is None:

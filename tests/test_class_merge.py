@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from _fakes import FakeDetector
 
+from echo_agent.fusion import class_score, fusion_features
 from echo_agent.messages import report_to_model
 from echo_agent.organs import get_organ
-from echo_agent.reasoners.learned_fusion import class_score, fusion_features
 from echo_agent.schemas import Box, Detection, DetectorReport
 from echo_agent.tools import toolkit
 from echo_agent.tools.toolkit import merge_across_classes, run_detector

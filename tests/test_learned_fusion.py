@@ -9,18 +9,7 @@ import numpy as np
 import pytest
 
 from echo_agent.errors import ModelLoadError
-from echo_agent.organs import get_organ
-from echo_agent.reasoners.fusion_training import (
-    Candidate,
-    CandidateScore,
-    RunRecord,
-    default_candidates,
-    ece_with_interval,
-    feature_subset,
-    fit_fusion,
-    select_candidate,
-)
-from echo_agent.reasoners.learned_fusion import (
+from echo_agent.fusion import (
     DETECTOR_RULE,
     HEURISTIC_RULE,
     LOGISTIC,
@@ -29,6 +18,7 @@ from echo_agent.reasoners.learned_fusion import (
     fusion_features,
     merged_candidates,
 )
+from echo_agent.organs import get_organ
 from echo_agent.schemas import (
     Box,
     ClinicalContext,
@@ -37,6 +27,16 @@ from echo_agent.schemas import (
     DetectorReport,
     ImageContext,
     RegionDescription,
+)
+from echo_agent.training.fusion_fit import (
+    Candidate,
+    CandidateScore,
+    RunRecord,
+    default_candidates,
+    ece_with_interval,
+    feature_subset,
+    fit_fusion,
+    select_candidate,
 )
 
 BREAST = get_organ("breast")
@@ -283,7 +283,7 @@ def _described(label: str, score: float, look: dict[str, str]):
 
 
 def test_evidence_conflict_rule_counts_the_organs_suspicious_values():
-    from echo_agent.reasoners.fusion import evidence_conflict
+    from echo_agent.fusion import evidence_conflict
 
     descs = {k: Descriptor(value=v) for k, v in SUSPICIOUS_LOOK.items()}
     why = evidence_conflict(BREAST, "normal", descs)
@@ -299,7 +299,7 @@ def test_evidence_conflict_rule_counts_the_organs_suspicious_values():
 
 @pytest.mark.parametrize("fusion", ["learned", "heuristic"])
 def test_conflicting_evidence_makes_the_diagnosis_indeterminate_without_changing_it(fusion):
-    from echo_agent.reasoners.fusion import CONFLICT_RECOMMENDATION, HeuristicFusion
+    from echo_agent.fusion import CONFLICT_RECOMMENDATION, HeuristicFusion
 
     # learned: fitted on few images, so a calibrated detector rule (it reads only the detector, like
     # the packaged breast fusion's features); heuristic: the transparent fallback
@@ -324,3 +324,42 @@ def test_suspicious_descriptors_must_come_from_the_vocabulary():
     nopos = {**base, "name": "breast_nopos", "positive_label": None, "categories": ()}
     with pytest.raises(ValueError, match="positive_label"):
         OrganSpec.model_validate(nopos)
+
+
+def test_run_evidence_sorts_a_run_once_and_both_fusions_accept_it():
+    from echo_agent.fusion import HeuristicFusion, RunEvidence
+    from echo_agent.schemas import KnowledgeResult
+
+    ev = [*_evidence("malignant", 0.8, "irregular"), KnowledgeResult(id="kn1", query="q", snippets=[]),
+          *_evidence("benign", 0.6, eid="det2")]
+    run = RunEvidence.of(ev)
+    assert [r.id for r in run.reports] == ["det1", "det2"] and len(run.contexts) == 2 and len(run.knowledge) == 1
+    assert RunEvidence.of(run) is run
+    assert run.candidates is run.candidates  # merged once
+    assert [d.score for d in run.candidates] == [d.score for d in merged_candidates(run.reports)]
+    clin = ClinicalContext(age=60)
+    for fusion in (LearnedFusion({"breast": _fitted()}), HeuristicFusion()):
+        a = fusion.fuse(BREAST, ev, clinical=clin, image_size=(200, 160))
+        b = fusion.fuse(BREAST, run, clinical=clin, image_size=(200, 160))
+        assert a == b
+
+
+@pytest.mark.parametrize("old, names", [
+    ("echo_agent.reasoners.fusion", ["HeuristicFusion", "evidence_conflict", "CONFLICT_RECOMMENDATION", "collect"]),
+    ("echo_agent.reasoners.learned_fusion", ["LearnedFusion", "FusionParams", "fusion_features", "presence_conflict"]),
+    ("echo_agent.reasoners.fusion_training", ["RunRecord", "fit_fusion", "collect_runs"]),
+])
+def test_old_fusion_module_paths_still_work_with_a_deprecation_warning(old, names):
+    import importlib
+    import sys
+
+    import echo_agent.fusion as new
+    import echo_agent.training.fusion_fit as fit
+
+    sys.modules.pop(old, None)
+    with pytest.warns(DeprecationWarning, match="moved to echo_agent"):
+        mod = importlib.import_module(old)
+    for name in names:
+        assert getattr(mod, name) is getattr(new, name, None) or getattr(mod, name) is getattr(fit, name)
+    with pytest.raises(AttributeError):
+        mod.no_such_name  # noqa: B018

@@ -174,7 +174,7 @@ def _evidence(p_whole: dict[str, float], p_top: dict[str, float] | None):
 
 
 def test_fusion_features_read_the_second_look() -> None:
-    from echo_agent.reasoners.learned_fusion import fusion_features
+    from echo_agent.fusion import fusion_features
 
     spec = get_organ("breast")
     f = fusion_features(spec, _evidence({"normal": 0.2, "benign": 0.3, "malignant": 0.5},
@@ -191,7 +191,7 @@ def test_fusion_features_read_the_second_look() -> None:
 
 
 def test_presence_conflict_refers_a_normal_reading() -> None:
-    from echo_agent.reasoners.learned_fusion import presence_conflict
+    from echo_agent.fusion import presence_conflict
 
     spec = get_organ("breast")
     lesion = RegionClassification(box=None, probabilities={"normal": 0.3, "benign": 0.5, "malignant": 0.2})
@@ -202,7 +202,7 @@ def test_presence_conflict_refers_a_normal_reading() -> None:
 
 
 def test_classifier_feature_sets() -> None:
-    from echo_agent.reasoners.fusion_training import feature_subset
+    from echo_agent.training.fusion_fit import feature_subset
 
     names = ["bias_detector_ran", "det_top", "det_top_area", "cls_present", "cls_whole_normal", "desc_shape=oval"]
     assert feature_subset(names, "classifier") == ["bias_detector_ran", "cls_present", "cls_whole_normal"]
@@ -212,7 +212,7 @@ def test_classifier_feature_sets() -> None:
 
 
 def _params(classifiers=("c",)):
-    from echo_agent.reasoners.learned_fusion import FusionParams
+    from echo_agent.fusion import FusionParams
 
     names = ["det_top", "cls_top_malignant", "cls_whole_normal"]
     w = [[0.0, 0.0, 2.0], [0.0, -1.0, 0.0], [1.0, 2.0, 0.0]]
@@ -222,7 +222,7 @@ def _params(classifiers=("c",)):
 
 
 def test_learned_fusion_reads_the_classifier_it_was_fitted_with() -> None:
-    from echo_agent.reasoners.learned_fusion import LearnedFusion
+    from echo_agent.fusion import LearnedFusion
 
     spec = get_organ("breast")
     fusion = LearnedFusion({"breast": _params()})
@@ -238,8 +238,7 @@ def test_learned_fusion_reads_the_classifier_it_was_fitted_with() -> None:
 
 
 def test_normal_reading_against_the_second_look_is_referred() -> None:
-    from echo_agent.reasoners.fusion import PRESENCE_RECOMMENDATION
-    from echo_agent.reasoners.learned_fusion import LearnedFusion
+    from echo_agent.fusion import PRESENCE_RECOMMENDATION, LearnedFusion
 
     spec = get_organ("breast")
     p = _params()
@@ -252,7 +251,7 @@ def test_normal_reading_against_the_second_look_is_referred() -> None:
 
 
 def test_reranking_by_the_second_look_is_an_option() -> None:
-    from echo_agent.reasoners.learned_fusion import LearnedFusion
+    from echo_agent.fusion import LearnedFusion
 
     spec = get_organ("breast")
     a = Detection(id="det1:0", box=Box(x1=10, y1=10, x2=40, y2=40), label="benign", score=0.6)

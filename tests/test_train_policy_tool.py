@@ -49,7 +49,7 @@ def test_fit_on_own_manifest_writes_a_loadable_fusion(tmp_path: Path):
     assert params["training"]["manifest"].endswith("cal.csv") and params["training"]["split"] is None
     assert params["training"]["n_groups"] == 6  # grouped by patient_id, not by image
 
-    from echo_agent.reasoners.learned_fusion import load_fusion_params
+    from echo_agent.fusion import load_fusion_params
 
     assert load_fusion_params("breast", str(out)).organ == "breast"
     # an existing output is never overwritten without --force
@@ -94,7 +94,7 @@ def _weights_copy(tmp_path: Path, tag: str) -> Path:
 def test_cross_fitted_detectors_each_see_only_their_fold(tmp_path: Path):
     from echo_agent.detectors import get_detector, load_detector
     from echo_agent.eval.splits import cross_fit_fold
-    from echo_agent.reasoners.fusion_training import RunRecord
+    from echo_agent.training.fusion_fit import RunRecord
 
     folds = [_weights_copy(tmp_path, str(k)) for k in range(2)]
     names = [load_detector(f, labels=("benign", "malignant")).name for f in folds]
@@ -127,7 +127,7 @@ def test_cross_fitted_classifiers_each_see_only_their_fold(tmp_path: Path):
 
     from echo_agent.detectors import OnnxRegionClassifier, get_region_classifier
     from echo_agent.eval.splits import cross_fit_fold
-    from echo_agent.reasoners.fusion_training import RunRecord
+    from echo_agent.training.fusion_fit import RunRecord
 
     folds = [tiny_classifier(tmp_path / f"cls{k}.onnx", temperature=1.0 + k) for k in range(2)]
     names = [OnnxRegionClassifier(f).name for f in folds]

@@ -209,7 +209,7 @@ def bench_stages(n: int, image: Path | str) -> dict[str, float]:
     agent = EchoAgent()
     retriever = agent.toolkit.get_retriever()
     timed(type(retriever), "retrieve", "retriever")
-    fusion_mod = mod("echo_agent.reasoners.learned_fusion")
+    fusion_mod = mod("echo_agent.fusion.learned")
     timed(fusion_mod.LearnedFusion, "fuse", "reason: fusion")
     agent.run(image)
     acc.clear()

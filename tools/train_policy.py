@@ -8,7 +8,7 @@ It runs the real agent (embedded policy, packaged detector, captioner, retriever
 fusion) on the chosen split of each center, keeps each run's typed evidence, compares candidate
 fusions (calibrated decision rules, logistic models over nested feature sets and L2 strengths) by
 grouped cross-validation, chooses one by a rule fixed in advance, and writes it with its CV table
-(see echo_agent/reasoners/fusion_training.py). For another detector:
+(see echo_agent/training/fusion_fit.py). For another detector:
 
     python tools/train_policy.py --organ breast --centers busi --split val --detector X.onnx --out Y.json
 
@@ -54,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from echo_agent.eval.datasets import load_split  # noqa: E402
-from echo_agent.reasoners.fusion_training import RunRecord, collect_runs, fit_fusion  # noqa: E402
+from echo_agent.training.fusion_fit import RunRecord, collect_runs, fit_fusion  # noqa: E402
 
 
 def print_selection(training: dict) -> None:

@@ -23,10 +23,10 @@ from langgraph.prebuilt.tool_node import ToolCallRequest
 from langgraph.runtime import Runtime
 
 from ..errors import EchoError, EchoInputError, UnknownOrganError
+from ..fusion import Fusion
 from ..messages import diagnosis_to_model, dumps, user_message
 from ..organs import OrganSpec, get_organ, list_organs
 from ..prompts import system_prompt
-from ..reasoners.fusion import Fusion
 from ..schemas import ClinicalContext, Diagnosis
 from ..tools import Toolkit, make_tools
 from .state import EchoInput, EchoOutput, EchoRunContext, EchoState, clinical_of, typed_evidence
@@ -207,7 +207,7 @@ def build_graph(
     toolkit = toolkit or Toolkit()
     model = reasoner if reasoner is not None else EmbeddedPolicy()
     if fusion is None:
-        from ..reasoners.learned_fusion import LearnedFusion
+        from ..fusion import LearnedFusion
 
         fusion = LearnedFusion()
     specs = [get_organ(o) if isinstance(o, str) else o for o in organs] if organs is not None else list_organs()

@@ -1,4 +1,5 @@
-"""Chat models that drive the graph, and the evidence fusion used by the reason node.
+"""Chat models that drive the graph (the evidence fusion is :mod:`echo_agent.fusion`; its names
+stay importable from here).
 
 ``QwenVLChatModel`` (``vlm`` extra) and the OpenAI-compatible helpers load lazily, so importing this
 package never pulls torch, transformers or langchain-openai.
@@ -9,8 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .fusion import Fusion, HeuristicFusion
-from .learned_fusion import LearnedFusion
+from ..fusion import Fusion, HeuristicFusion, LearnedFusion
 from .llm_finalizer import LLMFinalizer
 from .policy import EmbeddedPolicy
 from .toolcall_parsing import ParseResult, parse_tool_calls

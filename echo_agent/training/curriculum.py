@@ -873,7 +873,7 @@ class CurriculumBuilder:
         return msgs, {"descriptor_source": source}
 
     def _task_informed_diagnosis(self, ctx: _Ctx) -> tuple[list[BaseMessage] | None, dict[str, Any]]:
-        from ..reasoners.fusion import HeuristicFusion
+        from ..fusion import HeuristicFusion
         from ..reasoners.llm_finalizer import LLMFinalizer
 
         report = self._detect(ctx, "det1", threshold=self.config.score_threshold, tta=False)

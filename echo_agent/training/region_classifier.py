@@ -266,7 +266,7 @@ def train_classifier(
     import torch
     from torch import nn
 
-    from ..reasoners.learned_fusion import fit_temperature, softmax
+    from ..fusion import fit_temperature, softmax
 
     torch.manual_seed(config.seed)
     torch.set_num_threads(config.threads)
@@ -341,7 +341,7 @@ def _val_metrics(z: np.ndarray, y: np.ndarray, samples: Sequence[tuple[int, Box 
     """Accuracy by sample kind and the positive-vs-rest AUC on whole images and lesion boxes."""
     from sklearn.metrics import roc_auc_score
 
-    from ..reasoners.learned_fusion import softmax
+    from ..fusion import softmax
 
     if not len(y):
         return {}

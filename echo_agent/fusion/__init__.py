@@ -1,0 +1,97 @@
+"""Evidence fusion: the reason node's step from one run's typed evidence to one Diagnosis.
+
+- :class:`LearnedFusion` — the calibrated logistic fusion (or calibrated decision rule) per organ,
+  parameters shipped as JSON in ``echo_agent/assets/fusion/``; the default.
+- :class:`HeuristicFusion` — the transparent, uncalibrated baseline (and the fallback where no
+  parameters ship or a run's evidence does not match them).
+- :class:`RunEvidence` — a run's evidence sorted by kind once; :func:`assemble_diagnosis` — the one
+  place a fusion's decision becomes a Diagnosis (citations, category, referral, recommendation).
+
+Fitting the learned fusion lives in :mod:`echo_agent.training.fusion_fit` (``tools/train_policy.py``).
+Any object with ``name`` and ``fuse(organ, evidence, *, clinical, image_size) -> Diagnosis`` is a
+:class:`Fusion`.
+"""
+
+from __future__ import annotations
+
+from .diagnosis import (
+    CONFLICT_RECOMMENDATION,
+    PRESENCE_CONFLICT_MIN,
+    PRESENCE_RECOMMENDATION,
+    WEAK_EVIDENCE_RECOMMENDATION,
+    Fusion,
+    assemble_diagnosis,
+    clinical_refs,
+    describe_descriptors,
+    evidence_conflict,
+    knowledge_refs,
+    presence_conflict,
+    recommendation_for,
+    short_citation,
+)
+from .evidence import (
+    RunEvidence,
+    class_score,
+    classifications,
+    collect,
+    lesion_probability,
+    merged_candidates,
+    region_classification,
+    region_descriptors,
+    whole_image_classification,
+)
+from .heuristic import HeuristicFusion
+from .learned import (
+    DETECTOR_RULE,
+    FUSION_KINDS,
+    FUSION_VERSION,
+    HEURISTIC_RULE,
+    LOGISTIC,
+    FusionParams,
+    LearnedFusion,
+    fit_logistic,
+    fit_temperature,
+    fusion_features,
+    load_fusion_params,
+    rule_log_probs,
+    softmax,
+)
+
+__all__ = [
+    "CONFLICT_RECOMMENDATION",
+    "DETECTOR_RULE",
+    "FUSION_KINDS",
+    "FUSION_VERSION",
+    "HEURISTIC_RULE",
+    "LOGISTIC",
+    "PRESENCE_CONFLICT_MIN",
+    "PRESENCE_RECOMMENDATION",
+    "WEAK_EVIDENCE_RECOMMENDATION",
+    "Fusion",
+    "FusionParams",
+    "HeuristicFusion",
+    "LearnedFusion",
+    "RunEvidence",
+    "assemble_diagnosis",
+    "class_score",
+    "classifications",
+    "clinical_refs",
+    "collect",
+    "describe_descriptors",
+    "evidence_conflict",
+    "fit_logistic",
+    "fit_temperature",
+    "fusion_features",
+    "knowledge_refs",
+    "lesion_probability",
+    "load_fusion_params",
+    "merged_candidates",
+    "presence_conflict",
+    "recommendation_for",
+    "region_classification",
+    "region_descriptors",
+    "rule_log_probs",
+    "short_citation",
+    "softmax",
+    "whole_image_classification",
+]

@@ -1,0 +1,198 @@
+"""What every fusion shares: the :class:`Fusion` protocol, the conflict rules, the citations and
+:func:`assemble_diagnosis`, the one place a Diagnosis is put together from a fusion's decision."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+from ..organs import OrganSpec
+from ..schemas import (
+    ClinicalContext,
+    Diagnosis,
+    Evidence,
+    EvidenceRef,
+    Finding,
+    KnowledgeResult,
+    RegionClassification,
+)
+from .evidence import RunEvidence, lesion_probability
+
+
+@runtime_checkable
+class Fusion(Protocol):
+    """Turns evidence into a Diagnosis (the reason node's default brain)."""
+
+    name: str
+
+    def fuse(
+        self,
+        organ: OrganSpec,
+        evidence: Sequence[Evidence],
+        *,
+        clinical: ClinicalContext | None,
+        image_size: tuple[int, int],
+    ) -> Diagnosis: ...
+
+
+# -- text -------------------------------------------------------------------------------------------
+def describe_descriptors(descs: dict[str, Any], keys: Sequence[str]) -> str:
+    parts = []
+    for k in keys:
+        d = descs.get(k)
+        if d is not None and d.value not in (None, ""):
+            v = f"{d.value:.1f}" if isinstance(d.value, float) else str(d.value)
+            parts.append(f"{k.replace('_', ' ')} {v}")
+    return ", ".join(parts)
+
+
+def short_citation(source: str) -> str:
+    """'Stavros AT, Thickman D, ... Radiology 1995;196:...' -> 'Stavros AT 1995' (full text stays in the snippet)."""
+    first = re.split(r"[,.;(]", source, maxsplit=1)[0].strip()
+    year = re.search(r"\b(19|20)\d{2}\b", source)
+    return f"{first} {year.group(0)}" if year else first
+
+
+def knowledge_refs(knowledge: Sequence[KnowledgeResult], limit: int = 3) -> list[EvidenceRef]:
+    refs = []
+    for res in knowledge:
+        for s in res.snippets[:limit]:
+            refs.append(EvidenceRef(kind="knowledge", ref=f"{res.id}:{s.id}", summary=f"{s.title} ({short_citation(s.source)})"))
+    return refs
+
+
+def clinical_refs(clinical: ClinicalContext | None) -> list[EvidenceRef]:
+    """The clinical context as an evidence reference (none when it is empty)."""
+    if clinical is None or clinical.is_empty():
+        return []
+    return [EvidenceRef(kind="clinical", ref="clinical", summary=clinical.as_text())]
+
+
+# -- conflicts and recommendations -------------------------------------------------------------------
+WEAK_EVIDENCE_RECOMMENDATION = "Evidence is weak: refer for a sonographer's or radiologist's review."
+CONFLICT_RECOMMENDATION = (
+    "The detector's reading and the sonographic features of its top candidate disagree: refer for a "
+    "radiologist's review."
+)
+PRESENCE_RECOMMENDATION = (
+    "Read as normal, but the second-look classifier sees a lesion: refer for a sonographer's or "
+    "radiologist's review."
+)
+#: A "normal" reading is referred when the second look gives a region (or the whole image) at
+#: least this probability of a lesion.
+PRESENCE_CONFLICT_MIN = 0.5
+
+
+def evidence_conflict(organ: OrganSpec, label: str, descriptors: dict[str, Any]) -> str | None:
+    """Why a label other than the organ's positive one conflicts with the top candidate's
+    descriptors (``None``: no conflict). See ``OrganSpec.suspicious_descriptors``."""
+    pos = organ.positive_label
+    if not organ.suspicious_descriptors or pos is None or label == pos:
+        return None
+    hits = []
+    for key, values in organ.suspicious_descriptors.items():
+        d = descriptors.get(key)
+        if d is not None and d.value in values:
+            hits.append(f"{key.replace('_', ' ')} {d.value}")
+    if len(hits) < organ.conflict_min_votes:
+        return None
+    return (f"evidence conflict: read as {label}, but the top candidate shows {len(hits)} of "
+            f"{len(organ.suspicious_descriptors)} {pos} features ({', '.join(hits)})")
+
+
+def presence_conflict(organ: OrganSpec, label: str, regions: Sequence[RegionClassification]) -> str | None:
+    """Why a ``normal`` reading conflicts with the second look (``None``: no conflict): "normal" must
+    not stand when the region classifier sees a lesion."""
+    if label != organ.normal_label:
+        return None
+    for r in regions:
+        p = lesion_probability(organ, r)
+        if p is not None and p >= PRESENCE_CONFLICT_MIN:
+            where = "the whole image" if r.box is None else "a candidate region"
+            return f"evidence conflict: read as {label}, but the second look gives {where} lesion probability {p:.2f}"
+    return None
+
+
+def recommendation_for(
+    organ: OrganSpec, label: str, category: str | None, indeterminate: bool, conflict: bool = False,
+    presence_conflict: bool = False,
+) -> str:
+    """What to do next: refer when indeterminate (saying why when the evidence conflicts), else the
+    category's management, else a default."""
+    band = organ.band(category) if category else None
+    if conflict:
+        return CONFLICT_RECOMMENDATION
+    if presence_conflict:
+        return PRESENCE_RECOMMENDATION
+    if indeterminate:
+        return WEAK_EVIDENCE_RECOMMENDATION
+    if band is not None and band.management:
+        return band.management
+    if label == organ.normal_label:
+        return "No lesion identified; routine follow-up as clinically indicated."
+    return "Correlate clinically and with the referring physician."
+
+
+# -- the Diagnosis --------------------------------------------------------------------------------------
+def assemble_diagnosis(
+    organ: OrganSpec,
+    evidence: RunEvidence,
+    *,
+    label: str,
+    probabilities: Mapping[str, float],
+    findings: Sequence[Finding],
+    refs: Sequence[EvidenceRef],
+    rationale: str,
+    clinical: ClinicalContext | None,
+    lesion_found: bool,
+    min_confidence: float,
+    reasoner: str,
+    image_size: tuple[int, int],
+    conflict: str | None = None,
+    presence: str | None = None,
+    calibrated: bool = True,
+    warnings: Sequence[str] = (),
+) -> Diagnosis:
+    """The Diagnosis of a fusion's decision: cites the knowledge and clinical context, assigns the
+    category from the positive label's probability, refers when the top probability is below
+    ``min_confidence`` or the evidence conflicts, and says what to do next."""
+    krefs = knowledge_refs(evidence.knowledge)
+    if krefs:
+        rationale += " Knowledge: " + "; ".join(r.summary for r in krefs[:2]) + "."
+    all_refs = [*refs, *krefs, *clinical_refs(clinical)]
+    probs = dict(probabilities)
+    pos = organ.positive_label
+    category = organ.category_for(probs.get(pos) if pos else None, lesion_found=lesion_found)
+    conf = probs[label]
+    what = "calibrated top probability" if calibrated else "top probability"
+    reasons = [f"{what} {conf:.2f} < {min_confidence:.2f}"] if conf < min_confidence else []
+    reasons += [r for r in (conflict, presence) if r]
+    indeterminate = bool(reasons)
+    recommendation = recommendation_for(organ, label, category, indeterminate, conflict=bool(conflict),
+                                        presence_conflict=bool(presence))
+    w, h = image_size
+    return Diagnosis(
+        organ=organ.name, label=label, probabilities=probs, category=category,
+        category_system=organ.category_system if category else None, findings=list(findings),
+        evidence=all_refs, rationale=rationale, recommendation=recommendation, indeterminate=indeterminate,
+        indeterminate_reason="; ".join(reasons) or None, reasoner=reasoner, image_width=w, image_height=h,
+        warnings=list(warnings),
+    )
+
+
+__all__ = [
+    "CONFLICT_RECOMMENDATION",
+    "Fusion",
+    "PRESENCE_CONFLICT_MIN",
+    "PRESENCE_RECOMMENDATION",
+    "WEAK_EVIDENCE_RECOMMENDATION",
+    "assemble_diagnosis",
+    "clinical_refs",
+    "describe_descriptors",
+    "evidence_conflict",
+    "knowledge_refs",
+    "presence_conflict",
+    "recommendation_for",
+    "short_citation",
+]

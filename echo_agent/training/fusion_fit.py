@@ -1,0 +1,444 @@
+"""Training the learned fusion from real runs (``tools/train_policy.py`` is a thin CLI over this).
+
+1. :func:`collect_runs` runs the real agent (embedded policy, real tools, the transparent heuristic
+   fusion) on manifest images and keeps each run's typed evidence, so the features the fusion is
+   trained on are exactly the ones it sees at inference.
+2. :func:`fit_fusion` chooses the fusion by grouped cross-validation (groups = patient /
+   near-duplicate group / clip, never images) among candidates fixed in advance
+   (:func:`default_candidates`): two temperature-calibrated decision rules (the detector-only
+   decision and the heuristic fusion's) and logistic regressions over three nested feature sets at
+   three L2 strengths. Each candidate's whole procedure (fit + temperature, the temperature from an
+   inner grouped CV) is scored on held-out groups; :func:`select_candidate` applies the rule
+   written in :data:`SELECTION_RULE`. The chosen candidate is refitted on all images, its temperature
+   fitted on out-of-fold logits, and returned as :class:`FusionParams` (plain JSON) carrying the CV
+   table, the rule and n. Below ``min_images`` images only the calibrated rules are considered.
+
+Out-of-fold discipline: the images given here must not have been used to train the detector whose
+candidates they contain (use the detector's held-out split), or the fusion learns to trust
+optimistic scores.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..fusion import (
+    DETECTOR_RULE,
+    HEURISTIC_RULE,
+    LOGISTIC,
+    FusionParams,
+    fit_logistic,
+    fit_temperature,
+    fusion_features,
+    rule_log_probs,
+    softmax,
+)
+from ..organs import get_organ
+from ..schemas import ClinicalContext, parse_evidence
+
+
+@dataclass
+class RunRecord:
+    """One image's evidence and truth, as collected for fusion training."""
+
+    key: str
+    group: str
+    organ: str
+    label: str
+    width: int
+    height: int
+    evidence: list[dict[str, Any]]
+    clinical: dict[str, Any] | None
+
+    def features(self) -> dict[str, float]:
+        spec = get_organ(self.organ)
+        ev = [parse_evidence(e) for e in self.evidence]
+        clin = ClinicalContext.model_validate(self.clinical) if self.clinical else None
+        return fusion_features(spec, ev, clin, (self.width, self.height))
+
+    def rule_log_probs(self, kind: str) -> np.ndarray:
+        """The log-probabilities of a decision rule (``detector_rule`` / ``heuristic``) on this run."""
+        from ..schemas import DetectorReport
+
+        reports = [e for e in map(parse_evidence, self.evidence) if isinstance(e, DetectorReport)]
+        return rule_log_probs(get_organ(self.organ), reports, kind)
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__)
+
+
+def collect_runs(images: Sequence[Any], *, agent: Any = None, progress: Callable[[int, int], None] | None = None) -> list[RunRecord]:
+    """Run the agent on manifest images (``ManifestImage``) and keep evidence + truth."""
+    from ..agent import EchoAgent
+    from ..eval.splits import cv_group
+    from ..fusion import HeuristicFusion
+
+    agent = agent or EchoAgent(fusion=HeuristicFusion())
+    out: list[RunRecord] = []
+    for i, im in enumerate(images):
+        ctx = {k: v for k, v in (("age", im.age), ("symptoms", im.symptoms)) if v is not None} or None
+        inp = agent.prepare_input(im.image, organ=im.organ, context=ctx)
+        state = agent.graph.invoke(inp)
+        ref = state["image"]
+        out.append(RunRecord(
+            key=im.key, group=cv_group(im), organ=im.organ, label=im.label,
+            width=int(ref["width"]), height=int(ref["height"]), evidence=state.get("evidence") or [],
+            clinical=inp.get("clinical"),
+        ))
+        if progress is not None:
+            progress(i + 1, len(images))
+    return out
+
+
+def _group_folds(groups: Sequence[str], k: int, seed: int) -> list[np.ndarray]:
+    uniq = sorted(set(groups))
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(uniq))
+    fold_of = {uniq[j]: i % k for i, j in enumerate(order)}
+    g = np.array([fold_of[x] for x in groups])
+    return [np.where(g == f)[0] for f in range(k)]
+
+
+# -- candidates ----------------------------------------------------------------------------------------
+_GEOMETRY = ("det_top_area", "det_top_taller", "det_top_depth")
+#: Nested feature sets of the logistic candidates, simplest first.
+FEATURE_SETS = ("detector", "detector+geometry", "classifier", "detector+classifier", "all")
+
+
+def feature_subset(names: Sequence[str], which: str) -> list[str]:
+    """The names of ``names`` that belong to a feature set of :data:`FEATURE_SETS`.
+
+    ``detector``: detector scores, count, TTA flag; ``detector+geometry``: plus the top candidate's
+    size, taller-than-wide ratio and depth; ``classifier``: the second-look classifier's
+    log-probabilities (whole image, top candidate) alone; ``detector+classifier``: detector,
+    geometry and classifier; ``all``: plus descriptors and clinical context.
+    """
+    if which not in FEATURE_SETS:
+        raise ValueError(f"unknown feature set {which!r}; expected one of {', '.join(FEATURE_SETS)}")
+    if which == "all":
+        return list(names)
+    cls = [n for n in names if n.startswith("cls_")]
+    if which == "classifier":
+        return [n for n in names if n in cls or n.startswith("bias_")]
+    keep = [n for n in names if (n.startswith("det_") or n.startswith("bias_")) and n not in _GEOMETRY]
+    if which in ("detector+geometry", "detector+classifier"):
+        keep += [n for n in names if n in _GEOMETRY]
+    if which == "detector+classifier":
+        keep += cls
+    return [n for n in names if n in keep]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One fusion the selection may choose: a calibrated rule or a logistic model."""
+
+    kind: str  # DETECTOR_RULE, HEURISTIC_RULE or LOGISTIC
+    features: str | None = None  # a FEATURE_SETS entry for LOGISTIC
+    l2: float | None = None
+    balanced: bool = False  # LOGISTIC: classes weighted equally in the fit
+
+    @property
+    def name(self) -> str:
+        if self.kind != LOGISTIC:
+            return f"{self.kind}+temperature"
+        return f"logistic[{self.features}] l2={self.l2:g}" + (" balanced" if self.balanced else "")
+
+
+def default_candidates(l2_grid: Sequence[float] = (1.0, 10.0, 100.0)) -> list[Candidate]:
+    """The candidates compared by :func:`fit_fusion`: two calibrated rules, then logistic models
+    over each feature set x L2 strength, fitted with natural and with balanced class weights."""
+    rules = [Candidate(DETECTOR_RULE), Candidate(HEURISTIC_RULE)]
+    return rules + [Candidate(LOGISTIC, fs, float(l2), bal) for fs in FEATURE_SETS for bal in (False, True) for l2 in l2_grid]
+
+
+SELECTION_RULE = (
+    "guard: keep the candidates whose grouped-CV accuracy and balanced accuracy are both >= the "
+    "detector-only rule's (accuracy alone rewards calling every image the majority class); among them "
+    "take the lowest CV log-loss, then (one-standard-error rule) the simplest candidate whose CV "
+    "log-loss is within one cluster standard error of it (simplest = fewest features, then the "
+    "strongest L2, then the lower log-loss)"
+)
+
+
+@dataclass
+class CandidateScore:
+    """A candidate's grouped cross-validation scores (out-of-fold, temperature included)."""
+
+    name: str
+    kind: str
+    features: str | None
+    l2: float | None
+    balanced: bool
+    n_features: int
+    cv_log_loss: float
+    cv_log_loss_se: float
+    cv_accuracy: float
+    cv_balanced_accuracy: float
+    cv_ece: float
+    cv_ece_ci: tuple[float, float] | None = None
+    eligible: bool = True
+    chosen: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        for k in ("cv_log_loss", "cv_log_loss_se", "cv_accuracy", "cv_balanced_accuracy", "cv_ece"):
+            d[k] = round(float(d[k]), 4)
+        d["cv_ece_ci"] = [round(float(v), 4) for v in self.cv_ece_ci] if self.cv_ece_ci else None
+        return d
+
+
+def select_candidate(scores: Sequence[CandidateScore], detector_accuracy: float, detector_balanced_accuracy: float) -> int:
+    """Index of the chosen candidate under :data:`SELECTION_RULE` (marks ``eligible``/``chosen``)."""
+    for s in scores:
+        s.eligible = (s.cv_accuracy >= detector_accuracy - 1e-9
+                      and s.cv_balanced_accuracy >= detector_balanced_accuracy - 1e-9)
+        s.chosen = False
+    pool = [i for i, s in enumerate(scores) if s.eligible]
+    if not pool:  # cannot happen when the detector rule is a candidate; fall back to all
+        pool = list(range(len(scores)))
+    best = min(pool, key=lambda i: scores[i].cv_log_loss)
+    bar = scores[best].cv_log_loss + scores[best].cv_log_loss_se
+    near = [i for i in pool if scores[i].cv_log_loss <= bar + 1e-12]
+
+    def simplicity(i: int) -> tuple[float, float, float]:
+        s = scores[i]
+        return (s.n_features, -(s.l2 if s.l2 is not None else math.inf), s.cv_log_loss)
+
+    chosen = min(near, key=simplicity)
+    scores[chosen].chosen = True
+    return chosen
+
+
+# -- cross-validation ----------------------------------------------------------------------------------
+def _standardise(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    mean, std = X.mean(0), X.std(0)
+    std[std < 1e-6] = 1.0
+    return mean, std
+
+
+def _logistic_logits(X: np.ndarray, y: np.ndarray, k: int, l2: float, tr: np.ndarray, te: np.ndarray,
+                     sw: np.ndarray) -> np.ndarray:
+    mean, std = _standardise(X[tr])
+    W, b = fit_logistic((X[tr] - mean) / std, y[tr], k, l2=l2, sample_weight=sw[tr])
+    return ((X[te] - mean) / std) @ W.T + b
+
+
+def _oof_logits(X: np.ndarray, y: np.ndarray, k: int, l2: float, folds: Sequence[np.ndarray], sw: np.ndarray,
+                within: np.ndarray | None = None) -> np.ndarray:
+    """Out-of-fold logits of the logistic model over ``within`` (default: all rows)."""
+    idx = np.arange(len(y)) if within is None else within
+    out = np.zeros((len(y), k))
+    for te in folds:
+        tr = np.setdiff1d(idx, te)
+        out[te] = _logistic_logits(X, y, k, l2, tr, te, sw)
+    return out[idx]
+
+
+def _cluster_se(values: np.ndarray, groups: Sequence[str]) -> float:
+    """Standard error of the mean of ``values`` when rows of one group are correlated."""
+    ids: dict[str, int] = {}
+    inv = np.array([ids.setdefault(g, len(ids)) for g in groups])
+    n, G = len(values), len(ids)
+    if G < 2:
+        return float("nan")
+    resid = np.bincount(inv, weights=values - values.mean(), minlength=G)
+    return float(math.sqrt(G / (G - 1) * (resid**2).sum()) / n)
+
+
+def ece_with_interval(
+    y: np.ndarray, probs: np.ndarray, labels: Sequence[str], groups: Sequence[str], *, n_boot: int = 1000, seed: int = 0,
+) -> tuple[float, tuple[float, float] | None]:
+    """Top-label ECE (the harness's definition, :func:`echo_agent.eval.metrics.calibration_score`)
+    and a 95 % percentile interval from a bootstrap that resamples whole groups.
+
+    Note that ECE is biased upwards on small samples, and so are its bootstrap replicates.
+    """
+    from ..eval.metrics import ECE_BINS, calibration_score
+
+    truth = [labels[i] for i in y]
+    ece = calibration_score(truth, [dict(zip(labels, map(float, p))) for p in probs], labels).ece
+    if n_boot <= 0:
+        return float(ece), None
+    # The same bins as calibration_score: conf in (b/n, (b+1)/n] -> bin b, 0 -> bin 0. Per group and
+    # bin, the count and the sum of (hit - confidence); a replicate's ECE is then a weighted sum.
+    pred = probs.argmax(1)
+    conf = probs[np.arange(len(y)), pred]
+    gap = (pred == y).astype(np.float64) - conf
+    b = np.searchsorted(np.linspace(0.0, 1.0, ECE_BINS + 1)[1:-1], conf, side="left")
+    ids: dict[str, int] = {}
+    g = np.array([ids.setdefault(x, len(ids)) for x in groups])
+    gap_t = np.zeros((len(ids), ECE_BINS))
+    cnt_t = np.zeros((len(ids), ECE_BINS))
+    np.add.at(gap_t, (g, b), gap)
+    np.add.at(cnt_t, (g, b), 1.0)
+    rng = np.random.default_rng(seed)
+    w = rng.multinomial(len(ids), np.full(len(ids), 1.0 / len(ids)), size=n_boot).astype(np.float64)
+    boot = np.abs(w @ gap_t).sum(1) / (w @ cnt_t).sum(1)
+    lo, hi = np.quantile(boot, [0.025, 0.975])
+    return float(ece), (float(lo), float(hi))
+
+
+def _balanced_accuracy(y: np.ndarray, pred: np.ndarray, k: int) -> float:
+    rec = [float((pred[y == c] == c).mean()) for c in range(k) if (y == c).any()]
+    return float(np.mean(rec))
+
+
+def cross_validate(
+    cand: Candidate, X: np.ndarray, R: Mapping[str, np.ndarray], y: np.ndarray, groups: Sequence[str], k: int,
+    *, folds: int, seeds: Sequence[int], sw: np.ndarray,
+) -> np.ndarray:
+    """Out-of-fold probabilities of the candidate's whole procedure, one array per seed [seeds, n, k].
+
+    Logistic: standardise + fit on the training groups, temperature from an inner grouped CV on the
+    training groups. Rules: temperature fitted on the training groups. The held-out groups are never
+    seen by either step.
+    """
+    n_groups = len(set(groups))
+    out = np.zeros((len(seeds), len(y), k))
+    for r, seed in enumerate(seeds):
+        for te in _group_folds(groups, min(folds, n_groups), seed):
+            tr = np.setdiff1d(np.arange(len(y)), te)
+            if cand.kind == LOGISTIC:
+                tr_groups = [groups[i] for i in tr]
+                inner = [tr[f] for f in _group_folds(tr_groups, min(folds - 1, len(set(tr_groups))), seed + 1000)]
+                inner_logits = _oof_logits(X, y, k, cand.l2 or 1.0, inner, sw, within=tr)
+                t = fit_temperature(inner_logits, y[tr])
+                out[r, te] = softmax(_logistic_logits(X, y, k, cand.l2 or 1.0, tr, te, sw) / t)
+            else:
+                t = fit_temperature(R[cand.kind][tr], y[tr])
+                out[r, te] = softmax(R[cand.kind][te] / t)
+    return out
+
+
+def fit_fusion(
+    records: Sequence[RunRecord],
+    *,
+    organ: str,
+    candidates: Sequence[Candidate] | None = None,
+    folds: int = 5,
+    seeds: Sequence[int] = (0, 1, 2),
+    seed: int = 0,
+    min_images: int = 50,
+    indeterminate_below: float = 0.5,
+    n_boot: int = 1000,
+    notes: dict[str, Any] | None = None,
+    for_detectors: Sequence[str] | None = None,
+    for_classifiers: Sequence[str] | None = None,
+) -> FusionParams:
+    """Choose and fit the fusion for one organ (see module docstring).
+
+    Args:
+        records: collected runs (:func:`collect_runs`); only ``organ``'s are used.
+        candidates: the candidates (default :func:`default_candidates`).
+        folds: grouped CV folds (capped by the number of groups); ``seeds``: fold assignments averaged.
+        seed: seed of the final model's out-of-fold temperature fit.
+        min_images: below this many images only the calibrated rules are considered (a logistic
+            fusion fitted on a few dozen images does not transfer); the choice says so in ``warnings``.
+        for_detectors: the detector(s) the fusion is for, when the runs came from other ones:
+            cross-fitted detectors, each trained without the images it ran on, stand in for the final
+            detector trained on all of them (out-of-fold predictions). Default: the runs' detectors.
+            The runs' own detectors are then kept in ``training.runs_detectors``.
+        for_classifiers: the same for the second-look classifier (``training.runs_classifiers``).
+    """
+    spec = get_organ(organ)
+    if for_detectors is not None and not list(for_detectors):
+        raise ValueError("for_detectors must name at least one detector")
+    recs = [r for r in records if r.organ == organ]
+    if len(recs) < 10:
+        raise ValueError(f"need at least 10 {organ} runs to fit a fusion, got {len(recs)}")
+    labels = list(spec.image_labels)
+    k = len(labels)
+    feats = [r.features() for r in recs]
+    names = sorted({n for f in feats for n in f})
+    X_all = np.array([[f.get(n, 0.0) for n in names] for f in feats], dtype=np.float64)
+    y = np.array([labels.index(r.label) for r in recs])
+    groups = [r.group for r in recs]
+    R = {kind: np.array([r.rule_log_probs(kind) for r in recs]) for kind in (DETECTOR_RULE, HEURISTIC_RULE)}
+    counts = np.bincount(y, minlength=k).astype(float)
+    class_weights = (len(y) / (k * np.maximum(counts, 1)))[y]
+    warnings: list[str] = []
+    cands = list(candidates or default_candidates())
+    if len(recs) < min_images:
+        cands = [c for c in cands if c.kind != LOGISTIC] or [Candidate(DETECTOR_RULE)]
+        warnings.append(
+            f"only {len(recs)} {organ} images (< {min_images}): learned candidates were not considered, "
+            f"a temperature-calibrated rule is used instead; fit on more held-out images for a learned fusion"
+        )
+    if not any(c.kind == DETECTOR_RULE for c in cands):
+        cands.insert(0, Candidate(DETECTOR_RULE))  # the guard's reference must be a candidate
+
+    det_pred = R[DETECTOR_RULE].argmax(1)
+    det_acc, det_bacc = float((det_pred == y).mean()), _balanced_accuracy(y, det_pred, k)
+    scores: list[CandidateScore] = []
+    oof: dict[str, np.ndarray] = {}
+    for c in cands:
+        subset = feature_subset(names, c.features) if c.kind == LOGISTIC else []
+        X = X_all[:, [names.index(n) for n in subset]] if subset else np.zeros((len(y), 0))
+        sw = class_weights if c.balanced else np.ones(len(y))
+        P = cross_validate(c, X, R, y, groups, k, folds=folds, seeds=seeds, sw=sw)
+        oof[c.name] = P
+        loss = -np.log(np.clip(P[:, np.arange(len(y)), y], 1e-12, None)).mean(0)  # per image, over seeds
+        pred = P.argmax(2)
+        # ECE and its interval on the first fold assignment (the bootstrap already resamples groups)
+        ece, ci = ece_with_interval(y, P[0], labels, groups, n_boot=n_boot)
+        scores.append(CandidateScore(
+            name=c.name, kind=c.kind, features=c.features, l2=c.l2, balanced=c.balanced, n_features=len(subset),
+            cv_log_loss=float(loss.mean()), cv_log_loss_se=_cluster_se(loss, groups),
+            cv_accuracy=float((pred == y).mean()),
+            cv_balanced_accuracy=float(np.mean([_balanced_accuracy(y, p, k) for p in pred])),
+            cv_ece=float(ece), cv_ece_ci=ci,
+        ))
+    chosen = cands[select_candidate(scores, det_acc, det_bacc)]
+    sw = class_weights if chosen.balanced else np.ones(len(y))
+
+    # Final fit on all images; temperature from grouped out-of-fold logits.
+    fold_idx = _group_folds(groups, min(folds, len(set(groups))), seed)
+    if chosen.kind == LOGISTIC:
+        subset = feature_subset(names, chosen.features)
+        X = X_all[:, [names.index(n) for n in subset]]
+        mean, std = _standardise(X)
+        W, b = fit_logistic((X - mean) / std, y, k, l2=chosen.l2 or 1.0, sample_weight=sw)
+        temperature = fit_temperature(_oof_logits(X, y, k, chosen.l2 or 1.0, fold_idx, sw), y)
+        weights, bias, mean_l, std_l = W.tolist(), b.tolist(), mean.tolist(), std.tolist()
+    else:
+        subset, weights, bias, mean_l, std_l = [], [[] for _ in labels], [0.0] * k, [], []
+        temperature = fit_temperature(R[chosen.kind], y)
+    detectors = sorted({e.get("detector") for r in recs for e in r.evidence if e.get("kind") == "detections"} - {None})
+    if for_detectors is not None:
+        notes = {**(notes or {}), "runs_detectors": detectors}
+        detectors = sorted(set(for_detectors))
+    classifiers = sorted({e.get("classifier") for r in recs for e in r.evidence if e.get("kind") == "classification"} - {None})
+    if for_classifiers is not None:
+        notes = {**(notes or {}), "runs_classifiers": classifiers}
+        classifiers = sorted(set(for_classifiers))
+    chosen_score = next(s for s in scores if s.chosen)
+    P0 = oof[chosen.name][0]
+    per_class = {lbl: float((P0.argmax(1)[y == i] == i).mean()) if (y == i).any() else None for i, lbl in enumerate(labels)}
+    training = {
+        "n": len(y), "n_groups": len(set(groups)), "class_counts": {lbl: int(c) for lbl, c in zip(labels, counts)},
+        "chosen": chosen.name, "l2": chosen.l2,
+        "selection": {
+            "rule": SELECTION_RULE, "detector_only_cv_accuracy": round(det_acc, 4),
+            "detector_only_cv_balanced_accuracy": round(det_bacc, 4),
+            "folds": min(folds, len(set(groups))), "cv_seeds": list(seeds), "min_images": min_images,
+            "candidates": [s.to_dict() for s in scores],
+        },
+        "oof_accuracy": round(chosen_score.cv_accuracy, 4), "oof_per_class_recall": per_class,
+        "cv_ece": round(chosen_score.cv_ece, 4),
+        "cv_ece_ci95": [round(v, 4) for v in chosen_score.cv_ece_ci] if chosen_score.cv_ece_ci else None,
+        "seed": seed, "balanced": chosen.balanced, "detectors": detectors, "classifiers": classifiers,
+        "warnings": warnings,
+        "date": time.strftime("%Y-%m-%d"), **(notes or {}),
+    }
+    return FusionParams(
+        organ=organ, labels=labels, feature_names=subset, mean=mean_l, std=std_l,
+        weights=weights, bias=bias, temperature=temperature,
+        indeterminate_below=indeterminate_below, training=training, kind=chosen.kind,
+    )
