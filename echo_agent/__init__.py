@@ -26,7 +26,7 @@ _EXPORTS: dict[str, str] = {
     "make_tools": "echo_agent.tools",
     "EmbeddedPolicy": "echo_agent.reasoners",
     "QwenVLChatModel": "echo_agent.reasoners",
-    "agent_from_endpoint": "echo_agent.reasoners",
+    "agent_from_endpoint": "echo_agent.agent",
     "OrganSpec": "echo_agent.organs",
     "CategoryBand": "echo_agent.organs",
     "register_organ": "echo_agent.organs",
@@ -62,12 +62,12 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .agent import EchoAgent, ReviewTicket
+    from .agent import EchoAgent, ReviewTicket, agent_from_endpoint
     from .errors import EchoError, EchoInputError
     from .graph import EchoRunContext, ReviewDecision, build_graph
     from .imaging import example_image, load_image
     from .organs import CategoryBand, OrganSpec, get_organ, list_organs, register_organ
-    from .reasoners import EmbeddedPolicy, QwenVLChatModel, agent_from_endpoint
+    from .reasoners import EmbeddedPolicy, QwenVLChatModel
     from .schemas import (
         Box,
         ClinicalContext,

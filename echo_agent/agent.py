@@ -11,7 +11,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from .errors import ClinicalContextError, EchoError, EchoInputError
 from .events import (
@@ -127,6 +127,49 @@ class EchoAgent:
             max_tool_calls=max_tool_calls, review=review, check_given_organ=check_given_organ,
         )
         self.graph = self._builder.compile(checkpointer=checkpointer)
+
+    @classmethod
+    def from_endpoint(
+        cls,
+        base_url: str,
+        model: str,
+        *,
+        api_key: str = "EMPTY",
+        images_in_tool_messages: bool = True,
+        llm_finalizer: bool | Literal["json_schema", "text"] = True,
+        box_convention: Literal["relative1000", "absolute"] = "relative1000",
+        chat_kwargs: dict[str, Any] | None = None,
+        **agent_kwargs: Any,
+    ) -> EchoAgent:
+        """An agent whose reasoner is the multimodal model served at an OpenAI-compatible endpoint
+        (vLLM, SGLang, Ollama, a hosted API; needs the ``openai`` extra).
+
+        Args:
+            base_url: the server's OpenAI-compatible root, e.g. ``'http://localhost:8000/v1'``.
+            model: the served model name (``--served-model-name`` of vLLM).
+            api_key: the server's key (``'EMPTY'`` for a local vLLM without one).
+            images_in_tool_messages: ``False`` for servers that reject images inside tool messages;
+                the detector overlay then follows the tool results in a user message.
+            llm_finalizer: also ask the model for the final Diagnosis (structured output, validated,
+                one repair, fusion fallback: :class:`~echo_agent.reasoners.LLMFinalizer`); ``'text'``
+                asks for JSON in plain text, for servers without JSON-schema output.
+            box_convention: ``'absolute'`` for Qwen2.5-VL, ``'relative1000'`` (default) otherwise.
+            chat_kwargs: more settings for :func:`echo_agent.reasoners.chat_model_from_endpoint`.
+            agent_kwargs: passed to :class:`EchoAgent` (``organ``, ``toolkit``, ``max_tool_calls``, ...).
+        """
+        from .reasoners.llm_finalizer import LLMFinalizer
+        from .reasoners.openai_compat import chat_model_from_endpoint
+        from .tools import Toolkit
+
+        toolkit = agent_kwargs.pop("toolkit", None) or Toolkit()
+        llm = chat_model_from_endpoint(
+            base_url, model, api_key=api_key, images_in_tool_messages=images_in_tool_messages,
+            box_convention=box_convention, image_store=toolkit.get_store(), **(chat_kwargs or {}),
+        )
+        if llm_finalizer and agent_kwargs.get("finalizer") is None:
+            mode = llm_finalizer if isinstance(llm_finalizer, str) else "json_schema"
+            agent_kwargs["finalizer"] = LLMFinalizer(llm, structured=mode)
+        return cls(reasoner=llm, toolkit=toolkit, **agent_kwargs)
 
     # -- inputs ---------------------------------------------------------------------------------------
     def prepare_input(
@@ -366,6 +409,11 @@ class EchoAgent:
 #: Images per batched detector pass in :meth:`EchoAgent.batch` (within the detector's output cache
 #: and the toolkit's preprocessing cache).
 _PREFETCH_CHUNK = 16
+
+
+def agent_from_endpoint(base_url: str, model: str, **kwargs: Any) -> EchoAgent:
+    """Same as :meth:`EchoAgent.from_endpoint` (kept for existing code and ``functools.partial``)."""
+    return EchoAgent.from_endpoint(base_url, model, **kwargs)
 
 
 def _check_decision(snapshot: Any, decision: dict[str, Any]) -> None:

@@ -22,7 +22,7 @@ class DarkNoduleDetector:
     def detect(self, image: np.ndarray, *, score_threshold: float = 0.25, tta: bool = False, **_):
         gray = image.mean(axis=2)
         h, w = gray.shape
-        best = min(((gray[y:y + 32, x:x + 32].mean(), x, y) for y in range(0, h - 32, 16) for x in range(0, w - 32, 16)))
+        best = min((gray[y:y + 32, x:x + 32].mean(), x, y) for y in range(0, h - 32, 16) for x in range(0, w - 32, 16))
         score = float(1.0 - best[0] / 255.0)
         if score < score_threshold:
             return []

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import argparse
 
+from echo_agent import EchoAgent
 from echo_agent.imaging import example_image
-from echo_agent.reasoners.openai_compat import agent_from_endpoint
 
 
 def main() -> None:
@@ -28,7 +28,7 @@ def main() -> None:
     p.add_argument("--qwen2-5", action="store_true", help="the model is Qwen2.5-VL (absolute-pixel boxes)")
     args = p.parse_args()
 
-    agent = agent_from_endpoint(
+    agent = EchoAgent.from_endpoint(
         args.base_url, args.model, api_key=args.api_key, organ=args.organ,
         images_in_tool_messages=not args.no_tool_images,
         box_convention="absolute" if args.qwen2_5 else "relative1000",

@@ -17,6 +17,7 @@ pytest.importorskip("langchain_openai")
 from _fakes import fake_toolkit, speckle_image  # noqa: E402
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage  # noqa: E402
 
+from echo_agent import EchoAgent  # noqa: E402
 from echo_agent.messages import image_block  # noqa: E402
 from echo_agent.reasoners.openai_compat import (  # noqa: E402
     agent_from_endpoint,
@@ -168,7 +169,7 @@ def test_chat_model_settings():
 
 async def test_async_run_goes_through_the_same_wrapper(replay_server):
     base_url, requests = replay_server
-    agent = agent_from_endpoint(base_url, "replay-model", organ="breast", toolkit=fake_toolkit(), router=None)
+    agent = EchoAgent.from_endpoint(base_url, "replay-model", organ="breast", toolkit=fake_toolkit(), router=None)
     dx = await agent.arun(speckle_image(120, 160), context={"age": 52})
     bodies = [r["body"] for r in requests()]
     assert len(bodies) == 5 and "echo-image://" not in json.dumps(bodies)
@@ -220,3 +221,15 @@ def test_finalizer_mode_follows_the_endpoint_option(monkeypatch):
     assert made[0][0].image_store is tk.get_store()  # the model resolves images in the agent's store
     assert lf.LLMFinalizer(object())._uses_json_schema() is False
     assert lf.LLMFinalizer(chat_model_from_endpoint("http://127.0.0.1:9/v1", "m"))._uses_json_schema() is True
+
+
+def test_agent_from_endpoint_is_the_classmethod_under_every_old_name():
+    import echo_agent
+    import echo_agent.reasoners as reasoners
+    from echo_agent.agent import agent_from_endpoint as alias
+
+    assert echo_agent.agent_from_endpoint is alias and reasoners.agent_from_endpoint is alias
+    assert agent_from_endpoint is alias  # echo_agent.reasoners.openai_compat, resolved lazily
+    tk = fake_toolkit()
+    agent = alias("http://127.0.0.1:9/v1", "m", organ="breast", toolkit=tk, router=None, llm_finalizer=False)
+    assert type(agent) is EchoAgent and agent.toolkit is tk

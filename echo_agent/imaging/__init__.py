@@ -13,9 +13,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import EchoInputError
-from .io import LoadedImage, load_image
+from .io import LoadedImage, load_image, read_for_store
 from .overlay import encode_png, render_overlay, save_png
-from .store import ImageRef, ImageStore, default_store, pixel_hash
+from .store import ImageRef, ImageStore, default_store, pixel_hash, set_default_reader
+
+set_default_reader(read_for_store)  # stores re-read evicted images with the package's loader
 
 _EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "assets" / "examples"
 

@@ -108,6 +108,13 @@ class LoadedImage:
 DEFAULT_MAX_PIXELS = 12_000_000
 
 
+def read_for_store(path: Path, frame: int | None) -> tuple[str, np.ndarray]:
+    """``(content id, canonical array)`` of an image file: how an :class:`ImageStore` re-reads an
+    image it no longer holds (:data:`echo_agent.imaging.store.ImageReader`)."""
+    loaded = load_image(path, frame=frame)
+    return loaded.sha256, loaded.array
+
+
 def load_image(
     source: ImageSource,
     *,

@@ -13,6 +13,7 @@ import os
 import re
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,19 @@ def pixel_hash(array: np.ndarray) -> str:
     return h.hexdigest()[:24]
 
 
+#: How a store re-reads an image it no longer holds from a file: ``(path, frame) -> (content id,
+#: canonical array)``. The imaging package sets :func:`echo_agent.imaging.io.read_for_store` as the
+#: default (the store sits below the readers and does not import them).
+ImageReader = Callable[[Path, int | None], tuple[str, np.ndarray]]
+_default_reader: ImageReader | None = None
+
+
+def set_default_reader(reader: ImageReader | None) -> None:
+    """The reader stores without their own use to re-read a file (``None``: never re-read)."""
+    global _default_reader
+    _default_reader = reader
+
+
 class ImageStore:
     """Thread-safe LRU of canonical RGB uint8 arrays keyed by content id.
 
@@ -64,9 +78,11 @@ class ImageStore:
         capacity: how many images to keep in memory.
         directory: optional folder where each image is also written as ``<id>.png`` so a later
             process can resolve the same reference.
+        reader: how to re-read an evicted image from its file (default: the package's image loader).
     """
 
-    def __init__(self, capacity: int = 64, directory: str | Path | None = None) -> None:
+    def __init__(self, capacity: int = 64, directory: str | Path | None = None, *,
+                 reader: ImageReader | None = None) -> None:
         if capacity < 1:
             raise ValueError("ImageStore capacity must be at least 1")
         self.capacity = capacity
@@ -75,6 +91,7 @@ class ImageStore:
             self.directory.mkdir(parents=True, exist_ok=True)
         self._items: OrderedDict[str, np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
+        self._reader = reader
 
     def put(self, array: np.ndarray, *, image_id: str | None = None, **meta: Any) -> ImageRef:
         """Store a canonical HxWx3 uint8 array and return its reference.
@@ -123,15 +140,14 @@ class ImageStore:
             candidates.append(self.directory / f"{image_id}.png")
         if not isinstance(ref, str) and ref.get("path"):
             candidates.append(Path(str(ref["path"])))
+        reader = self._reader or _default_reader
         for p in candidates:
-            if p.exists():
-                from .io import load_image
-
+            if reader is not None and p.exists():
                 frame = None if isinstance(ref, str) else ref.get("frame")
-                loaded = load_image(p, frame=frame)
-                if loaded.sha256 == image_id:
-                    self.put(loaded.array)
-                    return loaded.array
+                sha, array = reader(p, frame)
+                if sha == image_id:
+                    self.put(array)
+                    return array
         raise EchoInputError(
             f"image {image_id!r} is not in the image store (it holds the {self.capacity} most recent "
             "images in memory); pass the image again, or give the store a directory so references persist"

@@ -17,7 +17,7 @@ from .toolcall_parsing import ParseResult, parse_tool_calls
 
 _LAZY = {
     "QwenVLChatModel": ".qwen_vl",
-    "agent_from_endpoint": ".openai_compat",
+    "agent_from_endpoint": "echo_agent.agent",  # EchoAgent.from_endpoint; an agent is a layer above
     "chat_model_from_endpoint": ".openai_compat",
     "EchoChatOpenAI": ".openai_compat",
 }

@@ -15,7 +15,7 @@ from langchain_openai import ChatOpenAI
 
 from ..imaging.store import ImageStore, default_store
 from ._multimodal import is_image_block, resolve_image, text_of
-from .openai_compat import QWEN2_5_VL_PIXELS, prepare_messages, qwen_resized_size
+from ._openai_messages import QWEN2_5_VL_PIXELS, prepare_messages, qwen_resized_size
 from .qwen_vl import BoxConvention
 from .toolcall_parsing import parse_tool_calls
 

@@ -67,7 +67,7 @@ def run_batch_ray(
         overlays / fhir: folders for overlay PNGs / FHIR DiagnosticReports, written by the workers.
         agent_factory: zero-argument callable building the agent in each worker (default
             ``EchoAgent()``); it is pickled to the workers, so it must not capture live models. For an
-            MLLM reasoner served by vLLM: ``functools.partial(agent_from_endpoint, url, model)``.
+            MLLM reasoner served by vLLM: ``functools.partial(EchoAgent.from_endpoint, url, model)``.
         chunk_size: items per actor call (one ``agent.batch`` per organ in the chunk); lowered when
             there are fewer than ``workers * chunk_size`` items so that every worker gets some.
         cpus_per_worker / gpus_per_worker: Ray resources reserved by each actor.
