@@ -18,6 +18,8 @@ __version__ = "0.1.0"
 
 _EXPORTS: dict[str, str] = {
     "EchoAgent": "echo_agent.agent",
+    "AgentConfig": "echo_agent.config",
+    "EndpointReasoner": "echo_agent.config",
     "ReviewTicket": "echo_agent.agent",
     "build_graph": "echo_agent.graph",
     "EchoRunContext": "echo_agent.graph",
@@ -63,6 +65,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # pragma: no cover
     from .agent import EchoAgent, ReviewTicket, agent_from_endpoint
+    from .config import AgentConfig, EndpointReasoner
     from .errors import EchoError, EchoInputError
     from .graph import EchoRunContext, ReviewDecision, build_graph
     from .imaging import example_image, load_image

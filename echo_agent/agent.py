@@ -9,9 +9,10 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import ClinicalContextError, EchoError, EchoInputError
 from .events import (
@@ -25,6 +26,9 @@ from .events import (
     ToolErrorEvent,
 )
 from .schemas import ClinicalContext, Diagnosis, parse_evidence
+
+if TYPE_CHECKING:
+    from .config import AgentConfig
 
 ImageInput = Any  # str | Path | bytes | PIL.Image.Image | np.ndarray | pydicom.Dataset
 ContextInput = ClinicalContext | dict[str, Any] | str | None
@@ -127,6 +131,24 @@ class EchoAgent:
             max_tool_calls=max_tool_calls, review=review, check_given_organ=check_given_organ,
         )
         self.graph = self._builder.compile(checkpointer=checkpointer)
+        #: the AgentConfig this agent was built from (:meth:`from_config`), else None
+        self.config: AgentConfig | None = None
+
+    @classmethod
+    def from_config(cls, config: AgentConfig | Mapping[str, Any] | str | Path | None = None, **runtime: Any) -> EchoAgent:
+        """Build the agent an :class:`~echo_agent.config.AgentConfig` describes (a config, a mapping,
+        or a JSON/YAML file; ``None``: the packaged default).
+
+        ``runtime`` takes the resources that are not data: ``checkpointer=``, ``store=`` (an
+        ``ImageStore``) or ``toolkit=`` (a ready :class:`~echo_agent.tools.Toolkit`). The config is
+        kept as ``agent.config``.
+        """
+        from .config import AgentConfig
+
+        cfg = AgentConfig.load(config) if config is not None else AgentConfig()
+        agent = cls(**cfg.agent_kwargs(**runtime))
+        agent.config = cfg
+        return agent
 
     @classmethod
     def from_endpoint(
@@ -156,19 +178,19 @@ class EchoAgent:
             box_convention: ``'absolute'`` for Qwen2.5-VL, ``'relative1000'`` (default) otherwise.
             chat_kwargs: more settings for :func:`echo_agent.reasoners.chat_model_from_endpoint`.
             agent_kwargs: passed to :class:`EchoAgent` (``organ``, ``toolkit``, ``max_tool_calls``, ...).
+
+        The same agent as a serialisable config: ``AgentConfig(reasoner=EndpointReasoner(...))``.
         """
-        from .reasoners.llm_finalizer import LLMFinalizer
-        from .reasoners.openai_compat import chat_model_from_endpoint
+        from .config import EndpointReasoner, endpoint_parts
         from .tools import Toolkit
 
         toolkit = agent_kwargs.pop("toolkit", None) or Toolkit()
-        llm = chat_model_from_endpoint(
-            base_url, model, api_key=api_key, images_in_tool_messages=images_in_tool_messages,
-            box_convention=box_convention, image_store=toolkit.get_store(), **(chat_kwargs or {}),
-        )
-        if llm_finalizer and agent_kwargs.get("finalizer") is None:
-            mode = llm_finalizer if isinstance(llm_finalizer, str) else "json_schema"
-            agent_kwargs["finalizer"] = LLMFinalizer(llm, structured=mode)
+        llm, finalizer = endpoint_parts(EndpointReasoner(
+            base_url=base_url, model=model, api_key=api_key, images_in_tool_messages=images_in_tool_messages,
+            llm_finalizer=llm_finalizer, box_convention=box_convention, chat_kwargs=chat_kwargs or {},
+        ), toolkit.get_store())
+        if agent_kwargs.get("finalizer") is None:
+            agent_kwargs["finalizer"] = finalizer
         return cls(reasoner=llm, toolkit=toolkit, **agent_kwargs)
 
     # -- inputs ---------------------------------------------------------------------------------------

@@ -333,7 +333,7 @@ def run_batch(
     if agent is None:
         from .agent import EchoAgent
 
-        agent = EchoAgent()
+        agent = EchoAgent.from_config()
     with journal_writer(out, summary, len(items), on_item, progress) as write:
         for start in range(0, len(todo), max(chunk_size, 1)):
             chunk = todo[start : start + chunk_size]

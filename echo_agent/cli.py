@@ -82,10 +82,11 @@ def run(
     frame: Annotated[int | None, typer.Option(help="Frame of a multi-frame DICOM / TIFF.")] = None,
     json_out: Annotated[str | None, typer.Option("--json", help="Write the Diagnosis JSON to PATH, or '-' for stdout.")] = None,
     overlay: Annotated[Path | None, typer.Option(help="Write a PNG with the reported boxes to PATH.")] = None,
-    max_tool_calls: Annotated[int, typer.Option(help="Tool-call budget.")] = 8,
+    max_tool_calls: Annotated[int | None, typer.Option(help="Tool-call budget (default: the config's, 8).")] = None,
     force: Annotated[bool, typer.Option(help="Overwrite existing output files.")] = False,
     quiet: Annotated[bool, typer.Option(help="Do not print the summary.")] = False,
     steps: Annotated[bool, typer.Option(help="Print each step (tool calls, evidence) as it happens.")] = False,
+    config: Annotated[Path | None, typer.Option(help="Agent config (JSON/YAML AgentConfig); --organ/--max-tool-calls apply on top.")] = None,
 ) -> None:
     """Diagnose one image and print a readable summary."""
     from rich.console import Console
@@ -100,9 +101,12 @@ def run(
         _refuse_overwrite(overlay, force)
     try:
         from .agent import EchoAgent
+        from .config import AgentConfig
 
         ctx = _parse_context(context, age, symptoms)
-        agent = EchoAgent(organ=organ, max_tool_calls=max_tool_calls)
+        cfg = AgentConfig.load(config) if config is not None else AgentConfig()
+        changes = {k: v for k, v in (("organ", organ), ("max_tool_calls", max_tool_calls)) if v is not None}
+        agent = EchoAgent.from_config(cfg.replace(**changes))
         if steps:
             from .events import DiagnosisEvent
 
@@ -149,47 +153,37 @@ def eval_(
     fusion: Annotated[str, typer.Option(help="Reason-node fusion: 'default' (learned where parameters ship), 'heuristic', or a fusion-parameters JSON file.")] = "default",
     detector: Annotated[Path | None, typer.Option(help="Use these detector weights (.onnx/.pt) for --organ instead of the packaged ones.")] = None,
     classifier: Annotated[str | None, typer.Option(help="Second-look classifier for --organ: an .onnx file instead of the packaged one, or 'none' to run without a second look.")] = None,
+    config: Annotated[Path | None, typer.Option(help="Agent config (JSON/YAML AgentConfig); --fusion/--detector/--classifier apply on top.")] = None,
 ) -> None:
     """Evaluate detector-only vs the full agent on a manifest."""
     from .eval.harness import eval_command
 
     agent = None
-    if fusion != "default" or detector is not None or classifier is not None:
+    if fusion != "default" or detector is not None or classifier is not None or config is not None:
         from .agent import EchoAgent
-        from .tools import Toolkit
+        from .config import AgentConfig
 
-        toolkit = Toolkit()
         if (detector is not None or classifier is not None) and organ is None:
             raise typer.BadParameter("--detector and --classifier need --organ (the organ these weights are for)")
+        base = AgentConfig.load(config) if config is not None else AgentConfig()
+        changes: dict[str, Any] = {}
         if detector is not None:
-            from .detectors import load_detector
-            from .organs import get_organ
-
-            toolkit.detectors[organ] = load_detector(detector, labels=get_organ(organ).detector_labels)  # type: ignore[index]
-        if classifier == "none":
-            toolkit.classifiers[organ] = None  # type: ignore[index]  # no classify tool for the organ
-        elif classifier is not None:
-            from .detectors import load_region_classifier
-
-            toolkit.classifiers[organ] = load_region_classifier(Path(classifier))  # type: ignore[index]
-        fusion_obj = None
+            changes["detectors"] = {**base.detectors, organ: detector}
+        if classifier is not None:
+            changes["classifiers"] = {**base.classifiers, organ: None if classifier == "none" else Path(classifier)}
         if fusion == "heuristic":
-            from .reasoners import HeuristicFusion
-
-            fusion_obj = HeuristicFusion()
+            changes.update(fusion="heuristic", fusion_params={})
         elif fusion != "default":
-            from .fusion import LearnedFusion, load_fusion_params
-
-            params = load_fusion_params(organ or "", str(fusion)) if organ else None
-            if params is None:
+            if organ is None:
                 raise typer.BadParameter("--fusion PATH needs --organ")
-            fusion_obj = LearnedFusion({params.organ: params})
-        agent = EchoAgent(toolkit=toolkit, fusion=fusion_obj)
+            changes.update(fusion="learned", fusion_params={**base.fusion_params, organ: Path(fusion)})
+        agent = EchoAgent.from_config(base.replace(**changes))
     from .eval.harness import _default_command
 
     extra = [*(["--fusion", str(fusion)] if fusion != "default" else []),
              *(["--detector", str(detector)] if detector is not None else []),
-             *(["--classifier", str(classifier)] if classifier is not None else [])]
+             *(["--classifier", str(classifier)] if classifier is not None else []),
+             *(["--config", str(config)] if config is not None else [])]
     command = _default_command(str(manifest), out, organ, split, limit, score_threshold, extra)
     raise typer.Exit(code=eval_command(manifest, out, organ=organ, split=split, limit=limit, overwrite=overwrite,
                                        score_threshold=score_threshold, agent=agent, command=command))
@@ -208,6 +202,7 @@ def batch(
         help="local (this process) | processes (a local pool of worker processes) | ray (Ray actors)")] = "local",
     workers: Annotated[int, typer.Option(help="processes / ray: number of worker processes.")] = 2,
     chunk_size: Annotated[int, typer.Option(help="Images per agent.batch call (one batched detector pass each).")] = 16,
+    config: Annotated[Path | None, typer.Option(help="Agent config (JSON/YAML AgentConfig) every worker builds its agent from.")] = None,
 ) -> None:
     """Diagnose many images; killed and restarted, it resumes without redoing or losing items."""
     from rich.console import Console
@@ -218,17 +213,26 @@ def batch(
 
     console = Console()
     try:
+        import functools
+
+        from .agent import EchoAgent
+        from .config import AgentConfig
+
+        cfg = AgentConfig.load(config) if config is not None else AgentConfig()
+        factory = functools.partial(EchoAgent.from_config, cfg)  # picklable: workers build their own
         items = collect_inputs(source, organ=organ, split=split, hash_ids=hash_ids)
         if engine == "local":
-            s = run_batch(items, out, overlays=overlays, fhir=fhir, chunk_size=chunk_size)
+            s = run_batch(items, out, agent=factory(), overlays=overlays, fhir=fhir, chunk_size=chunk_size)
         elif engine == "processes":
             from .scale.process_engine import run_batch_processes
 
-            s = run_batch_processes(items, out, workers=workers, overlays=overlays, fhir=fhir, chunk_size=chunk_size)
+            s = run_batch_processes(items, out, workers=workers, overlays=overlays, fhir=fhir, chunk_size=chunk_size,
+                                    agent_factory=factory)
         elif engine == "ray":
             from .scale.ray_engine import run_batch_ray
 
-            s = run_batch_ray(items, out, workers=workers, overlays=overlays, fhir=fhir, chunk_size=chunk_size)
+            s = run_batch_ray(items, out, workers=workers, overlays=overlays, fhir=fhir, chunk_size=chunk_size,
+                              agent_factory=factory)
         else:
             raise typer.BadParameter(f"--engine must be 'local', 'processes' or 'ray', got {engine!r}")
     except EchoError as exc:

@@ -33,6 +33,10 @@ Configuration is by environment variable (set them in ``langgraph.json``'s ``env
 * ``ECHO_AGENT_LLM_BASE_URL`` / ``ECHO_AGENT_LLM_MODEL`` / ``ECHO_AGENT_LLM_API_KEY``: an
   OpenAI-compatible endpoint (e.g. vLLM at ``http://host:8000/v1``) used as the reasoner and the
   finaliser instead of the embedded policy.
+* ``ECHO_AGENT_ORGAN``: fix the organ of every run.
+
+The agent-building variables are read by :meth:`echo_agent.AgentConfig.from_env`, the same config
+every other entry point builds its agent from; the upload limits above are this module's own.
 
 ``langgraph dev`` resolves the graph paths from its working directory: run it inside ``graphs/``
 (``cd graphs && langgraph dev``); see ``docs/deployment.md``.
@@ -42,7 +46,7 @@ Configuration is by environment variable (set them in ``langgraph.json``'s ``env
 # the server imports this file by path, where postponed annotations could not be resolved.
 import base64
 import binascii
-import importlib
+import dataclasses
 import os
 from pathlib import Path
 from typing import Annotated, Any
@@ -52,11 +56,11 @@ from langgraph.graph import END, START, StateGraph
 from langgraph.graph.message import add_messages
 from typing_extensions import TypedDict
 
+from echo_agent.config import AgentConfig, AgentParts
 from echo_agent.errors import EchoInputError, ImageTooLargeError
 from echo_agent.graph import EchoOutput, EchoRunContext, build_graph
-from echo_agent.imaging import ImageRef, ImageStore, load_image
+from echo_agent.imaging import ImageRef, load_image
 from echo_agent.imaging.store import check_image_id
-from echo_agent.tools import Toolkit
 
 
 class ServedInput(TypedDict, total=False):
@@ -127,47 +131,22 @@ def check_image_path(path: str, roots: list[Path]) -> str:
     return str(resolved)
 
 
-def _load_factory(spec: str) -> Any:
-    module, _, attr = spec.partition(":")
-    if not module or not attr:
-        raise EchoInputError(f"ECHO_AGENT_TOOLKIT={spec!r} must look like 'package.module:factory'")
-    return getattr(importlib.import_module(module), attr)
-
-
-def image_store_dir() -> Path:
-    """``ECHO_AGENT_IMAGE_STORE`` or ``~/.cache/echo-agent/images``."""
-    return Path(os.environ.get("ECHO_AGENT_IMAGE_STORE") or Path.home() / ".cache" / "echo-agent" / "images")
-
-
-def default_toolkit(store: ImageStore) -> Toolkit:
-    """The toolkit chosen by ``ECHO_AGENT_TOOLKIT`` (default: the packaged one) on ``store``."""
-    spec = os.environ.get("ECHO_AGENT_TOOLKIT")
-    if spec:
-        return _load_factory(spec)(store=store)
-    return Toolkit(store=store)
-
-
-def endpoint_reasoner(store: ImageStore) -> tuple[Any, Any]:
-    """``(chat model, LLM finaliser)`` for ``ECHO_AGENT_LLM_BASE_URL``, or ``(None, None)``."""
-    base_url = os.environ.get("ECHO_AGENT_LLM_BASE_URL")
-    if not base_url:
-        return None, None
-    model = os.environ.get("ECHO_AGENT_LLM_MODEL")
-    if not model:
-        raise EchoInputError("ECHO_AGENT_LLM_BASE_URL is set but ECHO_AGENT_LLM_MODEL is not; name the served model")
-    from echo_agent.reasoners.llm_finalizer import LLMFinalizer
-    from echo_agent.reasoners.openai_compat import chat_model_from_endpoint
-
-    llm = chat_model_from_endpoint(
-        base_url, model, api_key=os.environ.get("ECHO_AGENT_LLM_API_KEY", "EMPTY"), image_store=store
-    )
-    return llm, LLMFinalizer(llm)
+def served_config() -> AgentConfig:
+    """The agent the ``ECHO_AGENT_*`` variables describe (:meth:`AgentConfig.from_env`: reasoner,
+    toolkit factory, image store, organ), with the image store in ``~/.cache/echo-agent/images``
+    unless ``ECHO_AGENT_IMAGE_STORE`` names another folder."""
+    cfg = AgentConfig.from_env()
+    if cfg.image_store is None:
+        cfg = cfg.replace(image_store=Path.home() / ".cache" / "echo-agent" / "images")
+    return cfg
 
 
 def make_graph(
     *,
     review: bool = False,
-    toolkit: Toolkit | None = None,
+    config: AgentConfig | None = None,
+    parts: AgentParts | None = None,
+    toolkit: Any = None,
     reasoner: Any = None,
     finalizer: Any = None,
     image_roots: list[Path] | None = None,
@@ -177,21 +156,20 @@ def make_graph(
 
     Args:
         review: pause before the end for a human reviewer.
-        toolkit: detectors, captioner, retriever and a directory-backed image store (default:
-            :func:`default_toolkit` on ``ECHO_AGENT_IMAGE_STORE``).
-        reasoner / finalizer: see :func:`echo_agent.build_graph` (default: ``ECHO_AGENT_LLM_*`` or the
-            embedded policy).
+        config: the agent to serve (default: :func:`served_config`, from the ``ECHO_AGENT_*``
+            variables); its image store must be directory-backed so references survive restarts.
+        parts: parts already built from ``config`` (to share one toolkit between graphs).
+        toolkit / reasoner / finalizer: objects to use instead of the config's (a toolkit's store
+            should be directory-backed; see :func:`echo_agent.build_graph`).
         image_roots: folders ``image_path`` may point into (default: ``ECHO_AGENT_IMAGE_ROOTS``; none:
             ``image_path`` is refused).
         max_upload_bytes: largest decoded ``image_b64`` (default: ``ECHO_AGENT_MAX_UPLOAD_MB``).
     """
-    from echo_agent.organs.routing import default_router
-
-    if toolkit is None:
-        toolkit = default_toolkit(ImageStore(directory=image_store_dir()))
-    store = toolkit.get_store()
-    if reasoner is None and finalizer is None:
-        reasoner, finalizer = endpoint_reasoner(store)
+    config = config or served_config()
+    parts = parts or config.build_parts(toolkit=toolkit)
+    if reasoner is not None or finalizer is not None:
+        parts = dataclasses.replace(parts, reasoner=reasoner, finalizer=finalizer)
+    store = parts.toolkit.get_store()
     roots = _env_paths("ECHO_AGENT_IMAGE_ROOTS") if image_roots is None else [Path(r).resolve() for r in image_roots]
     limit = max_upload_bytes or int(float(os.environ.get("ECHO_AGENT_MAX_UPLOAD_MB", "50")) * 1024 * 1024)
 
@@ -215,7 +193,9 @@ def make_graph(
         ref.update(path=None, width=int(pixels.shape[1]), height=int(pixels.shape[0]))
         return {"image": ref}
 
-    echo = build_graph(reasoner, toolkit=toolkit, finalizer=finalizer, router=default_router, review=review)
+    echo = build_graph(parts.reasoner, toolkit=parts.toolkit, fusion=parts.fusion, finalizer=parts.finalizer,
+                       router=parts.router, review=review, max_tool_calls=config.max_tool_calls,
+                       check_given_organ=config.check_given_organ)
     parent: StateGraph = StateGraph(
         ServedState, context_schema=EchoRunContext, input_schema=ServedInput, output_schema=EchoOutput
     )
@@ -227,7 +207,8 @@ def make_graph(
     return parent.compile(name="echo_review" if review else "echo")
 
 
-# One toolkit for both entries: each detector is loaded once per server process.
-_toolkit = default_toolkit(ImageStore(directory=image_store_dir()))
-graph = make_graph(toolkit=_toolkit)
-review_graph = make_graph(toolkit=_toolkit, review=True)
+# One set of parts (one toolkit) for both entries: each detector is loaded once per server process.
+_config = served_config()
+_parts = _config.build_parts()
+graph = make_graph(config=_config, parts=_parts)
+review_graph = make_graph(config=_config, parts=_parts, review=True)

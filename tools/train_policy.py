@@ -108,17 +108,13 @@ def _images(args: argparse.Namespace, ap: argparse.ArgumentParser) -> list:
 
 def _agent_with(organ: str, weights: Path | None, classifier: Path | None = None):
     """The default agent (heuristic fusion: the runs feed the fusion being fitted) on other weights."""
-    from echo_agent import EchoAgent, get_organ
-    from echo_agent.detectors import load_detector, load_region_classifier
-    from echo_agent.reasoners import HeuristicFusion
-    from echo_agent.tools import Toolkit
+    from echo_agent import AgentConfig, EchoAgent
 
-    toolkit = Toolkit()
-    if weights is not None:
-        toolkit.detectors[organ] = load_detector(weights, labels=get_organ(organ).detector_labels)
-    if classifier is not None:
-        toolkit.classifiers[organ] = load_region_classifier(classifier)
-    return EchoAgent(fusion=HeuristicFusion(), toolkit=toolkit)
+    return EchoAgent.from_config(AgentConfig(
+        fusion="heuristic",
+        detectors={organ: weights} if weights is not None else {},
+        classifiers={organ: classifier} if classifier is not None else {},
+    ))
 
 
 def _cross_fitted_runs(args: argparse.Namespace, images: list, progress) -> list[RunRecord]:

@@ -354,7 +354,7 @@ def evaluate(
     if agent is None:
         from ..agent import EchoAgent
 
-        agent = EchoAgent()
+        agent = EchoAgent.from_config()
     baseline = _Baseline(agent, detectors, preprocess, score_threshold)
 
     out.mkdir(parents=True, exist_ok=True)

@@ -11,14 +11,13 @@ import json
 import shutil
 import tempfile
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ..batch import BatchItem, BatchSummary, _record, open_journal, run_batch
+from ..config import AgentFactory
 from ..errors import EchoInputError
-
-AgentFactory = Callable[[], Any]
 
 
 def _encode_item(item: BatchItem) -> str:
@@ -43,8 +42,10 @@ class EchoBatchWorker:
     per-process worker of the process-pool engine).
 
     Args:
-        agent_factory: zero-argument callable returning an :class:`~echo_agent.EchoAgent` (or anything
-            with its ``batch`` method); called once, in the worker. Default: ``EchoAgent()``.
+        agent_factory: an :class:`~echo_agent.config.AgentFactory` called with no arguments, once, in
+            the worker (e.g. ``functools.partial(EchoAgent.from_config, config)``); it returns an
+            :class:`~echo_agent.EchoAgent` or anything with its ``batch`` method. Default: the
+            packaged agent.
         overlays / fhir: folders (absolute, reachable by the worker) as in ``run_batch``.
     """
 
@@ -52,7 +53,7 @@ class EchoBatchWorker:
         if agent_factory is None:
             from ..agent import EchoAgent
 
-            agent_factory = EchoAgent
+            agent_factory = EchoAgent.from_config
         self.agent = agent_factory()
         self.overlays = overlays
         self.fhir = fhir

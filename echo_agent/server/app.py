@@ -17,7 +17,7 @@ import errno
 import json
 import logging
 import os
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -40,6 +40,7 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise MissingExtraError("fastapi", "serve", "the web service") from exc
 
+from ..config import AgentFactory
 from ..graph.review import ReviewDecision
 from ..schemas import ClinicalContext, Diagnosis
 from .models import ErrorBody, ImageInfo, OrganInfo, RunState, RunSummary
@@ -57,9 +58,9 @@ log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 
-#: ``agent_factory(checkpointer=..., store=...) -> EchoAgent``: build the agent the server drives.
-#: It must pass ``review=True``, the given checkpointer, and a Toolkit whose store is ``store``.
-AgentFactory = Callable[..., Any]
+#: The server calls its :class:`~echo_agent.config.AgentFactory` as ``factory(checkpointer=..., store=...)``;
+#: the agent must have ``review=True``, the given checkpointer, and a Toolkit whose store is ``store``
+#: (``functools.partial(EchoAgent.from_config, AgentConfig(review=True, ...))`` does all three).
 
 _ERRORS = {404: {"model": ErrorBody}, 409: {"model": ErrorBody},
            413: {"model": ErrorBody}, 415: {"model": ErrorBody}, 422: {"model": ErrorBody}}
@@ -68,9 +69,9 @@ _ERRORS = {404: {"model": ErrorBody}, 409: {"model": ErrorBody},
 def default_agent_factory(*, checkpointer: Any, store: Any) -> Any:
     """The packaged agent (embedded policy, packaged detectors, organ router) with review on."""
     from ..agent import EchoAgent
-    from ..tools import Toolkit
+    from ..config import AgentConfig
 
-    return EchoAgent(toolkit=Toolkit(store=store), review=True, checkpointer=checkpointer)
+    return EchoAgent.from_config(AgentConfig(review=True), checkpointer=checkpointer, store=store)
 
 
 def status_for(exc: EchoError) -> int:

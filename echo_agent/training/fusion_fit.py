@@ -77,10 +77,11 @@ class RunRecord:
 def collect_runs(images: Sequence[Any], *, agent: Any = None, progress: Callable[[int, int], None] | None = None) -> list[RunRecord]:
     """Run the agent on manifest images (``ManifestImage``) and keep evidence + truth."""
     from ..agent import EchoAgent
+    from ..config import AgentConfig
     from ..eval.splits import cv_group
-    from ..fusion import HeuristicFusion
 
-    agent = agent or EchoAgent(fusion=HeuristicFusion())
+    # The heuristic fusion: the runs feed the fusion being fitted, so they must not already use it.
+    agent = agent or EchoAgent.from_config(AgentConfig(fusion="heuristic"))
     out: list[RunRecord] = []
     for i, im in enumerate(images):
         ctx = {k: v for k, v in (("age", im.age), ("symptoms", im.symptoms)) if v is not None} or None
