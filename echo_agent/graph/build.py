@@ -15,10 +15,8 @@ from typing import Any, Literal
 
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage, SystemMessage, ToolMessage
-from langchain_core.runnables import RunnableConfig
 from langchain_core.tools import BaseTool
 from langgraph.graph import END, START, StateGraph
-from langgraph.prebuilt import ToolNode
 from langgraph.prebuilt.tool_node import ToolCallRequest
 from langgraph.runtime import Runtime
 
@@ -29,6 +27,7 @@ from ..organs import OrganSpec, get_organ, list_organs
 from ..prompts import system_prompt
 from ..schemas import ClinicalContext, Diagnosis
 from ..tools import Toolkit, make_tools
+from ..tools._upstream import InlineToolNode
 from .state import EchoInput, EchoOutput, EchoRunContext, EchoState, clinical_of, typed_evidence
 
 #: Args key that marks a tool call the reasoner's output parser could not read.
@@ -74,33 +73,6 @@ async def _aanswer_unparseable(request: ToolCallRequest, execute: Callable[[Tool
     if (call.get("args") or {}).get(PARSE_ERROR_KEY) is not None:
         return _answer_unparseable(request, lambda r: None)
     return await execute(request)
-
-
-class _ToolNode(ToolNode):
-    """ToolNode that runs a turn's single tool call inline.
-
-    LangGraph's ToolNode starts a thread pool for every turn, even for one call; on a 2-core
-    machine that costs more than the whole graph plumbing budget. Several calls in one turn still
-    run in parallel through the parent implementation.
-    """
-
-    def _func(self, input: Any, config: RunnableConfig, runtime: Runtime) -> Any:
-        try:
-            tool_calls, input_type = self._parse_input(input)
-        except AttributeError:  # private API changed: fall back to the parent's behaviour
-            return super()._func(input, config, runtime)
-        if len(tool_calls) != 1:
-            return super()._func(input, config, runtime)
-        from langgraph.prebuilt import ToolRuntime
-
-        call = tool_calls[0]
-        tool_runtime = ToolRuntime(
-            state=self._extract_state(input, config), tool_call_id=call["id"], config=config,
-            context=runtime.context, store=runtime.store, stream_writer=runtime.stream_writer,
-            tools=list(self.tools_by_name.values()), execution_info=getattr(runtime, "execution_info", None),
-            server_info=getattr(runtime, "server_info", None),
-        )
-        return self._combine_tool_outputs([self._run_one(call, input_type, tool_runtime)], input_type)
 
 
 def _tools_for(organ: OrganSpec, tools: Sequence[BaseTool]) -> list[BaseTool]:
@@ -333,7 +305,7 @@ def build_graph(
     g.add_node("reasoner", reasoner_node)
     g.add_node(
         "tools",
-        _ToolNode(tools, handle_tool_errors=_handle_tool_error, wrap_tool_call=_answer_unparseable,
+        InlineToolNode(tools, handle_tool_errors=_handle_tool_error, wrap_tool_call=_answer_unparseable,
                  awrap_tool_call=_aanswer_unparseable),
     )
     g.add_node("reason", reason)

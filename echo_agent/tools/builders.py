@@ -22,6 +22,7 @@ from ..messages import dumps, evidence_to_model
 from ..organs import OrganSpec, get_organ, list_organs
 from ..prompts import tool_text
 from ..schemas import Box, DetectorReport, Evidence
+from ._upstream import tool_args_and_kwargs, tracing_enabled
 from .toolkit import Toolkit, classify_regions, run_detector
 
 DETECT_PREFIX = "det"
@@ -166,15 +167,13 @@ def _result(runtime: ToolRuntime, item: Evidence, artifact: dict[str, Any] | Non
 
 def _listened(config: Any) -> bool:
     """Whether anything observes LangChain callbacks of this call (handlers, or tracing switched on)."""
-    from langchain_core.tracers.context import _tracing_v2_is_enabled
-
     cb = (config or {}).get("callbacks")
     if isinstance(cb, list):
         if cb:
             return True
     elif cb is not None and (getattr(cb, "handlers", None) or getattr(cb, "inheritable_handlers", None)):
         return True
-    return bool(_tracing_v2_is_enabled())
+    return tracing_enabled()
 
 
 class _EchoTool(StructuredTool):
@@ -196,7 +195,7 @@ class _EchoTool(StructuredTool):
             or _listened(config)
         ):
             return super().invoke(input, config, **kwargs)
-        args, kw = self._to_args_and_kwargs(input["args"], input.get("id"))
+        args, kw = tool_args_and_kwargs(self, input["args"], input.get("id"))
         return self.func(*args, **kw)
 
 
