@@ -25,7 +25,7 @@ from .events import (
     ToolCalledEvent,
     ToolErrorEvent,
 )
-from .schemas import ClinicalContext, Diagnosis, parse_evidence
+from .schemas import ClinicalContext, Diagnosis
 
 if TYPE_CHECKING:
     from .config import AgentConfig
@@ -217,14 +217,24 @@ class EchoAgent:
             return {}
         return {"configurable": {"thread_id": thread_id or uuid.uuid4().hex}}
 
-    def _finish(self, out: dict[str, Any], config: dict[str, Any]) -> Diagnosis:
-        if out.get("__interrupt__"):
-            raise EchoError(
-                "this agent pauses every run for review; use agent.start(...) and agent.resume(...) instead of run()"
-            )
-        from .graph import diagnosis_from_state
+    def _begin(self, image: ImageInput, organ: str | None, context: ContextInput, frame: int | None,
+               thread_id: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
+        """``(graph input, run config)`` of a new run."""
+        return self.prepare_input(image, organ=organ, context=context, frame=frame), self._config(thread_id)
 
-        return diagnosis_from_state(out)
+    # -- the run loop: every entry point drains it ----------------------------------------------------
+    def _drain(self, source: Any, config: dict[str, Any], first_step: int = 0) -> Iterator[AgentEvent]:
+        """The events of one graph run (a new input or a resume ``Command``), numbered in order."""
+        loop = _RunLoop(config, first_step)
+        for mode, chunk in self.graph.stream(source, config or None, stream_mode=_STREAM_MODES):
+            yield from loop.events(mode, chunk)
+
+    async def _adrain(self, source: Any, config: dict[str, Any], first_step: int = 0) -> AsyncIterator[AgentEvent]:
+        """Async :meth:`_drain`."""
+        loop = _RunLoop(config, first_step)
+        async for mode, chunk in self.graph.astream(source, config or None, stream_mode=_STREAM_MODES):
+            for ev in loop.events(mode, chunk):
+                yield ev
 
     # -- single image -------------------------------------------------------------------------------
     def run(
@@ -237,9 +247,7 @@ class EchoAgent:
         thread_id: str | None = None,
     ) -> Diagnosis:
         """Diagnose one image. ``context`` is a dict of :class:`ClinicalContext` fields or free text."""
-        inp = self.prepare_input(image, organ=organ, context=context, frame=frame)
-        config = self._config(thread_id)
-        return self._finish(self.graph.invoke(inp, config), config)
+        return _final(self._drain(*self._begin(image, organ, context, frame, thread_id)))
 
     async def arun(
         self,
@@ -251,9 +259,7 @@ class EchoAgent:
         thread_id: str | None = None,
     ) -> Diagnosis:
         """Async :meth:`run`."""
-        inp = self.prepare_input(image, organ=organ, context=context, frame=frame)
-        config = self._config(thread_id)
-        return self._finish(await self.graph.ainvoke(inp, config), config)
+        return await _afinal(self._adrain(*self._begin(image, organ, context, frame, thread_id)))
 
     # -- review -----------------------------------------------------------------------------------------
     def start(
@@ -263,54 +269,25 @@ class EchoAgent:
         """Run until the review pause and return the ticket with the agent's Diagnosis."""
         if not self.review:
             raise EchoError("start()/resume() need EchoAgent(review=True)")
-        inp = self.prepare_input(image, organ=organ, context=context, frame=frame)
-        config = self._config(thread_id)
-        out = self.graph.invoke(inp, config)
-        interrupts = out.get("__interrupt__") or []
-        if not interrupts:
-            raise EchoError("the run finished without pausing for review")
-        payload = interrupts[0].value
-        return ReviewTicket(config["configurable"]["thread_id"], Diagnosis.model_validate(payload["diagnosis"]))
+        for ev in self._drain(*self._begin(image, organ, context, frame, thread_id)):
+            if isinstance(ev, ReviewRequestedEvent):
+                return ReviewTicket(str(ev.thread_id), ev.diagnosis)
+        raise EchoError("the run finished without pausing for review")
 
     def resume(self, ticket: ReviewTicket | str, decision: dict[str, Any] | Any) -> Diagnosis:
         """Resume a paused run with the reviewer's decision (see :class:`echo_agent.graph.ReviewDecision`)."""
-        from langgraph.types import Command
-
-        from .graph import ReviewDecision, diagnosis_from_state
-
-        thread_id = ticket.thread_id if isinstance(ticket, ReviewTicket) else ticket
-        if isinstance(decision, ReviewDecision):
-            decision = decision.model_dump(exclude_none=True)
-        config = {"configurable": {"thread_id": thread_id}}
-        snapshot = self.graph.get_state(config)
-        if not snapshot.next:
-            raise EchoInputError(f"thread {thread_id!r} is not waiting for review")
-        _check_decision(snapshot, decision)
-        out = self.graph.invoke(Command(resume=decision), config)
-        return diagnosis_from_state(out)
+        config, decision = _resume_args(ticket, decision)
+        return _final(self._drain(_resume_command(self.graph.get_state(config), config, decision), config))
 
     async def astream_resume(
         self, ticket: ReviewTicket | str, decision: dict[str, Any] | Any, *, first_step: int = 0
     ) -> AsyncIterator[AgentEvent]:
         """Async: resume a paused run with the reviewer's decision and yield its events (ending with
         the final :class:`DiagnosisEvent`); ``first_step`` continues the paused run's event numbering."""
-        from langgraph.types import Command
-
-        from .graph import ReviewDecision
-
-        thread_id = ticket.thread_id if isinstance(ticket, ReviewTicket) else ticket
-        if isinstance(decision, ReviewDecision):
-            decision = decision.model_dump(exclude_none=True)
-        config = {"configurable": {"thread_id": thread_id}}
-        snapshot = await self.graph.aget_state(config)
-        if not snapshot.next:
-            raise EchoInputError(f"thread {thread_id!r} is not waiting for review")
-        _check_decision(snapshot, decision)
-        conv = _EventConverter({}, config)
-        conv.step = first_step
-        async for chunk in self.graph.astream(Command(resume=decision), config, stream_mode="updates"):
-            for ev in conv.convert(chunk):
-                yield ev
+        config, decision = _resume_args(ticket, decision)
+        command = _resume_command(await self.graph.aget_state(config), config, decision)
+        async for ev in self._adrain(command, config, first_step=first_step):
+            yield ev
 
     # -- streaming ----------------------------------------------------------------------------------------
     def stream(
@@ -319,23 +296,15 @@ class EchoAgent:
     ) -> Iterator[AgentEvent]:
         """Yield typed events as the run progresses: perceived, reasoner, tool called, evidence,
         tool error, review requested, diagnosis."""
-        inp = self.prepare_input(image, organ=organ, context=context, frame=frame)
-        config = self._config(thread_id)
-        conv = _EventConverter(inp, config)
-        for chunk in self.graph.stream(inp, config, stream_mode="updates"):
-            yield from conv.convert(chunk)
+        yield from self._drain(*self._begin(image, organ, context, frame, thread_id))
 
     async def astream(
         self, image: ImageInput, *, organ: str | None = None, context: ContextInput = None,
         frame: int | None = None, thread_id: str | None = None,
     ) -> AsyncIterator[AgentEvent]:
         """Async :meth:`stream`."""
-        inp = self.prepare_input(image, organ=organ, context=context, frame=frame)
-        config = self._config(thread_id)
-        conv = _EventConverter(inp, config)
-        async for chunk in self.graph.astream(inp, config, stream_mode="updates"):
-            for ev in conv.convert(chunk):
-                yield ev
+        async for ev in self._adrain(*self._begin(image, organ, context, frame, thread_id)):
+            yield ev
 
     # -- many images ----------------------------------------------------------------------------------
     def batch(
@@ -372,22 +341,17 @@ class EchoAgent:
             if self.prefetch:
                 self._prefetch(inputs)
             outs = self._invoke_all(inputs, configs, max_concurrency)
-            for i, out, cfg in zip(slots, outs, configs):
-                if isinstance(out, EchoError):
+            for i, out in zip(slots, outs):
+                if isinstance(out, EchoError) or not isinstance(out, BaseException):
                     results[i] = out
-                elif isinstance(out, BaseException):
+                else:
                     results[i] = EchoError(f"{type(out).__name__}: {out}")
                     results[i].__cause__ = out
-                else:
-                    try:
-                        results[i] = self._finish(out, cfg)
-                    except EchoError as exc:
-                        results[i] = exc
         return results  # type: ignore[return-value]
 
     def _invoke_all(self, inputs: Sequence[dict[str, Any]], configs: Sequence[dict[str, Any]],
                     max_concurrency: int | None) -> list[Any]:
-        """Run the graph on each input; an exception is returned in its slot instead of raised.
+        """Run the graph on each input: its Diagnosis, or the exception in its slot instead of raised.
 
         One after the other by default: the detector's batched pass has already run, the rest is
         mostly Python, and ``graph.batch``'s thread-pool machinery measured about 10 ms of CPU per
@@ -397,7 +361,7 @@ class EchoAgent:
 
         def one(pair: tuple[dict[str, Any], dict[str, Any]]) -> Any:
             try:
-                return self.graph.invoke(pair[0], pair[1] or None)
+                return _final(self._drain(pair[0], pair[1]))
             except Exception as exc:  # returned, not raised: the other items still complete
                 return exc
 
@@ -455,70 +419,88 @@ def _check_decision(snapshot: Any, decision: dict[str, Any]) -> None:
     apply_review(paused, dec, get_organ(paused.organ), dec.reviewer)
 
 
-class _EventConverter:
-    """Turns LangGraph ``updates`` chunks into typed :mod:`echo_agent.events`."""
+#: What the run loop asks LangGraph for: the events the nodes write (``custom``) and the node
+#: updates, which carry the review pause (``__interrupt__``).
+_STREAM_MODES = ["custom", "updates"]
 
-    def __init__(self, inp: dict[str, Any], config: dict[str, Any]) -> None:
-        self.image = inp.get("image") or {}
-        self.organ = inp.get("organ")
+
+class _RunLoop:
+    """Numbers the typed events the graph's nodes write (``runtime.stream_writer``) and turns a
+    review pause into a :class:`ReviewRequestedEvent`."""
+
+    def __init__(self, config: dict[str, Any], first_step: int = 0) -> None:
         self.thread_id = (config.get("configurable") or {}).get("thread_id")
-        self.step = 0
-        self.calls: dict[str, str] = {}
+        self.step = first_step
 
-    def _next(self) -> int:
+    def _numbered(self, ev: Any) -> AgentEvent:
+        ev = ev.model_copy(update={"step": self.step})
         self.step += 1
-        return self.step - 1
+        return ev
 
-    def convert(self, chunk: dict[str, Any]) -> Iterator[AgentEvent]:
-        from langchain_core.messages import AIMessage, ToolMessage
+    def events(self, mode: str, chunk: Any) -> Iterator[AgentEvent]:
+        if mode == "custom":
+            if isinstance(chunk, _EVENT_TYPES):
+                yield self._numbered(chunk)
+        elif mode == "updates" and isinstance(chunk, dict) and "__interrupt__" in chunk:
+            for intr in chunk["__interrupt__"]:
+                value = getattr(intr, "value", {}) or {}
+                if isinstance(value, dict) and "diagnosis" in value:
+                    yield self._numbered(ReviewRequestedEvent(
+                        thread_id=self.thread_id, diagnosis=Diagnosis.model_validate(value["diagnosis"])))
 
-        for node, update in chunk.items():
-            if node == "__interrupt__":
-                for intr in update:
-                    value = getattr(intr, "value", {}) or {}
-                    if isinstance(value, dict) and "diagnosis" in value:
-                        yield ReviewRequestedEvent(
-                            step=self._next(), thread_id=self.thread_id,
-                            diagnosis=Diagnosis.model_validate(value["diagnosis"]),
-                        )
-                continue
-            updates = update if isinstance(update, list) else [update]
-            for upd in updates:
-                if not isinstance(upd, dict):
-                    upd = getattr(upd, "update", None) or {}
-                yield from self._one(node, upd, AIMessage, ToolMessage)
 
-    def _one(self, node: str, upd: dict[str, Any], AIMessage: Any, ToolMessage: Any) -> Iterator[AgentEvent]:
-        if node == "perceive":
-            img = upd.get("image") or self.image
-            organ = upd.get("organ") or self.organ
-            if organ is None:
-                return
-            yield PerceivedEvent(
-                step=self._next(), organ=organ, organ_confidence=upd.get("organ_confidence"),
-                image_width=int(img.get("width", 0)), image_height=int(img.get("height", 0)),
-            )
-            return
-        evidence = {e.get("id"): e for e in upd.get("evidence") or []}
-        for m in upd.get("messages") or []:
-            if isinstance(m, AIMessage) and node == "reasoner":
-                yield ReasonerEvent(
-                    step=self._next(), text=m.content if isinstance(m.content, str) else str(m.content),
-                    tool_calls=[{"name": c["name"], "args": c["args"], "id": c.get("id")} for c in m.tool_calls],
-                )
-                for c in m.tool_calls:
-                    self.calls[c.get("id") or ""] = c["name"]
-                    yield ToolCalledEvent(step=self._next(), name=c["name"], args=c["args"], call_id=c.get("id") or "")
-            elif isinstance(m, ToolMessage):
-                name = self.calls.get(m.tool_call_id, m.name or "")
-                if getattr(m, "status", "success") == "error":
-                    yield ToolErrorEvent(step=self._next(), name=name, call_id=m.tool_call_id, error=str(m.content))
-                    continue
-                eid = (m.artifact or {}).get("evidence_id") if isinstance(m.artifact, dict) else None
-                item = evidence.get(eid)
-                if item is not None:
-                    yield EvidenceEvent(step=self._next(), name=name, call_id=m.tool_call_id, evidence=parse_evidence(item))
-        if node == "reason" and upd.get("diagnosis"):
-            yield DiagnosisEvent(step=self._next(), diagnosis=Diagnosis.model_validate(upd["diagnosis"]))
-        if node == "review" and upd.get("diagnosis"):
-            yield DiagnosisEvent(step=self._next(), diagnosis=Diagnosis.model_validate(upd["diagnosis"]))
+_EVENT_TYPES = (PerceivedEvent, ReasonerEvent, ToolCalledEvent, EvidenceEvent, ToolErrorEvent,
+                ReviewRequestedEvent, DiagnosisEvent)
+_PAUSED = "this agent pauses every run for review; use agent.start(...) and agent.resume(...) instead of run()"
+
+
+class _Outcome:
+    """The Diagnosis a drained run ends with (a review pause is an error for run/resume/batch)."""
+
+    def __init__(self) -> None:
+        self.dx: Diagnosis | None = None
+
+    def see(self, ev: AgentEvent) -> None:
+        if isinstance(ev, ReviewRequestedEvent):
+            raise EchoError(_PAUSED)
+        if isinstance(ev, DiagnosisEvent):
+            self.dx = ev.diagnosis
+
+    def diagnosis(self) -> Diagnosis:
+        if self.dx is None:
+            raise EchoError("the run ended without a diagnosis")
+        return self.dx
+
+
+def _final(events: Iterator[AgentEvent]) -> Diagnosis:
+    out = _Outcome()
+    for ev in events:
+        out.see(ev)
+    return out.diagnosis()
+
+
+async def _afinal(events: AsyncIterator[AgentEvent]) -> Diagnosis:
+    out = _Outcome()
+    async for ev in events:
+        out.see(ev)
+    return out.diagnosis()
+
+
+def _resume_args(ticket: ReviewTicket | str, decision: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(run config, decision dict)`` of a resume."""
+    from .graph import ReviewDecision
+
+    thread_id = ticket.thread_id if isinstance(ticket, ReviewTicket) else ticket
+    if isinstance(decision, ReviewDecision):
+        decision = decision.model_dump(exclude_none=True)
+    return {"configurable": {"thread_id": thread_id}}, decision
+
+
+def _resume_command(snapshot: Any, config: dict[str, Any], decision: dict[str, Any]) -> Any:
+    """The ``Command`` that resumes a paused run, after checking it is paused and the decision is valid."""
+    from langgraph.types import Command
+
+    if not snapshot.next:
+        raise EchoInputError(f"thread {config['configurable']['thread_id']!r} is not waiting for review")
+    _check_decision(snapshot, decision)
+    return Command(resume=decision)

@@ -419,3 +419,29 @@ def test_graph_uses_the_specs_it_was_given_even_unregistered_ones():
     # an organ that is neither given nor registered is refused by name
     with pytest.raises(UnknownOrganError, match="breast"):
         build_graph(toolkit=tk, organs=[spec]).compile().invoke(_input(tk, organ="breast"))
+
+
+def test_nodes_write_typed_events_to_langgraphs_custom_stream():
+    """Any user of build_graph gets the agent's typed events from stream_mode='custom'; EchoAgent's
+    stream is the same sequence, numbered."""
+    from echo_agent.agent import EchoAgent
+    from echo_agent.events import (
+        DiagnosisEvent,
+        EvidenceEvent,
+        PerceivedEvent,
+        ReasonerEvent,
+        ToolCalledEvent,
+    )
+
+    tk = fake_toolkit(render_overlays=False)
+    graph = build_graph(toolkit=tk, organs=["breast", "kidney"]).compile()
+    events = list(graph.stream(_input(tk), stream_mode="custom"))
+    kinds = [type(e) for e in events]
+    assert kinds[0] is PerceivedEvent and kinds[1] is ReasonerEvent and kinds[-1] is DiagnosisEvent
+    calls = [e for e in events if isinstance(e, ToolCalledEvent)]
+    evidence = [e for e in events if isinstance(e, EvidenceEvent)]
+    assert calls and [c.call_id for c in calls] == [e.call_id for e in evidence]
+    assert evidence[0].evidence.kind == "detections"
+    agent_events = list(EchoAgent(toolkit=tk, organ="breast", router=None).stream(speckle_image()))
+    assert [type(e) for e in agent_events] == kinds
+    assert [e.step for e in agent_events] == list(range(len(agent_events)))

@@ -21,11 +21,19 @@ from langgraph.prebuilt.tool_node import ToolCallRequest
 from langgraph.runtime import Runtime
 
 from ..errors import EchoError, EchoInputError, UnknownOrganError
+from ..events import (
+    DiagnosisEvent,
+    EvidenceEvent,
+    PerceivedEvent,
+    ReasonerEvent,
+    ToolCalledEvent,
+    ToolErrorEvent,
+)
 from ..fusion import Fusion
 from ..messages import diagnosis_to_model, dumps, user_message
 from ..organs import OrganSpec, get_organ, list_organs
 from ..prompts import system_prompt
-from ..schemas import ClinicalContext, Diagnosis
+from ..schemas import ClinicalContext, Diagnosis, parse_evidence
 from ..tools import Toolkit, make_tools
 from ..tools._upstream import InlineToolNode
 from .state import EchoInput, EchoOutput, EchoRunContext, EchoState, clinical_of, typed_evidence
@@ -55,24 +63,48 @@ def _handle_tool_error(exc: Exception) -> str:
     raise exc
 
 
-def _answer_unparseable(request: ToolCallRequest, execute: Callable[[ToolCallRequest], Any]) -> Any:
+def _answer_unparseable(request: ToolCallRequest) -> ToolMessage | None:
+    """The error answer to a tool call the reasoner's reply could not be parsed into (else None)."""
     call = request.tool_call
     err = (call.get("args") or {}).get(PARSE_ERROR_KEY)
-    if err is not None:
-        return ToolMessage(
-            content=f"Error: your tool call could not be parsed ({err}). Emit one JSON object with 'name' and 'arguments'.",
-            tool_call_id=call.get("id") or "",
-            name=call.get("name"),
-            status="error",
-        )
-    return execute(request)
+    if err is None:
+        return None
+    return ToolMessage(
+        content=f"Error: your tool call could not be parsed ({err}). Emit one JSON object with 'name' and 'arguments'.",
+        tool_call_id=call.get("id") or "",
+        name=call.get("name"),
+        status="error",
+    )
 
 
-async def _aanswer_unparseable(request: ToolCallRequest, execute: Callable[[ToolCallRequest], Any]) -> Any:
+def _tool_events(request: ToolCallRequest, result: Any) -> Any:
+    """Write the typed event of a finished tool call (evidence or error) to the run's stream."""
+    write = getattr(request.runtime, "stream_writer", None)
+    if write is None:
+        return result
     call = request.tool_call
-    if (call.get("args") or {}).get(PARSE_ERROR_KEY) is not None:
-        return _answer_unparseable(request, lambda r: None)
-    return await execute(request)
+    name, call_id = call.get("name") or "", call.get("id") or ""
+    update = getattr(result, "update", None)
+    messages = (update or {}).get("messages", []) if isinstance(update, dict) else [result]
+    evidence = {e.get("id"): e for e in (update or {}).get("evidence") or []} if isinstance(update, dict) else {}
+    for m in messages:
+        if not isinstance(m, ToolMessage):
+            continue
+        if getattr(m, "status", "success") == "error":
+            write(ToolErrorEvent(name=name, call_id=call_id, error=str(m.content)))
+            continue
+        eid = m.artifact.get("evidence_id") if isinstance(m.artifact, dict) else None
+        if eid in evidence:
+            write(EvidenceEvent(name=name, call_id=call_id, evidence=parse_evidence(evidence[eid])))
+    return result
+
+
+def _run_tool(request: ToolCallRequest, execute: Callable[[ToolCallRequest], Any]) -> Any:
+    return _tool_events(request, _answer_unparseable(request) or execute(request))
+
+
+async def _arun_tool(request: ToolCallRequest, execute: Callable[[ToolCallRequest], Any]) -> Any:
+    return _tool_events(request, _answer_unparseable(request) or await execute(request))
 
 
 def _tools_for(organ: OrganSpec, tools: Sequence[BaseTool]) -> list[BaseTool]:
@@ -194,7 +226,7 @@ def build_graph(
         return bound[organ.name]
 
     # -- nodes ---------------------------------------------------------------------------------------
-    def perceive(state: EchoState) -> dict[str, Any]:
+    def perceive(state: EchoState, runtime: Runtime[EchoRunContext]) -> dict[str, Any]:
         update: dict[str, Any] = {}
         ref = state.get("image")
         store = toolkit.get_store()
@@ -230,6 +262,10 @@ def build_graph(
         if not state.get("messages"):
             update["messages"] = [user_message(ref, spec, ctx)]
         update.setdefault("tool_calls_used", state.get("tool_calls_used", 0))
+        runtime.stream_writer(PerceivedEvent(
+            organ=spec.name, organ_confidence=update.get("organ_confidence", state.get("organ_confidence")),
+            image_width=int(ref["width"]), image_height=int(ref["height"]),
+        ))
         return update
 
     def reasoner_node(state: EchoState, runtime: Runtime[EchoRunContext]) -> dict[str, Any]:
@@ -266,6 +302,12 @@ def build_graph(
             )
         if calls != list(ai.tool_calls) or ai.invalid_tool_calls:
             ai = ai.model_copy(update={"tool_calls": calls, "invalid_tool_calls": []})
+        runtime.stream_writer(ReasonerEvent(
+            text=ai.content if isinstance(ai.content, str) else str(ai.content),
+            tool_calls=[{"name": c["name"], "args": c["args"], "id": c.get("id")} for c in calls],
+        ))
+        for c in calls:
+            runtime.stream_writer(ToolCalledEvent(name=c["name"], args=c["args"], call_id=c.get("id") or ""))
         return {"messages": [ai], "tool_calls_used": used + len(calls), "warnings": warnings}
 
     def after_reasoner(state: EchoState) -> Literal["tools", "reason"]:
@@ -278,7 +320,7 @@ def build_graph(
     def after_tools(state: EchoState, runtime: Runtime[EchoRunContext]) -> Literal["reasoner", "reason"]:
         return "reasoner" if state.get("tool_calls_used", 0) < _budget(runtime, max_tool_calls) else "reason"
 
-    def reason(state: EchoState) -> dict[str, Any]:
+    def reason(state: EchoState, runtime: Runtime[EchoRunContext]) -> dict[str, Any]:
         spec = spec_of(state["organ"])  # type: ignore[arg-type]
         ref = state["image"]
         evidence = typed_evidence(state)
@@ -296,6 +338,7 @@ def build_graph(
             dx = finalizer(dict(state), spec, dx)
             Diagnosis.model_validate(dx.model_dump())  # the finaliser must hand back a valid Diagnosis
         final = AIMessage(content=dumps(diagnosis_to_model(dx)), name="diagnosis")
+        runtime.stream_writer(DiagnosisEvent(diagnosis=dx))
         return {"diagnosis": dx.model_dump(mode="json"), "messages": [final]}
 
     g: StateGraph = StateGraph(
@@ -305,8 +348,8 @@ def build_graph(
     g.add_node("reasoner", reasoner_node)
     g.add_node(
         "tools",
-        InlineToolNode(tools, handle_tool_errors=_handle_tool_error, wrap_tool_call=_answer_unparseable,
-                 awrap_tool_call=_aanswer_unparseable),
+        InlineToolNode(tools, handle_tool_errors=_handle_tool_error, wrap_tool_call=_run_tool,
+                       awrap_tool_call=_arun_tool),
     )
     g.add_node("reason", reason)
     g.add_edge(START, "perceive")

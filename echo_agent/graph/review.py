@@ -12,6 +12,7 @@ from langgraph.types import interrupt
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..errors import EchoInputError
+from ..events import DiagnosisEvent
 from ..organs import OrganSpec, get_organ
 from ..schemas import Box, Diagnosis, Finding, ReviewRecord
 from .state import EchoRunContext
@@ -138,4 +139,5 @@ def _review(state: dict[str, Any], runtime: Runtime[EchoRunContext], spec_of: Ca
     if not reviewer:
         raise EchoInputError("a review needs a reviewer id: set 'reviewer' in the decision or the run context")
     reviewed = apply_review(dx, decision, spec_of(dx.organ), reviewer)
+    runtime.stream_writer(DiagnosisEvent(diagnosis=reviewed))
     return {"diagnosis": reviewed.model_dump(mode="json")}
