@@ -13,7 +13,7 @@ tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard libr
 
 REPO = Path(__file__).resolve().parents[1]
 LOCK = REPO / "requirements" / "constraints.txt"
-CI_EXTRAS = ("dev", "train", "vlm", "eval", "serve", "dense")
+CI_EXTRAS = ("dev", "train", "vlm", "eval", "serve", "scale", "dense")
 
 
 def _pins() -> dict[str, str]:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("ray.data", reason="Ray Data is not installed (pip install -e '.[serve]')")
+pytest.importorskip("ray.data", reason="Ray Data is not installed (pip install -e '.[scale]')")
 
 from _fakes import journal_lines, stable_record  # noqa: E402
 

@@ -14,7 +14,7 @@ afterwards. On a multi-machine cluster, the images and the ``overlays`` / ``fhir
 storage every worker can reach (the same absolute paths), and echo-agent must be installed in the
 workers' environment. See ``docs/deployment.md``.
 
-Ray is imported inside the functions (``pip install 'echo-agent[serve]'`` brings ``ray[data]``).
+Ray is imported inside the functions (``pip install 'echo-agent[scale]'`` brings ``ray[data]``).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def _require_ray() -> Any:
         import ray.data  # noqa: F401
     except ImportError as exc:
         raise MissingExtraError(
-            "the Ray engine needs Ray Data; install it with pip install 'echo-agent[serve]' (or 'ray[data]')"
+            "the Ray engine needs Ray Data; install it with pip install 'echo-agent[scale]' (or 'ray[data]')"
         ) from exc
     return ray
 
