@@ -218,22 +218,10 @@ def check_writable_file(path: str | Path, what: str) -> Path:
 
 
 def fhir_report(item: BatchItem, dx: Any) -> dict[str, Any]:
-    """A minimal FHIR R4 DiagnosticReport for one study (status 'preliminary': an AI read)."""
-    conclusion = f"{dx.label} (p={dx.probability:.2f})"
-    if dx.category:
-        conclusion += f", {dx.category_system} {dx.category}"
-    if dx.indeterminate:
-        conclusion += f"; indeterminate: {dx.indeterminate_reason}"
-    return {
-        "resourceType": "DiagnosticReport",
-        "id": _safe_name(item.id),
-        "status": "preliminary",
-        "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0074", "code": "RAD", "display": "Radiology"}]}],
-        "code": {"text": f"Ultrasound {dx.organ}: AI-assisted read (echo-agent)"},
-        "conclusion": conclusion + ". " + dx.rationale,
-        "conclusionCode": [{"text": dx.label}] + ([{"text": f"{dx.category_system} {dx.category}"}] if dx.category else []),
-        "extension": [{"url": "urn:echo-agent:diagnosis", "valueString": dx.model_dump_json()}],
-    }
+    """The FHIR DiagnosticReport of one item (:func:`echo_agent.rendering.fhir_report`, id from the item)."""
+    from .rendering import fhir_report as report
+
+    return report(dx, _safe_name(item.id))
 
 
 def tally(summary: BatchSummary, rec: dict[str, Any]) -> None:
@@ -363,16 +351,13 @@ def _record(item: BatchItem, res: Any, ms: float, overlays: Any, fhir: Any, agen
     name = _safe_name(item.id)
     if overlays is not None:
         try:
-            from .imaging import load_image, render_overlay, save_png
+            from .rendering import diagnosis_pixels, write_overlay
 
-            arr = load_image(item.image).array
-            target = Path(overlays) / f"{name}.png"
-            tmp = target.with_suffix(".tmp.png")
-            save_png(render_overlay(arr, res.findings, title=f"{res.label} {res.probability:.2f}"), tmp, overwrite=True)
-            os.replace(tmp, target)
+            store = agent.toolkit.get_store() if hasattr(agent, "toolkit") else None
+            target = write_overlay(res, diagnosis_pixels(res, store, item.image), Path(overlays) / f"{name}.png",
+                                   overwrite=True)
             rec["overlay"] = str(target)
         except (EchoError, OSError) as exc:  # the diagnosis stands even if the overlay cannot be written
-            _discard(Path(overlays) / f"{name}.tmp.png")
             rec["overlay_error"] = _output_error(exc)
     if fhir is not None:
         target = Path(fhir) / f"{name}.json"

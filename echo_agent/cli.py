@@ -42,34 +42,9 @@ def _refuse_overwrite(path: Path, force: bool) -> None:
 
 
 def _print_diagnosis(dx: Any, console: Any) -> None:
-    from rich.panel import Panel
-    from rich.table import Table
+    from .rendering import summary_panel
 
-    t = Table(show_header=False, box=None, pad_edge=False)
-    t.add_column(style="bold cyan")
-    t.add_column()
-    label = f"{dx.label} (p={dx.probability:.2f})"
-    if dx.indeterminate:
-        label += "  [bold yellow]INDETERMINATE[/]"
-    t.add_row("organ", dx.organ)
-    t.add_row("label", label)
-    t.add_row("probabilities", ", ".join(f"{k} {v:.2f}" for k, v in dx.probabilities.items()))
-    if dx.category:
-        t.add_row(dx.category_system or "category", dx.category)
-    if dx.findings:
-        for i, f in enumerate(dx.findings[:5]):
-            b = f.box
-            t.add_row(f"finding {i + 1}", f"{f.label} {f.score:.2f} at [{b.x1:.0f}, {b.y1:.0f}, {b.x2:.0f}, {b.y2:.0f}] px")
-    else:
-        t.add_row("findings", "no lesion reported")
-    t.add_row("rationale", dx.rationale)
-    if dx.recommendation:
-        t.add_row("recommendation", dx.recommendation)
-    if dx.indeterminate_reason:
-        t.add_row("why indeterminate", dx.indeterminate_reason)
-    for w in dx.warnings:
-        t.add_row("warning", f"[yellow]{w}[/]")
-    console.print(Panel(t, title="echo-agent diagnosis", border_style="cyan"))
+    console.print(summary_panel(dx))
 
 
 @app.command()
@@ -132,11 +107,9 @@ def run(
         if not quiet:
             console.print(f"Diagnosis JSON -> {json_path}")
     if overlay is not None:
-        from .imaging import load_image, render_overlay, save_png
+        from .rendering import diagnosis_pixels, write_overlay
 
-        arr = agent.toolkit.get_store().get(load_image(image, frame=frame).sha256)
-        title = f"{dx.label} {dx.probability:.2f}" + (f" {dx.category_system} {dx.category}" if dx.category else "")
-        save_png(render_overlay(arr, dx.findings, title=title), overlay, overwrite=force)
+        write_overlay(dx, diagnosis_pixels(dx, agent.toolkit.get_store(), image, frame=frame), overlay, overwrite=True)
         if not quiet:
             console.print(f"Overlay -> {overlay}")
 

@@ -361,6 +361,7 @@ class Diagnosis(_Model):
     reasoner: str = Field("", description="Which reasoner/fusion produced it.")
     image_width: int | None = None
     image_height: int | None = None
+    image_id: str | None = Field(None, description="Content id of the diagnosed image in the agent's image store.")
     warnings: list[str] = Field(default_factory=list)
     review: ReviewRecord | None = None
 

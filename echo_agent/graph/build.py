@@ -337,6 +337,7 @@ def build_graph(
         if finalizer is not None:
             dx = finalizer(dict(state), spec, dx)
             Diagnosis.model_validate(dx.model_dump())  # the finaliser must hand back a valid Diagnosis
+        dx = dx.model_copy(update={"image_id": ref["id"]})
         final = AIMessage(content=dumps(diagnosis_to_model(dx)), name="diagnosis")
         runtime.stream_writer(DiagnosisEvent(diagnosis=dx))
         return {"diagnosis": dx.model_dump(mode="json"), "messages": [final]}
