@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -338,9 +339,10 @@ class EchoAgent:
                     results[i] = exc
             if not inputs:
                 continue
-            if self.prefetch:
-                self._prefetch(inputs)
-            outs = self._invoke_all(inputs, configs, max_concurrency)
+            with contextlib.ExitStack() as held:
+                if self.prefetch:
+                    self._prefetch(inputs, held)
+                outs = self._invoke_all(inputs, configs, max_concurrency)
             for i, out in zip(slots, outs):
                 if isinstance(out, EchoError) or not isinstance(out, BaseException):
                     results[i] = out
@@ -373,9 +375,9 @@ class EchoAgent:
         with ThreadPoolExecutor(max_workers=max_concurrency) as pool:
             return list(pool.map(one, pairs))
 
-    def _prefetch(self, inputs: Sequence[dict[str, Any]]) -> None:
+    def _prefetch(self, inputs: Sequence[dict[str, Any]], held: contextlib.ExitStack) -> None:
         """Batch the first detector call of every image whose organ is known: one forward pass for
-        the chunk instead of one per image (the tool's own call then finds the outputs ready)."""
+        the chunk instead of one per image, held (:meth:`Toolkit.prefetched`) until ``held`` closes."""
         by_organ: dict[str, list[str]] = {}
         store = self.toolkit.get_store()
         for inp in inputs:
@@ -387,7 +389,7 @@ class EchoAgent:
                     pass  # the run itself reports what is wrong with this image
         for organ, ids in by_organ.items():
             try:
-                self.toolkit.prefetch_detections(organ, ids)
+                held.enter_context(self.toolkit.prefetched(organ, ids))
             except EchoError:
                 pass  # a bad image or missing weights: each run reports its own error
 

@@ -325,19 +325,29 @@ def run_batch(
     with journal_writer(out, summary, len(items), on_item, progress) as write:
         for start in range(0, len(todo), max(chunk_size, 1)):
             chunk = todo[start : start + chunk_size]
-            by_organ: dict[str | None, list[int]] = {}
-            for i, it in enumerate(chunk):
-                by_organ.setdefault(it.organ, []).append(i)
-            results: list[Any] = [None] * len(chunk)
-            for organ, idx in by_organ.items():
-                t_chunk = time.perf_counter()
-                res = agent.batch([chunk[i].image for i in idx], organ=organ, contexts=[chunk[i].context for i in idx])
-                per_item_ms = (time.perf_counter() - t_chunk) * 1000 / max(len(idx), 1)
-                for i, r in zip(idx, res):
-                    results[i] = (r, per_item_ms)
-            for it, (res, ms) in zip(chunk, results):
-                write(it, _record(it, res, ms, overlays, fhir, agent))
+            for it, rec in zip(chunk, diagnose_chunk(agent, chunk, overlays=overlays, fhir=fhir)):
+                write(it, rec)
     return summary
+
+
+def diagnose_chunk(
+    agent: Any, items: Sequence[BatchItem], *, overlays: str | Path | None = None, fhir: str | Path | None = None
+) -> list[dict[str, Any]]:
+    """The journal records of a chunk of items, in order: one ``agent.batch`` per organ (one batched
+    detector pass each), then each item's record with its overlay / FHIR file. An item's failure is
+    its own error record; nothing is written to a journal here (the local, process and Ray engines
+    all call this and write the records themselves)."""
+    by_organ: dict[str | None, list[int]] = {}
+    for i, it in enumerate(items):
+        by_organ.setdefault(it.organ, []).append(i)
+    results: list[tuple[Any, float]] = [(None, 0.0)] * len(items)
+    for organ, idx in by_organ.items():
+        t_chunk = time.perf_counter()
+        res = agent.batch([items[i].image for i in idx], organ=organ, contexts=[items[i].context for i in idx])
+        per_item_ms = (time.perf_counter() - t_chunk) * 1000 / max(len(idx), 1)
+        for i, r in zip(idx, res):
+            results[i] = (r, per_item_ms)
+    return [_record(it, res, ms, overlays, fhir, agent) for it, (res, ms) in zip(items, results)]
 
 
 def _record(item: BatchItem, res: Any, ms: float, overlays: Any, fhir: Any, agent: Any) -> dict[str, Any]:

@@ -168,6 +168,25 @@ def test_batch_runs_the_detector_once_for_the_chunk_and_matches_run():
     assert len(calls) < len(single_calls)
 
 
+def test_prefetch_holds_its_outputs_whatever_the_cache_sizes():
+    images = _variants()
+    agent, calls = _packaged_breast_agent()
+    det = agent.toolkit.detectors["breast"]
+    det.cache_size = 0  # no output cache at all
+    agent.toolkit.prepared_capacity = 1  # and room for one prepared input
+    single_agent, single_calls = _packaged_breast_agent(prefetch=False)
+    single_agent.toolkit.detectors["breast"].cache_size = 0
+    batched = agent.batch(images)
+    single = [single_agent.run(img) for img in images]
+    assert calls[0] == len(images)
+    # with no output cache, each re-check (original + flipped view) runs both views one by one...
+    assert single_calls.count(2) >= 1
+    # ...but with the chunk held, the original views never run again: only flipped views remain
+    assert all(c == 1 for c in calls[1:]) and sum(calls) < sum(single_calls)
+    assert not det._pinned and not agent.toolkit._pinned_prepared  # released after the chunk
+    assert [d.model_dump() for d in batched] == [d.model_dump() for d in single]
+
+
 def test_prepared_inputs_are_remembered_per_image_and_region():
     from echo_agent.imaging.preprocess import prepare_for_detection
     from echo_agent.tools import Toolkit

@@ -161,6 +161,8 @@ class OnnxDetector(LetterboxYoloDetector):
         self.cache_size = int(cache_size)
         self._cache: OrderedDict[bytes, np.ndarray] = OrderedDict()
         self._cache_lock = threading.Lock()
+        # outputs pinned by pin() until unpin(): held whatever the cache size (key -> [output, pins])
+        self._pinned: dict[bytes, list[Any]] = {}
 
     def _load(self) -> None:
         session = inference_session(self.path, threads=int(self.intra_op_threads or 1), providers=self.providers,
@@ -291,18 +293,27 @@ class OnnxDetector(LetterboxYoloDetector):
         network would see, so a hit returns the very output that input produced); uncached inputs go
         through the network ``max_batch`` at a time when the model has a dynamic batch axis.
         """
+        out, infos, _ = self._predict_keyed(images)
+        return out, infos
+
+    def _predict_keyed(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, list[LetterboxInfo], list[bytes]]:
+        """:meth:`predict_raw` plus each input's cache key."""
         self.load()
         images = [check_image(img, f"image {i}") for i, img in enumerate(images)]
         if not images:
-            return np.zeros((0, 0, 0), dtype=np.float32), []
+            return np.zeros((0, 0, 0), dtype=np.float32), [], []
         s = self._input_size
         padded = np.empty((len(images), s, s, 3), dtype=np.uint8)
         infos = [letterbox(img, s, out=padded[i])[1] for i, img in enumerate(images)]
         keys = [hashlib.sha256(padded[i].data).digest() for i in range(len(images))]
         outs: list[np.ndarray | None] = [None] * len(images)
-        if self.cache_size:
-            with self._cache_lock:
-                for i, k in enumerate(keys):
+        with self._cache_lock:
+            for i, k in enumerate(keys):
+                pinned = self._pinned.get(k)
+                if pinned is not None:
+                    outs[i] = pinned[0]
+                    continue
+                if self.cache_size:
                     hit = self._cache.get(k)
                     if hit is not None:
                         self._cache.move_to_end(k)
@@ -329,7 +340,32 @@ class OnnxDetector(LetterboxYoloDetector):
         for i in range(len(images)):
             if outs[i] is None:
                 outs[i] = outs[first[keys[i]]]
-        return np.concatenate(outs, axis=0), infos  # type: ignore[arg-type]
+        return np.concatenate(outs, axis=0), infos, keys  # type: ignore[arg-type]
+
+    def pin(self, images: Sequence[np.ndarray]) -> list[bytes]:
+        """Run the network on ``images`` now, batched, and hold the outputs until :meth:`unpin` with
+        the returned keys: a later ``detect`` of the same input costs no forward pass, however many
+        other images run in between (the output cache's size does not matter)."""
+        out, _, keys = self._predict_keyed(images)
+        with self._cache_lock:
+            for i, k in enumerate(keys):
+                if k not in self._pinned:
+                    one = out[i : i + 1].copy()
+                    one.setflags(write=False)
+                    self._pinned[k] = [one, 0]
+                entry = self._pinned[k]
+                entry[1] += 1
+        return keys
+
+    def unpin(self, keys: Sequence[bytes]) -> None:
+        """Release outputs held by :meth:`pin`."""
+        with self._cache_lock:
+            for k in keys:
+                entry = self._pinned.get(k)
+                if entry is not None:
+                    entry[1] -= 1
+                    if entry[1] <= 0:
+                        del self._pinned[k]
 
     def prefetch(self, images: Sequence[np.ndarray]) -> None:
         """Run the network on ``images`` now, batched, and keep the outputs for the next ``detect``.
@@ -341,7 +377,7 @@ class OnnxDetector(LetterboxYoloDetector):
             self.predict_raw(list(images)[-self.cache_size :])
 
     def clear_cache(self) -> None:
-        """Forget the cached network outputs."""
+        """Forget the cached network outputs (pinned ones stay until unpinned)."""
         with self._cache_lock:
             self._cache.clear()
 

@@ -5,8 +5,8 @@ One process runs one graph at a time, and most of a graph's work holds Python's 
 process uses about one core. This engine starts ``workers`` processes (``spawn``: safe with the
 threads of ONNX Runtime and the captioner), builds one agent in each (detectors loaded once per
 process) and hands them chunks of items; each chunk goes through
-:func:`echo_agent.batch.run_batch` inside the worker, so a record is exactly the one the local
-engine writes. The calling process is the journal's only writer, appending each record as its chunk
+:func:`echo_agent.batch.diagnose_chunk` inside the worker, the function the local engine uses, so a
+record is exactly the one the local engine writes. The calling process is the journal's only writer, appending each record as its chunk
 comes back. Killed and started again, the run finishes what is missing.
 
 Start-up costs a few seconds (each process imports the library and loads its models), so it pays

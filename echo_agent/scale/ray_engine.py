@@ -2,8 +2,8 @@
 images spread over a pool of Ray Data actors.
 
 Each actor builds one agent (so each worker loads the detectors once) and turns chunks of items
-into journal records with :func:`echo_agent.batch.run_batch` itself, so a record written by the Ray
-engine is the record the local engine would write. The driver is the journal's only writer: it
+into journal records with :func:`echo_agent.batch.diagnose_chunk`, the function the local engine
+uses, so a record written by the Ray engine is the record the local engine would write. The driver is the journal's only writer: it
 appends each record as it streams back (one fsync'd line per item), skips what the journal already
 holds, and never writes an item twice. Killed at any point and started again, the run finishes what
 is missing; items that were in flight on the workers are done again, nothing else is.

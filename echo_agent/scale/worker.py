@@ -8,14 +8,11 @@ but plain text crosses the process boundary.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..batch import BatchItem, BatchSummary, _record, open_journal, run_batch
+from ..batch import BatchItem, BatchSummary, _record, diagnose_chunk, open_journal
 from ..config import AgentFactory
 from ..errors import EchoInputError
 
@@ -57,28 +54,15 @@ class EchoBatchWorker:
         self.agent = agent_factory()
         self.overlays = overlays
         self.fhir = fhir
-        self._scratch = Path(tempfile.mkdtemp(prefix="echo-batch-"))
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
         items = [_decode_item(str(s)) for s in batch["item"]]
-        records: dict[str, dict[str, Any]] = {}
-        # run_batch on a scratch journal makes exactly the records the local engine makes; the
-        # driver's journal stays the single source of truth.
-        scratch = self._scratch / f"{uuid.uuid4().hex}.jsonl"
+        # The same records the local engine makes; the driver's journal stays the single source of truth.
         try:
-            run_batch(
-                items, scratch, agent=self.agent, overlays=self.overlays, fhir=self.fhir,
-                chunk_size=len(items), on_item=lambda it, rec: records.__setitem__(it.id, rec), progress=False,
-            )
+            records = diagnose_chunk(self.agent, items, overlays=self.overlays, fhir=self.fhir)
         except Exception as exc:  # a chunk that fails as a whole is recorded per item; the run goes on
-            for it in items:
-                records.setdefault(it.id, _record(it, exc, 0.0, None, None, None))
-        finally:
-            scratch.unlink(missing_ok=True)
-        return {"id": [it.id for it in items], "record": [json.dumps(records[it.id]) for it in items]}
-
-    def __del__(self) -> None:
-        shutil.rmtree(getattr(self, "_scratch", ""), ignore_errors=True)
+            records = [_record(it, exc, 0.0, None, None, None) for it in items]
+        return {"id": [it.id for it in items], "record": [json.dumps(r) for r in records]}
 
 
 def open_pool_run(

@@ -9,7 +9,8 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -91,6 +92,7 @@ class Toolkit:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
     _prepared: OrderedDict[tuple[Any, ...], Any] = field(default_factory=OrderedDict, repr=False, compare=False)
     _prepared_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    _pinned_prepared: dict[tuple[Any, ...], Any] = field(default_factory=dict, repr=False, compare=False)
 
     #: How many preprocessed detector inputs :meth:`prepared` keeps.
     prepared_capacity = 32
@@ -141,6 +143,9 @@ class Toolkit:
 
         key = (image_id, region)
         with self._prepared_lock:
+            hit = self._pinned_prepared.get(key)
+            if hit is not None:
+                return hit
             hit = self._prepared.get(key)
             if hit is not None:
                 self._prepared.move_to_end(key)
@@ -170,14 +175,53 @@ class Toolkit:
             if clear is not None:
                 clear()
 
-    def prefetch_detections(self, organ: str, image_ids: Sequence[str]) -> None:
-        """Run ``organ``'s detector on many stored images in one batched pass, ahead of the graph.
+    @contextmanager
+    def prefetched(self, organ: str, image_ids: Sequence[str]) -> Iterator[None]:
+        """Within the block, the detector tool's first call on each of these stored images costs no
+        forward pass of its own: their inputs are prepared exactly as that call will prepare them
+        (whole image, :meth:`prepared`) and run through ``organ``'s detector in one batched pass,
+        and both are held until the block ends, whatever the cache sizes and however many images
+        run meanwhile. Detectors without ``pin`` / ``unpin`` (e.g. ultralytics) simply run as
+        usual. Results are the same either way.
 
-        Each image is preprocessed exactly as the detector tool's first call will do it (whole image,
-        :meth:`prepared`), and the detector keeps the network outputs, so that call costs no forward
-        pass of its own. Only detectors with a ``prefetch`` method (``OnnxDetector``) take part; for
-        the others this is a no-op. Results are unchanged either way.
+            with toolkit.prefetched("breast", [ref["id"] for ref in refs]):
+                for ref in refs: graph.invoke({"image": ref, "organ": "breast"})
         """
+        det = self.detector(organ)
+        pin, unpin = getattr(det, "pin", None), getattr(det, "unpin", None)
+        if pin is None or unpin is None or not image_ids:
+            yield
+            return
+        store = self.get_store()
+        keys: list[tuple[str, None]] = []
+        views = []
+        for image_id in image_ids:
+            image = store.get(image_id)
+            if self.preprocess:
+                prep = self.prepared(image_id, image)
+                with self._prepared_lock:
+                    self._pinned_prepared[(image_id, None)] = prep
+                keys.append((image_id, None))
+                views.append(prep.array)
+            else:
+                views.append(image)
+        pins = []
+        try:
+            pins = pin(views)
+            yield
+        finally:
+            unpin(pins)
+            with self._prepared_lock:
+                for k in keys:
+                    self._pinned_prepared.pop(k, None)
+
+    def prefetch_detections(self, organ: str, image_ids: Sequence[str]) -> None:
+        """Deprecated: warms the detector's output cache only (correct while the cache holds the
+        images until they run); use the :meth:`prefetched` block, which holds them explicitly."""
+        import warnings
+
+        warnings.warn("Toolkit.prefetch_detections is deprecated; use 'with toolkit.prefetched(organ, ids):'",
+                      DeprecationWarning, stacklevel=2)
         det = self.detector(organ)
         prefetch = getattr(det, "prefetch", None)
         if prefetch is None or not image_ids:
