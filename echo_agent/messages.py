@@ -156,7 +156,7 @@ def dumps(data: Any) -> str:
 def diagnosis_to_model(dx: Diagnosis) -> dict[str, Any]:
     """The final assistant turn's content: the Diagnosis with 0..1000 boxes."""
     w, h = dx.image_width, dx.image_height
-    data = dx.model_dump(mode="json", exclude={"box", "probability", "review", "warnings", "reasoner"})
+    data = dx.model_dump(mode="json", exclude={"box", "probability", "review", "warnings", "reasoner", "image_id"})
     if w and h:
         data["findings"] = [
             {**f.model_dump(mode="json"), "box": f.box.to_model(w, h)} for f in dx.findings
