@@ -53,7 +53,15 @@ from .export import (
 )
 from .facts import clinical_for, radiologist_descriptors
 from .sources import DetectionSource, LiveDetector, PredictionsFile, SimulatedDetector
-from .tasks import FINALIZER_TASKS, LESION_TASKS, TASK_GROUPS, TASKS, CurriculumConfig, CurriculumSample, task_questions
+from .tasks import (
+    FINALIZER_TASKS,
+    LESION_TASKS,
+    TASK_GROUPS,
+    TASKS,
+    CurriculumConfig,
+    CurriculumSample,
+    task_questions,
+)
 
 __all__ = [
     "FINALIZER_TASKS",
