@@ -9,7 +9,7 @@ A Diagnosis whose label is not the organ's positive one is flagged (``indetermin
 descriptor values (``OrganSpec.suspicious_descriptors``). Reported, per center and overall: how
 often the flag fires, and among the images the agent does not label positive, the true-positive
 rate of flagged vs unflagged images (the adoption test of
-docs/eval/conflict_flag/PREREGISTRATION.md asks for a flag rate <= 25 % and a flagged rate at
+docs/experiments/conflict_flag/PREREGISTRATION.md asks for a flag rate <= 25 % and a flagged rate at
 least twice the unflagged one, on val).
 """
 

@@ -306,7 +306,7 @@ class LearnedFusion:
         secondary_min_score: score a lesion other than the leading one needs to be reported.
         rerank_with_classifier: order the candidates for the findings by detector score x the second
             look's lesion probability (unclassified candidates take the whole image's) instead of by
-            detector score alone. Off by default (see docs/eval/second_look/PREREGISTRATION.md, rule 3).
+            detector score alone. Off by default (see docs/experiments/second_look/PREREGISTRATION.md, rule 3).
     """
 
     name = f"learned-fusion/{FUSION_VERSION}"
