@@ -152,3 +152,11 @@ def test_cli_run_takes_a_config_and_flags_apply_on_top(tmp_path):
     bad.write_text("max_tool_calls: many\n")
     res = CliRunner().invoke(app, ["run", str(example_image("breast_malignant")), "--config", str(bad)])
     assert res.exit_code != 0 and "max_tool_calls" in res.output
+
+
+def test_the_example_config_loads_and_builds():
+    from pathlib import Path
+
+    cfg = AgentConfig.load(Path(__file__).resolve().parents[1] / "examples" / "agent.yaml")
+    assert cfg == AgentConfig()  # it spells out the defaults
+    assert EchoAgent.from_config(cfg).config == cfg
