@@ -114,7 +114,7 @@ def bench_graph_floor(n: int) -> dict[str, float]:
     from langchain_core.tools import tool
     from langgraph.graph import END, START, StateGraph
 
-    from echo_agent.graph.build import _ToolNode
+    from echo_agent.tools._upstream import InlineToolNode as _ToolNode
     from echo_agent.graph.state import EchoInput, EchoOutput, EchoState
 
     @tool
