@@ -33,6 +33,11 @@ then pair every train image with the detector that did not see it:
         --cross-fitted /tmp/cf/breast_fold0.onnx /tmp/cf/breast_fold1.onnx /tmp/cf/breast_fold2.onnx \
         --out Y.json
 
+Where a center's val split is too small to choose on (the kidney val split holds 3 hydronephrosis
+clips), use the development pool instead: train the fold models on ``train+val``
+(``--train-split train+val --fold k --folds K`` on both trainers) and fit with ``--split train+val``
+(docs/experiments/kidney_pool/ is the worked example). A pool never includes test.
+
 The fusion is written for the packaged detector (``--for-detector`` to name another, e.g. one you
 trained on the whole train split), which the cross-fitted ones stand in for; the runs' own
 detectors are kept in ``training.runs_detectors`` and the fold of each group in
