@@ -193,3 +193,26 @@ def test_cross_fit_folds_keep_groups_together_and_leave_each_image_out_once() ->
     assert cv_group(im) == im.group
     assert cv_group(replace(im, group=None, patient_id="p7")) == "p7"
     assert cv_group(replace(im, group=None, patient_id=None)) == im.key
+
+
+def test_split_pools_join_splits_but_never_test() -> None:
+    from echo_agent.eval.datasets import parse_split_pool
+
+    assert parse_split_pool("train") == ("train",)
+    assert parse_split_pool("train+val") == ("train", "val")
+    assert parse_split_pool("test") == ("test",)
+    for bad, why in (("train+test", "never pooled"), ("valid", "unknown split"), ("train+train", "twice"),
+                     ("train+", "unknown split")):
+        with pytest.raises(ValueError, match=why):
+            parse_split_pool(bad)
+
+
+@pytest.mark.realdata
+def test_the_development_pool_is_train_and_val_together(shared_data: Path) -> None:
+    from echo_agent.eval.datasets import load_split
+
+    train = load_split("hydronephrosis_ncnu", "train", root=shared_data)
+    val = load_split("hydronephrosis_ncnu", "val", root=shared_data)
+    pool = load_split("hydronephrosis_ncnu", "train+val", root=shared_data)
+    assert {im.key for im in pool} == {im.key for im in train} | {im.key for im in val}
+    assert len(pool) == len(train) + len(val) and not any(im.split == "test" for im in pool)
