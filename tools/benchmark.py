@@ -114,8 +114,8 @@ def bench_graph_floor(n: int) -> dict[str, float]:
     from langchain_core.tools import tool
     from langgraph.graph import END, START, StateGraph
 
-    from echo_agent.tools._upstream import InlineToolNode as _ToolNode
     from echo_agent.graph.state import EchoInput, EchoOutput, EchoState
+    from echo_agent.tools._upstream import InlineToolNode as _ToolNode
 
     @tool
     def noop(x: int = 0) -> str:
