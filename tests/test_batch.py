@@ -187,6 +187,23 @@ def test_prefetch_holds_its_outputs_whatever_the_cache_sizes():
     assert [d.model_dump() for d in batched] == [d.model_dump() for d in single]
 
 
+def test_overlapping_prefetch_blocks_hold_until_the_last_and_failures_release_everything():
+    from echo_agent.errors import EchoInputError
+
+    agent, calls = _packaged_breast_agent()
+    tk, det = agent.toolkit, agent.toolkit.detectors["breast"]
+    ids = [tk.get_store().put(img)["id"] for img in _variants()[:2]]
+    with tk.prefetched("breast", ids):
+        with tk.prefetched("breast", ids[:1]):
+            pass
+        assert len(tk._pinned_prepared) == 2 and len(det._pinned) == 2  # the outer block still holds both
+    assert not tk._pinned_prepared and not det._pinned
+    with pytest.raises(EchoInputError):
+        with tk.prefetched("breast", [ids[0], "0" * 24]):  # the second image is not in the store
+            pass
+    assert not tk._pinned_prepared and not det._pinned
+
+
 def test_prepared_inputs_are_remembered_per_image_and_region():
     from echo_agent.imaging.preprocess import prepare_for_detection
     from echo_agent.tools import Toolkit

@@ -44,7 +44,7 @@ from .postprocess import (
     unletterbox_boxes,
 )
 
-__all__ = ["Detector", "DetectorConfig", "LetterboxYoloDetector", "check_image", "weights_digest"]
+__all__ = ["Detector", "DetectorConfig", "LetterboxYoloDetector", "PinnedValues", "check_image", "weights_digest"]
 
 
 @runtime_checkable
@@ -308,3 +308,37 @@ class LetterboxYoloDetector:
             height=info.orig_h,
             source=source,
         )
+
+
+class PinnedValues:
+    """Values held by key until every :meth:`pin` of that key has been matched by an :meth:`unpin`
+    (thread-safe), whatever else is cached or evicted meanwhile. Used to hold a batch's prepared
+    detector inputs (``Toolkit.prefetched``) and network outputs (``OnnxDetector.pin``)."""
+
+    def __init__(self) -> None:
+        self._items: dict[Any, list[Any]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: Any) -> Any:
+        """The pinned value of ``key``, or None."""
+        with self._lock:
+            entry = self._items.get(key)
+            return None if entry is None else entry[0]
+
+    def pin(self, key: Any, value: Any) -> None:
+        """Hold ``value`` under ``key`` (a key already held keeps its first value, one more pin)."""
+        with self._lock:
+            self._items.setdefault(key, [value, 0])[1] += 1
+
+    def unpin(self, key: Any) -> None:
+        """Release one pin of ``key`` (the value goes with the last one; unknown keys are ignored)."""
+        with self._lock:
+            entry = self._items.get(key)
+            if entry is not None:
+                entry[1] -= 1
+                if entry[1] <= 0:
+                    del self._items[key]
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._items)

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ModelLoadError
-from .base import LetterboxYoloDetector, check_image
+from .base import LetterboxYoloDetector, PinnedValues, check_image
 from .postprocess import LetterboxInfo, letterbox
 
 __all__ = ["WEIGHTS_VERSION_KEY", "OnnxDetector", "inference_session", "parse_ultralytics_metadata"]
@@ -161,8 +161,8 @@ class OnnxDetector(LetterboxYoloDetector):
         self.cache_size = int(cache_size)
         self._cache: OrderedDict[bytes, np.ndarray] = OrderedDict()
         self._cache_lock = threading.Lock()
-        # outputs pinned by pin() until unpin(): held whatever the cache size (key -> [output, pins])
-        self._pinned: dict[bytes, list[Any]] = {}
+        # outputs pinned by pin() until unpin(): held whatever the cache size
+        self._pinned = PinnedValues()
 
     def _load(self) -> None:
         session = inference_session(self.path, threads=int(self.intra_op_threads or 1), providers=self.providers,
@@ -311,7 +311,7 @@ class OnnxDetector(LetterboxYoloDetector):
             for i, k in enumerate(keys):
                 pinned = self._pinned.get(k)
                 if pinned is not None:
-                    outs[i] = pinned[0]
+                    outs[i] = pinned
                     continue
                 if self.cache_size:
                     hit = self._cache.get(k)
@@ -347,25 +347,16 @@ class OnnxDetector(LetterboxYoloDetector):
         the returned keys: a later ``detect`` of the same input costs no forward pass, however many
         other images run in between (the output cache's size does not matter)."""
         out, _, keys = self._predict_keyed(images)
-        with self._cache_lock:
-            for i, k in enumerate(keys):
-                if k not in self._pinned:
-                    one = out[i : i + 1].copy()
-                    one.setflags(write=False)
-                    self._pinned[k] = [one, 0]
-                entry = self._pinned[k]
-                entry[1] += 1
+        for i, k in enumerate(keys):
+            one = out[i : i + 1].copy()
+            one.setflags(write=False)
+            self._pinned.pin(k, one)
         return keys
 
     def unpin(self, keys: Sequence[bytes]) -> None:
         """Release outputs held by :meth:`pin`."""
-        with self._cache_lock:
-            for k in keys:
-                entry = self._pinned.get(k)
-                if entry is not None:
-                    entry[1] -= 1
-                    if entry[1] <= 0:
-                        del self._pinned[k]
+        for k in keys:
+            self._pinned.unpin(k)
 
     def prefetch(self, images: Sequence[np.ndarray]) -> None:
         """Run the network on ``images`` now, batched, and keep the outputs for the next ``detect``.

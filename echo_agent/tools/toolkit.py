@@ -16,6 +16,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from ..detectors.base import PinnedValues
 from ..imaging.store import ImageStore, default_store
 from ..organs import OrganSpec, get_organ
 from ..schemas import (
@@ -92,7 +93,7 @@ class Toolkit:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
     _prepared: OrderedDict[tuple[Any, ...], Any] = field(default_factory=OrderedDict, repr=False, compare=False)
     _prepared_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
-    _pinned_prepared: dict[tuple[Any, ...], Any] = field(default_factory=dict, repr=False, compare=False)
+    _pinned_prepared: PinnedValues = field(default_factory=PinnedValues, repr=False, compare=False)
 
     #: How many preprocessed detector inputs :meth:`prepared` keeps.
     prepared_capacity = 32
@@ -142,10 +143,10 @@ class Toolkit:
         from ..imaging.preprocess import prepare_for_detection
 
         key = (image_id, region)
+        hit = self._pinned_prepared.get(key)
+        if hit is not None:
+            return hit
         with self._prepared_lock:
-            hit = self._pinned_prepared.get(key)
-            if hit is not None:
-                return hit
             hit = self._prepared.get(key)
             if hit is not None:
                 self._prepared.move_to_end(key)
@@ -193,27 +194,25 @@ class Toolkit:
             yield
             return
         store = self.get_store()
-        keys: list[tuple[str, None]] = []
-        views = []
-        for image_id in image_ids:
-            image = store.get(image_id)
-            if self.preprocess:
-                prep = self.prepared(image_id, image)
-                with self._prepared_lock:
-                    self._pinned_prepared[(image_id, None)] = prep
-                keys.append((image_id, None))
-                views.append(prep.array)
-            else:
-                views.append(image)
-        pins = []
-        try:
+        held: list[tuple[str, None]] = []
+        pins: list[Any] = []
+        try:  # whatever fails (a missing image, the forward pass), nothing stays pinned
+            views = []
+            for image_id in image_ids:
+                image = store.get(image_id)
+                if self.preprocess:
+                    prep = self.prepared(image_id, image)
+                    self._pinned_prepared.pin((image_id, None), prep)
+                    held.append((image_id, None))
+                    views.append(prep.array)
+                else:
+                    views.append(image)
             pins = pin(views)
             yield
         finally:
             unpin(pins)
-            with self._prepared_lock:
-                for k in keys:
-                    self._pinned_prepared.pop(k, None)
+            for key in held:
+                self._pinned_prepared.unpin(key)
 
     def prefetch_detections(self, organ: str, image_ids: Sequence[str]) -> None:
         """Deprecated: warms the detector's output cache only (correct while the cache holds the
