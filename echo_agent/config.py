@@ -190,8 +190,7 @@ class AgentConfig(BaseModel):
         if toolkit is None:
             if store is None:
                 store = ImageStore(directory=self.image_store) if self.image_store is not None else None
-            toolkit = _call_factory(self.toolkit, store) if self.toolkit else (
-                Toolkit(store=store) if store is not None else Toolkit())
+            toolkit = _call_factory(self.toolkit, store) if self.toolkit else Toolkit(store=store)
         elif store is not None and toolkit.get_store() is not store:
             raise EchoInputError("give either a toolkit or a store to build the agent with, not both")
         self._apply_weights(toolkit)

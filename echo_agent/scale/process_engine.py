@@ -6,8 +6,9 @@ process uses about one core. This engine starts ``workers`` processes (``spawn``
 threads of ONNX Runtime and the captioner), builds one agent in each (detectors loaded once per
 process) and hands them chunks of items; each chunk goes through
 :func:`echo_agent.batch.diagnose_chunk` inside the worker, the function the local engine uses, so a
-record is exactly the one the local engine writes. The calling process is the journal's only writer, appending each record as its chunk
-comes back. Killed and started again, the run finishes what is missing.
+record is exactly the one the local engine writes. The calling process is the journal's only
+writer, appending each record as its chunk comes back. Killed and started again, the run finishes
+what is missing.
 
 Start-up costs a few seconds (each process imports the library and loads its models), so it pays
 off from a few hundred images; ``docs/benchmarks.md`` has the measured rates. No extra is needed.
@@ -122,8 +123,9 @@ def run_batch_processes(
         out: the JSONL journal (written by this process only); finished items are skipped.
         workers: worker processes, each with its own agent (use the number of cores).
         overlays / fhir: folders for overlay PNGs / FHIR DiagnosticReports, written by the workers.
-        agent_factory: zero-argument callable building the agent in each worker (default
-            ``EchoAgent()``); it is pickled to the workers, so it must be importable by name (a
+        agent_factory: zero-argument callable building the agent in each worker (default: the
+            packaged agent, ``EchoAgent.from_config()``; for a config of your own,
+            ``functools.partial(EchoAgent.from_config, config)``); it is pickled to the workers, so it must be importable by name (a
             module-level function or a ``functools.partial`` of one) and must not capture live models.
         chunk_size: items per ``agent.batch`` call in a worker (one batched detector pass each);
             lowered when there are too few items for every worker to get some.

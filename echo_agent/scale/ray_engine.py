@@ -3,9 +3,9 @@ images spread over a pool of Ray Data actors.
 
 Each actor builds one agent (so each worker loads the detectors once) and turns chunks of items
 into journal records with :func:`echo_agent.batch.diagnose_chunk`, the function the local engine
-uses, so a record written by the Ray engine is the record the local engine would write. The driver is the journal's only writer: it
-appends each record as it streams back (one fsync'd line per item), skips what the journal already
-holds, and never writes an item twice. Killed at any point and started again, the run finishes what
+uses, so a record written by the Ray engine is the record the local engine would write. The driver
+is the journal's only writer: it appends each record as it streams back (one fsync'd line per item),
+skips what the journal already holds, and never writes an item twice. Killed at any point and started again, the run finishes what
 is missing; items that were in flight on the workers are done again, nothing else is.
 
 Cluster: with no Ray running in the process, :func:`run_batch_ray` connects to ``address`` (or the
@@ -65,8 +65,10 @@ def run_batch_ray(
         out: the JSONL journal (written by this process only); finished items are skipped.
         workers: number of actors, each with its own agent (detectors loaded once per actor).
         overlays / fhir: folders for overlay PNGs / FHIR DiagnosticReports, written by the workers.
-        agent_factory: zero-argument callable building the agent in each worker (default
-            ``EchoAgent()``); it is pickled to the workers, so it must not capture live models. For an
+        agent_factory: zero-argument callable building the agent in each worker (default: the
+            packaged agent, ``EchoAgent.from_config()``; for a config of your own,
+            ``functools.partial(EchoAgent.from_config, config)``); it is pickled to the workers, so it
+            must not capture live models. For an
             MLLM reasoner served by vLLM: ``functools.partial(EchoAgent.from_endpoint, url, model)``.
         chunk_size: items per actor call (one ``agent.batch`` per organ in the chunk); lowered when
             there are fewer than ``workers * chunk_size`` items so that every worker gets some.

@@ -49,11 +49,12 @@ def private_api_problems() -> list[str]:
             problems.append(f"{module}.{qualname} is gone")
             continue
         if params is not None:
-            got = tuple(inspect.signature(obj).parameters)
-            if got[: len(params)] != params or any(
-                p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-                for p in list(inspect.signature(obj).parameters.values())[len(params):]
-            ):
+            sig = list(inspect.signature(obj).parameters.values())
+            got = tuple(p.name for p in sig)
+            # the names we pass, in order, and no new parameter without a default after them
+            extra_required = any(p.default is inspect.Parameter.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+                                 for p in sig[len(params):])
+            if got[: len(params)] != params or extra_required:
                 problems.append(f"{module}.{qualname} takes {got}, expected {params}")
     return problems
 
