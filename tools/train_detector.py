@@ -188,38 +188,17 @@ def pipeline_metrics(onnx_path: Path, cfg: dict, thresholds=(0.1, 0.15, 0.2, 0.2
     (image label = label of the top box, normal when none), for several score thresholds."""
     from echo_agent.detectors.onnx import OnnxDetector
     from echo_agent.eval.datasets import load_split
-    from echo_agent.eval.metrics import PredictedBox, ScoredImage, detection_score
-    from echo_agent.imaging import load_image
+    from echo_agent.eval.sweep import threshold_sweep
     from echo_agent.organs import get_organ
-    from echo_agent.tools.toolkit import run_detector
 
     spec = get_organ(cfg["organ"])
     det = OnnxDetector(onnx_path)
     if cfg.get("lesion_only"):  # the single-class model emits 'lesion', which the organ does not know
         spec = spec.model_copy(update={"detector_labels": tuple(det.labels), "detector_agnostic_nms": False})
     images = [im for c in cfg["val_centers"] for im in load_split(c, "val")]
-    lowest = min(thresholds)
-    raw = []
-    for im in images:  # the agent's own detection path (preprocessing, mapping back, class merging)
-        dets = run_detector(spec, load_image(im.image).array, detector=det, score_threshold=lowest)
-        raw.append([(d.box, d.label, float(d.score)) for d in dets])
-    out = {}
-    for t in thresholds:
-        scored = []
-        correct = 0
-        for im, dets in zip(images, raw, strict=True):
-            kept = [PredictedBox(box=b, label=spec.detector_label_map.get(lab, lab), score=sc)
-                    for b, lab, sc in dets if sc >= t]
-            pred_label = max(kept, key=lambda p: p.score).label if kept else spec.normal_label
-            if cfg.get("lesion_only") and kept:
-                pred_label = im.label if im.label != spec.normal_label else "lesion"
-            correct += pred_label == im.label
-            scored.append(ScoredImage(key=im.key, true_label=im.label, true_boxes=im.boxes,
-                                      pred_label=pred_label, pred_boxes=tuple(kept)))
-        loc = detection_score(scored, normal_label=spec.normal_label)
-        grd = detection_score(scored, grounded=True, normal_label=spec.normal_label)
-        out[f"{t:g}"] = {"loc_f1": loc.f1, "loc_precision": loc.precision, "loc_recall": loc.recall,
-                         "grounded_f1": grd.f1, "accuracy": correct / len(images)}
+    sweep = threshold_sweep(spec, det, images, thresholds, lesion_only=bool(cfg.get("lesion_only")))
+    out = {f"{t:g}": {"loc_f1": m["f1"], "loc_precision": m["precision"], "loc_recall": m["recall"],
+                      "grounded_f1": m["grounded_f1"], "accuracy": m["accuracy"]} for t, m in sweep.items()}
     return {"n_images": len(images), "by_threshold": out}
 
 

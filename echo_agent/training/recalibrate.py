@@ -37,27 +37,15 @@ def logit_shift(threshold: float, operating_threshold: float = 0.25) -> float:
 
 
 def localization_by_threshold(organ: Any, detector: Any, images: Sequence[Any],
-                              thresholds: Sequence[float] = THRESHOLDS) -> dict[float, dict[str, float]]:
-    """Localization F1@0.5 / precision / recall of ``detector`` on manifest ``images`` at each
-    threshold, through the agent's detection path (preprocessing, mapping back, class merging)."""
-    from ..eval.metrics import PredictedBox, ScoredImage, detection_score
-    from ..imaging import load_image
-    from ..tools.toolkit import run_detector
+                              thresholds: Sequence[float] = THRESHOLDS) -> dict[float, dict[str, float | None]]:
+    """Localization F1@0.5 / precision / recall (and the rest of
+    :func:`echo_agent.eval.sweep.threshold_sweep`) of ``detector`` on manifest ``images`` at each
+    threshold, through the agent's detection path."""
+    from ..eval.sweep import threshold_sweep
 
     if not images:
         raise ValueError("no calibration images")
-    lowest = min(thresholds)
-    raw = [run_detector(organ, load_image(im.image).array, detector=detector, score_threshold=lowest) for im in images]
-    out: dict[float, dict[str, float]] = {}
-    for t in thresholds:
-        scored = []
-        for im, dets in zip(images, raw, strict=True):
-            kept = tuple(PredictedBox(box=d.box, label=organ.image_label_for(d.label), score=d.score) for d in dets if d.score >= t)
-            pred = max(kept, key=lambda p: p.score).label if kept else organ.normal_label
-            scored.append(ScoredImage(key=im.key, true_label=im.label, true_boxes=im.boxes, pred_label=pred, pred_boxes=kept))
-        loc = detection_score(scored, normal_label=organ.normal_label)
-        out[t] = {"f1": loc.f1, "precision": loc.precision, "recall": loc.recall}
-    return out
+    return threshold_sweep(organ, detector, images, thresholds)
 
 
 def choose_threshold(by_threshold: dict[float, dict[str, float]]) -> float:
