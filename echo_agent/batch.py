@@ -105,7 +105,7 @@ def _collect(source: str | Path, *, organ: str | None, split: str | None) -> lis
             if split and im.split != split:
                 continue
             ctx = {k: v for k, v in (("age", im.age), ("symptoms", im.symptoms)) if v is not None} or None
-            truth = {"label": im.label, "boxes": [b.to_list() for b in im.boxes], "birads": im.birads}
+            truth = {"label": im.label, "boxes": [b.to_list() for b in im.boxes], "category": im.category}
             items.append(BatchItem(id=im.key, image=im.image, organ=im.organ, context=ctx, truth=truth))
         return items
     if p.is_dir():

@@ -242,6 +242,11 @@ class RegionClassification(_Model):
     box: Box | None = Field(None, description="The region in pixels; None = the whole image.")
     detection_id: str | None = None
     probabilities: dict[str, float] = Field(description="Calibrated probabilities over the organ's image labels.")
+    categories: dict[str, float] | None = Field(
+        None,
+        description="Probabilities over the organ's assessment categories given a lesion, when its classifier is a "
+        "category head (OrganSpec.category_source 'classifier'); None otherwise.",
+    )
 
     @property
     def label(self) -> str:

@@ -154,7 +154,7 @@ def test_synthetic_end_to_end_matches_hand_computed(manifest: Path, tmp_path: Pa
     assert by_name["b.png"]["detector"]["positive_score"] == pytest.approx(0.4)
     assert Diagnosis.model_validate(by_name["b.png"]["agent"]["diagnosis"]).label == "malignant"
     assert by_name["b.png"]["agent"]["diagnosis"]["findings"][0]["box"] == {"x1": 20.0, "y1": 20.0, "x2": 40.0, "y2": 50.0}
-    assert by_name["a.png"]["truth"] == {"label": "benign", "boxes": [[10.0, 10.0, 30.0, 30.0]], "birads": None}
+    assert by_name["a.png"]["truth"] == {"label": "benign", "boxes": [[10.0, 10.0, 30.0, 30.0]], "category": None}
     report = (out / "report.md").read_text()
     assert "detector-only" in report and "0.667" in report and "RuntimeError" in report
     assert {p.name for p in res.plots} == {"confusion_breast.png", "per_class_breast.png", "reliability_breast.png"}

@@ -59,7 +59,7 @@ def test_minimal_columns_and_absolute_paths(folder: Path) -> None:
 def test_write_then_load_round_trips(folder: Path) -> None:
     ims = [
         ManifestImage(image=folder / "a.png", organ="breast", label="malignant",
-                      boxes=(Box(x1=1, y1=2, x2=3.5, y2=4),), birads="4C", center="x", age=61, symptoms="a, b"),
+                      boxes=(Box(x1=1, y1=2, x2=3.5, y2=4),), category="4C", center="x", age=61, symptoms="a, b"),
         ManifestImage(image=folder / "sub" / "c.png", organ="kidney", label="normal", group="clip1", split="val"),
     ]
     out = write_manifest(ims, folder / "out" / "m.csv", relative_to=folder / "out")

@@ -20,7 +20,8 @@ def main(path: str) -> int:
     pairs: Counter[tuple[str, str]] = Counter()
     for line in open(path, encoding="utf-8"):
         rec = json.loads(line)
-        truth = str((rec.get("truth") or {}).get("birads") or "").upper()
+        t = rec.get("truth") or {}
+        truth = str(t.get("category", t.get("birads")) or "").upper()
         agent = rec.get("agent") or {}
         dx = agent.get("diagnosis", agent) if isinstance(agent, dict) else {}
         cat = (dx or {}).get("category")

@@ -3,7 +3,7 @@
 
     python tools/category_agreement.py runs/eval/breast_lesions_usg_test/predictions.jsonl
 
-Reads an ``echo-agent eval`` predictions file (``truth.birads`` = the reader's category,
+Reads an ``echo-agent eval`` predictions file (``truth.category`` = the reader's category,
 ``agent.diagnosis.category`` = the agent's) and prints exact and within-one-step agreement on the
 organ's ordinal scale, the reader x agent table, and the agent's category counts. ``--json`` writes
 the numbers to a file too.
@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         if row.get("organ") != spec.name:
             continue
         dx = (row.get("agent") or {}).get("diagnosis") or {}
-        truth.append((row.get("truth") or {}).get("birads"))
+        t = row.get("truth") or {}
+        truth.append(t.get("category", t.get("birads")))  # "birads": files written before 2026-12
         pred.append(dx.get("category"))
     a = category_agreement(truth, pred, order)
     if not a.n:

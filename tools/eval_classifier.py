@@ -68,10 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from echo_agent.detectors import get_region_classifier, load_region_classifier
-    from echo_agent.eval.datasets import CENTER_ORGAN, load_split
+    from echo_agent.eval.datasets import center_organ, load_split
     from echo_agent.organs import get_organ
 
-    organ = get_organ(CENTER_ORGAN[args.center])
+    organ = get_organ(center_organ(args.center))
     clf = load_region_classifier(args.classifier) if args.classifier else get_region_classifier(organ)
     if tuple(clf.labels) != organ.image_labels:
         ap.error(f"the classifier's labels {clf.labels} are not the {organ.name} image labels {organ.image_labels}")

@@ -22,10 +22,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from echo_agent.eval.datasets import (  # noqa: E402
-    ADAPTERS,
     BUSI,
     compute_splits,
     flag_burned_in_annotations,
+    list_centers,
     load_center,
 )
 from echo_agent.eval.manifest import write_manifest  # noqa: E402
@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, help="output folder for manifests (outside the repository)")
     ap.add_argument("--data-root", type=Path, help="folder holding BUSI/, BrEaST-Lesions_USG/, Hydronephrosis-NCNU/")
-    ap.add_argument("--centers", nargs="+", default=sorted(ADAPTERS), choices=sorted(ADAPTERS))
+    ap.add_argument("--centers", nargs="+", default=list_centers(), choices=list_centers(),
+                    help="registered centers (the built-ins and those of installed plug-ins)")
     ap.add_argument("--relative", action="store_true", help="write image paths relative to each manifest")
     ap.add_argument("--write-splits", action="store_true", help="recompute and overwrite the committed split files")
     ap.add_argument("--check-pixels", action="store_true", help="also check pixel-identical images across splits")

@@ -50,8 +50,8 @@ if str(ROOT) not in sys.path:
 from echo_agent.eval.datasets import (  # noqa: E402
     BREAST_LESIONS_USG,
     BUSI,
-    CENTER_ORGAN,
     HYDRONEPHROSIS_NCNU,
+    center_organ,
     load_split,
 )
 from echo_agent.organs.routing import (  # noqa: E402
@@ -393,7 +393,7 @@ def organ_items(split: str) -> list[tuple[str, str, Path]]:
     """(center, organ, path) of every image of ``split`` in the three staged centers."""
     out = []
     for c in CENTERS:
-        out += [(c, CENTER_ORGAN[c], im.image) for im in load_split(c, split)]
+        out += [(c, center_organ(c), im.image) for im in load_split(c, split)]
     return out
 
 
@@ -675,7 +675,7 @@ def robustness(router: OrganRouter, n: int, seed: int = 5) -> dict[str, dict[str
         items = load_split(c, "test")
         items = items[:: max(1, len(items) // n)][:n]
         imgs = [load_rgb(im.image) for im in items]
-        organ = CENTER_ORGAN[c]
+        organ = center_organ(c)
         out[c] = {
             k: round(float(np.mean([router.route(f(im)).organ == organ for im in imgs])), 3)
             for k, f in ops.items()

@@ -22,9 +22,14 @@ manifest images (with ``group``/``patient_id`` set for leakage-safe splitting) p
 from __future__ import annotations
 
 import csv
+import re
+import threading
+import warnings
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from importlib import resources
+from importlib.metadata import entry_points
 from pathlib import Path
 
 from ..errors import ManifestError
@@ -83,13 +88,12 @@ class DatasetBuild:
 
 def dataset_folder(center: str, root: str | Path | None = None) -> Path:
     """Folder of a staged dataset under the data root; raises ``FileNotFoundError`` if absent."""
-    if center not in _FOLDERS:
-        raise ValueError(f"unknown center {center!r}; known: {sorted(_FOLDERS)}")
+    folder_name = get_center(center).folder
     folder = Path(root) if root is not None else default_data_root()
-    folder = folder / _FOLDERS[center]
+    folder = folder / folder_name
     if not folder.is_dir():
         raise FileNotFoundError(
-            f"dataset folder {folder} does not exist; set ECHO_AGENT_DATA to the folder holding {_FOLDERS[center]}/"
+            f"dataset folder {folder} does not exist; set ECHO_AGENT_DATA to the folder holding {folder_name}/"
         )
     return folder
 
@@ -175,7 +179,7 @@ def load_breast_lesions_usg(root: str | Path | None = None) -> DatasetBuild:
             organ="breast",
             label=label,
             boxes=tuple(tumour.get(name, [])) if label != "normal" else (),
-            birads=r["BIRADS"].strip().upper() or None,
+            category=r["BIRADS"].strip().upper() or None,
             center=BREAST_LESIONS_USG,
             patient_id=case,
             group=case,
@@ -234,28 +238,127 @@ def flag_burned_in_annotations(build: DatasetBuild, threshold: float = ANNOTATIO
     return n
 
 
-#: center -> adapter
-ADAPTERS: dict[str, Callable[[str | Path | None], DatasetBuild]] = {
-    BUSI: load_busi,
-    BREAST_LESIONS_USG: load_breast_lesions_usg,
-    HYDRONEPHROSIS_NCNU: load_hydronephrosis_ncnu,
-}
+# -- the center registry ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CenterSpec:
+    """A staged dataset (one *center*) that the training tools and the eval harness can load by name.
 
-#: center -> organ
-CENTER_ORGAN: dict[str, str] = {BUSI: "breast", BREAST_LESIONS_USG: "breast", HYDRONEPHROSIS_NCNU: "kidney"}
+    ``adapter(root)`` builds its :class:`DatasetBuild` from ``<data root>/<folder>``; ``split_file`` is
+    the committed ``key,split`` CSV (written once by ``tools/prepare_data.py --write-splits``);
+    ``organ`` is the registered organ its images show; ``stratify_by`` (``label`` or ``category``)
+    is what the splitter balances across splits. Built-in centers are registered here; a
+    separate package adds one through the entry-point group ``echo_agent.datasets`` (an object that
+    is a ``CenterSpec``, a sequence of them, or a zero-argument callable returning either) or at run
+    time with :func:`register_center`.
+    """
+
+    name: str
+    organ: str
+    folder: str
+    adapter: Callable[[str | Path | None], DatasetBuild]
+    split_file: Path
+    stratify_by: str = "label"
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[a-z][a-z0-9_]*", self.name):
+            raise ValueError(f"center name {self.name!r} must be a lower-case identifier (letters, digits, _)")
+        if not callable(self.adapter):
+            raise TypeError(f"center {self.name!r}: adapter must be callable, got {type(self.adapter).__name__}")
+        object.__setattr__(self, "split_file", Path(self.split_file))
+        if self.stratify_by not in ("label", "category"):
+            raise ValueError(f"center {self.name!r}: stratify_by must be 'label' or 'category', got {self.stratify_by!r}")
+
+
+DATASET_ENTRY_POINT_GROUP = "echo_agent.datasets"
+_centers: dict[str, CenterSpec] = {}
+_centers_lock = threading.RLock()
+_center_entry_points_loaded = False
+
+#: center -> adapter (built-ins and every center registered so far; prefer :func:`list_centers`,
+#: which also loads the plug-ins' centers)
+ADAPTERS: dict[str, Callable[[str | Path | None], DatasetBuild]] = {}
+#: center -> organ (as :data:`ADAPTERS`; prefer :func:`center_organ`)
+CENTER_ORGAN: dict[str, str] = {}
+
+
+def register_center(spec: CenterSpec, *, replace: bool = False) -> CenterSpec:
+    """Make a center loadable by name (``replace=True`` to override an existing one)."""
+    if not isinstance(spec, CenterSpec):
+        raise TypeError(f"register_center expects a CenterSpec, got {type(spec).__name__}")
+    with _centers_lock:
+        if spec.name in _centers and not replace and _centers[spec.name] != spec:
+            raise ValueError(f"center {spec.name!r} is already registered; pass replace=True to override it")
+        _centers[spec.name] = spec
+        ADAPTERS[spec.name] = spec.adapter
+        CENTER_ORGAN[spec.name] = spec.organ
+    return spec
+
+
+def unregister_center(name: str) -> None:
+    """Remove a center (mostly for tests)."""
+    with _centers_lock:
+        _centers.pop(name, None)
+        ADAPTERS.pop(name, None)
+        CENTER_ORGAN.pop(name, None)
+
+
+def _load_center_entry_points() -> None:
+    global _center_entry_points_loaded
+    with _centers_lock:
+        if _center_entry_points_loaded:
+            return
+        _center_entry_points_loaded = True
+        for ep in entry_points(group=DATASET_ENTRY_POINT_GROUP):
+            try:
+                obj = ep.load()
+                obj = obj() if callable(obj) and not isinstance(obj, CenterSpec) else obj
+                for spec in (obj if isinstance(obj, (list, tuple)) else [obj]):
+                    register_center(spec)
+            except Exception as exc:  # a broken plug-in must not take the built-in centers down
+                warnings.warn(f"dataset plug-in {ep.name!r} ({ep.value}) failed to load: {exc}", stacklevel=2)
+
+
+def get_center(name: str) -> CenterSpec:
+    """The registered center ``name`` (built-in or from a plug-in)."""
+    _load_center_entry_points()
+    with _centers_lock:
+        try:
+            return _centers[name]
+        except KeyError:
+            raise ValueError(f"unknown center {name!r}; known: {sorted(_centers)}") from None
+
+
+def list_centers() -> list[str]:
+    """Names of every registered center, sorted."""
+    _load_center_entry_points()
+    with _centers_lock:
+        return sorted(_centers)
+
+
+def center_organ(name: str) -> str:
+    """The organ whose images the center ``name`` holds."""
+    return get_center(name).organ
+
+
+def _packaged_split_file(center: str) -> Path:
+    return Path(str(resources.files("echo_agent") / "eval" / "splits" / f"{center}.csv"))
+
+
+for _name, _organ, _adapter in (
+    (BUSI, "breast", load_busi),
+    (BREAST_LESIONS_USG, "breast", load_breast_lesions_usg),
+    (HYDRONEPHROSIS_NCNU, "kidney", load_hydronephrosis_ncnu),
+):
+    register_center(CenterSpec(_name, _organ, _FOLDERS[_name], _adapter, _packaged_split_file(_name)))
 
 
 def load_center(center: str, root: str | Path | None = None) -> DatasetBuild:
-    """Run the adapter of ``center`` (one of :data:`ADAPTERS`).
+    """Run the adapter of the registered ``center`` (see :func:`list_centers`).
 
     Image keys (and so the committed splits) are computed relative to :func:`default_data_root`;
     point ``$ECHO_AGENT_DATA`` at the data rather than passing a different ``root``.
     """
-    try:
-        adapter = ADAPTERS[center]
-    except KeyError:
-        raise ValueError(f"unknown center {center!r}; known: {sorted(ADAPTERS)}") from None
-    return adapter(root)
+    return get_center(center).adapter(root)
 
 
 def compute_splits(build: DatasetBuild, *, seed: int | None = None) -> dict[str, str]:
@@ -268,7 +371,7 @@ def compute_splits(build: DatasetBuild, *, seed: int | None = None) -> dict[str,
     images = merge_identical_groups(build.images)
     if build.folds:
         return assign_fold_splits(images, build.folds, seed=seed)
-    return assign_splits(images, seed=seed, forced=build.forced)
+    return assign_splits(images, seed=seed, forced=build.forced, stratify_by=get_center(build.center).stratify_by)
 
 
 def load_split(
@@ -281,10 +384,10 @@ def load_split(
     choices made by grouped cross-validation where a center's val split is too small to choose on).
     A pool never contains ``test``.
     """
-    from .splits import apply_splits, split_file
+    from .splits import apply_splits
 
     wanted = None if split is None else parse_split_pool(split)
-    images = apply_splits(load_center(center, root).images, split_file(center))
+    images = apply_splits(load_center(center, root).images, get_center(center).split_file)
     return [im for im in images if wanted is None or im.split in wanted]
 
 
@@ -314,6 +417,8 @@ __all__ = [
     "BUSI",
     "BUSI_CROSS_CLASS_PAIRS",
     "CENTER_ORGAN",
+    "CenterSpec",
+    "DATASET_ENTRY_POINT_GROUP",
     "DatasetBuild",
     "HYDRONEPHROSIS_NCNU",
     "dataset_folder",
@@ -325,4 +430,9 @@ __all__ = [
     "load_split",
     "parse_split_pool",
     "load_hydronephrosis_ncnu",
+    "center_organ",
+    "get_center",
+    "list_centers",
+    "register_center",
+    "unregister_center",
 ]

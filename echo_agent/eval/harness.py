@@ -249,7 +249,7 @@ def _run_item(
 ) -> tuple[dict[str, Any], dict[str, ScoredImage]]:
     record: dict[str, Any] = {
         "key": im.key, "image": str(im.image), "organ": im.organ, "center": im.center, "split": im.split,
-        "truth": {"label": im.label, "boxes": [b.to_list() for b in im.boxes], "birads": im.birads},
+        "truth": {"label": im.label, "boxes": [b.to_list() for b in im.boxes], "category": im.category},
     }
     scored: dict[str, ScoredImage] = {}
 

@@ -13,8 +13,11 @@ same image repeat its image-level columns. Columns (see ``docs/data.md``):
     Pixel box of one lesion, 0-based, ``x_max``/``y_max`` exclusive (so the box maps directly to
     :class:`~echo_agent.schemas.Box` ``(x1=x_min, y1=y_min, x2=x_max, y2=y_max)``). All four empty for
     a lesion-free image.
-``birads, center, patient_id, group, split, age, symptoms``
-    Optional metadata. ``group`` ties images that must stay in one split (near-duplicates, one clip).
+``category, center, patient_id, group, split, age, symptoms``
+    Optional metadata. ``category`` is the reader's assessment in the organ's ``category_system``
+    (BI-RADS ``4A``, a plug-in organ's own scale, ...); files written before it was generalised call
+    the column ``birads``, which is still read. ``group`` ties images that must stay in one split
+    (near-duplicates, one clip).
 
 :func:`load_manifest` validates every row and raises :class:`~echo_agent.errors.ManifestError`
 naming the file and the CSV line. :func:`write_manifest` writes the same format back.
@@ -42,7 +45,7 @@ MANIFEST_COLUMNS: tuple[str, ...] = (
     "y_min",
     "x_max",
     "y_max",
-    "birads",
+    "category",
     "center",
     "patient_id",
     "group",
@@ -53,7 +56,7 @@ MANIFEST_COLUMNS: tuple[str, ...] = (
 
 REQUIRED_COLUMNS: tuple[str, ...] = ("image", "organ", "label")
 BOX_COLUMNS: tuple[str, ...] = ("x_min", "y_min", "x_max", "y_max")
-_META_COLUMNS: tuple[str, ...] = ("birads", "center", "patient_id", "group", "split", "age", "symptoms")
+_META_COLUMNS: tuple[str, ...] = ("category", "center", "patient_id", "group", "split", "age", "symptoms")
 
 
 @dataclass(frozen=True)
@@ -68,7 +71,7 @@ class ManifestImage:
     organ: str
     label: str
     boxes: tuple[Box, ...] = ()
-    birads: str | None = None
+    category: str | None = None
     center: str | None = None
     patient_id: str | None = None
     group: str | None = None
@@ -76,6 +79,11 @@ class ManifestImage:
     age: int | None = None
     symptoms: str | None = None
     rows: tuple[int, ...] = field(default=(), compare=False)
+
+    @property
+    def birads(self) -> str | None:
+        """The reader's category under its name before it was generalised (:attr:`category`)."""
+        return self.category
 
     @property
     def key(self) -> str:
@@ -185,6 +193,8 @@ def load_manifest(
             raise ManifestError(
                 f"{path}, line 1: box columns must come as all four of {list(BOX_COLUMNS)}, got {has_boxes}"
             )
+        if "birads" in header and "category" not in header:  # the column's name before it was generalised
+            header = ["category" if h == "birads" else h for h in header]
         reader.fieldnames = header
         pending: dict[Path, _Pending] = {}
         order: list[Path] = []
@@ -318,7 +328,7 @@ def write_manifest(
             image = Path(im.image).resolve()
             image_text = os.path.relpath(image, rel_base) if rel_base is not None else str(image)
             meta = [
-                im.birads or "",
+                im.category or "",
                 im.center or "",
                 im.patient_id or "",
                 im.group or "",

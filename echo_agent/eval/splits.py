@@ -18,7 +18,6 @@ import random
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from importlib import resources
 from pathlib import Path
 
 from ..errors import ManifestError
@@ -59,11 +58,13 @@ def assign_splits(
     fractions: Mapping[str, float] = DEFAULT_FRACTIONS,
     seed: int = DEFAULT_SEED,
     forced: Mapping[str, str] | None = None,
+    stratify_by: str = "label",
 ) -> dict[str, str]:
     """Assign every image key to a split so that no group crosses splits.
 
     Groups (``group``, else ``patient_id``, else the image itself) are stratified by their majority
-    label, shuffled with ``seed`` and dealt greedily to the split whose image count is furthest below
+    label (``stratify_by="category"``: their majority reader category, images without one counting
+    as their label), shuffled with ``seed`` and dealt greedily to the split whose image count is furthest below
     its target fraction. ``forced`` maps an image key to a fixed split (its whole group follows;
     ``excluded`` keeps only that image out). Returns ``{key: split}``.
     """
@@ -86,7 +87,7 @@ def assign_splits(
     for g in sorted(groups):
         if g in group_forced:
             continue
-        labels = Counter(im.label for im in groups[g])
+        labels = Counter((im.category or im.label) if stratify_by == "category" else im.label for im in groups[g])
         top = sorted(labels.items(), key=lambda kv: (-kv[1], kv[0]))[0][0]
         strata[top].append(g)
     rng = random.Random(seed)
@@ -140,8 +141,11 @@ def assign_fold_splits(
 
 
 def split_file(center: str) -> Path:
-    """Path of the committed split CSV of ``center`` inside the package."""
-    return Path(str(resources.files("echo_agent") / "eval" / "splits" / f"{center}.csv"))
+    """Path of the committed split CSV of the registered ``center`` (for the built-in centers a file
+    inside the package; a plug-in's center names its own)."""
+    from .datasets import get_center
+
+    return get_center(center).split_file
 
 
 def write_split_file(assignments: Mapping[str, str], path: str | Path) -> Path:

@@ -16,7 +16,7 @@ import threading
 from importlib.metadata import entry_points
 
 from ..errors import UnknownOrganError
-from .builtin import BREAST, KIDNEY
+from .builtin import BREAST, KIDNEY, load_spec_yaml
 from .spec import CategoryBand, OrganSpec, resolve_asset
 
 ENTRY_POINT_GROUP = "echo_agent.organs"
@@ -95,6 +95,7 @@ __all__ = [
     "OrganSpec",
     "get_organ",
     "list_organs",
+    "load_spec_yaml",
     "register_organ",
     "resolve_asset",
     "unregister_organ",

@@ -9,10 +9,17 @@ import yaml
 from .spec import OrganSpec
 
 
+def load_spec_yaml(text: str) -> OrganSpec:
+    """An :class:`OrganSpec` from YAML text (what a plug-in ships beside its weights)."""
+    data = yaml.safe_load(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"an organ spec must be a YAML mapping, got {type(data).__name__}")
+    return OrganSpec.model_validate(data)
+
+
 def load_spec_file(name: str) -> OrganSpec:
     """Load a packaged organ spec by file stem (``breast`` -> ``assets/organs/breast.yaml``)."""
-    text = (resources.files("echo_agent") / "assets" / "organs" / f"{name}.yaml").read_text("utf-8")
-    return OrganSpec.model_validate(yaml.safe_load(text))
+    return load_spec_yaml((resources.files("echo_agent") / "assets" / "organs" / f"{name}.yaml").read_text("utf-8"))
 
 
 BREAST = load_spec_file("breast")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -12,20 +14,24 @@ class CategoryBand(BaseModel):
     """One assessment category and the malignancy-likelihood band that maps to it.
 
     A probability ``p`` falls in the band when ``low < p <= high`` (``low_inclusive`` makes it
-    ``low <= p``). Bands of one organ must tile [0, 1] without gaps or overlaps.
+    ``low <= p``). Bands of one organ must tile [0, 1] without gaps or overlaps. ``low``/``high``
+    may be left out only for an organ whose categories come from a category head
+    (``OrganSpec.category_source: classifier``).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str
-    low: float = Field(ge=0.0, le=1.0)
-    high: float = Field(ge=0.0, le=1.0)
+    low: float | None = Field(None, ge=0.0, le=1.0)
+    high: float | None = Field(None, ge=0.0, le=1.0)
     low_inclusive: bool = False
     high_inclusive: bool = True
     description: str = ""
     management: str = ""
 
     def contains(self, p: float) -> bool:
+        if self.low is None or self.high is None:
+            return False
         above = p >= self.low if self.low_inclusive else p > self.low
         below = p <= self.high if self.high_inclusive else p < self.high
         return above and below
@@ -60,6 +66,21 @@ class OrganSpec(BaseModel):
     category_system: str | None = None
     categories: tuple[CategoryBand, ...] = ()
     no_lesion_category: str | None = Field(None, description="Category when no lesion is found, e.g. BI-RADS 1.")
+    category_source: Literal["probability", "classifier"] = Field(
+        "probability",
+        description="Where a lesion's category comes from. 'probability': the band of `categories` that holds the "
+        "calibrated probability of positive_label (BI-RADS from the likelihood of malignancy). 'classifier': the "
+        "organ's second-look classifier is a category head -- its labels are [normal_label, *category names] -- and "
+        "the category is the median of its distribution on the leading finding (for scales read by radiologists "
+        "from the lexicon, such as TI-RADS, where no pathology label exists to calibrate against); the bands then "
+        "only describe the categories and their management.",
+    )
+    category_labels: dict[str, str] = Field(
+        default_factory=dict,
+        description="With category_source 'classifier': the image label each category counts towards (image-label "
+        "probabilities are sums over categories). Categories not listed count towards the only lesion label, which "
+        "must then exist.",
+    )
     detector_weights: str | None = Field(
         None, description="ONNX weights: a path, or 'package:<relative path>' inside echo_agent/assets."
     )
@@ -87,6 +108,18 @@ class OrganSpec(BaseModel):
         "are mutually exclusive readings of the same lesion (benign / malignant).",
     )
     knowledge_files: tuple[str, ...] = ()
+    descriptor_set: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
+        description="'<module>:<attribute>' of a DescriptorSet (echo_agent.evidence.descriptor_sets) that turns a "
+        "candidate region's pixels into this organ's lexicon descriptors. None: the built-in sets (kidney for "
+        "'kidney', the breast lexicon otherwise).",
+    )
+    router_head: str | None = Field(
+        None,
+        description="A recognition head for the organ router (asset reference; tools/train_router.py --head writes "
+        "it), so images of an organ added by a plug-in are routed to it without --organ.",
+    )
     prompt: str = Field("", description="Organ-specific snippet appended to the reasoner's system prompt.")
     report_sections: tuple[str, ...] = ()
     descriptor_vocabulary: dict[str, tuple[str, ...]] = Field(default_factory=dict)
@@ -118,8 +151,23 @@ class OrganSpec(BaseModel):
                 )
         if self.positive_label is not None and self.positive_label not in self.image_labels:
             raise ValueError(f"organ {self.name!r}: positive_label {self.positive_label!r} is not an image label")
-        if self.categories:
+        if self.categories and self.category_source == "probability":
+            if any(b.low is None or b.high is None for b in self.categories):
+                raise ValueError(f"organ {self.name!r}: probability categories need low and high on every band")
             _check_tiling(self.name, self.categories)
+        if self.category_source == "classifier":
+            if not self.categories:
+                raise ValueError(f"organ {self.name!r}: category_source 'classifier' needs the categories it names")
+            names = {b.name for b in self.categories}
+            if len(names) != len(self.categories) or self.normal_label in names:
+                raise ValueError(f"organ {self.name!r}: category names must be unique and differ from the normal label")
+            for cat, lbl in self.category_labels.items():
+                if cat not in names or lbl not in self.lesion_labels:
+                    raise ValueError(f"organ {self.name!r}: category_labels maps {cat!r} -> {lbl!r}; keys must be "
+                                     f"categories {sorted(names)}, values lesion labels {self.lesion_labels}")
+            if len(self.lesion_labels) != 1 and set(self.category_labels) != names:
+                raise ValueError(f"organ {self.name!r}: with several lesion labels every category needs an entry in "
+                                 "category_labels")
         for key, values in self.suspicious_descriptors.items():
             allowed = self.descriptor_vocabulary.get(key)
             if allowed is None or not set(values) <= set(allowed):
@@ -147,13 +195,49 @@ class OrganSpec(BaseModel):
             return None
         if not lesion_found:
             return self.no_lesion_category
-        if positive_probability is None:
-            return None
+        if positive_probability is None or self.category_source != "probability":
+            return None  # a category head's category comes from category_from_distribution
         p = min(max(float(positive_probability), 0.0), 1.0)
         for band in self.categories:
             if band.contains(p):
                 return band.name
         raise AssertionError(f"bands of {self.name} do not cover p={p}")  # prevented by _check_tiling
+
+    @property
+    def classifier_labels(self) -> tuple[str, ...]:
+        """The labels the organ's second-look classifier must have: the image labels, or with a
+        category head (``category_source: classifier``) the normal label and the category names."""
+        if self.category_source == "classifier":
+            return (self.normal_label, *(b.name for b in self.categories))
+        return self.image_labels
+
+    def split_classifier_output(self, probs: Mapping[str, float]) -> tuple[dict[str, float], dict[str, float] | None]:
+        """``(image-label probabilities, category probabilities or None)`` of one classifier output.
+
+        Without a category head the output already is over the image labels. With one, each lesion
+        label sums the probabilities of its categories, and the categories are renormalised to the
+        distribution given a lesion (``None`` when the classifier is sure there is none)."""
+        if self.category_source != "classifier":
+            return {k: float(v) for k, v in probs.items()}, None
+        labels = {lbl: 0.0 for lbl in self.image_labels}
+        labels[self.normal_label] = float(probs[self.normal_label])
+        cats = {b.name: float(probs[b.name]) for b in self.categories}
+        default = self.lesion_labels[0] if len(self.lesion_labels) == 1 else None
+        for cat, p in cats.items():
+            labels[self.category_labels.get(cat, default) or self.lesion_labels[0]] += p
+        total = sum(cats.values())
+        return labels, ({c: p / total for c, p in cats.items()} if total > 1e-9 else None)
+
+    def category_from_distribution(self, category_probs: Mapping[str, float]) -> str:
+        """The median category of an ordinal distribution over the organ's categories (in band order):
+        the category that minimises the expected number of steps to the reader's."""
+        acc = 0.0
+        total = sum(float(category_probs.get(b.name, 0.0)) for b in self.categories) or 1.0
+        for b in self.categories:
+            acc += float(category_probs.get(b.name, 0.0)) / total
+            if acc >= 0.5:
+                return b.name
+        return self.categories[-1].name
 
     def band(self, name: str) -> CategoryBand | None:
         return next((b for b in self.categories if b.name == name), None)
@@ -166,15 +250,34 @@ class OrganSpec(BaseModel):
         """The region classifier's weights as a filesystem path (``None`` when the organ has none)."""
         return resolve_asset(self.classifier_weights) if self.classifier_weights else None
 
+    def resolve_router_head(self) -> Path | None:
+        """The router head file as a filesystem path (``None`` when the organ has none)."""
+        return resolve_asset(self.router_head) if self.router_head else None
+
     def resolve_knowledge_files(self) -> list[Path]:
         return [resolve_asset(p) for p in self.knowledge_files]
 
 
 def resolve_asset(ref: str) -> Path:
-    """Turn ``'package:<rel>'`` into a path inside ``echo_agent/assets``; other strings are paths."""
+    """Turn an asset reference into a path.
+
+    * ``'package:<rel>'``: a file inside ``echo_agent/assets``;
+    * ``'resource:<importable package>/<rel>'``: a file inside any installed package, e.g. a plug-in's
+      own weights (``resource:my_organ_plugin/weights/detector.onnx``);
+    * anything else: a filesystem path (``~`` expanded).
+    """
     if ref.startswith("package:"):
         rel = ref[len("package:") :]
         return Path(str(resources.files("echo_agent") / "assets" / rel))
+    if ref.startswith("resource:"):
+        package, _, rel = ref[len("resource:") :].partition("/")
+        if not package or not rel:
+            raise ValueError(f"asset reference {ref!r} must look like 'resource:<package>/<path inside it>'")
+        try:
+            base = resources.files(package)
+        except ModuleNotFoundError:
+            raise ValueError(f"asset reference {ref!r}: package {package!r} is not installed") from None
+        return Path(str(base / rel))
     return Path(ref).expanduser()
 
 
@@ -182,7 +285,7 @@ def _check_tiling(name: str, bands: tuple[CategoryBand, ...]) -> None:
     # Probe points on a fine grid plus every band edge and its neighbours.
     probes = {i / 1000 for i in range(1001)}
     for b in bands:
-        for e in (b.low, b.high):
+        for e in (b.low or 0.0, b.high or 0.0):
             probes.update({e, min(1.0, e + 1e-9), max(0.0, e - 1e-9)})
     for p in sorted(probes):
         hits = [b.name for b in bands if b.contains(p)]

@@ -332,14 +332,31 @@ def run_classifier(
     (field-of-view crop, annotations masked; ``prepare`` as in :func:`run_detector`), boxes in
     ``image`` pixels (``None`` = whole image). Shared by the tool and the GRPO environment.
 
-    Raises :class:`~echo_agent.errors.ModelLoadError` when the classifier's labels are not the
-    organ's image labels."""
+    Returns probabilities over the organ's image labels (a category head's output summed per label,
+    see :meth:`OrganSpec.split_classifier_output`; :func:`classify_regions` keeps the categories).
+    Raises :class:`~echo_agent.errors.ModelLoadError` when the classifier's labels are not
+    :attr:`OrganSpec.classifier_labels`."""
+    rows = _classifier_rows(organ, image, boxes, classifier=classifier, preprocess=preprocess, prepare=prepare)
+    return [organ.split_classifier_output(r)[0] for r in rows]
+
+
+def _classifier_rows(
+    organ: OrganSpec,
+    image: np.ndarray,
+    boxes: Sequence[Box | None],
+    *,
+    classifier: Any,
+    preprocess: bool,
+    prepare: Callable[[np.ndarray, tuple[int, int, int, int] | None], Any] | None,
+) -> list[dict[str, float]]:
+    """The classifier's own output rows (see :func:`run_classifier`)."""
     from ..errors import ModelLoadError
 
-    if tuple(classifier.labels) != tuple(organ.image_labels):
+    if tuple(classifier.labels) != tuple(organ.classifier_labels):
+        what = "category head labels" if organ.category_source == "classifier" else "image labels"
         raise ModelLoadError(
-            f"the {organ.name} region classifier has labels {tuple(classifier.labels)}, the organ's image labels are "
-            f"{organ.image_labels}; retrain it with the organ's labels"
+            f"the {organ.name} region classifier has labels {tuple(classifier.labels)}, the organ's {what} are "
+            f"{organ.classifier_labels}; retrain it with the organ's labels"
         )
     if not preprocess:
         return classifier.classify(image, list(boxes))
@@ -388,11 +405,13 @@ def classify_regions(
     targets: list[Box | None] = [*boxes, None] if whole_image else list(boxes)
     ids: list[str | None] = [*(detection_ids or [None] * len(boxes)), *([None] if whole_image else [])]
     t0 = time.perf_counter()
-    probs = run_classifier(organ, image, targets, classifier=classifier, preprocess=preprocess, prepare=prepare)
+    rows = _classifier_rows(organ, image, targets, classifier=classifier, preprocess=preprocess, prepare=prepare)
+    split = [organ.split_classifier_output(r) for r in rows]
     h, w = image.shape[:2]
     return ClassificationResult(
         id=evidence_id, organ=organ.name, classifier=str(getattr(classifier, "name", type(classifier).__name__)),
-        regions=[RegionClassification(box=b, detection_id=i, probabilities=p) for b, i, p in zip(targets, ids, probs, strict=True)],
+        regions=[RegionClassification(box=b, detection_id=i, probabilities=p, categories=c)
+                 for b, i, (p, c) in zip(targets, ids, split, strict=True)],
         image_width=w, image_height=h, elapsed_ms=round((time.perf_counter() - t0) * 1000, 2),
     )
 

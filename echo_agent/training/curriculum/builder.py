@@ -293,7 +293,7 @@ class CurriculumBuilder(GroundingTasks, ReasoningTasks, CollaborationTasks, Inte
             (f"Clinical context: {ctx.clinical.as_text()}. " if ctx.clinical else "No clinical context was given. ")
             + (f"Knowledge: {cites}. " if cites else "")
             + f"Final label: {im.label}"
-            + (f" (radiologist BI-RADS {im.birads.upper()})" if im.birads else "") + ".",
+            + ctx.reader_category() + ".",
         ]
         for i, name in enumerate(sections):
             lines.append(f"{name}: {texts[min(i, len(texts) - 1)] if i < len(texts) else ''}".rstrip())

@@ -58,8 +58,7 @@ class CollaborationTasks:
         else:
             why = "but no lesion is present in the image: the candidate is not a lesion"
         cites = "; ".join(f"{s.title} [{parts['kb'].id}:{s.id}]" for s in parts["kb"].snippets) if parts["kb"] else ""
-        rationale = f"{said}, {why}.\n" + (f"Knowledge: {cites}.\n" if cites else "") + f"Corrected label: {im.label}" + (
-            f" (radiologist BI-RADS {im.birads.upper()})" if im.birads else "") + "."
+        rationale = f"{said}, {why}.\n" + (f"Knowledge: {cites}.\n" if cites else "") + f"Corrected label: {im.label}" + ctx.reader_category() + "."
         dx = self.target(ctx, rationale=rationale, evidence=self._evidence_refs(parts, det_ids), detection_ids=det_ids)
         msgs.append(self._final(dx))
         return msgs, {"perturbed": perturbed, "wrong_label": wrong.label}

@@ -63,5 +63,11 @@ class _Ctx:
     def h(self) -> int:
         return int(self.image.shape[0])
 
+    def reader_category(self) -> str:
+        """`` (radiologist BI-RADS 4A)`` -- the reader's category in the organ's system -- or ``""``."""
+        if not self.im.category:
+            return ""
+        return f" (radiologist {self.spec.category_system or 'category'} {self.im.category.upper()})"
+
     def ref(self) -> dict[str, Any]:
         return {"id": self.image_id, "width": self.w, "height": self.h, "path": str(self.im.image)}

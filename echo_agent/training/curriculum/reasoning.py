@@ -60,7 +60,7 @@ class ReasoningTasks:
         lines = [f"Descriptors ({who} source): {_phrase(descs) or 'none available'}."]
         lines.append("Raise the suspicion: " + ("; ".join(raises) if raises else "none among the cited passages") + ".")
         lines.append("Lower the suspicion: " + ("; ".join(lowers) if lowers else "none among the cited passages") + ".")
-        lines.append(f"Final label: {ctx.im.label}" + (f" (radiologist BI-RADS {ctx.im.birads.upper()})" if ctx.im.birads else "") + ".")
+        lines.append(f"Final label: {ctx.im.label}" + ctx.reader_category() + ".")
         dx = self.target(ctx, rationale="\n".join(lines), evidence=self._evidence_refs(parts, []))
         msgs.append(self._final(dx))
         return msgs, {"descriptor_source": parts["source"], "n_raises": len(raises), "n_lowers": len(lowers)}
