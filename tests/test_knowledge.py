@@ -248,7 +248,7 @@ def test_organ_filter_returns_only_that_organ_and_k_results(retriever: Knowledge
         assert len(res.snippets) == 8
         assert {s.organ for s in res.snippets} == {organ}
     both = retriever.retrieve("cyst with shadowing", k=20).snippets
-    assert {s.organ for s in both} == {"breast", "kidney"}
+    assert {"breast", "kidney"} <= {s.organ for s in both}  # plus any installed plug-in organ
 
 
 def test_filter_keeps_k_even_when_other_organ_dominates(retriever: KnowledgeRetriever) -> None:

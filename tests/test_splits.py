@@ -22,7 +22,6 @@ from echo_agent.eval.splits import (
     cv_group,
     leakage_report,
     read_split_file,
-    split_file,
     write_split_file,
 )
 
@@ -125,7 +124,7 @@ CENTERS = ("busi", "breast_lesions_usg", "hydronephrosis_ncnu")
 @pytest.mark.realdata
 @pytest.mark.parametrize("center", CENTERS)
 def test_committed_splits_cover_data_without_leakage(shared_data: Path, center: str) -> None:
-    from echo_agent.eval.datasets import load_center
+    from echo_agent.eval.datasets import load_center, split_file
 
     build = load_center(center, shared_data)
     committed = read_split_file(split_file(center))
@@ -147,6 +146,8 @@ def test_committed_splits_cover_data_without_leakage(shared_data: Path, center: 
 
 @pytest.mark.realdata
 def test_known_identical_hydronephrosis_frames_share_a_split(shared_data: Path) -> None:
+    from echo_agent.eval.datasets import split_file
+
     committed = read_split_file(split_file("hydronephrosis_ncnu"))
     pairs = [
         ("fold1/normal/20210224_S0000027_US000001_000.jpg", "fold3/normal/20210224_S0000028_US000001_000.jpg"),
@@ -159,7 +160,7 @@ def test_known_identical_hydronephrosis_frames_share_a_split(shared_data: Path) 
 
 @pytest.mark.realdata
 def test_breast_lesions_usg_splits_recompute_identically(shared_data: Path) -> None:
-    from echo_agent.eval.datasets import compute_splits, load_center
+    from echo_agent.eval.datasets import compute_splits, load_center, split_file
 
     build = load_center("breast_lesions_usg", shared_data)
     assert compute_splits(build) == read_split_file(split_file("breast_lesions_usg"))

@@ -27,13 +27,13 @@ from echo_agent.eval.datasets import (  # noqa: E402
     flag_burned_in_annotations,
     list_centers,
     load_center,
+    split_file,
 )
 from echo_agent.eval.manifest import write_manifest  # noqa: E402
 from echo_agent.eval.splits import (  # noqa: E402
     SPLITS,
     apply_splits,
     leakage_report,
-    split_file,
     write_split_file,
 )
 

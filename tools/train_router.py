@@ -52,6 +52,7 @@ from echo_agent.eval.datasets import (  # noqa: E402
     BUSI,
     HYDRONEPHROSIS_NCNU,
     center_organ,
+    list_centers,
     load_split,
 )
 from echo_agent.organs.routing import (  # noqa: E402
@@ -59,12 +60,15 @@ from echo_agent.organs.routing import (  # noqa: E402
     FEATURE_VERSION,
     UNKNOWN,
     OrganRouter,
+    combine_head,
     default_router_path,
     extract_features,
 )
 
 CENTERS = (BUSI, BREAST_LESIONS_USG, HYDRONEPHROSIS_NCNU)
 CLASSES = ("breast", "kidney", UNKNOWN)
+#: organ -> training label; ``--head`` maps every organ but its own to ``unknown``
+LABEL_OF: dict[str, str] = {}
 NEGATIVE_KINDS = (
     "blank",
     "dark_frame",
@@ -440,9 +444,10 @@ def build_split(
 
     for center, organ, path in organ_items(split):
         img = load_rgb(path)
-        add(img, organ, center, "clean")
+        label = LABEL_OF.get(organ, organ)
+        add(img, label, center, "clean")
         for _ in range(n_aug[center]):
-            add(augment(img, rng), organ, center, "aug")
+            add(augment(img, rng), label, center, "aug")
     for i in range(n_neg):
         kind = NEGATIVE_KINDS[i % len(NEGATIVE_KINDS)]
         add(synth_negative(kind, rng), UNKNOWN, kind, "synthetic")
@@ -578,6 +583,28 @@ def evaluate(router: OrganRouter, data: dict[str, np.ndarray]) -> dict:
             "routed": {k: v for k, v in c.items() if k != UNKNOWN},
         }
     out["negatives_rejected_overall"] = round(float(np.mean(pred[neg] == UNKNOWN)), 4) if neg.any() else None
+    return out
+
+
+def composite_report(head: OrganRouter, organ: str, data: dict[str, np.ndarray]) -> dict:
+    """Accuracy per source of the packaged router alone and with ``head`` (the rule of
+    ``echo_agent.organs.routing.route_image``) on one split: what installing the plug-in changes."""
+    base = OrganRouter.from_file(default_router_path())
+    pb = base.probabilities_from_vectors(vectors(base, data))
+    ph = head.probabilities_from_vectors(vectors(head, data))
+    alone, both = [], []
+    for b, h in zip(pb, ph, strict=True):
+        r = base.decide(b)
+        alone.append(r.organ or UNKNOWN)
+        both.append(combine_head(r, organ, head.decide(h)).organ or UNKNOWN)
+    alone_a, both_a = np.array(alone), np.array(both)
+    out = {}
+    for src in sorted(set(data["source"].tolist())):
+        m = data["source"] == src
+        truth = center_organ(src) if src in CENTERS else UNKNOWN
+        out[src] = {"n": int(m.sum()), "truth": truth,
+                    "packaged_router": round(float(np.mean(alone_a[m] == truth)), 4),
+                    "with_head": round(float(np.mean(both_a[m] == truth)), 4)}
     return out
 
 
@@ -738,7 +765,22 @@ def main(argv: list[str] | None = None) -> int:
         "--robustness", type=int, default=0, help="per-transform accuracy on this many test images per center"
     )
     ap.add_argument("--report", type=Path, default=None, help="write the metrics JSON here")
+    ap.add_argument("--head", default=None, metavar="ORGAN",
+                    help="train a router head for a plug-in organ instead (its centers against the built-in organs "
+                         "and the negatives; classes ORGAN/unknown); write it to --out, the file its OrganSpec.router_head names")
+    ap.add_argument("--aug-head", type=int, default=4, help="augmented copies per image of the --head organ (train)")
     args = ap.parse_args(argv)
+    global CENTERS, CLASSES
+    head_centers: tuple[str, ...] = ()
+    if args.head:
+        head_centers = tuple(c for c in list_centers() if center_organ(c) == args.head)
+        if not head_centers:
+            ap.error(f"no registered center holds {args.head!r} images; install the plug-in that registers them")
+        if args.out == default_router_path():
+            ap.error("--head writes a plug-in's head: give --out (never the packaged router.json)")
+        CENTERS = (*CENTERS, *head_centers)
+        CLASSES = (args.head, UNKNOWN)
+        LABEL_OF.update({center_organ(c): UNKNOWN for c in CENTERS if c not in head_centers})
 
     if args.photo_negatives is None and not args.evaluate_only:
         print("warning: no --photo-negatives; the unknown class sees synthetic images only", file=sys.stderr)
@@ -760,6 +802,7 @@ def main(argv: list[str] | None = None) -> int:
             BUSI: args.aug_breast if train else args.aug_eval,
             BREAST_LESIONS_USG: args.aug_breast if train else args.aug_eval,
             HYDRONEPHROSIS_NCNU: args.aug_kidney if train else max(1, args.aug_eval // 2),
+            **{c: args.aug_head if train else args.aug_eval for c in head_centers},
         }
         n_neg = args.negatives if train else max(len(NEGATIVE_KINDS), args.negatives // 3)
         photos = photo_files(args.photo_negatives, split)
@@ -849,6 +892,8 @@ def main(argv: list[str] | None = None) -> int:
                 for src in sorted(set(real["source"].tolist()))
             },
         }
+    if args.head:
+        report["with_packaged_router_test"] = composite_report(router, args.head, splits["test"])
     if not args.evaluate_only:
         params["test_summary"] = {k: v["accuracy"] for k, v in report["test"]["organ_images"].items()} | {
             "synthetic_negatives_rejected": report["test"]["negatives_rejected_overall"]

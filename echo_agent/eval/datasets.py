@@ -335,6 +335,12 @@ def list_centers() -> list[str]:
         return sorted(_centers)
 
 
+def split_file(center: str) -> Path:
+    """Path of the committed split CSV of the registered ``center`` (for the built-in centers a file
+    inside the package; a plug-in's center names its own)."""
+    return get_center(center).split_file
+
+
 def center_organ(name: str) -> str:
     """The organ whose images the center ``name`` holds."""
     return get_center(name).organ
@@ -387,7 +393,7 @@ def load_split(
     from .splits import apply_splits
 
     wanted = None if split is None else parse_split_pool(split)
-    images = apply_splits(load_center(center, root).images, get_center(center).split_file)
+    images = apply_splits(load_center(center, root).images, split_file(center))
     return [im for im in images if wanted is None or im.split in wanted]
 
 
@@ -434,5 +440,6 @@ __all__ = [
     "get_center",
     "list_centers",
     "register_center",
+    "split_file",
     "unregister_center",
 ]

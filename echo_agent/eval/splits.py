@@ -140,14 +140,6 @@ def assign_fold_splits(
 # -- committed split files -------------------------------------------------------------------
 
 
-def split_file(center: str) -> Path:
-    """Path of the committed split CSV of the registered ``center`` (for the built-in centers a file
-    inside the package; a plug-in's center names its own)."""
-    from .datasets import get_center
-
-    return get_center(center).split_file
-
-
 def write_split_file(assignments: Mapping[str, str], path: str | Path) -> Path:
     """Write ``{key: split}`` as a sorted ``key,split`` CSV."""
     path = Path(path)
@@ -306,6 +298,5 @@ __all__ = [
     "leakage_report",
     "merge_identical_groups",
     "read_split_file",
-    "split_file",
     "write_split_file",
 ]

@@ -198,6 +198,7 @@ class RegionAnalysis:
     features: dict[str, float]
     segmentation: str  # "dark", "bright", "ellipse" or "given"
     contour_mm: tuple[float, float] | None = None
+    roi: np.ndarray | None = None  # grey ROI at the working scale (the mask's frame)
 
 
 def _fill_holes(m: np.ndarray) -> np.ndarray:
@@ -420,7 +421,7 @@ def analyse_region(
     _margin_and_echo_features(roi, g, m, rfov, f)
     _posterior_features(g, m, rfov, f)
     return RegionAnalysis(
-        box=(bx1, by1, bx2, by2), scale=s, mask=m, roi_origin=(rx1, ry1), features=f, segmentation=seg_kind
+        box=(bx1, by1, bx2, by2), scale=s, mask=m, roi_origin=(rx1, ry1), features=f, segmentation=seg_kind, roi=roi
     )
 
 

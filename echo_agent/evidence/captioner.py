@@ -40,9 +40,11 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import EchoInputError
+from ..errors import EchoInputError, UnknownOrganError
+from ..organs import get_organ
 from ..schemas import Box, Descriptor, ImageContext, RegionDescription
 from . import _descriptors as _d
+from .descriptor_sets import DescriptorSet, RegionPixels, load_descriptor_set
 
 __version__ = "0.1"
 
@@ -554,23 +556,27 @@ class PixelCaptioner:
             d["margin"], d["margin_circumscribed"] = decide_margin(f, th_b)
             d["echo_pattern"] = decide_echo(f, th_b)
             d["posterior_features"] = decide_posterior(f, th_b)
-        if spacing is not None:
-            d["size_mm"] = Descriptor(value=round(f["long_axis"], 1), unit="mm", note="long axis of the segmented region")
-            d["size_short_mm"] = Descriptor(value=round(f["short_axis"], 1), unit="mm", note="short axis")
-        else:
-            d["size_px"] = Descriptor(value=round(f["long_axis"], 1), unit="px", note="long axis; pixel spacing unknown")
-            d["size_short_px"] = Descriptor(value=round(f["short_axis"], 1), unit="px", note="short axis")
-        if segmentation == "ellipse":
-            # the lesion could not be separated from its surroundings: every shape call is weaker
-            for k in ("shape", "orientation", "margin", "margin_circumscribed"):
-                if k in d:
-                    d[k] = d[k].model_copy(update={"confidence": d[k].confidence * 0.5})
-        d["segmentation"] = Descriptor(
-            value=segmentation,
-            confidence=1.0,
-            note="dark/bright: threshold segmentation; ellipse: fallback to the box's inscribed ellipse",
-        )
-        return d
+        return _with_size_and_segmentation(d, f, spacing, segmentation)
+
+    def describe_with_set(
+        self, descriptor_set: DescriptorSet, ra: _d.RegionAnalysis, spacing: tuple[float, float] | None
+    ) -> dict[str, Descriptor]:
+        """A plug-in organ's descriptors of one analysed region (``OrganSpec.descriptor_set``)."""
+        region = RegionPixels(roi=ra.roi if ra.roi is not None else np.zeros(ra.mask.shape, np.uint8), mask=ra.mask,
+                              box=ra.box, features=dict(ra.features), segmentation=ra.segmentation, spacing_mm=spacing)
+        d = dict(descriptor_set.describe(region))
+        return _with_size_and_segmentation(d, ra.features, spacing, ra.segmentation)
+
+    def _descriptor_set(self, organ: str | None) -> DescriptorSet | None:
+        """The descriptor set a registered organ names, if any (unknown organ names: none)."""
+        if organ is None or organ in ("breast", "kidney"):
+            return None
+        try:
+            spec = get_organ(organ)
+        except UnknownOrganError:
+            return None
+        return load_descriptor_set(spec.descriptor_set) if spec.descriptor_set else None
+
 
     def describe(
         self,
@@ -586,8 +592,9 @@ class PixelCaptioner:
 
         Args:
             image: canonical HxWx3 uint8 RGB array of the original image (not modified).
-            organ: ``"breast"``, ``"kidney"`` or ``None`` (breast lexicon is used for regions of
-                unknown organs, and organ plausibility is omitted).
+            organ: ``"breast"``, ``"kidney"``, a registered organ with a ``descriptor_set`` (its
+                lexicon), or ``None`` (the breast lexicon is used for regions of unknown organs and of
+                organs without a set; organ plausibility is omitted).
             regions: candidate boxes in pixel coordinates of ``image``.
             detection_ids: optional ids (one per region) linking each description to a detection.
             pixel_spacing_mm: ``(row, column)`` spacing in mm per pixel (DICOM PixelSpacing order);
@@ -604,6 +611,7 @@ class PixelCaptioner:
             )
         spacing = _check_spacing(pixel_spacing_mm)
         glob = _global_descriptors(ga, organ, spacing, self.thresholds)
+        dset = self._descriptor_set(organ)
         descs: list[RegionDescription] = []
         for i, raw in enumerate(regions):
             box = _as_box(raw)
@@ -613,13 +621,18 @@ class PixelCaptioner:
                     "coordinates of the original image"
                 )
             f, ra = self._region_features(gray, ga.fov_mask, box, None, spacing, kidney=organ == "kidney")
-            d = self.describe_region(f, organ, spacing, ra.segmentation)
+            if dset is not None:
+                d = self.describe_with_set(dset, ra, spacing)
+                caption_text = dset.caption(d)
+            else:
+                d = self.describe_region(f, organ, spacing, ra.segmentation)
+                caption_text = region_caption(organ, d)
             descs.append(
                 RegionDescription(
                     box=box,
                     detection_id=None if detection_ids is None else detection_ids[i],
                     descriptors=d,
-                    caption=region_caption(organ, d),
+                    caption=caption_text,
                 )
             )
         caption = _image_caption(organ, glob, descs)
@@ -634,6 +647,29 @@ class PixelCaptioner:
             captioner=self.name,
             elapsed_ms=(time.perf_counter() - t0) * 1000.0,
         )
+
+
+def _with_size_and_segmentation(
+    d: dict[str, Descriptor], f: Mapping[str, float], spacing: tuple[float, float] | None, segmentation: str
+) -> dict[str, Descriptor]:
+    """Add the size descriptors and the segmentation note every organ's regions carry."""
+    if spacing is not None:
+        d["size_mm"] = Descriptor(value=round(f["long_axis"], 1), unit="mm", note="long axis of the segmented region")
+        d["size_short_mm"] = Descriptor(value=round(f["short_axis"], 1), unit="mm", note="short axis")
+    else:
+        d["size_px"] = Descriptor(value=round(f["long_axis"], 1), unit="px", note="long axis; pixel spacing unknown")
+        d["size_short_px"] = Descriptor(value=round(f["short_axis"], 1), unit="px", note="short axis")
+    if segmentation == "ellipse":
+        # the lesion could not be separated from its surroundings: every shape call is weaker
+        for k in ("shape", "orientation", "margin", "margin_circumscribed"):
+            if k in d:
+                d[k] = d[k].model_copy(update={"confidence": d[k].confidence * 0.5})
+    d["segmentation"] = Descriptor(
+        value=segmentation,
+        confidence=1.0,
+        note="dark/bright: threshold segmentation; ellipse: fallback to the box's inscribed ellipse",
+    )
+    return d
 
 
 def _whole_image(image: np.ndarray) -> tuple[np.ndarray, _d.GlobalAnalysis]:

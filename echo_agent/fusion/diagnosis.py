@@ -134,6 +134,25 @@ def recommendation_for(
     return "Correlate clinically and with the referring physician."
 
 
+def head_category(organ: OrganSpec, evidence: RunEvidence, finding: Finding) -> str | None:
+    """A finding's category from the organ's category head (``category_source: classifier``): the
+    median of the latest second-look distribution of its region (linked by detection id, else by box
+    IoU >= 0.5), else of the whole image; ``None`` when the finding was never classified."""
+    best, best_iou = None, 0.5
+    for res in reversed(evidence.classifications):
+        for r in res.regions:
+            if r.categories is None or r.box is None:
+                continue
+            if r.detection_id and r.detection_id in finding.detection_ids:
+                return organ.category_from_distribution(r.categories)
+            iou = r.box.iou(finding.box)
+            if iou >= best_iou:
+                best, best_iou = r, iou
+    if best is None:
+        best = evidence.whole_image
+    return organ.category_from_distribution(best.categories) if best is not None and best.categories else None
+
+
 # -- the Diagnosis --------------------------------------------------------------------------------------
 def assemble_diagnosis(
     organ: OrganSpec,
@@ -155,7 +174,8 @@ def assemble_diagnosis(
     warnings: Sequence[str] = (),
 ) -> Diagnosis:
     """The Diagnosis of a fusion's decision: cites the knowledge and clinical context, assigns the
-    category from the positive label's probability, refers when the top probability is below
+    category (from the positive label's probability, or from the organ's category head on the leading
+    finding), refers when the top probability is below
     ``min_confidence`` or the evidence conflicts, and says what to do next."""
     krefs = knowledge_refs(evidence.knowledge)
     if krefs:
@@ -163,7 +183,11 @@ def assemble_diagnosis(
     all_refs = [*refs, *krefs, *clinical_refs(clinical)]
     probs = dict(probabilities)
     pos = organ.positive_label
-    category = organ.category_for(probs.get(pos) if pos else None, lesion_found=lesion_found)
+    if organ.category_source == "classifier":
+        findings = [f.model_copy(update={"category": head_category(organ, evidence, f)}) for f in findings]
+        category = (findings[0].category if findings else None) if lesion_found else organ.no_lesion_category
+    else:
+        category = organ.category_for(probs.get(pos) if pos else None, lesion_found=lesion_found)
     conf = probs[label]
     what = "calibrated top probability" if calibrated else "top probability"
     reasons = [f"{what} {conf:.2f} < {min_confidence:.2f}"] if conf < min_confidence else []
@@ -191,6 +215,7 @@ __all__ = [
     "clinical_refs",
     "describe_descriptors",
     "evidence_conflict",
+    "head_category",
     "knowledge_refs",
     "presence_conflict",
     "recommendation_for",

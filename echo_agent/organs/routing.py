@@ -399,7 +399,10 @@ class OrganRouter:
 
     def vectorize(self, image: Any) -> np.ndarray:
         """The model's input vector for one image (hand-crafted features + thumbnail PCA), unscaled."""
-        feats, thumb = extract_features(image)
+        return self.vector_from_features(*extract_features(image))
+
+    def vector_from_features(self, feats: np.ndarray, thumb: np.ndarray) -> np.ndarray:
+        """The input vector from :func:`extract_features`' output (so several routers share one extraction)."""
         return np.concatenate([feats, self._pca @ (thumb - self._pca_mean)])
 
     def probabilities_from_vectors(self, x: np.ndarray) -> np.ndarray:
@@ -466,14 +469,72 @@ def load_router(path: str | Path | None = None) -> OrganRouter:
         return _load_cached(str(p))
 
 
-def default_router(image: Any) -> tuple[str | None, float | None]:
-    """Route an HxWx3 uint8 RGB image with the packaged router: ``(organ, confidence)``.
+@functools.lru_cache(maxsize=64)
+def _warn_once(message: str) -> None:
+    import warnings
 
-    ``organ`` is ``'breast'``, ``'kidney'`` or ``None`` when the image does not look like either
-    (a photograph, a blank frame, noise, a document); ``confidence`` is the probability of that
-    decision.
+    warnings.warn(message, stacklevel=3)
+
+
+def _plugin_heads(base: OrganRouter) -> list[tuple[str, OrganRouter]]:
+    """``(organ, head)`` for every registered organ with a router head that the base router does not know."""
+    from . import list_organs
+
+    out = []
+    for spec in list_organs():
+        path = spec.resolve_router_head()
+        if path is None or spec.name in base.organs:
+            continue
+        if not path.is_file():  # a broken plug-in install must not stop routing the other organs
+            _warn_once(f"router head {path} of organ {spec.name!r} does not exist; {spec.name} images are not "
+                       "routed automatically (reinstall the plug-in or pass the organ)")
+            continue
+        head = load_router(path)
+        if head.organs != (spec.name,):
+            raise ModelLoadError(
+                f"router head {path} of organ {spec.name!r} recognises {head.organs}; a head recognises its own organ "
+                "only (retrain it with tools/train_router.py --head)"
+            )
+        out.append((spec.name, head))
+    return out
+
+
+def route_image(image: Any, router: OrganRouter | None = None) -> RoutingResult:
+    """Route one image with the packaged router (or ``router``) and the heads of plug-in organs.
+
+    The base router decides among its organs and ``unknown``. Each organ a plug-in added with a
+    ``router_head`` (``OrganSpec.router_head``) is then asked whether the image is its organ: a head
+    that accepts the image (its probability above its own threshold) takes it when the base router
+    rejected the image or was less sure of its organ. The features are extracted once.
     """
-    return load_router()(image)
+    base = router if router is not None else load_router()
+    feats, thumb = extract_features(image)
+    result = base.decide(base.probabilities_from_vectors(base.vector_from_features(feats, thumb))[0])
+    for organ, head in _plugin_heads(base):
+        r = head.decide(head.probabilities_from_vectors(head.vector_from_features(feats, thumb))[0])
+        result = combine_head(result, organ, r)
+    return result
+
+
+def combine_head(result: RoutingResult, organ: str, head_result: RoutingResult) -> RoutingResult:
+    """The routing decision after a plug-in organ's head said ``head_result`` (see :func:`route_image`)."""
+    if head_result.organ == organ and (result.organ is None or head_result.confidence > result.confidence):
+        scores = {**result.scores, organ: head_result.confidence}
+        return RoutingResult(organ, head_result.confidence, scores,
+                             f"routed to {organ} by its plug-in's head with p={head_result.confidence:.2f}")
+    return result
+
+
+def default_router(image: Any) -> tuple[str | None, float | None]:
+    """Route an HxWx3 uint8 RGB image with the packaged router and any plug-in organ's head:
+    ``(organ, confidence)`` (see :func:`route_image`).
+
+    ``organ`` is ``'breast'``, ``'kidney'`` (or a plug-in organ) or ``None`` when the image does not
+    look like any of them (a photograph, a blank frame, noise, a document); ``confidence`` is the
+    probability of that decision.
+    """
+    r = route_image(image)
+    return r.organ, r.confidence
 
 
 __all__ = [
@@ -482,8 +543,10 @@ __all__ = [
     "OrganRouter",
     "RoutingResult",
     "UNKNOWN",
+    "combine_head",
     "default_router",
     "default_router_path",
     "extract_features",
     "load_router",
+    "route_image",
 ]

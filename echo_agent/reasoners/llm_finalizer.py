@@ -173,7 +173,9 @@ def validate_diagnosis(data: dict[str, Any], organ: OrganSpec, width: int, heigh
     allowed = [b.name for b in organ.categories] + ([organ.no_lesion_category] if organ.no_lesion_category else [])
     if dx.category is not None and dx.category not in allowed:
         raise ValueError(f"category {dx.category!r} is not one of {allowed}")
-    if check_category and organ.categories and organ.positive_label and dx.category is not None:
+    # a category head's category is read by the model from the classify tool's distribution: no band check
+    if (check_category and organ.categories and organ.positive_label and dx.category is not None
+            and organ.category_source == "probability"):
         p = dx.probabilities[organ.positive_label]
         lesion = bool(dx.findings) or dx.label != organ.normal_label
         expected = organ.category_for(p, lesion_found=lesion)

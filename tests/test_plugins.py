@@ -1,0 +1,257 @@
+"""The general mechanisms an organ plug-in relies on, exercised with a toy organ ("toy"), so no test
+here depends on a real plug-in being installed: dataset centers, asset references, category heads,
+descriptor sets and router heads."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from echo_agent.errors import ModelLoadError
+from echo_agent.eval.datasets import (
+    CenterSpec,
+    DatasetBuild,
+    center_organ,
+    compute_splits,
+    get_center,
+    list_centers,
+    load_split,
+    register_center,
+    unregister_center,
+)
+from echo_agent.eval.manifest import ManifestImage
+from echo_agent.eval.splits import write_split_file
+from echo_agent.organs import load_spec_yaml, register_organ, resolve_asset, unregister_organ
+from echo_agent.schemas import Box, ClassificationResult, Finding, RegionClassification
+
+TOY_YAML = """
+name: toy
+image_labels: [normal, nodule]
+detector_labels: [nodule]
+positive_label: nodule
+category_system: TOY-RADS
+category_source: classifier
+categories:
+  - {name: "1", description: "low", management: "follow up"}
+  - {name: "2", description: "mid"}
+  - {name: "3", description: "high", management: "sample it"}
+"""
+
+
+@pytest.fixture
+def toy_spec():
+    spec = register_organ(load_spec_yaml(TOY_YAML), replace=True)
+    yield spec
+    unregister_organ("toy")
+
+
+# -- centers -----------------------------------------------------------------------------------------
+def test_a_registered_center_loads_by_name_with_its_split(tmp_path: Path, toy_spec, monkeypatch) -> None:
+    monkeypatch.setenv("ECHO_AGENT_DATA", str(tmp_path))
+    (tmp_path / "TOY").mkdir()
+    from PIL import Image
+
+    for i in range(12):  # distinct pixels: the splitter merges pixel-identical images into one group
+        Image.fromarray(np.full((8, 8), 10 * i, np.uint8)).save(tmp_path / "TOY" / f"{i}.png")
+
+    def adapter(root=None) -> DatasetBuild:
+        ims = [ManifestImage(image=tmp_path / "TOY" / f"{i}.png", organ="toy", label="nodule", center="toy_center",
+                             group=f"case{i // 2}", category=str(1 + i % 3)) for i in range(12)]
+        return DatasetBuild(center="toy_center", images=ims)
+
+    split_csv = tmp_path / "toy_center.csv"
+    spec = CenterSpec("toy_center", "toy", "TOY", adapter, split_csv, stratify_by="category")
+    register_center(spec)
+    try:
+        assert "toy_center" in list_centers() and center_organ("toy_center") == "toy"
+        assert get_center("toy_center") is spec
+        assignment = compute_splits(adapter())
+        # the two images of a case never cross splits
+        for i in range(0, 12, 2):
+            key_a, key_b = (adapter().images[j].key for j in (i, i + 1))
+            assert assignment[key_a] == assignment[key_b]
+        write_split_file(assignment, split_csv)
+        train = load_split("toy_center", "train")
+        assert train and all(im.split == "train" and im.organ == "toy" for im in train)
+        assert len(load_split("toy_center")) == 12
+        with pytest.raises(ValueError, match="already registered"):
+            register_center(CenterSpec("toy_center", "toy", "OTHER", adapter, split_csv))
+    finally:
+        unregister_center("toy_center")
+    with pytest.raises(ValueError, match="unknown center 'toy_center'"):
+        get_center("toy_center")
+
+
+def test_center_spec_rejects_bad_values(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="lower-case identifier"):
+        CenterSpec("Bad Name", "toy", "X", lambda root=None: None, tmp_path / "x.csv")
+    with pytest.raises(TypeError, match="adapter must be callable"):
+        CenterSpec("ok", "toy", "X", "not callable", tmp_path / "x.csv")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="stratify_by"):
+        CenterSpec("ok", "toy", "X", lambda root=None: None, tmp_path / "x.csv", stratify_by="age")
+
+
+def test_the_old_birads_column_still_reads(tmp_path: Path) -> None:
+    from echo_agent.eval.manifest import load_manifest
+
+    (tmp_path / "a.png").write_bytes(b"")
+    (tmp_path / "m.csv").write_text("image,organ,label,birads\na.png,breast,benign,4A\n")
+    (im,) = load_manifest(tmp_path / "m.csv", check_files=False)
+    assert im.category == "4A" and im.birads == "4A"
+
+
+# -- asset references ----------------------------------------------------------------------------------
+def test_resource_references_point_into_installed_packages() -> None:
+    p = resolve_asset("resource:echo_agent/assets/organs/breast.yaml")
+    assert p.is_file() and p == resolve_asset("package:organs/breast.yaml")
+    with pytest.raises(ValueError, match="not installed"):
+        resolve_asset("resource:no_such_package_xyz/a.onnx")
+    with pytest.raises(ValueError, match="must look like"):
+        resolve_asset("resource:echo_agent")
+
+
+# -- category heads ------------------------------------------------------------------------------------
+def test_category_head_labels_sums_and_median(toy_spec) -> None:
+    assert toy_spec.classifier_labels == ("normal", "1", "2", "3")
+    labels, cats = toy_spec.split_classifier_output({"normal": 0.2, "1": 0.08, "2": 0.4, "3": 0.32})
+    assert labels == pytest.approx({"normal": 0.2, "nodule": 0.8})
+    assert cats == pytest.approx({"1": 0.1, "2": 0.5, "3": 0.4})
+    assert toy_spec.category_from_distribution(cats) == "2"  # cumulative 0.1, 0.6: the median is "2"
+    assert toy_spec.category_from_distribution({"1": 0.1, "2": 0.1, "3": 0.8}) == "3"
+    assert toy_spec.split_classifier_output({"normal": 1.0, "1": 0.0, "2": 0.0, "3": 0.0})[1] is None
+    # a probability cannot give a category head's category
+    assert toy_spec.category_for(0.9) is None and toy_spec.band("3").management == "sample it"
+
+
+@pytest.mark.parametrize(
+    ("patch", "message"),
+    [
+        ("category_source: probability", "need low and high"),
+        ("category_labels: {'9': nodule}", "category_labels maps"),
+        ("categories: []", "needs the categories"),
+    ],
+)
+def test_category_head_spec_errors(patch: str, message: str) -> None:
+    key = patch.split(":")[0]
+    lines = [ln for ln in TOY_YAML.strip().splitlines() if not ln.startswith(key)]
+    if key == "categories":
+        lines = [ln for ln in lines if not ln.startswith("  - ")]
+    with pytest.raises(ValueError, match=message):
+        load_spec_yaml("\n".join([*lines, patch]))
+
+
+def test_the_diagnosis_takes_the_category_of_the_leading_finding(toy_spec) -> None:
+    from echo_agent.fusion.diagnosis import head_category
+    from echo_agent.fusion.evidence import RunEvidence
+
+    box = Box(x1=10, y1=10, x2=40, y2=40)
+    res = ClassificationResult(
+        id="cls1", organ="toy", classifier="t", image_width=100, image_height=100,
+        regions=[RegionClassification(box=box, detection_id="det1:0", probabilities={"normal": 0.1, "nodule": 0.9},
+                                      categories={"1": 0.1, "2": 0.2, "3": 0.7}),
+                 RegionClassification(box=None, probabilities={"normal": 0.5, "nodule": 0.5},
+                                      categories={"1": 0.8, "2": 0.1, "3": 0.1})],
+    )
+    ev = RunEvidence.of([res])
+    linked = Finding(box=Box(x1=60, y1=60, x2=90, y2=90), label="nodule", score=0.8, detection_ids=["det1:0"])
+    by_box = Finding(box=Box(x1=11, y1=11, x2=40, y2=40), label="nodule", score=0.8)
+    elsewhere = Finding(box=Box(x1=60, y1=60, x2=90, y2=90), label="nodule", score=0.8)
+    assert head_category(toy_spec, ev, linked) == "3"
+    assert head_category(toy_spec, ev, by_box) == "3"
+    assert head_category(toy_spec, ev, elsewhere) == "1"  # the whole image's distribution
+    assert head_category(toy_spec, RunEvidence.of([]), elsewhere) is None
+
+
+# -- descriptor sets -----------------------------------------------------------------------------------
+TOY_SET_MODULE = '''
+from echo_agent.schemas import Descriptor
+
+class ToySet:
+    name = "toy-set/1"
+
+    def describe(self, region):
+        inside = region.roi[region.mask]
+        around = region.roi[region.surround]
+        darker = float(inside.mean()) < float(around.mean())
+        return {"tone": Descriptor(value="darker" if darker else "brighter", confidence=0.9)}
+
+    def caption(self, descriptors):
+        return f"a {descriptors['tone'].value} toy lesion"
+
+TOY_SET = ToySet()
+NOT_A_SET = object()
+'''
+
+
+def test_a_plugin_descriptor_set_describes_the_organs_regions(tmp_path: Path, monkeypatch) -> None:
+    from echo_agent.evidence.captioner import PixelCaptioner
+    from echo_agent.evidence.descriptor_sets import load_descriptor_set
+
+    (tmp_path / "toy_descriptors_mod.py").write_text(textwrap.dedent(TOY_SET_MODULE))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    spec = load_spec_yaml(TOY_YAML + "descriptor_set: toy_descriptors_mod:TOY_SET\n")
+    register_organ(spec, replace=True)
+    try:
+        img = np.full((120, 120, 3), 140, np.uint8)
+        img[40:80, 40:80] = 30  # a dark square "lesion"
+        ctx = PixelCaptioner().describe(img, organ="toy", regions=[Box(x1=35, y1=35, x2=85, y2=85)])
+        region = ctx.regions[0]
+        assert region.descriptors["tone"].value == "darker"
+        assert region.caption == "a darker toy lesion"
+        assert "size_px" in region.descriptors and "segmentation" in region.descriptors
+        assert "shape" not in region.descriptors  # the breast lexicon is not mixed in
+    finally:
+        unregister_organ("toy")
+    with pytest.raises(ModelLoadError, match="lacks name/describe"):
+        load_descriptor_set("toy_descriptors_mod:NOT_A_SET")
+    with pytest.raises(ModelLoadError, match="has no attribute"):
+        load_descriptor_set("toy_descriptors_mod:MISSING")
+    with pytest.raises(ModelLoadError, match="cannot import"):
+        load_descriptor_set("no_such_module_xyz:SET")
+
+
+# -- router heads --------------------------------------------------------------------------------------
+def _head_params(organ: str, logit: float) -> dict:
+    """A router head whose decision does not depend on the image: ``logit`` for the organ vs unknown."""
+    from echo_agent.organs.routing import FEATURE_NAMES, FEATURE_VERSION
+
+    n = len(FEATURE_NAMES) + 1
+    return {"feature_version": FEATURE_VERSION, "classes": [organ, "unknown"], "threshold": 0.6,
+            "feature_mean": [0.0] * n, "feature_scale": [1.0] * n, "pca_mean": [0.0] * 256,
+            "pca_components": [[0.0] * 256], "layers": [{"weight": [[0.0] * n, [0.0] * n], "bias": [logit, 0.0]}]}
+
+
+@pytest.mark.parametrize(("logit", "routed"), [(6.0, True), (-6.0, False)])
+def test_a_plugin_router_head_claims_its_images(tmp_path: Path, logit: float, routed: bool) -> None:
+    from echo_agent.organs.routing import route_image
+
+    head = tmp_path / f"head_{logit}.json"
+    head.write_text(json.dumps(_head_params("toy", logit)))
+    img = np.random.default_rng(0).integers(0, 255, (96, 96, 3), dtype=np.uint8)
+    before = route_image(img)
+    register_organ(load_spec_yaml(TOY_YAML + f"router_head: {head}\n"), replace=True)
+    try:
+        after = route_image(img)
+    finally:
+        unregister_organ("toy")
+    if routed:
+        assert after.organ == "toy" and after.confidence > 0.99 and "plug-in" in after.reason
+    else:
+        assert (after.organ, after.confidence) == (before.organ, before.confidence)
+
+
+def test_a_head_that_recognises_another_organ_is_refused(tmp_path: Path) -> None:
+    from echo_agent.organs.routing import route_image
+
+    head = tmp_path / "wrong.json"
+    head.write_text(json.dumps(_head_params("liver", 6.0)))
+    register_organ(load_spec_yaml(TOY_YAML + f"router_head: {head}\n"), replace=True)
+    try:
+        with pytest.raises(ModelLoadError, match="recognises its own organ only"):
+            route_image(np.zeros((64, 64, 3), np.uint8) + 100)
+    finally:
+        unregister_organ("toy")
