@@ -5,9 +5,9 @@ Built-in organs are ``breast`` and ``kidney``. A separate package adds an organ 
 ``echo_agent.organs``::
 
     [project.entry-points."echo_agent.organs"]
-    thyroid = "my_pkg.organs:THYROID"
+    liver = "my_pkg.organs:LIVER"
 
-or at run time with :func:`register_organ`.
+or at run time with :func:`register_organ`. ``docs/plugins.md`` walks through a complete plug-in.
 """
 
 from __future__ import annotations

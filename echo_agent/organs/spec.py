@@ -47,8 +47,8 @@ class OrganSpec(BaseModel):
     Example::
 
         from echo_agent import OrganSpec, register_organ
-        register_organ(OrganSpec(name="thyroid", image_labels=("normal", "benign", "malignant"),
-                                 detector_labels=("nodule",), detector_label_map={"nodule": "benign"},
+        register_organ(OrganSpec(name="liver", image_labels=("normal", "benign", "malignant"),
+                                 detector_labels=("focal_lesion",), detector_label_map={"focal_lesion": "benign"},
                                  positive_label="malignant"))
     """
 
