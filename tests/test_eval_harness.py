@@ -412,3 +412,34 @@ def test_report_counts_lesion_images_called_normal() -> None:
     rows = {r[0]: r for r in headline_rows({"detector": m, "agent": m})}
     assert rows["lesion images called normal"][1] == "3 / 19 (15.8 %)"
     assert lesions_called_normal({"classification": {"confusion": {"labels": ["normal", "x"], "matrix": [[3, 0], [0, 0]]}}}) is None
+
+
+class CategoryAgent(FakeAgent):
+    """FakeAgent that also gives a BI-RADS category (a: 4A, b: 5, c: none)."""
+
+    def run(self, image, *, organ=None, context=None):
+        dx = super().run(image, organ=organ, context=context)
+        cat = {"a.png": "4A", "b.png": "5"}.get(Path(image).name)
+        return dx.model_copy(update={"category": cat, "category_system": "BI-RADS" if cat else None})
+
+
+def test_reader_categories_are_scored_against_the_agents(tmp_path: Path):
+    data = tmp_path / "data"
+    data.mkdir()
+    lines = ["image,organ,label,x_min,y_min,x_max,y_max,category"]
+    for name, cat in (("a.png", "4B"), ("b.png", "5"), ("c.png", ""), ("d.png", "")):
+        v, label, boxes, _, _ = IMAGES[name]
+        Image.fromarray(np.full((64, 64), v, dtype=np.uint8)).save(data / name)
+        for b in boxes or [None]:
+            coords = ",".join(str(c) for c in b) if b else ",,,"
+            lines.append(f"{name},breast,{label},{coords},{cat}")
+    (data / "m.csv").write_text("\n".join(lines) + "\n")
+    res = evaluate(data / "m.csv", agent=CategoryAgent(), out_dir=tmp_path / "run", progress=False, n_boot=10,
+                   plots=False)
+    ca = res.summary["organs"]["breast"]["category_agreement"]
+    # a: reader 4B, agent 4A (one step); b: 5 vs 5; c, d have no reader category
+    assert (ca["n"], ca["exact"], ca["within_one"]) == (2, 0.5, 1.0)
+    assert ca["order"][0] == "1" and ca["system"] == "BI-RADS"
+    assert ca["majority_baseline"]["category"] == "4B"  # tie 4B/5 broken towards the lower category
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "BI-RADS agreement with the readers" in report and "exact 0.500" in report

@@ -21,6 +21,7 @@ import random
 import shlex
 import time
 import traceback
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -33,7 +34,15 @@ from ..errors import EchoError, EchoInputError, MissingExtraError
 from ..organs import OrganSpec, get_organ
 from ..schemas import Detection, Diagnosis
 from .manifest import ManifestImage, load_manifest
-from .metrics import IOU_THRESHOLD, PredictedBox, ScoredImage, SystemMetrics, compute_metrics
+from .metrics import (
+    IOU_THRESHOLD,
+    PredictedBox,
+    ScoredImage,
+    SystemMetrics,
+    category_agreement,
+    compute_metrics,
+    normalise_category,
+)
 
 #: Names of the two systems, as used in metrics.json, predictions.jsonl and the report.
 DETECTOR = "detector"
@@ -365,6 +374,7 @@ def evaluate(
     errors = dict.fromkeys(SYSTEMS, 0)
     error_examples: list[dict[str, Any]] = []
     timing: dict[str, list[float]] = {s: [] for s in SYSTEMS}
+    categories: dict[str, list[tuple[str, str | None]]] = {name: [] for name in specs}
     started = datetime.now(timezone.utc)
     with pred_path.open("w", encoding="utf-8") as fh, _progress(progress) as bar:
         task = bar.add_task("eval", total=len(items))
@@ -372,6 +382,9 @@ def evaluate(
             record, got = _run_item(im, specs[im.organ], baseline, agent)
             fh.write(json.dumps(record, ensure_ascii=False) + "\n")
             fh.flush()
+            if im.category:
+                dx = (record.get(AGENT) or {}).get("diagnosis") or {}
+                categories[im.organ].append((im.category, dx.get("category")))
             for s in SYSTEMS:
                 if s in got:
                     scored[im.organ][s].append((im, got[s]))
@@ -403,6 +416,10 @@ def evaluate(
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "organs": {name: m.to_dict() for name, m in organ_metrics.items()},
     }
+    for name, pairs in categories.items():
+        agreement = _category_summary(specs[name], pairs)
+        if agreement:
+            summary["organs"][name]["category_agreement"] = agreement
     metrics_path = out / METRICS_FILE
     metrics_path.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
@@ -437,6 +454,26 @@ def _organ_metrics(
     for c in names:
         centers[c] = {s: metrics([x for im, x in by_system[s] if (im.center or "unknown") == c]) for s in SYSTEMS}
     return OrganMetrics(spec.name, spec.image_labels, spec.positive_label, overall, centers)
+
+
+def _category_summary(spec: OrganSpec, pairs: Sequence[tuple[str, str | None]]) -> dict[str, Any] | None:
+    """The agent's categories against the readers' (images with a reader category only), with the
+    majority-category baseline beside them; ``None`` when the organ has no categories or no image one."""
+    if not spec.categories or not pairs:
+        return None
+    order = [b.name for b in spec.categories]
+    if spec.no_lesion_category and spec.no_lesion_category not in order:
+        order = [spec.no_lesion_category, *order]
+    truth = [t for t, _ in pairs]
+    a = category_agreement(truth, [p for _, p in pairs], order)
+    if not a.n:
+        return None
+    counts = Counter(normalise_category(t) for t in truth)
+    majority = max(a.order, key=lambda c: (counts.get(c, 0), -a.order.index(c)))
+    base = category_agreement(truth, [majority] * len(truth), order)
+    return {"system": spec.category_system, "n": a.n, "exact": a.exact, "within_one": a.within_one,
+            "n_missing": a.n_missing, "order": list(a.order), "confusion": [list(r) for r in a.confusion],
+            "majority_baseline": {"category": majority, "exact": base.exact, "within_one": base.within_one}}
 
 
 def _timing(values: Sequence[float]) -> dict[str, float | None]:

@@ -215,6 +215,18 @@ def render_report(summary: Mapping[str, Any], *, plots: Sequence[str | Path] = (
                 _center_rows(om["centers"]), align_right_from=2,
             )
             out.append("")
+        ca = om.get("category_agreement")
+        if ca:
+            base = ca["majority_baseline"]
+            out += [f"### {ca.get('system') or 'Category'} agreement with the readers", "",
+                    f"{ca['n']} images with a reader category: exact {fmt(ca['exact'], 3)}, within one step "
+                    f"{fmt(ca['within_one'], 3)}"
+                    + (f" ({ca['n_missing']} without an agent category)" if ca.get("n_missing") else "")
+                    + f"; always answering the most frequent reader category ({base['category']}): exact "
+                    f"{fmt(base['exact'], 3)}, within one {fmt(base['within_one'], 3)}.", ""]
+            out += _table(["reader \\ agent", *ca["order"]],
+                          [[c, *[str(v) for v in row]] for c, row in zip(ca["order"], ca["confusion"], strict=True)])
+            out.append("")
         notes = {n for s in overall.values() for n in s.get("notes", [])}
         for n in sorted(notes):
             out.append(f"- note: {n}")

@@ -14,8 +14,9 @@ scale, the nodule mask, generic features). From it:
   when the edge is soft against the gland, else smooth;
 * ``echogenic_foci`` -- present when small spots inside the nodule are much brighter than the gland.
 
-Thresholds are round numbers chosen from the lexicon's definitions, not fitted; their agreement with
-the radiologists' TI-RADS categories on the train split is in this package's MODEL_CARD.md.
+Thresholds are round numbers from the lexicon's definitions, except the hypoechoic edge, chosen on
+the DDTI train split. How each relates to the radiologists' TI-RADS categories (train split) is in
+``scripts/validate_descriptors.py`` and the plug-in's ``descriptors`` section of docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -30,10 +31,15 @@ from echo_agent.schemas import Descriptor
 
 CYSTIC_LEVEL = 0.30  # x surrounding median: darker is fluid
 CYSTIC_FRACTION = (0.15, 0.85)  # mixed / cystic lower bounds
-ECHO_BANDS = ((0.5, "markedly hypoechoic"), (0.85, "hypoechoic"), (1.15, "isoechoic"))
+# solid part / surrounding gland; the hypoechoic edge 0.80 was chosen on the DDTI train split (of 0.60-0.90,
+# the edge whose flag ranks best with the readers' categories), the others are round numbers
+ECHO_BANDS = ((0.5, "markedly hypoechoic"), (0.80, "hypoechoic"), (1.15, "isoechoic"))
 TALLER_RATIO = 1.0
 FOCI_LEVEL = 1.8  # x surrounding median: an echogenic focus
 FOCI_MAX_AREA = 0.02  # of the nodule's area: larger bright parts are not "foci"
+MARGIN_SOLIDITY = 0.88  # below: lobulated / irregular outline
+MARGIN_RADIAL = 0.18  # above: spiky outline
+MARGIN_SHARPNESS = 0.6  # below: soft edge against the gland
 
 
 def _article(word: str) -> str:
@@ -50,29 +56,43 @@ class ThyroidDescriptors:
 
     name = "thyroid-tirads-descriptors/1"
 
-    def describe(self, region: RegionPixels) -> dict[str, Descriptor]:
+    def measure(self, region: RegionPixels) -> dict[str, float]:
+        """The raw measurements the descriptors threshold (also what the validation script reads)."""
         roi = region.roi.astype(np.float32)
         mask = region.mask
         f = region.features
-        out: dict[str, Descriptor] = {}
         inside = roi[mask]
         around = roi[region.surround]
-        gland = float(np.median(around)) if around.size else float(np.median(roi))
-        gland = max(gland, 1.0)
+        gland = max(float(np.median(around)) if around.size else float(np.median(roi)), 1.0)
         if inside.size == 0:
-            return out
+            return {}
         fluid = inside < CYSTIC_LEVEL * gland
-        frac = float(fluid.mean())
+        solid = inside[~fluid]
+        return {
+            "fluid_fraction": float(fluid.mean()),
+            "echo_ratio": float(np.median(solid)) / gland if solid.size >= 8 else 0.0,
+            "height_width": float(f.get("height_width_ratio", 1.0)),
+            "solidity": float(f.get("solidity", 1.0)),
+            "radial_std": float(f.get("radial_std", 0.0)),
+            "edge_sharpness": float(f.get("edge_gradient_rel", 1.0)),
+            "foci": float(self._foci_count(roi, mask, gland)),
+        }
+
+    def describe(self, region: RegionPixels) -> dict[str, Descriptor]:
+        m = self.measure(region)
+        if not m:
+            return {}
+        out: dict[str, Descriptor] = {}
+        frac = m["fluid_fraction"]
         comp = "cystic" if frac >= CYSTIC_FRACTION[1] else "mixed cystic and solid" if frac >= CYSTIC_FRACTION[0] else "solid"
         edge = CYSTIC_FRACTION[1] if frac >= 0.5 else CYSTIC_FRACTION[0]
         out["composition"] = Descriptor(value=comp, confidence=_conf(frac, edge, 0.08),
                                         note=f"fluid-dark fraction {frac:.2f}")
-        solid = inside[~fluid]
-        if comp == "cystic" or solid.size < 8:
+        ratio = m["echo_ratio"]
+        if comp == "cystic" or ratio <= 0.0:
             out["echogenicity"] = Descriptor(value="anechoic", confidence=out["composition"].confidence,
                                              note="almost entirely fluid")
         else:
-            ratio = float(np.median(solid)) / gland
             value, edge = "hyperechoic", ECHO_BANDS[-1][0]
             for upper, name in ECHO_BANDS:
                 if ratio < upper:
@@ -80,34 +100,31 @@ class ThyroidDescriptors:
                     break
             out["echogenicity"] = Descriptor(value=value, confidence=_conf(np.log(ratio), np.log(edge), 0.12),
                                              note=f"solid part / surrounding gland {ratio:.2f}")
-        hw = float(f.get("height_width_ratio", 1.0))
+        hw = m["height_width"]
         out["shape"] = Descriptor(value="taller-than-wide" if hw > TALLER_RATIO else "wider-than-tall",
-                                  confidence=_conf(np.log(max(hw, 1e-3)), 0.0, 0.1), note=f"height/width {hw:.2f}")
-        solidity = float(f.get("solidity", 1.0))
-        radial = float(f.get("radial_std", 0.0))
-        sharp = float(f.get("edge_gradient_rel", 1.0))
-        if solidity < 0.88 or radial > 0.18:
-            margin, conf = "irregular", _conf(solidity, 0.88, 0.03)
-        elif sharp < 0.6:
-            margin, conf = "ill-defined", _conf(sharp, 0.6, 0.15)
+                                  confidence=_conf(np.log(max(hw, 1e-3)), np.log(TALLER_RATIO), 0.1),
+                                  note=f"height/width {hw:.2f}")
+        solidity, radial, sharp = m["solidity"], m["radial_std"], m["edge_sharpness"]
+        if solidity < MARGIN_SOLIDITY or radial > MARGIN_RADIAL:
+            margin, conf = "irregular", _conf(solidity, MARGIN_SOLIDITY, 0.03)
+        elif sharp < MARGIN_SHARPNESS:
+            margin, conf = "ill-defined", _conf(sharp, MARGIN_SHARPNESS, 0.15)
         else:
-            margin, conf = "smooth", min(_conf(solidity, 0.88, 0.03), _conf(sharp, 0.6, 0.15))
+            margin, conf = "smooth", min(_conf(solidity, MARGIN_SOLIDITY, 0.03), _conf(sharp, MARGIN_SHARPNESS, 0.15))
         out["margin"] = Descriptor(value=margin, confidence=conf,
                                    note=f"solidity {solidity:.2f}, radial spread {radial:.2f}, edge sharpness {sharp:.2f}")
-        out["echogenic_foci"] = self._foci(roi, mask, gland)
+        n = int(m["foci"])
+        out["echogenic_foci"] = Descriptor(value="present" if n else "none", confidence=0.6 if n else 0.7,
+                                           note=f"{n} bright spot(s) > {FOCI_LEVEL:g}x the gland inside the nodule")
         return out
 
     @staticmethod
-    def _foci(roi: np.ndarray, mask: np.ndarray, gland: float) -> Descriptor:
+    def _foci_count(roi: np.ndarray, mask: np.ndarray, gland: float) -> int:
         inner = cv2.erode(mask.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
         bright = (roi > FOCI_LEVEL * gland) & inner
         n, _, stats, _ = cv2.connectedComponentsWithStats(bright.astype(np.uint8), connectivity=8)
         area = max(int(inner.sum()), 1)
-        spots = [int(stats[i, cv2.CC_STAT_AREA]) for i in range(1, n)
-                 if 2 <= stats[i, cv2.CC_STAT_AREA] <= FOCI_MAX_AREA * area]
-        present = len(spots) > 0
-        return Descriptor(value="present" if present else "none", confidence=0.6 if present else 0.7,
-                          note=f"{len(spots)} bright spot(s) > {FOCI_LEVEL:g}x the gland inside the nodule")
+        return sum(1 for i in range(1, n) if 2 <= stats[i, cv2.CC_STAT_AREA] <= FOCI_MAX_AREA * area)
 
     def caption(self, descriptors: Mapping[str, Descriptor]) -> str:
         def v(key: str) -> str:
