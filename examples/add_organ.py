@@ -3,7 +3,7 @@
 An organ is data (an ``OrganSpec``); its detector is any object with ``name``, ``labels`` and
 ``detect(image, score_threshold=..., tta=...) -> list[Detection]``. A separate package can
 register the spec through the ``echo_agent.organs`` entry-point group instead of calling
-``register_organ``.
+``register_organ``; docs/plugins.md walks through a complete plug-in (plugins/echo-organ-thyroid).
 
 Run:  python examples/add_organ.py
 """
@@ -14,9 +14,9 @@ from echo_agent import Box, Detection, EchoAgent, OrganSpec, Toolkit, register_o
 
 
 class DarkNoduleDetector:
-    """A toy thyroid 'detector': the darkest 32x32 window is the nodule."""
+    """A toy 'detector': the darkest 32x32 window is the nodule."""
 
-    name = "toy-thyroid/0"
+    name = "toy-nodule/0"
     labels = ("nodule",)
 
     def detect(self, image: np.ndarray, *, score_threshold: float = 0.25, tta: bool = False, **_):
@@ -30,16 +30,16 @@ class DarkNoduleDetector:
 
 
 register_organ(OrganSpec(
-    name="thyroid",
+    name="toy_gland",  # not "thyroid": the real plug-in may be installed
     image_labels=("normal", "nodule"),
     detector_labels=("nodule",),
     positive_label="nodule",
-    prompt="Organ: thyroid. Describe nodules with the ACR TI-RADS lexicon.",
+    prompt="Organ: a toy gland. Describe nodules by echogenicity, shape and margin.",
 ))
 
 rng = np.random.default_rng(0)
 img = rng.integers(90, 160, (160, 200), dtype=np.uint8)
 img[60:92, 100:132] = 20  # a dark nodule
-agent = EchoAgent(organ="thyroid", toolkit=Toolkit(detectors={"thyroid": DarkNoduleDetector()}))
+agent = EchoAgent(organ="toy_gland", toolkit=Toolkit(detectors={"toy_gland": DarkNoduleDetector()}))
 dx = agent.run(img)
 print(dx.label, round(dx.probability, 2), dx.box)
