@@ -255,3 +255,15 @@ def test_a_head_that_recognises_another_organ_is_refused(tmp_path: Path) -> None
             route_image(np.zeros((64, 64, 3), np.uint8) + 100)
     finally:
         unregister_organ("toy")
+
+
+def test_the_most_confident_accepting_head_wins_and_a_rejecting_head_changes_nothing() -> None:
+    from echo_agent.organs.routing import RoutingResult, combine_heads
+
+    base = RoutingResult("breast", 0.99, {"breast": 0.99}, "routed to breast")
+    no = RoutingResult(None, 0.8, {}, "")
+    assert combine_heads(base, [("liver", no)]) is base
+    liver, spleen = RoutingResult("liver", 0.7, {}, ""), RoutingResult("spleen", 0.9, {}, "")
+    r = combine_heads(base, [("liver", liver), ("spleen", spleen), ("pancreas", no)])
+    assert (r.organ, r.confidence) == ("spleen", 0.9)
+    assert r.scores["liver"] == 0.7 and "packaged router alone: breast" in r.reason

@@ -60,7 +60,7 @@ from echo_agent.organs.routing import (  # noqa: E402
     FEATURE_VERSION,
     UNKNOWN,
     OrganRouter,
-    combine_head,
+    combine_heads,
     default_router_path,
     extract_features,
 )
@@ -597,7 +597,7 @@ def evaluate(router: OrganRouter, data: dict[str, np.ndarray]) -> dict:
 
 def composite_report(head: OrganRouter, organ: str, data: dict[str, np.ndarray]) -> dict:
     """Accuracy per source of the packaged router alone and with ``head`` (the rule of
-    ``echo_agent.organs.routing.route_image``) on one split: what installing the plug-in changes."""
+    ``echo_agent.organs.routing.combine_heads``) on one split: what installing the plug-in changes."""
     base = OrganRouter.from_file(default_router_path())
     pb = base.probabilities_from_vectors(vectors(base, data))
     ph = head.probabilities_from_vectors(vectors(head, data))
@@ -605,7 +605,7 @@ def composite_report(head: OrganRouter, organ: str, data: dict[str, np.ndarray])
     for b, h in zip(pb, ph, strict=True):
         r = base.decide(b)
         alone.append(r.organ or UNKNOWN)
-        both.append(combine_head(r, organ, head.decide(h)).organ or UNKNOWN)
+        both.append(combine_heads(r, [(organ, head.decide(h))]).organ or UNKNOWN)
     alone_a, both_a = np.array(alone), np.array(both)
     out = {}
     for src in sorted(set(data["source"].tolist())):

@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 import json
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -502,27 +503,34 @@ def _plugin_heads(base: OrganRouter) -> list[tuple[str, OrganRouter]]:
 def route_image(image: Any, router: OrganRouter | None = None) -> RoutingResult:
     """Route one image with the packaged router (or ``router``) and the heads of plug-in organs.
 
-    The base router decides among its organs and ``unknown``. Each organ a plug-in added with a
-    ``router_head`` (``OrganSpec.router_head``) is then asked whether the image is its organ: a head
-    that accepts the image (its probability above its own threshold) takes it when the base router
-    rejected the image or was less sure of its organ. The features are extracted once.
+    The base router decides among its organs and ``unknown``; then each organ a plug-in added with a
+    ``router_head`` (``OrganSpec.router_head``) is asked whether the image is its organ, and
+    :func:`combine_heads` decides. The features are extracted once.
     """
     base = router if router is not None else load_router()
     feats, thumb = extract_features(image)
     result = base.decide(base.probabilities_from_vectors(base.vector_from_features(feats, thumb))[0])
-    for organ, head in _plugin_heads(base):
-        r = head.decide(head.probabilities_from_vectors(head.vector_from_features(feats, thumb))[0])
-        result = combine_head(result, organ, r)
-    return result
+    heads = [(organ, head.decide(head.probabilities_from_vectors(head.vector_from_features(feats, thumb))[0]))
+             for organ, head in _plugin_heads(base)]
+    return combine_heads(result, heads)
 
 
-def combine_head(result: RoutingResult, organ: str, head_result: RoutingResult) -> RoutingResult:
-    """The routing decision after a plug-in organ's head said ``head_result`` (see :func:`route_image`)."""
-    if head_result.organ == organ and (result.organ is None or head_result.confidence > result.confidence):
-        scores = {**result.scores, organ: head_result.confidence}
-        return RoutingResult(organ, head_result.confidence, scores,
-                             f"routed to {organ} by its plug-in's head with p={head_result.confidence:.2f}")
-    return result
+def combine_heads(result: RoutingResult, heads: Sequence[tuple[str, RoutingResult]]) -> RoutingResult:
+    """The routing decision from the base router's ``result`` and each plug-in head's ``(organ, decision)``.
+
+    A head that accepts the image (its organ probability above its own threshold) takes it; of several,
+    the most confident. The base router's confidence does not count against a head: it never saw the
+    plug-in's organ, so on those images it can be confidently wrong (DDTI thyroid scans read as breast
+    with p = 1.00), while a head is trained against the built-in organs' images and the non-ultrasound
+    negatives. When no head accepts, the base router's decision stands.
+    """
+    accepted = [(organ, r) for organ, r in heads if r.organ == organ]
+    if not accepted:
+        return result
+    organ, r = max(accepted, key=lambda item: item[1].confidence)
+    scores = {**result.scores, **{o: h.confidence for o, h in accepted}}
+    return RoutingResult(organ, r.confidence, scores, f"routed to {organ} by its plug-in's head with p={r.confidence:.2f} "
+                         f"(the packaged router alone: {result.organ or 'unknown'}, p={result.confidence:.2f})")
 
 
 def default_router(image: Any) -> tuple[str | None, float | None]:
@@ -543,7 +551,7 @@ __all__ = [
     "OrganRouter",
     "RoutingResult",
     "UNKNOWN",
-    "combine_head",
+    "combine_heads",
     "default_router",
     "default_router_path",
     "extract_features",
