@@ -87,19 +87,19 @@ def main(argv: list[str] | None = None) -> int:
 
 def _images(args: argparse.Namespace, ap: argparse.ArgumentParser) -> list:
     if args.manifest is not None:
-        from echo_agent.eval.manifest import load_manifest
+        from echo_agent.errors import ManifestError
+        from echo_agent.eval.manifest import load_development_rows
 
-        rows = load_manifest(args.manifest)
-        test = [im for im in rows if im.split == "test"]
-        if test:
-            ap.error(f"{args.manifest}: {len(test)} row(s) have split=test; calibrate on images you will not test on")
+        try:
+            images = load_development_rows(args.manifest, args.organ, purpose="calibrate")
+        except ManifestError as exc:
+            ap.error(str(exc))
     else:
         from echo_agent.eval.datasets import load_split
 
         if "test" in args.split.split("+"):
             ap.error("--split test is refused: calibrate on images you will not test on")
-        rows = load_split(args.center, args.split)
-    images = [im for im in rows if im.organ == args.organ]
+        images = [im for im in load_split(args.center, args.split) if im.organ == args.organ]
     if len(images) < MIN_IMAGES:
         ap.error(f"{len(images)} {args.organ} image(s); recalibration needs at least {MIN_IMAGES}")
     return images

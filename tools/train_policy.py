@@ -92,17 +92,12 @@ def _images(args: argparse.Namespace, ap: argparse.ArgumentParser) -> list:
     if args.manifest is None:
         return [im for c in args.centers for im in load_split(c, args.split) if im.organ == args.organ]
     from echo_agent.errors import ManifestError
-    from echo_agent.eval.manifest import load_manifest
+    from echo_agent.eval.manifest import load_development_rows
 
     try:
-        rows = load_manifest(args.manifest)
+        images = load_development_rows(args.manifest, args.organ, purpose="fit the fusion")
     except ManifestError as exc:
         ap.error(str(exc))
-    test = [im for im in rows if im.split == "test"]
-    if test:
-        ap.error(f"{args.manifest}: {len(test)} row(s) have split=test (first: {test[0].image}); "
-                 "fit the fusion on images you will not test on")
-    images = [im for im in rows if im.organ == args.organ]
     if not images:
         ap.error(f"{args.manifest} has no {args.organ!r} rows")
     if len(images) < MIN_RUNS:

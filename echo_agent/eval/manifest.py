@@ -343,4 +343,17 @@ def write_manifest(
     return path
 
 
-__all__ = ["MANIFEST_COLUMNS", "ManifestImage", "default_data_root", "load_manifest", "write_manifest"]
+def load_development_rows(path: str | os.PathLike[str], organ: str, *, purpose: str) -> list[ManifestImage]:
+    """The ``organ`` rows of a manifest used to fit or calibrate something (``purpose``, e.g.
+    "calibrate"): a row with ``split=test`` raises :class:`~echo_agent.errors.ManifestError`, because
+    whatever is fitted on it could no longer be tested on it."""
+    rows = load_manifest(path)
+    test = [im for im in rows if im.split == "test"]
+    if test:
+        raise ManifestError(f"{path}: {len(test)} row(s) have split=test (first: {test[0].image}); "
+                            f"{purpose} on images you will not test on")
+    return [im for im in rows if im.organ == organ]
+
+
+__all__ = ["MANIFEST_COLUMNS", "ManifestImage", "default_data_root", "load_development_rows", "load_manifest",
+           "write_manifest"]
