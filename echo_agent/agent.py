@@ -119,7 +119,7 @@ class EchoAgent:
         self.prefetch = reasoner is None if prefetch is None else bool(prefetch)
         self.review = review
         if router == "default":
-            from .organs.routing import default_router
+            from .detectors.router_head import default_router
 
             router = default_router
         if review and checkpointer is None:

@@ -304,7 +304,7 @@ def endpoint_parts(cfg: EndpointReasoner, store: Any) -> tuple[Any, Any]:
 
 
 def _default_router() -> Any:
-    from .organs.routing import default_router
+    from .detectors.router_head import default_router
 
     return default_router
 

@@ -227,7 +227,7 @@ def _head_params(organ: str, logit: float) -> dict:
 
 @pytest.mark.parametrize(("logit", "routed"), [(6.0, True), (-6.0, False)])
 def test_a_plugin_router_head_claims_its_images(tmp_path: Path, logit: float, routed: bool) -> None:
-    from echo_agent.organs.routing import route_image
+    from echo_agent.detectors.router_head import route_image
 
     head = tmp_path / f"head_{logit}.json"
     head.write_text(json.dumps(_head_params("toy", logit)))
@@ -245,7 +245,7 @@ def test_a_plugin_router_head_claims_its_images(tmp_path: Path, logit: float, ro
 
 
 def test_a_head_that_recognises_another_organ_is_refused(tmp_path: Path) -> None:
-    from echo_agent.organs.routing import route_image
+    from echo_agent.detectors.router_head import route_image
 
     head = tmp_path / "wrong.json"
     head.write_text(json.dumps(_head_params("liver", 6.0)))
@@ -267,3 +267,51 @@ def test_the_most_confident_accepting_head_wins_and_a_rejecting_head_changes_not
     r = combine_heads(base, [("liver", liver), ("spleen", spleen), ("pancreas", no)])
     assert (r.organ, r.confidence) == ("spleen", 0.9)
     assert r.scores["liver"] == 0.7 and "packaged router alone: breast" in r.reason
+
+
+def test_an_onnx_router_head_routes_by_its_own_threshold(tmp_path: Path) -> None:
+    pytest.importorskip("onnx")
+    from _fakes import tiny_classifier
+
+    from echo_agent.detectors.router_head import OnnxRouterHead, load_router_head, route_image
+
+    meta = {"labels": ["toy", "unknown"], "input_size": 32, "margin": 0.0, "offset": 127.0, "scale": 128.0,
+            "temperature": 1.0, "accept_threshold": 0.7}
+    head = tiny_classifier(tmp_path / "head.onnx", labels=("toy", "unknown"), meta=meta)  # darker: more "toy"
+    dark = np.full((80, 80, 3), 5, np.uint8)
+    bright = np.full((80, 80, 3), 250, np.uint8)
+    h = load_router_head(head, "toy")
+    assert isinstance(h, OnnxRouterHead) and h.threshold == 0.7
+    assert h.decide(dark).organ == "toy" and h.decide(bright).organ is None
+    register_organ(load_spec_yaml(TOY_YAML + f"router_head: {head}\n"), replace=True)
+    try:
+        assert route_image(dark).organ == "toy"
+        assert route_image(bright).organ != "toy"
+    finally:
+        unregister_organ("toy")
+    no_threshold = tiny_classifier(tmp_path / "nt.onnx", labels=("toy", "unknown"),
+                                   meta={k: v for k, v in meta.items() if k != "accept_threshold"})
+    with pytest.raises(ModelLoadError, match="accept_threshold"):
+        OnnxRouterHead(no_threshold, "toy")
+    with pytest.raises(ModelLoadError, match="must have"):
+        OnnxRouterHead(head, "liver")
+
+
+def test_the_linear_router_head_is_chosen_on_val_groups() -> None:
+    pytest.importorskip("sklearn")
+    from echo_agent.training.router_head import fit_linear_head
+
+    rng = np.random.default_rng(0)
+
+    def data(n: int) -> tuple[np.ndarray, np.ndarray]:
+        y = (np.arange(n) % 3 == 0).astype(int)  # a third are the organ
+        x = rng.normal(size=(n, 8)) + y[:, None] * 1.5
+        return x, y
+
+    (xt, yt), (xv, yv) = data(300), data(90)
+    groups = np.where(yv == 1, "organ_center", np.where(np.arange(90) % 2 == 0, "busi", "negatives"))
+    head = fit_linear_head(xt, yt, xv, yv, cs=(0.1, 1.0), groups_val=groups)
+    assert head.c in (0.1, 1.0) and 0.3 <= head.threshold <= 0.95
+    assert head.val_balanced_accuracy > 0.9
+    p = head.probability(xv)
+    assert ((p >= head.threshold) == yv).mean() > 0.9

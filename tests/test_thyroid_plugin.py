@@ -77,9 +77,9 @@ def test_thyroid_regions_get_the_tirads_lexicon(example: Path) -> None:
 
 
 def test_without_the_plugin_organ_thyroid_images_are_not_routed_to_it(example: Path) -> None:
+    from echo_agent.detectors.router_head import route_image
     from echo_agent.imaging import load_image
     from echo_agent.organs import get_organ, register_organ, unregister_organ
-    from echo_agent.organs.routing import route_image
 
     image = load_image(example).array
     spec = get_organ("thyroid")

@@ -60,6 +60,7 @@ from echo_agent.organs.routing import (  # noqa: E402
     FEATURE_VERSION,
     UNKNOWN,
     OrganRouter,
+    RoutingResult,
     combine_heads,
     default_router_path,
     extract_features,
@@ -424,15 +425,22 @@ def photo_variant(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def build_split(
-    split: str, n_aug: dict[str, int], n_neg: int, *, seed: int, photos: list[Path] = (), n_photo: int = 0
+    split: str, n_aug: dict[str, int], n_neg: int, *, seed: int, photos: list[Path] = (), n_photo: int = 0,
+    deep=None,  # noqa: ANN001 - an echo_agent.training.router_head.Lite0Features (train extra)
 ) -> dict[str, list]:
     """Features of one split: clean organ images, augmented copies, synthetic negatives and
     variants of real photographs.
 
     Returns lists ``feat``, ``thumb``, ``label``, ``source`` (center or negative kind) and ``variant``
-    (``clean``, ``aug`` or ``synthetic``)."""
+    (``clean``, ``aug`` or ``synthetic``); with ``deep`` also ``deep`` (its whole-image features)."""
     rng = np.random.default_rng(seed)
     rows: dict[str, list] = defaultdict(list)
+    pending: list[np.ndarray] = []
+
+    def flush() -> None:
+        if pending:
+            rows["deep"].extend(deep([np.asarray(c) for c in pending]))
+            pending.clear()
 
     def add(img: np.ndarray, label: str, source: str, variant: str) -> None:
         f, t = extract_features(img)
@@ -441,6 +449,10 @@ def build_split(
         rows["label"].append(label)
         rows["source"].append(source)
         rows["variant"].append(variant)
+        if deep is not None:
+            pending.append(deep.crop(img))
+            if len(pending) >= 32:
+                flush()
 
     for center, organ, path in organ_items(split):
         img = load_rgb(path)
@@ -455,6 +467,8 @@ def build_split(
         img = load_rgb(p)
         for _ in range(n_photo):
             add(photo_variant(img, rng), UNKNOWN, "photo", p.name)
+    if deep is not None:
+        flush()
     return rows
 
 
@@ -593,6 +607,62 @@ def evaluate(router: OrganRouter, data: dict[str, np.ndarray]) -> dict:
         }
     out["negatives_rejected_overall"] = round(float(np.mean(pred[neg] == UNKNOWN)), 4) if neg.any() else None
     return out
+
+
+def _group(source: str, head_centers: tuple[str, ...]) -> str:
+    """Val groups of a head's threshold choice: each center, and every non-ultrasound negative as one."""
+    return source if source in CENTERS or source in head_centers else "negatives"
+
+
+def _deep_head(args, splits, deep, head_centers, t0, argv) -> int:  # noqa: ANN001 - argparse/ndarray dicts
+    """--head-model efficientnet-lite0: fit the linear head on val-chosen C and threshold, export ONNX,
+    and report routing of every split's sources with the packaged router alone and with the head."""
+    from echo_agent.training.router_head import export_router_head, fit_linear_head
+
+    tr, va = splits["train"], splits["val"]
+    y_tr = (tr["label"] == args.head).astype(int)
+    y_va = (va["label"] == args.head).astype(int)
+    groups = np.array([_group(s, head_centers) for s in va["source"]])
+    head = fit_linear_head(tr["deep"], y_tr, va["deep"], y_va, groups_val=groups)
+    print(f"[{time.time() - t0:6.0f}s] head C={head.c} threshold={head.threshold:.2f} "
+          f"val group-balanced accuracy {head.val_balanced_accuracy:.4f}", flush=True)
+    base = OrganRouter.from_file(default_router_path())
+    report: dict = {"head": {"C": head.c, "threshold": head.threshold, "val_balanced_accuracy": head.val_balanced_accuracy}}
+    for split in ("val", "test"):
+        d = splits[split]
+        pb = base.probabilities_from_vectors(vectors(base, d))
+        ph = head.probability(d["deep"])
+        out = {}
+        alone, both = [], []
+        for b, p in zip(pb, ph, strict=True):
+            r = base.decide(b)
+            h = RoutingResult(args.head if p >= head.threshold else None, float(p), {}, "")
+            alone.append(r.organ or UNKNOWN)
+            both.append(combine_heads(r, [(args.head, h)]).organ or UNKNOWN)
+        alone_a, both_a = np.array(alone), np.array(both)
+        for src in sorted(set(d["source"].tolist())):
+            is_center = src in CENTERS
+            for variant in ("clean", "aug") if is_center else ("all",):
+                m = (d["source"] == src) & ((d["variant"] == variant) if is_center else True)
+                if not m.any():
+                    continue
+                truth = center_organ(src) if is_center else UNKNOWN
+                out[f"{src}/{variant}"] = {
+                    "n": int(m.sum()), "truth": truth, "packaged_router": round(float(np.mean(alone_a[m] == truth)), 4),
+                    "with_head": round(float(np.mean(both_a[m] == truth)), 4)}
+        report[split] = out
+    export_router_head(deep, head, args.head, args.out, {
+        "trained_on": {"positives": list(head_centers), "negatives": [c for c in CENTERS if c not in head_centers]
+                       + ["synthetic non-ultrasound images", "photographs (--photo-negatives)"], "split": "train"},
+        "command": "python tools/train_router.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "date": _dt.date.today().isoformat(), "val_routing": report["val"],
+    })
+    print(f"wrote {args.out}")
+    text = json.dumps(report, indent=1)
+    print(text)
+    if args.report:
+        args.report.write_text(text + "\n", encoding="utf-8")
+    return 0
 
 
 def composite_report(head: OrganRouter, organ: str, data: dict[str, np.ndarray]) -> dict:
@@ -778,6 +848,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="train a router head for a plug-in organ instead (its centers against the built-in organs "
                          "and the negatives; classes ORGAN/unknown); write it to --out, the file its OrganSpec.router_head names")
     ap.add_argument("--aug-head", type=int, default=4, help="augmented copies per image of the --head organ (train)")
+    ap.add_argument("--head-model", default="features", choices=["features", "efficientnet-lite0"],
+                    help="--head on the router's hand-crafted features (a .json head) or on frozen pretrained "
+                         "EfficientNet-Lite0 features of the whole image (an .onnx head, train extra)")
     args = ap.parse_args(argv)
     global CENTERS, CLASSES
     head_centers: tuple[str, ...] = ()
@@ -793,6 +866,13 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.photo_negatives is None and not args.evaluate_only:
         print("warning: no --photo-negatives; the unknown class sees synthetic images only", file=sys.stderr)
+    deep = None
+    if args.head_model != "features":
+        if not args.head or args.out.suffix != ".onnx":
+            ap.error(f"--head-model {args.head_model} trains a plug-in head: give --head and an --out ending in .onnx")
+        from echo_agent.training.router_head import Lite0Features
+
+        deep = Lite0Features()
     t0 = time.time()
     splits: dict[str, dict[str, np.ndarray]] = {}
     cache = None
@@ -801,7 +881,8 @@ def main(argv: list[str] | None = None) -> int:
     for split in ("train", "val", "test"):
         if cache is not None and f"{split}_feat" in cache.files:
             splits[split] = {
-                k: cache[f"{split}_{k}"] for k in ("feat", "thumb", "label", "source", "variant")
+                k: cache[f"{split}_{k}"] for k in ("feat", "thumb", "label", "source", "variant", "deep")
+                if f"{split}_{k}" in cache.files
             }
             continue
         if split == "train" and args.evaluate_only:
@@ -818,7 +899,8 @@ def main(argv: list[str] | None = None) -> int:
         n_photo = args.photo_variants if train else max(1, args.photo_variants // 3)
         splits[split] = to_arrays(
             build_split(
-                split, n_aug, n_neg, seed=1000 * SEEDS[split] + args.seed, photos=photos, n_photo=n_photo
+                split, n_aug, n_neg, seed=1000 * SEEDS[split] + args.seed, photos=photos, n_photo=n_photo,
+                deep=deep,
             )
         )
         print(f"[{time.time() - t0:6.0f}s] {split}: {len(splits[split]['label'])} samples", flush=True)
@@ -826,6 +908,8 @@ def main(argv: list[str] | None = None) -> int:
         np.savez(args.cache, **{f"{s}_{k}": v for s, d in splits.items() for k, v in d.items()})
 
     real = to_arrays(real_negatives(args.real_negatives, 6, seed=99)) if args.real_negatives else None
+    if deep is not None:
+        return _deep_head(args, splits, deep, head_centers, t0, argv)
 
     if args.evaluate_only:
         router = OrganRouter.from_file(args.out)

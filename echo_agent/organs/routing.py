@@ -470,51 +470,6 @@ def load_router(path: str | Path | None = None) -> OrganRouter:
         return _load_cached(str(p))
 
 
-@functools.lru_cache(maxsize=64)
-def _warn_once(message: str) -> None:
-    import warnings
-
-    warnings.warn(message, stacklevel=3)
-
-
-def _plugin_heads(base: OrganRouter) -> list[tuple[str, OrganRouter]]:
-    """``(organ, head)`` for every registered organ with a router head that the base router does not know."""
-    from . import list_organs
-
-    out = []
-    for spec in list_organs():
-        path = spec.resolve_router_head()
-        if path is None or spec.name in base.organs:
-            continue
-        if not path.is_file():  # a broken plug-in install must not stop routing the other organs
-            _warn_once(f"router head {path} of organ {spec.name!r} does not exist; {spec.name} images are not "
-                       "routed automatically (reinstall the plug-in or pass the organ)")
-            continue
-        head = load_router(path)
-        if head.organs != (spec.name,):
-            raise ModelLoadError(
-                f"router head {path} of organ {spec.name!r} recognises {head.organs}; a head recognises its own organ "
-                "only (retrain it with tools/train_router.py --head)"
-            )
-        out.append((spec.name, head))
-    return out
-
-
-def route_image(image: Any, router: OrganRouter | None = None) -> RoutingResult:
-    """Route one image with the packaged router (or ``router``) and the heads of plug-in organs.
-
-    The base router decides among its organs and ``unknown``; then each organ a plug-in added with a
-    ``router_head`` (``OrganSpec.router_head``) is asked whether the image is its organ, and
-    :func:`combine_heads` decides. The features are extracted once.
-    """
-    base = router if router is not None else load_router()
-    feats, thumb = extract_features(image)
-    result = base.decide(base.probabilities_from_vectors(base.vector_from_features(feats, thumb))[0])
-    heads = [(organ, head.decide(head.probabilities_from_vectors(head.vector_from_features(feats, thumb))[0]))
-             for organ, head in _plugin_heads(base)]
-    return combine_heads(result, heads)
-
-
 def combine_heads(result: RoutingResult, heads: Sequence[tuple[str, RoutingResult]]) -> RoutingResult:
     """The routing decision from the base router's ``result`` and each plug-in head's ``(organ, decision)``.
 
@@ -534,15 +489,14 @@ def combine_heads(result: RoutingResult, heads: Sequence[tuple[str, RoutingResul
 
 
 def default_router(image: Any) -> tuple[str | None, float | None]:
-    """Route an HxWx3 uint8 RGB image with the packaged router and any plug-in organ's head:
-    ``(organ, confidence)`` (see :func:`route_image`).
+    """Route an HxWx3 uint8 RGB image with the packaged router alone: ``(organ, confidence)``.
 
-    ``organ`` is ``'breast'``, ``'kidney'`` (or a plug-in organ) or ``None`` when the image does not
-    look like any of them (a photograph, a blank frame, noise, a document); ``confidence`` is the
-    probability of that decision.
+    ``organ`` is ``'breast'``, ``'kidney'`` or ``None`` when the image does not look like either
+    (a photograph, a blank frame, noise, a document); ``confidence`` is the probability of that
+    decision. ``EchoAgent`` uses :func:`echo_agent.detectors.router_head.default_router`, which also
+    asks the router heads of organs added by plug-ins.
     """
-    r = route_image(image)
-    return r.organ, r.confidence
+    return load_router()(image)
 
 
 __all__ = [
@@ -556,5 +510,4 @@ __all__ = [
     "default_router_path",
     "extract_features",
     "load_router",
-    "route_image",
 ]
