@@ -269,3 +269,33 @@ def test_reranking_by_the_second_look_is_an_option() -> None:
         spec, [report, cls], clinical=None, image_size=(100, 100))
     assert plain.findings[0].detection_ids == ["det1:0"]
     assert reranked.findings[0].detection_ids == ["det1:1"]  # 0.5 x 0.9 beats 0.6 x 0.1
+
+
+def test_heuristic_fusion_reads_the_second_look_of_its_top_candidate() -> None:
+    from echo_agent.fusion import HeuristicFusion
+
+    spec = get_organ("breast")
+    fusion = HeuristicFusion()
+    closer = fusion.fuse(spec, _evidence({"normal": 0.5, "benign": 0.3, "malignant": 0.2},
+                                         {"normal": 0.05, "benign": 0.15, "malignant": 0.8}), clinical=None, image_size=(100, 100))
+    # the detector said benign 0.6; the closer look at the same candidate says malignant 0.8
+    assert closer.label == "malignant" and closer.probabilities["malignant"] == pytest.approx(0.8)
+    assert closer.findings[0].label == "malignant" and "closer look" in closer.rationale
+    nothing = fusion.fuse(spec, _evidence({"normal": 0.9, "benign": 0.05, "malignant": 0.05},
+                                          {"normal": 0.85, "benign": 0.1, "malignant": 0.05}), clinical=None, image_size=(100, 100))
+    assert nothing.label == "normal" and nothing.findings == [] and nothing.category == "1"
+    plain = fusion.fuse(spec, _evidence({"normal": 0.5, "benign": 0.3, "malignant": 0.2}, None), clinical=None,
+                        image_size=(100, 100))
+    assert plain.label == "benign" and plain.probabilities["benign"] == pytest.approx(0.6)  # the detector score
+
+
+def test_heuristic_fusion_reports_weak_secondary_candidates_no_more() -> None:
+    from echo_agent.fusion import HeuristicFusion
+
+    spec = get_organ("breast")
+    dets = [Detection(id=f"det1:{i}", box=Box(x1=10 + 30 * i, y1=10, x2=30 + 30 * i, y2=30), label="benign", score=s)
+            for i, s in enumerate((0.6, 0.3, 0.12))]
+    report = DetectorReport(id="det1", organ="breast", detector="d", detections=dets, score_threshold=0.1,
+                            image_width=100, image_height=100)
+    dx = HeuristicFusion().fuse(spec, [report], clinical=None, image_size=(100, 100))
+    assert [f.detection_ids for f in dx.findings] == [["det1:0"], ["det1:1"]]

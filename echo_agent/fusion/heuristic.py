@@ -1,8 +1,9 @@
 """The transparent baseline fusion.
 
 ``HeuristicFusion``: the image label follows the strongest candidate of the last (most refined)
-detector call, its score is read as a probability, and the descriptors and knowledge are cited in
-the rationale. Its probabilities are *not* calibrated (the Diagnosis says so in ``warnings``); the
+detector call, its score is read as a probability -- or, where the second-look classifier judged
+that candidate, the classifier's probabilities for it (a candidate it reads as normal is no
+lesion) -- and the descriptors and knowledge are cited in the rationale. Its probabilities are *not* calibrated (the Diagnosis says so in ``warnings``); the
 learned, calibrated fusion (:class:`~echo_agent.fusion.LearnedFusion`) is the default wherever
 trained parameters ship.
 """
@@ -22,8 +23,10 @@ class HeuristicFusion:
 
     name = "heuristic-fusion/0"
 
-    def __init__(self, min_confidence: float = 0.5) -> None:
+    def __init__(self, min_confidence: float = 0.5, *, secondary_min_score: float = 0.25) -> None:
         self.min_confidence = min_confidence
+        #: score a candidate other than the strongest needs to be reported as a finding (as LearnedFusion)
+        self.secondary_min_score = secondary_min_score
 
     def fuse(
         self,
@@ -53,12 +56,18 @@ class HeuristicFusion:
         dets = sorted(report.detections, key=lambda d: -d.score)
         findings = [
             Finding(box=d.box, label=organ.image_label_for(d.label), score=d.score, detection_ids=[d.id])
-            for d in dets
+            for i, d in enumerate(dets) if i == 0 or d.score >= self.secondary_min_score
         ]
         refs.append(EvidenceRef(
             kind="detection", ref=report.id,
             summary=f"{len(dets)} candidate(s) at threshold {report.score_threshold:g}" + (" with TTA" if report.tta else ""),
         ))
+        second_look = ev.region_of(dets[0]) if dets else None
+        if second_look is not None and second_look.label == organ.normal_label:
+            # the closer look finds nothing in the strongest candidate: read as no lesion
+            refs.append(EvidenceRef(kind="classification", ref=second_look.detection_id or dets[0].id,
+                                    summary=f"second look: {organ.normal_label} p={second_look.probabilities[organ.normal_label]:.2f}"))
+            dets, findings = [], []
         if dets:
             top = dets[0]
             label = organ.image_label_for(top.label)
@@ -66,11 +75,18 @@ class HeuristicFusion:
             raw = {lbl: (1.0 - s) / max(len(organ.image_labels) - 1, 1) for lbl in organ.image_labels}
             raw[label] = s
             probs = normalise_probabilities(raw)
+            if second_look is not None:
+                # the second look's calibrated probabilities of the candidate replace the detector score
+                probs = normalise_probabilities({lbl: second_look.probabilities.get(lbl, 0.0) for lbl in organ.image_labels})
+                label = max(probs, key=probs.__getitem__)
+                findings[0] = findings[0].model_copy(update={"label": label, "score": round(probs[label], 4)})
             descs = ev.descriptors_of(top)
             conflict = evidence_conflict(organ, label, descs)
             desc_text = describe_descriptors(descs, list(organ.descriptor_vocabulary) + ["size_mm"])
             refs.insert(0, EvidenceRef(kind="detection", ref=top.id, summary=f"{top.label} {top.score:.2f}"))
             rationale = f"The detector's strongest candidate ({top.id}) is {top.label} with score {s:.2f}."
+            if second_look is not None:
+                rationale += f" A closer look at it reads {label} (p={probs[label]:.2f})."
             if desc_text:
                 rationale += f" The captioner describes it as: {desc_text}."
                 refs.append(EvidenceRef(kind="description", ref=contexts[-1].id, summary=desc_text))
@@ -86,6 +102,9 @@ class HeuristicFusion:
             rationale = (
                 f"No lesion candidate scored at least {report.score_threshold:g} "
                 f"({len(reports)} detector call(s))."
+            ) if second_look is None else (
+                f"The strongest candidate ({report.detections[0].id if report.detections else '-'}) is read "
+                f"{organ.normal_label} on a closer look (p={second_look.probabilities[organ.normal_label]:.2f})."
             )
         if contexts and contexts[-1].caption:
             rationale += f" Image: {contexts[-1].caption}"
