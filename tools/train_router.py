@@ -614,8 +614,34 @@ def _group(source: str, head_centers: tuple[str, ...]) -> str:
     return source if source in CENTERS or source in head_centers else "negatives"
 
 
+def _routing_table(base: OrganRouter, organ: str, p_head: np.ndarray, threshold: float, d: dict) -> dict:
+    """Routing accuracy of every source of one split (centers: clean and augmented apart), with the
+    packaged router alone and with a head of probabilities ``p_head`` accepting from ``threshold``."""
+    pb = base.probabilities_from_vectors(vectors(base, d))
+    alone, both = [], []
+    for b, p in zip(pb, p_head, strict=True):
+        r = base.decide(b)
+        alone.append(r.organ or UNKNOWN)
+        both.append(combine_heads(r, [(organ, RoutingResult(organ if p >= threshold else None, float(p), {}, ""))]).organ
+                    or UNKNOWN)
+    alone_a, both_a = np.array(alone), np.array(both)
+    out = {}
+    for src in sorted(set(d["source"].tolist())):
+        is_center = src in CENTERS
+        for variant in ("clean", "aug", "all") if is_center else ("all",):
+            m = (d["source"] == src) & ((d["variant"] == variant) if variant != "all" else True)
+            if not m.any():
+                continue
+            truth = center_organ(src) if is_center else UNKNOWN
+            out[f"{src}/{variant}"] = {
+                "n": int(m.sum()), "truth": truth, "packaged_router": round(float(np.mean(alone_a[m] == truth)), 4),
+                "with_head": round(float(np.mean(both_a[m] == truth)), 4)}
+    return out
+
+
 def _deep_head(args, splits, deep, head_centers, t0, argv) -> int:  # noqa: ANN001 - argparse/ndarray dicts
-    """--head-model efficientnet-lite0: fit the linear head on val-chosen C and threshold, export ONNX,
+    """--head-model efficientnet-lite0: fit the linear head on val-chosen C and threshold (with
+    --head-max-loss: raised until no built-in center loses more routing accuracy on val), export ONNX,
     and report routing of every split's sources with the packaged router alone and with the head."""
     from echo_agent.training.router_head import export_router_head, fit_linear_head
 
@@ -627,33 +653,28 @@ def _deep_head(args, splits, deep, head_centers, t0, argv) -> int:  # noqa: ANN0
     print(f"[{time.time() - t0:6.0f}s] head C={head.c} threshold={head.threshold:.2f} "
           f"val group-balanced accuracy {head.val_balanced_accuracy:.4f}", flush=True)
     base = OrganRouter.from_file(default_router_path())
-    report: dict = {"head": {"C": head.c, "threshold": head.threshold, "val_balanced_accuracy": head.val_balanced_accuracy}}
+    chosen_by = "group-balanced val accuracy"
+    if args.head_max_loss is not None:
+        builtin = [c for c in CENTERS if c not in head_centers]
+        for t in np.round(np.arange(head.threshold, 0.991, 0.01), 2):
+            table = _routing_table(base, args.head, head.probability(va["deep"]), float(t), va)
+            if all(table[f"{c}/all"]["packaged_router"] - table[f"{c}/all"]["with_head"] <= args.head_max_loss + 1e-9
+                   for c in builtin):
+                head.threshold = float(t)
+                chosen_by = f"lowest val threshold at which no built-in center loses more than {args.head_max_loss:g}"
+                break
+        else:
+            print(f"no threshold keeps every built-in center within {args.head_max_loss:g}; kept {head.threshold}")
+        print(f"[{time.time() - t0:6.0f}s] threshold {head.threshold:.2f} ({chosen_by})", flush=True)
+    report: dict = {"head": {"C": head.c, "threshold": head.threshold, "threshold_chosen_by": chosen_by,
+                             "val_balanced_accuracy": head.val_balanced_accuracy}}
     for split in ("val", "test"):
-        d = splits[split]
-        pb = base.probabilities_from_vectors(vectors(base, d))
-        ph = head.probability(d["deep"])
-        out = {}
-        alone, both = [], []
-        for b, p in zip(pb, ph, strict=True):
-            r = base.decide(b)
-            h = RoutingResult(args.head if p >= head.threshold else None, float(p), {}, "")
-            alone.append(r.organ or UNKNOWN)
-            both.append(combine_heads(r, [(args.head, h)]).organ or UNKNOWN)
-        alone_a, both_a = np.array(alone), np.array(both)
-        for src in sorted(set(d["source"].tolist())):
-            is_center = src in CENTERS
-            for variant in ("clean", "aug") if is_center else ("all",):
-                m = (d["source"] == src) & ((d["variant"] == variant) if is_center else True)
-                if not m.any():
-                    continue
-                truth = center_organ(src) if is_center else UNKNOWN
-                out[f"{src}/{variant}"] = {
-                    "n": int(m.sum()), "truth": truth, "packaged_router": round(float(np.mean(alone_a[m] == truth)), 4),
-                    "with_head": round(float(np.mean(both_a[m] == truth)), 4)}
-        report[split] = out
+        report[split] = _routing_table(base, args.head, head.probability(splits[split]["deep"]), head.threshold,
+                                       splits[split])
     export_router_head(deep, head, args.head, args.out, {
         "trained_on": {"positives": list(head_centers), "negatives": [c for c in CENTERS if c not in head_centers]
                        + ["synthetic non-ultrasound images", "photographs (--photo-negatives)"], "split": "train"},
+        "threshold_chosen_by": chosen_by,
         "command": "python tools/train_router.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": _dt.date.today().isoformat(), "val_routing": report["val"],
     })
@@ -848,6 +869,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="train a router head for a plug-in organ instead (its centers against the built-in organs "
                          "and the negatives; classes ORGAN/unknown); write it to --out, the file its OrganSpec.router_head names")
     ap.add_argument("--aug-head", type=int, default=4, help="augmented copies per image of the --head organ (train)")
+    ap.add_argument("--head-max-loss", type=float, default=None,
+                    help="--head-model efficientnet-lite0: raise the head's threshold (on val) until no built-in "
+                         "center loses more than this routing accuracy (e.g. 0.01)")
     ap.add_argument("--head-model", default="features", choices=["features", "efficientnet-lite0"],
                     help="--head on the router's hand-crafted features (a .json head) or on frozen pretrained "
                          "EfficientNet-Lite0 features of the whole image (an .onnx head, train extra)")
