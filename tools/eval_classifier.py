@@ -8,7 +8,11 @@ Every image goes through the detector's preprocessing (as in the agent); each gr
 box and the whole field of view are classified. Printed: the positive-vs-other-lesion AUC on lesion
 boxes and on whole images (breast: malignant vs benign; images with a lesion label), the
 lesion-vs-normal AUC on whole images where the split has normal images, and accuracies, with the
-number of images. Light runtime only (ONNX Runtime); ``--json`` also writes the numbers.
+number of images. For an organ with a category head (``category_source: classifier``, e.g. thyroid
+TI-RADS) the classifier's category probabilities are summed into the image labels
+(``OrganSpec.split_classifier_output``) for the numbers above, and the median category
+(``OrganSpec.category_from_distribution``) is compared with the reader's on lesion boxes and on whole
+lesion images: exact and within-one-step agreement. Light runtime only (ONNX Runtime); ``--json`` also writes the numbers.
 """
 
 from __future__ import annotations
@@ -30,9 +34,17 @@ def evaluate(classifier, images, organ) -> dict:  # noqa: ANN001 - library objec
 
     pos, normal = organ.positive_label, organ.normal_label
     labels = list(organ.image_labels)
+    head = organ.category_source == "classifier"
     lesion_rows, whole_rows = [], []
+    cat_rows: dict[str, list[tuple[str | None, str | None]]] = {"lesion": [], "whole": []}
     for case in prepare_cases(images, labels):
         probs = classifier.classify(case.array, [None, *case.boxes])
+        if head:  # category head: image-label probabilities and the category given a lesion
+            split = [organ.split_classifier_output(p) for p in probs]
+            probs = [lbl for lbl, _ in split]
+            if labels[case.label] != normal:
+                for kind, (_, cats) in zip(["whole"] + ["lesion"] * len(case.boxes), split, strict=True):
+                    cat_rows[kind].append((case.category, organ.category_from_distribution(cats) if cats else None))
         whole_rows.append((labels[case.label], probs[0]))
         lesion_rows += [(labels[case.label], p) for p in probs[1:]]
 
@@ -56,6 +68,14 @@ def evaluate(classifier, images, organ) -> dict:  # noqa: ANN001 - library objec
     lesion_whole = [p for lbl, p in whole_rows if lbl != normal]
     out["lesion_images_called_normal"] = (float(np.mean([max(p, key=p.get) == normal for p in lesion_whole]))
                                           if lesion_whole else None)
+    if head:
+        from echo_agent.eval.metrics import category_agreement
+
+        order = [b.name for b in organ.categories]
+        for kind, rows in cat_rows.items():
+            a = category_agreement([t for t, _ in rows], [c for _, c in rows], order)
+            out[f"category_exact_{kind}"], out[f"category_within_one_{kind}"], out[f"n_category_{kind}"] = (
+                a.exact, a.within_one, a.n)
     return out
 
 
@@ -73,8 +93,8 @@ def main(argv: list[str] | None = None) -> int:
 
     organ = get_organ(center_organ(args.center))
     clf = load_region_classifier(args.classifier) if args.classifier else get_region_classifier(organ)
-    if tuple(clf.labels) != organ.image_labels:
-        ap.error(f"the classifier's labels {clf.labels} are not the {organ.name} image labels {organ.image_labels}")
+    if tuple(clf.labels) != organ.classifier_labels:
+        ap.error(f"the classifier's labels {clf.labels} are not the {organ.name} classifier labels {organ.classifier_labels}")
     res = {"center": args.center, "split": args.split, "classifier": clf.name,
            **evaluate(clf, load_split(args.center, args.split), organ)}
     print(json.dumps(res, indent=1))

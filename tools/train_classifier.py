@@ -10,7 +10,13 @@ Reads the committed train/val splits of the config's centers from the staged dat
 (``$ECHO_AGENT_DATA`` or ``../shared/data``), fine-tunes (``echo_agent.training.region_classifier``),
 fits the temperature on val, exports ONNX with its metadata, checks size (<= 15 MB) and that ONNX
 Runtime reproduces the torch logits, and writes ``<output>.json`` (the training report). The
-default output is the packaged ``echo_agent/assets/classifiers/<organ>.onnx``.
+default output is the config's ``output`` (relative to the repository root), else the packaged
+``echo_agent/assets/classifiers/<organ>.onnx``.
+
+The config's labels must be the organ's classifier labels (``OrganSpec.classifier_labels``). For an
+organ whose categories come from a category head (``category_source: classifier``, e.g. TI-RADS) the
+labels are ``[normal, *categories]`` and lesion images are labelled with their reader category;
+lesion images without one are left out (their number is printed).
 
 Needs the ``train`` extra. ``--minutes`` bounds the wall-clock training time. ``--fold k --folds K``
 leaves out one hash-assigned fold of the train split's groups (``echo_agent.eval.splits.cross_fit_fold``,
@@ -36,7 +42,7 @@ MAX_ONNX_BYTES = 15 * 1024 * 1024
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("config", type=Path)
-    ap.add_argument("--output", type=Path, default=None, help="ONNX path (default: the packaged classifier)")
+    ap.add_argument("--output", type=Path, default=None, help="ONNX path (default: the config's output, else the packaged classifier)")
     ap.add_argument("--minutes", type=float, default=None, help="wall-clock training budget")
     ap.add_argument("--epochs", type=int, default=None)
     ap.add_argument("--seed", type=int, default=None)
@@ -53,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     from echo_agent.eval.datasets import load_split
     from echo_agent.training.region_classifier import (
         ClassifierTrainConfig,
+        category_head_images,
+        check_classifier_labels,
         export_onnx,
         prepare_cases,
         train_classifier,
@@ -69,7 +77,11 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--fold and --folds go together")
     if args.fold is not None and (args.output is None or not 0 <= args.fold < args.folds):
         ap.error("--fold k needs 0 <= k < --folds and its own --output (a fold model is never the packaged one)")
-    out = args.output or REPO / "echo_agent" / "assets" / "classifiers" / f"{cfg.organ}.onnx"
+    try:
+        category_head = check_classifier_labels(cfg).category_source == "classifier"
+    except ValueError as exc:
+        ap.error(f"{args.config}: {exc}")
+    out = args.output or (REPO / cfg.output if cfg.output else REPO / "echo_agent" / "assets" / "classifiers" / f"{cfg.organ}.onnx")
 
     t0 = time.monotonic()
     train_imgs = [im for c in cfg.centers for im in load_split(c, cfg.train_split)]
@@ -78,8 +90,16 @@ def main(argv: list[str] | None = None) -> int:
 
         train_imgs = [im for im in train_imgs if cross_fit_fold(cv_group(im), args.folds) != args.fold]
     val_imgs = [im for c in cfg.centers for im in load_split(c, cfg.val_split)]
-    train_cases = prepare_cases(train_imgs, cfg.labels, max_frames_per_group=cfg.max_frames_per_group, seed=cfg.seed)
-    val_cases = prepare_cases(val_imgs, cfg.labels)
+    left_out: dict[str, int] = {}
+    if category_head:
+        train_imgs, left_train = category_head_images(train_imgs, cfg.labels)
+        val_imgs, left_val = category_head_images(val_imgs, cfg.labels)
+        left_out = {"train": len(left_train), "val": len(left_val)}
+        print(f"category head {cfg.labels}: left out {len(left_train)} train / {len(left_val)} val lesion images "
+              "without a reader category", flush=True)
+    train_cases = prepare_cases(train_imgs, cfg.labels, max_frames_per_group=cfg.max_frames_per_group, seed=cfg.seed,
+                                category_head=category_head)
+    val_cases = prepare_cases(val_imgs, cfg.labels, category_head=category_head)
     print(f"prepared {len(train_cases)} train / {len(val_cases)} val images in {time.monotonic() - t0:.0f} s", flush=True)
     model, report = train_classifier(cfg, train_cases, val_cases, log=lambda s: print(s, flush=True))
     export_onnx(model, out, cfg, report)
@@ -90,11 +110,13 @@ def main(argv: list[str] | None = None) -> int:
     _check_onnx(model, out, val_cases[:4], cfg)
     report.update({
         "output": str(out), "bytes": size, "config": str(args.config), "train_images": len(train_cases),
-        "val_images": len(val_cases), "wall_minutes": round((time.monotonic() - t0) / 60, 1),
+        "val_images": len(val_cases), **({"left_out_without_category": left_out} if category_head else {}),
+        "wall_minutes": round((time.monotonic() - t0) / 60, 1),
         "machine": f"{platform.machine()} {os.cpu_count()} cpu", "date": time.strftime("%Y-%m-%d"),
     })
     out.with_suffix(".json").write_text(json.dumps(report, indent=1))
-    print(json.dumps({k: report[k] for k in ("val", "temperature", "wall_minutes", "bytes")}), flush=True)
+    keys = ("val", "val_category_baseline", "temperature", "wall_minutes", "bytes")
+    print(json.dumps({k: report[k] for k in keys if k in report}), flush=True)
     return 0
 
 

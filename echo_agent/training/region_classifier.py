@@ -13,6 +13,16 @@ What one training image contributes per epoch (see :func:`build_samples`):
 * the whole field of view, labelled with the image label (the whole-image lesion-presence judgement);
 * a random region away from every lesion, labelled ``normal`` ("nothing here").
 
+Category heads: for an organ with ``category_source: classifier`` (e.g. TI-RADS read from the
+lexicon, with no pathology to calibrate a probability against) the labels are
+``OrganSpec.classifier_labels`` -- the normal label, then the categories in order -- and a lesion
+image's lesion and whole-image crops are labelled with the reader's category of that image
+(:func:`category_head_images` leaves out lesion images without one); background crops and normal
+images stay ``normal``. The validation metrics then add the ordinal agreement of the median
+category (as ``OrganSpec.category_from_distribution`` takes it) with the reader's, exact and within
+one step, and the lesion-vs-background AUC of ``1 - p(normal)``. :func:`check_classifier_labels`
+refuses a config whose labels are not the organ's classifier labels.
+
 Crops come from the detector's preprocessing (field-of-view crop, burned-in annotations masked)
 through :func:`echo_agent.detectors.region_classifier.square_crop`, exactly as at inference.
 Augmentations respect the beam: horizontal flips, gain, contrast and speckle, never vertical flips
@@ -65,9 +75,18 @@ class ClassifierTrainConfig:
     freeze_blocks: int = 4
     whole_image_weight: float = 1.0
     background_per_image: int = 1
+    #: where lesions fill most of the image (no lesion-sized region fits beside them), retry the
+    #: background region at half the size, up to this many times (0: lesion-sized regions only)
+    background_shrink: int = 0
     max_frames_per_group: int | None = None
+    #: category heads only: this share of a lesion sample's target goes to the neighbouring
+    #: categories (ordinal label smoothing); 0 keeps plain targets
+    ordinal_smoothing: float = 0.0
     seed: int = 0
     threads: int = 2
+    #: ONNX path relative to the repository root (None: the packaged echo_agent/assets/classifiers/<organ>.onnx);
+    #: ``--output`` overrides it
+    output: str | None = None
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> ClassifierTrainConfig:
@@ -85,11 +104,54 @@ class PreparedCase:
     array: np.ndarray
     label: int
     boxes: list[Box] = field(default_factory=list)
+    category: str | None = None  # the reader's assessment category of the image, if any
+
+
+def check_classifier_labels(config: ClassifierTrainConfig) -> Any:
+    """The config's organ (an ``OrganSpec``) after checking that the config's labels are its
+    ``classifier_labels`` -- the image labels, or for a category head the normal label and the
+    categories in order. Raises ``ValueError`` otherwise."""
+    from ..organs import get_organ
+
+    spec = get_organ(config.organ)
+    expected = list(spec.classifier_labels)
+    if list(config.labels) != expected:
+        what = ("its category head's labels: the normal label, then the categories in order (category_source: classifier)"
+                if spec.category_source == "classifier" else "its image labels")
+        raise ValueError(f"classifier config labels {list(config.labels)} are not the {spec.name!r} classifier labels "
+                         f"{expected} ({what})")
+    return spec
+
+
+def is_category_head(config: ClassifierTrainConfig) -> bool:
+    """Whether the config trains a category head (its organ's ``category_source`` is ``classifier``)."""
+    return check_classifier_labels(config).category_source == "classifier"
+
+
+def _category_index(labels: Sequence[str]) -> dict[str, int]:
+    return {str(lbl).strip().lower(): i for i, lbl in enumerate(labels) if i}
+
+
+def category_head_images(images: Sequence[Any], labels: Sequence[str]) -> tuple[list[Any], list[Any]]:
+    """``(kept, left out)`` for a category head with ``labels`` (normal label first): normal images
+    and lesion images whose reader category is one of the labels are kept; lesion images without a
+    (known) category are left out -- there is nothing to teach the head about them."""
+    index = _category_index(labels)
+    kept, left = [], []
+    for im in images:
+        cat = getattr(im, "category", None)
+        ok = im.label == labels[0] or (cat is not None and str(cat).strip().lower() in index)
+        (kept if ok else left).append(im)
+    return kept, left
 
 
 def prepare_cases(images: Sequence[Any], labels: Sequence[str], *, max_frames_per_group: int | None = None,
-                  seed: int = 0) -> list[PreparedCase]:
-    """Load manifest images, apply the detector's preprocessing and map their boxes."""
+                  seed: int = 0, category_head: bool = False) -> list[PreparedCase]:
+    """Load manifest images, apply the detector's preprocessing and map their boxes.
+
+    ``category_head``: ``labels`` are a category head's (normal label first, then the categories);
+    a lesion image's label is its reader category (filter with :func:`category_head_images` first).
+    """
     from PIL import Image
 
     from ..eval.splits import cv_group
@@ -103,9 +165,21 @@ def prepare_cases(images: Sequence[Any], labels: Sequence[str], *, max_frames_pe
         images = [im for g in sorted(by_group) for im in
                   sorted(rng.sample(by_group[g], min(len(by_group[g]), max_frames_per_group)), key=lambda i: i.key)]
     out = []
+    cat_index = _category_index(labels)
     for im in images:
-        if im.label not in labels:
+        category = getattr(im, "category", None)
+        if category_head:
+            if im.label == labels[0]:
+                label = 0
+            elif category is not None and str(category).strip().lower() in cat_index:
+                label = cat_index[str(category).strip().lower()]
+            else:
+                raise ValueError(f"{im.key}: lesion image with category {category!r}, not one of the category head's "
+                                 f"{list(labels[1:])} (leave such images out with category_head_images)")
+        elif im.label not in labels:
             raise ValueError(f"{im.key}: label {im.label!r} is not one of the classifier's labels {list(labels)}")
+        else:
+            label = labels.index(im.label)
         with Image.open(im.image) as pil:
             arr = np.asarray(pil.convert("RGB"))
         prep = prepare_for_detection(arr)
@@ -115,7 +189,7 @@ def prepare_cases(images: Sequence[Any], labels: Sequence[str], *, max_frames_pe
                 boxes.append(prep.from_original(b))
             except ValueError:
                 continue
-        out.append(PreparedCase(im.key, cv_group(im), np.ascontiguousarray(prep.array), labels.index(im.label), boxes))
+        out.append(PreparedCase(im.key, cv_group(im), np.ascontiguousarray(prep.array), label, boxes, category))
     return out
 
 
@@ -129,10 +203,18 @@ def _jitter(box: Box, w: int, h: int, rng: random.Random) -> Box:
     return Box(x1=max(0.0, cx - nw / 2), y1=max(0.0, cy - nh / 2), x2=min(float(w), cx + nw / 2), y2=min(float(h), cy + nh / 2))
 
 
-def _background_box(case: PreparedCase, rng: random.Random, sizes: Sequence[float]) -> Box | None:
+def _background_box(case: PreparedCase, rng: random.Random, sizes: Sequence[float], shrink: int = 0) -> Box | None:
+    for step in range(shrink + 1):
+        b = _background_try(case, rng, sizes, 0.5**step)
+        if b is not None:
+            return b
+    return None
+
+
+def _background_try(case: PreparedCase, rng: random.Random, sizes: Sequence[float], scale: float) -> Box | None:
     h, w = case.array.shape[:2]
     for _ in range(20):
-        side = rng.choice(sizes) * math.exp(rng.uniform(-0.3, 0.3)) if sizes else 0.3 * min(w, h)
+        side = scale * (rng.choice(sizes) * math.exp(rng.uniform(-0.3, 0.3)) if sizes else 0.3 * min(w, h))
         bw = min(w - 1.0, side * math.exp(rng.uniform(-0.3, 0.3)))
         bh = min(h - 1.0, side * math.exp(rng.uniform(-0.3, 0.3)))
         if bw < 8 or bh < 8:
@@ -151,7 +233,8 @@ def _overlaps(a: Box, b: Box) -> bool:
 
 
 def build_samples(cases: Sequence[PreparedCase], rng: random.Random, *, normal_index: int,
-                  background_per_image: int, jitter: bool = True) -> list[tuple[int, Box | None, int, str]]:
+                  background_per_image: int, jitter: bool = True,
+                  background_shrink: int = 0) -> list[tuple[int, Box | None, int, str]]:
     """One epoch's samples: ``(case index, box or None for the whole image, label index, kind)``."""
     sizes = [max(b.x2 - b.x1, b.y2 - b.y1) for c in cases for b in c.boxes]
     out: list[tuple[int, Box | None, int, str]] = []
@@ -161,7 +244,7 @@ def build_samples(cases: Sequence[PreparedCase], rng: random.Random, *, normal_i
         for b in c.boxes:
             out.append((i, _jitter(b, w, h, rng) if jitter else b, c.label, "lesion"))
         for _ in range(background_per_image):
-            bg = _background_box(c, rng, sizes)
+            bg = _background_box(c, rng, sizes, background_shrink)
             if bg is not None:
                 out.append((i, bg, normal_index, "background"))
     return out
@@ -273,25 +356,34 @@ def train_classifier(
     rng = random.Random(config.seed)
     n_cls = len(config.labels)
     normal_index = 0
+    category_head = is_category_head(config)
+    if config.ordinal_smoothing and not category_head:
+        raise ValueError("ordinal_smoothing applies to category heads only (organ category_source: classifier)")
     model = build_network(n_cls, backbone=config.backbone, pretrained=config.pretrained, input_size=config.input_size)
     _freeze(model, config.freeze_blocks)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    first = build_samples(train_cases, rng, normal_index=normal_index, background_per_image=config.background_per_image)
+    first = build_samples(train_cases, rng, normal_index=normal_index, background_per_image=config.background_per_image,
+                          background_shrink=config.background_shrink)
     steps_per_epoch = math.ceil(len(first) / config.batch_size)
     total = steps_per_epoch * config.epochs
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=total, pct_start=0.15)
     counts = np.bincount([s[2] for s in first], minlength=n_cls).astype(np.float64)
     class_w = torch.tensor(counts.sum() / np.maximum(counts, 1.0) / n_cls, dtype=torch.float32)
-    val_samples = build_samples(val_cases, random.Random(1), normal_index=normal_index, background_per_image=1, jitter=False)
+    val_samples = build_samples(val_cases, random.Random(1), normal_index=normal_index, background_per_image=1, jitter=False,
+                                background_shrink=config.background_shrink)
     deadline = time.monotonic() + 60.0 * config.max_minutes
     report: dict[str, Any] = {"epochs": [], "train_samples_per_epoch": len(first), "class_counts": counts.tolist()}
+    if category_head:
+        report["category_head"] = True
     step = 0
     samples = first
     stopped_early = False
     for epoch in range(config.epochs):
         if epoch:
-            samples = build_samples(train_cases, rng, normal_index=normal_index, background_per_image=config.background_per_image)
+            samples = build_samples(train_cases, rng, normal_index=normal_index,
+                                    background_per_image=config.background_per_image,
+                                    background_shrink=config.background_shrink)
         rng.shuffle(samples)
         model.train()
         t0, seen, loss_sum = time.monotonic(), 0, 0.0
@@ -306,7 +398,13 @@ def train_classifier(
             y = torch.tensor([s[2] for s in chunk])
             w = torch.tensor([config.whole_image_weight if s[1] is None else 1.0 for s in chunk])
             logits = model(x)
-            loss = (nn.functional.cross_entropy(logits, y, weight=class_w, label_smoothing=0.05, reduction="none") * w).mean()
+            if category_head and config.ordinal_smoothing:
+                target = torch.from_numpy(ordinal_targets(y.numpy(), n_cls, config.ordinal_smoothing))
+                loss = (nn.functional.cross_entropy(logits, target, weight=class_w, label_smoothing=0.05, reduction="none")
+                        * w).mean()
+            else:
+                loss = (nn.functional.cross_entropy(logits, y, weight=class_w, label_smoothing=0.05, reduction="none")
+                        * w).mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -317,7 +415,7 @@ def train_classifier(
         z = predict_logits(model, val_cases, val_samples, margin=config.margin, size=config.input_size)
         y_val = np.array([s[2] for s in val_samples])
         ep = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "seconds": round(time.monotonic() - t0, 1),
-              "samples": seen, **_val_metrics(z, y_val, val_samples, config.labels)}
+              "samples": seen, **_val_metrics(z, y_val, val_samples, config.labels, category_head=category_head)}
         report["epochs"].append(ep)
         log(json.dumps(ep))
         if stopped_early:
@@ -326,7 +424,9 @@ def train_classifier(
     y_val = np.array([s[2] for s in val_samples])
     t = fit_temperature(z, y_val) if len(y_val) else 1.0
     report["temperature"] = float(t)
-    report["val"] = _val_metrics(z / t, y_val, val_samples, config.labels)
+    report["val"] = _val_metrics(z / t, y_val, val_samples, config.labels, category_head=category_head)
+    if category_head:
+        report["val_category_baseline"] = _category_baseline(counts, y_val, val_samples, config.labels)
     report["val_nll_before_after"] = [_nll(softmax(z), y_val), _nll(softmax(z / t), y_val)]
     report["stopped_by_time_budget"] = stopped_early
     return model, report
@@ -336,9 +436,72 @@ def _nll(p: np.ndarray, y: np.ndarray) -> float:
     return float(-np.log(np.clip(p[np.arange(len(y)), y], 1e-12, None)).mean()) if len(y) else float("nan")
 
 
+def ordinal_targets(y: np.ndarray, n_classes: int, smoothing: float) -> np.ndarray:
+    """Soft targets of a category head: a category sample (label >= 1) keeps ``1 - smoothing`` and
+    gives ``smoothing`` to its neighbouring categories (split between two, all to the only one at
+    an end of the scale); ``normal`` (label 0) samples stay one-hot."""
+    t = np.zeros((len(y), n_classes), np.float32)
+    for i, k in enumerate(np.asarray(y, dtype=int)):
+        nbrs = [j for j in (k - 1, k + 1) if k >= 1 and 1 <= j < n_classes]
+        t[i, k] = 1.0 - (smoothing if nbrs else 0.0)
+        for j in nbrs:
+            t[i, j] += smoothing / len(nbrs)
+    return t
+
+
+def median_categories(p: np.ndarray) -> np.ndarray:
+    """Index (>= 1) of the median category of each row of a category head's probabilities (column 0
+    is ``normal``; the rest renormalised), as ``OrganSpec.category_from_distribution`` takes it."""
+    cats = np.asarray(p, dtype=np.float64)[:, 1:]
+    total = cats.sum(1, keepdims=True)
+    cum = np.cumsum(cats / np.where(total > 0, total, 1.0), axis=1)
+    idx = np.argmax(cum >= 0.5, axis=1)  # first category reaching half the mass
+    idx[~(cum >= 0.5).any(1)] = cats.shape[1] - 1
+    return idx + 1
+
+
+def _category_scores(truth: np.ndarray, pred: np.ndarray, labels: Sequence[str]) -> tuple[float | None, float | None, int]:
+    from ..eval.metrics import category_agreement
+
+    a = category_agreement([labels[i] for i in truth], [labels[i] for i in pred], list(labels[1:]))
+    return a.exact, a.within_one, a.n
+
+
+def _category_metrics(p: np.ndarray, y: np.ndarray, kinds: np.ndarray, labels: Sequence[str]) -> dict[str, Any]:
+    """Category head: median-category agreement on lesion boxes and lesion images, and the
+    lesion-vs-background (boxes) / lesion-vs-normal (whole images) AUC of ``1 - p(normal)``."""
+    from sklearn.metrics import roc_auc_score
+
+    out: dict[str, Any] = {}
+    med = median_categories(p)
+    for k in ("lesion", "whole"):
+        m = (kinds == k) & (y != 0)
+        if m.any():
+            exact, near, n = _category_scores(y[m], med[m], labels)
+            out.update({f"category_exact_{k}": exact, f"category_within_one_{k}": near, f"n_category_{k}": n})
+    for name, pos_kind, neg_kind in (("auc_lesion_vs_background", "lesion", "background"), ("auc_whole_lesion_vs_normal", "whole", "whole")):
+        m = ((kinds == pos_kind) & (y != 0)) | ((kinds == neg_kind) & (y == 0))
+        yy = (y[m] != 0).astype(int)
+        if m.any() and 0 < yy.sum() < len(yy):
+            out[name] = float(roc_auc_score(yy, 1.0 - p[m, 0]))
+    return out
+
+
+def _category_baseline(train_counts: np.ndarray, y: np.ndarray, samples: Sequence[tuple[int, Box | None, int, str]],
+                       labels: Sequence[str]) -> dict[str, Any]:
+    """Always answering the training samples' most frequent category, on the val lesion boxes."""
+    majority = int(np.argmax(train_counts[1:])) + 1
+    kinds = np.array([s[3] for s in samples])
+    m = (kinds == "lesion") & (y != 0)
+    exact, near, n = _category_scores(y[m], np.full(int(m.sum()), majority), labels)
+    return {"category": labels[majority], "category_exact_lesion": exact, "category_within_one_lesion": near,
+            "n_category_lesion": n}
+
+
 def _val_metrics(z: np.ndarray, y: np.ndarray, samples: Sequence[tuple[int, Box | None, int, str]],
-                 labels: Sequence[str]) -> dict[str, Any]:
-    """Accuracy by sample kind and the positive-vs-rest AUC on whole images and lesion boxes."""
+                 labels: Sequence[str], *, category_head: bool = False) -> dict[str, Any]:
+    """Accuracy by sample kind and the positive-vs-rest AUC on whole images and lesion boxes (for a
+    category head: the category agreement and lesion-presence AUCs of :func:`_category_metrics`)."""
     from sklearn.metrics import roc_auc_score
 
     from ..fusion import softmax
@@ -352,6 +515,8 @@ def _val_metrics(z: np.ndarray, y: np.ndarray, samples: Sequence[tuple[int, Box 
         m = kinds == k
         if m.any():
             out[f"acc_{k}"] = float((p[m].argmax(1) == y[m]).mean())
+    if category_head:
+        return {**out, **_category_metrics(p, y, kinds, labels)}
     pos = len(labels) - 1  # the last label is the positive one (malignant, hydronephrosis)
     for k in ("whole", "lesion"):
         m = kinds == k
