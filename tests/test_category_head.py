@@ -240,3 +240,22 @@ def test_thyroid_plugin_classifier_is_its_category_head() -> None:
     assert spec.category_source == "classifier" and clf.labels == spec.classifier_labels
     assert path.stat().st_size <= 15 * 2**20 and clf.info["trained_on"]["split"] == "train"
     assert clf.info["initial_weights"].startswith("ImageNet")
+
+
+@pytest.mark.heavy
+def test_a_linear_probe_exports_what_it_computes(tmp_path) -> None:
+    pytest.importorskip("torch")
+    pytest.importorskip("onnx")
+    from echo_agent.detectors import OnnxRegionClassifier
+    from echo_agent.training.linear_probe import Lite0Features, export_linear_onnx
+
+    features = Lite0Features(input_size=96)
+    rng = np.random.default_rng(0)
+    weight, bias = rng.normal(scale=0.05, size=(3, 1280)), rng.normal(size=3)
+    path = export_linear_onnx(features, weight, bias, tmp_path / "p.onnx",
+                              {"labels": ["normal", "a", "b"], "margin": 0.25})
+    clf = OnnxRegionClassifier(path)
+    image = rng.integers(0, 255, (120, 150, 3), dtype=np.uint8)
+    expected = features([features.crop(image)]) @ weight.T + bias
+    assert clf.labels == ("normal", "a", "b")
+    np.testing.assert_allclose(clf.logits(image, [None]), expected, atol=0.05, rtol=0.02)  # fp16 weight storage

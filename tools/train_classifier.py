@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fold", type=int, default=None,
                     help="cross-fitting: leave this fold of the train split's groups out (needs --folds and --output)")
     ap.add_argument("--folds", type=int, default=None)
+    ap.add_argument("--linear-probe", action="store_true",
+                    help="fit a linear probe on frozen pretrained features instead of fine-tuning "
+                         "(echo_agent.training.linear_probe; C on val log-loss) -- for small data sets")
     args = ap.parse_args(argv)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -101,16 +104,24 @@ def main(argv: list[str] | None = None) -> int:
                                 category_head=category_head)
     val_cases = prepare_cases(val_imgs, cfg.labels, category_head=category_head)
     print(f"prepared {len(train_cases)} train / {len(val_cases)} val images in {time.monotonic() - t0:.0f} s", flush=True)
-    model, report = train_classifier(cfg, train_cases, val_cases, log=lambda s: print(s, flush=True))
-    export_onnx(model, out, cfg, report)
+    if args.linear_probe:
+        from echo_agent.training.linear_probe import export_linear_onnx, probe_metadata, train_linear_probe
+
+        features, weight, bias, report = train_linear_probe(cfg, train_cases, val_cases, log=lambda s: print(s, flush=True))
+        export_linear_onnx(features, weight, bias, out, probe_metadata(cfg, report))
+    else:
+        model, report = train_classifier(cfg, train_cases, val_cases, log=lambda s: print(s, flush=True))
+        export_onnx(model, out, cfg, report)
     size = out.stat().st_size
     if size > MAX_ONNX_BYTES:
         print(f"error: {out} is {size / 2**20:.1f} MB > 15 MB", file=sys.stderr)
         return 1
-    _check_onnx(model, out, val_cases[:4], cfg)
+    if not args.linear_probe:
+        _check_onnx(model, out, val_cases[:4], cfg)
     report.update({
         "output": str(out), "bytes": size, "config": str(args.config), "train_images": len(train_cases),
         "val_images": len(val_cases), **({"left_out_without_category": left_out} if category_head else {}),
+        "command": "python tools/train_classifier.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "wall_minutes": round((time.monotonic() - t0) / 60, 1),
         "machine": f"{platform.machine()} {os.cpu_count()} cpu", "date": time.strftime("%Y-%m-%d"),
     })

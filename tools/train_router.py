@@ -894,7 +894,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.head_model != "features":
         if not args.head or args.out.suffix != ".onnx":
             ap.error(f"--head-model {args.head_model} trains a plug-in head: give --head and an --out ending in .onnx")
-        from echo_agent.training.router_head import Lite0Features
+        from echo_agent.training.linear_probe import Lite0Features
 
         deep = Lite0Features()
     t0 = time.time()

