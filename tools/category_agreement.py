@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main(argv: list[str] | None = None) -> int:
-    from echo_agent.eval.metrics import category_agreement
+    from echo_agent.eval.metrics import category_agreement, normalise_category
     from echo_agent.organs import get_organ
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     print("reader \\ agent " + " ".join(f"{c:>4}" for c in a.order))
     for c, row in zip(a.order, a.confusion):
         print(f"{c:>14} " + " ".join(f"{v:>4}" for v in row))
-    counts = collections.Counter(p for p in pred if p)
+    counts = collections.Counter(normalise_category(p) for p in pred if p)
     print("agent categories: " + ", ".join(f"{c} {counts.get(c, 0)}" for c in a.order))
     if args.json:
         args.json.write_text(json.dumps({"n": a.n, "exact": a.exact, "within_one": a.within_one, "order": a.order,
