@@ -475,7 +475,7 @@ def combine_heads(result: RoutingResult, heads: Sequence[tuple[str, RoutingResul
 
     A head that accepts the image (its organ probability above its own threshold) takes it; of several,
     the most confident. The base router's confidence does not count against a head: it never saw the
-    plug-in's organ, so on those images it can be confidently wrong (DDTI thyroid scans read as breast
+    plug-in's organ, so on those images it can be confidently wrong (scans of an organ it never saw read as breast
     with p = 1.00), while a head is trained against the built-in organs' images and the non-ultrasound
     negatives. When no head accepts, the base router's decision stands.
     """
