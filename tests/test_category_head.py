@@ -259,3 +259,10 @@ def test_a_linear_probe_exports_what_it_computes(tmp_path) -> None:
     expected = features([features.crop(image)]) @ weight.T + bias
     assert clf.labels == ("normal", "a", "b")
     np.testing.assert_allclose(clf.logits(image, [None]), expected, atol=0.05, rtol=0.02)  # fp16 weight storage
+
+
+def test_a_linear_probe_refuses_an_unknown_class_weighting(toy_organ) -> None:
+    from echo_agent.training.linear_probe import train_linear_probe
+
+    with pytest.raises(ValueError, match="probe_class_weight"):
+        train_linear_probe(_config(probe_class_weight="inverse"), [], [])

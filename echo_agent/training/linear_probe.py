@@ -80,11 +80,15 @@ def train_linear_probe(
 ) -> tuple[Lite0Features, np.ndarray, np.ndarray, dict[str, Any]]:
     """Fit the probe: ``passes`` samplings of the train crops (the first plain, the others jittered
     and augmented as in fine-tuning), one plain sampling of val; class-balanced multinomial logistic
-    regression for each C, the one with the lowest val log-loss kept. Returns ``(features, weight
+    regression for each C (classes weighted per ``config.probe_class_weight``), the one with the lowest
+    val log-loss kept. Returns ``(features, weight
     (K x 1280), bias (K), report)`` with the standardisation folded into weight and bias."""
     from sklearn.linear_model import LogisticRegression
 
     category_head = is_category_head(config)
+    if config.probe_class_weight not in ("balanced", "none"):
+        raise ValueError(f"probe_class_weight must be 'balanced' or 'none', got {config.probe_class_weight!r}")
+    class_weight = "balanced" if config.probe_class_weight == "balanced" else None
     t0 = time.monotonic()
     features = Lite0Features(input_size=config.input_size, threads=config.threads)
     rng, arng = random.Random(config.seed), random.Random(config.seed + 1)
@@ -103,7 +107,7 @@ def train_linear_probe(
     k = len(config.labels)
     best: tuple[float, float, np.ndarray, np.ndarray] | None = None
     for c in cs:
-        m = LogisticRegression(C=c, max_iter=5000, class_weight="balanced").fit((x_tr - mean) / scale, y_tr)
+        m = LogisticRegression(C=c, max_iter=5000, class_weight=class_weight).fit((x_tr - mean) / scale, y_tr)
         w = np.zeros((k, N_FEATURES))
         b = np.full(k, -30.0)  # a class absent from train gets no mass
         w[m.classes_], b[m.classes_] = m.coef_, m.intercept_
@@ -121,7 +125,8 @@ def train_linear_probe(
     z = x_va @ weight.T + bias
     z -= z.max(axis=1, keepdims=True)
     logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-    report = {"kind": "linear probe (frozen EfficientNet-Lite0 features)", "C": c, "val_log_loss": nll, "passes": passes,
+    report = {"kind": "linear probe (frozen EfficientNet-Lite0 features)", "C": c,
+              "class_weight": config.probe_class_weight, "val_log_loss": nll, "passes": passes,
               "train_crops": int(len(x_tr)), "val": _val_metrics(logp, y_va, val_samples, config.labels,
                                                                  category_head=category_head),
               "temperature": 1.0}

@@ -82,6 +82,9 @@ class ClassifierTrainConfig:
     #: category heads only: this share of a lesion sample's target goes to the neighbouring
     #: categories (ordinal label smoothing); 0 keeps plain targets
     ordinal_smoothing: float = 0.0
+    #: ``--linear-probe`` only: "balanced" weights the classes inversely to their frequency; "none"
+    #: keeps the class prior (fewer calls of rare classes)
+    probe_class_weight: str = "balanced"
     seed: int = 0
     threads: int = 2
     #: ONNX path relative to the repository root (None: the packaged echo_agent/assets/classifiers/<organ>.onnx);
