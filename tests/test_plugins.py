@@ -315,3 +315,33 @@ def test_the_linear_router_head_is_chosen_on_val_groups() -> None:
     assert head.val_balanced_accuracy > 0.9
     p = head.probability(xv)
     assert ((p >= head.threshold) == yv).mean() > 0.9
+
+
+def _train_router_tool():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "train_router.py"
+    spec = importlib.util.spec_from_file_location("train_router_tool", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("kind", ["logreg", "mlp16"])
+def test_a_binary_head_fitted_by_the_router_tool_loads_as_two_classes(kind: str, monkeypatch) -> None:
+    pytest.importorskip("sklearn")
+    from echo_agent.organs.routing import OrganRouter
+
+    tool = _train_router_tool()
+    monkeypatch.setattr(tool, "CLASSES", ("toy", "unknown"))
+    rng = np.random.default_rng(0)
+    y = np.arange(200) % 2
+    x = rng.normal(size=(200, 5)) + y[:, None] * 2.0
+    layers = tool.fit_model(x, y, kind, 0.1 if kind.startswith("mlp") else 1.0, 0, np.ones(200))
+    assert len(layers[-1]["weight"]) == 2 and len(layers[-1]["bias"]) == 2  # one row per class, as the router reads
+    # the two rows give the same probabilities as the binary model: class 1 ("unknown") for y == 1
+    router = object.__new__(OrganRouter)
+    router._mean, router._scale = np.zeros(5), np.ones(5)
+    router._layers = [(np.asarray(la["weight"]), np.asarray(la["bias"])) for la in layers]
+    p = router.probabilities_from_vectors(x)
+    assert ((p[:, 1] > 0.5) == (y == 1)).mean() > 0.9
