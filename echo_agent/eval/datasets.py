@@ -24,7 +24,6 @@ from __future__ import annotations
 import csv
 import re
 import threading
-import warnings
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 from ..errors import ManifestError
+from ..organs.plugins import register_plugins
 from ..schemas import Box
 from .manifest import ManifestImage, default_data_root
 from .splits import UnionFind
@@ -308,14 +308,7 @@ def _load_center_entry_points() -> None:
         if _center_entry_points_loaded:
             return
         _center_entry_points_loaded = True
-        for ep in entry_points(group=DATASET_ENTRY_POINT_GROUP):
-            try:
-                obj = ep.load()
-                obj = obj() if callable(obj) and not isinstance(obj, CenterSpec) else obj
-                for spec in (obj if isinstance(obj, (list, tuple)) else [obj]):
-                    register_center(spec)
-            except Exception as exc:  # a broken plug-in must not take the built-in centers down
-                warnings.warn(f"dataset plug-in {ep.name!r} ({ep.value}) failed to load: {exc}", stacklevel=2)
+        register_plugins(entry_points(group=DATASET_ENTRY_POINT_GROUP), CenterSpec, register_center, "dataset")
 
 
 def get_center(name: str) -> CenterSpec:

@@ -17,6 +17,7 @@ from importlib.metadata import entry_points
 
 from ..errors import UnknownOrganError
 from .builtin import BREAST, KIDNEY, load_spec_yaml
+from .plugins import register_plugins
 from .spec import CategoryBand, OrganSpec, resolve_asset
 
 ENTRY_POINT_GROUP = "echo_agent.organs"
@@ -51,17 +52,7 @@ def _load_entry_points() -> None:
         if _entry_points_loaded:
             return
         _entry_points_loaded = True
-        for ep in entry_points(group=ENTRY_POINT_GROUP):
-            try:
-                obj = ep.load()
-                spec = obj() if callable(obj) and not isinstance(obj, OrganSpec) else obj
-                register_organ(spec)
-            except Exception as exc:  # a broken plug-in must not take the built-ins down
-                import warnings
-
-                warnings.warn(
-                    f"organ plug-in {ep.name!r} ({ep.value}) failed to load: {exc}", stacklevel=2
-                )
+        register_plugins(entry_points(group=ENTRY_POINT_GROUP), OrganSpec, register_organ, "organ")
 
 
 def get_organ(name: str) -> OrganSpec:
