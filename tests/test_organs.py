@@ -30,6 +30,8 @@ def test_birads_band_edges(p, cat):
 def test_no_lesion_category_and_kidney_has_none():
     assert get_organ("breast").category_for(0.7, lesion_found=False) == "1"
     assert get_organ("kidney").category_for(0.9) is None
+    assert get_organ("breast").category_scale == ("1", "2", "3", "4A", "4B", "4C", "5")
+    assert get_organ("kidney").category_scale == ()
 
 
 def test_spec_validation():

@@ -31,8 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     spec = get_organ(args.organ)
-    order = [spec.no_lesion_category, *[b.name for b in spec.categories]] if spec.no_lesion_category else [b.name for b in spec.categories]
-    order = sorted(set(order), key=order.index)
+    order = spec.category_scale
     truth, pred = [], []
     for line in args.predictions.read_text().splitlines():
         row = json.loads(line)

@@ -461,9 +461,7 @@ def _category_summary(spec: OrganSpec, pairs: Sequence[tuple[str, str | None]]) 
     majority-category baseline beside them; ``None`` when the organ has no categories or no image one."""
     if not spec.categories or not pairs:
         return None
-    order = [b.name for b in spec.categories]
-    if spec.no_lesion_category and spec.no_lesion_category not in order:
-        order = [spec.no_lesion_category, *order]
+    order = spec.category_scale
     truth = [t for t, _ in pairs]
     a = category_agreement(truth, [p for _, p in pairs], order)
     if not a.n:

@@ -204,6 +204,15 @@ class OrganSpec(BaseModel):
         raise AssertionError(f"bands of {self.name} do not cover p={p}")  # prevented by _check_tiling
 
     @property
+    def category_scale(self) -> tuple[str, ...]:
+        """The organ's categories in ordinal order, the no-lesion category first (BI-RADS: 1, 2, 3,
+        4A, 4B, 4C, 5); empty when the organ has none."""
+        names = tuple(b.name for b in self.categories)
+        if self.no_lesion_category and self.no_lesion_category not in names:
+            return (self.no_lesion_category, *names)
+        return names
+
+    @property
     def classifier_labels(self) -> tuple[str, ...]:
         """The labels the organ's second-look classifier must have: the image labels, or with a
         category head (``category_source: classifier``) the normal label and the category names."""

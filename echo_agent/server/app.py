@@ -595,11 +595,8 @@ def create_app(
 
         out = []
         for s in list_organs():
-            cats = [b.name for b in s.categories]
-            if s.no_lesion_category and s.no_lesion_category not in cats:
-                cats.insert(0, s.no_lesion_category)
             out.append(OrganInfo(name=s.name, display_name=s.display_name or s.name, labels=list(s.image_labels),
-                                 category_system=s.category_system, categories=cats))
+                                 category_system=s.category_system, categories=list(s.category_scale)))
         return out
 
     @app.get("/api/health", tags=["schema"], summary="Liveness")
