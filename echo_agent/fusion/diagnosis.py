@@ -17,7 +17,7 @@ from ..schemas import (
     KnowledgeResult,
     RegionClassification,
 )
-from .evidence import RunEvidence, lesion_probability
+from .evidence import RunEvidence, lesion_probability, linked_classification
 
 
 @runtime_checkable
@@ -138,16 +138,7 @@ def head_category(organ: OrganSpec, evidence: RunEvidence, finding: Finding) -> 
     """A finding's category from the organ's category head (``category_source: classifier``): the
     median of the latest second-look distribution of its region (linked by detection id, else by box
     IoU >= 0.5), else of the whole image; ``None`` when the finding was never classified."""
-    best, best_iou = None, 0.5
-    for res in reversed(evidence.classifications):
-        for r in res.regions:
-            if r.categories is None or r.box is None:
-                continue
-            if r.detection_id and r.detection_id in finding.detection_ids:
-                return organ.category_from_distribution(r.categories)
-            iou = r.box.iou(finding.box)
-            if iou >= best_iou:
-                best, best_iou = r, iou
+    best = linked_classification(evidence.classifications, finding.box, finding.detection_ids, with_categories=True)
     if best is None:
         best = evidence.whole_image
     return organ.category_from_distribution(best.categories) if best is not None and best.categories else None

@@ -7,13 +7,14 @@ the decision rules all read that one object instead of re-splitting the list.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
 from ..organs import OrganSpec
 from ..schemas import (
+    Box,
     ClassificationResult,
     Detection,
     DetectorReport,
@@ -113,14 +114,21 @@ def whole_image_classification(results: Sequence[ClassificationResult]) -> Regio
 
 def region_classification(results: Sequence[ClassificationResult], detection: Detection) -> RegionClassification | None:
     """The latest classification of a candidate: linked by detection id, else the best box IoU >= 0.5."""
+    return linked_classification(results, detection.box, (detection.id,))
+
+
+def linked_classification(results: Sequence[ClassificationResult], box: Box, ids: Collection[str], *,
+                          with_categories: bool = False) -> RegionClassification | None:
+    """The latest classification of a region: linked by one of the detection ``ids``, else the best box
+    IoU >= 0.5 with ``box``; ``with_categories`` considers only regions with a category distribution."""
     best, best_iou = None, 0.5
     for res in reversed(results):
         for r in res.regions:
-            if r.box is None:
+            if r.box is None or (with_categories and r.categories is None):
                 continue
-            if r.detection_id and r.detection_id == detection.id:
+            if r.detection_id and r.detection_id in ids:
                 return r
-            iou = r.box.iou(detection.box)
+            iou = r.box.iou(box)
             if iou >= best_iou:
                 best, best_iou = r, iou
     return best
@@ -153,6 +161,7 @@ __all__ = [
     "collect",
     "lesion_probability",
     "merged_candidates",
+    "linked_classification",
     "region_classification",
     "region_descriptors",
     "whole_image_classification",
