@@ -37,6 +37,7 @@ import math
 import sys
 import time
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 
 import cv2
@@ -614,16 +615,16 @@ def _group(source: str, head_centers: tuple[str, ...]) -> str:
     return source if source in CENTERS or source in head_centers else "negatives"
 
 
-def _routing_table(base: OrganRouter, organ: str, p_head: np.ndarray, threshold: float, d: dict) -> dict:
+def _routing_table(base: OrganRouter, organ: str, head_results: Sequence[RoutingResult], d: dict) -> dict:
     """Routing accuracy of every source of one split (centers: clean and augmented apart), with the
-    packaged router alone and with a head of probabilities ``p_head`` accepting from ``threshold``."""
+    packaged router alone and with a head that decided ``head_results`` (one per row of ``d``),
+    combined by ``echo_agent.organs.routing.combine_heads``: what installing the plug-in changes."""
     pb = base.probabilities_from_vectors(vectors(base, d))
     alone, both = [], []
-    for b, p in zip(pb, p_head, strict=True):
+    for b, h in zip(pb, head_results, strict=True):
         r = base.decide(b)
         alone.append(r.organ or UNKNOWN)
-        both.append(combine_heads(r, [(organ, RoutingResult(organ if p >= threshold else None, float(p), {}, ""))]).organ
-                    or UNKNOWN)
+        both.append(combine_heads(r, [(organ, h)]).organ or UNKNOWN)
     alone_a, both_a = np.array(alone), np.array(both)
     out = {}
     for src in sorted(set(d["source"].tolist())):
@@ -637,6 +638,11 @@ def _routing_table(base: OrganRouter, organ: str, p_head: np.ndarray, threshold:
                 "n": int(m.sum()), "truth": truth, "packaged_router": round(float(np.mean(alone_a[m] == truth)), 4),
                 "with_head": round(float(np.mean(both_a[m] == truth)), 4)}
     return out
+
+
+def _accepts(organ: str, p_head: np.ndarray, threshold: float) -> list[RoutingResult]:
+    """The decisions of a linear head with organ probabilities ``p_head`` accepting from ``threshold``."""
+    return [RoutingResult(organ if p >= threshold else None, float(p), {}, "") for p in p_head]
 
 
 def _deep_head(args, splits, deep, head_centers, t0, argv) -> int:  # noqa: ANN001 - argparse/ndarray dicts
@@ -657,7 +663,7 @@ def _deep_head(args, splits, deep, head_centers, t0, argv) -> int:  # noqa: ANN0
     if args.head_max_loss is not None:
         builtin = [c for c in CENTERS if c not in head_centers]
         for t in np.round(np.arange(head.threshold, 0.991, 0.01), 2):
-            table = _routing_table(base, args.head, head.probability(va["deep"]), float(t), va)
+            table = _routing_table(base, args.head, _accepts(args.head, head.probability(va["deep"]), float(t)), va)
             if all(table[f"{c}/all"]["packaged_router"] - table[f"{c}/all"]["with_head"] <= args.head_max_loss + 1e-9
                    for c in builtin):
                 head.threshold = float(t)
@@ -669,8 +675,8 @@ def _deep_head(args, splits, deep, head_centers, t0, argv) -> int:  # noqa: ANN0
     report: dict = {"head": {"C": head.c, "threshold": head.threshold, "threshold_chosen_by": chosen_by,
                              "val_balanced_accuracy": head.val_balanced_accuracy}}
     for split in ("val", "test"):
-        report[split] = _routing_table(base, args.head, head.probability(splits[split]["deep"]), head.threshold,
-                                       splits[split])
+        report[split] = _routing_table(base, args.head, _accepts(args.head, head.probability(splits[split]["deep"]),
+                                                                 head.threshold), splits[split])
     export_router_head(deep, head, args.head, args.out, {
         "trained_on": {"positives": list(head_centers), "negatives": [c for c in CENTERS if c not in head_centers]
                        + ["synthetic non-ultrasound images", "photographs (--photo-negatives)"], "split": "train"},
@@ -684,28 +690,6 @@ def _deep_head(args, splits, deep, head_centers, t0, argv) -> int:  # noqa: ANN0
     if args.report:
         args.report.write_text(text + "\n", encoding="utf-8")
     return 0
-
-
-def composite_report(head: OrganRouter, organ: str, data: dict[str, np.ndarray]) -> dict:
-    """Accuracy per source of the packaged router alone and with ``head`` (the rule of
-    ``echo_agent.organs.routing.combine_heads``) on one split: what installing the plug-in changes."""
-    base = OrganRouter.from_file(default_router_path())
-    pb = base.probabilities_from_vectors(vectors(base, data))
-    ph = head.probabilities_from_vectors(vectors(head, data))
-    alone, both = [], []
-    for b, h in zip(pb, ph, strict=True):
-        r = base.decide(b)
-        alone.append(r.organ or UNKNOWN)
-        both.append(combine_heads(r, [(organ, head.decide(h))]).organ or UNKNOWN)
-    alone_a, both_a = np.array(alone), np.array(both)
-    out = {}
-    for src in sorted(set(data["source"].tolist())):
-        m = data["source"] == src
-        truth = center_organ(src) if src in CENTERS else UNKNOWN
-        out[src] = {"n": int(m.sum()), "truth": truth,
-                    "packaged_router": round(float(np.mean(alone_a[m] == truth)), 4),
-                    "with_head": round(float(np.mean(both_a[m] == truth)), 4)}
-    return out
 
 
 def vectors(router: OrganRouter, data: dict[str, np.ndarray]) -> np.ndarray:
@@ -1010,7 +994,10 @@ def main(argv: list[str] | None = None) -> int:
             },
         }
     if args.head:
-        report["with_packaged_router_test"] = composite_report(router, args.head, splits["test"])
+        test = splits["test"]
+        report["with_packaged_router_test"] = _routing_table(
+            OrganRouter.from_file(default_router_path()), args.head,
+            [router.decide(p) for p in router.probabilities_from_vectors(vectors(router, test))], test)
     if not args.evaluate_only:
         params["test_summary"] = {k: v["accuracy"] for k, v in report["test"]["organ_images"].items()} | {
             "synthetic_negatives_rejected": report["test"]["negatives_rejected_overall"]
