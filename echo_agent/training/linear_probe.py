@@ -105,7 +105,7 @@ def train_linear_probe(
     log(json.dumps({"features": [int(len(x_tr)), int(len(x_va))], "seconds": round(time.monotonic() - t0, 1)}))
     mean, scale = x_tr.mean(axis=0), x_tr.std(axis=0) + 1e-6
     k = len(config.labels)
-    best: tuple[float, float, np.ndarray, np.ndarray] | None = None
+    best: tuple[float, float, np.ndarray, np.ndarray, dict[str, Any]] | None = None
     for c in cs:
         m = LogisticRegression(C=c, max_iter=5000, class_weight=class_weight).fit((x_tr - mean) / scale, y_tr)
         w = np.zeros((k, N_FEATURES))
@@ -115,21 +115,16 @@ def train_linear_probe(
         z -= z.max(axis=1, keepdims=True)
         logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
         nll = float(-logp[np.arange(len(y_va)), y_va].mean())
-        log(json.dumps({"C": c, "val_log_loss": round(nll, 4),
-                        **_val_metrics(logp, y_va, val_samples, config.labels, category_head=category_head)}))
+        val = _val_metrics(logp, y_va, val_samples, config.labels, category_head=category_head)
+        log(json.dumps({"C": c, "val_log_loss": round(nll, 4), **val}))
         if best is None or nll < best[0]:
-            best = (nll, c, w, b)
+            best = (nll, c, w, b, val)
     assert best is not None
-    nll, c, w, b = best
-    weight, bias = w / scale, b - (w / scale) @ mean
-    z = x_va @ weight.T + bias
-    z -= z.max(axis=1, keepdims=True)
-    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    nll, c, w, b, val = best
+    weight, bias = w / scale, b - (w / scale) @ mean  # the standardisation folded into the layer
     report = {"kind": "linear probe (frozen EfficientNet-Lite0 features)", "C": c,
               "class_weight": config.probe_class_weight, "val_log_loss": nll, "passes": passes,
-              "train_crops": int(len(x_tr)), "val": _val_metrics(logp, y_va, val_samples, config.labels,
-                                                                 category_head=category_head),
-              "temperature": 1.0}
+              "train_crops": int(len(x_tr)), "val": val, "temperature": 1.0}
     return features, weight, bias, report
 
 
