@@ -569,7 +569,7 @@ class PixelCaptioner:
 
     def _descriptor_set(self, organ: str | None) -> DescriptorSet | None:
         """The descriptor set a registered organ names, if any (unknown organ names: none)."""
-        if organ is None or organ in ("breast", "kidney"):
+        if organ is None:
             return None
         try:
             spec = get_organ(organ)
