@@ -63,9 +63,10 @@ class HeuristicFusion:
             summary=f"{len(dets)} candidate(s) at threshold {report.score_threshold:g}" + (" with TTA" if report.tta else ""),
         ))
         second_look = ev.region_of(dets[0]) if dets else None
+        strongest = dets[0].id if dets else "-"
         if second_look is not None and second_look.label == organ.normal_label:
             # the closer look finds nothing in the strongest candidate: read as no lesion
-            refs.append(EvidenceRef(kind="classification", ref=second_look.detection_id or dets[0].id,
+            refs.append(EvidenceRef(kind="classification", ref=second_look.detection_id or strongest,
                                     summary=f"second look: {organ.normal_label} p={second_look.probabilities[organ.normal_label]:.2f}"))
             dets, findings = [], []
         if dets:
@@ -103,7 +104,7 @@ class HeuristicFusion:
                 f"No lesion candidate scored at least {report.score_threshold:g} "
                 f"({len(reports)} detector call(s))."
             ) if second_look is None else (
-                f"The strongest candidate ({report.detections[0].id if report.detections else '-'}) is read "
+                f"The strongest candidate ({strongest}) is read "
                 f"{organ.normal_label} on a closer look (p={second_look.probabilities[organ.normal_label]:.2f})."
             )
         if contexts and contexts[-1].caption:
