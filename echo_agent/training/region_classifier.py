@@ -135,6 +135,12 @@ def _category_index(labels: Sequence[str]) -> dict[str, int]:
     return {str(lbl).strip().lower(): i for i, lbl in enumerate(labels) if i}
 
 
+def _category_label(im: Any, index: dict[str, int]) -> int | None:
+    """The label index of an image's reader category in a category head (``None``: none or unknown)."""
+    cat = getattr(im, "category", None)
+    return None if cat is None else index.get(str(cat).strip().lower())
+
+
 def category_head_images(images: Sequence[Any], labels: Sequence[str]) -> tuple[list[Any], list[Any]]:
     """``(kept, left out)`` for a category head with ``labels`` (normal label first): normal images
     and lesion images whose reader category is one of the labels are kept; lesion images without a
@@ -142,8 +148,7 @@ def category_head_images(images: Sequence[Any], labels: Sequence[str]) -> tuple[
     index = _category_index(labels)
     kept, left = [], []
     for im in images:
-        cat = getattr(im, "category", None)
-        ok = im.label == labels[0] or (cat is not None and str(cat).strip().lower() in index)
+        ok = im.label == labels[0] or _category_label(im, index) is not None
         (kept if ok else left).append(im)
     return kept, left
 
@@ -172,11 +177,8 @@ def prepare_cases(images: Sequence[Any], labels: Sequence[str], *, max_frames_pe
     for im in images:
         category = getattr(im, "category", None)
         if category_head:
-            if im.label == labels[0]:
-                label = 0
-            elif category is not None and str(category).strip().lower() in cat_index:
-                label = cat_index[str(category).strip().lower()]
-            else:
+            label = 0 if im.label == labels[0] else _category_label(im, cat_index)
+            if label is None:
                 raise ValueError(f"{im.key}: lesion image with category {category!r}, not one of the category head's "
                                  f"{list(labels[1:])} (leave such images out with category_head_images)")
         elif im.label not in labels:
@@ -401,13 +403,10 @@ def train_classifier(
             y = torch.tensor([s[2] for s in chunk])
             w = torch.tensor([config.whole_image_weight if s[1] is None else 1.0 for s in chunk])
             logits = model(x)
-            if category_head and config.ordinal_smoothing:
-                target = torch.from_numpy(ordinal_targets(y.numpy(), n_cls, config.ordinal_smoothing))
-                loss = (nn.functional.cross_entropy(logits, target, weight=class_w, label_smoothing=0.05, reduction="none")
-                        * w).mean()
-            else:
-                loss = (nn.functional.cross_entropy(logits, y, weight=class_w, label_smoothing=0.05, reduction="none")
-                        * w).mean()
+            target = (torch.from_numpy(ordinal_targets(y.numpy(), n_cls, config.ordinal_smoothing))
+                      if config.ordinal_smoothing else y)  # ordinal smoothing: category heads only (checked above)
+            loss = (nn.functional.cross_entropy(logits, target, weight=class_w, label_smoothing=0.05, reduction="none")
+                    * w).mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
