@@ -63,8 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     from echo_agent.training.region_classifier import (
         ClassifierTrainConfig,
         category_head_images,
-        check_classifier_labels,
         export_onnx,
+        is_category_head,
         prepare_cases,
         train_classifier,
     )
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.fold is not None and (args.output is None or not 0 <= args.fold < args.folds):
         ap.error("--fold k needs 0 <= k < --folds and its own --output (a fold model is never the packaged one)")
     try:
-        category_head = check_classifier_labels(cfg).category_source == "classifier"
+        category_head = is_category_head(cfg)
     except ValueError as exc:
         ap.error(f"{args.config}: {exc}")
     out = args.output or (REPO / cfg.output if cfg.output else REPO / "echo_agent" / "assets" / "classifiers" / f"{cfg.organ}.onnx")
