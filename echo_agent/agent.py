@@ -116,6 +116,7 @@ class EchoAgent:
         self.organ = organ
         self.toolkit = toolkit or Toolkit()
         self.max_pixels = max_pixels
+        self.max_tool_calls = int(max_tool_calls)
         self.prefetch = reasoner is None if prefetch is None else bool(prefetch)
         self.review = review
         if router == "default":

@@ -200,13 +200,16 @@ def count_table(samples: Sequence[CurriculumSample]) -> str:
     head = "| task | group | " + " | ".join(organs) + " | total | perturbed |"
     sep = "|---|---|" + "---:|" * (len(organs) + 2)
     lines = [head, sep]
-    for t in TASKS:
+    # the nine tasks in curriculum order, then any other task (agent traces) in order of appearance
+    tasks = [*TASKS, *dict.fromkeys(s.task for s in samples if s.task not in TASK_GROUPS)]
+    groups = {**{s.task: str(s.meta.get("group", "")) for s in samples}, **TASK_GROUPS}
+    for t in tasks:
         n = sum(counts[(t, o)] for o in organs)
         if not n:
             continue
-        lines.append(f"| {t} | {TASK_GROUPS[t]} | " + " | ".join(str(counts[(t, o)]) for o in organs)
+        lines.append(f"| {t} | {groups[t]} | " + " | ".join(str(counts[(t, o)]) for o in organs)
                      + f" | {n} | {pert[t]} |")
-    lines.append("| **all** | | " + " | ".join(str(sum(counts[(t, o)] for t in TASKS)) for o in organs)
+    lines.append("| **all** | | " + " | ".join(str(sum(counts[(t, o)] for t in tasks)) for o in organs)
                  + f" | {len(samples)} | {sum(pert.values())} |")
     return "\n".join(lines)
 

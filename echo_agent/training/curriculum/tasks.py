@@ -36,8 +36,9 @@ TASK_GROUPS: dict[str, str] = {
     "report_generation": "interaction loop",
 }
 
-#: Tasks in the final-reasoning (LLMFinalizer) format instead of the agent's tool-calling format.
-FINALIZER_TASKS = frozenset({"informed_diagnosis"})
+#: Tasks in the final-reasoning (LLMFinalizer) format instead of the agent's tool-calling format
+#: (``agent_final`` is the final turn of an agent trace, see :mod:`.traces`).
+FINALIZER_TASKS = frozenset({"informed_diagnosis", "agent_final"})
 
 #: Tasks whose samples need an image with at least one ground-truth lesion box.
 LESION_TASKS = frozenset({"rec", "reg", "attribute_reasoning", "box_refinement"})

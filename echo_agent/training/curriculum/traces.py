@@ -1,0 +1,188 @@
+"""Agent traces: conversations recorded from the agent's own runs, for a small policy that learns to
+drive the tools and to read them.
+
+The nine curriculum tasks teach a model that can look at the image: their targets are the ground
+truth. A model too small to see (the micro policy of ``tools/train_micro_policy.py``) cannot learn
+a ground-truth label from pixels; what it can learn is to call the tools the way the embedded policy
+does and to write the Diagnosis that the tools' evidence supports. Two tasks do that:
+
+``agent_trace``
+    The reasoner's side of one run of an agent (by default the embedded policy): the system prompt
+    and user turn the reasoner node builds, every tool call the policy made (with its arguments) and
+    every tool result as the graph returned it, then the policy's closing turn. Narration before a
+    call is dropped (the graph ignores it); the closing turn is ``closing_text``.
+``agent_final``
+    The final-reasoning turn of the same run: :meth:`LLMFinalizer.build_messages` on the run's state
+    and fusion result, answered with a compact Diagnosis of that result (probabilities to two
+    decimals, the category the organ's bands give for them, the findings with their detection ids, a
+    one-line rationale), checked with :func:`validate_diagnosis` and :func:`check_grounding` -- every
+    target is an answer ``LLMFinalizer`` accepts.
+
+The tool results are the agent's real tools (packaged detectors, second-look classifiers, captioner,
+retriever), so the conversations are in the inference format by construction. Records carry the
+same ``truth`` as the nine tasks, so the GRPO rewards can score rollouts from them against the
+ground truth.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
+
+from ...errors import EchoInputError
+from ...eval.manifest import ManifestImage
+from ...messages import diagnosis_to_model
+from ...organs import OrganSpec, get_organ
+from ...prompts import system_prompt
+from ...schemas import Diagnosis
+from .tasks import CurriculumSample
+
+#: The two trace tasks.
+TRACE_TASKS: tuple[str, ...] = ("agent_trace", "agent_final")
+#: The closing turn of the reasoner in ``agent_trace`` samples.
+CLOSING_TEXT = "Evidence gathered."
+
+
+def compact_diagnosis(dx: Diagnosis, organ: OrganSpec, *, digits: int = 2) -> dict[str, Any]:
+    """The model-facing Diagnosis of ``dx`` in as few tokens as ``LLMFinalizer`` accepts.
+
+    Probabilities are rounded to ``digits`` decimals (the largest absorbs the rounding so they sum to
+    1), the category is re-derived from the rounded probability of the positive label with the organ's
+    bands (a category head's category is kept), findings keep box, label, score and detection ids,
+    and the rationale is one line naming the label and the strongest finding."""
+    full = diagnosis_to_model(dx)
+    labels = list(organ.image_labels)
+    probs = {lbl: round(float(full["probabilities"].get(lbl, 0.0)), digits) for lbl in labels}
+    top = max(labels, key=lambda k: probs[k])
+    probs[top] = round(probs[top] + 1.0 - sum(probs.values()), digits)
+    findings = [
+        {"box": f["box"], "label": f["label"], "score": round(float(f["score"]), digits),
+         **({"detection_ids": list(f["detection_ids"])} if f.get("detection_ids") else {})}
+        for f in full.get("findings") or []
+    ]
+    category = full.get("category")
+    if organ.categories and organ.positive_label and organ.category_source == "probability" and category is not None:
+        lesion = bool(findings) or full["label"] != organ.normal_label
+        category = organ.category_for(probs[organ.positive_label], lesion_found=lesion)
+    lead = findings[0] if findings else None
+    rationale = (f"{full['label']}; strongest finding {lead['label']} at {lead['box']}." if lead
+                 else f"{full['label']}; no finding.")
+    out: dict[str, Any] = {"organ": organ.name, "label": full["label"], "probabilities": probs, "category": category}
+    if category is not None:
+        out["category_system"] = organ.category_system
+    out.update(findings=findings, rationale=rationale, indeterminate=bool(full.get("indeterminate")))
+    return out
+
+
+def _reasoner_turns(messages: Sequence[BaseMessage], closing_text: str) -> list[BaseMessage]:
+    """The run's messages as the reasoner saw and wrote them, without the reason node's Diagnosis."""
+    out: list[BaseMessage] = []
+    for m in messages:
+        if isinstance(m, AIMessage) and m.name == "diagnosis":
+            continue
+        if isinstance(m, AIMessage):
+            out.append(AIMessage(content="" if m.tool_calls else closing_text, tool_calls=list(m.tool_calls)))
+        elif isinstance(m, ToolMessage):
+            out.append(ToolMessage(content=m.content, tool_call_id=m.tool_call_id, name=m.name))
+        else:
+            out.append(m)
+    return out
+
+
+def agent_traces(
+    agent: Any,
+    images: Sequence[ManifestImage],
+    *,
+    tasks: Sequence[str] = TRACE_TASKS,
+    closing_text: str = CLOSING_TEXT,
+    forbidden_splits: Sequence[str] = ("test",),
+    on_error: Callable[[ManifestImage, Exception], None] | None = None,
+) -> list[CurriculumSample]:
+    """Run ``agent`` (an :class:`~echo_agent.EchoAgent`) on each image, with the image's organ, and
+    record its ``tasks`` (see the module doc).
+
+    Raises :class:`~echo_agent.errors.EchoInputError` for an image of a forbidden split or an unknown
+    task. An image whose run fails is skipped and reported to ``on_error`` (raised without one); so is
+    a run whose compact Diagnosis the finalizer's validator would refuse (never seen on the packaged
+    organs, but a plug-in organ's bands could make it happen)."""
+    from ...messages import IMAGE_URI_PREFIX
+    from ...reasoners.llm_finalizer import LLMFinalizer, check_grounding, validate_diagnosis
+
+    unknown = [t for t in tasks if t not in TRACE_TASKS]
+    if unknown:
+        raise EchoInputError(f"unknown trace task(s) {unknown}; choose from {list(TRACE_TASKS)}")
+    finalizer = LLMFinalizer(model=None)
+    out: list[CurriculumSample] = []
+    for im in images:
+        if im.split in forbidden_splits:
+            raise EchoInputError(f"{im.key} is in the {im.split!r} split, which traces must never use")
+        try:
+            spec = get_organ(im.organ)
+            state = agent.graph.invoke(agent.prepare_input(str(im.image), organ=spec.name))
+            dx = Diagnosis.model_validate(state["diagnosis"])
+            ref = state["image"]
+            w, h = int(ref["width"]), int(ref["height"])
+            truth = {"label": im.label, "boxes": [b.to_model(w, h) for b in im.boxes],
+                     "boxes_px": [b.to_list() for b in im.boxes], "width": w, "height": h}
+            paths = {str(ref["id"]): str(im.image)}
+            meta = {"group": "agent traces", "reasoner": dx.reasoner or "", "tools": [
+                c["name"] for m in state["messages"] if isinstance(m, AIMessage) for c in m.tool_calls]}
+            samples: list[CurriculumSample] = []
+            if "agent_trace" in tasks:
+                msgs = [SystemMessage(system_prompt(spec, agent.max_tool_calls)),
+                        *_reasoner_turns(state["messages"], closing_text)]
+                samples.append(CurriculumSample("agent_trace", im.key, spec.name, im.split, msgs, paths, meta, truth))
+            if "agent_final" in tasks:
+                target = compact_diagnosis(dx, spec)
+                checked = validate_diagnosis(json.loads(json.dumps(target)), spec, w, h)
+                check_grounding(checked, state)
+                prompt = finalizer.build_messages(state, spec, dx)
+                msgs = [*prompt, AIMessage(content=json.dumps(target, separators=(",", ":"), ensure_ascii=False))]
+                samples.append(CurriculumSample("agent_final", im.key, spec.name, im.split, msgs, paths, meta, truth))
+        except Exception as exc:  # noqa: BLE001 - one image's failure must not lose the others
+            if on_error is None:
+                raise
+            on_error(im, exc)
+            continue
+        for s in samples:
+            for m in s.messages:
+                blocks = m.content if isinstance(m, HumanMessage) and isinstance(m.content, list) else []
+                for b in blocks:
+                    url = str(b.get("url", "")) if isinstance(b, dict) else ""
+                    if url.startswith(IMAGE_URI_PREFIX) and url[len(IMAGE_URI_PREFIX):] not in s.image_paths:
+                        raise AssertionError(f"{im.key}: the trace shows an image without a path ({url})")
+        out.extend(samples)
+    return out
+
+
+def run_validity(state: dict[str, Any]) -> dict[str, Any]:
+    """How well the reasoner of a finished run (the graph's final state) used its tools and wrote its
+    answer: ``tool_calls`` (calls it made), ``valid_tool_calls`` (calls that parsed, named a tool of
+    the organ and ran without an error result), ``closed`` (it stopped calling tools by itself rather
+    than at the budget), ``diagnosis`` (``"first"``: an ``LLMFinalizer`` answer accepted as written,
+    ``"repaired"``: accepted after the repair turn, ``"fallback"``: refused, the fusion result stands,
+    ``"fusion"``: no LLM finalizer)."""
+    msgs = state.get("messages") or []
+    errors = {m.tool_call_id for m in msgs if isinstance(m, ToolMessage) and getattr(m, "status", "success") == "error"}
+    calls = [c for m in msgs if isinstance(m, AIMessage) and m.name != "diagnosis" for c in m.tool_calls]
+    last_reasoner = next((m for m in reversed(msgs) if isinstance(m, AIMessage) and m.name != "diagnosis"), None)
+    warnings = [str(w) for w in (state.get("diagnosis") or {}).get("warnings") or []]
+    reasoner = str((state.get("diagnosis") or {}).get("reasoner") or "")
+    if any(w.startswith("LLM finalizer fell back") for w in warnings):
+        dx = "fallback"
+    elif any("first diagnosis was invalid and was repaired" in w for w in warnings):
+        dx = "repaired"
+    else:
+        dx = "first" if reasoner.startswith("llm:") else "fusion"
+    return {
+        "tool_calls": len(calls),
+        "valid_tool_calls": sum(1 for c in calls if c.get("id") not in errors),
+        "closed": last_reasoner is not None and not last_reasoner.tool_calls,
+        "diagnosis": dx,
+    }
+
+
+__all__ = ["CLOSING_TEXT", "TRACE_TASKS", "agent_traces", "compact_diagnosis", "run_validity"]
