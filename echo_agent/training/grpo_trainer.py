@@ -30,7 +30,7 @@ from ..organs import OrganSpec, get_organ
 from ..prompts import tool_text
 from ..schemas import Box, DetectorReport
 from ._config import dump_config, offline_env
-from .curriculum import SimulatedDetector, read_jsonl, resolve_images, tool_schemas
+from .curriculum import FINALIZER_TASKS, SimulatedDetector, read_jsonl, resolve_images, tool_schemas
 from .grpo_config import EchoGRPOConfig
 from .rewards import VALIDITY_METRICS, get_preset
 from .sft_trainer import _LogWriter, _pil, _require_train_extra, load_model_and_processor
@@ -313,8 +313,11 @@ def run_grpo(cfg: EchoGRPOConfig, *, model: Any = None, processor: Any = None,
     processor.tokenizer.padding_side = "left"
     use_inference_tool_schemas(processor)
     organs = sorted({dataset[i]["organ"] for i in range(len(dataset))})
+    # Final-reasoning prompts (LLMFinalizer's turn) are asked without tools at inference, so their
+    # rollouts get no environment: binding tools would change the rendered prompt.
+    with_tools = not set(cfg.tasks) <= FINALIZER_TASKS
     factories = {o: make_environment(get_organ(o), detector=cfg.detector, overlays=cfg.overlays,
-                                     detectors=detectors, seed=cfg.seed) for o in organs}
+                                     detectors=detectors, seed=cfg.seed) for o in organs} if with_tools else None
     preset = get_preset(cfg.reward_weights or cfg.preset)
     peft_config = None
     if cfg.use_lora:

@@ -135,18 +135,21 @@ def build_tiny_qwen_vl(
     text_layers: int = 2,
     vision_hidden: int = 32,
     vision_depth: int = 2,
+    max_position_embeddings: int = 2048,
 ) -> Path:
     """Write a tiny random ``family`` (``'qwen2_5_vl'`` or ``'qwen3_vl'``) checkpoint to ``target``.
 
     ``corpus`` trains the tokenizer (default :func:`default_corpus`; ``vocab_size`` is its BPE budget);
     ``text_hidden`` / ``text_layers`` size the language model (``text_hidden`` a multiple of 32, or of
-    64 from 64 on), ``vision_hidden`` / ``vision_depth`` the vision tower. Returns ``target``, loadable
+    64 from 64 on), ``vision_hidden`` / ``vision_depth`` the vision tower, ``max_position_embeddings`` the longest
+    conversation it is meant for (an agent trace's final turn runs to about 4,000 tokens). Returns ``target``, loadable
     with ``AutoModelForImageTextToText`` / ``AutoProcessor`` or ``QwenVLChatModel(model_path=...)``.
     """
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; choose from {list(FAMILIES)}")
     spec = TinyQwenVLSpec(vocab_size=vocab_size, text_hidden=text_hidden, text_layers=text_layers,
-                          vision_hidden=vision_hidden, vision_depth=vision_depth)
+                          vision_hidden=vision_hidden, vision_depth=vision_depth,
+                          max_position_embeddings=max_position_embeddings)
     heads, kv_heads, head_dim = spec.heads()
     import torch
 
