@@ -218,3 +218,24 @@ def test_tiny_model_sizes_and_corpus(tmp_path: Path) -> None:
         ids = proc.tokenizer("oval circumscribed mass", return_tensors="pt")["input_ids"]
         with torch.inference_mode():
             assert model(input_ids=ids).logits.shape == (1, ids.shape[1], tc.vocab_size)
+
+
+def test_split_digits_spells_numbers_digit_by_digit(tmp_path: Path) -> None:
+    """With split_digits a number is the same digit tokens wherever it appears (what lets a tiny model
+    copy a box from a tool result); text round-trips; the saved checkpoint keeps the setting."""
+    from transformers import AutoConfig, AutoProcessor
+
+    from echo_agent.training.tiny_model import build_tiny_qwen_vl, train_tokenizer
+
+    corpus = ['{"box":[325,250,725,455],"score":0.98}', '"box": [325, 250]'] * 20
+    text = '{"box":[325,250,725,455],"probabilities":{"normal":0.01}}'
+    merged, split = train_tokenizer(corpus, 400), train_tokenizer(corpus, 400, split_digits=True)
+    digits = [t for t in split.convert_ids_to_tokens(split(text)["input_ids"]) if any(c.isdigit() for c in t)]
+    assert all(len(t) == 1 for t in digits) and "".join(digits) == "325250725455001"
+    assert any(len(t) > 1 and t.isdigit() for t in merged.convert_ids_to_tokens(merged(text)["input_ids"]))
+    assert split.decode(split(text)["input_ids"]) == text
+    target = build_tiny_qwen_vl("qwen3_vl", tmp_path / "m", corpus=corpus, vocab_size=400, split_digits=True,
+                                max_position_embeddings=4096)
+    tok = AutoProcessor.from_pretrained(target).tokenizer
+    assert tok.convert_ids_to_tokens(tok("[725,455]")["input_ids"])[1:4] == ["7", "2", "5"]
+    assert AutoConfig.from_pretrained(target).text_config.max_position_embeddings == 4096

@@ -112,7 +112,7 @@ def build_model(out: Path, train_file: Path, a: argparse.Namespace) -> tuple[Pat
     model_dir = build_tiny_qwen_vl("qwen3_vl", out / "tiny_qwen3_vl", seed=a.seed,
                                    corpus=curriculum_corpus(read_jsonl(train_file)), vocab_size=a.vocab_size,
                                    text_hidden=a.text_hidden, text_layers=a.text_layers,
-                                   max_position_embeddings=a.max_positions)
+                                   max_position_embeddings=a.max_positions, split_digits=not a.merge_digits)
     tc = AutoConfig.from_pretrained(model_dir).text_config
     n = sum(p.numel() for p in AutoModelForImageTextToText.from_pretrained(model_dir).parameters())
     return model_dir, {"text_hidden": tc.hidden_size, "text_layers": tc.num_hidden_layers, "vocab": tc.vocab_size,
@@ -228,9 +228,47 @@ def evaluate_agents(out: Path, val_keys: list[str], model_dir: Path | None, a: a
                      command=f"tools/train_micro_policy.py ({name})")
         res[name] = agent_metrics(r)
         res[name]["validity"] = validity_summary(traced.validity)
+        if (out / "eval" / "embedded" / "predictions.jsonl").is_file():
+            res[name]["own_answers"] = own_answers(out, name)
         res[name]["seconds_per_image"] = (time.time() - t) / max(len(images), 1)
         (out / "eval" / name / "validity.jsonl").write_text(
             "".join(json.dumps(v) + "\n" for v in traced.validity), "utf-8")
+    return res
+
+
+def own_answers(out: Path, name: str) -> dict[str, Any]:
+    """Per organ, on the val images where the micro policy's own Diagnosis was accepted (not the
+    fusion fallback): its accuracy and localization F1@0.5 next to the embedded policy's on the same
+    images. A fallback copies the embedded result, so the overall numbers flatter a weak policy."""
+    from echo_agent.eval.metrics import PredictedBox, ScoredImage, detection_score
+    from echo_agent.organs import get_organ
+    from echo_agent.schemas import Box
+
+    def read(system: str) -> dict[str, dict[str, Any]]:
+        path = out / "eval" / system / "predictions.jsonl"
+        return {r["key"]: r for r in map(json.loads, path.read_text().splitlines())}
+
+    def scored(r: dict[str, Any], organ: Any) -> ScoredImage:
+        dx = r["agent"]["diagnosis"]
+        boxes = tuple(PredictedBox(Box(**f["box"]), organ.image_label_for(f["label"]), float(f["score"]))
+                      for f in dx["findings"])
+        return ScoredImage(key=r["key"], true_label=r["truth"]["label"], pred_label=dx["label"], pred_boxes=boxes,
+                           true_boxes=tuple(Box(x1=b[0], y1=b[1], x2=b[2], y2=b[3]) for b in r["truth"]["boxes"]))
+
+    micro, emb = read(name), read("embedded")
+    res: dict[str, Any] = {}
+    for organ_name in sorted({r["organ"] for r in micro.values()}):
+        organ = get_organ(organ_name)
+        keys = [k for k, r in micro.items() if r["organ"] == organ_name and (r["agent"].get("diagnosis") or {})
+                .get("reasoner", "").startswith("llm:") and k in emb and emb[k]["agent"].get("diagnosis")]
+        row: dict[str, Any] = {"n_own": len(keys), "n": sum(1 for r in micro.values() if r["organ"] == organ_name)}
+        for system, recs in (("micro", micro), ("embedded", emb)):
+            imgs = [scored(recs[k], organ) for k in keys]
+            row[system] = {
+                "accuracy": sum(i.pred_label == i.true_label for i in imgs) / len(imgs) if imgs else None,
+                "localization_f1": detection_score(imgs, normal_label=organ.normal_label).f1 if imgs else None,
+            }
+        res[organ_name] = row
     return res
 
 
@@ -328,6 +366,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--text-hidden", type=int, default=128)
     ap.add_argument("--text-layers", type=int, default=4)
     ap.add_argument("--max-positions", type=int, default=8192)
+    ap.add_argument("--merge-digits", action="store_true",
+                    help="Let the tokenizer merge digits into number tokens (the first run's setting; the default "
+                         "spells numbers digit by digit, as Qwen's tokenizers do).")
     ap.add_argument("--sft-config", default=str(REPO / "configs" / "training" / "micro_policy_sft.yaml"))
     ap.add_argument("--sft-set", action="append", default=[], metavar="KEY=VALUE",
                     help="Override a field of the SFT config (repeatable), e.g. max_steps=40.")

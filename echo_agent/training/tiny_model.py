@@ -88,13 +88,20 @@ def curriculum_corpus(records: Iterable[dict[str, Any]]) -> list[str]:
     return [t for t in dict.fromkeys(texts) if t] + default_corpus()[len(_SENTENCES) * 4:]
 
 
-def train_tokenizer(corpus: Sequence[str] | None = None, vocab_size: int = 1200) -> Any:
-    """A byte-level BPE ``Qwen2TokenizerFast`` with the Qwen special tokens, trained on ``corpus``."""
+def train_tokenizer(corpus: Sequence[str] | None = None, vocab_size: int = 1200, *, split_digits: bool = False) -> Any:
+    """A byte-level BPE ``Qwen2TokenizerFast`` with the Qwen special tokens, trained on ``corpus``.
+
+    ``split_digits`` makes every digit its own token, as the real Qwen tokenizers do: a number is then
+    spelled the same way wherever it appears, so a small model can copy a box or a probability from a
+    tool result digit by digit instead of meeting corpus-specific merges ("325," one place, "3" "25"
+    another)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import Qwen2TokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                         if split_digits else byte_level)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
@@ -136,13 +143,15 @@ def build_tiny_qwen_vl(
     vision_hidden: int = 32,
     vision_depth: int = 2,
     max_position_embeddings: int = 2048,
+    split_digits: bool = False,
 ) -> Path:
     """Write a tiny random ``family`` (``'qwen2_5_vl'`` or ``'qwen3_vl'``) checkpoint to ``target``.
 
     ``corpus`` trains the tokenizer (default :func:`default_corpus`; ``vocab_size`` is its BPE budget);
     ``text_hidden`` / ``text_layers`` size the language model (``text_hidden`` a multiple of 32, or of
     64 from 64 on), ``vision_hidden`` / ``vision_depth`` the vision tower, ``max_position_embeddings`` the longest
-    conversation it is meant for (an agent trace's final turn runs to about 4,000 tokens). Returns ``target``, loadable
+    conversation it is meant for (an agent trace's final turn runs to about 4,000 tokens),
+    ``split_digits`` the tokenizer's digit handling (:func:`train_tokenizer`). Returns ``target``, loadable
     with ``AutoModelForImageTextToText`` / ``AutoProcessor`` or ``QwenVLChatModel(model_path=...)``.
     """
     if family not in FAMILIES:
@@ -154,7 +163,7 @@ def build_tiny_qwen_vl(
     import torch
 
     torch.manual_seed(seed)
-    tok = train_tokenizer(corpus, vocab_size)
+    tok = train_tokenizer(corpus, vocab_size, split_digits=split_digits)
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     common_text = dict(
         vocab_size=len(tok), hidden_size=text_hidden, intermediate_size=2 * text_hidden, num_hidden_layers=text_layers,
