@@ -273,7 +273,8 @@ def own_answers(out: Path, name: str) -> dict[str, Any]:
 
 
 def greedy_rewards(model_dir: Path, val_file: Path, preset: Any, max_prompts: int, max_new_tokens: int) -> dict[str, Any]:
-    """Mean weighted reward (and its terms) of greedy answers to the val ``agent_final`` prompts."""
+    """Mean weighted reward (and its terms) of greedy answers to a seeded sample of ``max_prompts`` val
+    ``agent_final`` prompts (the first run took the first ones in file order: breast only)."""
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -283,7 +284,9 @@ def greedy_rewards(model_dir: Path, val_file: Path, preset: Any, max_prompts: in
 
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
     proc = AutoProcessor.from_pretrained(model_dir)
-    recs = [r for r in read_jsonl(val_file) if r["task"] == "agent_final"][:max_prompts]
+    recs = [r for r in read_jsonl(val_file) if r["task"] == "agent_final"]
+    # a seeded sample, so both organs are in it (the file lists one organ after the other)
+    recs = random.Random(0).sample(recs, min(max_prompts, len(recs)))
     p = get_preset(preset)
     completions, cols = [], {"gt_label": [], "gt_boxes": [], "organ": [], "width": [], "height": []}
     for r in recs:
