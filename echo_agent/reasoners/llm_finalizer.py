@@ -45,6 +45,10 @@ from ._multimodal import is_image_block, text_of
 _FENCE_RE = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL)
 _THINK_RE = re.compile(r"<think>.*?(?:</think>|\Z)", re.DOTALL)
 _UNCALIBRATED = "probabilities come from the LLM reasoner and are not calibrated"
+#: How a Diagnosis's warnings say the LLM's answer was refused (the fusion result stands) ...
+FALLBACK_WARNING = "LLM finalizer fell back to fusion"
+#: ... or was accepted only after the repair turn.
+REPAIRED_WARNING = "the LLM's first diagnosis was invalid and was repaired"
 
 
 def _escape(text: str) -> str:
@@ -337,7 +341,7 @@ class LLMFinalizer:
                 continue
             warnings = [w for w in fusion_dx.warnings if not w.startswith("probabilities come from")]
             if attempt:
-                warnings.append(f"the LLM's first diagnosis was invalid and was repaired ({error})")
+                warnings.append(f"{REPAIRED_WARNING} ({error})")
             return dx.model_copy(update={
                 "reasoner": self.name,
                 "evidence": dx.evidence or fusion_dx.evidence,
@@ -350,8 +354,8 @@ class LLMFinalizer:
             "indeterminate": True,
             "indeterminate_reason": reason,
             "recommendation": "The reasoner could not produce a valid diagnosis: refer for a sonographer's or radiologist's review.",
-            "warnings": [*fusion_dx.warnings, f"LLM finalizer fell back to fusion: {error}"],
+            "warnings": [*fusion_dx.warnings, f"{FALLBACK_WARNING}: {error}"],
         })
 
 
-__all__ = ["LLMFinalizer", "check_grounding", "diagnosis_schema", "known_refs", "extract_json", "report_template", "validate_diagnosis"]
+__all__ = ["FALLBACK_WARNING", "REPAIRED_WARNING", "LLMFinalizer", "check_grounding", "diagnosis_schema", "known_refs", "extract_json", "report_template", "validate_diagnosis"]
