@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 from pydantic import (
@@ -440,6 +440,21 @@ def parse_evidence(data: dict[str, Any]) -> Evidence:
     raise ValueError(f"unknown evidence kind {kind!r}; expected detections, description, knowledge or classification")
 
 
+def detection_boxes(evidence: Iterable[Evidence | Mapping[str, Any]]) -> dict[str, Box]:
+    """Pixel boxes of a run's detector candidates by candidate id (``'det1:0'``), from its evidence
+    (typed items or their dict form, as in graph state). Tools and the final answer may cite a
+    candidate by id instead of copying its box."""
+    out: dict[str, Box] = {}
+    for e in evidence:
+        if isinstance(e, Mapping):
+            if e.get("kind") != "detections":
+                continue
+            e = DetectorReport.model_validate(e)
+        if isinstance(e, DetectorReport):
+            out.update((d.id, d.box) for d in e.detections if d.id)
+    return out
+
+
 __all__ = [
     "MODEL_BOX_SCALE",
     "Box",
@@ -458,6 +473,7 @@ __all__ = [
     "RegionClassification",
     "RegionDescription",
     "ReviewRecord",
+    "detection_boxes",
     "normalise_probabilities",
     "parse_evidence",
 ]

@@ -87,6 +87,27 @@ def test_unknown_tool_and_invalid_arguments_become_error_tool_messages():
     assert diagnosis_from_state(out).label == "malignant"  # the one good detector call counts
 
 
+def test_tools_take_detection_ids_instead_of_boxes():
+    """A model may name the detector's candidates by id; the tool uses their exact pixel boxes, and an
+    id no detector returned is an error that lists the known ones."""
+    tk = fake_toolkit()
+    model = ScriptedChatModel(script=[
+        AIMessage(content="", tool_calls=[call("describe_image", {"detection_ids": ["det1:0"]}, "c0")]),
+        AIMessage(content="", tool_calls=[call("detect_breast_lesions", {}, "c1")]),
+        AIMessage(content="", tool_calls=[call("describe_image", {"detection_ids": ["det1:0"]}, "c2")]),
+        AIMessage(content="", tool_calls=[call("describe_image", {"detection_ids": ["det1:7"]}, "c3")]),
+    ])
+    out = build_graph(model, toolkit=tk).compile().invoke(_input(tk))
+    tms = {m.tool_call_id: m for m in _tool_messages(out)}
+    assert tms["c0"].status == "error" and "call the detector first" in tms["c0"].content
+    assert tms["c2"].status != "error"
+    assert tms["c3"].status == "error" and "det1:7" in tms["c3"].content and "det1:0" in tms["c3"].content
+    desc = next(e for e in out["evidence"] if e["kind"] == "description")
+    det = next(e for e in out["evidence"] if e["kind"] == "detections")
+    assert desc["regions"][0]["detection_id"] == "det1:0"
+    assert desc["regions"][0]["box"] == det["detections"][0]["box"]  # the candidate's own box, not a rounded copy
+
+
 def test_unparseable_tool_call_is_answered():
     tk = fake_toolkit()
     bad = AIMessage(content="<tool_call>{oops", invalid_tool_calls=[

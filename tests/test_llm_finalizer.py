@@ -114,6 +114,23 @@ def test_repaired_answer_is_used_and_boxes_become_pixels():
     assert any("repaired" in w for w in dx.warnings) and any("not calibrated" in w for w in dx.warnings)
 
 
+def test_a_finding_may_cite_its_candidate_instead_of_copying_the_box():
+    base = {"organ": "breast", "label": "malignant", "probabilities": {"normal": 0.1, "benign": 0.2, "malignant": 0.7},
+            "category": "4C", "rationale": "r", "indeterminate": False}
+    by_id = {**base, "findings": [{"label": "malignant", "score": 0.7, "detection_ids": ["det1:0"]}]}
+    model = ScriptedChatModel(script=[AIMessage(content=json.dumps(by_id))])
+    dx = _agent(LLMFinalizer(model)).run(speckle_image(120, 160))
+    assert len(model.seen) == 1 and not dx.indeterminate
+    assert dx.box is not None and dx.box.to_list() == [10, 10, 50, 40]  # the fake detector's candidate, exactly
+    assert dx.findings[0].detection_ids == ["det1:0"]
+    for finding, problem in (({"label": "malignant", "score": 0.7}, "has no box"),
+                             ({"label": "malignant", "score": 0.7, "detection_ids": ["det4:2"]}, "'det4:2'")):
+        model = ScriptedChatModel(script=[AIMessage(content=json.dumps({**base, "findings": [finding]}))] * 2)
+        dx = _agent(LLMFinalizer(model)).run(speckle_image(120, 160))
+        assert problem in text_of(model.seen[1][-1].content) and dx.indeterminate
+    assert "box" not in diagnosis_schema(get_organ("breast"))["properties"]["findings"]["items"]["required"]
+
+
 def test_invented_detection_is_refused():
     invented = {"organ": "breast", "label": "malignant", "probabilities": {"normal": 0.1, "benign": 0.2, "malignant": 0.7},
                 "category": "4C", "findings": [{"box": [0, 0, 500, 500], "label": "malignant", "score": 0.7,

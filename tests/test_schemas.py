@@ -99,3 +99,15 @@ def test_clinical_free_text_loses_control_and_bidi_characters():
     assert c.notes is not None and not any(ch in c.notes for ch in "\x00\x1b\u202e")
     assert "\n" in c.notes and "\t" in c.notes  # ordinary layout characters stay
     assert c.symptoms == "pain"
+
+
+def test_detection_boxes_by_candidate_id():
+    from echo_agent.schemas import Box, Detection, DetectorReport, ImageContext, detection_boxes
+
+    b = Box(x1=1, y1=2, x2=30, y2=40)
+    rep = DetectorReport(id="det2", organ="breast", detector="d", score_threshold=0.25, image_width=50, image_height=50,
+                         detections=[Detection(id="det2:0", box=b, label="benign", score=0.4)])
+    ctx = ImageContext(id="desc1", organ="breast", image_width=50, image_height=50)
+    assert detection_boxes([rep, ctx]) == {"det2:0": b}
+    assert detection_boxes([rep.model_dump(), ctx.model_dump()]) == {"det2:0": b}  # graph state's dict form
+    assert detection_boxes([]) == {}

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
@@ -39,7 +40,7 @@ from pydantic import ValidationError
 from ..messages import diagnosis_from_model, diagnosis_to_model, dumps, evidence_to_model, user_message
 from ..organs import OrganSpec
 from ..prompts import read_prompt
-from ..schemas import ClinicalContext, Diagnosis, parse_evidence
+from ..schemas import Box, ClinicalContext, Diagnosis, detection_boxes, parse_evidence
 from ._multimodal import is_image_block, text_of
 
 _FENCE_RE = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL)
@@ -91,7 +92,7 @@ def diagnosis_schema(organ: OrganSpec) -> dict[str, Any]:
                         "category": category,
                         "detection_ids": {"type": "array", "items": {"type": "string"}},
                     },
-                    "required": ["box", "label", "score"],
+                    "required": ["label", "score"],
                 },
             },
             "evidence": {
@@ -158,9 +159,36 @@ def _pydantic_error(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
+def _boxes_from_ids(data: dict[str, Any], detections: Mapping[str, Box]) -> dict[str, Any]:
+    """The model-written Diagnosis with a box filled in for each finding that gives none but cites
+    detector candidates: the first cited candidate's pixel box, exactly (a model need not copy
+    numbers; ``diagnosis_from_model`` converts only list boxes)."""
+    findings = data.get("findings")
+    if not isinstance(findings, list) or all(not isinstance(f, dict) or "box" in f for f in findings):
+        return data
+    filled = []
+    for i, f in enumerate(findings):
+        if isinstance(f, dict) and "box" not in f:
+            ids = f.get("detection_ids") or []
+            if not isinstance(ids, list) or not ids:
+                raise ValueError(f"findings[{i}] has no box; give its box, or cite a detector candidate in detection_ids")
+            if ids[0] not in detections:
+                raise ValueError(f"findings[{i}] takes its box from {ids[0]!r}, which no detector call returned; "
+                                 "cite only candidate ids from the evidence")
+            f = {**f, "box": detections[ids[0]]}
+        filled.append(f)
+    return {**data, "findings": filled}
+
+
 def validate_diagnosis(data: dict[str, Any], organ: OrganSpec, width: int, height: int,
-                       *, check_category: bool = True) -> Diagnosis:
-    """Check a model-written Diagnosis against the organ; raise ``ValueError`` naming the problem."""
+                       *, check_category: bool = True, detections: Mapping[str, Box] | None = None) -> Diagnosis:
+    """Check a model-written Diagnosis against the organ; raise ``ValueError`` naming the problem.
+
+    ``detections`` (candidate id -> pixel box, :func:`echo_agent.schemas.detection_boxes`) lets a
+    finding give detection ids instead of a box.
+    """
+    if detections is not None:
+        data = _boxes_from_ids(data, detections)
     if data.get("organ", organ.name) != organ.name:
         raise ValueError(f"organ must be {organ.name!r}, got {data.get('organ')!r}")
     data = {**data, "organ": organ.name}
@@ -331,7 +359,8 @@ class LLMFinalizer:
                 error = f"the model call failed ({type(exc).__name__}: {exc})"
                 break
             try:
-                dx = validate_diagnosis(extract_json(text), organ, width, height, check_category=self.check_category)
+                dx = validate_diagnosis(extract_json(text), organ, width, height, check_category=self.check_category,
+                                        detections=detection_boxes(state.get("evidence") or []))
                 if self.check_grounding:
                     check_grounding(dx, state)
             except ValueError as exc:

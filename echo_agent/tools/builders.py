@@ -21,7 +21,7 @@ from ..errors import EchoInputError
 from ..messages import dumps, evidence_to_model
 from ..organs import OrganSpec, get_organ, list_organs
 from ..prompts import tool_text
-from ..schemas import Box, DetectorReport, Evidence
+from ..schemas import Box, DetectorReport, Evidence, detection_boxes
 from ._upstream import tool_args_and_kwargs, tracing_enabled
 from .toolkit import Toolkit, classify_regions, run_detector
 
@@ -71,10 +71,13 @@ class DescribeArgs(_ToolArgs):
     regions: list[list[int]] = Field(
         default_factory=list,
         max_length=8,
-        description="Boxes [x1, y1, x2, y2] in 0..1000 to describe (e.g. the detector's candidates); empty = whole image only.",
+        description="Boxes [x1, y1, x2, y2] in 0..1000 to describe; empty = whole image only, unless "
+        "detection_ids name detector candidates (then their boxes).",
     )
     detection_ids: list[str] | None = Field(
-        None, description="Optional detector candidate ids, one per region, to link descriptions to detections."
+        None,
+        description="Detector candidate ids (e.g. 'det1:0'), one per region, to link the results to detections; "
+        "given without regions, the candidates' own boxes are used.",
     )
 
     @field_validator("regions")
@@ -89,7 +92,8 @@ class ClassifyArgs(DescribeArgs):
     regions: list[list[int]] = Field(
         default_factory=list,
         max_length=8,
-        description="Boxes [x1, y1, x2, y2] in 0..1000 to judge (e.g. the detector's candidates, or your own).",
+        description="Boxes [x1, y1, x2, y2] in 0..1000 to judge (your own, or the detector's candidates: "
+        "for those, detection_ids alone is enough).",
     )
     whole_image: bool = Field(True, description="Also judge the whole image (is there a lesion at all?).")
 
@@ -133,10 +137,18 @@ def _image_and_regions(
     runtime: ToolRuntime, toolkit: Toolkit, regions: list[list[int]] | None, detection_ids: list[str] | None
 ) -> tuple[Any, dict[str, Any], list[Box]]:
     """The state's image, its reference and the model's 0..1000 regions as pixel boxes (one
-    detection id per region when ids are given)."""
+    detection id per region when ids are given). Ids without regions stand for the candidates'
+    own pixel boxes, so a model never has to copy a box it was given."""
     image, ref = _image_of(runtime, toolkit)
     h, w = image.shape[:2]
     regions = regions or []
+    if detection_ids and not regions:
+        known = detection_boxes(runtime.state.get("evidence") or [])
+        unknown = [i for i in detection_ids if i not in known]
+        if unknown:
+            have = ", ".join(sorted(known)) or "none yet (call the detector first)"
+            raise EchoInputError(f"detection_ids {unknown} were not returned by any detector call; known candidates: {have}")
+        return image, ref, [known[i] for i in detection_ids]
     if detection_ids is not None and len(detection_ids) != len(regions):
         raise EchoInputError(
             f"detection_ids has {len(detection_ids)} entries but regions has {len(regions)}; give one id per region"
