@@ -227,10 +227,11 @@ def test_policy_reuses_parsed_tool_results_without_sharing_mutable_arguments():
     ]
     first = policy.decide(msgs)
     assert first.tool_calls[0]["name"] == "describe_image"
-    regions = first.tool_calls[0]["args"]["regions"]
-    regions[0][0] = 999  # a caller editing the call's arguments must not reach the parsed cache
+    ids = first.tool_calls[0]["args"]["detection_ids"]  # candidates by id, not by copied box
+    assert "regions" not in first.tool_calls[0]["args"]
+    ids[0] = "det9:9"  # a caller editing the call's arguments must not reach the parsed cache
     again = policy.decide(msgs)
-    assert again.tool_calls[0]["args"]["regions"] == [[100, 100, 400, 400]]
+    assert again.tool_calls[0]["args"]["detection_ids"] == ["det1:0"]
     # unparseable content counts as a failed call (not retried); valid JSON without candidates
     # ("null") is not an error, so the detector is asked again, as before the parse cache
     broken = [*msgs[:2], ToolMessage("not json", tool_call_id="c0")]

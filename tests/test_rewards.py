@@ -102,6 +102,24 @@ def test_format_reward_checks_calls_and_diagnosis() -> None:
     assert parse_answer(dx("benign", organ="kidney"), "breast", 100, 100) is None  # wrong organ
 
 
+def test_rewards_read_findings_that_cite_candidates() -> None:
+    """A finding may give detection ids instead of a box (as LLMFinalizer allows); the rewards take the
+    box of the first cited candidate from the row's ``detections`` column."""
+    by_id = json.dumps({"organ": "breast", "label": "malignant",
+                        "probabilities": {"normal": 0.05, "benign": 0.05, "malignant": 0.9},
+                        "findings": [{"label": "malignant", "score": 0.9, "detection_ids": ["det1:0"]}]})
+    cols = {"organ": ["breast"], "width": [200], "height": [100]}
+    dets = [json.dumps({"det1:0": [100, 100, 400, 400]})]
+    assert parse_answer(by_id, "breast", 200, 100, dets[0])["boxes"] == [[100, 100, 400, 400]]
+    assert parse_answer(by_id, "breast", 200, 100) is None  # no box and nothing to take it from
+    assert parse_answer(by_id, "breast", 200, 100, {"det2:0": [0, 0, 10, 10]}) is None  # an unknown id
+    assert localization_reward([by_id], gt_boxes=[[[100, 100, 400, 400]]], detections=dets, **cols) == [1.0]
+    assert classification_reward([by_id], gt_label=["malignant"], gt_boxes=[[[100, 100, 400, 400]]],
+                                 detections=dets, **cols) == [1.0]
+    assert format_reward([by_id], detections=dets, **cols) == [1.0]
+    assert format_reward([by_id], **cols) == [0.0]
+
+
 def test_presets() -> None:
     assert ECHO_GROUND.weights["localization"] > ECHO_GROUND.weights["classification"]
     assert ECHO_DIAG.weights["classification"] > ECHO_DIAG.weights["localization"]

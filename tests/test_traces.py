@@ -55,6 +55,22 @@ def test_compact_diagnosis_is_accepted_and_sums_to_one() -> None:
         assert len(out["rationale"]) < 80
 
 
+def test_compact_diagnosis_can_cite_candidates_instead_of_boxes() -> None:
+    spec = get_organ("breast")
+    box = Box(x1=10, y1=20, x2=60, y2=80)
+    dx = Diagnosis(organ="breast", label="benign", probabilities={"normal": 0.1, "benign": 0.8, "malignant": 0.1},
+                   findings=[Finding(box=box, label="benign", score=0.4, detection_ids=["det2:1"]),
+                             Finding(box=box, label="benign", score=0.3)],
+                   category="4B", image_width=200, image_height=100)
+    out = compact_diagnosis(dx, spec, box_by_id=True)
+    assert "box" not in out["findings"][0] and out["findings"][1]["box"] == box.to_model(200, 100)
+    assert "det2:1" in out["rationale"] and "[" not in out["rationale"]
+    checked = validate_diagnosis(json.loads(json.dumps(out)), spec, 200, 100, detections={"det2:1": box})
+    assert checked.findings[0].box == box
+    with pytest.raises(ValueError, match="det2:1"):
+        validate_diagnosis(json.loads(json.dumps(out)), spec, 200, 100, detections={})
+
+
 def test_traces_follow_the_agents_run(samples: list) -> None:
     assert [s.task for s in samples] == ["agent_trace", "agent_final"] * 2
     trace, final = samples[0], samples[1]
@@ -73,6 +89,13 @@ def test_traces_follow_the_agents_run(samples: list) -> None:
     answer = json.loads(final.messages[-1].content)
     assert answer["organ"] == "breast" and answer["label"] in get_organ("breast").image_labels
     assert trace.truth["label"] == "malignant" and trace.truth["width"] > 0
+    # findings cite the run's candidates (no copied boxes); the truth keeps the candidates for the rewards
+    assert answer["findings"] and all("box" not in f and f["detection_ids"] for f in answer["findings"])
+    assert all(i in final.truth["detections"] for f in answer["findings"] for i in f["detection_ids"])
+    # and the reasoner's own calls name candidates by id too
+    args = [c["args"] for m in trace.messages if isinstance(m, AIMessage) for c in m.tool_calls
+            if c["name"] == "classify_breast_regions"]
+    assert args and "regions" not in args[0] and args[0]["detection_ids"]
 
 
 def test_trace_records_are_in_the_inference_format(samples: list, tmp_path: Path) -> None:

@@ -136,6 +136,11 @@ def test_environment_tools_match_inference(tiny: Path, curriculum) -> None:  # n
     cls = json.loads(env.classify_breast_regions(regions=[[100, 100, 600, 600]], detection_ids=["det1:0"]))
     assert cls["evidence_id"] == "cls1" and cls["regions"][-1]["box"] == "whole image"
     assert env.classify_breast_regions(regions=[], whole_image=False).startswith("Error: ")
+    # candidates by id, as in the inference tools: their boxes are this rollout's detections
+    first = report["candidates"][0]  # the simulated detector finds the true lesion
+    by_id = json.loads(env.describe_image(detection_ids=[first["id"]]))
+    assert by_id["regions"][0]["detection_id"] == first["id"]
+    assert "det7:0" in env.classify_breast_regions(detection_ids=["det7:0"])
     methods = [env.detect_breast_lesions, env.classify_breast_regions, env.describe_image, env.retrieve_knowledge]
     assert proc.apply_chat_template(conv, tools=methods, tokenize=False) == proc.apply_chat_template(
         conv, tools=tool_schemas(get_organ("breast")), tokenize=False)

@@ -159,7 +159,7 @@ def _pydantic_error(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def _boxes_from_ids(data: dict[str, Any], detections: Mapping[str, Box]) -> dict[str, Any]:
+def fill_boxes_from_ids(data: dict[str, Any], detections: Mapping[str, Box]) -> dict[str, Any]:
     """The model-written Diagnosis with a box filled in for each finding that gives none but cites
     detector candidates: the first cited candidate's pixel box, exactly (a model need not copy
     numbers; ``diagnosis_from_model`` converts only list boxes)."""
@@ -188,7 +188,7 @@ def validate_diagnosis(data: dict[str, Any], organ: OrganSpec, width: int, heigh
     finding give detection ids instead of a box.
     """
     if detections is not None:
-        data = _boxes_from_ids(data, detections)
+        data = fill_boxes_from_ids(data, detections)
     if data.get("organ", organ.name) != organ.name:
         raise ValueError(f"organ must be {organ.name!r}, got {data.get('organ')!r}")
     data = {**data, "organ": organ.name}
@@ -387,4 +387,5 @@ class LLMFinalizer:
         })
 
 
-__all__ = ["FALLBACK_WARNING", "REPAIRED_WARNING", "LLMFinalizer", "check_grounding", "diagnosis_schema", "known_refs", "extract_json", "report_template", "validate_diagnosis"]
+__all__ = ["FALLBACK_WARNING", "REPAIRED_WARNING", "LLMFinalizer", "check_grounding", "diagnosis_schema", "known_refs", "extract_json",
+           "fill_boxes_from_ids", "report_template", "validate_diagnosis"]

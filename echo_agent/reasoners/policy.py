@@ -169,15 +169,14 @@ class EmbeddedPolicy(BaseChatModel):
         ranked = sorted(latest.get("candidates", []), key=lambda c: -c["score"])[: self.max_regions]
         classify_tool = next((n for n in self.bound_tool_names if n.startswith("classify_")), None)
         if classify_tool and not any(n == classify_tool for n, _, _, _ in results):
+            # candidates by id: the tools use their exact pixel boxes (no 0..1000 round trip)
             chosen = ranked[: self.classify_regions]
-            cargs: dict[str, Any] = {"regions": [list(c["box"]) for c in chosen], "whole_image": True}
+            cargs: dict[str, Any] = {"whole_image": True}
             if chosen:
                 cargs["detection_ids"] = [c["id"] for c in chosen]
             return call(classify_tool, cargs, "Taking a second look: classifying the candidates and the whole image.")
         if "describe_image" in self.bound_tool_names and not described and not describe_failed:
-            args: dict[str, Any] = {"regions": [list(c["box"]) for c in ranked]}  # own copies: the parsed data is shared
-            if ranked:
-                args["detection_ids"] = [c["id"] for c in ranked]
+            args: dict[str, Any] = {"detection_ids": [c["id"] for c in ranked]} if ranked else {"regions": []}
             return call("describe_image", args, "Describing the image and the top candidates.")
 
         region_checked = any(a.get("region") for _, a in detections) or any(a.get("region") for a in detect_errors)

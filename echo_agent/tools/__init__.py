@@ -11,6 +11,7 @@ from .builders import (
     make_retrieve_tool,
     make_tools,
     next_evidence_id,
+    regions_to_boxes,
 )
 from .toolkit import Captioner, Retriever, Toolkit, classify_regions, run_classifier, run_detector
 
@@ -29,6 +30,7 @@ __all__ = [
     "make_retrieve_tool",
     "make_tools",
     "next_evidence_id",
+    "regions_to_boxes",
     "run_classifier",
     "run_detector",
 ]

@@ -8,7 +8,7 @@ through model-written arguments. Each tool returns a ``Command`` that appends on
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Annotated, Any, get_type_hints
 
 from langchain_core.messages import AIMessage, ToolMessage
@@ -133,27 +133,37 @@ def _image_of(runtime: ToolRuntime, toolkit: Toolkit) -> tuple[Any, dict[str, An
     return toolkit.get_store().get(ref), ref
 
 
-def _image_and_regions(
-    runtime: ToolRuntime, toolkit: Toolkit, regions: list[list[int]] | None, detection_ids: list[str] | None
-) -> tuple[Any, dict[str, Any], list[Box]]:
-    """The state's image, its reference and the model's 0..1000 regions as pixel boxes (one
-    detection id per region when ids are given). Ids without regions stand for the candidates'
-    own pixel boxes, so a model never has to copy a box it was given."""
-    image, ref = _image_of(runtime, toolkit)
-    h, w = image.shape[:2]
+def regions_to_boxes(
+    regions: list[list[int]] | None, detection_ids: list[str] | None, width: int, height: int,
+    known: Callable[[], Mapping[str, Box]],
+) -> list[Box]:
+    """A tool call's 0..1000 regions as pixel boxes of a ``width`` x ``height`` image, one detection id
+    per region when ids are given. Ids without regions stand for the candidates' own pixel boxes
+    (``known()``: candidate id -> box, e.g. :func:`echo_agent.schemas.detection_boxes` of the run's
+    evidence), so a model never has to copy a box it was given. Raises ``EchoInputError``."""
     regions = regions or []
     if detection_ids and not regions:
-        known = detection_boxes(runtime.state.get("evidence") or [])
-        unknown = [i for i in detection_ids if i not in known]
+        boxes = known()
+        unknown = [i for i in detection_ids if i not in boxes]
         if unknown:
-            have = ", ".join(sorted(known)) or "none yet (call the detector first)"
+            have = ", ".join(sorted(boxes)) or "none yet (call the detector first)"
             raise EchoInputError(f"detection_ids {unknown} were not returned by any detector call; known candidates: {have}")
-        return image, ref, [known[i] for i in detection_ids]
+        return [boxes[i] for i in detection_ids]
     if detection_ids is not None and len(detection_ids) != len(regions):
         raise EchoInputError(
             f"detection_ids has {len(detection_ids)} entries but regions has {len(regions)}; give one id per region"
         )
-    return image, ref, [Box.from_model(r, w, h) for r in regions]
+    return [Box.from_model(r, width, height) for r in regions]
+
+
+def _image_and_regions(
+    runtime: ToolRuntime, toolkit: Toolkit, regions: list[list[int]] | None, detection_ids: list[str] | None
+) -> tuple[Any, dict[str, Any], list[Box]]:
+    """The state's image, its reference and the call's regions as pixel boxes (:func:`regions_to_boxes`)."""
+    image, ref = _image_of(runtime, toolkit)
+    h, w = image.shape[:2]
+    boxes = regions_to_boxes(regions, detection_ids, w, h, lambda: detection_boxes(runtime.state.get("evidence") or []))
+    return image, ref, boxes
 
 
 class _ToolCommand(Command):  # type: ignore[type-arg]

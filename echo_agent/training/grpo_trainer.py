@@ -69,7 +69,7 @@ def make_environment(
     ``'auto'`` picks live when the organ has weights. Organs with a second-look classifier get its
     tool too (``classifiers[organ]`` or the packaged weights), as at inference.
     """
-    from ..tools.builders import ClassifyArgs, DescribeArgs, DetectArgs, RetrieveArgs
+    from ..tools.builders import ClassifyArgs, DescribeArgs, DetectArgs, RetrieveArgs, regions_to_boxes
 
     det_name, det_desc = tool_text("detect_lesions", spec)
     cls_name, cls_desc = tool_text("classify_regions", spec)
@@ -116,6 +116,7 @@ def make_environment(
             self.im: ManifestImage | None = None
             self.counts = {"det": 0, "cls": 0, "desc": 0, "kb": 0}
             self.calls: list[tuple[str, dict[str, Any]]] = []
+            self.candidates: dict[str, Box] = {}  # detection id -> pixel box, for calls that cite ids
 
         def reset(self, **row: Any) -> None:
             from ..imaging import load_image
@@ -132,6 +133,7 @@ def make_environment(
                                     boxes=boxes, split=row.get("split"))
             self.counts = {"det": 0, "cls": 0, "desc": 0, "kb": 0}
             self.calls = []
+            self.candidates = {}
             return None
 
         def _result(self, item: Any, image: Any = None) -> Any:
@@ -155,6 +157,7 @@ def make_environment(
             if region_box is not None:
                 dets = [d for d in dets if d.box.intersection(region_box) > 0]
             dets = [d.model_copy(update={"id": f"{eid}:{i}"}) for i, d in enumerate(dets)]
+            self.candidates.update((d.id, d.box) for d in dets)
             report = DetectorReport(id=eid, organ=spec.name, detector=src.name, detections=dets,
                                     score_threshold=args.score_threshold, tta=args.tta, region=region_box,
                                     image_width=w, image_height=h)
@@ -172,13 +175,8 @@ def make_environment(
         try:
             args = DescribeArgs.model_validate({"regions": regions or [], "detection_ids": detection_ids})
             h, w = self.image.shape[:2]
-            if args.detection_ids is not None and len(args.detection_ids) != len(args.regions):
-                raise EchoInputError(
-                    f"detection_ids has {len(args.detection_ids)} entries but regions has {len(args.regions)}; "
-                    "give one id per region"
-                )
+            boxes = regions_to_boxes(args.regions, args.detection_ids, w, h, lambda: self.candidates)
             self.counts["desc"] += 1
-            boxes = [Box.from_model(r, w, h) for r in args.regions]
             ctx = cap().describe(self.image, organ=spec.name, regions=boxes, detection_ids=args.detection_ids,
                                  evidence_id=f"desc{self.counts['desc']}")
         except Exception as exc:
@@ -196,7 +194,8 @@ def make_environment(
                                                 "whole_image": whole_image})
             h, w = self.image.shape[:2]
             clf = (classifiers or {}).get(spec.name) or get_region_classifier(spec)
-            res = classify_regions(spec, self.image, [Box.from_model(r, w, h) for r in args.regions], args.detection_ids,
+            boxes = regions_to_boxes(args.regions, args.detection_ids, w, h, lambda: self.candidates)
+            res = classify_regions(spec, self.image, boxes, args.detection_ids,
                                    whole_image=args.whole_image, classifier=clf,
                                    evidence_id=f"cls{self.counts['cls'] + 1}")
             self.counts["cls"] += 1
@@ -262,6 +261,8 @@ def grpo_rows(records: list[dict[str, Any]], base: Path) -> list[dict[str, Any]]
             "task": r["task"], "key": r["key"], "gt_label": truth.get("label", ""),
             "gt_boxes": json.dumps(truth.get("boxes", [])), "truth": json.dumps(truth),
             "width": int(truth.get("width", 0)), "height": int(truth.get("height", 0)),
+            # the prompt's detector candidates (agent_final): findings may cite them instead of a box
+            "detections": json.dumps(truth.get("detections") or {}),
         })
     return rows
 

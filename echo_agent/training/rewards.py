@@ -146,20 +146,29 @@ def _answer_json(text: str) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def parse_answer(completion: Any, organ: str | None, width: int | None, height: int | None) -> dict[str, Any] | None:
+def parse_answer(completion: Any, organ: str | None, width: int | None, height: int | None,
+                 detections: Mapping[str, Sequence[float]] | str | None = None) -> dict[str, Any] | None:
     """The completion's final answer: ``{"label", "boxes" (0..1000), "diagnosis"}`` or ``None``.
 
     A Diagnosis is accepted only if :func:`echo_agent.messages.diagnosis_from_model` validates it
     (and, with ``organ`` given, its organ and label set match); a grounding answer ``{"box": [...]}``
-    gives one box and no label.
+    gives one box and no label. ``detections`` (the prompt's candidates: id -> 0..1000 box, or its
+    JSON) lets a finding cite a candidate instead of giving a box, as ``LLMFinalizer`` allows.
     """
     from ..messages import diagnosis_from_model
+    from ..reasoners.llm_finalizer import fill_boxes_from_ids
 
     data = _answer_json(final_text(completion))
     if data is None:
         return None
     w, h = int(width or 1000), int(height or 1000)
     if "probabilities" in data or "label" in data:
+        if detections:
+            known = json.loads(detections) if isinstance(detections, str) else detections
+            try:
+                data = fill_boxes_from_ids(data, {k: Box.from_model(b, w, h) for k, b in known.items()})
+            except ValueError:
+                return None
         if organ is not None:
             spec = get_organ(organ)
             if data.get("organ", spec.name) != spec.name:
@@ -205,15 +214,21 @@ def _pixels(box: Sequence[float], w: int | None, h: int | None) -> list[float]:
     return Box.from_model(box, int(w), int(h)).to_list()
 
 
+def _answers(completions: Sequence[Any], kwargs: Mapping[str, Any]) -> Iterator[tuple[dict[str, Any] | None, Any, Any, Any]]:
+    """Per completion: :func:`parse_answer` with the ``organ``/``width``/``height``/``detections``
+    columns of ``kwargs``, and that row's organ, width and height."""
+    n = len(completions)
+    organs, ws, hs, dets = (_column(kwargs, k, n) for k in ("organ", "width", "height", "detections"))
+    for c, organ, w, h, d in zip(completions, organs, ws, hs, dets, strict=True):
+        yield parse_answer(c, organ, w, h, d), organ, w, h
+
+
 def _answers_with_truth(
     completions: Sequence[Any], gt_boxes: Sequence[Any], kwargs: Mapping[str, Any]
 ) -> Iterator[tuple[list[list[float]] | None, list[list[float]]]]:
     """Per completion: the answer's boxes in pixels (``None`` when it cannot be parsed) and the
     true boxes in pixels, reading ``organ``/``width``/``height`` columns from ``kwargs``."""
-    n = len(completions)
-    organs, ws, hs = (_column(kwargs, k, n) for k in ("organ", "width", "height"))
-    for c, gt, organ, w, h in zip(completions, gt_boxes, organs, ws, hs, strict=True):
-        ans = parse_answer(c, organ, w, h)
+    for (ans, _, w, h), gt in zip(_answers(completions, kwargs), gt_boxes, strict=True):
         gts = [_pixels(b, w, h) for b in _boxes(gt)]
         yield (None if ans is None else [_pixels(b, w, h) for b in ans["boxes"]]), gts
 
@@ -274,12 +289,9 @@ def classification_reward(
     >>> classification_reward([right], gt_label=["benign"], gt_boxes=[[[600, 600, 900, 900]]])
     [0.0]
     """
-    n = len(completions)
-    organs, ws, hs = (_column(kwargs, k, n) for k in ("organ", "width", "height"))
-    gtb = list(gt_boxes) if gt_boxes is not None else [[]] * n
+    gtb = list(gt_boxes) if gt_boxes is not None else [[]] * len(completions)
     out = []
-    for c, label, gt, organ, w, h in zip(completions, gt_label, gtb, organs, ws, hs, strict=True):
-        ans = parse_answer(c, organ, w, h)
+    for (ans, _, w, h), label, gt in zip(_answers(completions, kwargs), gt_label, gtb, strict=True):
         if ans is None or ans["label"] != label:
             out.append(0.0)
             continue
@@ -406,12 +418,10 @@ def format_reward(completions: Sequence[Any], **kwargs: Any) -> list[float]:
     >>> format_reward([dx, "no json here"], organ=["breast", "breast"])
     [1.0, 0.0]
     """
-    n = len(completions)
-    organs, ws, hs, tasks = (_column(kwargs, k, n) for k in ("organ", "width", "height", "task"))
+    tasks = _column(kwargs, "task", len(completions))
     out = []
-    for c, organ, w, h, task in zip(completions, organs, ws, hs, tasks, strict=True):
+    for c, (ans, organ, _, _), task in zip(completions, _answers(completions, kwargs), tasks, strict=True):
         calls = tool_calls_of(c)
-        ans = parse_answer(c, organ, w, h)
         if task in ("rec", "reg"):
             ok = ans is not None and bool(ans["boxes"])
         else:
@@ -450,13 +460,7 @@ def valid_diagnosis_reward(completions: Sequence[Any], **kwargs: Any) -> list[fl
     >>> valid_diagnosis_reward([dx, '{"label": "benign"}'], organ=["breast", "breast"])
     [1.0, 0.0]
     """
-    n = len(completions)
-    organs, ws, hs = (_column(kwargs, k, n) for k in ("organ", "width", "height"))
-    out = []
-    for c, organ, w, h in zip(completions, organs, ws, hs, strict=True):
-        ans = parse_answer(c, organ, w, h)
-        out.append(float(ans is not None and ans["diagnosis"] is not None))
-    return out
+    return [float(ans is not None and ans["diagnosis"] is not None) for ans, _, _, _ in _answers(completions, kwargs)]
 
 
 #: Zero-weight metrics that ``run_grpo`` logs next to any preset (TRL logs every reward function's mean).

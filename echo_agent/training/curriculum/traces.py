@@ -14,8 +14,8 @@ does and to write the Diagnosis that the tools' evidence supports. Two tasks do 
 ``agent_final``
     The final-reasoning turn of the same run: :meth:`LLMFinalizer.build_messages` on the run's state
     and fusion result, answered with a compact Diagnosis of that result (probabilities to two
-    decimals, the category the organ's bands give for them, the findings with their detection ids, a
-    one-line rationale), checked with :func:`validate_diagnosis` and :func:`check_grounding` -- every
+    decimals, the category the organ's bands give for them, the findings citing their detection ids
+    instead of copying boxes, a one-line rationale), checked with :func:`validate_diagnosis` and :func:`check_grounding` -- every
     target is an answer ``LLMFinalizer`` accepts.
 
 The tool results are the agent's real tools (packaged detectors, second-look classifiers, captioner,
@@ -37,7 +37,7 @@ from ...eval.manifest import ManifestImage
 from ...messages import diagnosis_to_model
 from ...organs import OrganSpec, get_organ
 from ...prompts import system_prompt
-from ...schemas import Diagnosis
+from ...schemas import Diagnosis, detection_boxes
 from .tasks import CurriculumSample
 
 #: The two trace tasks.
@@ -46,20 +46,23 @@ TRACE_TASKS: tuple[str, ...] = ("agent_trace", "agent_final")
 CLOSING_TEXT = "Evidence gathered."
 
 
-def compact_diagnosis(dx: Diagnosis, organ: OrganSpec, *, digits: int = 2) -> dict[str, Any]:
+def compact_diagnosis(dx: Diagnosis, organ: OrganSpec, *, digits: int = 2, box_by_id: bool = False) -> dict[str, Any]:
     """The model-facing Diagnosis of ``dx`` in as few tokens as ``LLMFinalizer`` accepts.
 
     Probabilities are rounded to ``digits`` decimals (the largest absorbs the rounding so they sum to
     1), the category is re-derived from the rounded probability of the positive label with the organ's
     bands (a category head's category is kept), findings keep box, label, score and detection ids,
-    and the rationale is one line naming the label and the strongest finding."""
+    and the rationale is one line naming the label and the strongest finding. With ``box_by_id`` a
+    finding that cites detector candidates leaves its box out (the finalizer takes the first cited
+    candidate's), and the rationale names the candidate instead of its box."""
     full = diagnosis_to_model(dx)
     labels = list(organ.image_labels)
     probs = {lbl: round(float(full["probabilities"].get(lbl, 0.0)), digits) for lbl in labels}
     top = max(labels, key=lambda k: probs[k])
     probs[top] = round(probs[top] + 1.0 - sum(probs.values()), digits)
     findings = [
-        {"box": f["box"], "label": f["label"], "score": round(float(f["score"]), digits),
+        {**({} if box_by_id and f.get("detection_ids") else {"box": f["box"]}),
+         "label": f["label"], "score": round(float(f["score"]), digits),
          **({"detection_ids": list(f["detection_ids"])} if f.get("detection_ids") else {})}
         for f in full.get("findings") or []
     ]
@@ -68,7 +71,8 @@ def compact_diagnosis(dx: Diagnosis, organ: OrganSpec, *, digits: int = 2) -> di
         lesion = bool(findings) or full["label"] != organ.normal_label
         category = organ.category_for(probs[organ.positive_label], lesion_found=lesion)
     lead = findings[0] if findings else None
-    rationale = (f"{full['label']}; strongest finding {lead['label']} at {lead['box']}." if lead
+    where = (lead.get("box") or lead["detection_ids"][0]) if lead else None
+    rationale = (f"{full['label']}; strongest finding {lead['label']} at {where}." if lead
                  else f"{full['label']}; no finding.")
     out: dict[str, Any] = {"organ": organ.name, "label": full["label"], "probabilities": probs, "category": category}
     if category is not None:
@@ -100,9 +104,12 @@ def agent_traces(
     closing_text: str = CLOSING_TEXT,
     forbidden_splits: Sequence[str] = ("test",),
     on_error: Callable[[ManifestImage, Exception], None] | None = None,
+    box_by_id: bool = True,
 ) -> list[CurriculumSample]:
     """Run ``agent`` (an :class:`~echo_agent.EchoAgent`) on each image, with the image's organ, and
-    record its ``tasks`` (see the module doc).
+    record its ``tasks`` (see the module doc). ``box_by_id``: the ``agent_final`` targets cite
+    detector candidates instead of copying their boxes (:func:`compact_diagnosis`); every sample's
+    ``truth["detections"]`` maps the run's candidate ids to their 0..1000 boxes, for the rewards.
 
     Raises :class:`~echo_agent.errors.EchoInputError` for an image of a forbidden split or an unknown
     task. An image whose run fails is skipped and reported to ``on_error`` (raised without one); so is
@@ -124,8 +131,10 @@ def agent_traces(
             dx = Diagnosis.model_validate(state["diagnosis"])
             ref = state["image"]
             w, h = int(ref["width"]), int(ref["height"])
+            candidates = detection_boxes(state.get("evidence") or [])
             truth = {"label": im.label, "boxes": [b.to_model(w, h) for b in im.boxes],
-                     "boxes_px": [b.to_list() for b in im.boxes], "width": w, "height": h}
+                     "boxes_px": [b.to_list() for b in im.boxes], "width": w, "height": h,
+                     "detections": {k: b.to_model(w, h) for k, b in candidates.items()}}
             paths = {str(ref["id"]): str(im.image)}
             meta = {"group": "agent traces", "reasoner": dx.reasoner or "", "tools": [
                 c["name"] for m in state["messages"] if isinstance(m, AIMessage) for c in m.tool_calls]}
@@ -135,8 +144,8 @@ def agent_traces(
                         *_reasoner_turns(state["messages"], closing_text)]
                 samples.append(CurriculumSample("agent_trace", im.key, spec.name, im.split, msgs, paths, meta, truth))
             if "agent_final" in tasks:
-                target = compact_diagnosis(dx, spec)
-                checked = validate_diagnosis(json.loads(json.dumps(target)), spec, w, h)
+                target = compact_diagnosis(dx, spec, box_by_id=box_by_id)
+                checked = validate_diagnosis(json.loads(json.dumps(target)), spec, w, h, detections=candidates)
                 check_grounding(checked, state)
                 prompt = finalizer.build_messages(state, spec, dx)
                 msgs = [*prompt, AIMessage(content=json.dumps(target, separators=(",", ":"), ensure_ascii=False))]
