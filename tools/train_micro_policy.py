@@ -279,6 +279,7 @@ def greedy_rewards(model_dir: Path, val_file: Path, preset: Any, max_prompts: in
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from echo_agent.training.curriculum import read_jsonl, resolve_images
+    from echo_agent.training.grpo_trainer import grpo_rows
     from echo_agent.training.rewards import REWARD_FUNCS, get_preset
     from echo_agent.training.sft_trainer import _pil, fill_images
 
@@ -288,9 +289,11 @@ def greedy_rewards(model_dir: Path, val_file: Path, preset: Any, max_prompts: in
     # a seeded sample, so both organs are in it (the file lists one organ after the other)
     recs = random.Random(0).sample(recs, min(max_prompts, len(recs)))
     p = get_preset(preset)
-    completions, cols = [], {"gt_label": [], "gt_boxes": [], "organ": [], "width": [], "height": []}
+    # the reward columns exactly as run_grpo's dataset gives them (detections: ids findings may cite)
+    rows = grpo_rows(recs, val_file.parent)
+    cols = {k: [row[k] for row in rows] for k in ("gt_label", "gt_boxes", "organ", "width", "height", "detections")}
+    completions = []
     for r in recs:
-        truth = json.loads(r["truth"])
         msgs = fill_images(r["messages"][:2], [_pil(x) for x in resolve_images(r, val_file.parent)])
         inputs = proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True,
                                           return_tensors="pt")
@@ -298,11 +301,6 @@ def greedy_rewards(model_dir: Path, val_file: Path, preset: Any, max_prompts: in
             ids = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         text = proc.tokenizer.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
         completions.append([{"role": "assistant", "content": text}])
-        cols["gt_label"].append(truth["label"])
-        cols["gt_boxes"].append(truth["boxes"])
-        cols["organ"].append(r["organ"])
-        cols["width"].append(truth["width"])
-        cols["height"].append(truth["height"])
     terms = {}
     total = [0.0] * len(recs)
     for name, w in p.weights.items():
