@@ -98,6 +98,19 @@ def test_traces_follow_the_agents_run(samples: list) -> None:
     assert args and "regions" not in args[0] and args[0]["detection_ids"]
 
 
+def test_traces_carry_the_images_clinical_context(agent: EchoAgent) -> None:
+    """The eval harness passes a manifest row's age and symptoms to the agent; traces must show the
+    policy the same prompts (micro-policy run 3 never saw a clinical context in training and failed on
+    every val image that had one)."""
+    im = ManifestImage(image=example_image("breast_benign"), organ="breast", label="benign", boxes=(), split="train",
+                       center="examples", age=57, symptoms="palpable lump")
+    trace, final = agent_traces(agent, [im])
+    for s in (trace, final):
+        user = next(m for m in s.messages if m.type == "human")
+        text = " ".join(b.get("text", "") for b in user.content) if isinstance(user.content, list) else user.content
+        assert "<clinical_context>" in text and "palpable lump" in text and "57" in text
+
+
 def test_trace_records_are_in_the_inference_format(samples: list, tmp_path: Path) -> None:
     recs = [to_hf_record(s, tool_images=False, relative_to=tmp_path) for s in samples]
     assert "agent_final" in FINALIZER_TASKS

@@ -127,7 +127,10 @@ def agent_traces(
             raise EchoInputError(f"{im.key} is in the {im.split!r} split, which traces must never use")
         try:
             spec = get_organ(im.organ)
-            state = agent.graph.invoke(agent.prepare_input(str(im.image), organ=spec.name))
+            # the image's clinical context too, as the eval harness and fusion fitting pass it: a policy
+            # trained only on prompts without it fails on every prompt that has one
+            ctx = {k: v for k, v in (("age", im.age), ("symptoms", im.symptoms)) if v is not None} or None
+            state = agent.graph.invoke(agent.prepare_input(str(im.image), organ=spec.name, context=ctx))
             dx = Diagnosis.model_validate(state["diagnosis"])
             ref = state["image"]
             w, h = int(ref["width"]), int(ref["height"])
