@@ -349,6 +349,7 @@ class LLMFinalizer:
         width = int(fusion_dx.image_width or ref.get("width") or 0)
         height = int(fusion_dx.image_height or ref.get("height") or 0)
         messages = self.build_messages(state, organ, fusion_dx)
+        candidates = detection_boxes(state.get("evidence") or [])  # ids a finding may cite for its box
         error = ""
         for attempt in range(self.max_repairs + 1):
             try:
@@ -360,7 +361,7 @@ class LLMFinalizer:
                 break
             try:
                 dx = validate_diagnosis(extract_json(text), organ, width, height, check_category=self.check_category,
-                                        detections=detection_boxes(state.get("evidence") or []))
+                                        detections=candidates)
                 if self.check_grounding:
                     check_grounding(dx, state)
             except ValueError as exc:
