@@ -19,6 +19,8 @@ from echo_agent.organs import get_organ
 from echo_agent.reasoners import HeuristicFusion
 from echo_agent.reasoners._multimodal import text_of
 from echo_agent.reasoners.llm_finalizer import (
+    PROBABILITY_SUM_TOLERANCE,
+    RESCALED_WARNING,
     LLMFinalizer,
     diagnosis_schema,
     extract_json,
@@ -168,12 +170,44 @@ def test_validation_rules():
             validate_diagnosis(broken, breast, 100, 100)
     normal = {"label": "normal", "probabilities": {"normal": 0.99, "benign": 0.009, "malignant": 0.001}, "category": "1"}
     assert validate_diagnosis(normal, breast, 10, 10).category == "1"
+    assert not validate_diagnosis(normal, breast, 10, 10).warnings
     schema = diagnosis_schema(kidney)
     assert schema["properties"]["label"]["enum"] == ["normal", "hydronephrosis"]
     assert schema["properties"]["category"] == {"type": "null"}
     assert extract_json('<think>hm {"a": 1}</think> ok {"b": 2}') == {"b": 2}
     with pytest.raises(ValueError, match="no JSON"):
         extract_json("nothing here")
+
+
+def test_rounded_probabilities_are_rescaled_and_the_rescaling_is_recorded():
+    breast = get_organ("breast")
+    # Two-decimal answers that sum to 1.03 / 0.96: rescaled, and the Diagnosis says so.
+    for probs, total in [({"normal": 0.01, "benign": 0.99, "malignant": 0.03}, 1.03),
+                         ({"normal": 0.02, "benign": 0.92, "malignant": 0.02}, 0.96)]:
+        dx = validate_diagnosis({"label": "benign", "probabilities": probs, "category": "4A"}, breast, 10, 10)
+        assert sum(dx.probabilities.values()) == pytest.approx(1.0)
+        assert dx.probabilities["benign"] == pytest.approx(probs["benign"] / total)
+        assert any(RESCALED_WARNING in w and f"{total:.3f}" in w for w in dx.warnings)
+    # The category is checked on the rescaled value: 0.52 as written is 4C, 0.52 / 1.04 = 0.50 is 4B.
+    edge = {"label": "malignant", "probabilities": {"normal": 0.0, "benign": 0.52, "malignant": 0.52}}
+    assert validate_diagnosis({**edge, "category": "4B"}, breast, 10, 10).category == "4B"
+    with pytest.raises(ValueError, match="inconsistent"):
+        validate_diagnosis({**edge, "category": "4C"}, breast, 10, 10)
+    # Farther than the tolerance, negative or non-numeric: refused as before, naming the problem.
+    for probs, msg in [({"normal": 0.0, "benign": 0.5, "malignant": 0.56}, "sum to 1"),
+                       ({"normal": -0.02, "benign": 0.99, "malignant": 0.06}, "must be in"),
+                       ({"normal": "x", "benign": 0.99, "malignant": 0.03}, "")]:
+        with pytest.raises(ValueError, match=msg):
+            validate_diagnosis({"label": "benign", "probabilities": probs}, breast, 10, 10)
+    assert 0 < PROBABILITY_SUM_TOLERANCE <= 0.05
+
+
+def test_the_finalizer_keeps_the_rescaling_warning():
+    answer = {"organ": "breast", "label": "benign", "probabilities": {"normal": 0.01, "benign": 0.99, "malignant": 0.03},
+              "category": "4A", "findings": [], "rationale": "benign", "indeterminate": False}
+    dx = _agent(LLMFinalizer(ScriptedChatModel(script=[AIMessage(content=json.dumps(answer))]))).run(speckle_image())
+    assert not dx.indeterminate and dx.reasoner.startswith("llm:")
+    assert any(RESCALED_WARNING in w for w in dx.warnings)
 
 
 @pytest.mark.parametrize("organ,sections", [

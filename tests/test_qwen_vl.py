@@ -207,3 +207,42 @@ def test_generation_settings_are_configuration(tiny_ckpts):
     assert len({sample(s) for s in (1, 2, 3)}) > 1
     short = _llm(tiny_ckpts["qwen3_vl"], tk, max_new_tokens=3).invoke(conv)
     assert short.usage_metadata["output_tokens"] <= 3
+
+
+def test_structured_output_decodes_under_the_json_schema(tiny_ckpts):
+    pytest.importorskip("lmformatenforcer")
+    tk = fake_toolkit()
+    schema = {"type": "object", "additionalProperties": False,
+              "properties": {"label": {"type": "string", "enum": ["benign", "malignant"]}, "sure": {"type": "boolean"}},
+              "required": ["label", "sure"]}
+    msgs = [HumanMessage(content="Read it.")]
+    for fam in ("qwen2_5_vl", "qwen3_vl"):
+        llm = _llm(tiny_ckpts[fam], tk, max_new_tokens=48)
+        free = llm.invoke(msgs).content
+        with pytest.raises(ValueError):  # random weights do not write JSON on their own
+            json.loads(free)
+        out = llm.with_structured_output(schema, include_raw=True).invoke(msgs)
+        assert out["parsing_error"] is None, out["raw"].content
+        assert set(out["parsed"]) == {"label", "sure"} and out["parsed"]["label"] in ("benign", "malignant")
+        assert isinstance(out["parsed"]["sure"], bool)
+        assert llm.with_structured_output(schema).invoke(msgs) == out["parsed"]  # greedy: the same document
+    with pytest.raises(ValueError, match="json_schema"):
+        llm.with_structured_output(schema, method="function_calling")
+
+
+def test_llm_finalizer_uses_constrained_decoding_for_local_models(tiny_ckpts):
+    from echo_agent.reasoners.llm_finalizer import LLMFinalizer
+
+    llm = _llm(tiny_ckpts["qwen3_vl"], fake_toolkit())
+    has_enforcer = __import__("importlib").util.find_spec("lmformatenforcer") is not None
+    assert LLMFinalizer(llm)._uses_json_schema() is has_enforcer
+    assert LLMFinalizer(llm, structured="text")._uses_json_schema() is False
+
+
+def test_inside_string_tracks_quotes_and_escapes():
+    from echo_agent.reasoners._constrained import _inside_string
+
+    assert not _inside_string('{"a":')
+    assert _inside_string('{"a":"x')
+    assert _inside_string('{"a":"say \\"hi')  # an escaped quote does not close the string
+    assert not _inside_string('{"a":"x\\\\"')  # an escaped backslash, then the closing quote

@@ -29,6 +29,7 @@ Example::
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 from collections.abc import Mapping
@@ -180,12 +181,21 @@ def fill_boxes_from_ids(data: dict[str, Any], detections: Mapping[str, Box]) -> 
     return {**data, "findings": filled}
 
 
+#: A model-written probability vector whose sum is this close to 1 is rescaled to sum to 1 (two-decimal
+#: rounding alone leaves sums such as 0.99 or 1.01, and a model's arithmetic is rough); one farther off
+#: is refused with the sum named.
+PROBABILITY_SUM_TOLERANCE = 0.05
+RESCALED_WARNING = "the model's probabilities were rescaled to sum to 1"
+
+
 def validate_diagnosis(data: dict[str, Any], organ: OrganSpec, width: int, height: int,
                        *, check_category: bool = True, detections: Mapping[str, Box] | None = None) -> Diagnosis:
     """Check a model-written Diagnosis against the organ; raise ``ValueError`` naming the problem.
 
     ``detections`` (candidate id -> pixel box, :func:`echo_agent.schemas.detection_boxes`) lets a
-    finding give detection ids instead of a box.
+    finding give detection ids instead of a box. Probabilities that sum to within
+    :data:`PROBABILITY_SUM_TOLERANCE` of 1 are rescaled (the Diagnosis then carries
+    :data:`RESCALED_WARNING`); the category check reads the rescaled values.
     """
     if detections is not None:
         data = fill_boxes_from_ids(data, detections)
@@ -196,6 +206,12 @@ def validate_diagnosis(data: dict[str, Any], organ: OrganSpec, width: int, heigh
     if not isinstance(probs, dict) or set(probs) != set(organ.image_labels):
         got = sorted(probs) if isinstance(probs, dict) else probs
         raise ValueError(f"probabilities must give exactly the labels {list(organ.image_labels)}, got {got}")
+    rescaled_from = None
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in probs.values()):
+        total = float(sum(probs.values()))
+        if 1e-3 < abs(total - 1.0) <= PROBABILITY_SUM_TOLERANCE:
+            data = {**data, "probabilities": {k: float(v) / total for k, v in probs.items()}}
+            rescaled_from = total
     try:
         dx = diagnosis_from_model(data, width, height)
     except ValidationError as exc:
@@ -218,6 +234,8 @@ def validate_diagnosis(data: dict[str, Any], organ: OrganSpec, width: int, heigh
             )
     if dx.category is not None and not dx.category_system:
         dx = dx.model_copy(update={"category_system": organ.category_system})
+    if rescaled_from is not None:
+        dx = dx.model_copy(update={"warnings": [*dx.warnings, f"{RESCALED_WARNING} (they summed to {rescaled_from:.3f})"]})
     return dx
 
 
@@ -251,7 +269,8 @@ class LLMFinalizer:
         model: any LangChain chat model (an endpoint model, :class:`QwenVLChatModel`, ...). Not bound
             to tools.
         structured: ``'auto'`` (the provider's JSON-schema structured output for OpenAI-compatible
-            models, JSON in text otherwise), ``'json_schema'`` or ``'text'``.
+            models; constrained decoding for :class:`QwenVLChatModel` where ``lm-format-enforcer`` is
+            installed; JSON in text otherwise), ``'json_schema'`` or ``'text'``.
         include_image: send the image with the request (turn off for text-only models).
         check_category: refuse a category the probabilities do not support.
         check_grounding: refuse findings and evidence refs that cite ids no tool returned.
@@ -327,6 +346,10 @@ class LLMFinalizer:
     def _uses_json_schema(self) -> bool:
         if self.structured != "auto":
             return self.structured == "json_schema"
+        from .qwen_vl import QwenVLChatModel
+
+        if isinstance(self.model, QwenVLChatModel):  # constrained decoding where lm-format-enforcer is installed
+            return importlib.util.find_spec("lmformatenforcer") is not None
         try:
             from langchain_openai.chat_models.base import BaseChatOpenAI
         except ImportError:
@@ -375,7 +398,7 @@ class LLMFinalizer:
             return dx.model_copy(update={
                 "reasoner": self.name,
                 "evidence": dx.evidence or fusion_dx.evidence,
-                "warnings": [*warnings, _UNCALIBRATED],
+                "warnings": [*warnings, *dx.warnings, _UNCALIBRATED],
             })
         reason = f"the LLM's final diagnosis was not usable ({error}); this is the evidence-fusion result"
         if fusion_dx.indeterminate_reason:
@@ -388,5 +411,5 @@ class LLMFinalizer:
         })
 
 
-__all__ = ["FALLBACK_WARNING", "REPAIRED_WARNING", "LLMFinalizer", "check_grounding", "diagnosis_schema", "known_refs", "extract_json",
+__all__ = ["FALLBACK_WARNING", "PROBABILITY_SUM_TOLERANCE", "REPAIRED_WARNING", "RESCALED_WARNING", "LLMFinalizer", "check_grounding", "diagnosis_schema", "known_refs", "extract_json",
            "fill_boxes_from_ids", "report_template", "validate_diagnosis"]

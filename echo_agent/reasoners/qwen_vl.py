@@ -39,7 +39,7 @@ from langchain_core.callbacks import CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.outputs import ChatGeneration, ChatResult
-from langchain_core.runnables import Runnable
+from langchain_core.runnables import Runnable, RunnableLambda
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import ConfigDict, Field, PrivateAttr
 
@@ -209,6 +209,7 @@ class QwenVLChatModel(BaseChatModel):
     _family: str | None = PrivateAttr(default=None)
     _lock: Any = PrivateAttr(default_factory=threading.Lock)
     _resized_cache: dict[tuple[int, int], tuple[int, int]] = PrivateAttr(default_factory=dict)
+    _enforcer_data: Any = PrivateAttr(default=None)
 
     @property
     def _llm_type(self) -> str:
@@ -321,6 +322,45 @@ class QwenVLChatModel(BaseChatModel):
         """
         return self.bind(tools=[convert_to_openai_tool(t) for t in tools], **kwargs)
 
+    # -- constrained decoding ------------------------------------------------------------------------
+    def with_structured_output(  # type: ignore[override]
+        self, schema: Any, *, method: str = "json_schema", include_raw: bool = False, **kwargs: Any
+    ) -> Runnable[Any, Any]:
+        """Constrained decoding: every generated token keeps the reply a prefix of a JSON document
+        valid under ``schema`` (a JSON-schema dict; needs ``lm-format-enforcer``, in the ``vlm``
+        extra). Returns the parsed dict, or ``{"raw": AIMessage, "parsed": dict | None,
+        "parsing_error": Exception | None}`` with ``include_raw``. A reply cut by ``max_new_tokens``
+        is a valid prefix, not a document: ``parsed`` is then ``None``.
+
+        Only ``method='json_schema'`` with a dict schema is supported.
+        """
+        if method != "json_schema" or not isinstance(schema, dict):
+            raise ValueError("QwenVLChatModel supports with_structured_output(method='json_schema') with a "
+                             f"JSON-schema dict only, got method={method!r} and a {type(schema).__name__}")
+        if kwargs:
+            raise TypeError(f"unexpected arguments {sorted(kwargs)}")
+
+        def parse(msg: AIMessage) -> Any:
+            try:
+                parsed, error = json.loads(text_of(msg.content)), None
+            except ValueError as exc:
+                parsed, error = None, exc
+            return {"raw": msg, "parsed": parsed, "parsing_error": error} if include_raw else parsed
+
+        return self.bind(json_schema=schema) | RunnableLambda(parse)
+
+    def _json_constraint(self, schema: dict[str, Any]) -> Any:
+        """A ``prefix_allowed_tokens_fn`` for ``generate`` that enforces ``schema`` (boxes in the
+        family's convention: the 0..1000 bounds are dropped for absolute-pixel families)."""
+        from ._constrained import prefix_allowed_tokens_fn, tokenizer_data
+
+        if self.absolute_boxes:
+            schema = _drop_box_bounds(schema)
+        if self._enforcer_data is None:  # the vocabulary's prefix tree, built once per model
+            cfg = getattr(self._model, "generation_config", None)
+            self._enforcer_data = tokenizer_data(self._processor.tokenizer, getattr(cfg, "eos_token_id", None))
+        return prefix_allowed_tokens_fn(self._enforcer_data, schema)
+
     # -- rendering -----------------------------------------------------------------------------------
     def _resized_size(self, image: Any) -> tuple[int, int]:
         """(width, height) the processor resizes an image to (exact: read from its patch grid)."""
@@ -414,6 +454,7 @@ class QwenVLChatModel(BaseChatModel):
     ) -> ChatResult:
         tools = kwargs.pop("tools", None)
         kwargs.pop("tool_choice", None)
+        schema = kwargs.pop("json_schema", None)
         t0 = time.perf_counter()
         text, images, conv = self.render(messages, tools)
         torch, device, _ = self._torch_setup()
@@ -434,6 +475,8 @@ class QwenVLChatModel(BaseChatModel):
         if stop:
             gen["stop_strings"] = list(stop)
             gen["tokenizer"] = self._processor.tokenizer
+        if schema is not None:
+            gen["prefix_allowed_tokens_fn"] = self._json_constraint(schema)
         with self._lock, torch.inference_mode():
             out = self._model.generate(**inputs, **gen)
         t2 = time.perf_counter()
@@ -464,6 +507,20 @@ class QwenVLChatModel(BaseChatModel):
                             "total_tokens": n_in + int(new.shape[0])},
         )
         return ChatResult(generations=[ChatGeneration(message=msg)])
+
+
+def _drop_box_bounds(schema: Any) -> Any:
+    """``schema`` without the 0..1000 bounds of box coordinates (absolute-pixel families)."""
+    if isinstance(schema, dict):
+        out = {k: _drop_box_bounds(v) for k, v in schema.items()}
+        if out.get("type") == "array" and out.get("minItems") == 4 and out.get("maxItems") == 4:
+            items = dict(out.get("items") or {})
+            items.pop("maximum", None)
+            out["items"] = items
+        return out
+    if isinstance(schema, list):
+        return [_drop_box_bounds(v) for v in schema]
+    return schema
 
 
 def _hermes_fallback(hf: list[dict[str, Any]], tools: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
