@@ -56,6 +56,13 @@ def inference_session(path: Path, *, threads: int, providers: Sequence[str] = ("
         ) from exc
 
 
+def _to_network(padded: np.ndarray) -> np.ndarray:
+    """Letterboxed uint8 ``(n, s, s, 3)`` images as the network's float32 ``(n, 3, s, s)`` input in 0..1."""
+    batch = np.empty((padded.shape[0], 3, padded.shape[1], padded.shape[2]), dtype=np.float32)
+    np.divide(padded.transpose(0, 3, 1, 2), np.float32(255.0), out=batch, dtype=np.float32)
+    return batch
+
+
 def parse_ultralytics_metadata(meta: dict[str, str]) -> dict[str, Any]:
     """Parse the ``metadata_props`` ultralytics writes into an exported ONNX model.
 
@@ -323,9 +330,7 @@ class OnnxDetector(LetterboxYoloDetector):
         step = self.max_batch if self._dynamic_batch else 1
         for start in range(0, len(todo), step):
             idx = todo[start : start + step]
-            batch = np.empty((len(idx), 3, s, s), dtype=np.float32)
-            np.divide(padded[idx].transpose(0, 3, 1, 2), np.float32(255.0), out=batch, dtype=np.float32)
-            raw = self._forward(batch)
+            raw = self._forward(_to_network(padded[idx]))
             for j, i in enumerate(idx):
                 one = raw[j : j + 1].copy()
                 one.setflags(write=False)  # shared through the cache
@@ -341,6 +346,17 @@ class OnnxDetector(LetterboxYoloDetector):
             if outs[i] is None:
                 outs[i] = outs[first[keys[i]]]
         return np.concatenate(outs, axis=0), infos, keys  # type: ignore[arg-type]
+
+    def network_input(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """The float32 ``(n, 3, s, s)`` tensor the network receives for ``images`` (letterboxed to
+        the model's input size, scaled to 0..1), e.g. as calibration data for quantization."""
+        self.load()
+        images = [check_image(img, f"image {i}") for i, img in enumerate(images)]
+        s = self._input_size
+        padded = np.empty((len(images), s, s, 3), dtype=np.uint8)
+        for i, img in enumerate(images):
+            letterbox(img, s, out=padded[i])
+        return _to_network(padded)
 
     def pin(self, images: Sequence[np.ndarray]) -> list[bytes]:
         """Run the network on ``images`` now, batched, and hold the outputs until :meth:`unpin` with
