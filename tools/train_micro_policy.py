@@ -183,14 +183,14 @@ def validity_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def micro_agent(model_dir: Path, max_new_tokens: int) -> Any:
+def micro_agent(model_dir: Path, max_new_tokens: int, structured: str = "text") -> Any:
     from echo_agent import EchoAgent
     from echo_agent.reasoners.llm_finalizer import LLMFinalizer
     from echo_agent.reasoners.qwen_vl import QwenVLChatModel
 
     llm = QwenVLChatModel(model_path=str(model_dir), max_new_tokens=max_new_tokens, images_in_tool_messages=False,
                           device="cpu", dtype="float32")
-    return EchoAgent(reasoner=llm, finalizer=LLMFinalizer(llm, structured="text"), router=None)
+    return EchoAgent(reasoner=llm, finalizer=LLMFinalizer(llm, structured=structured), router=None)
 
 
 def agent_metrics(result: Any) -> dict[str, Any]:
@@ -209,8 +209,28 @@ def agent_metrics(result: Any) -> dict[str, Any]:
     return out
 
 
+def fresh_val_keys(a: argparse.Namespace, used: list[str], per_organ: int) -> list[str]:
+    """Val images outside ``used``, for measuring a change chosen while looking at the ``used``
+    images: a seeded sample of ``per_organ`` per organ (at most ``--frames-per-clip`` per clip),
+    first from groups (near-duplicate groups, kidney clips) that ``used`` does not touch, then, where
+    those run out, other frames of the touched groups."""
+    from echo_agent.eval.splits import cv_group
+
+    images = [im for im in all_images(a.manifest) if im.split == "val" and im.key not in set(used)]
+    used_groups = {cv_group(im) for im in all_images(a.manifest) if im.key in set(used)}
+    untouched = pick_images([im for im in images if cv_group(im) not in used_groups], "val", per_organ,
+                            a.frames_per_clip, a.seed + 1)
+    out = [im.key for im in untouched]
+    for organ in sorted({im.organ for im in images}):
+        short = per_organ - sum(1 for im in untouched if im.organ == organ)
+        if short > 0:
+            touched = [im for im in images if im.organ == organ and cv_group(im) in used_groups]
+            out += [im.key for im in pick_images(touched, "val", short, a.frames_per_clip, a.seed + 1)]
+    return sorted(out)
+
+
 def evaluate_agents(out: Path, val_keys: list[str], model_dir: Path | None, a: argparse.Namespace, name: str,
-                    embedded: bool) -> dict[str, Any]:
+                    embedded: bool, embedded_name: str = "embedded") -> dict[str, Any]:
     from echo_agent import EchoAgent
     from echo_agent.eval.harness import evaluate
 
@@ -218,11 +238,11 @@ def evaluate_agents(out: Path, val_keys: list[str], model_dir: Path | None, a: a
     images = [im for im in all_images(a.manifest) if im.key in keys and im.split == "val"]
     res: dict[str, Any] = {}
     if embedded:
-        r = evaluate(images, agent=EchoAgent(router=None), out_dir=out / "eval" / "embedded", progress=False,
+        r = evaluate(images, agent=EchoAgent(router=None), out_dir=out / "eval" / embedded_name, progress=False,
                      plots=False, overwrite=True, command="tools/train_micro_policy.py (embedded policy)")
         res["embedded"] = agent_metrics(r)
     if model_dir is not None:
-        traced = TracedAgent(micro_agent(model_dir, a.max_new_tokens))
+        traced = TracedAgent(micro_agent(model_dir, a.max_new_tokens, a.structured))
         t = time.time()
         r = evaluate(images, agent=traced, out_dir=out / "eval" / name, progress=False, plots=False, overwrite=True,
                      command=f"tools/train_micro_policy.py ({name})")
@@ -383,6 +403,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-eval", action="store_true", help="Do not run the agents on the val images.")
     ap.add_argument("--plot", default="", help="Write the SFT loss and GRPO reward curves to this PNG.")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--structured", choices=("text", "json_schema"), default="text",
+                    help="How the micro agent's finalizer asks for the Diagnosis: free text, or decoding "
+                         "constrained to the Diagnosis JSON schema (QwenVLChatModel.with_structured_output).")
+    ap.add_argument("--eval-checkpoint", nargs=2, action="append", default=[], metavar=("NAME", "DIR"),
+                    help="Only evaluate these checkpoints in the agent on the val images (repeatable; needs "
+                         "the traces in --out); results go to results.json under eval_NAME.")
+    ap.add_argument("--fresh-val", type=int, default=0, metavar="N",
+                    help="With --eval-checkpoint: evaluate on N val images per organ outside the traces' val "
+                         "sample and its clips (written once to traces/images_val_fresh.json), with the "
+                         "embedded policy on the same images.")
     a = ap.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -398,6 +428,26 @@ def main(argv: list[str] | None = None) -> int:
         res_path.write_text(json.dumps(results, indent=1, default=str), "utf-8")
 
     files = {"train": out / "traces" / "train.jsonl", "val": out / "traces" / "val.jsonl"}
+    if a.eval_checkpoint:
+        val_keys = json.loads((out / "traces" / "images_val.json").read_text())
+        embedded = False
+        if a.fresh_val:
+            fresh = out / "traces" / "images_val_fresh.json"
+            if not fresh.is_file():
+                fresh.write_text(json.dumps(fresh_val_keys(a, val_keys, a.fresh_val), indent=0))
+            val_keys, embedded = json.loads(fresh.read_text()), "embedded_fresh" not in results
+        for name, ckpt in a.eval_checkpoint:
+            t = time.time()
+            res = evaluate_agents(out, val_keys, Path(ckpt), a, name, embedded=embedded, embedded_name="embedded_fresh")
+            if "embedded" in res:
+                results["embedded_fresh"] = {"n_images": len(val_keys), **res.pop("embedded")}
+                embedded = False
+            results[f"eval_{name}"] = {"structured": a.structured, "images": "fresh" if a.fresh_val else "val",
+                                       "n_images": len(val_keys), **res}
+            timings[f"eval_{name}_s"] = time.time() - t
+            print(f"eval_{name}", json.dumps(results[f"eval_{name}"], indent=1), flush=True)
+            save()
+        return 0
     if not (a.reuse and files["train"].is_file()):
         t = time.time()
         files = build_traces(out, a)
