@@ -419,8 +419,11 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"command": "python tools/train_micro_policy.py " + " ".join(argv or sys.argv[1:])}
     timings: dict[str, float] = {}
     res_path = out / "results.json"
-    if a.reuse and res_path.is_file():
-        results = {**json.loads(res_path.read_text()), "command": results["command"]}
+    command = results["command"]
+    if (a.reuse or a.eval_checkpoint) and res_path.is_file():  # an evaluation adds to the run's results
+        results = json.loads(res_path.read_text())
+        if not a.eval_checkpoint:
+            results["command"] = command
         timings = results.get("timings_s", {})
 
     def save() -> None:
@@ -442,7 +445,8 @@ def main(argv: list[str] | None = None) -> int:
             if "embedded" in res:
                 results["embedded_fresh"] = {"n_images": len(val_keys), **res.pop("embedded")}
                 embedded = False
-            results[f"eval_{name}"] = {"structured": a.structured, "images": "fresh" if a.fresh_val else "val",
+            results[f"eval_{name}"] = {"command": command, "structured": a.structured,
+                                       "images": "fresh" if a.fresh_val else "val",
                                        "n_images": len(val_keys), **res}
             timings[f"eval_{name}_s"] = time.time() - t
             print(f"eval_{name}", json.dumps(results[f"eval_{name}"], indent=1), flush=True)
