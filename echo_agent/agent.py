@@ -261,6 +261,28 @@ class EchoAgent:
         """Diagnose one image. ``context`` is a dict of :class:`ClinicalContext` fields or free text."""
         return _final(self._drain(*self._begin(image, organ, context, frame, thread_id), events=False))
 
+    def run_state(
+        self,
+        image: ImageInput,
+        *,
+        organ: str | None = None,
+        context: ContextInput = None,
+        frame: int | None = None,
+        thread_id: str | None = None,
+    ) -> dict[str, Any]:
+        """Diagnose one image and return the graph's final state instead of the Diagnosis alone: the
+        image reference (``image``), ``organ``, ``clinical``, the whole conversation (``messages``:
+        the reasoner's tool calls and the tools' results), the typed ``evidence`` records,
+        ``warnings``, and
+        ``diagnosis`` (a JSON dict; ``Diagnosis.model_validate`` gives the object). For tools that
+        learn from or score the run itself (fusion fitting, traces, policy evaluation). Not for
+        ``review=True`` agents, whose runs pause: use :meth:`start` / :meth:`resume`."""
+        if self.review:
+            raise EchoError("run_state() runs to the end; a review agent pauses: use start()/resume()")
+        inp, config = self._begin(image, organ, context, frame, thread_id)
+        # the graph's output schema leaves the clinical context out; it is the run's input
+        return {**self.graph.invoke(inp, config or None), "clinical": inp.get("clinical")}
+
     async def arun(
         self,
         image: ImageInput,

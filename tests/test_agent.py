@@ -81,6 +81,24 @@ def test_run_every_input_type(agent, tmp_path):
     assert len({d.model_dump_json() for d in results}) == 1  # same pixels, same answer
 
 
+def test_run_state_returns_the_run_behind_the_diagnosis(agent):
+    from langchain_core.messages import AIMessage, ToolMessage
+
+    arr = speckle_image()
+    state = agent.run_state(arr, context={"age": 61})
+    dx = Diagnosis.model_validate(state["diagnosis"])
+    same = agent.run(arr, context={"age": 61})
+    assert dx.model_dump(exclude={"elapsed_ms"}) == same.model_dump(exclude={"elapsed_ms"})
+    assert state["organ"] == "breast" and state["clinical"] == {"age": 61}
+    assert state["image"]["width"] == arr.shape[1] and state["evidence"]
+    calls = [c["name"] for m in state["messages"] if isinstance(m, AIMessage) for c in m.tool_calls]
+    assert calls and len([m for m in state["messages"] if isinstance(m, ToolMessage)]) == len(calls)
+    with pytest.raises(EchoInputError):
+        agent.run_state(b"not an image")
+    with pytest.raises(EchoError, match="start"):
+        EchoAgent(organ="breast", toolkit=fake_toolkit(), router=None, review=True).run_state(arr)
+
+
 def test_dicom_identifiers_never_reach_outputs(agent, tmp_path):
     dcm = _dicom(tmp_path / "multi.dcm", speckle_image(), frames=3)
     events = list(agent.stream(dcm, frame=2))

@@ -165,7 +165,7 @@ class TracedAgent:
         from echo_agent.schemas import Diagnosis
         from echo_agent.training.curriculum.traces import run_validity
 
-        state = self.agent.graph.invoke(self.agent.prepare_input(image, organ=organ, context=context))
+        state = self.agent.run_state(image, organ=organ, context=context)
         self.validity.append(run_validity(state))
         return Diagnosis.model_validate(state["diagnosis"])
 

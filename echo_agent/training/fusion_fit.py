@@ -85,13 +85,12 @@ def collect_runs(images: Sequence[Any], *, agent: Any = None, progress: Callable
     out: list[RunRecord] = []
     for i, im in enumerate(images):
         ctx = {k: v for k, v in (("age", im.age), ("symptoms", im.symptoms)) if v is not None} or None
-        inp = agent.prepare_input(im.image, organ=im.organ, context=ctx)
-        state = agent.graph.invoke(inp)
+        state = agent.run_state(im.image, organ=im.organ, context=ctx)
         ref = state["image"]
         out.append(RunRecord(
             key=im.key, group=cv_group(im), organ=im.organ, label=im.label,
             width=int(ref["width"]), height=int(ref["height"]), evidence=state.get("evidence") or [],
-            clinical=inp.get("clinical"),
+            clinical=state.get("clinical"),
         ))
         if progress is not None:
             progress(i + 1, len(images))
