@@ -104,9 +104,8 @@ def _collect(source: str | Path, *, organ: str | None, split: str | None) -> lis
                 continue
             if split and im.split != split:
                 continue
-            ctx = {k: v for k, v in (("age", im.age), ("symptoms", im.symptoms)) if v is not None} or None
             truth = {"label": im.label, "boxes": [b.to_list() for b in im.boxes], "category": im.category}
-            items.append(BatchItem(id=im.key, image=im.image, organ=im.organ, context=ctx, truth=truth))
+            items.append(BatchItem(id=im.key, image=im.image, organ=im.organ, context=im.clinical_context, truth=truth))
         return items
     if p.is_dir():
         files = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())

@@ -167,11 +167,6 @@ def _cluster(im: ManifestImage) -> str | None:
     return f"{im.center or ''}|{unit}" if unit else None
 
 
-def _context(im: ManifestImage) -> dict[str, Any] | None:
-    ctx = {k: v for k, v in (("age", im.age), ("symptoms", im.symptoms)) if v is not None}
-    return ctx or None
-
-
 def _error_record(exc: BaseException) -> dict[str, str]:
     frames = traceback.extract_tb(exc.__traceback__)
     where = f"{frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name}" if frames else ""
@@ -273,7 +268,7 @@ def _run_item(
 
     t0 = time.perf_counter()
     try:
-        dx = agent.run(im.image, organ=im.organ, context=_context(im))
+        dx = agent.run(im.image, organ=im.organ, context=im.clinical_context)
         elapsed = round((time.perf_counter() - t0) * 1000, 2)
         if not isinstance(dx, Diagnosis):
             raise TypeError(f"the agent returned {type(dx).__name__}, not a Diagnosis")

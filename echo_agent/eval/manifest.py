@@ -31,6 +31,7 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..errors import ManifestError, UnknownOrganError
 from ..organs import get_organ
@@ -84,6 +85,14 @@ class ManifestImage:
     def birads(self) -> str | None:
         """The reader's category under its name before it was generalised (:attr:`category`)."""
         return self.category
+
+    @property
+    def clinical_context(self) -> dict[str, Any] | None:
+        """What the agent gets as ``context=`` for this image: its ``age`` and ``symptoms`` where the
+        manifest has them, ``None`` when it has neither (the eval harness, batch runs, fusion
+        fitting and the training traces all pass this)."""
+        ctx = {k: v for k, v in (("age", self.age), ("symptoms", self.symptoms)) if v is not None}
+        return ctx or None
 
     @property
     def key(self) -> str:

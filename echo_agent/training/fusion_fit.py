@@ -84,8 +84,7 @@ def collect_runs(images: Sequence[Any], *, agent: Any = None, progress: Callable
     agent = agent or EchoAgent.from_config(AgentConfig(fusion="heuristic"))
     out: list[RunRecord] = []
     for i, im in enumerate(images):
-        ctx = {k: v for k, v in (("age", im.age), ("symptoms", im.symptoms)) if v is not None} or None
-        state = agent.run_state(im.image, organ=im.organ, context=ctx)
+        state = agent.run_state(im.image, organ=im.organ, context=im.clinical_context)
         ref = state["image"]
         out.append(RunRecord(
             key=im.key, group=cv_group(im), organ=im.organ, label=im.label,

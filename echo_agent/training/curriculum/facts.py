@@ -16,7 +16,7 @@ from ...schemas import ClinicalContext, Descriptor
 # ---------------------------------------------------------------------------------------------------
 def clinical_for(im: ManifestImage) -> ClinicalContext | None:
     """The clinical context the agent gets for a manifest image (age, symptoms), as the eval harness does."""
-    data = {k: v for k, v in (("age", im.age), ("symptoms", im.symptoms)) if v is not None}
+    data = im.clinical_context
     return ClinicalContext.model_validate(data) if data else None
 
 

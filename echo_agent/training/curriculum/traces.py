@@ -129,8 +129,7 @@ def agent_traces(
             spec = get_organ(im.organ)
             # the image's clinical context too, as the eval harness and fusion fitting pass it: a policy
             # trained only on prompts without it fails on every prompt that has one
-            ctx = {k: v for k, v in (("age", im.age), ("symptoms", im.symptoms)) if v is not None} or None
-            state = agent.run_state(str(im.image), organ=spec.name, context=ctx)
+            state = agent.run_state(str(im.image), organ=spec.name, context=im.clinical_context)
             dx = Diagnosis.model_validate(state["diagnosis"])
             ref = state["image"]
             w, h = int(ref["width"]), int(ref["height"])
