@@ -216,8 +216,9 @@ def fresh_val_keys(a: argparse.Namespace, used: list[str], per_organ: int) -> li
     those run out, other frames of the touched groups."""
     from echo_agent.eval.splits import cv_group
 
-    images = [im for im in all_images(a.manifest) if im.split == "val" and im.key not in set(used)]
-    used_groups = {cv_group(im) for im in all_images(a.manifest) if im.key in set(used)}
+    everything, used_set = all_images(a.manifest), set(used)
+    images = [im for im in everything if im.split == "val" and im.key not in used_set]
+    used_groups = {cv_group(im) for im in everything if im.key in used_set}
     untouched = pick_images([im for im in images if cv_group(im) not in used_groups], "val", per_organ,
                             a.frames_per_clip, a.seed + 1)
     out = [im.key for im in untouched]

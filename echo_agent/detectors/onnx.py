@@ -309,9 +309,7 @@ class OnnxDetector(LetterboxYoloDetector):
         images = [check_image(img, f"image {i}") for i, img in enumerate(images)]
         if not images:
             return np.zeros((0, 0, 0), dtype=np.float32), [], []
-        s = self._input_size
-        padded = np.empty((len(images), s, s, 3), dtype=np.uint8)
-        infos = [letterbox(img, s, out=padded[i])[1] for i, img in enumerate(images)]
+        padded, infos = self._letterboxed(images)
         keys = [hashlib.sha256(padded[i].data).digest() for i in range(len(images))]
         outs: list[np.ndarray | None] = [None] * len(images)
         with self._cache_lock:
@@ -351,12 +349,14 @@ class OnnxDetector(LetterboxYoloDetector):
         """The float32 ``(n, 3, s, s)`` tensor the network receives for ``images`` (letterboxed to
         the model's input size, scaled to 0..1), e.g. as calibration data for quantization."""
         self.load()
-        images = [check_image(img, f"image {i}") for i, img in enumerate(images)]
+        return _to_network(self._letterboxed([check_image(img, f"image {i}") for i, img in enumerate(images)])[0])
+
+    def _letterboxed(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, list[LetterboxInfo]]:
+        """Checked ``images`` letterboxed to the input size: uint8 ``(n, s, s, 3)`` and each one's geometry."""
         s = self._input_size
         padded = np.empty((len(images), s, s, 3), dtype=np.uint8)
-        for i, img in enumerate(images):
-            letterbox(img, s, out=padded[i])
-        return _to_network(padded)
+        infos = [letterbox(img, s, out=padded[i])[1] for i, img in enumerate(images)]
+        return padded, infos
 
     def pin(self, images: Sequence[np.ndarray]) -> list[bytes]:
         """Run the network on ``images`` now, batched, and hold the outputs until :meth:`unpin` with
