@@ -20,6 +20,7 @@ from echo_agent.training.quantize import (  # noqa: E402
     classifier_calibration_inputs,
     compute_nodes,
     detector_calibration_inputs,
+    fp32_source,
     quantize_onnx,
 )
 
@@ -98,6 +99,20 @@ def test_bad_requests_are_refused_with_the_reason(tmp_path):
     with pytest.raises(ValueError, match="exists"):
         quantize_onnx(src, tmp_path / "exists.onnx", good)
     assert (tmp_path / "exists.onnx").read_bytes() == b"keep me"  # nothing the user had is lost
+
+
+def test_an_8bit_file_is_not_quantized_again_and_leads_back_to_its_source(tmp_path):
+    src = tiny_classifier(tmp_path / "cls.onnx")
+    inputs = classifier_calibration_inputs(OnnxRegionClassifier(src), [(img, [None]) for img in _images(2)])
+    q = tmp_path / "cls_int8.onnx"
+    quantize_onnx(src, q, inputs)
+    with pytest.raises(ValueError, match="already quantized.*cls.onnx"):
+        quantize_onnx(q, tmp_path / "again.onnx", inputs)
+    assert fp32_source(q) == src and fp32_source(src) == src
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    (moved / "cls_int8.onnx").write_bytes(q.read_bytes())
+    assert fp32_source(moved / "cls_int8.onnx") == moved / "cls_int8.onnx"  # no source beside it
 
 
 def test_detector_network_input_is_what_the_detector_runs():

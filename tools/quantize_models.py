@@ -5,7 +5,8 @@
     python tools/quantize_models.py --organ breast --model classifier --method percentile --out /tmp/q/breast_cls_int8.onnx
     python tools/quantize_models.py --organ kidney --model classifier --source my_kidney.onnx --out /tmp/q/k.onnx
 
-The source defaults to the organ's packaged model. Calibration inputs come from a seeded sample of
+The source defaults to the organ's packaged model (its fp32 original where the packaged one is
+already 8-bit, e.g. kidney's second look). Calibration inputs come from a seeded sample of
 ``--images`` train-split images of the organ's centers (``--centers``; default: every registered
 center of the organ), through the runtime's preprocessing: the detector's letterbox of each image
 and its mirror; the classifier's crops of the whole image and of every ground-truth box.
@@ -28,12 +29,14 @@ sys.path.insert(0, str(REPO))
 
 
 def main(argv: list[str] | None = None) -> int:
+    from echo_agent.training.quantize import METHODS
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--organ", required=True)
     ap.add_argument("--model", required=True, choices=("detector", "classifier"))
     ap.add_argument("--out", required=True, type=Path, help="output .onnx (a <out>.json report is written beside it)")
     ap.add_argument("--source", type=Path, default=None, help="fp32 model (default: the organ's packaged one)")
-    ap.add_argument("--method", default="minmax", help="calibration: minmax or percentile")
+    ap.add_argument("--method", default="minmax", choices=METHODS, help="calibration method")
     ap.add_argument("--images", type=int, default=128, help="train images to calibrate on (seeded sample)")
     ap.add_argument("--centers", nargs="+", default=None, help="centers (default: every center of the organ)")
     ap.add_argument("--seed", type=int, default=0)
@@ -57,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         classifier_calibration_inputs,
         compute_nodes,
         detector_calibration_inputs,
+        fp32_source,
         quantize_onnx,
     )
     from echo_agent.training.region_classifier import prepare_cases
@@ -65,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     source = args.source or (spec.resolve_weights() if args.model == "detector" else spec.resolve_classifier_weights())
     if source is None:
         ap.error(f"organ {args.organ!r} has no packaged {args.model}; pass --source")
+    if args.source is None:
+        source = fp32_source(source)  # a packaged 8-bit model is remade from its fp32 original
     centers = args.centers or [c for c in list_centers() if center_organ(c) == spec.name]
     if not centers:
         ap.error(f"no registered center holds {spec.name!r} images; pass --centers")
@@ -79,13 +85,11 @@ def main(argv: list[str] | None = None) -> int:
     cases = prepare_cases(chosen, spec.image_labels)
     print(f"{len(cases)} train images of {', '.join(centers)} -> calibration inputs", flush=True)
 
-    if args.model == "detector":
-        model = OnnxDetector(source)
-        inputs = detector_calibration_inputs(model, [c.array for c in cases])
-    else:
-        model = OnnxRegionClassifier(source)
-        inputs = classifier_calibration_inputs(model, [(c.array, [None, *c.boxes]) for c in cases])
     detector = args.model == "detector"
+    if detector:
+        inputs = detector_calibration_inputs(OnnxDetector(source), [c.array for c in cases])
+    else:
+        inputs = classifier_calibration_inputs(OnnxRegionClassifier(source), [(c.array, [None, *c.boxes]) for c in cases])
     op_arg = args.op_types or ("Conv,MatMul,Gemm" if detector else "all")
     op_types = None if op_arg == "all" else [t.strip() for t in op_arg.split(",") if t.strip()]
     first = args.float_first if args.float_first is not None else (0 if detector else 3)

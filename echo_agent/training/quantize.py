@@ -41,6 +41,7 @@ __all__ = [
     "QuantizeReport",
     "classifier_calibration_inputs",
     "compute_nodes",
+    "fp32_source",
     "detector_calibration_inputs",
     "quantize_onnx",
 ]
@@ -54,6 +55,28 @@ _PERCENTILE = 99.999
 #: so its pre- and post-processing stay float (box decoding concatenates pixel coordinates with 0..1
 #: scores in one tensor, which one 8-bit scale cannot hold).
 QUANT_OP_TYPES = ("Conv", "MatMul", "Gemm")
+
+
+def _quant_record(session: Any) -> dict[str, Any] | None:
+    """The :data:`QUANT_META_KEY` record of a loaded model (``None``: not quantized by this module)."""
+    meta = session.get_modelmeta().custom_metadata_map or {}
+    return json.loads(meta[QUANT_META_KEY]) if QUANT_META_KEY in meta else None
+
+
+def _session(path: Path) -> Any:
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def fp32_source(path: str | Path) -> Path:
+    """``path`` itself, or for a file this module quantized, the fp32 file it was made from when
+    that lies beside it (e.g. the packaged ``kidney_int8.onnx`` -> ``kidney.onnx``)."""
+    path = Path(path)
+    record = _quant_record(_session(path))
+    if record is not None and (path.parent / record["source"]).is_file():
+        return path.parent / record["source"]
+    return path
 
 
 def compute_nodes(path: str | Path) -> list[str]:
@@ -144,12 +167,12 @@ def quantize_onnx(source: str | Path, output: str | Path, inputs: Sequence[np.nd
     ``op_types``: the operator types to quantize (``None``: every type ONNX Runtime can);
     ``exclude_nodes``: node names kept in float whatever their type (see :func:`compute_nodes`).
 
-    Raises :class:`ValueError` for an unknown ``method``, no calibration inputs, inputs whose shape
-    the model does not take, ``output`` equal to ``source``, or an existing ``output`` without
-    ``overwrite``; :class:`FileNotFoundError` when ``source`` does not exist.
+    Raises :class:`ValueError` for an unknown ``method``, a ``source`` that is already quantized, no
+    calibration inputs, inputs whose shape the model does not take, ``output`` equal to ``source``,
+    or an existing ``output`` without ``overwrite``; :class:`FileNotFoundError` when ``source`` does
+    not exist.
     """
     import onnx
-    import onnxruntime as ort
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -166,11 +189,14 @@ def quantize_onnx(source: str | Path, output: str | Path, inputs: Sequence[np.nd
         raise ValueError(f"{output} exists; pass overwrite=True (--overwrite) to replace it")
     if not inputs:
         raise ValueError("no calibration inputs: quantization needs at least one input the model would see")
-    sess = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"])
+    sess = _session(source)
+    record = _quant_record(sess)
+    if record is not None:
+        raise ValueError(f"{source} is already quantized (from {record['source']}); quantize the fp32 model "
+                         "(fp32_source() finds it beside a packaged 8-bit file)")
     spec = sess.get_inputs()[0]
     for i, x in enumerate(inputs):
-        fixed = [d for d in spec.shape[1:]]
-        if x.ndim != len(spec.shape) or any(isinstance(d, int) and d != s for d, s in zip(fixed, x.shape[1:], strict=True)):
+        if x.ndim != len(spec.shape) or any(isinstance(d, int) and d != n for d, n in zip(spec.shape[1:], x.shape[1:], strict=True)):
             raise ValueError(f"calibration input {i} has shape {tuple(x.shape)}; {source.name} takes {spec.shape}")
     del sess
 
