@@ -239,6 +239,29 @@ def validate_diagnosis(data: dict[str, Any], organ: OrganSpec, width: int, heigh
     return dx
 
 
+def rounded_model_diagnosis(dx: Diagnosis, organ: OrganSpec, *, digits: int = 2) -> dict[str, Any]:
+    """``dx`` in the model-facing format with the numbers a model would write: probabilities rounded
+    to ``digits`` decimals (the largest absorbs the rounding, so they sum to 1), the category of the
+    rounded probability of the positive label (so the result passes :func:`validate_diagnosis`'s
+    category check; a category head's category is kept), finding scores rounded to ``digits``.
+
+    The finalizer's baseline and the SFT targets (``compact_diagnosis``) are written with it, so a
+    model can take the baseline's numbers by copying them.
+    """
+    data = diagnosis_to_model(dx)
+    labels = list(organ.image_labels)
+    probs = {lbl: round(float(data["probabilities"].get(lbl, 0.0)), digits) for lbl in labels}
+    top = max(labels, key=lambda k: probs[k])
+    probs[top] = round(probs[top] + 1.0 - sum(probs.values()), digits)
+    data["probabilities"] = probs
+    data["findings"] = [{**f, "score": round(float(f["score"]), digits)} for f in data.get("findings") or []]
+    if (organ.categories and organ.positive_label and organ.category_source == "probability"
+            and data.get("category") is not None):
+        lesion = bool(data["findings"]) or data["label"] != organ.normal_label
+        data["category"] = organ.category_for(probs[organ.positive_label], lesion_found=lesion)
+    return data
+
+
 def known_refs(state: dict[str, Any]) -> set[str]:
     """Ids the Diagnosis may cite: evidence ids, detection ids, ``<kb id>:<snippet id>``, ``clinical``."""
     refs = {"clinical", "image"}
@@ -327,13 +350,14 @@ class LLMFinalizer:
             blocks = [b for b in blocks if not is_image_block(b)]
         evidence = [evidence_to_model(parse_evidence(e)) for e in state.get("evidence") or []]
         request = read_prompt("finalize_request.md").format(
-            evidence_json=_escape(dumps(evidence)), baseline_json=_escape(dumps(self._baseline(baseline))),
+            evidence_json=_escape(dumps(evidence)), baseline_json=_escape(dumps(self._baseline(baseline, organ))),
         ).strip()
         return [SystemMessage(system), HumanMessage(content=[*blocks, {"type": "text", "text": "\n\n" + request}])]
 
     @staticmethod
-    def _baseline(dx: Diagnosis) -> dict[str, Any]:
-        data = diagnosis_to_model(dx)
+    def _baseline(dx: Diagnosis, organ: OrganSpec) -> dict[str, Any]:
+        # in the answer's own number format: a model can keep the baseline by copying its numbers
+        data = rounded_model_diagnosis(dx, organ)
         # The clinical text lives in <clinical_context> only; repeating it here would put patient
         # free text outside the delimited block.
         data["evidence"] = [
@@ -412,4 +436,4 @@ class LLMFinalizer:
 
 
 __all__ = ["FALLBACK_WARNING", "PROBABILITY_SUM_TOLERANCE", "REPAIRED_WARNING", "RESCALED_WARNING", "LLMFinalizer", "check_grounding", "diagnosis_schema", "known_refs", "extract_json",
-           "fill_boxes_from_ids", "report_template", "validate_diagnosis"]
+           "fill_boxes_from_ids", "report_template", "rounded_model_diagnosis", "validate_diagnosis"]

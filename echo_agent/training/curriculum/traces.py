@@ -34,7 +34,6 @@ from langchain_core.messages import AIMessage, BaseMessage, SystemMessage, ToolM
 
 from ...errors import EchoInputError
 from ...eval.manifest import ManifestImage
-from ...messages import diagnosis_to_model
 from ...organs import OrganSpec, get_organ
 from ...prompts import system_prompt
 from ...schemas import Diagnosis, detection_boxes
@@ -55,21 +54,17 @@ def compact_diagnosis(dx: Diagnosis, organ: OrganSpec, *, digits: int = 2, box_b
     and the rationale is one line naming the label and the strongest finding. With ``box_by_id`` a
     finding that cites detector candidates leaves its box out (the finalizer takes the first cited
     candidate's), and the rationale names the candidate instead of its box."""
-    full = diagnosis_to_model(dx)
-    labels = list(organ.image_labels)
-    probs = {lbl: round(float(full["probabilities"].get(lbl, 0.0)), digits) for lbl in labels}
-    top = max(labels, key=lambda k: probs[k])
-    probs[top] = round(probs[top] + 1.0 - sum(probs.values()), digits)
+    from ...reasoners.llm_finalizer import rounded_model_diagnosis
+
+    full = rounded_model_diagnosis(dx, organ, digits=digits)
+    probs = full["probabilities"]
     findings = [
         {**({} if box_by_id and f.get("detection_ids") else {"box": f["box"]}),
-         "label": f["label"], "score": round(float(f["score"]), digits),
+         "label": f["label"], "score": f["score"],
          **({"detection_ids": list(f["detection_ids"])} if f.get("detection_ids") else {})}
         for f in full.get("findings") or []
     ]
     category = full.get("category")
-    if organ.categories and organ.positive_label and organ.category_source == "probability" and category is not None:
-        lesion = bool(findings) or full["label"] != organ.normal_label
-        category = organ.category_for(probs[organ.positive_label], lesion_found=lesion)
     lead = findings[0] if findings else None
     where = (lead.get("box") or lead["detection_ids"][0]) if lead else None
     rationale = (f"{full['label']}; strongest finding {lead['label']} at {where}." if lead
