@@ -111,6 +111,37 @@ def test_traces_carry_the_images_clinical_context(agent: EchoAgent) -> None:
         assert "<clinical_context>" in text and "palpable lump" in text and "57" in text
 
 
+def _evidence_block(text: str) -> str:
+    return text.split("<evidence>")[1].split("</evidence>")[0]
+
+
+def test_counterfactual_finals_change_the_baseline_and_the_target_together(agent: EchoAgent) -> None:
+    """``final_variants``: more final turns whose baseline numbers differ from the run's, each answered
+    with exactly the baseline's numbers, so writing the commonest numbers no longer fits the targets."""
+    im = _image("breast_malignant")
+    out = agent_traces(agent, [im], tasks=("agent_final",), final_variants=3, seed=1)
+    assert [s.meta.get("counterfactual", False) for s in out][:1] == [False] and len(out) >= 3
+    breast = get_organ("breast")
+    seen = set()
+    for s in out:
+        text = s.messages[1].content[-1]["text"]
+        base = json.loads(text.split("<baseline_assessment>")[1].split("</baseline_assessment>")[0])
+        answer = json.loads(s.messages[-1].content)
+        # the target takes the baseline's numbers, label and category as written
+        assert answer["probabilities"] == base["probabilities"] and answer["label"] == base["label"]
+        assert answer["category"] == base["category"]
+        validate_diagnosis(answer, breast, 100, 100, detections={i: Box.from_xyxy([0, 0, 10, 10]) for f in answer["findings"]
+                                                                    for i in f["detection_ids"]})
+        # the evidence in the prompt is the run's own in every variant
+        assert _evidence_block(text) == _evidence_block(out[0].messages[1].content[-1]["text"])
+        seen.add(json.dumps(answer["probabilities"], sort_keys=True))
+    assert len(seen) >= 3  # the variants' numbers differ from the run's and from each other (2 decimals may tie)
+    again = agent_traces(agent, [im], tasks=("agent_final",), final_variants=3, seed=1)
+    assert [x.messages[-1].content for x in again] == [x.messages[-1].content for x in out]  # seeded
+    with pytest.raises(EchoInputError, match="final_variants"):
+        agent_traces(agent, [im], final_variants=-1)
+
+
 def test_trace_records_are_in_the_inference_format(samples: list, tmp_path: Path) -> None:
     recs = [to_hf_record(s, tool_images=False, relative_to=tmp_path) for s in samples]
     assert "agent_final" in FINALIZER_TASKS

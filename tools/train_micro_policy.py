@@ -91,7 +91,8 @@ def build_traces(out: Path, a: argparse.Namespace) -> dict[str, Path]:
     for split, n in (("train", a.train_images), ("val", a.val_images)):
         images = pick_images(pool, split, n, a.frames_per_clip, a.seed)
         failed: list[str] = []
-        samples = agent_traces(agent, images, on_error=lambda im, exc, failed=failed: failed.append(f"{im.key}: {exc}"))
+        samples = agent_traces(agent, images, on_error=lambda im, exc, failed=failed: failed.append(f"{im.key}: {exc}"),
+                               final_variants=a.final_variants if split == "train" else 0, seed=a.seed)
         check_no_leakage(samples, images)
         files[split] = d / f"{split}.jsonl"
         write_jsonl([to_hf_record(s, tool_images=False, relative_to=d) for s in samples], files[split])
@@ -400,6 +401,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--grpo-seeds", default="0,1,2", help="One GRPO run per seed ('' = no GRPO).")
     ap.add_argument("--max-new-tokens", type=int, default=160, help="Per reply (a compact Diagnosis is ~120 tokens).")
     ap.add_argument("--reward-prompts", type=int, default=60, help="Val agent_final prompts for the reward measure.")
+    ap.add_argument("--final-variants", type=int, default=0, metavar="K",
+                    help="Counterfactual agent_final samples per train run: the baseline's numbers and the target "
+                         "change together, so the policy must copy them (agent_traces(final_variants=K)).")
     ap.add_argument("--reuse", action="store_true", help="Reuse traces, model and SFT checkpoint already in --out.")
     ap.add_argument("--skip-eval", action="store_true", help="Do not run the agents on the val images.")
     ap.add_argument("--plot", default="", help="Write the SFT loss and GRPO reward curves to this PNG.")

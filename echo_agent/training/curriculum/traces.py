@@ -18,6 +18,14 @@ does and to write the Diagnosis that the tools' evidence supports. Two tasks do 
     instead of copying boxes, a one-line rationale), checked with :func:`validate_diagnosis` and :func:`check_grounding` -- every
     target is an answer ``LLMFinalizer`` accepts.
 
+``agent_final`` variants (``final_variants=k``)
+    ``k`` more final turns per run in which the fusion result is replaced by a counterfactual one
+    (probabilities drawn from a flat Dirichlet, the label their argmax, the category of the organ's
+    bands): the baseline in the prompt and the target change together, so a model can no longer
+    lower its loss by writing the commonest numbers and must take them from the baseline. Such a
+    target is not what the evidence supports (the tool results are left as they were); the variants
+    teach reading, and are recorded with ``meta["counterfactual"] = True``.
+
 The tool results are the agent's real tools (packaged detectors, second-look classifiers, captioner,
 retriever), so the conversations are in the inference format by construction. Records carry the
 same ``truth`` as the nine tasks, so the GRPO rewards can score rollouts from them against the
@@ -30,6 +38,7 @@ import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 from langchain_core.messages import AIMessage, BaseMessage, SystemMessage, ToolMessage
 
 from ...errors import EchoInputError
@@ -100,11 +109,15 @@ def agent_traces(
     forbidden_splits: Sequence[str] = ("test",),
     on_error: Callable[[ManifestImage, Exception], None] | None = None,
     box_by_id: bool = True,
+    final_variants: int = 0,
+    seed: int = 0,
 ) -> list[CurriculumSample]:
     """Run ``agent`` (an :class:`~echo_agent.EchoAgent`) on each image, with the image's organ, and
     record its ``tasks`` (see the module doc). ``box_by_id``: the ``agent_final`` targets cite
     detector candidates instead of copying their boxes (:func:`compact_diagnosis`); every sample's
     ``truth["detections"]`` maps the run's candidate ids to their 0..1000 boxes, for the rewards.
+    ``final_variants``: counterfactual ``agent_final`` samples per run (module doc), drawn with
+    ``seed``; a variant the finalizer's validator would refuse is left out.
 
     Raises :class:`~echo_agent.errors.EchoInputError` for an image of a forbidden split or an unknown
     task. An image whose run fails is skipped and reported to ``on_error`` (raised without one); so is
@@ -115,7 +128,10 @@ def agent_traces(
     unknown = [t for t in tasks if t not in TRACE_TASKS]
     if unknown:
         raise EchoInputError(f"unknown trace task(s) {unknown}; choose from {list(TRACE_TASKS)}")
+    if final_variants < 0:
+        raise EchoInputError(f"final_variants must be >= 0, got {final_variants}")
     finalizer = LLMFinalizer(model=None)
+    rng = np.random.default_rng(seed)
     out: list[CurriculumSample] = []
     for im in images:
         if im.split in forbidden_splits:
@@ -141,12 +157,20 @@ def agent_traces(
                         *_reasoner_turns(state["messages"], closing_text)]
                 samples.append(CurriculumSample("agent_trace", im.key, spec.name, im.split, msgs, paths, meta, truth))
             if "agent_final" in tasks:
-                target = compact_diagnosis(dx, spec, box_by_id=box_by_id)
-                checked = validate_diagnosis(json.loads(json.dumps(target)), spec, w, h, detections=candidates)
-                check_grounding(checked, state)
-                prompt = finalizer.build_messages(state, spec, dx)
-                msgs = [*prompt, AIMessage(content=json.dumps(target, separators=(",", ":"), ensure_ascii=False))]
-                samples.append(CurriculumSample("agent_final", im.key, spec.name, im.split, msgs, paths, meta, truth))
+                finals = [(dx, meta)] + [(_counterfactual(dx, spec, rng), {**meta, "counterfactual": True})
+                                         for _ in range(final_variants)]
+                for k, (fdx, fmeta) in enumerate(finals):
+                    target = compact_diagnosis(fdx, spec, box_by_id=box_by_id)
+                    try:
+                        checked = validate_diagnosis(json.loads(json.dumps(target)), spec, w, h, detections=candidates)
+                        check_grounding(checked, state)
+                    except ValueError:
+                        if k == 0:
+                            raise
+                        continue  # a counterfactual the validator refuses teaches nothing
+                    prompt = finalizer.build_messages(state, spec, fdx)
+                    msgs = [*prompt, AIMessage(content=json.dumps(target, separators=(",", ":"), ensure_ascii=False))]
+                    samples.append(CurriculumSample("agent_final", im.key, spec.name, im.split, msgs, paths, fmeta, truth))
         except Exception as exc:  # noqa: BLE001 - one image's failure must not lose the others
             if on_error is None:
                 raise
@@ -154,6 +178,19 @@ def agent_traces(
             continue
         out.extend(samples)
     return out
+
+
+def _counterfactual(dx: Diagnosis, organ: OrganSpec, rng: np.random.Generator) -> Diagnosis:
+    """``dx`` with probabilities drawn from a flat Dirichlet over the organ's labels, the label their
+    argmax and the category the organ's bands give (a category head's category is kept)."""
+    labels = list(organ.image_labels)
+    p = rng.dirichlet(np.ones(len(labels)))
+    probs = {lbl: float(v) for lbl, v in zip(labels, p, strict=True)}
+    label = labels[int(np.argmax(p))]
+    category = dx.category
+    if organ.categories and organ.positive_label and organ.category_source == "probability":
+        category = organ.category_for(probs[organ.positive_label], lesion_found=bool(dx.findings) or label != organ.normal_label)
+    return dx.model_copy(update={"probabilities": probs, "label": label, "category": category})
 
 
 def run_validity(state: dict[str, Any]) -> dict[str, Any]:
