@@ -399,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--grpo-set", action="append", default=[], metavar="KEY=VALUE",
                     help="Override a field of the GRPO config (repeatable), e.g. max_steps=2.")
     ap.add_argument("--grpo-seeds", default="0,1,2", help="One GRPO run per seed ('' = no GRPO).")
-    ap.add_argument("--max-new-tokens", type=int, default=160, help="Per reply (a compact Diagnosis is ~120 tokens).")
+    ap.add_argument("--max-new-tokens", type=int, default=160, help="Per reply (compact Diagnoses in run 5's traces: 42-84 tokens median, 108 max).")
     ap.add_argument("--reward-prompts", type=int, default=60, help="Val agent_final prompts for the reward measure.")
     ap.add_argument("--final-variants", type=int, default=0, metavar="K",
                     help="Counterfactual agent_final samples per train run: the baseline's numbers and the target "

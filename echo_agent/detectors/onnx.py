@@ -306,12 +306,11 @@ class OnnxDetector(LetterboxYoloDetector):
     def _predict_keyed(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, list[LetterboxInfo], list[bytes]]:
         """:meth:`predict_raw` plus each input's cache key."""
         self.load()
-        images = [check_image(img, f"image {i}") for i, img in enumerate(images)]
-        if not images:
-            return np.zeros((0, 0, 0), dtype=np.float32), [], []
         padded, infos = self._letterboxed(images)
-        keys = [hashlib.sha256(padded[i].data).digest() for i in range(len(images))]
-        outs: list[np.ndarray | None] = [None] * len(images)
+        if not infos:
+            return np.zeros((0, 0, 0), dtype=np.float32), [], []
+        keys = [hashlib.sha256(padded[i].data).digest() for i in range(len(infos))]
+        outs: list[np.ndarray | None] = [None] * len(keys)
         with self._cache_lock:
             for i, k in enumerate(keys):
                 pinned = self._pinned.get(k)
@@ -324,7 +323,7 @@ class OnnxDetector(LetterboxYoloDetector):
                         self._cache.move_to_end(k)
                         outs[i] = hit
         first: dict[bytes, int] = {}  # one forward per distinct input (a batch may repeat an image)
-        todo = [i for i in range(len(images)) if outs[i] is None and first.setdefault(keys[i], i) == i]
+        todo = [i for i in range(len(keys)) if outs[i] is None and first.setdefault(keys[i], i) == i]
         step = self.max_batch if self._dynamic_batch else 1
         for start in range(0, len(todo), step):
             idx = todo[start : start + step]
@@ -340,7 +339,7 @@ class OnnxDetector(LetterboxYoloDetector):
                         self._cache.move_to_end(keys[i])
                     while len(self._cache) > self.cache_size:
                         self._cache.popitem(last=False)
-        for i in range(len(images)):
+        for i in range(len(keys)):
             if outs[i] is None:
                 outs[i] = outs[first[keys[i]]]
         return np.concatenate(outs, axis=0), infos, keys  # type: ignore[arg-type]
@@ -349,10 +348,12 @@ class OnnxDetector(LetterboxYoloDetector):
         """The float32 ``(n, 3, s, s)`` tensor the network receives for ``images`` (letterboxed to
         the model's input size, scaled to 0..1), e.g. as calibration data for quantization."""
         self.load()
-        return _to_network(self._letterboxed([check_image(img, f"image {i}") for i, img in enumerate(images)])[0])
+        return _to_network(self._letterboxed(images)[0])
 
     def _letterboxed(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, list[LetterboxInfo]]:
-        """Checked ``images`` letterboxed to the input size: uint8 ``(n, s, s, 3)`` and each one's geometry."""
+        """``images``, each checked (:func:`check_image`), letterboxed to the input size: uint8
+        ``(n, s, s, 3)`` and each one's geometry."""
+        images = [check_image(img, f"image {i}") for i, img in enumerate(images)]
         s = self._input_size
         padded = np.empty((len(images), s, s, 3), dtype=np.uint8)
         infos = [letterbox(img, s, out=padded[i])[1] for i, img in enumerate(images)]
