@@ -150,3 +150,27 @@ def test_cross_fitted_classifiers_each_see_only_their_fold(tmp_path: Path):
     r = _run("--organ", "breast", "--manifest", str(tmp_path / "cal.csv"), "--for-classifier", str(folds[0]),
              "--out", str(tmp_path / "x.json"))
     assert r.returncode == 2 and "only goes with --cross-fitted-classifiers" in r.stderr
+
+
+def test_own_classifier_runs_every_image_and_the_fusion_is_written_for_it(tmp_path: Path):
+    from _fakes import tiny_classifier
+
+    from echo_agent.detectors import OnnxRegionClassifier
+    from echo_agent.training.fusion_fit import RunRecord
+
+    clf = tiny_classifier(tmp_path / "own.onnx", temperature=2.0)
+    name = OnnxRegionClassifier(clf).name
+    out, cache = tmp_path / "own.json", tmp_path / "runs.jsonl"
+    r = _run("--organ", "breast", "--manifest", str(_manifest(tmp_path)), "--classifier", str(clf),
+             "--out", str(out), "--runs-cache", str(cache))
+    assert r.returncode == 0, r.stderr
+    for line in cache.read_text().splitlines():
+        rec = RunRecord(**json.loads(line))
+        assert {e["classifier"] for e in rec.evidence if e.get("kind") == "classification"} == {name}, rec.key
+    assert json.loads(out.read_text())["training"]["classifiers"] == [name]
+    r = _run("--organ", "breast", "--manifest", str(tmp_path / "cal.csv"), "--classifier", str(clf),
+             "--cross-fitted-classifiers", str(clf), str(clf), "--out", str(tmp_path / "x.json"))
+    assert r.returncode == 2 and "exclude each other" in r.stderr
+    r = _run("--organ", "breast", "--manifest", str(tmp_path / "cal.csv"), "--classifier",
+             str(tmp_path / "absent.onnx"), "--out", str(tmp_path / "x.json"))
+    assert r.returncode == 2 and "classifier not found" in r.stderr

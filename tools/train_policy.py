@@ -8,9 +8,10 @@ It runs the real agent (embedded policy, packaged detector, captioner, retriever
 fusion) on the chosen split of each center, keeps each run's typed evidence, compares candidate
 fusions (calibrated decision rules, logistic models over nested feature sets and L2 strengths) by
 grouped cross-validation, chooses one by a rule fixed in advance, and writes it with its CV table
-(see echo_agent/training/fusion_fit.py). For another detector:
+(see echo_agent/training/fusion_fit.py). For another detector (and second-look classifier):
 
-    python tools/train_policy.py --organ breast --centers busi --split val --detector X.onnx --out Y.json
+    python tools/train_policy.py --organ breast --centers busi --split val --detector X.onnx \
+        --classifier C.onnx --out Y.json
 
 For your own center (recalibration), fit on a manifest of labelled images the detector never saw
 (columns as for ``echo-agent eval``; give ``patient_id`` or ``group`` so the CV keeps a patient's
@@ -190,6 +191,8 @@ def main() -> int:
                     help="below this many images only the temperature-calibrated rules are considered")
     ap.add_argument("--force", action="store_true", help="overwrite --out")
     ap.add_argument("--detector", type=Path, default=None, help="detector weights to use instead of the packaged ones")
+    ap.add_argument("--classifier", type=Path, default=None,
+                    help="second-look classifier (.onnx) to use instead of the packaged one")
     ap.add_argument("--cross-fitted", type=Path, nargs="+", default=None, metavar="FOLD_ONNX",
                     help="K detectors, the k-th trained without cross-fitting fold k (tools/train_detector.py "
                          "--fold k --folds K): each image runs with the one that did not see it")
@@ -208,6 +211,10 @@ def main() -> int:
                         "--for-classifier", "classifier")
     if args.cross_fitted is not None and args.detector is not None:
         ap.error("--detector and --cross-fitted exclude each other (use --for-detector)")
+    if args.cross_fitted_classifiers is not None and args.classifier is not None:
+        ap.error("--classifier and --cross-fitted-classifiers exclude each other (use --for-classifier)")
+    if args.classifier is not None and not args.classifier.is_file():
+        ap.error(f"classifier not found: {args.classifier}")
     if args.cross_fitted and args.cross_fitted_classifiers and len(args.cross_fitted) != len(args.cross_fitted_classifiers):
         ap.error("--cross-fitted and --cross-fitted-classifiers must have one file per fold each (same K)")
 
@@ -227,7 +234,8 @@ def main() -> int:
         if args.cross_fitted is not None or args.cross_fitted_classifiers is not None:
             records = _cross_fitted_runs(args, images, progress)
         else:
-            agent = _agent_with(args.organ, args.detector) if args.detector is not None else None
+            own = args.detector is not None or args.classifier is not None
+            agent = _agent_with(args.organ, args.detector, args.classifier) if own else None
             records = collect_runs(images, agent=agent, progress=progress)
         if args.runs_cache:
             args.runs_cache.parent.mkdir(parents=True, exist_ok=True)
