@@ -15,8 +15,11 @@ from echo_agent.fusion import (
     LOGISTIC,
     FusionParams,
     LearnedFusion,
+    fit_rule_platt,
     fusion_features,
     merged_candidates,
+    platt_rule_probs,
+    rule_log_probs,
 )
 from echo_agent.organs import get_organ
 from echo_agent.schemas import (
@@ -363,3 +366,80 @@ def test_old_fusion_module_paths_still_work_with_a_deprecation_warning(old, name
         assert getattr(mod, name) is getattr(new, name, None) or getattr(mod, name) is getattr(fit, name)
     with pytest.raises(AttributeError):
         mod.no_such_name  # noqa: B018
+
+
+def _low_score_records(n: int, seed: int = 0) -> list[RunRecord]:
+    """Breast runs whose detector is usually right but scores its candidates around 0.3-0.45 (its
+    scores are calibrated to a threshold, not to a probability): a temperature cannot make those votes
+    confident without also making the no-candidate votes (share 0.75) over-confident."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        truth = ("normal", "benign", "malignant")[i % 3]
+        if truth == "normal":
+            ev = _evidence(None, 0.0) if rng.random() < 0.6 else _evidence("benign", float(rng.uniform(0.3, 0.45)))
+        else:
+            other = "malignant" if truth == "benign" else "benign"
+            ev = _evidence(truth if rng.random() < 0.9 else other, float(rng.uniform(0.3, 0.45)))
+        out.append(RunRecord(key=f"k{i}", group=f"g{i // 2}", organ="breast", label=truth, width=200, height=160,
+                             evidence=[e.model_dump(mode="json") for e in ev], clinical=None))
+    return out
+
+
+def test_platt_map_keeps_the_vote_and_moves_only_its_confidence():
+    logp = np.log(np.array([[0.36, 0.32, 0.32], [0.1, 0.1, 0.8], [0.2, 0.6, 0.2]]))
+    for a, b in [(1.0, 3.0), (1.0, -5.0), (0.0, 0.0), (-2.0, 1.0)]:
+        p = platt_rule_probs(logp, a, b)
+        assert np.allclose(p.sum(1), 1.0)
+        assert (p.argmax(1) == logp.argmax(1)).all()  # never below 1/K + 0.01: the rule's decisions stand
+        assert (p.max(1) > 1 / 3).all()
+    # a high intercept gives a weakly scored vote a high probability (a temperature cannot: it scales
+    # the 0.36-vs-0.32 gap only)
+    assert platt_rule_probs(logp[:1], 1.0, 3.0)[0, 0] > 0.9
+
+
+def test_platt_fit_matches_how_often_votes_are_right():
+    logp = np.tile(np.log([[0.4, 0.3, 0.3]]), (200, 1))
+    y = np.array([0] * 160 + [1] * 40)  # the vote (label 0) is right 80 % of the time
+    a, b = fit_rule_platt(logp, y)
+    assert platt_rule_probs(logp[:1], a, b)[0, 0] == pytest.approx(0.8, abs=0.01)
+    # all votes right: the small L2 keeps the map finite
+    a, b = fit_rule_platt(logp, np.zeros(200, dtype=int))
+    assert np.isfinite([a, b]).all() and platt_rule_probs(logp[:1], a, b)[0, 0] > 0.95
+
+
+def test_platt_calibrated_rule_is_chosen_where_temperature_cannot_calibrate(tmp_path):
+    recs = _low_score_records(120)
+    params = _fit(recs, candidates=[Candidate(DETECTOR_RULE), Candidate(DETECTOR_RULE, calibration="platt")])
+    table = {c["name"]: c for c in params.training["selection"]["candidates"]}
+    temp, platt = table["detector_rule+temperature"], table["detector_rule+platt"]
+    assert platt["cv_accuracy"] == temp["cv_accuracy"]  # same decisions
+    # (here 0.76 vs 0.80 log-loss, ECE 0.04 vs 0.13)
+    assert platt["cv_log_loss"] < temp["cv_log_loss"] - 0.02 and platt["cv_ece"] < temp["cv_ece"] / 2
+    assert params.training["chosen"] == "detector_rule+platt" and params.rule_platt is not None
+    assert params.calibration == "platt"
+    # it round-trips and the fusion uses it: a 0.38 vote, right 3 times in 4 here, is no longer read as 0.38
+    path = tmp_path / "f.json"
+    path.write_text(params.to_json())
+    loaded = FusionParams.from_json(path.read_text())
+    assert loaded.rule_platt == params.rule_platt
+    dx = LearnedFusion({"breast": loaded}).fuse(BREAST, _evidence("malignant", 0.38), clinical=None, image_size=(200, 160))
+    reports = [e for e in _evidence("malignant", 0.38) if isinstance(e, DetectorReport)]
+    p_temp = np.exp(rule_log_probs(BREAST, reports, DETECTOR_RULE)).max()
+    assert dx.label == "malignant" and dx.probabilities["malignant"] > 0.6 > p_temp
+    # the other kinds' files have no rule_platt key (old files read as before)
+    assert "rule_platt" not in json.loads(_fitted_json())
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"kind": LOGISTIC, "rule_platt": [1.0, 0.0]}, "only goes with a rule kind"),
+    ({"kind": DETECTOR_RULE, "rule_platt": [1.0]}, "two finite numbers"),
+    ({"kind": DETECTOR_RULE, "rule_platt": [1.0, float("nan")]}, "two finite numbers"),
+])
+def test_bad_platt_parameters_are_refused(bad, message):
+    data = {"organ": "breast", "labels": ["normal", "benign", "malignant"], "feature_names": [], "mean": [], "std": [],
+            "weights": [[], [], []], "bias": [0.0, 0.0, 0.0], **bad}
+    with pytest.raises(ModelLoadError, match=message):
+        FusionParams.from_json(json.dumps(data))
+    with pytest.raises(ValueError, match="does not go with"):
+        Candidate(LOGISTIC, "detector", 1.0, calibration="platt")

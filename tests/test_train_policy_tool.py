@@ -42,7 +42,7 @@ def test_fit_on_own_manifest_writes_a_loadable_fusion(tmp_path: Path):
     r = _run("--organ", "breast", "--manifest", str(_manifest(tmp_path)), "--out", str(out))
     assert r.returncode == 0, r.stderr
     assert "running the agent on 12 breast images (manifest" in r.stdout
-    # 12 images < the 50-image minimum: a temperature-calibrated rule, with the warning shown
+    # 12 images < the 50-image minimum: a calibrated rule, with the warning shown
     assert "WARNING: only 12 breast images" in r.stdout
     params = json.loads(out.read_text())
     assert params["organ"] == "breast"

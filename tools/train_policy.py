@@ -188,7 +188,7 @@ def main() -> int:
     ap.add_argument("--indeterminate-below", type=float, default=0.5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--min-images", type=int, default=50,
-                    help="below this many images only the temperature-calibrated rules are considered")
+                    help="below this many images only the calibrated rules are considered")
     ap.add_argument("--force", action="store_true", help="overwrite --out")
     ap.add_argument("--detector", type=Path, default=None, help="detector weights to use instead of the packaged ones")
     ap.add_argument("--classifier", type=Path, default=None,

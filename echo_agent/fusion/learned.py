@@ -53,6 +53,9 @@ LOGISTIC = "logistic"
 DETECTOR_RULE = "detector_rule"  # the first detector call's top candidate (the detector-only decision)
 HEURISTIC_RULE = "heuristic"  # the last (most refined) detector call's top candidate, as HeuristicFusion
 FUSION_KINDS = (LOGISTIC, DETECTOR_RULE, HEURISTIC_RULE)
+#: How a rule's probabilities are calibrated: one temperature over its log-probabilities, or a Platt
+#: map of its vote's share (:func:`platt_rule_probs`).
+RULE_CALIBRATIONS = ("temperature", "platt")
 _PALPABLE = ("palpable", "lump", "mass", "nodule felt")
 
 
@@ -87,6 +90,57 @@ def rule_log_probs(organ: OrganSpec, reports: Sequence[DetectorReport], kind: st
     p = np.full(k, (1.0 - share) / max(k - 1, 1))
     p[labels.index(label)] = share
     return np.log(p)
+
+
+def _rule_votes(logp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The voted label and the logit of its share, per row of rule log-probabilities."""
+    logp = np.atleast_2d(np.asarray(logp, dtype=np.float64))
+    vote = logp.argmax(1)
+    share = np.clip(np.exp(logp[np.arange(len(vote)), vote]), 1e-6, 1 - 1e-6)
+    return vote, np.log(share) - np.log1p(-share)
+
+
+def platt_rule_probs(logp: np.ndarray, a: float, b: float) -> np.ndarray:
+    """A decision rule's probabilities with its vote's confidence re-mapped by a Platt curve.
+
+    ``logp`` holds rows of :func:`rule_log_probs`. The voted label gets ``sigmoid(a * logit(share)
+    + b)``, kept above ``1/K`` so the vote stays the arg-max (the rule's decisions are unchanged), and
+    the other labels share the rest. Unlike a temperature, the curve can give a low-scored vote a high
+    probability when such votes are usually right (a detector whose scores are calibrated to a
+    threshold, not to a probability), or a high-scored one a low probability.
+
+    >>> p = platt_rule_probs(np.log([[0.4, 0.3, 0.3]]), a=1.0, b=2.0)
+    >>> bool(p[0, 0] > 0.8) and bool(np.isclose(p[0, 1], p[0, 2]))
+    True
+    """
+    logp = np.atleast_2d(np.asarray(logp, dtype=np.float64))
+    n, k = logp.shape
+    vote, z = _rule_votes(logp)
+    p_vote = 1.0 / (1.0 + np.exp(-(a * z + b)))
+    p_vote = np.clip(p_vote, 1.0 / k + 0.01, 1.0 - 1e-3)
+    out = np.repeat(((1.0 - p_vote) / max(k - 1, 1))[:, None], k, axis=1)
+    out[np.arange(n), vote] = p_vote
+    return out
+
+
+def fit_rule_platt(logp: np.ndarray, y: np.ndarray, *, l2: float = 1e-2, iters: int = 100) -> tuple[float, float]:
+    """``(a, b)`` of :func:`platt_rule_probs` minimising the log-loss on rule log-probabilities ``logp``
+    with true label indices ``y``: a logistic regression of "the vote is right" on the logit of its
+    share (Newton steps; ``l2`` keeps it finite when the votes are all right or all wrong)."""
+    vote, z = _rule_votes(logp)
+    t = (vote == np.asarray(y)).astype(np.float64)
+    X = np.stack([z, np.ones_like(z)], axis=1)
+    w = np.zeros(2)
+    reg = np.diag([l2, l2])
+    for _ in range(iters):
+        p = 1.0 / (1.0 + np.exp(-(X @ w)))
+        grad = X.T @ (p - t) + reg @ w
+        hess = (X * (p * (1 - p))[:, None]).T @ X + reg
+        step = np.linalg.solve(hess, grad)
+        w -= step
+        if np.abs(step).max() < 1e-9:
+            break
+    return float(w[0]), float(w[1])
 
 
 def fusion_features(
@@ -155,10 +209,16 @@ class FusionParams:
     version: str = FUSION_VERSION
     training: dict[str, Any] = field(default_factory=dict)
     #: one of :data:`FUSION_KINDS`; the rule kinds have no features and use only ``temperature``
+    #: (or ``rule_platt``)
     kind: str = LOGISTIC
+    #: rule kinds only: ``[a, b]`` of :func:`platt_rule_probs`, used instead of ``temperature``
+    rule_platt: list[float] | None = None
 
     def to_json(self) -> str:
-        return json.dumps(self.__dict__, indent=1)
+        data = dict(self.__dict__)
+        if data["rule_platt"] is None:
+            del data["rule_platt"]  # files without it read as before
+        return json.dumps(data, indent=1)
 
     @classmethod
     def from_json(cls, text: str, source: str = "<string>") -> FusionParams:
@@ -174,7 +234,24 @@ class FusionParams:
             raise ModelLoadError(f"fusion parameters in {source}: temperature must be > 0")
         if p.kind not in FUSION_KINDS:
             raise ModelLoadError(f"fusion parameters in {source} have kind {p.kind!r}; expected one of {', '.join(FUSION_KINDS)}")
+        if p.rule_platt is not None:
+            if p.kind == LOGISTIC:
+                raise ModelLoadError(f"fusion parameters in {source}: rule_platt only goes with a rule kind, not {p.kind!r}")
+            if (not isinstance(p.rule_platt, list) or len(p.rule_platt) != 2
+                    or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in p.rule_platt)):
+                raise ModelLoadError(f"fusion parameters in {source}: rule_platt must be two finite numbers [a, b]")
         return p
+
+    @property
+    def calibration(self) -> str:
+        """``'platt'`` for a rule with :attr:`rule_platt`, else ``'temperature'``."""
+        return "platt" if self.rule_platt is not None else "temperature"
+
+    def probabilities(self, z: np.ndarray) -> np.ndarray:
+        """Calibrated probabilities from :meth:`run_logits`' output."""
+        if self.rule_platt is not None:
+            return platt_rule_probs(z, *self.rule_platt)[0]
+        return softmax(np.asarray(z) / self.temperature)
 
     def vector(self, feats: Mapping[str, float]) -> np.ndarray:
         x = np.array([feats.get(n, 0.0) for n in self.feature_names], dtype=np.float64)
@@ -376,7 +453,7 @@ class LearnedFusion:
                 f"fusion parameters for {organ.name} have labels {params.labels}, the organ has {list(organ.image_labels)}"
             )
         z, feats = params.run_logits(organ, ev, clinical, image_size)
-        probs_arr = softmax(z / params.temperature)
+        probs_arr = params.probabilities(z)
         probs = {lbl: float(p) for lbl, p in zip(params.labels, probs_arr)}
         label = max(probs, key=probs.__getitem__)
         k = params.labels.index(label)
@@ -463,12 +540,15 @@ __all__ = [
     "FUSION_VERSION",
     "HEURISTIC_RULE",
     "LOGISTIC",
+    "RULE_CALIBRATIONS",
     "FusionParams",
     "LearnedFusion",
     "fit_logistic",
+    "fit_rule_platt",
     "fit_temperature",
     "fusion_features",
     "load_fusion_params",
+    "platt_rule_probs",
     "rule_log_probs",
     "softmax",
 ]

@@ -5,9 +5,9 @@
    trained on are exactly the ones it sees at inference.
 2. :func:`fit_fusion` chooses the fusion by grouped cross-validation (groups = patient /
    near-duplicate group / clip, never images) among candidates fixed in advance
-   (:func:`default_candidates`): two temperature-calibrated decision rules (the detector-only
-   decision and the heuristic fusion's) and logistic regressions over three nested feature sets at
-   three L2 strengths. Each candidate's whole procedure (fit + temperature, the temperature from an
+   (:func:`default_candidates`): two decision rules (the detector-only decision and the heuristic
+   fusion's), each calibrated by a temperature and by a Platt map of its vote's share, and
+   logistic regressions over nested feature sets at three L2 strengths. Each candidate's whole procedure (fit + temperature, the temperature from an
    inner grouped CV) is scored on held-out groups; :func:`select_candidate` applies the rule
    written in :data:`SELECTION_RULE`. The chosen candidate is refitted on all images, its temperature
    fitted on out-of-fold logits, and returned as :class:`FusionParams` (plain JSON) carrying the CV
@@ -33,10 +33,13 @@ from ..fusion import (
     DETECTOR_RULE,
     HEURISTIC_RULE,
     LOGISTIC,
+    RULE_CALIBRATIONS,
     FusionParams,
     fit_logistic,
+    fit_rule_platt,
     fit_temperature,
     fusion_features,
+    platt_rule_probs,
     rule_log_probs,
     softmax,
 )
@@ -142,18 +145,24 @@ class Candidate:
     features: str | None = None  # a FEATURE_SETS entry for LOGISTIC
     l2: float | None = None
     balanced: bool = False  # LOGISTIC: classes weighted equally in the fit
+    calibration: str = "temperature"  # rules: "temperature" or "platt" (RULE_CALIBRATIONS)
+
+    def __post_init__(self) -> None:
+        if self.calibration not in RULE_CALIBRATIONS or (self.kind == LOGISTIC and self.calibration != "temperature"):
+            raise ValueError(f"calibration {self.calibration!r} does not go with kind {self.kind!r}")
 
     @property
     def name(self) -> str:
         if self.kind != LOGISTIC:
-            return f"{self.kind}+temperature"
+            return f"{self.kind}+{self.calibration}"
         return f"logistic[{self.features}] l2={self.l2:g}" + (" balanced" if self.balanced else "")
 
 
 def default_candidates(l2_grid: Sequence[float] = (1.0, 10.0, 100.0)) -> list[Candidate]:
-    """The candidates compared by :func:`fit_fusion`: two calibrated rules, then logistic models
-    over each feature set x L2 strength, fitted with natural and with balanced class weights."""
-    rules = [Candidate(DETECTOR_RULE), Candidate(HEURISTIC_RULE)]
+    """The candidates compared by :func:`fit_fusion`: two decision rules, each calibrated by a
+    temperature and by a Platt map of its vote's share, then logistic models over each feature set x
+    L2 strength, fitted with natural and with balanced class weights."""
+    rules = [Candidate(kind, calibration=cal) for kind in (DETECTOR_RULE, HEURISTIC_RULE) for cal in RULE_CALIBRATIONS]
     return rules + [Candidate(LOGISTIC, fs, float(l2), bal) for fs in FEATURE_SETS for bal in (False, True) for l2 in l2_grid]
 
 
@@ -310,6 +319,8 @@ def cross_validate(
                 inner_logits = _oof_logits(X, y, k, cand.l2 or 1.0, inner, sw, within=tr)
                 t = fit_temperature(inner_logits, y[tr])
                 out[r, te] = softmax(_logistic_logits(X, y, k, cand.l2 or 1.0, tr, te, sw) / t)
+            elif cand.calibration == "platt":
+                out[r, te] = platt_rule_probs(R[cand.kind][te], *fit_rule_platt(R[cand.kind][tr], y[tr]))
             else:
                 t = fit_temperature(R[cand.kind][tr], y[tr])
                 out[r, te] = softmax(R[cand.kind][te] / t)
@@ -368,7 +379,7 @@ def fit_fusion(
         cands = [c for c in cands if c.kind != LOGISTIC] or [Candidate(DETECTOR_RULE)]
         warnings.append(
             f"only {len(recs)} {organ} images (< {min_images}): learned candidates were not considered, "
-            f"a temperature-calibrated rule is used instead; fit on more held-out images for a learned fusion"
+            f"a calibrated rule is used instead; fit on more held-out images for a learned fusion"
         )
     if not any(c.kind == DETECTOR_RULE for c in cands):
         cands.insert(0, Candidate(DETECTOR_RULE))  # the guard's reference must be a candidate
@@ -399,6 +410,7 @@ def fit_fusion(
 
     # Final fit on all images; temperature from grouped out-of-fold logits.
     fold_idx = _group_folds(groups, min(folds, len(set(groups))), seed)
+    rule_platt = None
     if chosen.kind == LOGISTIC:
         subset = feature_subset(names, chosen.features)
         X = X_all[:, [names.index(n) for n in subset]]
@@ -408,7 +420,10 @@ def fit_fusion(
         weights, bias, mean_l, std_l = W.tolist(), b.tolist(), mean.tolist(), std.tolist()
     else:
         subset, weights, bias, mean_l, std_l = [], [[] for _ in labels], [0.0] * k, [], []
-        temperature = fit_temperature(R[chosen.kind], y)
+        if chosen.calibration == "platt":
+            rule_platt, temperature = list(fit_rule_platt(R[chosen.kind], y)), 1.0
+        else:
+            temperature = fit_temperature(R[chosen.kind], y)
     detectors = sorted({e.get("detector") for r in recs for e in r.evidence if e.get("kind") == "detections"} - {None})
     if for_detectors is not None:
         notes = {**(notes or {}), "runs_detectors": detectors}
@@ -439,5 +454,5 @@ def fit_fusion(
     return FusionParams(
         organ=organ, labels=labels, feature_names=subset, mean=mean_l, std=std_l,
         weights=weights, bias=bias, temperature=temperature,
-        indeterminate_below=indeterminate_below, training=training, kind=chosen.kind,
+        indeterminate_below=indeterminate_below, training=training, kind=chosen.kind, rule_platt=rule_platt,
     )
