@@ -388,24 +388,38 @@ def _low_score_records(n: int, seed: int = 0) -> list[RunRecord]:
 
 def test_platt_map_keeps_the_vote_and_moves_only_its_confidence():
     logp = np.log(np.array([[0.36, 0.32, 0.32], [0.1, 0.1, 0.8], [0.2, 0.6, 0.2]]))
-    for a, b in [(1.0, 3.0), (1.0, -5.0), (0.0, 0.0), (-2.0, 1.0)]:
-        p = platt_rule_probs(logp, a, b)
+    for a, b, c in [(1.0, 3.0, 0.0), (1.0, -5.0, -5.0), (0.0, 0.0, 2.0), (2.0, 1.0, 9.0)]:
+        p = platt_rule_probs(logp, a, b, c)
         assert np.allclose(p.sum(1), 1.0)
         assert (p.argmax(1) == logp.argmax(1)).all()  # never below 1/K + 0.01: the rule's decisions stand
         assert (p.max(1) > 1 / 3).all()
-    # a high intercept gives a weakly scored vote a high probability (a temperature cannot: it scales
-    # the 0.36-vs-0.32 gap only)
-    assert platt_rule_probs(logp[:1], 1.0, 3.0)[0, 0] > 0.9
+    # a high intercept gives a weakly scored lesion vote a high probability (a temperature cannot: it
+    # scales the 0.36-vs-0.32 gap only); the "no candidate" vote (label 0) has its own confidence
+    weak = np.log([[0.32, 0.36, 0.32], [0.75, 0.125, 0.125]])
+    p = platt_rule_probs(weak, 1.0, 3.0, -0.5)
+    assert p[0, 1] > 0.9 and p[1, 0] == pytest.approx(1 / (1 + np.exp(0.5)))
 
 
 def test_platt_fit_matches_how_often_votes_are_right():
-    logp = np.tile(np.log([[0.4, 0.3, 0.3]]), (200, 1))
-    y = np.array([0] * 160 + [1] * 40)  # the vote (label 0) is right 80 % of the time
-    a, b = fit_rule_platt(logp, y)
-    assert platt_rule_probs(logp[:1], a, b)[0, 0] == pytest.approx(0.8, abs=0.01)
+    lesion = np.tile(np.log([[0.3, 0.4, 0.3]]), (200, 1))
+    y = np.array([1] * 160 + [2] * 40)  # the lesion vote (label 1) is right 80 % of the time
+    a, b, c = fit_rule_platt(lesion, y)
+    assert platt_rule_probs(lesion[:1], a, b, c)[0, 1] == pytest.approx(0.8, abs=0.01)
     # all votes right: the small L2 keeps the map finite
-    a, b = fit_rule_platt(logp, np.zeros(200, dtype=int))
-    assert np.isfinite([a, b]).all() and platt_rule_probs(logp[:1], a, b)[0, 0] > 0.95
+    a, b, c = fit_rule_platt(lesion, np.ones(200, dtype=int))
+    assert np.isfinite([a, b, c]).all() and platt_rule_probs(lesion[:1], a, b, c)[0, 1] > 0.95
+    # "no candidate" votes right 1 time in 4: their own confidence, whatever the lesion votes do
+    none = np.tile(np.log([[0.75, 0.125, 0.125]]), (40, 1))
+    a, b, c = fit_rule_platt(np.vstack([lesion, none]), np.array([1] * 200 + [0] * 10 + [1] * 30))
+    assert 1 / (1 + np.exp(-c)) == pytest.approx(10.5 / 41)
+    # lesion votes that are right less often the higher their score: no reversed map, a flat one
+    scores = np.linspace(0.35, 0.9, 100)
+    logp = np.log(np.stack([(1 - scores) / 2, scores, (1 - scores) / 2], axis=1))
+    y = np.where(scores > 0.6, 2, 1)
+    a, b, c = fit_rule_platt(logp, y)
+    hits = int((scores <= 0.6).sum())
+    assert a == 0.0
+    assert platt_rule_probs(logp, a, b, c)[:, 1] == pytest.approx((hits + 0.5) / 101)  # one value for all
 
 
 def test_platt_calibrated_rule_is_chosen_where_temperature_cannot_calibrate(tmp_path):
@@ -414,7 +428,7 @@ def test_platt_calibrated_rule_is_chosen_where_temperature_cannot_calibrate(tmp_
     table = {c["name"]: c for c in params.training["selection"]["candidates"]}
     temp, platt = table["detector_rule+temperature"], table["detector_rule+platt"]
     assert platt["cv_accuracy"] == temp["cv_accuracy"]  # same decisions
-    # (here 0.76 vs 0.80 log-loss, ECE 0.04 vs 0.13)
+    # (here 0.77 vs 0.80 log-loss, ECE 0.05 vs 0.13)
     assert platt["cv_log_loss"] < temp["cv_log_loss"] - 0.02 and platt["cv_ece"] < temp["cv_ece"] / 2
     assert params.training["chosen"] == "detector_rule+platt" and params.rule_platt is not None
     assert params.calibration == "platt"
@@ -432,9 +446,10 @@ def test_platt_calibrated_rule_is_chosen_where_temperature_cannot_calibrate(tmp_
 
 
 @pytest.mark.parametrize("bad, message", [
-    ({"kind": LOGISTIC, "rule_platt": [1.0, 0.0]}, "only goes with a rule kind"),
-    ({"kind": DETECTOR_RULE, "rule_platt": [1.0]}, "two finite numbers"),
-    ({"kind": DETECTOR_RULE, "rule_platt": [1.0, float("nan")]}, "two finite numbers"),
+    ({"kind": LOGISTIC, "rule_platt": [1.0, 0.0, 0.0]}, "only goes with a rule kind"),
+    ({"kind": DETECTOR_RULE, "rule_platt": [1.0, 0.0]}, "three finite numbers"),
+    ({"kind": DETECTOR_RULE, "rule_platt": [1.0, float("nan"), 0.0]}, "three finite numbers"),
+    ({"kind": DETECTOR_RULE, "rule_platt": [-1.0, 0.0, 0.0]}, "a >= 0"),
 ])
 def test_bad_platt_parameters_are_refused(bad, message):
     data = {"organ": "breast", "labels": ["normal", "benign", "malignant"], "feature_names": [], "mean": [], "std": [],

@@ -100,47 +100,66 @@ def _rule_votes(logp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return vote, np.log(share) - np.log1p(-share)
 
 
-def platt_rule_probs(logp: np.ndarray, a: float, b: float) -> np.ndarray:
+def platt_rule_probs(logp: np.ndarray, a: float, b: float, c: float) -> np.ndarray:
     """A decision rule's probabilities with its vote's confidence re-mapped by a Platt curve.
 
-    ``logp`` holds rows of :func:`rule_log_probs`. The voted label gets ``sigmoid(a * logit(share)
-    + b)``, kept above ``1/K`` so the vote stays the arg-max (the rule's decisions are unchanged), and
-    the other labels share the rest. Unlike a temperature, the curve can give a low-scored vote a high
+    ``logp`` holds rows of :func:`rule_log_probs` over an organ's image labels, whose first is the
+    normal label (:class:`~echo_agent.organs.OrganSpec` guarantees it): a vote for it is the rule's
+    "no candidate" vote. Such a vote gets ``sigmoid(c)``; a vote for a lesion label gets
+    ``sigmoid(a * logit(share) + b)`` (``a >= 0``: a higher detector score never lowers it). The
+    vote is kept above ``1/K`` so it stays the arg-max (the rule's decisions are unchanged); the
+    other labels share the rest. Unlike a temperature, the curve can give a low-scored vote a high
     probability when such votes are usually right (a detector whose scores are calibrated to a
-    threshold, not to a probability), or a high-scored one a low probability.
+    threshold, not to a probability), and judges "nothing found" on its own record.
 
-    >>> p = platt_rule_probs(np.log([[0.4, 0.3, 0.3]]), a=1.0, b=2.0)
-    >>> bool(p[0, 0] > 0.8) and bool(np.isclose(p[0, 1], p[0, 2]))
+    >>> p = platt_rule_probs(np.log([[0.3, 0.4, 0.3]]), a=1.0, b=2.0, c=0.0)
+    >>> bool(p[0, 1] > 0.8) and bool(np.isclose(p[0, 0], p[0, 2]))
     True
     """
     logp = np.atleast_2d(np.asarray(logp, dtype=np.float64))
     n, k = logp.shape
     vote, z = _rule_votes(logp)
-    p_vote = 1.0 / (1.0 + np.exp(-(a * z + b)))
+    p_vote = 1.0 / (1.0 + np.exp(-np.where(vote == 0, c, a * z + b)))
     p_vote = np.clip(p_vote, 1.0 / k + 0.01, 1.0 - 1e-3)
     out = np.repeat(((1.0 - p_vote) / max(k - 1, 1))[:, None], k, axis=1)
     out[np.arange(n), vote] = p_vote
     return out
 
 
-def fit_rule_platt(logp: np.ndarray, y: np.ndarray, *, l2: float = 1e-2, iters: int = 100) -> tuple[float, float]:
-    """``(a, b)`` of :func:`platt_rule_probs` minimising the log-loss on rule log-probabilities ``logp``
-    with true label indices ``y``: a logistic regression of "the vote is right" on the logit of its
-    share (Newton steps; ``l2`` keeps it finite when the votes are all right or all wrong)."""
+def _logit_of_rate(hits: np.ndarray) -> float:
+    """Logit of a hit rate, shrunk towards 1/2 by half a pseudo-count each way (finite at 0 and 1)."""
+    r = (float(hits.sum()) + 0.5) / (len(hits) + 1.0)
+    return math.log(r / (1.0 - r))
+
+
+def fit_rule_platt(logp: np.ndarray, y: np.ndarray, *, l2: float = 1e-2, iters: int = 100) -> tuple[float, float, float]:
+    """``(a, b, c)`` of :func:`platt_rule_probs` minimising the log-loss on rule log-probabilities
+    ``logp`` with true label indices ``y``.
+
+    ``c``: the logit of how often "no candidate" votes are right (half a pseudo-count each way).
+    ``a, b``: a logistic regression of "the lesion vote is right" on the logit of its share (Newton
+    steps; ``l2`` keeps it finite when those votes are all right or all wrong); where the best slope
+    is negative, ``a = 0`` and ``b`` is the logit of their hit rate (a monotone map).
+    """
     vote, z = _rule_votes(logp)
-    t = (vote == np.asarray(y)).astype(np.float64)
+    hit = (vote == np.asarray(y)).astype(np.float64)
+    none = vote == 0
+    c = _logit_of_rate(hit[none]) if none.any() else 0.0
+    z, t = z[~none], hit[~none]
+    if not len(t):
+        return 0.0, 0.0, c
     X = np.stack([z, np.ones_like(z)], axis=1)
     w = np.zeros(2)
     reg = np.diag([l2, l2])
     for _ in range(iters):
         p = 1.0 / (1.0 + np.exp(-(X @ w)))
-        grad = X.T @ (p - t) + reg @ w
-        hess = (X * (p * (1 - p))[:, None]).T @ X + reg
-        step = np.linalg.solve(hess, grad)
+        step = np.linalg.solve((X * (p * (1 - p))[:, None]).T @ X + reg, X.T @ (p - t) + reg @ w)
         w -= step
         if np.abs(step).max() < 1e-9:
             break
-    return float(w[0]), float(w[1])
+    if w[0] < 0:
+        return 0.0, _logit_of_rate(t), c
+    return float(w[0]), float(w[1]), c
 
 
 def fusion_features(
@@ -211,7 +230,7 @@ class FusionParams:
     #: one of :data:`FUSION_KINDS`; the rule kinds have no features and use only ``temperature``
     #: (or ``rule_platt``)
     kind: str = LOGISTIC
-    #: rule kinds only: ``[a, b]`` of :func:`platt_rule_probs`, used instead of ``temperature``
+    #: rule kinds only: ``[a, b, c]`` of :func:`platt_rule_probs`, used instead of ``temperature``
     rule_platt: list[float] | None = None
 
     def to_json(self) -> str:
@@ -237,9 +256,11 @@ class FusionParams:
         if p.rule_platt is not None:
             if p.kind == LOGISTIC:
                 raise ModelLoadError(f"fusion parameters in {source}: rule_platt only goes with a rule kind, not {p.kind!r}")
-            if (not isinstance(p.rule_platt, list) or len(p.rule_platt) != 2
-                    or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in p.rule_platt)):
-                raise ModelLoadError(f"fusion parameters in {source}: rule_platt must be two finite numbers [a, b]")
+            if (not isinstance(p.rule_platt, list) or len(p.rule_platt) != 3
+                    or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in p.rule_platt)
+                    or p.rule_platt[0] < 0):
+                raise ModelLoadError(f"fusion parameters in {source}: rule_platt must be three finite numbers [a, b, c] "
+                                     "with a >= 0")
         return p
 
     @property
