@@ -458,3 +458,12 @@ def test_bad_platt_parameters_are_refused(bad, message):
         FusionParams.from_json(json.dumps(data))
     with pytest.raises(ValueError, match="does not go with"):
         Candidate(LOGISTIC, "detector", 1.0, calibration="platt")
+
+
+def test_platt_rules_are_opt_in_candidates():
+    names = [c.name for c in default_candidates()]
+    assert "detector_rule+temperature" in names and not any(n.endswith("+platt") for n in names)
+    both = [c.name for c in default_candidates(rule_calibrations=("temperature", "platt"))]
+    assert {"detector_rule+platt", "heuristic+platt"} <= set(both) and len(both) == len(names) + 2
+    with pytest.raises(ValueError, match="rule_calibrations"):
+        default_candidates(rule_calibrations=("isotonic",))

@@ -168,6 +168,14 @@ def test_own_classifier_runs_every_image_and_the_fusion_is_written_for_it(tmp_pa
         rec = RunRecord(**json.loads(line))
         assert {e["classifier"] for e in rec.evidence if e.get("kind") == "classification"} == {name}, rec.key
     assert json.loads(out.read_text())["training"]["classifiers"] == [name]
+    # the Platt-calibrated rules are compared only on request (from the cached runs: no new agent runs)
+    names = {c["name"] for c in json.loads(out.read_text())["training"]["selection"]["candidates"]}
+    assert "heuristic+temperature" in names and "heuristic+platt" not in names
+    r = _run("--organ", "breast", "--manifest", str(tmp_path / "cal.csv"), "--classifier", str(clf), "--platt-rules",
+             "--out", str(tmp_path / "platt.json"), "--runs-cache", str(cache))
+    assert r.returncode == 0, r.stderr
+    names = {c["name"] for c in json.loads((tmp_path / "platt.json").read_text())["training"]["selection"]["candidates"]}
+    assert {"detector_rule+platt", "heuristic+platt"} <= names
     r = _run("--organ", "breast", "--manifest", str(tmp_path / "cal.csv"), "--classifier", str(clf),
              "--cross-fitted-classifiers", str(clf), str(clf), "--out", str(tmp_path / "x.json"))
     assert r.returncode == 2 and "exclude each other" in r.stderr

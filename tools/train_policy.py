@@ -60,7 +60,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from echo_agent.eval.datasets import load_split  # noqa: E402
-from echo_agent.training.fusion_fit import RunRecord, collect_runs, fit_fusion  # noqa: E402
+from echo_agent.fusion import RULE_CALIBRATIONS  # noqa: E402
+from echo_agent.training.fusion_fit import RunRecord, collect_runs, default_candidates, fit_fusion  # noqa: E402
 
 
 def print_selection(training: dict) -> None:
@@ -189,6 +190,10 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--min-images", type=int, default=50,
                     help="below this many images only the calibrated rules are considered")
+    ap.add_argument("--platt-rules", action="store_true",
+                    help="also compare the decision rules with a Platt map of the vote's share instead of a "
+                         "temperature: better calibrated where the detector's scores sit near its threshold, "
+                         "but a flat map ranks all votes for a label alike (see the fusion model card)")
     ap.add_argument("--force", action="store_true", help="overwrite --out")
     ap.add_argument("--detector", type=Path, default=None, help="detector weights to use instead of the packaged ones")
     ap.add_argument("--classifier", type=Path, default=None,
@@ -259,6 +264,7 @@ def main() -> int:
         params = fit_fusion(
             records, organ=args.organ, seed=args.seed, indeterminate_below=args.indeterminate_below,
             min_images=args.min_images, notes=notes, for_detectors=for_detectors, for_classifiers=for_classifiers,
+            candidates=default_candidates(rule_calibrations=RULE_CALIBRATIONS) if args.platt_rules else None,
         )
     except ValueError as exc:  # e.g. too few runs of the organ
         ap.error(str(exc))

@@ -5,9 +5,9 @@
    trained on are exactly the ones it sees at inference.
 2. :func:`fit_fusion` chooses the fusion by grouped cross-validation (groups = patient /
    near-duplicate group / clip, never images) among candidates fixed in advance
-   (:func:`default_candidates`): two decision rules (the detector-only decision and the heuristic
-   fusion's), each calibrated by a temperature and by a Platt map of its vote's share, and
-   logistic regressions over nested feature sets at three L2 strengths. Each candidate's whole procedure (fit + temperature, the temperature from an
+   (:func:`default_candidates`): two temperature-calibrated decision rules (the detector-only
+   decision and the heuristic fusion's; optionally also Platt-calibrated) and logistic regressions
+   over nested feature sets at three L2 strengths. Each candidate's whole procedure (fit + temperature, the temperature from an
    inner grouped CV) is scored on held-out groups; :func:`select_candidate` applies the rule
    written in :data:`SELECTION_RULE`. The chosen candidate is refitted on all images, its temperature
    fitted on out-of-fold logits, and returned as :class:`FusionParams` (plain JSON) carrying the CV
@@ -158,11 +158,21 @@ class Candidate:
         return f"logistic[{self.features}] l2={self.l2:g}" + (" balanced" if self.balanced else "")
 
 
-def default_candidates(l2_grid: Sequence[float] = (1.0, 10.0, 100.0)) -> list[Candidate]:
-    """The candidates compared by :func:`fit_fusion`: two decision rules, each calibrated by a
-    temperature and by a Platt map of its vote's share, then logistic models over each feature set x
-    L2 strength, fitted with natural and with balanced class weights."""
-    rules = [Candidate(kind, calibration=cal) for kind in (DETECTOR_RULE, HEURISTIC_RULE) for cal in RULE_CALIBRATIONS]
+def default_candidates(l2_grid: Sequence[float] = (1.0, 10.0, 100.0),
+                       rule_calibrations: Sequence[str] = ("temperature",)) -> list[Candidate]:
+    """The candidates compared by :func:`fit_fusion`: the two decision rules with each of
+    ``rule_calibrations`` (default: a temperature; add ``"platt"`` for a Platt map of the vote's
+    share, :func:`~echo_agent.fusion.platt_rule_probs`), then logistic models over each feature set x
+    L2 strength, fitted with natural and with balanced class weights.
+
+    The Platt map is not a default: it calibrates far better where a temperature cannot (a detector
+    whose scores sit near its threshold) but, where its slope is flat, it ranks all votes for a label
+    alike, which cost 0.033 malignant AUC on the one center it was checked on
+    (docs/experiments/cross_center_agent/)."""
+    unknown = sorted(set(rule_calibrations) - set(RULE_CALIBRATIONS))
+    if unknown or not rule_calibrations:
+        raise ValueError(f"rule_calibrations must be a non-empty subset of {RULE_CALIBRATIONS}, got {tuple(rule_calibrations)}")
+    rules = [Candidate(kind, calibration=cal) for kind in (DETECTOR_RULE, HEURISTIC_RULE) for cal in rule_calibrations]
     return rules + [Candidate(LOGISTIC, fs, float(l2), bal) for fs in FEATURE_SETS for bal in (False, True) for l2 in l2_grid]
 
 
