@@ -7,11 +7,11 @@
    near-duplicate group / clip, never images) among candidates fixed in advance
    (:func:`default_candidates`): two temperature-calibrated decision rules (the detector-only
    decision and the heuristic fusion's; optionally also Platt-calibrated) and logistic regressions
-   over nested feature sets at three L2 strengths. Each candidate's whole procedure (fit + temperature, the temperature from an
-   inner grouped CV) is scored on held-out groups; :func:`select_candidate` applies the rule
-   written in :data:`SELECTION_RULE`. The chosen candidate is refitted on all images, its temperature
-   fitted on out-of-fold logits, and returned as :class:`FusionParams` (plain JSON) carrying the CV
-   table, the rule and n. Below ``min_images`` images only the calibrated rules are considered.
+   over nested feature sets at three L2 strengths. Each candidate's whole procedure (fit +
+   temperature, the temperature from an inner grouped CV) is scored on held-out groups;
+   :func:`select_candidate` applies the rule written in :data:`SELECTION_RULE`. The chosen
+   candidate is refitted on all images, its temperature fitted on out-of-fold logits, and returned
+   as :class:`FusionParams` (plain JSON) carrying the CV table, the rule and n. Below ``min_images`` images only the calibrated rules are considered.
 
 Out-of-fold discipline: the images given here must not have been used to train the detector whose
 candidates they contain (use the detector's held-out split), or the fusion learns to trust
