@@ -39,6 +39,7 @@ from echo_agent.training.fusion_fit import (
     ece_with_interval,
     feature_subset,
     fit_fusion,
+    guard_classes,
     select_candidate,
 )
 
@@ -467,3 +468,20 @@ def test_platt_rules_are_opt_in_candidates():
     assert {"detector_rule+platt", "heuristic+platt"} <= set(both) and len(both) == len(names) + 2
     with pytest.raises(ValueError, match="rule_calibrations"):
         default_candidates(rule_calibrations=("isotonic",))
+
+
+def test_guard_balanced_accuracy_ignores_classes_too_small_to_measure():
+    y = np.array([0] * 3 + [1] * 40 + [2] * 30)
+    assert guard_classes(y, 3, 10) == [1, 2]  # three normal images would decide a 3-class mean alone
+    assert guard_classes(y, 3, 3) == [0, 1, 2]
+    assert guard_classes(np.array([0] * 3 + [1] * 40), 3, 10) == [0, 1]  # fewer than two big classes: all present
+    # the fit records the classes it averaged over
+    recs = _records(90)
+    for r in recs[:84]:
+        if r.label == "normal":
+            r.label = "benign"  # 2 normal images left among 90
+    sel = _fit(recs, min_class_images=10).training["selection"]
+    assert sel["guard_classes"] == ["benign", "malignant"] and sel["min_class_images"] == 10
+    assert "at least min_class_images images" in sel["rule"]
+    # the default averages every class present, as before
+    assert _fit(recs).training["selection"]["guard_classes"] == ["normal", "benign", "malignant"]

@@ -190,6 +190,9 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--min-images", type=int, default=50,
                     help="below this many images only the calibrated rules are considered")
+    ap.add_argument("--min-class-images", type=int, default=1,
+                    help="the selection guard's balanced accuracy averages the classes with at least this many "
+                         "images (default 1: all); see fit_fusion")
     ap.add_argument("--platt-rules", action="store_true",
                     help="also compare the decision rules with a Platt map of the vote's share instead of a "
                          "temperature: better calibrated where the detector's scores sit near its threshold, "
@@ -265,6 +268,7 @@ def main() -> int:
             records, organ=args.organ, seed=args.seed, indeterminate_below=args.indeterminate_below,
             min_images=args.min_images, notes=notes, for_detectors=for_detectors, for_classifiers=for_classifiers,
             candidates=default_candidates(rule_calibrations=RULE_CALIBRATIONS) if args.platt_rules else None,
+            min_class_images=args.min_class_images,
         )
     except ValueError as exc:  # e.g. too few runs of the organ
         ap.error(str(exc))

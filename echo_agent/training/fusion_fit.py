@@ -177,8 +177,9 @@ def default_candidates(l2_grid: Sequence[float] = (1.0, 10.0, 100.0),
 
 
 SELECTION_RULE = (
-    "guard: keep the candidates whose grouped-CV accuracy and balanced accuracy are both >= the "
-    "detector-only rule's (accuracy alone rewards calling every image the majority class); among them "
+    "guard: keep the candidates whose grouped-CV accuracy and balanced accuracy (over the classes with "
+    "at least min_class_images images, default 1) are both >= the detector-only rule's (accuracy alone rewards "
+    "calling every image the majority class); among them "
     "take the lowest CV log-loss, then (one-standard-error rule) the simplest candidate whose CV "
     "log-loss is within one cluster standard error of it (simplest = fewest features, then the "
     "strongest L2, then the lower log-loss)"
@@ -303,9 +304,20 @@ def ece_with_interval(
     return float(ece), (float(lo), float(hi))
 
 
-def _balanced_accuracy(y: np.ndarray, pred: np.ndarray, k: int) -> float:
-    rec = [float((pred[y == c] == c).mean()) for c in range(k) if (y == c).any()]
+def _balanced_accuracy(y: np.ndarray, pred: np.ndarray, k: int, classes: Sequence[int] | None = None) -> float:
+    """Mean recall over ``classes`` (default: every class present in ``y``)."""
+    over = range(k) if classes is None else classes
+    rec = [float((pred[y == c] == c).mean()) for c in over if (y == c).any()]
     return float(np.mean(rec))
+
+
+def guard_classes(y: np.ndarray, k: int, min_class_images: int) -> list[int]:
+    """The classes whose recall the guard's balanced accuracy averages: those with at least
+    ``min_class_images`` images (a class of three images would decide it alone), or every class
+    present when fewer than two reach it."""
+    counts = np.bincount(y, minlength=k)
+    big = [c for c in range(k) if counts[c] >= min_class_images]
+    return big if len(big) >= 2 else [c for c in range(k) if counts[c] > 0]
 
 
 def cross_validate(
@@ -346,6 +358,7 @@ def fit_fusion(
     seeds: Sequence[int] = (0, 1, 2),
     seed: int = 0,
     min_images: int = 50,
+    min_class_images: int = 1,
     indeterminate_below: float = 0.5,
     n_boot: int = 1000,
     notes: dict[str, Any] | None = None,
@@ -361,6 +374,12 @@ def fit_fusion(
         seed: seed of the final model's out-of-fold temperature fit.
         min_images: below this many images only the calibrated rules are considered (a logistic
             fusion fitted on a few dozen images does not transfer); the choice says so in ``warnings``.
+        min_class_images: the guard's balanced accuracy averages the recall of the classes with at
+            least this many images (:func:`guard_classes`; ``training.selection.guard_classes``).
+            Default 1: every class present. A higher value lets a class too small to measure (3
+            normal images among 204) stop deciding the guard, but the fusion may then never call
+            that class: fitted on BrEaST with 10, it read none of 13 BUSI normal images normal
+            (docs/experiments/cross_center_agent/, addendum 5), so it is not the default.
         for_detectors: the detector(s) the fusion is for, when the runs came from other ones:
             cross-fitted detectors, each trained without the images it ran on, stand in for the final
             detector trained on all of them (out-of-fold predictions). Default: the runs' detectors.
@@ -395,7 +414,8 @@ def fit_fusion(
         cands.insert(0, Candidate(DETECTOR_RULE))  # the guard's reference must be a candidate
 
     det_pred = R[DETECTOR_RULE].argmax(1)
-    det_acc, det_bacc = float((det_pred == y).mean()), _balanced_accuracy(y, det_pred, k)
+    guard = guard_classes(y, k, min_class_images)
+    det_acc, det_bacc = float((det_pred == y).mean()), _balanced_accuracy(y, det_pred, k, guard)
     scores: list[CandidateScore] = []
     oof: dict[str, np.ndarray] = {}
     for c in cands:
@@ -412,7 +432,7 @@ def fit_fusion(
             name=c.name, kind=c.kind, features=c.features, l2=c.l2, balanced=c.balanced, n_features=len(subset),
             cv_log_loss=float(loss.mean()), cv_log_loss_se=_cluster_se(loss, groups),
             cv_accuracy=float((pred == y).mean()),
-            cv_balanced_accuracy=float(np.mean([_balanced_accuracy(y, p, k) for p in pred])),
+            cv_balanced_accuracy=float(np.mean([_balanced_accuracy(y, p, k, guard) for p in pred])),
             cv_ece=float(ece), cv_ece_ci=ci,
         ))
     chosen = cands[select_candidate(scores, det_acc, det_bacc)]
@@ -451,6 +471,7 @@ def fit_fusion(
         "selection": {
             "rule": SELECTION_RULE, "detector_only_cv_accuracy": round(det_acc, 4),
             "detector_only_cv_balanced_accuracy": round(det_bacc, 4),
+            "guard_classes": [labels[c] for c in guard], "min_class_images": min_class_images,
             "folds": min(folds, len(set(groups))), "cv_seeds": list(seeds), "min_images": min_images,
             "candidates": [s.to_dict() for s in scores],
         },
