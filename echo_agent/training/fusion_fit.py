@@ -11,7 +11,8 @@
    temperature, the temperature from an inner grouped CV) is scored on held-out groups;
    :func:`select_candidate` applies the rule written in :data:`SELECTION_RULE`. The chosen
    candidate is refitted on all images, its temperature fitted on out-of-fold logits, and returned
-   as :class:`FusionParams` (plain JSON) carrying the CV table, the rule and n. Below ``min_images`` images only the calibrated rules are considered.
+   as :class:`FusionParams` (plain JSON) carrying the CV table, the rule and n. Below
+   ``min_images`` images only the calibrated rules are considered.
 
 Out-of-fold discipline: the images given here must not have been used to train the detector whose
 candidates they contain (use the detector's held-out split), or the fusion learns to trust
@@ -177,9 +178,9 @@ def default_candidates(l2_grid: Sequence[float] = (1.0, 10.0, 100.0),
 
 
 SELECTION_RULE = (
-    "guard: keep the candidates whose grouped-CV accuracy and balanced accuracy (over the classes with "
-    "at least min_class_images images, default 1) are both >= the detector-only rule's (accuracy alone rewards "
-    "calling every image the majority class); among them "
+    "guard: keep the candidates whose grouped-CV accuracy and balanced accuracy (over the classes "
+    "with at least min_class_images images, default 1) are both >= the detector-only rule's "
+    "(accuracy alone rewards calling every image the majority class); among them "
     "take the lowest CV log-loss, then (one-standard-error rule) the simplest candidate whose CV "
     "log-loss is within one cluster standard error of it (simplest = fewest features, then the "
     "strongest L2, then the lower log-loss)"
