@@ -68,6 +68,15 @@ def _logp(p: float) -> float:
     return math.log(min(max(float(p), _CLS_FLOOR), 1.0))
 
 
+def _vote_distribution(vote: np.ndarray, p_vote: np.ndarray, k: int) -> np.ndarray:
+    """Rows over ``k`` labels where label ``vote`` gets ``p_vote``, kept in ``[1/k + 0.01, 0.999]`` so
+    it stays the arg-max, and the other labels share the rest (a decision rule's probabilities)."""
+    p_vote = np.clip(np.asarray(p_vote, dtype=np.float64), 1.0 / k + 0.01, 1.0 - 1e-3)
+    out = np.repeat(((1.0 - p_vote) / max(k - 1, 1))[:, None], k, axis=1)
+    out[np.arange(len(out)), vote] = p_vote
+    return out
+
+
 def rule_log_probs(organ: OrganSpec, reports: Sequence[DetectorReport], kind: str) -> np.ndarray:
     """Log-probabilities of a parameter-free decision rule over ``organ.image_labels``.
 
@@ -86,10 +95,7 @@ def rule_log_probs(organ: OrganSpec, reports: Sequence[DetectorReport], kind: st
         label, share = organ.image_label_for(dets[0].label), dets[0].score
     else:
         label, share = organ.normal_label, 1.0 - rep.score_threshold
-    share = float(np.clip(share, 1.0 / k + 0.01, 1.0 - 1e-3))
-    p = np.full(k, (1.0 - share) / max(k - 1, 1))
-    p[labels.index(label)] = share
-    return np.log(p)
+    return np.log(_vote_distribution(np.array([labels.index(label)]), np.array([share]), k)[0])
 
 
 def _rule_votes(logp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -116,14 +122,9 @@ def platt_rule_probs(logp: np.ndarray, a: float, b: float, c: float) -> np.ndarr
     >>> bool(p[0, 1] > 0.8) and bool(np.isclose(p[0, 0], p[0, 2]))
     True
     """
-    logp = np.atleast_2d(np.asarray(logp, dtype=np.float64))
-    n, k = logp.shape
     vote, z = _rule_votes(logp)
     p_vote = 1.0 / (1.0 + np.exp(-np.where(vote == 0, c, a * z + b)))
-    p_vote = np.clip(p_vote, 1.0 / k + 0.01, 1.0 - 1e-3)
-    out = np.repeat(((1.0 - p_vote) / max(k - 1, 1))[:, None], k, axis=1)
-    out[np.arange(n), vote] = p_vote
-    return out
+    return _vote_distribution(vote, p_vote, np.atleast_2d(logp).shape[1])
 
 
 def _logit_of_rate(hits: np.ndarray) -> float:
