@@ -580,6 +580,73 @@ def test_output_cache_skips_repeated_views_and_keeps_results(models):
     assert calls == [1]
 
 
+def test_background_pass_is_waited_for_not_repeated_and_gives_the_same_detections(models):
+    import threading
+
+    d = OnnxDetector(models["rect"])
+    cold = OnnxDetector(models["rect"], cache_size=0)
+    calls, entered, gate = [], threading.Event(), threading.Event()
+    forward = d._forward
+
+    def slow_forward(batch):
+        calls.append(threading.current_thread().name)
+        if calls[-1].startswith("echo-detector"):
+            entered.set()
+            gate.wait(5)  # the background pass is still running when detect() asks for its input
+        return forward(batch)
+
+    d._forward = slow_forward
+    rng = np.random.default_rng(2)
+    img = rng.integers(0, 100, (140, 180, 3), dtype=np.uint8)
+    img[30:70, 40:100] = 255
+    import cv2
+
+    fut = d.prefetch_in_background(cv2.flip(img, 1))
+    assert fut is not None and not fut.done()
+    assert d.prefetch_in_background(cv2.flip(img, 1)) is None  # already running: not started twice
+    assert entered.wait(5)
+    threading.Timer(0.2, gate.set).start()
+    got = d.detect(img, score_threshold=0.1, tta=True)  # the mirror is the background pass's
+    assert got == cold.detect(img, score_threshold=0.1, tta=True)
+    assert len(calls) == 2 and calls[0].startswith("echo-detector") and not calls[1].startswith("echo-detector")
+    assert d.prefetch_in_background(cv2.flip(img, 1)) is None  # cached now
+    assert len(calls) == 2
+    d.detect(img, tta=True)
+    assert len(calls) == 2
+
+
+def test_failed_background_pass_falls_back_and_clear_cache_waits_for_running_passes(models):
+    import threading
+
+    d = OnnxDetector(models["rect"])
+    cold = OnnxDetector(models["rect"], cache_size=0)
+    forward, gate = d._forward, threading.Event()
+
+    def flaky(batch):  # the background pass fails; the caller's own pass works
+        if threading.current_thread().name.startswith("echo-detector"):
+            gate.wait(5)
+            raise RuntimeError("transient")
+        return forward(batch)
+
+    d._forward = flaky
+    img = np.full((64, 80, 3), 40, np.uint8)
+    img[10:40, 20:60] = 250
+    fut = d.prefetch_in_background(img)
+    gate.set()
+    assert d.detect(img) == cold.detect(img)  # waited, saw the failure, ran the input itself
+    with pytest.raises(RuntimeError):
+        fut.result()
+    slow = threading.Event()
+    d._forward = lambda batch: slow.wait(5) and forward(batch)
+    other = img.copy()
+    other[0, 0] = 0
+    late = d.prefetch_in_background(other)
+    threading.Timer(0.2, slow.set).start()
+    d.clear_cache()  # waits for the running pass: nothing lands in the cache afterwards
+    assert late.done() and len(d._cache) == 0
+    assert OnnxDetector(models["rect"], cache_size=0).prefetch_in_background(img) is None  # no cache, no speculation
+
+
 def test_output_cache_is_bounded_and_read_only(models):
     d = OnnxDetector(models["rect"], cache_size=2)
     imgs = [np.full((64, 64, 3), v, np.uint8) for v in (10, 20, 30)]

@@ -370,6 +370,64 @@ def test_detector_tool_prefetches_the_captioner_context_once(enabled):
         assert tk.captioner.prefetched == []
 
 
+class _SpeculatingDetector(FakeDetector):
+    """A fake detector that records the views started in the background."""
+
+    def __init__(self, detections):
+        super().__init__(detections)
+        self.started = []
+
+    def prefetch_in_background(self, image):
+        self.started.append(image)
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_first_look_starts_the_mirrored_view_only_while_rechecks_are_the_rule(enabled):
+    import cv2
+
+    from echo_agent.tools.toolkit import RecheckRate
+
+    tk = fake_toolkit(speculative_recheck=enabled, preprocess=True)
+    weak = _SpeculatingDetector([([10, 10, 50, 40], "benign", 0.3)])  # re-checked with TTA
+    tk.detectors["breast"] = weak
+    graph = build_graph(toolkit=tk).compile()
+    inp = _input(tk)
+    graph.invoke(inp)
+    if enabled:  # the view a TTA call on the whole image mirrors: the prepared one
+        prepared = tk.prepared(inp["image"]["id"], tk.get_store().get(inp["image"]["id"]))
+        assert len(weak.started) == 1 and np.array_equal(weak.started[0], cv2.flip(prepared.array, 1))
+    else:
+        assert weak.started == []
+    assert tk.recheck_rate("breast").share == 1.0  # counted either way
+    # strong first looks are not re-checked: after a few the toolkit stops speculating
+    strong = _SpeculatingDetector([([10, 10, 50, 40], "malignant", 0.9)])
+    tk.detectors["breast"] = strong
+    for seed in range(RecheckRate.open_limit + 8):
+        graph.invoke({"image": tk.get_store().put(speckle_image(seed=seed + 1)), "organ": "breast"})
+    assert tk.recheck_rate("breast").share < 0.5
+    n = len(strong.started)
+    assert n <= (RecheckRate.open_limit + 1 if enabled else 0)
+    graph.invoke({"image": tk.get_store().put(speckle_image(seed=99)), "organ": "breast"})
+    assert len(strong.started) == n
+
+
+def test_recheck_rate_counts_rechecks_repeats_and_overlapping_runs():
+    from echo_agent.tools.toolkit import RecheckRate
+
+    r = RecheckRate()
+    assert r.share is None and r.first_look("a")  # no outcome yet: speculate
+    r.rechecked("a")
+    r.rechecked("a")  # a second TTA call on the same image counts once
+    assert r.share == 1.0
+    assert r.first_look("b") and r.first_look("b")  # looked at again without a re-check
+    assert r.share == 0.5
+    for i in range(RecheckRate.open_limit + 3):  # overlapping runs: the oldest open looks close as not re-checked
+        r.first_look(f"x{i}")
+    assert r.share < 0.5 and not r.first_look("y")
+    r.rechecked("unknown")  # a TTA call without a first look changes nothing
+    assert r.share < 0.5
+
+
 # -- usability check of an explicitly given organ (hardening: blank/noise images) --------------------
 def _checked_agent(router, **kw):
     from echo_agent import EchoAgent

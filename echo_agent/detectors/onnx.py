@@ -8,6 +8,7 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -170,6 +171,9 @@ class OnnxDetector(LetterboxYoloDetector):
         self._cache_lock = threading.Lock()
         # outputs pinned by pin() until unpin(): held whatever the cache size
         self._pinned = PinnedValues()
+        # forward passes started by prefetch_in_background() and not finished yet, by cache key
+        self._inflight: dict[bytes, Future[np.ndarray]] = {}
+        self._background: ThreadPoolExecutor | None = None
 
     def _load(self) -> None:
         session = inference_session(self.path, threads=int(self.intra_op_threads or 1), providers=self.providers,
@@ -311,22 +315,46 @@ class OnnxDetector(LetterboxYoloDetector):
             return np.zeros((0, 0, 0), dtype=np.float32), [], []
         keys = [hashlib.sha256(padded[i].data).digest() for i in range(len(infos))]
         outs: list[np.ndarray | None] = [None] * len(keys)
+        waiting: dict[int, Future[np.ndarray]] = {}
         with self._cache_lock:
             for i, k in enumerate(keys):
-                pinned = self._pinned.get(k)
-                if pinned is not None:
-                    outs[i] = pinned
-                    continue
-                if self.cache_size:
-                    hit = self._cache.get(k)
-                    if hit is not None:
-                        self._cache.move_to_end(k)
-                        outs[i] = hit
+                held = self._held(k)
+                if held is not None:
+                    outs[i] = held
+                elif k in self._inflight:
+                    waiting[i] = self._inflight[k]
         first: dict[bytes, int] = {}  # one forward per distinct input (a batch may repeat an image)
-        todo = [i for i in range(len(keys)) if outs[i] is None and first.setdefault(keys[i], i) == i]
+        todo = [i for i in range(len(keys))
+                if outs[i] is None and i not in waiting and first.setdefault(keys[i], i) == i]
+        self._run_and_cache(padded, keys, todo, outs)
+        for i, fut in waiting.items():
+            try:
+                outs[i] = fut.result()
+            except Exception:  # the background pass failed: this call runs the input itself
+                self._run_and_cache(padded, keys, [i], outs)
+        for i in range(len(keys)):
+            if outs[i] is None:
+                outs[i] = outs[first[keys[i]]]
+        return np.concatenate(outs, axis=0), infos, keys  # type: ignore[arg-type]
+
+    def _held(self, key: bytes) -> np.ndarray | None:
+        """The pinned or cached output of ``key`` (call with ``_cache_lock`` held)."""
+        pinned = self._pinned.get(key)
+        if pinned is not None:
+            return pinned
+        if self.cache_size:
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+                return hit
+        return None
+
+    def _run_and_cache(self, padded: np.ndarray, keys: Sequence[bytes], todo: Sequence[int],
+                       outs: list[np.ndarray | None]) -> None:
+        """Forward ``padded[todo]`` (``max_batch`` at a time), fill ``outs`` and the cache."""
         step = self.max_batch if self._dynamic_batch else 1
         for start in range(0, len(todo), step):
-            idx = todo[start : start + step]
+            idx = list(todo[start : start + step])
             raw = self._forward(_to_network(padded[idx]))
             for j, i in enumerate(idx):
                 one = raw[j : j + 1].copy()
@@ -339,10 +367,44 @@ class OnnxDetector(LetterboxYoloDetector):
                         self._cache.move_to_end(keys[i])
                     while len(self._cache) > self.cache_size:
                         self._cache.popitem(last=False)
-        for i in range(len(keys)):
-            if outs[i] is None:
-                outs[i] = outs[first[keys[i]]]
-        return np.concatenate(outs, axis=0), infos, keys  # type: ignore[arg-type]
+
+    def prefetch_in_background(self, image: np.ndarray) -> Future[np.ndarray] | None:
+        """Start the network on ``image`` in a background thread and return at once.
+
+        A ``detect`` of the same input that comes while the pass runs waits for it instead of
+        running its own, and one that comes later finds the output in the cache; the detections
+        are the same as without it. ``Toolkit`` uses it for the mirrored view of an image whose
+        first look runs without test-time augmentation, because the re-check that follows almost
+        always adds it: the two passes then share the cores. Returns the pass's future, or ``None``
+        when the output is already held or running (or the cache is off).
+        """
+        if not self.cache_size:
+            return None
+        self.load()
+        padded, _ = self._letterboxed([image])
+        key = hashlib.sha256(padded[0].data).digest()
+        fut: Future[np.ndarray] = Future()
+        with self._cache_lock:
+            if self._held(key) is not None or key in self._inflight:
+                return None
+            self._inflight[key] = fut
+            if self._background is None:
+                self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="echo-detector")
+            pool = self._background
+
+        def work() -> None:
+            outs: list[np.ndarray | None] = [None]
+            try:
+                self._run_and_cache(padded, [key], [0], outs)
+                fut.set_result(outs[0])  # type: ignore[arg-type]
+            except BaseException as exc:  # the waiting call falls back to its own pass
+                fut.set_exception(exc)
+            finally:
+                with self._cache_lock:
+                    self._inflight.pop(key, None)
+
+        pool.submit(work)
+        return fut
 
     def network_input(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """The float32 ``(n, 3, s, s)`` tensor the network receives for ``images`` (letterboxed to
@@ -385,7 +447,15 @@ class OnnxDetector(LetterboxYoloDetector):
             self.predict_raw(list(images)[-self.cache_size :])
 
     def clear_cache(self) -> None:
-        """Forget the cached network outputs (pinned ones stay until unpinned)."""
+        """Forget the cached network outputs (pinned ones stay until unpinned); background passes
+        still running are waited for first, so none lands in the cache afterwards."""
+        with self._cache_lock:
+            running = list(self._inflight.values())
+        for fut in running:
+            try:
+                fut.result()
+            except Exception:  # noqa: S110 - a failed pass leaves nothing to clear
+                pass
         with self._cache_lock:
             self._cache.clear()
 

@@ -246,6 +246,7 @@ def make_detect_tool(organ: OrganSpec, toolkit: Toolkit) -> BaseTool:
         detector = toolkit.detector(organ.name)
         if not any(e.get("kind") == "description" for e in runtime.state.get("evidence") or ()):
             toolkit.prefetch_image_context(image)  # overlaps the forward passes; no-op once started
+        toolkit.note_detection(organ.name, ref["id"], image, tta=bool(tta), region=region_box is not None)
         t0 = time.perf_counter()
         dets = run_detector(
             organ, image, detector=detector, score_threshold=score_threshold, tta=tta,
