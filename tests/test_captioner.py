@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import threading
 from pathlib import Path
 
 import cv2
@@ -405,6 +406,40 @@ def test_prefetched_analysis_gives_the_same_description() -> None:
     # a different image of the same content still gets its own (equal) analysis
     other = img.copy()
     assert _dump(cap.describe(other, organ="breast", regions=[box], evidence_id="d")) == _dump(want)
+
+
+@pytest.mark.parametrize("organ, spacing", [("breast", None), ("kidney", (0.1, 0.1)), (None, None)])
+def test_prefetched_regions_give_the_same_description_and_are_taken_once(organ, spacing) -> None:
+    img, box = spiky_mass(seed=6)
+    img.flags.writeable = False
+    other = Box(x1=5, y1=5, x2=40, y2=30)
+    cap = PixelCaptioner()
+    assert cap.prefetch_regions(img, [box, other], organ=organ, pixel_spacing_mm=spacing) == 2
+    assert cap.prefetch_regions(img, [box], organ=organ, pixel_spacing_mm=spacing) == 0  # already pending
+    assert cap._pending  # the whole-image analysis the regions need was started too
+    calls = []
+    real = cap._region_features
+    inline = lambda: threading.current_thread() is threading.main_thread()  # noqa: E731
+    cap._region_features = lambda *a, **k: (calls.append(a[2]) if inline() else None) or real(*a, **k)
+    got = cap.describe(img, organ=organ, regions=[box, other], pixel_spacing_mm=spacing, evidence_id="d")
+    assert calls == [] and not cap._pending_regions and not cap._pending  # both taken, none redone
+    want = PixelCaptioner().describe(img, organ=organ, regions=[box, other], pixel_spacing_mm=spacing, evidence_id="d")
+    assert _dump(got) == _dump(want)
+    # a region analysed for other settings (or never prefetched) is analysed inline, the same
+    cap.prefetch_regions(img, [box], organ="breast" if organ == "kidney" else "kidney", pixel_spacing_mm=spacing)
+    again = cap.describe(img, organ=organ, regions=[box, other], pixel_spacing_mm=spacing, evidence_id="d")
+    assert _dump(again) == _dump(want) and len(calls) == 2
+
+
+def test_region_prefetch_skips_writable_arrays_and_failures_surface_in_describe() -> None:
+    img, box = oval_cyst()
+    cap = PixelCaptioner()
+    assert cap.prefetch_regions(img, [box], organ="breast") == 0  # writable: could change before describe()
+    img.flags.writeable = False
+    outside = Box(x1=5000, y1=5000, x2=5100, y2=5100)
+    assert cap.prefetch_regions(img, [outside], organ="breast") == 1  # fails (or is empty) in the background ...
+    with pytest.raises(EchoInputError, match="outside"):  # ... describe() still refuses it with its own error
+        cap.describe(img, organ="breast", regions=[outside])
 
 
 def test_prefetch_skips_writable_arrays_and_bad_images_still_raise_typed_errors() -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _fakes import fake_toolkit, speckle_image, tiny_classifier
+from _fakes import FakeDetector, fake_toolkit, speckle_image, tiny_classifier
 
 from echo_agent.detectors import (
     OnnxRegionClassifier,
@@ -129,6 +129,39 @@ def test_embedded_policy_takes_a_second_look(tmp_path: Path) -> None:
     assert linked and all(r.detection_id and r.detection_id.startswith("det") for r in linked)
     assert isinstance(events[-1], DiagnosisEvent)
     assert any(r.kind == "classification" for r in events[-1].diagnosis.evidence) or events[-1].diagnosis.warnings
+
+
+class _RegionCountingCaptioner:
+    """Wraps the fake captioner and records the regions started ahead of describe()."""
+
+    def __init__(self, inner):
+        self.inner, self.name, self.started = inner, inner.name, []
+
+    def prefetch_regions(self, image, boxes, *, organ, pixel_spacing_mm=None):
+        self.started.append((image, [b.to_list() for b in boxes], organ))
+        return len(boxes)
+
+    def describe(self, image, **kw):
+        self.described = [b.to_list() for b in kw.get("regions", ())]
+        return self.inner.describe(image, **kw)
+
+
+@pytest.mark.parametrize("ahead, context", [(3, True), (1, True), (0, True), (3, False)])
+def test_second_look_starts_the_analysis_of_the_regions_described_next(tmp_path: Path, ahead, context) -> None:
+    agent, tk = _agent(tmp_path)
+    tk.describe_ahead, tk.prefetch_context = ahead, context
+    tk.captioner = _RegionCountingCaptioner(tk.captioner)
+    tk.detectors["breast"] = FakeDetector([([10, 10, 50, 40], "malignant", 0.8), ([60, 60, 90, 100], "benign", 0.6),
+                                           ([5, 70, 30, 110], "benign", 0.5), ([100, 5, 140, 40], "malignant", 0.4)])
+    image = speckle_image()
+    agent.run(image, organ="breast")
+    if ahead and context:  # once, from the second-look call, for the candidates the policy describes next
+        assert len(tk.captioner.started) == 1
+        stored, boxes, organ = tk.captioner.started[0]
+        assert organ == "breast" and not stored.flags.writeable
+        assert boxes == tk.captioner.described[:ahead]
+    else:
+        assert tk.captioner.started == []
 
 
 def test_classifier_with_wrong_labels_is_a_tool_error_not_a_crash(tmp_path: Path) -> None:

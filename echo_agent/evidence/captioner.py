@@ -450,6 +450,8 @@ class PixelCaptioner:
         self._pending_lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
         self._pool_pid = 0
+        # region analyses started ahead of describe() (see prefetch_regions)
+        self._pending_regions: OrderedDict[tuple[Any, ...], tuple[np.ndarray, Future[tuple[dict[str, float], _d.RegionAnalysis]]]] = OrderedDict()
 
     #: How many prefetched whole-image analyses are kept until describe() takes them.
     prefetch_capacity = 32
@@ -469,19 +471,75 @@ class PixelCaptioner:
         """
         if not isinstance(image, np.ndarray) or image.flags.writeable or image.ndim != 3:
             return False
-        key = id(image)
         with self._pending_lock:
-            hit = self._pending.get(key)
-            if hit is not None and hit[0] is image:
-                return False
-            if self._pool is None or self._pool_pid != os.getpid():  # a forked child needs its own thread
-                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="echo-captioner")
-                self._pool_pid = os.getpid()
-            fut = self._pool.submit(_whole_image, image)
-            self._pending[key] = (image, fut)
-            while len(self._pending) > self.prefetch_capacity:
-                self._pending.popitem(last=False)[1][1].cancel()
-        return True
+            return self._whole_image_job(image)[1]
+
+    def _whole_image_job(self, image: np.ndarray) -> tuple[Future[tuple[np.ndarray, _d.GlobalAnalysis]], bool]:
+        """The pending whole-image analysis of ``image``, started if there is none (with the lock
+        held); whether it was started now."""
+        key = id(image)
+        hit = self._pending.get(key)
+        if hit is not None and hit[0] is image:
+            return hit[1], False
+        fut = self._pool_now().submit(_whole_image, image)
+        self._pending[key] = (image, fut)
+        while len(self._pending) > self.prefetch_capacity:
+            self._pending.popitem(last=False)[1][1].cancel()
+        return fut, True
+
+    def _pool_now(self) -> ThreadPoolExecutor:
+        if self._pool is None or self._pool_pid != os.getpid():  # a forked child needs its own thread
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="echo-captioner")
+            self._pool_pid = os.getpid()
+        return self._pool
+
+    def prefetch_regions(self, image: np.ndarray, boxes: Sequence[Box], *, organ: str | None,
+                         pixel_spacing_mm: tuple[float, float] | None = None) -> int:
+        """Start the analysis of ``boxes`` of ``image`` in the background thread (after the
+        whole-image analysis it needs, started too if it was not), for a later :meth:`describe` of
+        the same array object, organ, spacing and boxes. The descriptors are the same either way;
+        a region never asked for is just work done for nothing. Read-only arrays only (see
+        :meth:`prefetch`). Returns how many analyses were started."""
+        if not isinstance(image, np.ndarray) or image.flags.writeable or image.ndim != 3:
+            return 0
+        spacing = _check_spacing(pixel_spacing_mm)
+        kidney = organ == "kidney"
+        started = 0
+        with self._pending_lock:
+            whole, _ = self._whole_image_job(image)
+            for raw in boxes:
+                box = _as_box(raw)
+                key = (id(image), tuple(box.to_list()), spacing, kidney)
+                hit = self._pending_regions.get(key)
+                if hit is not None and hit[0] is image:
+                    continue
+                fut = self._pool_now().submit(self._region_after, whole, image, box, spacing, kidney)
+                self._pending_regions[key] = (image, fut)
+                started += 1
+            while len(self._pending_regions) > self.prefetch_capacity:
+                self._pending_regions.popitem(last=False)[1][1].cancel()
+        return started
+
+    def _region_after(self, whole: Future[tuple[np.ndarray, _d.GlobalAnalysis]], image: np.ndarray, box: Box,
+                      spacing: tuple[float, float] | None, kidney: bool) -> tuple[dict[str, float], _d.RegionAnalysis]:
+        try:
+            gray, ga = whole.result()
+        except Exception:  # noqa: BLE001 - the whole-image job failed or was dropped: redo it here
+            gray, ga = _whole_image(image)
+        return self._region_features(gray, ga.fov_mask, box, None, spacing, kidney)
+
+    def _take_region(self, image: np.ndarray, box: Box, spacing: tuple[float, float] | None,
+                     kidney: bool) -> tuple[dict[str, float], _d.RegionAnalysis] | None:
+        """A prefetched region analysis (waited for if running), or None."""
+        key = (id(image), tuple(box.to_list()), spacing, kidney)
+        with self._pending_lock:
+            hit = self._pending_regions.pop(key, None)
+        if hit is None or hit[0] is not image or hit[1].cancel():
+            return None
+        try:
+            return hit[1].result()
+        except Exception:  # noqa: BLE001 - recomputed by the caller, so the error surfaces there
+            return None
 
     def __getstate__(self) -> dict[str, Any]:
         # copies and pickles (a Ray actor, copy.deepcopy) take the thresholds, not the thread
@@ -620,7 +678,9 @@ class PixelCaptioner:
                     f"region {i} {box.to_list()} lies outside the {w}x{h} image; give boxes in pixel "
                     "coordinates of the original image"
                 )
-            f, ra = self._region_features(gray, ga.fov_mask, box, None, spacing, kidney=organ == "kidney")
+            kidney = organ == "kidney"
+            f, ra = self._take_region(image, box, spacing, kidney) or self._region_features(
+                gray, ga.fov_mask, box, None, spacing, kidney=kidney)
             if dset is not None:
                 d = self.describe_with_set(dset, ra, spacing)
                 caption_text = dset.caption(d)

@@ -289,6 +289,11 @@ def make_classify_tool(organ: OrganSpec, toolkit: Toolkit) -> BaseTool:
         whole_image: bool = True,
     ) -> Command:
         image, ref, boxes = _image_and_regions(runtime, toolkit, regions, detection_ids)
+        evidence = runtime.state.get("evidence") or []
+        if not any(e.get("kind") == "description" for e in evidence):  # overlaps the forward pass
+            spacing = ref.get("pixel_spacing_mm")
+            toolkit.prefetch_region_context(image, evidence, organ=runtime.state.get("organ"),
+                                            pixel_spacing_mm=tuple(spacing) if spacing else None)
         eid = next_evidence_id(runtime.state, runtime.tool_call_id, CLASSIFY_PREFIX, [name])
         res = classify_regions(
             organ, image, boxes, detection_ids, whole_image=whole_image, classifier=toolkit.classifier(organ),

@@ -86,6 +86,11 @@ class Toolkit:
             images, whose first looks are weak; hydronephrosis frames rarely need it) and stops
             speculating when fewer than half of the last :attr:`RecheckRate.window` were.
             Detections are the same either way.
+        describe_ahead: when the second-look tool runs, also start the captioner's analysis of the
+            latest detector call's top ``describe_ahead`` candidates in its background thread
+            (captioners with ``prefetch_regions``, with ``prefetch_context`` on), so it overlaps
+            the classifier's forward pass: the embedded policy describes exactly those next. The
+            descriptors are the same either way; 0 turns it off.
 
     The toolkit also remembers the preprocessed detector input of the last few images
     (:meth:`prepared`), keyed by the image's content id: a re-check of the same image reuses it.
@@ -100,6 +105,7 @@ class Toolkit:
     render_overlays: bool = True
     prefetch_context: bool = True
     speculative_recheck: bool = True
+    describe_ahead: int = 3
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
     _prepared: OrderedDict[tuple[Any, ...], Any] = field(default_factory=OrderedDict, repr=False, compare=False)
     _prepared_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
@@ -282,6 +288,23 @@ class Toolkit:
 
         view = self.prepared(image_id, image).array if self.preprocess else image
         start(cv2.flip(view, 1))  # the bytes LetterboxYoloDetector.detect_batch mirrors for TTA
+
+    def prefetch_region_context(self, image: np.ndarray, evidence: Sequence[Any], *, organ: str | None,
+                                pixel_spacing_mm: tuple[float, float] | None = None) -> None:
+        """Start the captioner's analysis of the latest detector call's top candidates of a stored
+        (read-only) image (see ``describe_ahead``)."""
+        if not self.prefetch_context or self.describe_ahead <= 0:
+            return
+        start = getattr(self.get_captioner(), "prefetch_regions", None)
+        reports = [e for e in evidence if isinstance(e, dict) and e.get("kind") == "detections"]
+        if start is None or not reports:
+            return
+        from ..schemas import DetectorReport
+
+        latest = DetectorReport.model_validate(reports[-1])
+        top = sorted(latest.detections, key=lambda d: -d.score)[: self.describe_ahead]
+        if top:
+            start(image, [d.box for d in top], organ=organ, pixel_spacing_mm=pixel_spacing_mm)
 
     def get_captioner(self) -> Captioner:
         with self._lock:
