@@ -20,7 +20,10 @@ from echo_agent.fusion import (
     merged_candidates,
     platt_rule_probs,
     rule_log_probs,
+    veto_normal,
 )
+from echo_agent.fusion.diagnosis import OVERRULED_RECOMMENDATION
+from echo_agent.fusion.learned import NORMAL_VETO_MARGIN
 from echo_agent.organs import get_organ
 from echo_agent.schemas import (
     Box,
@@ -485,3 +488,79 @@ def test_guard_balanced_accuracy_ignores_classes_too_small_to_measure():
     assert "at least min_class_images images" in sel["rule"]
     # the default averages every class present, as before
     assert _fit(recs).training["selection"]["guard_classes"] == ["normal", "benign", "malignant"]
+
+
+# -- a normal reading needs the detector's agreement (normal_veto) ----------------------------------------
+def test_veto_caps_normal_just_below_the_strongest_lesion_class():
+    p = np.array([[0.7, 0.2, 0.1], [0.6, 0.1, 0.3], [0.2, 0.5, 0.3], [0.9, 0.05, 0.05]])
+    before = p.copy()
+    out = veto_normal(p, 0, np.array([True, True, True, False]))
+    assert np.array_equal(p, before)  # the input is not modified
+    assert np.allclose(out.sum(1), 1.0)
+    assert out[0].argmax() == 1 and out[1].argmax() == 2 and out[0].max() <= 0.5 and out[1].max() <= 0.5
+    assert out[0, 0] == pytest.approx(out[0, 1] * (1 - NORMAL_VETO_MARGIN))
+    assert out[0, 1] / out[0, 2] == pytest.approx(2.0)  # the lesion classes keep their ratio
+    assert np.array_equal(out[2], p[2]) and np.array_equal(out[3], p[3])  # a lesion reading; no candidate
+    assert veto_normal(p[0], 0, True).shape == (3,)
+
+
+def _normal_below(threshold: float, veto: bool) -> FusionParams:
+    """A hand-set logistic fusion that reads normal when the top candidate scores below ~0.4."""
+    return FusionParams(organ="breast", labels=["normal", "benign", "malignant"], feature_names=["det_top"],
+                        mean=[0.0], std=[1.0], weights=[[-5.0], [5.0], [0.0]], bias=[4.0 * threshold / 0.4, 0.0, -9.0],
+                        normal_veto=veto)
+
+
+def test_a_normal_reading_the_first_look_contradicts_becomes_a_referred_lesion_reading():
+    weak = _evidence("benign", 0.3)  # the first call has a candidate at its threshold; the fusion reads normal
+    plain = LearnedFusion({"breast": _normal_below(0.4, veto=False)}).fuse(BREAST, weak, clinical=None, image_size=(200, 160))
+    assert plain.label == "normal"
+    dx = LearnedFusion({"breast": _normal_below(0.4, veto=True)}).fuse(BREAST, weak, clinical=None, image_size=(200, 160))
+    assert dx.label == "benign" and dx.probabilities["benign"] < 0.51 and dx.indeterminate
+    assert "overruled" in dx.indeterminate_reason and dx.recommendation == OVERRULED_RECOMMENDATION
+    assert dx.findings and dx.findings[0].detection_ids == ["det1:0"]
+    assert "overruled: the detector's first look has a benign candidate at 0.30" in dx.rationale
+    assert dx.probabilities["normal"] == pytest.approx(dx.probabilities["benign"] * (1 - NORMAL_VETO_MARGIN))
+    vetoing = LearnedFusion({"breast": _normal_below(0.4, veto=True)})
+    # no candidate in the first call: the normal reading stands, even when a later TTA call finds one
+    assert vetoing.fuse(BREAST, _evidence(None, 0.0), clinical=None, image_size=(200, 160)).label == "normal"
+    late = [_evidence(None, 0.0)[0], _evidence("benign", 0.3, tta=True, eid="det2")[0]]
+    assert vetoing.fuse(BREAST, late, clinical=None, image_size=(200, 160)).label == "normal"
+    # a lesion reading is untouched
+    strong = _evidence("benign", 0.9)
+    assert vetoing.fuse(BREAST, strong, clinical=None, image_size=(200, 160)) == LearnedFusion(
+        {"breast": _normal_below(0.4, veto=False)}).fuse(BREAST, strong, clinical=None, image_size=(200, 160))
+
+
+def test_normal_veto_round_trips_and_old_files_read_without_it():
+    on = _normal_below(0.4, veto=True)
+    assert json.loads(on.to_json())["normal_veto"] is True and FusionParams.from_json(on.to_json()).normal_veto
+    off = json.loads(_normal_below(0.4, veto=False).to_json())
+    assert "normal_veto" not in off  # files without the veto are written as before ...
+    assert FusionParams.from_json(json.dumps(off)).normal_veto is False  # ... and read as off
+    with pytest.raises(ModelLoadError, match="normal_veto must be true or false"):
+        FusionParams.from_json(json.dumps({**off, "normal_veto": "yes"}))
+
+
+def test_fit_adopts_the_veto_unless_it_costs_out_of_fold_accuracy():
+    recs = _records()
+    auto = _fit(recs).training["normal_veto"]
+    assert set(auto) >= {"mode", "adopted", "without", "with", "n_lesions", "n_normals"}
+    cost = auto["without"]["oof_accuracy"] - auto["with"]["oof_accuracy"]
+    assert auto["adopted"] == (cost <= 0.01)
+    assert auto["with"]["lesions_read_normal"] <= auto["without"]["lesions_read_normal"]
+    assert auto["with"]["normals_read_normal"] <= auto["without"]["normals_read_normal"]
+    assert _fit(recs, normal_veto="on").normal_veto is True
+    off = _fit(recs, normal_veto="off")
+    assert off.normal_veto is False and off.training["normal_veto"]["mode"] == "off"
+    with pytest.raises(ValueError, match="normal_veto must be one of"):
+        _fit(recs, normal_veto="sometimes")
+    # where a normal reading the detector contradicts is usually right, the veto costs accuracy: not adopted
+    costly = _records(120, seed=3)
+    for r in costly:
+        if r.label == "normal":  # every normal image has a weak candidate in the first look
+            r.evidence = [e.model_dump(mode="json") for e in _evidence("benign", 0.3)]
+    veto = _fit(costly, candidates=[Candidate(DETECTOR_RULE), Candidate(LOGISTIC, "detector", 10.0)]).training["normal_veto"]
+    assert veto["without"]["normals_read_normal"] > 30  # the fit learned that a weak first candidate is normal
+    assert veto["with"]["normals_read_normal"] == 0 and not veto["adopted"]
+    assert veto["with"]["oof_accuracy"] < veto["without"]["oof_accuracy"] - 0.2

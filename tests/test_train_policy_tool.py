@@ -176,6 +176,16 @@ def test_own_classifier_runs_every_image_and_the_fusion_is_written_for_it(tmp_pa
     assert r.returncode == 0, r.stderr
     names = {c["name"] for c in json.loads((tmp_path / "platt.json").read_text())["training"]["selection"]["candidates"]}
     assert {"detector_rule+platt", "heuristic+platt"} <= names
+    # the normal veto is checked on the out-of-fold readings and reported; --normal-veto forces it
+    assert "normal veto (auto):" in r.stdout
+    r = _run("--organ", "breast", "--manifest", str(tmp_path / "cal.csv"), "--classifier", str(clf), "--normal-veto", "off",
+             "--out", str(tmp_path / "noveto.json"), "--runs-cache", str(cache))
+    assert r.returncode == 0, r.stderr
+    noveto = json.loads((tmp_path / "noveto.json").read_text())
+    assert "normal_veto" not in noveto and noveto["training"]["normal_veto"]["mode"] == "off"
+    r = _run("--organ", "breast", "--manifest", str(tmp_path / "cal.csv"), "--normal-veto", "maybe",
+             "--out", str(tmp_path / "x.json"), "--runs-cache", str(cache))
+    assert r.returncode == 2 and "--normal-veto" in r.stderr
     r = _run("--organ", "breast", "--manifest", str(tmp_path / "cal.csv"), "--classifier", str(clf),
              "--cross-fitted-classifiers", str(clf), str(clf), "--out", str(tmp_path / "x.json"))
     assert r.returncode == 2 and "exclude each other" in r.stderr

@@ -61,7 +61,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from echo_agent.eval.datasets import load_split  # noqa: E402
 from echo_agent.fusion import RULE_CALIBRATIONS  # noqa: E402
-from echo_agent.training.fusion_fit import RunRecord, collect_runs, default_candidates, fit_fusion  # noqa: E402
+from echo_agent.training.fusion_fit import (  # noqa: E402
+    NORMAL_VETO_MODES,
+    RunRecord,
+    collect_runs,
+    default_candidates,
+    fit_fusion,
+)
 
 
 def print_selection(training: dict) -> None:
@@ -197,6 +203,9 @@ def main() -> int:
                     help="also compare the decision rules with a Platt map of the vote's share instead of a "
                          "temperature: better calibrated where the detector's scores sit near its threshold, "
                          "but a flat map ranks all votes for a label alike (see the fusion model card)")
+    ap.add_argument("--normal-veto", choices=NORMAL_VETO_MODES, default="auto",
+                    help="a normal reading needs the detector-only rule's agreement: 'auto' (default) adopts it "
+                         "unless it costs the chosen fusion more than 1 point of out-of-fold accuracy")
     ap.add_argument("--force", action="store_true", help="overwrite --out")
     ap.add_argument("--detector", type=Path, default=None, help="detector weights to use instead of the packaged ones")
     ap.add_argument("--classifier", type=Path, default=None,
@@ -268,13 +277,18 @@ def main() -> int:
             records, organ=args.organ, seed=args.seed, indeterminate_below=args.indeterminate_below,
             min_images=args.min_images, notes=notes, for_detectors=for_detectors, for_classifiers=for_classifiers,
             candidates=default_candidates(rule_calibrations=RULE_CALIBRATIONS) if args.platt_rules else None,
-            min_class_images=args.min_class_images,
+            min_class_images=args.min_class_images, normal_veto=args.normal_veto,
         )
     except ValueError as exc:  # e.g. too few runs of the organ
         ap.error(str(exc))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(params.to_json() + "\n")
     print_selection(params.training)
+    veto = params.training["normal_veto"]
+    if "without" in veto:
+        print(f"normal veto ({veto['mode']}): {'adopted' if veto['adopted'] else 'not adopted'}; out-of-fold accuracy "
+              f"{veto['without']['oof_accuracy']:.3f} -> {veto['with']['oof_accuracy']:.3f}, lesions read normal "
+              f"{veto['without']['lesions_read_normal']:g} -> {veto['with']['lesions_read_normal']:g} of {veto['n_lesions']}")
     print(f"wrote {args.out} ({params.training['chosen']}, temperature {params.temperature:.3f}, "
           f"{len(params.feature_names)} features, n={params.training['n']})")
     return 0

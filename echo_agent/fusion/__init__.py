@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from .diagnosis import (
     CONFLICT_RECOMMENDATION,
+    OVERRULED_RECOMMENDATION,
     PRESENCE_CONFLICT_MIN,
     PRESENCE_RECOMMENDATION,
     WEAK_EVIDENCE_RECOMMENDATION,
@@ -58,6 +59,7 @@ from .learned import (
     platt_rule_probs,
     rule_log_probs,
     softmax,
+    veto_normal,
 )
 
 __all__ = [
@@ -65,17 +67,18 @@ __all__ = [
     "DETECTOR_RULE",
     "FUSION_KINDS",
     "FUSION_VERSION",
-    "HEURISTIC_RULE",
-    "LOGISTIC",
-    "PRESENCE_CONFLICT_MIN",
-    "PRESENCE_RECOMMENDATION",
-    "RULE_CALIBRATIONS",
-    "WEAK_EVIDENCE_RECOMMENDATION",
     "Fusion",
     "FusionParams",
+    "HEURISTIC_RULE",
     "HeuristicFusion",
+    "LOGISTIC",
     "LearnedFusion",
+    "PRESENCE_CONFLICT_MIN",
+    "OVERRULED_RECOMMENDATION",
+    "PRESENCE_RECOMMENDATION",
+    "RULE_CALIBRATIONS",
     "RunEvidence",
+    "WEAK_EVIDENCE_RECOMMENDATION",
     "assemble_diagnosis",
     "class_score",
     "classifications",
@@ -99,5 +102,6 @@ __all__ = [
     "rule_log_probs",
     "short_citation",
     "softmax",
+    "veto_normal",
     "whole_image_classification",
 ]

@@ -79,6 +79,10 @@ PRESENCE_RECOMMENDATION = (
     "Read as normal, but the second-look classifier sees a lesion: refer for a sonographer's or "
     "radiologist's review."
 )
+OVERRULED_RECOMMENDATION = (
+    "The fused evidence read this image as normal, but the detector found a candidate lesion: refer for a "
+    "sonographer's or radiologist's review."
+)
 #: A "normal" reading is referred when the second look gives a region (or the whole image) at
 #: least this probability of a lesion.
 PRESENCE_CONFLICT_MIN = 0.5
@@ -116,7 +120,7 @@ def presence_conflict(organ: OrganSpec, label: str, regions: Sequence[RegionClas
 
 def recommendation_for(
     organ: OrganSpec, label: str, category: str | None, indeterminate: bool, conflict: bool = False,
-    presence_conflict: bool = False,
+    presence_conflict: bool = False, overruled: bool = False,
 ) -> str:
     """What to do next: refer when indeterminate (saying why when the evidence conflicts), else the
     category's management, else a default."""
@@ -125,6 +129,8 @@ def recommendation_for(
         return CONFLICT_RECOMMENDATION
     if presence_conflict:
         return PRESENCE_RECOMMENDATION
+    if overruled:
+        return OVERRULED_RECOMMENDATION
     if indeterminate:
         return WEAK_EVIDENCE_RECOMMENDATION
     if band is not None and band.management:
@@ -161,13 +167,15 @@ def assemble_diagnosis(
     image_size: tuple[int, int],
     conflict: str | None = None,
     presence: str | None = None,
+    overruled: str | None = None,
     calibrated: bool = True,
     warnings: Sequence[str] = (),
 ) -> Diagnosis:
     """The Diagnosis of a fusion's decision: cites the knowledge and clinical context, assigns the
     category (from the positive label's probability, or from the organ's category head on the leading
     finding), refers when the top probability is below
-    ``min_confidence`` or the evidence conflicts, and says what to do next."""
+    ``min_confidence``, the evidence conflicts or a normal reading was ``overruled`` (why), and says
+    what to do next."""
     krefs = knowledge_refs(evidence.knowledge)
     if krefs:
         rationale += " Knowledge: " + "; ".join(r.summary for r in krefs[:2]) + "."
@@ -182,10 +190,10 @@ def assemble_diagnosis(
     conf = probs[label]
     what = "calibrated top probability" if calibrated else "top probability"
     reasons = [f"{what} {conf:.2f} < {min_confidence:.2f}"] if conf < min_confidence else []
-    reasons += [r for r in (conflict, presence) if r]
+    reasons += [r for r in (conflict, presence, overruled) if r]
     indeterminate = bool(reasons)
     recommendation = recommendation_for(organ, label, category, indeterminate, conflict=bool(conflict),
-                                        presence_conflict=bool(presence))
+                                        presence_conflict=bool(presence), overruled=bool(overruled))
     w, h = image_size
     return Diagnosis(
         organ=organ.name, label=label, probabilities=probs, category=category,
@@ -198,6 +206,7 @@ def assemble_diagnosis(
 
 __all__ = [
     "CONFLICT_RECOMMENDATION",
+    "OVERRULED_RECOMMENDATION",
     "Fusion",
     "PRESENCE_CONFLICT_MIN",
     "PRESENCE_RECOMMENDATION",

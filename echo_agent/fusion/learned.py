@@ -98,6 +98,33 @@ def rule_log_probs(organ: OrganSpec, reports: Sequence[DetectorReport], kind: st
     return np.log(_vote_distribution(np.array([labels.index(label)]), np.array([share]), k)[0])
 
 
+#: How far below the strongest lesion class a vetoed normal reading's probability is put (relative).
+NORMAL_VETO_MARGIN = 0.01
+
+
+def veto_normal(probs: np.ndarray, normal_index: int, lesion_found: np.ndarray | bool) -> np.ndarray:
+    """Probabilities where a *normal* reading the detector contradicts does not stand.
+
+    In every row whose arg-max is ``normal_index`` and whose ``lesion_found`` is true (the first
+    detector call has a candidate at its threshold), normal's probability is capped just below the
+    strongest other class's (by :data:`NORMAL_VETO_MARGIN` of it) and the row renormalised: that
+    class becomes the reading, with a probability of at most one half. Other rows are unchanged.
+
+    >>> veto_normal(np.array([0.7, 0.2, 0.1]), 0, True).round(3).tolist()
+    [0.396, 0.4, 0.2]
+    >>> veto_normal(np.array([0.7, 0.2, 0.1]), 0, False).tolist()
+    [0.7, 0.2, 0.1]
+    """
+    p = np.array(probs, dtype=np.float64, copy=True)
+    rows = np.atleast_2d(p)
+    hit = (rows.argmax(1) == normal_index) & np.broadcast_to(np.asarray(lesion_found, dtype=bool), rows.shape[:1])
+    if hit.any():
+        others = np.delete(rows[hit], normal_index, axis=1).max(1)
+        rows[hit, normal_index] = others * (1.0 - NORMAL_VETO_MARGIN)
+        rows[hit] /= rows[hit].sum(1, keepdims=True)
+    return p
+
+
 def _rule_votes(logp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The voted label and the logit of its share, per row of rule log-probabilities."""
     logp = np.atleast_2d(np.asarray(logp, dtype=np.float64))
@@ -233,11 +260,15 @@ class FusionParams:
     kind: str = LOGISTIC
     #: rule kinds only: ``[a, b, c]`` of :func:`platt_rule_probs`, used instead of ``temperature``
     rule_platt: list[float] | None = None
+    #: a normal reading needs the detector-only rule's agreement (:func:`veto_normal`)
+    normal_veto: bool = False
 
     def to_json(self) -> str:
         data = dict(self.__dict__)
         if data["rule_platt"] is None:
             del data["rule_platt"]  # files without it read as before
+        if not data["normal_veto"]:
+            del data["normal_veto"]
         return json.dumps(data, indent=1)
 
     @classmethod
@@ -254,6 +285,8 @@ class FusionParams:
             raise ModelLoadError(f"fusion parameters in {source}: temperature must be > 0")
         if p.kind not in FUSION_KINDS:
             raise ModelLoadError(f"fusion parameters in {source} have kind {p.kind!r}; expected one of {', '.join(FUSION_KINDS)}")
+        if not isinstance(p.normal_veto, bool):
+            raise ModelLoadError(f"fusion parameters in {source}: normal_veto must be true or false, got {p.normal_veto!r}")
         if p.rule_platt is not None:
             if p.kind == LOGISTIC:
                 raise ModelLoadError(f"fusion parameters in {source}: rule_platt only goes with a rule kind, not {p.kind!r}")
@@ -476,6 +509,16 @@ class LearnedFusion:
             )
         z, feats = params.run_logits(organ, ev, clinical, image_size)
         probs_arr = params.probabilities(z)
+        vetoed = overruled = None
+        if params.normal_veto and organ.normal_label in params.labels:
+            first = max(reports[0].detections, key=lambda d: d.score, default=None)
+            if first is not None:
+                before = probs_arr
+                probs_arr = veto_normal(probs_arr, params.labels.index(organ.normal_label), True)
+                if probs_arr.argmax() != before.argmax():
+                    vetoed = (f"a normal reading (p={before.max():.2f}) overruled: the detector's first look "
+                              f"has a {first.label} candidate at {first.score:.2f}")
+                    overruled = f"evidence conflict: {vetoed}"
         probs = {lbl: float(p) for lbl, p in zip(params.labels, probs_arr)}
         label = max(probs, key=probs.__getitem__)
         k = params.labels.index(label)
@@ -543,6 +586,8 @@ class LearnedFusion:
             rationale = f"{label.capitalize()} (p={conf:.2f}): no lesion candidate in {len(reports)} detector call(s)"
         if drivers:
             rationale += "; driven by " + ", ".join(drivers)
+        if vetoed:
+            rationale += f"; {vetoed}"
         rationale += "."
         if cls_text:
             rationale += f" Second look: {cls_text}."
@@ -552,7 +597,7 @@ class LearnedFusion:
         return assemble_diagnosis(
             organ, ev, label=label, probabilities=probs, findings=findings, refs=refs, rationale=rationale,
             clinical=clinical, lesion_found=label != organ.normal_label, min_confidence=params.indeterminate_below,
-            reasoner=self.name, image_size=image_size, conflict=conflict, presence=presence,
+            reasoner=self.name, image_size=image_size, conflict=conflict, presence=presence, overruled=overruled,
         )
 
 
@@ -560,11 +605,12 @@ __all__ = [
     "DETECTOR_RULE",
     "FUSION_KINDS",
     "FUSION_VERSION",
+    "FusionParams",
     "HEURISTIC_RULE",
     "LOGISTIC",
-    "RULE_CALIBRATIONS",
-    "FusionParams",
     "LearnedFusion",
+    "NORMAL_VETO_MARGIN",
+    "RULE_CALIBRATIONS",
     "fit_logistic",
     "fit_rule_platt",
     "fit_temperature",
@@ -573,4 +619,5 @@ __all__ = [
     "platt_rule_probs",
     "rule_log_probs",
     "softmax",
+    "veto_normal",
 ]

@@ -43,6 +43,7 @@ from ..fusion import (
     platt_rule_probs,
     rule_log_probs,
     softmax,
+    veto_normal,
 )
 from ..organs import get_organ
 from ..schemas import ClinicalContext, parse_evidence
@@ -365,6 +366,7 @@ def fit_fusion(
     notes: dict[str, Any] | None = None,
     for_detectors: Sequence[str] | None = None,
     for_classifiers: Sequence[str] | None = None,
+    normal_veto: str = "auto",
 ) -> FusionParams:
     """Choose and fit the fusion for one organ (see module docstring).
 
@@ -386,7 +388,16 @@ def fit_fusion(
             detector trained on all of them (out-of-fold predictions). Default: the runs' detectors.
             The runs' own detectors are then kept in ``training.runs_detectors``.
         for_classifiers: the same for the second-look classifier (``training.runs_classifiers``).
+        normal_veto: ``"auto"`` (default): the chosen fusion gets ``normal_veto``
+            (:func:`~echo_agent.fusion.learned.veto_normal`: a normal reading needs the
+            detector-only rule's agreement) unless it lowers the chosen fusion's grouped
+            out-of-fold accuracy by more than :data:`NORMAL_VETO_MAX_COST`; ``"on"`` / ``"off"``
+            force it. A fusion that learned what normal looks like at its centers otherwise reads
+            lesions of other centers normal (docs/experiments/normal_veto/). The check is kept in
+            ``training.normal_veto``.
     """
+    if normal_veto not in NORMAL_VETO_MODES:
+        raise ValueError(f"normal_veto must be one of {', '.join(NORMAL_VETO_MODES)}, got {normal_veto!r}")
     spec = get_organ(organ)
     if for_detectors is not None and not list(for_detectors):
         raise ValueError("for_detectors must name at least one detector")
@@ -464,6 +475,7 @@ def fit_fusion(
         notes = {**(notes or {}), "runs_classifiers": classifiers}
         classifiers = sorted(set(for_classifiers))
     chosen_score = next(s for s in scores if s.chosen)
+    veto = _normal_veto_check(oof[chosen.name], y, labels, spec.normal_label, det_pred, normal_veto)
     P0 = oof[chosen.name][0]
     per_class = {lbl: float((P0.argmax(1)[y == i] == i).mean()) if (y == i).any() else None for i, lbl in enumerate(labels)}
     training = {
@@ -480,11 +492,41 @@ def fit_fusion(
         "cv_ece": round(chosen_score.cv_ece, 4),
         "cv_ece_ci95": [round(v, 4) for v in chosen_score.cv_ece_ci] if chosen_score.cv_ece_ci else None,
         "seed": seed, "balanced": chosen.balanced, "detectors": detectors, "classifiers": classifiers,
-        "warnings": warnings,
+        "normal_veto": veto, "warnings": warnings,
         "date": time.strftime("%Y-%m-%d"), **(notes or {}),
     }
     return FusionParams(
         organ=organ, labels=labels, feature_names=subset, mean=mean_l, std=std_l,
         weights=weights, bias=bias, temperature=temperature,
         indeterminate_below=indeterminate_below, training=training, kind=chosen.kind, rule_platt=rule_platt,
+        normal_veto=bool(veto["adopted"]),
     )
+
+
+#: ``fit_fusion(normal_veto=...)``: decide by the out-of-fold check, or force it on / off.
+NORMAL_VETO_MODES = ("auto", "on", "off")
+#: The most out-of-fold accuracy ``"auto"`` gives up for the normal veto.
+NORMAL_VETO_MAX_COST = 0.01
+
+
+def _normal_veto_check(P: np.ndarray, y: np.ndarray, labels: Sequence[str], normal_label: str,
+                       det_pred: np.ndarray, mode: str) -> dict[str, Any]:
+    """The chosen fusion's out-of-fold readings ``P`` [seeds, n, k] with and without the normal veto,
+    and whether it is adopted (see ``fit_fusion(normal_veto=...)``)."""
+    if normal_label not in labels:
+        return {"mode": mode, "adopted": False, "why": f"no {normal_label!r} label"}
+    ni = list(labels).index(normal_label)
+    found = det_pred != ni
+    without, with_ = P.argmax(2), np.stack([veto_normal(p, ni, found) for p in P]).argmax(2)
+    lesion, normal = y != ni, y == ni
+
+    def summary(pred: np.ndarray) -> dict[str, float]:
+        return {"oof_accuracy": round(float((pred == y).mean()), 4),
+                "lesions_read_normal": round(float((pred[:, lesion] == ni).sum(1).mean()), 2),
+                "normals_read_normal": round(float((pred[:, normal] == ni).sum(1).mean()), 2)}
+
+    a, b = summary(without), summary(with_)
+    cost = a["oof_accuracy"] - b["oof_accuracy"]
+    adopted = mode == "on" or (mode == "auto" and cost <= NORMAL_VETO_MAX_COST)
+    return {"mode": mode, "adopted": bool(adopted), "max_cost": NORMAL_VETO_MAX_COST, "without": a, "with": b,
+            "n_lesions": int(lesion.sum()), "n_normals": int(normal.sum())}
