@@ -1,34 +1,59 @@
-import sys, json
-sys.argv = sys.argv[:1]
-exec(open("/tmp/pg/analyse.py").read())
-from echo_agent.fusion.learned import rule_log_probs
-from echo_agent.schemas import DetectorReport
+"""The pre-registration's exploration: fused readings with and without the normal veto, on cached runs.
 
-def det_rule_label(r):
-    reports = [e for e in map(parse_evidence, r.evidence) if isinstance(e, DetectorReport)]
-    lp = rule_log_probs(org, reports, "detector_rule")
-    return org.image_labels[int(np.argmax(lp))]
+    python docs/experiments/normal_veto/explore_val.py
 
-def evaluate(name, runs, params):
-    rs = rows(runs, params)
-    for r, run in zip(rs, runs):
-        r["det_rule"] = det_rule_label(run); r["center"] = run.key.split(":")[0]
-    for center in sorted({r["center"] for r in rs}):
-        sub = [r for r in rs if r["center"] == center]
-        les = [r for r in sub if r["truth"] != "normal"]; nor = [r for r in sub if r["truth"] == "normal"]
-        pred = lambda r: max(r["probs"], key=r["probs"].get)
-        def veto(r):
-            p = pred(r)
-            if p == "normal" and r["det_rule"] != "normal":
-                q = {k: v for k, v in r["probs"].items() if k != "normal"}
-                return max(q, key=q.get)
-            return p
-        for tag, f in (("fusion", pred), ("fusion+veto", veto), ("detector", lambda r: r["det_rule"])):
-            acc = np.mean([f(r) == r["truth"] for r in sub])
-            print(f"{name:28s} {center:20s} {tag:12s} n={len(sub):3d} acc={acc:.3f} lesions->normal {sum(f(r)=='normal' for r in les)}/{len(les)} normals kept {sum(f(r)=='normal' for r in nor)}/{len(nor)}")
+Reads run caches written by ``tools/train_policy.py --runs-cache`` (evidence of earlier agent runs;
+nothing is re-run): the packaged models on the val splits (/tmp/pg/runs_packaged_val.jsonl), the
+BUSI train+val runs of the out-of-fold models and the BUSI-only models on BrEaST val (/tmp/xc, see
+../cross_center_agent/). Output: results/eval/normal_veto/explore_val_output.txt.
+"""
 
-P_pack = FusionParams.from_json(open("/work/main/echo_agent/assets/fusion/breast.json").read())
-evaluate("packaged on val", load("/tmp/pg/runs_packaged_val.jsonl"), P_pack)
-P_busi = FusionParams.from_json(open("/tmp/xc/oof/fusion_busi_oof.json").read())
-evaluate("BUSI OOF fusion, in-center", load("/tmp/xc/oof/runs_busi.jsonl"), P_busi)
-evaluate("BUSI models -> BrEaST val", load("/tmp/xc/runs_busi_only_on_breast_val.jsonl"), P_busi)
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from echo_agent.fusion.evidence import RunEvidence
+from echo_agent.fusion.learned import DETECTOR_RULE, FusionParams, rule_log_probs, veto_normal
+from echo_agent.organs import get_organ
+from echo_agent.schemas import ClinicalContext, DetectorReport, parse_evidence
+from echo_agent.training.fusion_fit import RunRecord
+
+ORGAN = get_organ("breast")
+NORMAL = list(ORGAN.image_labels).index(ORGAN.normal_label)
+
+
+def load(path: str) -> list[RunRecord]:
+    fields = RunRecord.__dataclass_fields__
+    return [RunRecord(**{k: v for k, v in json.loads(line).items() if k in fields}) for line in open(path)]
+
+
+def evaluate(name: str, runs: list[RunRecord], params: FusionParams) -> None:
+    rows = []
+    for r in runs:
+        ev = RunEvidence.of([parse_evidence(e) for e in r.evidence])
+        clin = ClinicalContext.model_validate(r.clinical) if r.clinical else None
+        p = params.probabilities(params.run_logits(ORGAN, ev, clin, (r.width, r.height))[0])
+        reports = [e for e in ev.reports if isinstance(e, DetectorReport)]
+        det = int(np.argmax(rule_log_probs(ORGAN, reports, DETECTOR_RULE)))
+        rows.append((r.key.split(":")[0], list(ORGAN.image_labels).index(r.label), p, det))
+    for center in sorted({c for c, *_ in rows}):
+        sub = [x for x in rows if x[0] == center]
+        y = np.array([x[1] for x in sub])
+        preds = {"fusion": np.array([x[2].argmax() for x in sub]),
+                 "fusion+veto": np.array([veto_normal(x[2], NORMAL, x[3] != NORMAL).argmax() for x in sub]),
+                 "detector": np.array([x[3] for x in sub])}
+        for tag, pred in preds.items():
+            les, nor = y != NORMAL, y == NORMAL
+            print(f"{name:28s} {center:20s} {tag:12s} n={len(y):3d} acc={(pred == y).mean():.3f} "
+                  f"lesions->normal {(pred[les] == NORMAL).sum()}/{les.sum()} normals kept {(pred[nor] == NORMAL).sum()}/{nor.sum()}")
+
+
+if __name__ == "__main__":
+    packaged = FusionParams.from_json(open("echo_agent/assets/fusion/breast.json").read())
+    packaged.normal_veto = False  # the veto is applied here, explicitly
+    busi = FusionParams.from_json(open("/tmp/xc/oof/fusion_busi_oof.json").read())
+    evaluate("packaged on val", load("/tmp/pg/runs_packaged_val.jsonl"), packaged)
+    evaluate("BUSI OOF fusion, in-center", load("/tmp/xc/oof/runs_busi.jsonl"), busi)
+    evaluate("BUSI models -> BrEaST val", load("/tmp/xc/runs_busi_only_on_breast_val.jsonl"), busi)
