@@ -92,7 +92,8 @@ def build_traces(out: Path, a: argparse.Namespace) -> dict[str, Path]:
         images = pick_images(pool, split, n, a.frames_per_clip, a.seed)
         failed: list[str] = []
         samples = agent_traces(agent, images, on_error=lambda im, exc, failed=failed: failed.append(f"{im.key}: {exc}"),
-                               final_variants=a.final_variants if split == "train" else 0, seed=a.seed)
+                               final_variants=a.final_variants if split == "train" else 0, seed=a.seed,
+                               answer=a.answer)
         check_no_leakage(samples, images)
         files[split] = d / f"{split}.jsonl"
         write_jsonl([to_hf_record(s, tool_images=False, relative_to=d) for s in samples], files[split])
@@ -184,14 +185,14 @@ def validity_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def micro_agent(model_dir: Path, max_new_tokens: int, structured: str = "text") -> Any:
+def micro_agent(model_dir: Path, max_new_tokens: int, structured: str = "text", answer: str = "diagnosis") -> Any:
     from echo_agent import EchoAgent
     from echo_agent.reasoners.llm_finalizer import LLMFinalizer
     from echo_agent.reasoners.qwen_vl import QwenVLChatModel
 
     llm = QwenVLChatModel(model_path=str(model_dir), max_new_tokens=max_new_tokens, images_in_tool_messages=False,
                           device="cpu", dtype="float32")
-    return EchoAgent(reasoner=llm, finalizer=LLMFinalizer(llm, structured=structured), router=None)
+    return EchoAgent(reasoner=llm, finalizer=LLMFinalizer(llm, structured=structured, answer=answer), router=None)
 
 
 def agent_metrics(result: Any) -> dict[str, Any]:
@@ -244,7 +245,7 @@ def evaluate_agents(out: Path, val_keys: list[str], model_dir: Path | None, a: a
                      plots=False, overwrite=True, command="tools/train_micro_policy.py (embedded policy)")
         res["embedded"] = agent_metrics(r)
     if model_dir is not None:
-        traced = TracedAgent(micro_agent(model_dir, a.max_new_tokens, a.structured))
+        traced = TracedAgent(micro_agent(model_dir, a.max_new_tokens, a.structured, a.answer))
         t = time.time()
         r = evaluate(images, agent=traced, out_dir=out / "eval" / name, progress=False, plots=False, overwrite=True,
                      command=f"tools/train_micro_policy.py ({name})")
@@ -411,6 +412,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--structured", choices=("text", "json_schema"), default="text",
                     help="How the micro agent's finalizer asks for the Diagnosis: free text, or decoding "
                          "constrained to the Diagnosis JSON schema (QwenVLChatModel.with_structured_output).")
+    ap.add_argument("--answer", choices=("diagnosis", "decision"), default="diagnosis",
+                    help="The final turn's answer format (LLMFinalizer(answer=...)): the whole Diagnosis, or the "
+                         "decision (label, cited candidates, rationale) with the numbers from the tools; the traces "
+                         "and the agent's finalizer both use it.")
     ap.add_argument("--eval-checkpoint", nargs=2, action="append", default=[], metavar=("NAME", "DIR"),
                     help="Only evaluate these checkpoints in the agent on the val images (repeatable; needs "
                          "the traces in --out); results go to results.json under eval_NAME.")
@@ -450,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
             if "embedded" in res:
                 results["embedded_fresh"] = {"n_images": len(val_keys), **res.pop("embedded")}
                 embedded = False
-            results[f"eval_{name}"] = {"command": command, "structured": a.structured,
+            results[f"eval_{name}"] = {"command": command, "structured": a.structured, "answer": a.answer,
                                        "images": "fresh" if a.fresh_val else "val",
                                        "n_images": len(val_keys), **res}
             timings[f"eval_{name}_s"] = time.time() - t

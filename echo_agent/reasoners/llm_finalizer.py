@@ -43,10 +43,13 @@ from ..organs import OrganSpec
 from ..prompts import read_prompt
 from ..schemas import Box, ClinicalContext, Diagnosis, detection_boxes, parse_evidence
 from ._multimodal import is_image_block, text_of
+from .decision import candidates_of, complete_decision, decision_from_diagnosis, decision_schema
 
 _FENCE_RE = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL)
 _THINK_RE = re.compile(r"<think>.*?(?:</think>|\Z)", re.DOTALL)
 _UNCALIBRATED = "probabilities come from the LLM reasoner and are not calibrated"
+#: ``LLMFinalizer(answer=...)``: the whole Diagnosis, or the decision (:mod:`echo_agent.reasoners.decision`).
+ANSWER_FORMATS = ("diagnosis", "decision")
 #: How a Diagnosis's warnings say the LLM's answer was refused (the fusion result stands) ...
 FALLBACK_WARNING = "LLM finalizer fell back to fusion"
 #: ... or was accepted only after the repair turn.
@@ -299,6 +302,10 @@ class LLMFinalizer:
         check_grounding: refuse findings and evidence refs that cite ids no tool returned.
         max_repairs: how many repair attempts an invalid answer gets (the issue asks for one).
         name: recorded as the Diagnosis's ``reasoner`` (default: ``llm:<model name>``).
+        answer: ``'diagnosis'`` (default): the model writes the whole Diagnosis; ``'decision'``: it
+            writes the label, the candidates its findings cite, a rationale and whether to refer,
+            and the probabilities, category, boxes and scores come from the tools and the calibrated
+            fusion (:mod:`echo_agent.reasoners.decision`).
     """
 
     def __init__(
@@ -311,9 +318,13 @@ class LLMFinalizer:
         check_grounding: bool = True,
         max_repairs: int = 1,
         name: str | None = None,
+        answer: Literal["diagnosis", "decision"] = "diagnosis",
     ) -> None:
         if structured not in ("auto", "json_schema", "text"):
             raise ValueError(f"structured must be 'auto', 'json_schema' or 'text', got {structured!r}")
+        if answer not in ANSWER_FORMATS:
+            raise ValueError(f"answer must be one of {', '.join(map(repr, ANSWER_FORMATS))}, got {answer!r}")
+        self.answer = answer
         self.model = model
         self.structured = structured
         self.include_image = include_image
@@ -336,9 +347,9 @@ class LLMFinalizer:
             )
         else:
             category_rule = "- `category` is null for this organ."
-        system = read_prompt("finalize.md").format(
+        system = read_prompt("finalize_decision.md" if self.answer == "decision" else "finalize.md").format(
             organ_name=organ.name, labels=", ".join(labels), category_rule=category_rule,
-            schema=json.dumps(diagnosis_schema(organ), separators=(",", ":")), report_template=report_template(organ),
+            schema=json.dumps(self.answer_schema(organ), separators=(",", ":")), report_template=report_template(organ),
         ).strip()
         first = next((m for m in state.get("messages") or [] if isinstance(m, HumanMessage)), None)
         if first is None:
@@ -349,8 +360,9 @@ class LLMFinalizer:
         if not self.include_image:
             blocks = [b for b in blocks if not is_image_block(b)]
         evidence = [evidence_to_model(parse_evidence(e)) for e in state.get("evidence") or []]
+        shown = self._decision_baseline(baseline, organ) if self.answer == "decision" else self._baseline(baseline, organ)
         request = read_prompt("finalize_request.md").format(
-            evidence_json=_escape(dumps(evidence)), baseline_json=_escape(dumps(self._baseline(baseline, organ))),
+            evidence_json=_escape(dumps(evidence)), baseline_json=_escape(dumps(shown)),
         ).strip()
         return [SystemMessage(system), HumanMessage(content=[*blocks, {"type": "text", "text": "\n\n" + request}])]
 
@@ -365,6 +377,17 @@ class LLMFinalizer:
             for e in data.get("evidence", [])
         ]
         return data
+
+    @staticmethod
+    def _decision_baseline(dx: Diagnosis, organ: OrganSpec) -> dict[str, Any]:
+        # the decision the fusion makes, key for key as the answer writes it (keeping it is a copy),
+        # then its calibrated numbers for the model to weigh
+        numbers = rounded_model_diagnosis(dx, organ)
+        return {**decision_from_diagnosis(dx), "probabilities": numbers["probabilities"], "category": numbers.get("category")}
+
+    def answer_schema(self, organ: OrganSpec) -> dict[str, Any]:
+        """The JSON schema the model's answer follows (the Diagnosis's, or the decision's)."""
+        return decision_schema(organ) if self.answer == "decision" else diagnosis_schema(organ)
 
     # -- asking ---------------------------------------------------------------------------------------
     def _uses_json_schema(self) -> bool:
@@ -383,7 +406,7 @@ class LLMFinalizer:
     def _ask(self, messages: list[BaseMessage], organ: OrganSpec) -> str:
         if self._uses_json_schema():
             runnable = self.model.with_structured_output(
-                diagnosis_schema(organ), method="json_schema", include_raw=True
+                self.answer_schema(organ), method="json_schema", include_raw=True
             )
             out = runnable.invoke(messages)
             raw = out.get("raw") if isinstance(out, dict) else out
@@ -397,6 +420,7 @@ class LLMFinalizer:
         height = int(fusion_dx.image_height or ref.get("height") or 0)
         messages = self.build_messages(state, organ, fusion_dx)
         candidates = detection_boxes(state.get("evidence") or [])  # ids a finding may cite for its box
+        detections = candidates_of(state.get("evidence") or []) if self.answer == "decision" else {}
         error = ""
         for attempt in range(self.max_repairs + 1):
             try:
@@ -407,18 +431,22 @@ class LLMFinalizer:
                 error = f"the model call failed ({type(exc).__name__}: {exc})"
                 break
             try:
-                dx = validate_diagnosis(extract_json(text), organ, width, height, check_category=self.check_category,
-                                        detections=candidates)
-                if self.check_grounding:
-                    check_grounding(dx, state)
+                if self.answer == "decision":
+                    dx = complete_decision(extract_json(text), organ, fusion_dx, detections)
+                else:
+                    dx = validate_diagnosis(extract_json(text), organ, width, height, check_category=self.check_category,
+                                            detections=candidates)
+                    if self.check_grounding:
+                        check_grounding(dx, state)
             except ValueError as exc:
                 error = str(exc)
                 messages = [*messages, AIMessage(content=text[:4000]),
                             HumanMessage(content=read_prompt("finalize_repair.md").format(error=_escape(error)).strip())]
                 continue
-            warnings = [w for w in fusion_dx.warnings if not w.startswith("probabilities come from")]
-            if attempt:
-                warnings.append(f"{REPAIRED_WARNING} ({error})")
+            repaired = [f"{REPAIRED_WARNING} ({error})"] if attempt else []
+            if self.answer == "decision":  # its warnings are the fusion's and the decision note
+                return dx.model_copy(update={"reasoner": self.name, "warnings": [*dx.warnings, *repaired]})
+            warnings = [w for w in fusion_dx.warnings if not w.startswith("probabilities come from")] + repaired
             return dx.model_copy(update={
                 "reasoner": self.name,
                 "evidence": dx.evidence or fusion_dx.evidence,
@@ -435,5 +463,5 @@ class LLMFinalizer:
         })
 
 
-__all__ = ["FALLBACK_WARNING", "PROBABILITY_SUM_TOLERANCE", "REPAIRED_WARNING", "RESCALED_WARNING", "LLMFinalizer", "check_grounding", "diagnosis_schema", "known_refs", "extract_json",
+__all__ = ["ANSWER_FORMATS", "FALLBACK_WARNING", "PROBABILITY_SUM_TOLERANCE", "REPAIRED_WARNING", "RESCALED_WARNING", "LLMFinalizer", "check_grounding", "diagnosis_schema", "known_refs", "extract_json",
            "fill_boxes_from_ids", "report_template", "rounded_model_diagnosis", "validate_diagnosis"]

@@ -162,6 +162,8 @@ def parse_answer(completion: Any, organ: str | None, width: int | None, height: 
     if data is None:
         return None
     w, h = int(width or 1000), int(height or 1000)
+    if "probabilities" not in data and "label" in data and "findings" in data and organ is not None:
+        return _decision_answer(data, get_organ(organ), w, h, detections)
     if "probabilities" in data or "label" in data:
         if detections:
             known = json.loads(detections) if isinstance(detections, str) else detections
@@ -188,6 +190,27 @@ def parse_answer(completion: Any, organ: str | None, width: int | None, height: 
         except ValueError:
             return None
     return None
+
+
+def _decision_answer(data: dict[str, Any], spec: Any, w: int, h: int,
+                     detections: Mapping[str, Sequence[float]] | str | None) -> dict[str, Any] | None:
+    """:func:`parse_answer` of a decision answer (``LLMFinalizer(answer="decision")``): valid when
+    :func:`~echo_agent.reasoners.decision.complete_decision` accepts it against the prompt's
+    candidates; the rewards read its label and the boxes of the candidates it cites (its probabilities,
+    which the fusion would give, are uniform here and read by no reward)."""
+    from ..reasoners.decision import complete_decision
+    from ..schemas import Detection, Diagnosis
+
+    known = json.loads(detections) if isinstance(detections, str) else (detections or {})
+    try:
+        cands = {k: Detection(id=k, box=Box.from_model(b, w, h), label="candidate", score=0.0) for k, b in known.items()}
+        labels = list(spec.image_labels)
+        base = Diagnosis(organ=spec.name, label=labels[0], probabilities={lbl: 1.0 / len(labels) for lbl in labels},
+                         image_width=w, image_height=h)
+        dx = complete_decision(data, spec, base, cands)
+    except (ValueError, TypeError):
+        return None
+    return {"label": dx.label, "boxes": [f.box.to_model(w, h) for f in dx.findings], "diagnosis": dx}
 
 
 def _column(kwargs: Mapping[str, Any], name: str, n: int, default: Any = None) -> list[Any]:

@@ -111,26 +111,32 @@ def agent_traces(
     box_by_id: bool = True,
     final_variants: int = 0,
     seed: int = 0,
+    answer: str = "diagnosis",
 ) -> list[CurriculumSample]:
     """Run ``agent`` (an :class:`~echo_agent.EchoAgent`) on each image, with the image's organ, and
     record its ``tasks`` (see the module doc). ``box_by_id``: the ``agent_final`` targets cite
     detector candidates instead of copying their boxes (:func:`compact_diagnosis`); every sample's
     ``truth["detections"]`` maps the run's candidate ids to their 0..1000 boxes, for the rewards.
     ``final_variants``: counterfactual ``agent_final`` samples per run (module doc), drawn with
-    ``seed``; a variant the finalizer's validator would refuse is left out.
+    ``seed``; a variant the finalizer's validator would refuse is left out. ``answer``: the final
+    turns in ``LLMFinalizer``'s answer format (``"decision"``: the prompt asks for the decision and
+    the target is :func:`~echo_agent.reasoners.decision.decision_from_diagnosis` of the fusion result).
 
     Raises :class:`~echo_agent.errors.EchoInputError` for an image of a forbidden split or an unknown
     task. An image whose run fails is skipped and reported to ``on_error`` (raised without one); so is
     a run whose compact Diagnosis the finalizer's validator would refuse (never seen on the packaged
     organs, but a plug-in organ's bands could make it happen)."""
-    from ...reasoners.llm_finalizer import LLMFinalizer, check_grounding, validate_diagnosis
+    from ...reasoners.decision import candidates_of, complete_decision, decision_from_diagnosis
+    from ...reasoners.llm_finalizer import ANSWER_FORMATS, LLMFinalizer, check_grounding, validate_diagnosis
 
     unknown = [t for t in tasks if t not in TRACE_TASKS]
     if unknown:
         raise EchoInputError(f"unknown trace task(s) {unknown}; choose from {list(TRACE_TASKS)}")
     if final_variants < 0:
         raise EchoInputError(f"final_variants must be >= 0, got {final_variants}")
-    finalizer = LLMFinalizer(model=None)
+    if answer not in ANSWER_FORMATS:
+        raise EchoInputError(f"answer must be one of {list(ANSWER_FORMATS)}, got {answer!r}")
+    finalizer = LLMFinalizer(model=None, answer=answer)  # type: ignore[arg-type]
     rng = np.random.default_rng(seed)
     out: list[CurriculumSample] = []
     for im in images:
@@ -160,10 +166,14 @@ def agent_traces(
                 finals = [(dx, meta)] + [(_counterfactual(dx, spec, rng), {**meta, "counterfactual": True})
                                          for _ in range(final_variants)]
                 for k, (fdx, fmeta) in enumerate(finals):
-                    target = compact_diagnosis(fdx, spec, box_by_id=box_by_id)
                     try:
-                        checked = validate_diagnosis(json.loads(json.dumps(target)), spec, w, h, detections=candidates)
-                        check_grounding(checked, state)
+                        if answer == "decision":
+                            target = decision_from_diagnosis(fdx)
+                            complete_decision(json.loads(json.dumps(target)), spec, fdx, candidates_of(state.get("evidence") or []))
+                        else:
+                            target = compact_diagnosis(fdx, spec, box_by_id=box_by_id)
+                            checked = validate_diagnosis(json.loads(json.dumps(target)), spec, w, h, detections=candidates)
+                            check_grounding(checked, state)
                     except ValueError:
                         if k == 0:
                             raise
