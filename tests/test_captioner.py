@@ -431,6 +431,26 @@ def test_prefetched_regions_give_the_same_description_and_are_taken_once(organ, 
     assert _dump(again) == _dump(want) and len(calls) == 2
 
 
+def test_a_forked_child_forgets_the_parents_pending_analyses(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    from concurrent.futures import Future
+
+    img, box = oval_cyst(seed=3)
+    img.flags.writeable = False
+    cap = PixelCaptioner()
+    cap.prefetch(img)
+    cap.prefetch_regions(img, [box], organ="breast")
+    cap._pending[id(img)][1].result()
+    never: Future = Future()
+    never.set_running_or_notify_cancel()  # a job the parent's thread was running when it forked
+    cap._pending[id(img)] = (img, never)
+    cap._pending_regions = type(cap._pending_regions)((k, (img, never)) for k in cap._pending_regions)
+    monkeypatch.setattr(os, "getpid", lambda: -1)
+    got = cap.describe(img, organ="breast", regions=[box], evidence_id="d")  # computed here, no wait
+    assert _dump(got) == _dump(PixelCaptioner().describe(img, organ="breast", regions=[box], evidence_id="d"))
+    assert not cap._pending and not cap._pending_regions
+
+
 def test_region_prefetch_skips_writable_arrays_and_failures_surface_in_describe() -> None:
     img, box = oval_cyst()
     cap = PixelCaptioner()

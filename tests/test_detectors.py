@@ -647,6 +647,20 @@ def test_failed_background_pass_falls_back_and_clear_cache_waits_for_running_pas
     assert OnnxDetector(models["rect"], cache_size=0).prefetch_in_background(img) is None  # no cache, no speculation
 
 
+def test_a_forked_child_forgets_the_parents_background_passes(models, monkeypatch):
+    import os
+    from concurrent.futures import Future
+
+    d = OnnxDetector(models["rect"])
+    img = np.full((64, 80, 3), 60, np.uint8)
+    d.load()
+    key = __import__("hashlib").sha256(d._letterboxed([img])[0][0].data).digest()
+    d._inflight[key] = Future()  # a pass of the parent's thread, which a forked child does not have
+    monkeypatch.setattr(os, "getpid", lambda: -1)  # as seen from the child
+    assert d.detect(img) == OnnxDetector(models["rect"], cache_size=0).detect(img)  # runs it, does not wait forever
+    assert d._inflight == {} and d._background is None
+
+
 def test_output_cache_is_bounded_and_read_only(models):
     d = OnnxDetector(models["rect"], cache_size=2)
     imgs = [np.full((64, 64, 3), v, np.uint8) for v in (10, 20, 30)]

@@ -20,7 +20,8 @@ pytestmark = [pytest.mark.heavy, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_micro_policy_pipeline_shortened(tmp_path: Path) -> None:
+@pytest.mark.parametrize("answer", ["diagnosis", "decision"])
+def test_micro_policy_pipeline_shortened(tmp_path: Path, answer: str) -> None:
     manifest = synthetic_manifest(tmp_path / "data", size=(96, 72))
     out = tmp_path / "run"
     args = [
@@ -29,7 +30,7 @@ def test_micro_policy_pipeline_shortened(tmp_path: Path) -> None:
         "--sft-set", "max_steps=3", "--sft-set", "num_train_epochs=1", "--max-new-tokens", "8",
         "--grpo-seeds", "0", "--grpo-set", "max_steps=1", "--grpo-set", "num_generations=2",
         "--grpo-set", "per_device_train_batch_size=2", "--grpo-set", "max_completion_length=8",
-        "--reward-prompts", "1", "--plot", str(out / "curves.png"),
+        "--reward-prompts", "1", "--plot", str(out / "curves.png"), "--answer", answer,
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "train_micro_policy.py"), *args], capture_output=True,
@@ -40,6 +41,9 @@ def test_micro_policy_pipeline_shortened(tmp_path: Path) -> None:
     train = [json.loads(x) for x in (out / "traces" / "train.jsonl").read_text().splitlines()]
     assert {r["split"] for r in train} == {"train"} and {r["organ"] for r in train} == {"breast", "kidney"}
     assert {r["task"] for r in train} == {"agent_trace", "agent_final"}
+    finals = [json.loads(r["messages"][-1]["content"] if isinstance(r["messages"][-1]["content"], str)
+                         else r["messages"][-1]["content"][0]["text"]) for r in train if r["task"] == "agent_final"]
+    assert finals and all(("probabilities" in f) == (answer == "diagnosis") for f in finals)
     assert res["sft"]["steps"] == 3 and res["model"]["text_layers"] == 1
     # both agents ran on the same val images, and the micro agent's validity was measured on every run
     ev = res["eval_sft"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import logging
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -174,6 +175,7 @@ class OnnxDetector(LetterboxYoloDetector):
         # forward passes started by prefetch_in_background() and not finished yet, by cache key
         self._inflight: dict[bytes, Future[np.ndarray]] = {}
         self._background: ThreadPoolExecutor | None = None
+        self._background_pid = os.getpid()
 
     def _load(self) -> None:
         session = inference_session(self.path, threads=int(self.intra_op_threads or 1), providers=self.providers,
@@ -317,6 +319,7 @@ class OnnxDetector(LetterboxYoloDetector):
         outs: list[np.ndarray | None] = [None] * len(keys)
         waiting: dict[int, Future[np.ndarray]] = {}
         with self._cache_lock:
+            self._after_fork()
             for i, k in enumerate(keys):
                 held = self._held(k)
                 if held is not None:
@@ -336,6 +339,12 @@ class OnnxDetector(LetterboxYoloDetector):
             if outs[i] is None:
                 outs[i] = outs[first[keys[i]]]
         return np.concatenate(outs, axis=0), infos, keys  # type: ignore[arg-type]
+
+    def _after_fork(self) -> None:
+        """In a forked child (call with ``_cache_lock`` held): the parent's background thread and
+        its passes do not exist here, so forget them (a wait on one would never end)."""
+        if self._background_pid != os.getpid():
+            self._background, self._inflight, self._background_pid = None, {}, os.getpid()
 
     def _held(self, key: bytes) -> np.ndarray | None:
         """The pinned or cached output of ``key`` (call with ``_cache_lock`` held)."""
@@ -385,6 +394,7 @@ class OnnxDetector(LetterboxYoloDetector):
         key = hashlib.sha256(padded[0].data).digest()
         fut: Future[np.ndarray] = Future()
         with self._cache_lock:
+            self._after_fork()
             if self._held(key) is not None or key in self._inflight:
                 return None
             self._inflight[key] = fut
@@ -450,6 +460,7 @@ class OnnxDetector(LetterboxYoloDetector):
         """Forget the cached network outputs (pinned ones stay until unpinned); background passes
         still running are waited for first, so none lands in the cache afterwards."""
         with self._cache_lock:
+            self._after_fork()
             running = list(self._inflight.values())
         for fut in running:
             try:

@@ -488,10 +488,17 @@ class PixelCaptioner:
         return fut, True
 
     def _pool_now(self) -> ThreadPoolExecutor:
-        if self._pool is None or self._pool_pid != os.getpid():  # a forked child needs its own thread
+        self._after_fork()
+        if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="echo-captioner")
             self._pool_pid = os.getpid()
         return self._pool
+
+    def _after_fork(self) -> None:
+        """In a forked child (with the lock held): the parent's thread and its jobs do not exist
+        here, so forget them (waiting on one would never end) and start a thread of our own."""
+        if self._pool is not None and self._pool_pid != os.getpid():
+            self._pool, self._pending, self._pending_regions = None, OrderedDict(), OrderedDict()
 
     def prefetch_regions(self, image: np.ndarray, boxes: Sequence[Box], *, organ: str | None,
                          pixel_spacing_mm: tuple[float, float] | None = None) -> int:
@@ -533,6 +540,7 @@ class PixelCaptioner:
         """A prefetched region analysis (waited for if running), or None."""
         key = (id(image), tuple(box.to_list()), spacing, kidney)
         with self._pending_lock:
+            self._after_fork()
             hit = self._pending_regions.pop(key, None)
         if hit is None or hit[0] is not image or hit[1].cancel():
             return None
@@ -551,6 +559,7 @@ class PixelCaptioner:
     def _take_whole_image(self, image: np.ndarray) -> tuple[np.ndarray, _d.GlobalAnalysis]:
         """(gray, whole-image analysis): the prefetched result if there is one, else computed now."""
         with self._pending_lock:
+            self._after_fork()
             hit = self._pending.get(id(image))
             if hit is not None and hit[0] is image:
                 del self._pending[id(image)]
