@@ -108,7 +108,8 @@ def veto_normal(probs: np.ndarray, normal_index: int, lesion_found: np.ndarray |
     In every row whose arg-max is ``normal_index`` and whose ``lesion_found`` is true (the first
     detector call has a candidate at its threshold), normal's probability is capped just below the
     strongest other class's (by :data:`NORMAL_VETO_MARGIN` of it) and the row renormalised: that
-    class becomes the reading, with a probability of at most one half. Other rows are unchanged.
+    class becomes the reading, with a probability of at most 1 / (2 - margin), about one half.
+    Other rows are unchanged.
 
     >>> veto_normal(np.array([0.7, 0.2, 0.1]), 0, True).round(3).tolist()
     [0.396, 0.4, 0.2]
