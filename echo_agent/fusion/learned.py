@@ -112,7 +112,7 @@ def veto_normal(probs: np.ndarray, normal_index: int, lesion_found: np.ndarray |
     Other rows are unchanged.
 
     >>> veto_normal(np.array([0.7, 0.2, 0.1]), 0, True).round(3).tolist()
-    [0.396, 0.4, 0.2]
+    [0.398, 0.402, 0.201]
     >>> veto_normal(np.array([0.7, 0.2, 0.1]), 0, False).tolist()
     [0.7, 0.2, 0.1]
     """
