@@ -135,3 +135,11 @@ def test_an_invalid_decision_gets_one_repair_then_the_fusion_stands() -> None:
         agent = EchoAgent(finalizer=LLMFinalizer(writer, structured="text", answer="decision"), router=None)
         dx = agent.run(str(example_image("breast_malignant")), organ="breast")
         assert any(w.startswith(expected) for w in dx.warnings)
+
+
+def test_doctests_of_the_decision_module() -> None:
+    import doctest
+
+    from echo_agent.reasoners import decision
+
+    assert doctest.testmod(decision).failed == 0

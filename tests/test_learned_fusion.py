@@ -564,3 +564,11 @@ def test_fit_adopts_the_veto_unless_it_costs_out_of_fold_accuracy():
     assert veto["without"]["normals_read_normal"] > 30  # the fit learned that a weak first candidate is normal
     assert veto["with"]["normals_read_normal"] == 0 and not veto["adopted"]
     assert veto["with"]["oof_accuracy"] < veto["without"]["oof_accuracy"] - 0.2
+
+
+def test_doctests_of_the_fusion_module():
+    import doctest
+
+    from echo_agent.fusion import learned
+
+    assert doctest.testmod(learned).failed == 0
