@@ -440,19 +440,24 @@ def parse_evidence(data: dict[str, Any]) -> Evidence:
     raise ValueError(f"unknown evidence kind {kind!r}; expected detections, description, knowledge or classification")
 
 
-def detection_boxes(evidence: Iterable[Evidence | Mapping[str, Any]]) -> dict[str, Box]:
-    """Pixel boxes of a run's detector candidates by candidate id (``'det1:0'``), from its evidence
-    (typed items or their dict form, as in graph state). Tools and the final answer may cite a
-    candidate by id instead of copying its box."""
-    out: dict[str, Box] = {}
+def detection_candidates(evidence: Iterable[Evidence | Mapping[str, Any]]) -> dict[str, Detection]:
+    """A run's detector candidates by candidate id (``'det1:0'``), from its evidence (typed items or
+    their dict form, as in graph state)."""
+    out: dict[str, Detection] = {}
     for e in evidence:
         if isinstance(e, Mapping):
             if e.get("kind") != "detections":
                 continue
             e = DetectorReport.model_validate(e)
         if isinstance(e, DetectorReport):
-            out.update((d.id, d.box) for d in e.detections if d.id)
+            out.update((d.id, d) for d in e.detections if d.id)
     return out
+
+
+def detection_boxes(evidence: Iterable[Evidence | Mapping[str, Any]]) -> dict[str, Box]:
+    """Pixel boxes of a run's detector candidates by candidate id (:func:`detection_candidates`).
+    Tools and the final answer may cite a candidate by id instead of copying its box."""
+    return {k: d.box for k, d in detection_candidates(evidence).items()}
 
 
 __all__ = [
@@ -474,6 +479,7 @@ __all__ = [
     "RegionDescription",
     "ReviewRecord",
     "detection_boxes",
+    "detection_candidates",
     "normalise_probabilities",
     "parse_evidence",
 ]

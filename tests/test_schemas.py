@@ -102,7 +102,14 @@ def test_clinical_free_text_loses_control_and_bidi_characters():
 
 
 def test_detection_boxes_by_candidate_id():
-    from echo_agent.schemas import Box, Detection, DetectorReport, ImageContext, detection_boxes
+    from echo_agent.schemas import (
+        Box,
+        Detection,
+        DetectorReport,
+        ImageContext,
+        detection_boxes,
+        detection_candidates,
+    )
 
     b = Box(x1=1, y1=2, x2=30, y2=40)
     rep = DetectorReport(id="det2", organ="breast", detector="d", score_threshold=0.25, image_width=50, image_height=50,
@@ -111,3 +118,4 @@ def test_detection_boxes_by_candidate_id():
     assert detection_boxes([rep, ctx]) == {"det2:0": b}
     assert detection_boxes([rep.model_dump(), ctx.model_dump()]) == {"det2:0": b}  # graph state's dict form
     assert detection_boxes([]) == {}
+    assert detection_candidates([rep.model_dump(), ctx]) == {"det2:0": rep.detections[0]}  # the whole candidate

@@ -516,7 +516,7 @@ class PixelCaptioner:
             whole, _ = self._whole_image_job(image)
             for raw in boxes:
                 box = _as_box(raw)
-                key = (id(image), tuple(box.to_list()), spacing, kidney)
+                key = _region_key(image, box, spacing, kidney)
                 hit = self._pending_regions.get(key)
                 if hit is not None and hit[0] is image:
                     continue
@@ -538,10 +538,9 @@ class PixelCaptioner:
     def _take_region(self, image: np.ndarray, box: Box, spacing: tuple[float, float] | None,
                      kidney: bool) -> tuple[dict[str, float], _d.RegionAnalysis] | None:
         """A prefetched region analysis (waited for if running), or None."""
-        key = (id(image), tuple(box.to_list()), spacing, kidney)
         with self._pending_lock:
             self._after_fork()
-            hit = self._pending_regions.pop(key, None)
+            hit = self._pending_regions.pop(_region_key(image, box, spacing, kidney), None)
         if hit is None or hit[0] is not image or hit[1].cancel():
             return None
         try:
@@ -739,6 +738,12 @@ def _with_size_and_segmentation(
         note="dark/bright: threshold segmentation; ellipse: fallback to the box's inscribed ellipse",
     )
     return d
+
+
+def _region_key(image: np.ndarray, box: Box, spacing: tuple[float, float] | None, kidney: bool) -> tuple[Any, ...]:
+    """What a prefetched region analysis is kept under: the array object, the box, the spacing and
+    whether the kidney features are computed (see :meth:`PixelCaptioner.prefetch_regions`)."""
+    return (id(image), tuple(box.to_list()), spacing, kidney)
 
 
 def _whole_image(image: np.ndarray) -> tuple[np.ndarray, _d.GlobalAnalysis]:

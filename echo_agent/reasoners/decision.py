@@ -20,11 +20,11 @@ and referred: the Diagnosis says that the reasoner and the calibrated evidence d
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 from ..organs import OrganSpec
-from ..schemas import Detection, DetectorReport, Diagnosis, Finding, parse_evidence
+from ..schemas import Detection, Diagnosis, Finding
 
 #: A decided Diagnosis carries this warning: what came from the model and what from the tools.
 DECISION_NOTE = "label, findings and rationale from the LLM reasoner; probabilities and category from the calibrated evidence fusion"
@@ -79,20 +79,10 @@ def decision_from_diagnosis(dx: Diagnosis) -> dict[str, Any]:
     return {"label": dx.label, "findings": findings, "rationale": rationale, "indeterminate": bool(dx.indeterminate)}
 
 
-def candidates_of(evidence: Sequence[Any]) -> dict[str, Detection]:
-    """The detector candidates of a run's evidence (typed or dict items), by id."""
-    out: dict[str, Detection] = {}
-    for e in evidence:
-        item = parse_evidence(e) if isinstance(e, Mapping) else e
-        if isinstance(item, DetectorReport):
-            out.update((d.id, d) for d in item.detections if d.id)
-    return out
-
-
 def complete_decision(data: Mapping[str, Any], organ: OrganSpec, baseline: Diagnosis,
                       candidates: Mapping[str, Detection]) -> Diagnosis:
     """The Diagnosis of a model's decision ``data``, completed from the fusion's ``baseline`` and the
-    run's detector ``candidates`` (see the module doc). Raises ``ValueError`` naming what is wrong:
+    run's detector ``candidates`` (:func:`echo_agent.schemas.detection_candidates`; see the module doc). Raises ``ValueError`` naming what is wrong:
     an unknown key or label, a finding without a cited candidate or citing one no tool returned, a
     normal reading with findings, an empty rationale."""
     unknown = sorted(set(data) - set(_KEYS) - set(_IGNORED))
@@ -164,7 +154,6 @@ def complete_decision(data: Mapping[str, Any], organ: OrganSpec, baseline: Diagn
 __all__ = [
     "DECISION_NOTE",
     "DISAGREEMENT_RECOMMENDATION",
-    "candidates_of",
     "complete_decision",
     "decision_from_diagnosis",
     "decision_schema",

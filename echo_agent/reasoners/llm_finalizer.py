@@ -41,9 +41,9 @@ from pydantic import ValidationError
 from ..messages import diagnosis_from_model, diagnosis_to_model, dumps, evidence_to_model, user_message
 from ..organs import OrganSpec
 from ..prompts import read_prompt
-from ..schemas import Box, ClinicalContext, Diagnosis, detection_boxes, parse_evidence
+from ..schemas import Box, ClinicalContext, Diagnosis, detection_candidates, parse_evidence
 from ._multimodal import is_image_block, text_of
-from .decision import candidates_of, complete_decision, decision_from_diagnosis, decision_schema
+from .decision import complete_decision, decision_from_diagnosis, decision_schema
 
 _FENCE_RE = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL)
 _THINK_RE = re.compile(r"<think>.*?(?:</think>|\Z)", re.DOTALL)
@@ -419,8 +419,8 @@ class LLMFinalizer:
         width = int(fusion_dx.image_width or ref.get("width") or 0)
         height = int(fusion_dx.image_height or ref.get("height") or 0)
         messages = self.build_messages(state, organ, fusion_dx)
-        candidates = detection_boxes(state.get("evidence") or [])  # ids a finding may cite for its box
-        detections = candidates_of(state.get("evidence") or []) if self.answer == "decision" else {}
+        detections = detection_candidates(state.get("evidence") or [])  # ids a finding may cite
+        candidates = {k: d.box for k, d in detections.items()}
         error = ""
         for attempt in range(self.max_repairs + 1):
             try:

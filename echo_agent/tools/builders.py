@@ -221,6 +221,11 @@ class _EchoTool(StructuredTool):
         return self.func(*args, **kw)
 
 
+def _described(runtime: ToolRuntime) -> bool:
+    """Whether the run already has a captioner description (then nothing is prefetched for one)."""
+    return any(e.get("kind") == "description" for e in runtime.state.get("evidence") or ())
+
+
 def _resolved(func: Any) -> Any:
     """Evaluate the function's (string) annotations once: LangChain reads them with
     ``get_type_hints`` on every tool call, which otherwise compiles each annotation again."""
@@ -244,7 +249,7 @@ def make_detect_tool(organ: OrganSpec, toolkit: Toolkit) -> BaseTool:
         h, w = image.shape[:2]
         region_box = Box.from_model(region, w, h) if region else None
         detector = toolkit.detector(organ.name)
-        if not any(e.get("kind") == "description" for e in runtime.state.get("evidence") or ()):
+        if not _described(runtime):
             toolkit.prefetch_image_context(image)  # overlaps the forward passes; no-op once started
         toolkit.note_detection(organ.name, ref["id"], image, tta=bool(tta), region=region_box is not None)
         t0 = time.perf_counter()
@@ -289,10 +294,9 @@ def make_classify_tool(organ: OrganSpec, toolkit: Toolkit) -> BaseTool:
         whole_image: bool = True,
     ) -> Command:
         image, ref, boxes = _image_and_regions(runtime, toolkit, regions, detection_ids)
-        evidence = runtime.state.get("evidence") or []
-        if not any(e.get("kind") == "description" for e in evidence):  # overlaps the forward pass
+        if not _described(runtime):  # the regions to describe next: overlaps the forward pass
             spacing = ref.get("pixel_spacing_mm")
-            toolkit.prefetch_region_context(image, evidence, organ=runtime.state.get("organ"),
+            toolkit.prefetch_region_context(image, runtime.state.get("evidence") or [], organ=runtime.state.get("organ"),
                                             pixel_spacing_mm=tuple(spacing) if spacing else None)
         eid = next_evidence_id(runtime.state, runtime.tool_call_id, CLASSIFY_PREFIX, [name])
         res = classify_regions(

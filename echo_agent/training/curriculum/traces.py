@@ -45,7 +45,7 @@ from ...errors import EchoInputError
 from ...eval.manifest import ManifestImage
 from ...organs import OrganSpec, get_organ
 from ...prompts import system_prompt
-from ...schemas import Diagnosis, detection_boxes
+from ...schemas import Diagnosis, detection_candidates
 from .tasks import CurriculumSample
 
 #: The two trace tasks.
@@ -126,7 +126,7 @@ def agent_traces(
     task. An image whose run fails is skipped and reported to ``on_error`` (raised without one); so is
     a run whose compact Diagnosis the finalizer's validator would refuse (never seen on the packaged
     organs, but a plug-in organ's bands could make it happen)."""
-    from ...reasoners.decision import candidates_of, complete_decision, decision_from_diagnosis
+    from ...reasoners.decision import complete_decision, decision_from_diagnosis
     from ...reasoners.llm_finalizer import ANSWER_FORMATS, LLMFinalizer, check_grounding, validate_diagnosis
 
     unknown = [t for t in tasks if t not in TRACE_TASKS]
@@ -150,7 +150,8 @@ def agent_traces(
             dx = Diagnosis.model_validate(state["diagnosis"])
             ref = state["image"]
             w, h = int(ref["width"]), int(ref["height"])
-            candidates = detection_boxes(state.get("evidence") or [])
+            detections = detection_candidates(state.get("evidence") or [])
+            candidates = {k: d.box for k, d in detections.items()}
             truth = {"label": im.label, "boxes": [b.to_model(w, h) for b in im.boxes],
                      "boxes_px": [b.to_list() for b in im.boxes], "width": w, "height": h,
                      "detections": {k: b.to_model(w, h) for k, b in candidates.items()}}
@@ -169,7 +170,7 @@ def agent_traces(
                     try:
                         if answer == "decision":
                             target = decision_from_diagnosis(fdx)
-                            complete_decision(json.loads(json.dumps(target)), spec, fdx, candidates_of(state.get("evidence") or []))
+                            complete_decision(json.loads(json.dumps(target)), spec, fdx, detections)
                         else:
                             target = compact_diagnosis(fdx, spec, box_by_id=box_by_id)
                             checked = validate_diagnosis(json.loads(json.dumps(target)), spec, w, h, detections=candidates)
