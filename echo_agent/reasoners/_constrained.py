@@ -4,11 +4,19 @@ The character-level JSON-schema parser and the token enforcer come from ``lm-for
 (its core modules only: its transformers integration does not import under transformers 5). This
 module gives it the tokenizer's vocabulary and exposes the enforcer as the
 ``prefix_allowed_tokens_fn`` that ``generate`` takes.
+
+One gap of the enforcer is closed here: inside a free-text string it offers a token only if the
+token stays inside the string or ends with its closing quote, so a token that closes the string
+and goes on (``.","`` or ``."}`` in a vocabulary that merged them) was refused even where the
+document allows it, and a model that learned those merges was pushed off its own spelling of the
+end of a string. ``_QuotedTokens`` offers them where the characters after the quote are valid.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import MissingExtraError
@@ -50,17 +58,91 @@ def tokenizer_data(tokenizer: Any, eos_token_ids: int | Sequence[int] | None = N
     return te.TokenEnforcerTokenizerData(regular, decode, eos, False, vocab)
 
 
-def _inside_string(text: str) -> bool:
-    """Whether JSON ``text`` ends inside a string (an odd number of unescaped quotes)."""
-    inside, escaped = False, False
-    for ch in text:
+def _open_string_start(text: str) -> int | None:
+    """Where the string that JSON ``text`` ends inside opens (the index of its opening quote), or
+    ``None`` where ``text`` does not end inside a string."""
+    start, escaped = None, False
+    for i, ch in enumerate(text):
         if escaped:
             escaped = False
-        elif ch == "\\" and inside:
+        elif ch == "\\" and start is not None:
             escaped = True
         elif ch == '"':
-            inside = not inside
-    return inside
+            start = i if start is None else None
+    return start
+
+
+def _inside_string(text: str) -> bool:
+    """Whether JSON ``text`` ends inside a string (an odd number of unescaped quotes)."""
+    return _open_string_start(text) is not None
+
+
+def _accepts(parser: Any, text: str) -> bool:
+    """Whether ``parser`` takes every character of ``text`` in turn."""
+    for ch in text:
+        if ch not in parser.get_allowed_characters():
+            return False
+        parser = parser.add_character(ch)
+    return True
+
+
+@dataclass
+class _StringEnd:
+    """What may follow one string's closing quote, learnt while the string is written."""
+
+    is_key: bool | None = None  # an object's key (the key chooses the value's schema)
+    rest_ok: dict[str, bool] = field(default_factory=dict)  # text after the quote -> valid
+
+
+class _QuotedTokens:
+    """The vocabulary's tokens that end a free-text string inside themselves: plain text, the
+    closing quote, then more of the document (``.","``). Tokens that start with the quote are the
+    enforcer's own business (it explores them); so are those whose only quote is their last
+    character."""
+
+    def __init__(self, data: Any) -> None:
+        self.tokens: list[tuple[int, str, str]] = []  # (id, the text before the quote, the rest)
+        for token, text, _ in data.regular_tokens:
+            k = text.find('"')
+            content = text[:k]
+            if 0 < k < len(text) - 1 and "\\" not in content and all(ch >= " " for ch in content):
+                self.tokens.append((token, content, text[k:]))
+
+    def allowed(self, parser: Any, end: _StringEnd) -> list[int]:
+        """The quoted tokens ``parser`` (inside a free-text string) can take. ``end`` caches, for
+        this string, whether what follows its closing quote may start with a given text: that does
+        not depend on the string's content unless the string is a key, so keys are checked token
+        by token, content included."""
+        key = parser.shortcut_key()
+        if not self.tokens or not (isinstance(key, tuple) and key[0] == "json_freetext"):
+            return []
+        _, cur_len, min_len, max_len = key
+        fast = cur_len >= min_len and '"' in parser.get_allowed_characters()
+        if fast and end.is_key is None:
+            end.is_key = ":" in parser.add_character('"').get_allowed_characters()
+        fast = fast and not end.is_key
+        out = []
+        for token, content, rest in self.tokens:
+            if not min_len <= cur_len + len(content) <= max_len:
+                continue
+            if fast:
+                if rest not in end.rest_ok:
+                    end.rest_ok[rest] = _accepts(parser, rest)
+                ok = end.rest_ok[rest]
+            else:
+                ok = _accepts(parser, content + rest)
+            if ok:
+                out.append(token)
+        return out
+
+
+_QUOTED: weakref.WeakKeyDictionary[Any, _QuotedTokens] = weakref.WeakKeyDictionary()
+
+
+def _quoted_tokens(data: Any) -> _QuotedTokens:
+    if data not in _QUOTED:
+        _QUOTED[data] = _QuotedTokens(data)
+    return _QUOTED[data]
 
 
 def prefix_allowed_tokens_fn(data: Any, schema: dict[str, Any]) -> Any:
@@ -68,20 +150,30 @@ def prefix_allowed_tokens_fn(data: Any, schema: dict[str, Any]) -> Any:
     JSON document valid under ``schema`` (the ids of the first call are the prompt; only what
     follows is parsed). Outside strings, tokens that start with whitespace are not offered: JSON
     never needs them, and a small model left free to emit them can spend its whole token budget
-    on newlines (the enforcer's own whitespace limit did not hold here)."""
+    on newlines (the enforcer's own whitespace limit did not hold here). Inside a free-text
+    string, tokens that close it and go on validly are offered too (see the module's note)."""
     lmfe, te = _lmfe()
     enforcer = te.TokenEnforcer(data, lmfe.JsonSchemaParser(schema))
     spaced = {i for i, text, _ in data.regular_tokens if text[:1].isspace()}
+    quoted = _quoted_tokens(data)
     prompt_len: list[int] = []
+    ends: dict[str, _StringEnd] = {}  # by the reply up to the string's opening quote
 
     def allowed(batch_id: int, ids: Any) -> list[int]:
         seq = ids.tolist()
         if not prompt_len:
             prompt_len.append(len(seq))
         out = list(enforcer.get_allowed_tokens(seq).allowed_tokens)
-        if not _inside_string(data.decoder(seq[prompt_len[0]:])):
+        reply = data.decoder(seq[prompt_len[0]:])
+        start = _open_string_start(reply)
+        if start is None:
             kept = [t for t in out if t not in spaced]
             return kept or out
+        state = enforcer.prefix_states.get(tuple(seq))
+        if state is not None:
+            # Never among the enforcer's own: their first quote is unescaped and not their first
+            # or last character, which its free-text tokens never have.
+            out.extend(quoted.allowed(state.parser, ends.setdefault(reply[: start + 1], _StringEnd())))
         return out
 
     return allowed
