@@ -57,7 +57,7 @@ def test_training_text_is_the_inference_text(tiny: Path, curriculum) -> None:  #
 
     from echo_agent.imaging.store import ImageStore
     from echo_agent.reasoners.qwen_vl import QwenVLChatModel
-    from echo_agent.training.sft_trainer import _pil, fill_images
+    from echo_agent.training.sft_trainer import open_rgb, fill_images
 
     samples, _ = curriculum
     sample = next(s for s in samples if s.task == "grounded_diagnosis")
@@ -71,7 +71,7 @@ def test_training_text_is_the_inference_text(tiny: Path, curriculum) -> None:  #
 
     rec = to_hf_record(type(sample)(**{**sample.__dict__, "messages": prefix}))
     proc = AutoProcessor.from_pretrained(tiny)
-    msgs = fill_images(rec["messages"], [_pil(p) for p in rec["images"]])
+    msgs = fill_images(rec["messages"], [open_rgb(p) for p in rec["images"]])
     trained = proc.apply_chat_template(msgs, tools=json.loads(rec["tools"]), tokenize=False, add_generation_prompt=True)
     assert trained == served
     assert len(served_images) == len(rec["images"]) == 2  # the image and the detector overlay

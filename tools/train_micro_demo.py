@@ -80,7 +80,7 @@ def measure(model_dir: Path, val_file: Path, max_prompts: int, max_new_tokens: i
     from echo_agent.reasoners.toolcall_parsing import parse_tool_calls
     from echo_agent.training.curriculum import read_jsonl, resolve_images, strip_tool_images
     from echo_agent.training.rewards import parse_answer, valid_tool_call
-    from echo_agent.training.sft_trainer import _pil, fill_images
+    from echo_agent.training.sft_trainer import fill_images, open_rgb
 
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
     proc = AutoProcessor.from_pretrained(model_dir)
@@ -89,7 +89,7 @@ def measure(model_dir: Path, val_file: Path, max_prompts: int, max_new_tokens: i
     base = val_file.parent
 
     def reply(messages: list, images: list, tools: list, limit: int) -> str:
-        msgs = fill_images(messages, [_pil(p) for p in images])
+        msgs = fill_images(messages, [open_rgb(p) for p in images])
         inputs = proc.apply_chat_template(msgs, tools=tools, add_generation_prompt=True, tokenize=True,
                                           return_dict=True, return_tensors="pt")
         with torch.inference_mode():

@@ -126,14 +126,14 @@ def token_lengths(model_dir: Path, train_file: Path, k: int = 40) -> dict[str, f
     from transformers import AutoProcessor
 
     from echo_agent.training.curriculum import read_jsonl, resolve_images
-    from echo_agent.training.sft_trainer import _pil, fill_images
+    from echo_agent.training.sft_trainer import fill_images, open_rgb
 
     proc = AutoProcessor.from_pretrained(model_dir)
     by_task: dict[str, list[int]] = {}
     for r in read_jsonl(train_file):
         if len(by_task.setdefault(r["task"], [])) >= k:
             continue
-        msgs = fill_images(r["messages"], [_pil(p) for p in resolve_images(r, train_file.parent)])
+        msgs = fill_images(r["messages"], [open_rgb(p) for p in resolve_images(r, train_file.parent)])
         ids = proc.apply_chat_template(msgs, tools=json.loads(r["tools"]) if r["tools"] else None, tokenize=True,
                                        return_dict=True)["input_ids"]
         by_task[r["task"]].append(len(ids[0]) if isinstance(ids[0], list) else len(ids))
@@ -304,7 +304,7 @@ def greedy_rewards(model_dir: Path, val_file: Path, preset: Any, max_prompts: in
     from echo_agent.training.curriculum import read_jsonl, resolve_images
     from echo_agent.training.grpo_trainer import grpo_rows
     from echo_agent.training.rewards import REWARD_FUNCS, get_preset
-    from echo_agent.training.sft_trainer import _pil, fill_images
+    from echo_agent.training.sft_trainer import fill_images, open_rgb
 
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
     proc = AutoProcessor.from_pretrained(model_dir)
@@ -317,7 +317,7 @@ def greedy_rewards(model_dir: Path, val_file: Path, preset: Any, max_prompts: in
     cols = {k: [row[k] for row in rows] for k in ("gt_label", "gt_boxes", "organ", "width", "height", "detections")}
     completions = []
     for r in recs:
-        msgs = fill_images(r["messages"][:2], [_pil(x) for x in resolve_images(r, val_file.parent)])
+        msgs = fill_images(r["messages"][:2], [open_rgb(x) for x in resolve_images(r, val_file.parent)])
         inputs = proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True,
                                           return_tensors="pt")
         with torch.inference_mode():

@@ -33,7 +33,7 @@ from ._config import dump_config, offline_env
 from .curriculum import FINALIZER_TASKS, SimulatedDetector, read_jsonl, resolve_images, tool_schemas
 from .grpo_config import EchoGRPOConfig
 from .rewards import VALIDITY_METRICS, get_preset
-from .sft_trainer import _LogWriter, _pil, _require_train_extra, load_model_and_processor
+from .sft_trainer import _LogWriter, _require_train_extra, load_model_and_processor, open_rgb
 
 
 def _error_text(exc: Exception) -> str:
@@ -272,7 +272,7 @@ def _decode_grpo(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
     if "prompt_json" in out:
         out["prompt"] = [json.loads(s) for s in out.pop("prompt_json")]
     if "image_paths" in out:
-        out["images"] = [[_pil(p) for p in ps] for ps in out.pop("image_paths")]
+        out["images"] = [[open_rgb(p) for p in ps] for ps in out.pop("image_paths")]
     if "gt_boxes" in out:
         out["gt_boxes"] = [json.loads(s) if isinstance(s, str) else s for s in out["gt_boxes"]]
     return out

@@ -66,7 +66,8 @@ def load_model_and_processor(
     return model, processor
 
 
-def _pil(path: str) -> Any:
+def open_rgb(path: str) -> Any:
+    """The image file at ``path`` as an RGB PIL image (loaded, the file closed)."""
     from PIL import Image
 
     with Image.open(path) as im:
@@ -118,7 +119,7 @@ class ToolAwareVisionCollator:
 
         outs = []
         for ex in examples:
-            images = [_pil(p) if isinstance(p, str) else p for p in ex.get("images") or []]
+            images = [open_rgb(p) if isinstance(p, str) else p for p in ex.get("images") or []]
             messages = fill_images(ex["messages"], images)
             kwargs: dict[str, Any] = {}
             if ex.get("tools"):
@@ -256,4 +257,4 @@ def run_sft(cfg: EchoSFTConfig, *, model: Any = None, processor: Any = None) -> 
     }
 
 
-__all__ = ["ToolAwareVisionCollator", "fill_images", "load_model_and_processor", "load_records", "run_sft", "torch_dtype"]
+__all__ = ["ToolAwareVisionCollator", "fill_images", "load_model_and_processor", "load_records", "open_rgb", "run_sft", "torch_dtype"]
