@@ -57,7 +57,7 @@ def test_training_text_is_the_inference_text(tiny: Path, curriculum) -> None:  #
 
     from echo_agent.imaging.store import ImageStore
     from echo_agent.reasoners.qwen_vl import QwenVLChatModel
-    from echo_agent.training.sft_trainer import open_rgb, fill_images
+    from echo_agent.training.sft_trainer import fill_images, open_rgb
 
     samples, _ = curriculum
     sample = next(s for s in samples if s.task == "grounded_diagnosis")
