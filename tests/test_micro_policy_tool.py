@@ -30,7 +30,7 @@ def test_micro_policy_pipeline_shortened(tmp_path: Path, answer: str) -> None:
         "--sft-set", "max_steps=3", "--sft-set", "num_train_epochs=1", "--max-new-tokens", "8",
         "--grpo-seeds", "0", "--grpo-set", "max_steps=1", "--grpo-set", "num_generations=2",
         "--grpo-set", "per_device_train_batch_size=2", "--grpo-set", "max_completion_length=8",
-        "--reward-prompts", "1", "--plot", str(out / "curves.png"), "--answer", answer,
+        "--reward-prompts", "1", "--reward-samples", "2", "--plot", str(out / "curves.png"), "--answer", answer,
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "train_micro_policy.py"), *args], capture_output=True,
@@ -52,5 +52,17 @@ def test_micro_policy_pipeline_shortened(tmp_path: Path, answer: str) -> None:
     assert v["runs"] == 2 and 0.0 <= v["valid_diagnosis_rate"] <= 1.0
     g = res["grpo"]["0"]
     assert g["steps"] == 1 and g["curve"] and "val_reward" in g and res["reward_sft"]["n"] == 1
+    sampled = res["reward_sft_sampled"]
+    assert sampled["samples"] == 2 and sampled["n"] == 1 and "val_reward_sampled" in g
     assert (out / "curves.png").is_file()
     assert res["timings_s"]["sft_s"] > 0
+    # a checkpoint's rewards measured again on their own: the same numbers (greedy, and seeded samples)
+    again = subprocess.run([sys.executable, str(ROOT / "tools" / "train_micro_policy.py"), "--out", str(out),
+                            "--reward-prompts", "1", "--reward-samples", "2", "--grpo-set", "max_completion_length=8",
+                            "--reward-checkpoint", "sft", str(out / "sft" / "final")],
+                           capture_output=True, text=True, env=env, timeout=900, cwd=ROOT)
+    assert again.returncode == 0, again.stderr[-3000:]
+    res2 = json.loads((out / "results.json").read_text())
+    assert res2["grpo"] == res["grpo"]  # the run's results are kept
+    assert res2["rewards_sft"]["greedy"]["mean_reward"] == res["reward_sft"]["mean_reward"]
+    assert res2["rewards_sft"]["sampled"]["mean_reward"] == sampled["mean_reward"]

@@ -295,9 +295,14 @@ def own_answers(out: Path, name: str) -> dict[str, Any]:
     return res
 
 
-def greedy_rewards(model_dir: Path, val_file: Path, preset: Any, max_prompts: int, max_new_tokens: int) -> dict[str, Any]:
+def val_rewards(model_dir: Path, val_file: Path, preset: Any, max_prompts: int, max_new_tokens: int,
+                   samples: int = 0, temperature: float = 1.0) -> dict[str, Any]:
     """Mean weighted reward (and its terms) of greedy answers to a seeded sample of ``max_prompts`` val
-    ``agent_final`` prompts (the first run took the first ones in file order: breast only)."""
+    ``agent_final`` prompts (the first run took the first ones in file order: breast only).
+
+    ``samples`` > 0: of that many answers per prompt sampled at ``temperature`` instead (the
+    expected reward GRPO optimises), each prompt's generator seeded by its position, so a
+    checkpoint's measure is reproducible and checkpoints are compared on the same draws."""
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -316,21 +321,30 @@ def greedy_rewards(model_dir: Path, val_file: Path, preset: Any, max_prompts: in
     rows = grpo_rows(recs, val_file.parent)
     cols = {k: [row[k] for row in rows] for k in ("gt_label", "gt_boxes", "organ", "width", "height", "detections")}
     completions = []
-    for r in recs:
+    per_prompt = max(samples, 1)
+    for i, r in enumerate(recs):
         msgs = fill_images(r["messages"][:2], [open_rgb(x) for x in resolve_images(r, val_file.parent)])
         inputs = proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True,
                                           return_tensors="pt")
+        how: dict[str, Any] = {"do_sample": False}
+        if samples:
+            torch.manual_seed(i)
+            how = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0,
+                   "num_return_sequences": samples}
         with torch.inference_mode():
-            ids = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-        text = proc.tokenizer.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-        completions.append([{"role": "assistant", "content": text}])
+            ids = model.generate(**inputs, max_new_tokens=max_new_tokens, **how)
+        for row in ids:
+            text = proc.tokenizer.decode(row[inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+            completions.append([{"role": "assistant", "content": text}])
+    cols = {k: [v for v in vals for _ in range(per_prompt)] for k, vals in cols.items()}
     terms = {}
-    total = [0.0] * len(recs)
+    total = [0.0] * len(completions)
     for name, w in p.weights.items():
         vals = REWARD_FUNCS[name](completions, **cols)
         terms[name] = sum(vals) / max(len(vals), 1)
         total = [t + w * v for t, v in zip(total, vals, strict=True)]
-    return {"n": len(recs), "mean_reward": sum(total) / max(len(total), 1), "terms": terms,
+    return {"n": len(recs), **({"samples": samples, "temperature": temperature} if samples else {}),
+            "mean_reward": sum(total) / max(len(total), 1), "terms": terms,
             "example": completions[0][0]["content"][:400] if completions else ""}
 
 
@@ -419,6 +433,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-checkpoint", nargs=2, action="append", default=[], metavar=("NAME", "DIR"),
                     help="Only evaluate these checkpoints in the agent on the val images (repeatable; needs "
                          "the traces in --out); results go to results.json under eval_NAME.")
+    ap.add_argument("--reward-checkpoint", nargs=2, action="append", default=[], metavar=("NAME", "DIR"),
+                    help="Only measure the val reward of these checkpoints (repeatable; needs the traces in --out): "
+                         "greedy, and with --reward-samples K also sampled; results go to results.json under "
+                         "rewards_NAME.")
+    ap.add_argument("--reward-samples", type=int, default=0, metavar="K",
+                    help="Also measure the mean reward of K answers per val prompt sampled at the GRPO rollout "
+                         "temperature (the expected reward GRPO optimises), for the SFT checkpoint and each seed.")
     ap.add_argument("--fresh-val", type=int, default=0, metavar="N",
                     help="With --eval-checkpoint: evaluate on N val images per organ outside the traces' val "
                          "sample and its clips (written once to traces/images_val_fresh.json), with the "
@@ -430,9 +451,10 @@ def main(argv: list[str] | None = None) -> int:
     timings: dict[str, float] = {}
     res_path = out / "results.json"
     command = results["command"]
-    if (a.reuse or a.eval_checkpoint) and res_path.is_file():  # an evaluation adds to the run's results
+    measure_only = bool(a.eval_checkpoint or a.reward_checkpoint)
+    if (a.reuse or measure_only) and res_path.is_file():  # an evaluation adds to the run's results
         results = json.loads(res_path.read_text())
-        if not a.eval_checkpoint:
+        if not measure_only:
             results["command"] = command
         timings = results.get("timings_s", {})
 
@@ -441,6 +463,21 @@ def main(argv: list[str] | None = None) -> int:
         res_path.write_text(json.dumps(results, indent=1, default=str), "utf-8")
 
     files = {"train": out / "traces" / "train.jsonl", "val": out / "traces" / "val.jsonl"}
+    if a.reward_checkpoint:
+        gcfg = grpo_config(out, out / "sft" / "final", files["train"], a.seed, a)
+        preset = gcfg.reward_weights or gcfg.preset
+        for name, ckpt in a.reward_checkpoint:
+            t = time.time()
+            res = {"command": command, "greedy": val_rewards(Path(ckpt), files["val"], preset, a.reward_prompts,
+                                                                gcfg.max_completion_length)}
+            if a.reward_samples:
+                res["sampled"] = val_rewards(Path(ckpt), files["val"], preset, a.reward_prompts,
+                                                gcfg.max_completion_length, a.reward_samples, gcfg.temperature)
+            results[f"rewards_{name}"] = res
+            timings[f"rewards_{name}_s"] = time.time() - t
+            print(f"rewards_{name}", json.dumps(res), flush=True)
+            save()
+        return 0
     if a.eval_checkpoint:
         val_keys = json.loads((out / "traces" / "images_val.json").read_text())
         embedded = False
@@ -490,16 +527,22 @@ def main(argv: list[str] | None = None) -> int:
     preset = gcfg.reward_weights or gcfg.preset
     if seeds:
         t = time.time()
-        results["reward_sft"] = greedy_rewards(sft_final, files["val"], preset, a.reward_prompts,
+        results["reward_sft"] = val_rewards(sft_final, files["val"], preset, a.reward_prompts,
                                               gcfg.max_completion_length)
+        if a.reward_samples:
+            results["reward_sft_sampled"] = val_rewards(sft_final, files["val"], preset, a.reward_prompts,
+                                                          gcfg.max_completion_length, a.reward_samples, gcfg.temperature)
         timings["reward_sft_s"] = time.time() - t
         print("reward_sft", results["reward_sft"], flush=True)
         save()
     for seed in seeds:
         t = time.time()
         g = grpo(out, sft_final, files["train"], seed, a)
-        g["val_reward"] = greedy_rewards(Path(g["final_dir"]), files["val"], preset, a.reward_prompts,
+        g["val_reward"] = val_rewards(Path(g["final_dir"]), files["val"], preset, a.reward_prompts,
                                          gcfg.max_completion_length)
+        if a.reward_samples:
+            g["val_reward_sampled"] = val_rewards(Path(g["final_dir"]), files["val"], preset, a.reward_prompts,
+                                                     gcfg.max_completion_length, a.reward_samples, gcfg.temperature)
         results.setdefault("grpo", {})[str(seed)] = g
         timings[f"grpo_seed{seed}_s"] = time.time() - t
         print(f"grpo seed {seed}: val reward {results['reward_sft']['mean_reward']:.3f} -> "
