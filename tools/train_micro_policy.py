@@ -18,9 +18,13 @@
 5. **GRPO** (``--grpo-seeds``), one run per seed from the SFT checkpoint, on the ``agent_final``
    prompts with the ``echo-diag`` reward preset (IoU-gated classification, localization, DIoU
    shape, format; ``echo_agent.training.rewards``), a KL term to the SFT checkpoint and a small
-   learning rate (``configs/training/micro_policy_grpo.yaml``); the mean reward of greedy answers to the val prompts is measured
-   before and after each run, with their validity. The first seed's checkpoint is evaluated in the
-   agent like step 4.
+   learning rate (``configs/training/micro_policy_grpo.yaml``); the mean reward of greedy answers to
+   the val prompts is measured before and after each run, with their validity (``--reward-samples K``:
+   also of K answers per prompt sampled at the rollout temperature, the expected reward GRPO
+   optimises). The first seed's checkpoint is evaluated in the agent like step 4.
+
+Measuring existing checkpoints only: ``--eval-checkpoint NAME DIR`` (in the agent) and
+``--reward-checkpoint NAME DIR`` (val rewards), both reading the traces already in ``--out``.
 
 Writes ``<out>/results.json`` (every number and the timings) and, with ``--plot``, the curves.
 A recipe check at a scale this CPU trains in about an hour, not a clinical model.
@@ -296,7 +300,7 @@ def own_answers(out: Path, name: str) -> dict[str, Any]:
 
 
 def val_rewards(model_dir: Path, val_file: Path, preset: Any, max_prompts: int, max_new_tokens: int,
-                   samples: int = 0, temperature: float = 1.0) -> dict[str, Any]:
+                samples: int = 0, temperature: float = 1.0) -> dict[str, Any]:
     """Mean weighted reward (and its terms) of greedy answers to a seeded sample of ``max_prompts`` val
     ``agent_final`` prompts (the first run took the first ones in file order: breast only).
 
@@ -469,10 +473,10 @@ def main(argv: list[str] | None = None) -> int:
         for name, ckpt in a.reward_checkpoint:
             t = time.time()
             res = {"command": command, "greedy": val_rewards(Path(ckpt), files["val"], preset, a.reward_prompts,
-                                                                gcfg.max_completion_length)}
+                                                             gcfg.max_completion_length)}
             if a.reward_samples:
                 res["sampled"] = val_rewards(Path(ckpt), files["val"], preset, a.reward_prompts,
-                                                gcfg.max_completion_length, a.reward_samples, gcfg.temperature)
+                                             gcfg.max_completion_length, a.reward_samples, gcfg.temperature)
             results[f"rewards_{name}"] = res
             timings[f"rewards_{name}_s"] = time.time() - t
             print(f"rewards_{name}", json.dumps(res), flush=True)
@@ -528,10 +532,10 @@ def main(argv: list[str] | None = None) -> int:
     if seeds:
         t = time.time()
         results["reward_sft"] = val_rewards(sft_final, files["val"], preset, a.reward_prompts,
-                                              gcfg.max_completion_length)
+                                            gcfg.max_completion_length)
         if a.reward_samples:
             results["reward_sft_sampled"] = val_rewards(sft_final, files["val"], preset, a.reward_prompts,
-                                                          gcfg.max_completion_length, a.reward_samples, gcfg.temperature)
+                                                        gcfg.max_completion_length, a.reward_samples, gcfg.temperature)
         timings["reward_sft_s"] = time.time() - t
         print("reward_sft", results["reward_sft"], flush=True)
         save()
@@ -539,10 +543,10 @@ def main(argv: list[str] | None = None) -> int:
         t = time.time()
         g = grpo(out, sft_final, files["train"], seed, a)
         g["val_reward"] = val_rewards(Path(g["final_dir"]), files["val"], preset, a.reward_prompts,
-                                         gcfg.max_completion_length)
+                                      gcfg.max_completion_length)
         if a.reward_samples:
             g["val_reward_sampled"] = val_rewards(Path(g["final_dir"]), files["val"], preset, a.reward_prompts,
-                                                     gcfg.max_completion_length, a.reward_samples, gcfg.temperature)
+                                                  gcfg.max_completion_length, a.reward_samples, gcfg.temperature)
         results.setdefault("grpo", {})[str(seed)] = g
         timings[f"grpo_seed{seed}_s"] = time.time() - t
         print(f"grpo seed {seed}: val reward {results['reward_sft']['mean_reward']:.3f} -> "
