@@ -92,6 +92,7 @@ class _StringEnd:
 
     is_key: bool | None = None  # an object's key (the key chooses the value's schema)
     rest_ok: dict[str, bool] = field(default_factory=dict)  # text after the quote -> valid
+    unlimited: list[int] | None = None  # the tokens allowed wherever no length limit binds
 
 
 class _QuotedTokens:
@@ -107,6 +108,7 @@ class _QuotedTokens:
             content = text[:k]
             if 0 < k < len(text) - 1 and "\\" not in content and all(ch >= " " for ch in content):
                 self.tokens.append((token, content, text[k:]))
+        self.longest = max((len(content) for _, content, _ in self.tokens), default=0)
 
     def allowed(self, parser: Any, end: _StringEnd) -> list[int]:
         """The quoted tokens ``parser`` (inside a free-text string) can take. ``end`` caches, for
@@ -117,32 +119,50 @@ class _QuotedTokens:
         if not self.tokens or not (isinstance(key, tuple) and key[0] == "json_freetext"):
             return []
         _, cur_len, min_len, max_len = key
+        if end.unlimited is not None and max_len - cur_len >= self.longest:
+            return end.unlimited  # computed earlier in this string, when the same held (the string only grows)
         fast = cur_len >= min_len and '"' in parser.get_allowed_characters()
         if fast and end.is_key is None:
             end.is_key = ":" in parser.add_character('"').get_allowed_characters()
         fast = fast and not end.is_key
+        if fast and max_len - cur_len >= self.longest:  # no length limit can bind: one list per string
+            end.unlimited = [token for token, _, rest in self.tokens if self._rest_ok(parser, end, rest)]
+            return end.unlimited
         out = []
         for token, content, rest in self.tokens:
             if not min_len <= cur_len + len(content) <= max_len:
                 continue
             if fast:
-                if rest not in end.rest_ok:
-                    end.rest_ok[rest] = _accepts(parser, rest)
-                ok = end.rest_ok[rest]
+                ok = self._rest_ok(parser, end, rest)
             else:
                 ok = _accepts(parser, content + rest)
             if ok:
                 out.append(token)
         return out
 
+    @staticmethod
+    def _rest_ok(parser: Any, end: _StringEnd, rest: str) -> bool:
+        if rest not in end.rest_ok:
+            end.rest_ok[rest] = _accepts(parser, rest)
+        return end.rest_ok[rest]
 
-_QUOTED: weakref.WeakKeyDictionary[Any, _QuotedTokens] = weakref.WeakKeyDictionary()
+
+@dataclass(frozen=True)
+class _VocabIndex:
+    """What the decoder looks up in a vocabulary at every step, built once per tokenizer data."""
+
+    spaced: frozenset[int]  # tokens that start with whitespace
+    quoted: _QuotedTokens
 
 
-def _quoted_tokens(data: Any) -> _QuotedTokens:
-    if data not in _QUOTED:
-        _QUOTED[data] = _QuotedTokens(data)
-    return _QUOTED[data]
+_INDEX: weakref.WeakKeyDictionary[Any, _VocabIndex] = weakref.WeakKeyDictionary()
+
+
+def _vocab_index(data: Any) -> _VocabIndex:
+    if data not in _INDEX:
+        spaced = frozenset(i for i, text, _ in data.regular_tokens if text[:1].isspace())
+        _INDEX[data] = _VocabIndex(spaced, _QuotedTokens(data))
+    return _INDEX[data]
 
 
 def prefix_allowed_tokens_fn(data: Any, schema: dict[str, Any]) -> Any:
@@ -154,8 +174,8 @@ def prefix_allowed_tokens_fn(data: Any, schema: dict[str, Any]) -> Any:
     string, tokens that close it and go on validly are offered too (see the module's note)."""
     lmfe, te = _lmfe()
     enforcer = te.TokenEnforcer(data, lmfe.JsonSchemaParser(schema))
-    spaced = {i for i, text, _ in data.regular_tokens if text[:1].isspace()}
-    quoted = _quoted_tokens(data)
+    index = _vocab_index(data)
+    spaced, quoted = index.spaced, index.quoted
     prompt_len: list[int] = []
     ends: dict[str, _StringEnd] = {}  # by the reply up to the string's opening quote
 
@@ -163,17 +183,16 @@ def prefix_allowed_tokens_fn(data: Any, schema: dict[str, Any]) -> Any:
         seq = ids.tolist()
         if not prompt_len:
             prompt_len.append(len(seq))
-        out = list(enforcer.get_allowed_tokens(seq).allowed_tokens)
+        out = enforcer.get_allowed_tokens(seq).allowed_tokens  # the enforcer's cached list: never mutated
         reply = data.decoder(seq[prompt_len[0]:])
         start = _open_string_start(reply)
         if start is None:
             kept = [t for t in out if t not in spaced]
-            return kept or out
+            return kept or list(out)
         state = enforcer.prefix_states.get(tuple(seq))
-        if state is not None:
-            # Never among the enforcer's own: their first quote is unescaped and not their first
-            # or last character, which its free-text tokens never have.
-            out.extend(quoted.allowed(state.parser, ends.setdefault(reply[: start + 1], _StringEnd())))
-        return out
+        extra = quoted.allowed(state.parser, ends.setdefault(reply[: start + 1], _StringEnd())) if state else []
+        # Never among the enforcer's own: their first quote is unescaped and neither their first nor
+        # their last character, which its free-text tokens never have.
+        return out + extra if extra else out
 
     return allowed
