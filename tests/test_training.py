@@ -170,6 +170,49 @@ def test_grpo_two_steps(tiny: Path, curriculum, tmp_path: Path) -> None:  # noqa
     assert (Path(out["final_dir"]) / "model.safetensors").is_file()
 
 
+def test_grpo_trains_tool_prompts_and_final_prompts_together(tiny: Path, tmp_path: Path) -> None:
+    """A run over both kinds of prompt renders each as at inference: a tool prompt with the organ's
+    tools, a final-answer prompt (asked by LLMFinalizer without tools) with none."""
+    from echo_agent.training.grpo_config import EchoGRPOConfig
+    from echo_agent.training.grpo_trainer import ANSWER_ENVIRONMENT, grpo_rows, run_grpo
+    from echo_agent.training.sft_trainer import load_model_and_processor
+
+    images = [im for im in load_manifest(synthetic_manifest(tmp_path / "data", size=(64, 48))) if im.organ == "breast"]
+    cfg = CurriculumConfig(tasks=("grounded_diagnosis", "informed_diagnosis"), seed=0, overlays=False)
+    samples = CurriculumBuilder(cfg, detections=SimulatedDetector(0)).build(images)
+    train = tmp_path / "cur" / "train.jsonl"
+    write_jsonl([to_hf_record(s, relative_to=train.parent) for s in samples], train)
+    records = read_jsonl(train)
+    rows = grpo_rows(records, train.parent)
+    assert {(r["task"], r["environment"]) for r in rows} == {("grounded_diagnosis", "breast"),
+                                                            ("informed_diagnosis", ANSWER_ENVIRONMENT)}
+    task_of = {json.dumps(r["messages"][1]["content"], sort_keys=True): r["task"] for r in records}
+
+    model, proc = load_model_and_processor(str(tiny))
+    rendered: list[tuple[str, bool]] = []
+    original = proc.apply_chat_template
+
+    def spy(conversation, *args, tools=None, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        for conv in conversation if isinstance(conversation[0], list) else [conversation]:
+            user = next((m for m in conv if m["role"] == "user"), None)
+            content = [{k: v for k, v in b.items() if k != "image"} for b in user["content"]] if user else None
+            key = json.dumps(content, sort_keys=True)
+            if key in task_of:
+                rendered.append((task_of[key], bool(tools)))
+        return original(conversation, *args, tools=tools, **kwargs)
+
+    proc.apply_chat_template = spy
+    gcfg = EchoGRPOConfig(model_path=str(tiny), train_file=str(train), output_dir=str(tmp_path / "grpo"),
+                          tasks=["grounded_diagnosis", "informed_diagnosis"], max_prompts=4, max_steps=2,
+                          num_generations=2, per_device_train_batch_size=4, max_completion_length=16,
+                          max_tool_calling_iterations=1, use_lora=False, gradient_checkpointing=False,
+                          detector="simulated", overlays=False, preset="echo-ground", save_steps=2, seed=3)
+    out = run_grpo(gcfg, model=model, processor=proc)
+    assert out["steps"] == 2
+    assert {task for task, _ in rendered} == {"grounded_diagnosis", "informed_diagnosis"}
+    assert all(with_tools == (task == "grounded_diagnosis") for task, with_tools in rendered), rendered
+
+
 def test_validity_metrics_hand_cases() -> None:
     def call(name: str, args: dict) -> list[dict]:
         return [{"role": "assistant", "content": "", "tool_calls": [{"type": "function",

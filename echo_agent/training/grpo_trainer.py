@@ -12,6 +12,11 @@ The prompt shows the tools with the *same* JSON schemas as inference: the proces
 real LangChain tool (:func:`echo_agent.training.curriculum.tool_schemas`) instead of one derived from
 the Python signature.
 
+Tool prompts and final-answer prompts can be trained together: a final-answer prompt
+(``agent_final``, ``informed_diagnosis``) is asked without tools at inference, so in a mixed run it
+gets the tool-less :data:`ANSWER_ENVIRONMENT` (TRL renders each prompt with its own environment's
+tools) and is rendered exactly as ``LLMFinalizer`` asks it.
+
 Rewards: a preset of :mod:`echo_agent.training.rewards` (``echo-ground`` / ``echo-diag``) as TRL
 ``reward_funcs`` + ``reward_weights``; ground truth reaches them as dataset columns.
 """
@@ -229,6 +234,18 @@ def make_environment(
     return EchoToolEnvironment
 
 
+#: The environment of final-answer prompts in a run that also trains tool prompts: no tools.
+ANSWER_ENVIRONMENT = "final_answer"
+
+
+class FinalAnswerEnvironment:
+    """A final-answer prompt's environment: no tools, no observation (``LLMFinalizer`` asks for the
+    answer without tools)."""
+
+    def reset(self, **row: Any) -> None:
+        return None
+
+
 def use_inference_tool_schemas(processor: Any) -> Any:
     """Make ``processor.apply_chat_template`` render environment methods with the inference tool
     schemas they carry (``__echo_schema__``); other tools pass through unchanged."""
@@ -248,7 +265,8 @@ def use_inference_tool_schemas(processor: Any) -> Any:
 
 def grpo_rows(records: list[dict[str, Any]], base: Path) -> list[dict[str, Any]]:
     """GRPO dataset rows from curriculum records: the system + user turns as the prompt, the image,
-    the organ's environment and the ground truth for the rewards."""
+    the environment (the organ's tools; :data:`ANSWER_ENVIRONMENT` for a final-answer prompt) and
+    the ground truth for the rewards."""
     rows = []
     for r in records:
         truth = json.loads(r["truth"]) if isinstance(r.get("truth"), str) else r.get("truth") or {}
@@ -257,7 +275,8 @@ def grpo_rows(records: list[dict[str, Any]], base: Path) -> list[dict[str, Any]]
         images = resolve_images(r, base)[:n_images]
         rows.append({
             "prompt_json": json.dumps(prompt, ensure_ascii=False), "image_paths": images,
-            "image_path": images[0] if images else "", "environment": r["organ"], "organ": r["organ"],
+            "image_path": images[0] if images else "", "organ": r["organ"],
+            "environment": ANSWER_ENVIRONMENT if r["task"] in FINALIZER_TASKS else r["organ"],
             "task": r["task"], "key": r["key"], "gt_label": truth.get("label", ""),
             "gt_boxes": json.dumps(truth.get("boxes", [])), "truth": json.dumps(truth),
             "width": int(truth.get("width", 0)), "height": int(truth.get("height", 0)),
@@ -314,11 +333,16 @@ def run_grpo(cfg: EchoGRPOConfig, *, model: Any = None, processor: Any = None,
     processor.tokenizer.padding_side = "left"
     use_inference_tool_schemas(processor)
     organs = sorted({dataset[i]["organ"] for i in range(len(dataset))})
-    # Final-reasoning prompts (LLMFinalizer's turn) are asked without tools at inference, so their
-    # rollouts get no environment: binding tools would change the rendered prompt.
+    # Final-reasoning prompts (LLMFinalizer's turn) are asked without tools at inference: alone they
+    # get no environment (binding tools would change the rendered prompt); beside tool prompts, the
+    # tool-less ANSWER_ENVIRONMENT.
     with_tools = not set(cfg.tasks) <= FINALIZER_TASKS
-    factories = {o: make_environment(get_organ(o), detector=cfg.detector, overlays=cfg.overlays,
-                                     detectors=detectors, seed=cfg.seed) for o in organs} if with_tools else None
+    factories: dict[str, Any] | None = None
+    if with_tools:
+        factories = {o: make_environment(get_organ(o), detector=cfg.detector, overlays=cfg.overlays,
+                                         detectors=detectors, seed=cfg.seed) for o in organs}
+        if set(cfg.tasks) & FINALIZER_TASKS:
+            factories[ANSWER_ENVIRONMENT] = FinalAnswerEnvironment
     preset = get_preset(cfg.reward_weights or cfg.preset)
     peft_config = None
     if cfg.use_lora:
@@ -355,4 +379,12 @@ def run_grpo(cfg: EchoGRPOConfig, *, model: Any = None, processor: Any = None,
             "preset": preset.name, "weights": dict(preset.weights), "n_prompts": len(dataset)}
 
 
-__all__ = ["grpo_dataset", "grpo_rows", "make_environment", "run_grpo", "use_inference_tool_schemas"]
+__all__ = [
+    "ANSWER_ENVIRONMENT",
+    "FinalAnswerEnvironment",
+    "grpo_dataset",
+    "grpo_rows",
+    "make_environment",
+    "run_grpo",
+    "use_inference_tool_schemas",
+]
