@@ -17,25 +17,21 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from explore_val import NORMAL, ORGAN, load
+from explore_val import NORMAL, ORGAN, fused, load
 
-from echo_agent.fusion.evidence import RunEvidence
 from echo_agent.fusion.learned import FusionParams, veto_normal
-from echo_agent.schemas import ClinicalContext, DetectorReport, parse_evidence
+from echo_agent.schemas import DetectorReport
 
 
 def rows_of(runs, params):
     out = []
     for r in runs:
-        ev = RunEvidence.of([parse_evidence(e) for e in r.evidence])
-        clin = ClinicalContext.model_validate(r.clinical) if r.clinical else None
-        p = params.probabilities(params.run_logits(ORGAN, ev, clin, (r.width, r.height))[0])
+        ev, p = fused(r, params)
         reps = [e for e in ev.reports if isinstance(e, DetectorReport)]
         first = max((d.score for d in reps[0].detections), default=0.0) if reps else 0.0
         tta = [max((d.score for d in e.detections), default=0.0) for e in reps[1:] if e.tta]
-        anyr = max([max((d.score for d in e.detections), default=0.0) for e in reps] or [0.0])
         out.append(dict(center=r.key.split(":")[0], y=list(ORGAN.image_labels).index(r.label), p=p,
-                        first=first, tta=max(tta) if tta else None, anyr=anyr, ncalls=len(reps)))
+                        first=first, tta=max(tta) if tta else None, ncalls=len(reps)))
     return out
 
 def table(name, rows):

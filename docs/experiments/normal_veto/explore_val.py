@@ -29,12 +29,17 @@ def load(path: str) -> list[RunRecord]:
     return [RunRecord(**{k: v for k, v in json.loads(line).items() if k in fields}) for line in open(path)]
 
 
+def fused(r: RunRecord, params: FusionParams) -> tuple[RunEvidence, np.ndarray]:
+    """A cached run's evidence and its fused probabilities under ``params``."""
+    ev = RunEvidence.of([parse_evidence(e) for e in r.evidence])
+    clin = ClinicalContext.model_validate(r.clinical) if r.clinical else None
+    return ev, params.probabilities(params.run_logits(ORGAN, ev, clin, (r.width, r.height))[0])
+
+
 def evaluate(name: str, runs: list[RunRecord], params: FusionParams) -> None:
     rows = []
     for r in runs:
-        ev = RunEvidence.of([parse_evidence(e) for e in r.evidence])
-        clin = ClinicalContext.model_validate(r.clinical) if r.clinical else None
-        p = params.probabilities(params.run_logits(ORGAN, ev, clin, (r.width, r.height))[0])
+        ev, p = fused(r, params)
         reports = [e for e in ev.reports if isinstance(e, DetectorReport)]
         det = int(np.argmax(rule_log_probs(ORGAN, reports, DETECTOR_RULE)))
         rows.append((r.key.split(":")[0], list(ORGAN.image_labels).index(r.label), p, det))
