@@ -116,8 +116,8 @@ def test_greedy_decoding_that_prefers_merges_writes_the_document_it_means(data):
     assert '.","' in used and steps < len(target)
 
 
-def test_open_string_start_finds_the_opening_quote():
+def test_open_string_start_tracks_quotes_and_escapes():
     assert _open_string_start('{"a":') is None
     assert _open_string_start('{"a":"x') == 5
-    assert _open_string_start('{"a":"say \\"hi') == 5
-    assert _open_string_start('{"a":"x\\\\"') is None
+    assert _open_string_start('{"a":"say \\"hi') == 5  # an escaped quote does not close the string
+    assert _open_string_start('{"a":"x\\\\"') is None  # an escaped backslash, then the closing quote

@@ -237,12 +237,3 @@ def test_llm_finalizer_uses_constrained_decoding_for_local_models(tiny_ckpts):
     has_enforcer = __import__("importlib").util.find_spec("lmformatenforcer") is not None
     assert LLMFinalizer(llm)._uses_json_schema() is has_enforcer
     assert LLMFinalizer(llm, structured="text")._uses_json_schema() is False
-
-
-def test_inside_string_tracks_quotes_and_escapes():
-    from echo_agent.reasoners._constrained import _inside_string
-
-    assert not _inside_string('{"a":')
-    assert _inside_string('{"a":"x')
-    assert _inside_string('{"a":"say \\"hi')  # an escaped quote does not close the string
-    assert not _inside_string('{"a":"x\\\\"')  # an escaped backslash, then the closing quote

@@ -72,11 +72,6 @@ def _open_string_start(text: str) -> int | None:
     return start
 
 
-def _inside_string(text: str) -> bool:
-    """Whether JSON ``text`` ends inside a string (an odd number of unescaped quotes)."""
-    return _open_string_start(text) is not None
-
-
 def _accepts(parser: Any, text: str) -> bool:
     """Whether ``parser`` takes every character of ``text`` in turn."""
     for ch in text:
@@ -119,13 +114,14 @@ class _QuotedTokens:
         if not self.tokens or not (isinstance(key, tuple) and key[0] == "json_freetext"):
             return []
         _, cur_len, min_len, max_len = key
-        if end.unlimited is not None and max_len - cur_len >= self.longest:
+        no_limit_binds = max_len - cur_len >= self.longest
+        if end.unlimited is not None and no_limit_binds:
             return end.unlimited  # computed earlier in this string, when the same held (the string only grows)
         fast = cur_len >= min_len and '"' in parser.get_allowed_characters()
         if fast and end.is_key is None:
             end.is_key = ":" in parser.add_character('"').get_allowed_characters()
         fast = fast and not end.is_key
-        if fast and max_len - cur_len >= self.longest:  # no length limit can bind: one list per string
+        if fast and no_limit_binds:  # one list for the rest of the string
             end.unlimited = [token for token, _, rest in self.tokens if self._rest_ok(parser, end, rest)]
             return end.unlimited
         out = []

@@ -22,7 +22,7 @@ from typing import Any
 from lmformatenforcer import JsonSchemaParser
 from lmformatenforcer import tokenenforcer as te
 
-from echo_agent.reasoners._constrained import _inside_string, prefix_allowed_tokens_fn
+from echo_agent.reasoners._constrained import _open_string_start, prefix_allowed_tokens_fn
 
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["a", "b"],
           "properties": {"a": {"type": "string"}, "b": {"type": "boolean"}}}
@@ -81,7 +81,7 @@ def main() -> None:
 
         def before(ids: list[int], e: te.TokenEnforcer = before_enforcer) -> list[int]:
             out = list(e.get_allowed_tokens(ids).allowed_tokens)
-            _inside_string(data.decoder(ids[1:]))
+            _open_string_start(data.decoder(ids[1:]))
             return out
 
         fn = prefix_allowed_tokens_fn(data, SCHEMA)
