@@ -300,13 +300,15 @@ def own_answers(out: Path, name: str) -> dict[str, Any]:
 
 
 def val_rewards(model_dir: Path, val_file: Path, preset: Any, max_prompts: int, max_new_tokens: int,
-                samples: int = 0, temperature: float = 1.0) -> dict[str, Any]:
-    """Mean weighted reward (and its terms) of greedy answers to a seeded sample of ``max_prompts`` val
-    ``agent_final`` prompts (the first run took the first ones in file order: breast only).
+                samples: int = 0, temperature: float = 1.0) -> dict[str, dict[str, Any]]:
+    """The checkpoint's val rewards: under ``"greedy"``, the mean weighted reward (and its terms) of
+    greedy answers to a seeded sample of ``max_prompts`` val ``agent_final`` prompts (the first run
+    took the first ones in file order: breast only).
 
-    ``samples`` > 0: of that many answers per prompt sampled at ``temperature`` instead (the
-    expected reward GRPO optimises), each prompt's generator seeded by its position, so a
-    checkpoint's measure is reproducible and checkpoints are compared on the same draws."""
+    ``samples`` > 0: also, under ``"sampled"``, that of ``samples`` answers per prompt sampled at
+    ``temperature`` (the expected reward GRPO optimises), each prompt's generator seeded by its
+    position, so a checkpoint's measure is reproducible and checkpoints are compared on the same
+    draws. The model is loaded once for both."""
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -324,32 +326,34 @@ def val_rewards(model_dir: Path, val_file: Path, preset: Any, max_prompts: int, 
     # the reward columns exactly as run_grpo's dataset gives them (detections: ids findings may cite)
     rows = grpo_rows(recs, val_file.parent)
     cols = {k: [row[k] for row in rows] for k in ("gt_label", "gt_boxes", "organ", "width", "height", "detections")}
-    completions = []
-    per_prompt = max(samples, 1)
-    for i, r in enumerate(recs):
-        msgs = fill_images(r["messages"][:2], [open_rgb(x) for x in resolve_images(r, val_file.parent)])
-        inputs = proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                          return_tensors="pt")
-        how: dict[str, Any] = {"do_sample": False}
-        if samples:
-            torch.manual_seed(i)
-            how = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0,
-                   "num_return_sequences": samples}
-        with torch.inference_mode():
-            ids = model.generate(**inputs, max_new_tokens=max_new_tokens, **how)
-        for row in ids:
-            text = proc.tokenizer.decode(row[inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-            completions.append([{"role": "assistant", "content": text}])
-    cols = {k: [v for v in vals for _ in range(per_prompt)] for k, vals in cols.items()}
-    terms = {}
-    total = [0.0] * len(completions)
-    for name, w in p.weights.items():
-        vals = REWARD_FUNCS[name](completions, **cols)
-        terms[name] = sum(vals) / max(len(vals), 1)
-        total = [t + w * v for t, v in zip(total, vals, strict=True)]
-    return {"n": len(recs), **({"samples": samples, "temperature": temperature} if samples else {}),
-            "mean_reward": sum(total) / max(len(total), 1), "terms": terms,
-            "example": completions[0][0]["content"][:400] if completions else ""}
+    inputs = [proc.apply_chat_template(
+        fill_images(r["messages"][:2], [open_rgb(x) for x in resolve_images(r, val_file.parent)]),
+        add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt") for r in recs]
+
+    def measure(k: int) -> dict[str, Any]:
+        completions = []
+        for i, x in enumerate(inputs):
+            how: dict[str, Any] = {"do_sample": False}
+            if k:
+                torch.manual_seed(i)
+                how = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0, "num_return_sequences": k}
+            with torch.inference_mode():
+                ids = model.generate(**x, max_new_tokens=max_new_tokens, **how)
+            for row in ids:
+                text = proc.tokenizer.decode(row[x["input_ids"].shape[1]:], skip_special_tokens=True)
+                completions.append([{"role": "assistant", "content": text}])
+        per = {key: [v for v in vals for _ in range(max(k, 1))] for key, vals in cols.items()}
+        terms = {}
+        total = [0.0] * len(completions)
+        for name, w in p.weights.items():
+            vals = REWARD_FUNCS[name](completions, **per)
+            terms[name] = sum(vals) / max(len(vals), 1)
+            total = [t + w * v for t, v in zip(total, vals, strict=True)]
+        return {"n": len(recs), **({"samples": k, "temperature": temperature} if k else {}),
+                "mean_reward": sum(total) / max(len(total), 1), "terms": terms,
+                "example": completions[0][0]["content"][:400] if completions else ""}
+
+    return {"greedy": measure(0), **({"sampled": measure(samples)} if samples else {})}
 
 
 def grpo_config(out: Path, sft_final: Path, train_file: Path, seed: int, a: argparse.Namespace) -> Any:
@@ -472,11 +476,8 @@ def main(argv: list[str] | None = None) -> int:
         preset = gcfg.reward_weights or gcfg.preset
         for name, ckpt in a.reward_checkpoint:
             t = time.time()
-            res = {"command": command, "greedy": val_rewards(Path(ckpt), files["val"], preset, a.reward_prompts,
-                                                             gcfg.max_completion_length)}
-            if a.reward_samples:
-                res["sampled"] = val_rewards(Path(ckpt), files["val"], preset, a.reward_prompts,
-                                             gcfg.max_completion_length, a.reward_samples, gcfg.temperature)
+            res = {"command": command, **val_rewards(Path(ckpt), files["val"], preset, a.reward_prompts,
+                                                     gcfg.max_completion_length, a.reward_samples, gcfg.temperature)}
             results[f"rewards_{name}"] = res
             timings[f"rewards_{name}_s"] = time.time() - t
             print(f"rewards_{name}", json.dumps(res), flush=True)
@@ -531,22 +532,22 @@ def main(argv: list[str] | None = None) -> int:
     preset = gcfg.reward_weights or gcfg.preset
     if seeds:
         t = time.time()
-        results["reward_sft"] = val_rewards(sft_final, files["val"], preset, a.reward_prompts,
-                                            gcfg.max_completion_length)
-        if a.reward_samples:
-            results["reward_sft_sampled"] = val_rewards(sft_final, files["val"], preset, a.reward_prompts,
-                                                        gcfg.max_completion_length, a.reward_samples, gcfg.temperature)
+        r = val_rewards(sft_final, files["val"], preset, a.reward_prompts, gcfg.max_completion_length,
+                        a.reward_samples, gcfg.temperature)
+        results["reward_sft"] = r["greedy"]
+        if "sampled" in r:
+            results["reward_sft_sampled"] = r["sampled"]
         timings["reward_sft_s"] = time.time() - t
         print("reward_sft", results["reward_sft"], flush=True)
         save()
     for seed in seeds:
         t = time.time()
         g = grpo(out, sft_final, files["train"], seed, a)
-        g["val_reward"] = val_rewards(Path(g["final_dir"]), files["val"], preset, a.reward_prompts,
-                                      gcfg.max_completion_length)
-        if a.reward_samples:
-            g["val_reward_sampled"] = val_rewards(Path(g["final_dir"]), files["val"], preset, a.reward_prompts,
-                                                  gcfg.max_completion_length, a.reward_samples, gcfg.temperature)
+        r = val_rewards(Path(g["final_dir"]), files["val"], preset, a.reward_prompts, gcfg.max_completion_length,
+                        a.reward_samples, gcfg.temperature)
+        g["val_reward"] = r["greedy"]
+        if "sampled" in r:
+            g["val_reward_sampled"] = r["sampled"]
         results.setdefault("grpo", {})[str(seed)] = g
         timings[f"grpo_seed{seed}_s"] = time.time() - t
         print(f"grpo seed {seed}: val reward {results['reward_sft']['mean_reward']:.3f} -> "
