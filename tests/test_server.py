@@ -375,6 +375,57 @@ def test_a_run_interrupted_by_a_stop_is_marked_failed(db):
         assert state["status"] == "error" and "server stopped" in state["error"]
 
 
+def _writable_now(db) -> bool:
+    import sqlite3
+
+    con = sqlite3.connect(db, timeout=0.2, isolation_level=None)
+    try:
+        con.execute("BEGIN IMMEDIATE")
+        con.execute("ROLLBACK")
+        return True
+    except sqlite3.OperationalError:
+        return False
+    finally:
+        con.close()
+
+
+def test_closing_after_a_cancelled_write_leaves_the_database_unlocked(db):
+    """A stop can cancel a checkpoint or index write between its statement and its commit. If a
+    cursor of that connection still lives (a cancelled frame in a reference cycle holds it, mid-read),
+    closing the connection did not end the transaction: the process kept SQLite's write lock until
+    the garbage collector ran, and the next server on the file found the database locked."""
+    import asyncio
+
+    from echo_agent.server.app import open_checkpointer
+    from echo_agent.server.runs import RunIndex
+
+    kept = []
+
+    async def leave_a_write_open(conn, table):
+        await conn.execute(f"INSERT INTO {table} DEFAULT VALUES" if table == "t" else
+                           "INSERT INTO echo_run_events VALUES ('r', 0, '{}')")
+        cur = await conn.execute(f"SELECT 1 FROM {table} UNION ALL SELECT 1 FROM {table}")
+        await cur.fetchone()  # a read left half-way keeps its statement active
+        kept.append(cur)
+        assert conn.in_transaction
+
+    async def main():
+        db.parent.mkdir(parents=True)
+        async with open_checkpointer(db, None) as saver:
+            await saver.conn.execute("CREATE TABLE t (x INTEGER)")
+            await saver.conn.commit()
+            await leave_a_write_open(saver.conn, "t")
+        assert _writable_now(db), "the checkpointer's connection kept the write lock after closing"
+        index = RunIndex(db)
+        await index.open()
+        await leave_a_write_open(index._conn, "echo_run_events")
+        await index.close()
+        assert _writable_now(db), "the run index's connection kept the write lock after closing"
+
+    asyncio.run(main())
+    assert len(kept) == 2
+
+
 # -- Postgres (optional) ------------------------------------------------------------------------------
 def _pg_bin() -> Path | None:
     import glob

@@ -52,6 +52,7 @@ from .runs import (
     RunRecord,
     StorageBusyError,
     is_transient_storage_error,
+    roll_back_unfinished_write,
 )
 
 log = logging.getLogger(__name__)
@@ -316,7 +317,10 @@ async def open_checkpointer(db_path: Path, checkpointer_url: str | None) -> Asyn
         raise MissingExtraError("langgraph-checkpoint-sqlite", "serve", "the SQLite checkpointer") from exc
     async with AsyncSqliteSaver.from_conn_string(str(db_path)) as saver:
         await saver.setup()
-        yield saver
+        try:
+            yield saver
+        finally:  # a run stopped mid-checkpoint must not leave its write lock behind
+            await roll_back_unfinished_write(saver.conn, saver.lock)
 
 
 def create_app(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sqlite3
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -64,8 +65,6 @@ class StorageBusyError(EchoError):
 
 def is_transient_storage_error(exc: BaseException) -> bool:
     """SQLite's "database is locked" / "busy": another connection holds the lock; worth retrying."""
-    import sqlite3
-
     text = str(exc).lower()
     return isinstance(exc, sqlite3.OperationalError) and ("locked" in text or "busy" in text)
 
@@ -98,6 +97,36 @@ async def with_storage_retries(op: Any, *, what: str, on_retry: Any = None, retr
             f"{what}: the run database stayed locked for {limit:.0f} s; nothing was changed, try again shortly"
         ) from exc.last_attempt.exception()
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def roll_back_unfinished_write(conn: Any, lock: asyncio.Lock | None = None, *, wait_s: float = 10.0) -> bool:
+    """Before an aiosqlite connection closes: roll back a transaction a cancelled write left open.
+
+    A stop can cancel a write between its statement and its commit. If a cursor of the connection
+    is still alive, half-way through a read (a cancelled frame in a reference cycle keeps it), then
+    closing the connection does not end that transaction: SQLite keeps the connection's write lock
+    until the garbage collector frees the cursor, and a server started on the same file finds the
+    database locked. ``lock`` is the owner's write lock; holding it means no write is in progress,
+    so only a transaction nobody will commit is undone (if it stays taken ``wait_s`` seconds, the
+    connection is left as it is). Returns whether a transaction was rolled back.
+    """
+    if lock is not None:
+        try:
+            await asyncio.wait_for(lock.acquire(), wait_s)
+        except asyncio.TimeoutError:
+            log.warning("a database write was still running after %.0f s at shutdown; closing anyway", wait_s)
+            return False
+    try:
+        if conn is None or not conn.in_transaction:
+            return False
+        log.warning("a write was stopped before its commit; rolling it back before closing the database")
+        await conn.rollback()
+        return True
+    except (ValueError, sqlite3.Error):  # already closed, or nothing left to undo
+        return False
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 class RunConflict(EchoInputError):
@@ -143,6 +172,7 @@ class RunIndex:
 
     async def close(self) -> None:
         if self._conn is not None:
+            await roll_back_unfinished_write(self._conn, self._lock)
             await self._conn.close()
             self._conn = None
 
