@@ -259,6 +259,20 @@ def test_a_linear_probe_exports_what_it_computes(tmp_path) -> None:
     expected = features([features.crop(image)]) @ weight.T + bias
     assert clf.labels == ("normal", "a", "b")
     np.testing.assert_allclose(clf.logits(image, [None]), expected, atol=0.05, rtol=0.02)  # fp16 weight storage
+    # the probe's training samples: a box's crop with its margin, plain or augmented
+    import random
+
+    from echo_agent.detectors.region_classifier import square_crop
+    from echo_agent.schemas import Box
+    from echo_agent.training.region_classifier import PreparedCase
+
+    case = PreparedCase(key="k", group="g", array=image, label=1)
+    box = Box(x1=10, y1=20, x2=90, y2=100)
+    plain = features.of_samples([case], [(0, box, 1, "lesion")], margin=0.25)
+    crop = square_crop(image, box, margin=0.25, size=96)
+    np.testing.assert_allclose(plain, features([crop]), rtol=1e-5, atol=1e-5)
+    jittered = features.of_samples([case], [(0, box, 1, "lesion")], margin=0.25, rng=random.Random(3))
+    assert plain.shape == jittered.shape == (1, 1280) and not np.allclose(plain, jittered)
 
 
 def test_a_linear_probe_refuses_an_unknown_class_weighting(toy_organ) -> None:

@@ -63,15 +63,16 @@ class Lite0Features:
                 out.append(self.net.body.extract_features(x).mean(dim=(2, 3)).numpy())
         return np.concatenate(out, axis=0) if out else np.zeros((0, N_FEATURES), np.float32)
 
+    def of_samples(self, cases: Sequence[PreparedCase], samples: Sequence[tuple[int, Any, int, str]], margin: float,
+                   rng: random.Random | None = None) -> np.ndarray:
+        """Features of training samples ``(case index, box, label index, kind)``: each box's square crop
+        with ``margin``, augmented as in fine-tuning when ``rng`` is given."""
+        crops = []
+        for ci, box, _, _ in samples:
+            crop = square_crop(cases[ci].array, box, margin=margin, size=self.input_size)
+            crops.append(np.ascontiguousarray(augment(crop, rng)) if rng is not None else crop)
+        return self(crops)
 
-
-def _features(features: Lite0Features, cases: Sequence[PreparedCase], samples: Sequence[tuple[int, Any, int, str]],
-              margin: float, rng: random.Random | None) -> np.ndarray:
-    crops = []
-    for ci, box, _, _ in samples:
-        crop = square_crop(cases[ci].array, box, margin=margin, size=features.input_size)
-        crops.append(np.ascontiguousarray(augment(crop, rng)) if rng is not None else crop)
-    return features(crops)
 
 
 def train_linear_probe(
@@ -96,12 +97,12 @@ def train_linear_probe(
     for k in range(passes):
         s = build_samples(train_cases, rng, normal_index=0, background_per_image=config.background_per_image,
                           background_shrink=config.background_shrink)
-        xs.append(_features(features, train_cases, s, config.margin, arng if k else None))
+        xs.append(features.of_samples(train_cases, s, config.margin, arng if k else None))
         ys += [x[2] for x in s]
     x_tr, y_tr = np.concatenate(xs), np.asarray(ys)
     val_samples = build_samples(val_cases, random.Random(1), normal_index=0, background_per_image=1, jitter=False,
                                 background_shrink=config.background_shrink)
-    x_va, y_va = _features(features, val_cases, val_samples, config.margin, None), np.asarray([s[2] for s in val_samples])
+    x_va, y_va = features.of_samples(val_cases, val_samples, config.margin), np.asarray([s[2] for s in val_samples])
     log(json.dumps({"features": [int(len(x_tr)), int(len(x_va))], "seconds": round(time.monotonic() - t0, 1)}))
     mean, scale = x_tr.mean(axis=0), x_tr.std(axis=0) + 1e-6
     k = len(config.labels)

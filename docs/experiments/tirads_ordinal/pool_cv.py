@@ -30,7 +30,7 @@ def extract(out: Path, passes: int = 3) -> dict[str, np.ndarray]:
         return dict(np.load(cache, allow_pickle=False))
     from echo_agent.eval.datasets import load_split
     from echo_agent.eval.splits import cross_fit_fold
-    from echo_agent.training.linear_probe import Lite0Features, _features
+    from echo_agent.training.linear_probe import Lite0Features
     from echo_agent.training.region_classifier import (
         ClassifierTrainConfig,
         build_samples,
@@ -49,14 +49,14 @@ def extract(out: Path, passes: int = 3) -> dict[str, np.ndarray]:
     for k in range(passes):
         s = build_samples(cases, rng, normal_index=0, background_per_image=cfg.background_per_image,
                           background_shrink=cfg.background_shrink)
-        xs.append(_features(feats, cases, s, cfg.margin, arng if k else None))
+        xs.append(feats.of_samples(cases, s, cfg.margin, arng if k else None))
         ys += [x[2] for x in s]
         case_of += [x[0] for x in s]
         kinds += [x[3] for x in s]
     plain = [(i, b, c.label, "lesion") for i, c in enumerate(cases) for b in c.boxes]
     data = {
         "x": np.concatenate(xs), "y": np.asarray(ys), "case": np.asarray(case_of), "kind": np.asarray(kinds),
-        "x_eval": _features(feats, cases, plain, cfg.margin, None), "y_eval": np.asarray([p[2] for p in plain]),
+        "x_eval": feats.of_samples(cases, plain, cfg.margin), "y_eval": np.asarray([p[2] for p in plain]),
         "case_eval": np.asarray([p[0] for p in plain]),
         "fold": np.asarray([cross_fit_fold(c.group, FOLDS) for c in cases]),
     }
