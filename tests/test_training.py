@@ -118,7 +118,11 @@ def test_assistant_only_loss_masks_prompt_and_tool_turns(tiny: Path, curriculum)
 def test_environment_tools_match_inference(tiny: Path, curriculum) -> None:  # noqa: ANN001
     from transformers import AutoProcessor
 
-    from echo_agent.training.grpo_trainer import make_environment, use_inference_tool_schemas
+    from echo_agent.training.grpo_trainer import (
+        inference_tool_list,
+        make_environment,
+        use_inference_tool_schemas,
+    )
 
     samples, _ = curriculum
     s = next(x for x in samples if x.task == "grounded_diagnosis" and x.truth["boxes"])
@@ -141,9 +145,18 @@ def test_environment_tools_match_inference(tiny: Path, curriculum) -> None:  # n
     by_id = json.loads(env.describe_image(detection_ids=[first["id"]]))
     assert by_id["regions"][0]["detection_id"] == first["id"]
     assert "det7:0" in env.classify_breast_regions(detection_ids=["det7:0"])
-    methods = [env.detect_breast_lesions, env.classify_breast_regions, env.describe_image, env.retrieve_knowledge]
+    # the methods as TRL lists them (alphabetically, by inspect.getmembers) render as at inference:
+    # the same schemas in the same order, detector first (the order is part of the prompt)
+    import inspect
+
+    methods = [getattr(env, n) for n, _ in inspect.getmembers(env_cls, inspect.isfunction)
+               if n != "reset" and not n.startswith("_")]
+    assert methods[0].__name__ == "classify_breast_regions"
     assert proc.apply_chat_template(conv, tools=methods, tokenize=False) == proc.apply_chat_template(
         conv, tools=tool_schemas(get_organ("breast")), tokenize=False)
+    other = {"type": "function", "function": {"name": "other", "parameters": {"type": "object", "properties": {}}}}
+    names = [t["function"]["name"] for t in inference_tool_list([methods[0], other, methods[2]])]
+    assert names == ["other", "detect_breast_lesions", "classify_breast_regions"]  # others first, then inference order
 
 
 def test_grpo_two_steps(tiny: Path, curriculum, tmp_path: Path) -> None:  # noqa: ANN001

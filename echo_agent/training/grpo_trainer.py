@@ -7,10 +7,10 @@ are the tools, named as at inference: ``detect_<organ>_lesions``, ``describe_ima
 ``retrieve_knowledge``). Each tool returns the same model-facing JSON as the agent's tool turn (and,
 with ``overlays``, the detector's overlay image), and errors come back as the same ``Error: ...`` text.
 
-The prompt shows the tools with the *same* JSON schemas as inference: the processor's
-``apply_chat_template`` is wrapped so that each environment method is rendered with the schema of the
-real LangChain tool (:func:`echo_agent.training.curriculum.tool_schemas`) instead of one derived from
-the Python signature.
+The prompt shows the tools with the *same* JSON schemas, in the same order, as inference: the
+processor's ``apply_chat_template`` is wrapped so that each environment method is rendered with the
+schema of the real LangChain tool (:func:`echo_agent.training.curriculum.tool_schemas`) instead of one
+derived from the Python signature, and in the agent's order rather than TRL's alphabetical one.
 
 Tool prompts and final-answer prompts can be trained together: a final-answer prompt
 (``agent_final``, ``informed_diagnosis``) is asked without tools at inference, so in a mixed run it
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +81,9 @@ def make_environment(
     cls_name, cls_desc = tool_text("classify_regions", spec)
     desc_name, desc_desc = tool_text("describe_image")
     kb_name, kb_desc = tool_text("retrieve_knowledge")
-    schemas = {s["function"]["name"]: s for s in tool_schemas(spec)}
+    inference = tool_schemas(spec)
+    schemas = {s["function"]["name"]: s for s in inference}
+    order = {s["function"]["name"]: i for i, s in enumerate(inference)}
     mode = detector
     if mode == "auto":
         weights = spec.resolve_weights()
@@ -229,6 +232,7 @@ def make_environment(
         fn.__name__ = fn.__qualname__ = name
         fn.__doc__ = _google_doc(description, fields)
         fn.__echo_schema__ = schemas[name]  # type: ignore[attr-defined]
+        fn.__echo_order__ = order[name]  # type: ignore[attr-defined]
         setattr(EchoToolEnvironment, name, fn)
     EchoToolEnvironment.__name__ = f"EchoToolEnvironment_{spec.name}"
     return EchoToolEnvironment
@@ -246,16 +250,28 @@ class FinalAnswerEnvironment:
         return None
 
 
+def inference_tool_list(tools: Sequence[Any]) -> list[Any]:
+    """The tools as the reasoner is bound with them at inference: environment methods become the
+    inference schemas they carry (``__echo_schema__``), in the inference order (``__echo_order__``:
+    detector first). TRL lists an environment's methods alphabetically, and the order is part of the
+    prompt: the micro policy, shown its kidney tools in alphabetical order, called the breast detector.
+    Other tools keep their order, before the environment's."""
+    others = [t for t in tools if getattr(t, "__echo_schema__", None) is None]
+    echo = sorted((t for t in tools if getattr(t, "__echo_schema__", None) is not None),
+                  key=lambda t: getattr(t, "__echo_order__", 0))
+    return [*others, *(t.__echo_schema__ for t in echo)]
+
+
 def use_inference_tool_schemas(processor: Any) -> Any:
-    """Make ``processor.apply_chat_template`` render environment methods with the inference tool
-    schemas they carry (``__echo_schema__``); other tools pass through unchanged."""
+    """Make ``processor.apply_chat_template`` render environment methods as at inference
+    (:func:`inference_tool_list`); other tools pass through unchanged."""
     original = processor.apply_chat_template
     if getattr(original, "__echo_wrapped__", False):
         return processor
 
     def apply_chat_template(conversation: Any, *args: Any, tools: Any = None, **kwargs: Any) -> Any:
         if tools:
-            tools = [getattr(t, "__echo_schema__", None) or t for t in tools]
+            tools = inference_tool_list(tools)
         return original(conversation, *args, tools=tools, **kwargs)
 
     apply_chat_template.__echo_wrapped__ = True  # type: ignore[attr-defined]
@@ -384,6 +400,7 @@ __all__ = [
     "FinalAnswerEnvironment",
     "grpo_dataset",
     "grpo_rows",
+    "inference_tool_list",
     "make_environment",
     "run_grpo",
     "use_inference_tool_schemas",
