@@ -401,9 +401,8 @@ def test_closing_after_a_cancelled_write_leaves_the_database_unlocked(db):
 
     kept = []
 
-    async def leave_a_write_open(conn, table):
-        await conn.execute(f"INSERT INTO {table} DEFAULT VALUES" if table == "t" else
-                           "INSERT INTO echo_run_events VALUES ('r', 0, '{}')")
+    async def leave_a_write_open(conn, insert, table):
+        await conn.execute(insert)
         cur = await conn.execute(f"SELECT 1 FROM {table} UNION ALL SELECT 1 FROM {table}")
         await cur.fetchone()  # a read left half-way keeps its statement active
         kept.append(cur)
@@ -414,11 +413,11 @@ def test_closing_after_a_cancelled_write_leaves_the_database_unlocked(db):
         async with open_checkpointer(db, None) as saver:
             await saver.conn.execute("CREATE TABLE t (x INTEGER)")
             await saver.conn.commit()
-            await leave_a_write_open(saver.conn, "t")
+            await leave_a_write_open(saver.conn, "INSERT INTO t DEFAULT VALUES", "t")
         assert _writable_now(db), "the checkpointer's connection kept the write lock after closing"
         index = RunIndex(db)
         await index.open()
-        await leave_a_write_open(index._conn, "echo_run_events")
+        await leave_a_write_open(index._conn, "INSERT INTO echo_run_events VALUES ('r', 0, '{}')", "echo_run_events")
         await index.close()
         assert _writable_now(db), "the run index's connection kept the write lock after closing"
 
