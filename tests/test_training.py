@@ -300,3 +300,79 @@ def test_split_digits_spells_numbers_digit_by_digit(tmp_path: Path) -> None:
     tok = AutoProcessor.from_pretrained(target).tokenizer
     assert tok.convert_ids_to_tokens(tok("[725,455]")["input_ids"])[1:4] == ["7", "2", "5"]
     assert AutoConfig.from_pretrained(target).text_config.max_position_embeddings == 4096
+
+
+@pytest.fixture(scope="module")
+def mixed_curriculum(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tool prompts (grounded_diagnosis) and tool-less final prompts (informed_diagnosis)."""
+    root = tmp_path_factory.mktemp("mixed")
+    images = [im for im in load_manifest(synthetic_manifest(root / "data", size=(64, 48))) if im.organ == "breast"]
+    cfg = CurriculumConfig(tasks=("grounded_diagnosis", "informed_diagnosis"), seed=0, overlays=False)
+    samples = CurriculumBuilder(cfg, detections=SimulatedDetector(0)).build(images)
+    train = root / "cur" / "train.jsonl"
+    write_jsonl([to_hf_record(s, relative_to=train.parent) for s in samples], train)
+    return train
+
+
+def test_answer_rewards_scores_greedy_and_sampled_answers(tiny: Path, mixed_curriculum: Path) -> None:
+    from echo_agent.training.answer_rewards import answer_rewards
+    from echo_agent.training.grpo_trainer import grpo_rows
+    from echo_agent.training.rewards import REWARD_FUNCS
+    from echo_agent.training.sft_trainer import load_model_and_processor
+
+    model, proc = load_model_and_processor(str(tiny))
+    records = read_jsonl(mixed_curriculum)
+    final = [r for r in records if r["task"] == "informed_diagnosis"][:3]
+    preset = get_preset("echo-diag")
+    greedy = answer_rewards(model, proc, final, mixed_curriculum.parent, preset, max_new_tokens=8)
+    again = answer_rewards(model, proc, final, mixed_curriculum.parent, preset, max_new_tokens=8)
+    assert [len(row) for row in greedy.per_prompt] == [1, 1, 1] and greedy.texts == again.texts
+    sampled = answer_rewards(model, proc, final, mixed_curriculum.parent, preset, samples=3, max_new_tokens=8)
+    assert [len(row) for row in sampled.texts] == [3, 3, 3] and len(sampled.spread()) == 3
+    # the weighted reward of each answer is the preset's weighted sum of the reward functions
+    rows = grpo_rows(final, mixed_curriculum.parent)
+    comps = [[{"role": "assistant", "content": t}] for row in sampled.texts for t in row]
+    cols = {k: [row[k] for row in rows for _ in range(3)] for k in ("gt_label", "gt_boxes", "organ", "width", "height",
+                                                                    "detections")}
+    expect = [sum(w * REWARD_FUNCS[n](comps, **cols)[j] for n, w in preset.weights.items()) for j in range(9)]
+    assert [v for row in sampled.per_prompt for v in row] == pytest.approx(expect)
+    tool_prompt = next(r for r in records if r["task"] == "grounded_diagnosis")
+    with pytest.raises(ValueError, match="asked with tools"):
+        answer_rewards(model, proc, [tool_prompt], mixed_curriculum.parent, preset)
+
+
+def test_informative_filter_drops_prompts_whose_answers_all_score_the_same(tiny: Path, mixed_curriculum: Path,
+                                                                           tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    import echo_agent.training.answer_rewards as ar
+    from echo_agent.training.grpo_config import EchoGRPOConfig
+    from echo_agent.training.grpo_trainer import grpo_records, informative_records, run_grpo
+
+    cfg = EchoGRPOConfig(model_path=str(tiny), train_file=str(mixed_curriculum), output_dir=str(tmp_path / "grpo"),
+                         tasks=["grounded_diagnosis", "informed_diagnosis"], filter_samples=2, max_steps=1,
+                         num_generations=2, per_device_train_batch_size=2, max_completion_length=8,
+                         max_tool_calling_iterations=1, use_lora=False, gradient_checkpointing=False,
+                         detector="simulated", overlays=False, preset="echo-diag", save_steps=10)
+    records = grpo_records(cfg)
+    final_keys = [r["key"] for r in records if r["task"] == "informed_diagnosis"]
+    assert len(final_keys) >= 3
+    seen: list[int] = []
+
+    def fake(model, processor, recs, base, preset, *, samples, temperature, max_new_tokens):  # noqa: ANN001, ANN202
+        seen.append(samples)
+        assert all(r["task"] == "informed_diagnosis" for r in recs) and temperature == cfg.temperature
+        # every other prompt's answers disagree
+        return ar.AnswerRewards(per_prompt=[[1.0, 0.0] if i % 2 == 0 else [0.5, 0.5] for i in range(len(recs))],
+                                terms={}, texts=[["a", "b"] for _ in recs])
+
+    monkeypatch.setattr(ar, "answer_rewards", fake)
+    kept, report = informative_records(None, None, records, cfg)
+    assert [r["key"] for r in kept if r["task"] == "informed_diagnosis"] == final_keys[::2]
+    assert [r for r in kept if r["task"] != "informed_diagnosis"] == [r for r in records if r["task"] != "informed_diagnosis"]
+    assert report["answered"] == len(final_keys) and report["kept"] == len(final_keys[::2]) and seen == [2]
+    with pytest.raises(ValueError, match="at least 2"):
+        informative_records(None, None, records, EchoGRPOConfig(train_file=str(mixed_curriculum), filter_samples=1))
+
+    # run_grpo applies it before training and reports it
+    out = run_grpo(cfg)
+    assert out["n_prompts"] == len(kept) and out["prompt_filter"]["kept"] == len(final_keys[::2])
+    assert json.loads((tmp_path / "grpo" / "prompt_filter.json").read_text())["answered"] == len(final_keys)

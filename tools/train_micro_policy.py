@@ -312,46 +312,22 @@ def val_rewards(model_dir: Path, val_file: Path, preset: Any, max_prompts: int, 
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from echo_agent.training.curriculum import read_jsonl, resolve_images
-    from echo_agent.training.grpo_trainer import grpo_rows
-    from echo_agent.training.rewards import REWARD_FUNCS, get_preset
-    from echo_agent.training.sft_trainer import fill_images, open_rgb
+    from echo_agent.training.answer_rewards import answer_rewards
+    from echo_agent.training.curriculum import read_jsonl
+    from echo_agent.training.rewards import get_preset
 
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
     proc = AutoProcessor.from_pretrained(model_dir)
     recs = [r for r in read_jsonl(val_file) if r["task"] == "agent_final"]
     # a seeded sample, so both organs are in it (the file lists one organ after the other)
     recs = random.Random(0).sample(recs, min(max_prompts, len(recs)))
-    p = get_preset(preset)
-    # the reward columns exactly as run_grpo's dataset gives them (detections: ids findings may cite)
-    rows = grpo_rows(recs, val_file.parent)
-    cols = {k: [row[k] for row in rows] for k in ("gt_label", "gt_boxes", "organ", "width", "height", "detections")}
-    inputs = [proc.apply_chat_template(
-        fill_images(r["messages"][:2], [open_rgb(x) for x in resolve_images(r, val_file.parent)]),
-        add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt") for r in recs]
 
     def measure(k: int) -> dict[str, Any]:
-        completions = []
-        for i, x in enumerate(inputs):
-            how: dict[str, Any] = {"do_sample": False}
-            if k:
-                torch.manual_seed(i)
-                how = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0, "num_return_sequences": k}
-            with torch.inference_mode():
-                ids = model.generate(**x, max_new_tokens=max_new_tokens, **how)
-            for row in ids:
-                text = proc.tokenizer.decode(row[x["input_ids"].shape[1]:], skip_special_tokens=True)
-                completions.append([{"role": "assistant", "content": text}])
-        per = {key: [v for v in vals for _ in range(max(k, 1))] for key, vals in cols.items()}
-        terms = {}
-        total = [0.0] * len(completions)
-        for name, w in p.weights.items():
-            vals = REWARD_FUNCS[name](completions, **per)
-            terms[name] = sum(vals) / max(len(vals), 1)
-            total = [t + w * v for t, v in zip(total, vals, strict=True)]
+        got = answer_rewards(model, proc, recs, val_file.parent, get_preset(preset), samples=k,
+                             temperature=temperature, max_new_tokens=max_new_tokens)
         return {"n": len(recs), **({"samples": k, "temperature": temperature} if k else {}),
-                "mean_reward": sum(total) / max(len(total), 1), "terms": terms,
-                "example": completions[0][0]["content"][:400] if completions else ""}
+                "mean_reward": got.mean, "terms": got.terms,
+                "example": got.texts[0][0][:400] if got.texts else ""}
 
     return {"greedy": measure(0), **({"sampled": measure(samples)} if samples else {})}
 

@@ -18,6 +18,13 @@ class EchoGRPOConfig:
         metadata={"help": "Curriculum tasks whose system+user turns become GRPO prompts."},
     )
     max_prompts: int | None = field(default=None, metadata={"help": "Use at most this many prompts (seeded)."})
+    filter_samples: int = field(
+        default=0,
+        metadata={"help": "Informative-prompt filter: before training, answer each tool-less prompt (agent_final, "
+                          "informed_diagnosis) this many times with the starting policy at the rollout temperature "
+                          "and drop those whose answers all earn the same reward -- their groups would have zero "
+                          "advantage. Tool prompts are kept. Applied before max_prompts. 0: off."},
+    )
     preset: str = field(default="echo-diag", metadata={"help": "Reward preset: 'echo-ground' or 'echo-diag'."})
     reward_weights: dict[str, float] | None = field(
         default=None, metadata={"help": "Custom {reward: weight} instead of the preset."}

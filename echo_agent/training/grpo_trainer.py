@@ -36,10 +36,11 @@ from ..organs import OrganSpec, get_organ
 from ..prompts import tool_text
 from ..schemas import Box, DetectorReport
 from ._config import dump_config, offline_env
-from .curriculum import FINALIZER_TASKS, SimulatedDetector, read_jsonl, resolve_images, tool_schemas
+from .curriculum import FINALIZER_TASKS, SimulatedDetector, read_jsonl, tool_schemas
 from .grpo_config import EchoGRPOConfig
+from .grpo_data import ANSWER_ENVIRONMENT, _decode_grpo, grpo_rows
 from .rewards import VALIDITY_METRICS, get_preset
-from .sft_trainer import _LogWriter, _require_train_extra, load_model_and_processor, open_rgb
+from .sft_trainer import _LogWriter, _require_train_extra, load_model_and_processor
 
 
 def _error_text(exc: Exception) -> str:
@@ -238,10 +239,6 @@ def make_environment(
     return EchoToolEnvironment
 
 
-#: The environment of final-answer prompts in a run that also trains tool prompts: no tools.
-ANSWER_ENVIRONMENT = "final_answer"
-
-
 class FinalAnswerEnvironment:
     """A final-answer prompt's environment: no tools, no observation (``LLMFinalizer`` asks for the
     answer without tools)."""
@@ -279,50 +276,52 @@ def use_inference_tool_schemas(processor: Any) -> Any:
     return processor
 
 
-def grpo_rows(records: list[dict[str, Any]], base: Path) -> list[dict[str, Any]]:
-    """GRPO dataset rows from curriculum records: the system + user turns as the prompt, the image,
-    the environment (the organ's tools; :data:`ANSWER_ENVIRONMENT` for a final-answer prompt) and
-    the ground truth for the rewards."""
-    rows = []
-    for r in records:
-        truth = json.loads(r["truth"]) if isinstance(r.get("truth"), str) else r.get("truth") or {}
-        prompt = r["messages"][:2]
-        n_images = sum(1 for m in prompt for b in m["content"] if b.get("type") == "image")
-        images = resolve_images(r, base)[:n_images]
-        rows.append({
-            "prompt_json": json.dumps(prompt, ensure_ascii=False), "image_paths": images,
-            "image_path": images[0] if images else "", "organ": r["organ"],
-            "environment": ANSWER_ENVIRONMENT if r["task"] in FINALIZER_TASKS else r["organ"],
-            "task": r["task"], "key": r["key"], "gt_label": truth.get("label", ""),
-            "gt_boxes": json.dumps(truth.get("boxes", [])), "truth": json.dumps(truth),
-            "width": int(truth.get("width", 0)), "height": int(truth.get("height", 0)),
-            # the prompt's detector candidates (agent_final): findings may cite them instead of a box
-            "detections": json.dumps(truth.get("detections") or {}),
-        })
-    return rows
+def grpo_records(cfg: EchoGRPOConfig) -> list[dict[str, Any]]:
+    """The curriculum records of ``cfg.tasks`` in ``cfg.train_file`` (file order)."""
+    path = Path(cfg.train_file)
+    records = [r for r in read_jsonl(path) if r["task"] in set(cfg.tasks)]
+    if not records:
+        raise ValueError(f"{path} has no records of tasks {cfg.tasks}; build the curriculum with them")
+    return records
 
 
-def _decode_grpo(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
-    out = dict(batch)
-    if "prompt_json" in out:
-        out["prompt"] = [json.loads(s) for s in out.pop("prompt_json")]
-    if "image_paths" in out:
-        out["images"] = [[open_rgb(p) for p in ps] for ps in out.pop("image_paths")]
-    if "gt_boxes" in out:
-        out["gt_boxes"] = [json.loads(s) if isinstance(s, str) else s for s in out["gt_boxes"]]
-    return out
+def informative_records(model: Any, processor: Any, records: list[dict[str, Any]], cfg: EchoGRPOConfig
+                        ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """``(kept records, report)`` of the informative-prompt filter (``cfg.filter_samples`` > 0): each
+    tool-less prompt is answered ``filter_samples`` times by ``model`` at the rollout temperature and
+    scored with the run's rewards; a prompt whose answers all earn the same reward is dropped (on such
+    a prompt a GRPO group is almost surely all-equal: zero advantage, only the KL term). Tool prompts
+    are kept: their rollouts need the tool environment, and they hold the tool-calling skill in place."""
+    from .answer_rewards import answer_rewards
+
+    if cfg.filter_samples < 2:
+        raise ValueError(f"filter_samples must be 0 (off) or at least 2, got {cfg.filter_samples}: "
+                         "one answer per prompt has no spread to keep a prompt for")
+    answerable = [i for i, r in enumerate(records) if r["task"] in FINALIZER_TASKS]
+    if not answerable:
+        return records, {"answered": 0, "kept": len(answerable), "tool_prompts": len(records) - len(answerable)}
+    got = answer_rewards(model, processor, [records[i] for i in answerable], Path(cfg.train_file).resolve().parent,
+                         get_preset(cfg.reward_weights or cfg.preset), samples=cfg.filter_samples,
+                         temperature=cfg.temperature, max_new_tokens=cfg.max_completion_length)
+    dropped = {i for i, spread in zip(answerable, got.spread(), strict=True) if spread <= 1e-9}
+    kept = [r for i, r in enumerate(records) if i not in dropped]
+    if not kept:
+        raise ValueError(f"the informative-prompt filter left no prompt: all {len(answerable)} tool-less prompts "
+                         f"got {cfg.filter_samples} equally rewarded answers; lower filter_samples to 0 or add prompts")
+    report = {"answered": len(answerable), "samples": cfg.filter_samples, "kept": len(answerable) - len(dropped),
+              "tool_prompts": len(records) - len(answerable), "mean_reward": got.mean, "terms": got.terms}
+    return kept, report
 
 
-def grpo_dataset(cfg: EchoGRPOConfig) -> Any:
-    """The GRPO prompts of a curriculum file (``datasets.Dataset`` decoded on access)."""
+def grpo_dataset(cfg: EchoGRPOConfig, records: list[dict[str, Any]] | None = None) -> Any:
+    """The GRPO prompts (``datasets.Dataset`` decoded on access): ``records`` (default: those of
+    ``cfg.tasks``), at most ``cfg.max_prompts`` of them (seeded)."""
     import datasets
 
     path = Path(cfg.train_file)
-    records = [r for r in read_jsonl(path) if r["task"] in set(cfg.tasks)]
+    records = grpo_records(cfg) if records is None else records
     if cfg.max_prompts is not None and len(records) > cfg.max_prompts:
         records = random.Random(cfg.seed).sample(records, cfg.max_prompts)
-    if not records:
-        raise ValueError(f"{path} has no records of tasks {cfg.tasks}; build the curriculum with them")
     ds = datasets.Dataset.from_list(grpo_rows(records, path.resolve().parent))
     ds.set_transform(_decode_grpo)
     return ds
@@ -339,13 +338,20 @@ def run_grpo(cfg: EchoGRPOConfig, *, model: Any = None, processor: Any = None,
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, out / "echo_grpo_config.yaml")
-    dataset = grpo_dataset(cfg)
+    records = grpo_records(cfg)
     if model is None or processor is None:
         model, processor = load_model_and_processor(cfg.model_path, dtype=cfg.dtype, max_pixels=cfg.max_pixels)
         if cfg.adapter_path:
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, cfg.adapter_path).merge_and_unload()
+    prompt_filter = None
+    if cfg.filter_samples:
+        was_training = model.training
+        records, prompt_filter = informative_records(model.eval(), processor, records, cfg)
+        model.train(was_training)
+        (out / "prompt_filter.json").write_text(json.dumps(prompt_filter, indent=1), "utf-8")
+    dataset = grpo_dataset(cfg, records)
     processor.tokenizer.padding_side = "left"
     use_inference_tool_schemas(processor)
     organs = sorted({dataset[i]["organ"] for i in range(len(dataset))})
@@ -392,15 +398,18 @@ def run_grpo(cfg: EchoGRPOConfig, *, model: Any = None, processor: Any = None,
     (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1, default=str), "utf-8")
     rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
     return {"steps": int(trainer.state.global_step), "rewards": rewards, "final_dir": str(final),
-            "preset": preset.name, "weights": dict(preset.weights), "n_prompts": len(dataset)}
+            "preset": preset.name, "weights": dict(preset.weights), "n_prompts": len(dataset),
+            **({"prompt_filter": prompt_filter} if prompt_filter else {})}
 
 
 __all__ = [
     "ANSWER_ENVIRONMENT",
     "FinalAnswerEnvironment",
     "grpo_dataset",
+    "grpo_records",
     "grpo_rows",
     "inference_tool_list",
+    "informative_records",
     "make_environment",
     "run_grpo",
     "use_inference_tool_schemas",

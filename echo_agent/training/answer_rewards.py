@@ -1,0 +1,88 @@
+"""A policy's answers to tool-less prompts, scored with a reward preset outside the GRPO loop.
+
+Two users: the val reward measure of ``tools/train_micro_policy.py`` (greedy answers, and sampled ones
+at the rollout temperature), and GRPO's informative-prompt filter (``EchoGRPOConfig.filter_samples``),
+which drops the prompts whose sampled answers all earn the same reward -- their GRPO groups would
+have zero advantage and teach nothing but the KL term.
+
+Only prompts asked without tools are answered here (``agent_final``, ``informed_diagnosis``: what
+``LLMFinalizer`` asks); they are rendered exactly as at inference, with no tool block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .curriculum import FINALIZER_TASKS, resolve_images
+from .rewards import REWARD_FUNCS, RewardPreset
+
+
+@dataclass
+class AnswerRewards:
+    """Rewards of ``samples`` answers (1: greedy) to each prompt, in prompt order."""
+
+    per_prompt: list[list[float]]  #: the weighted reward of each answer
+    terms: dict[str, float]  #: each reward term's mean over all answers (unweighted)
+    texts: list[list[str]] = field(repr=False)  #: the answers
+
+    @property
+    def mean(self) -> float:
+        values = [v for row in self.per_prompt for v in row]
+        return sum(values) / max(len(values), 1)
+
+    def spread(self) -> list[float]:
+        """Per prompt, the highest minus the lowest reward of its answers (0: they all scored the same)."""
+        return [max(row) - min(row) if row else 0.0 for row in self.per_prompt]
+
+
+def answer_rewards(model: Any, processor: Any, records: Sequence[dict[str, Any]], base: str | Path,
+                   preset: RewardPreset, *, samples: int = 0, temperature: float = 1.0,
+                   max_new_tokens: int = 160) -> AnswerRewards:
+    """Answer each tool-less curriculum record (``samples`` = 0: once, greedily; else ``samples``
+    times at ``temperature``, each prompt's generator seeded by its position so that checkpoints are
+    compared on the same draws) and score every answer with ``preset``'s weighted rewards, the ground
+    truth taken from the same columns GRPO's dataset gives the reward functions.
+
+    Raises ``ValueError`` for a record that is asked with tools at inference (its rollouts need the
+    tool environment; train those with :func:`echo_agent.training.grpo_trainer.run_grpo`).
+    """
+    import torch
+
+    from .grpo_data import grpo_rows
+    from .sft_trainer import fill_images, open_rgb
+
+    for r in records:
+        if r["task"] not in FINALIZER_TASKS:
+            raise ValueError(f"record {r.get('key')!r} (task {r['task']!r}) is asked with tools; only "
+                             f"{sorted(FINALIZER_TASKS)} prompts can be answered here")
+    base = Path(base)
+    rows = grpo_rows(list(records), base)
+    cols = {k: [row[k] for row in rows] for k in ("gt_label", "gt_boxes", "organ", "width", "height", "detections")}
+    k = max(samples, 1)
+    texts: list[list[str]] = []
+    for i, r in enumerate(records):
+        x = processor.apply_chat_template(
+            fill_images(r["messages"][:2], [open_rgb(p) for p in resolve_images(r, base)]),
+            add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+        how: dict[str, Any] = {"do_sample": False}
+        if samples:
+            torch.manual_seed(i)
+            how = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0, "num_return_sequences": k}
+        with torch.inference_mode():
+            ids = model.generate(**x, max_new_tokens=max_new_tokens, **how)
+        texts.append([processor.tokenizer.decode(row[x["input_ids"].shape[1]:], skip_special_tokens=True) for row in ids])
+    completions = [[{"role": "assistant", "content": t}] for row in texts for t in row]
+    per = {key: [v for v in vals for _ in range(k)] for key, vals in cols.items()}
+    total = [0.0] * len(completions)
+    terms: dict[str, float] = {}
+    for name, w in preset.weights.items():
+        vals = REWARD_FUNCS[name](completions, **per)
+        terms[name] = sum(vals) / max(len(vals), 1)
+        total = [t + w * v for t, v in zip(total, vals, strict=True)]
+    return AnswerRewards(per_prompt=[total[i * k:(i + 1) * k] for i in range(len(records))], terms=terms, texts=texts)
+
+
+__all__ = ["AnswerRewards", "answer_rewards"]
