@@ -280,3 +280,27 @@ def test_a_linear_probe_refuses_an_unknown_class_weighting(toy_organ) -> None:
 
     with pytest.raises(ValueError, match="probe_class_weight"):
         train_linear_probe(_config(probe_class_weight="inverse"), [], [])
+
+
+@pytest.mark.parametrize("n_classes", [2, 3])
+def test_probe_rows_reproduce_the_fitted_probabilities(n_classes: int) -> None:
+    """The probe's per-label rows give scikit-learn's own probabilities, for a two-label organ (kidney:
+    one fitted row) as for a multinomial one; a label absent from training gets no mass."""
+    pytest.importorskip("sklearn")
+    from sklearn.linear_model import LogisticRegression
+
+    from echo_agent.training.linear_probe import class_rows
+
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, n_classes, 300)
+    x = rng.normal(size=(300, 8)) + y[:, None] * 0.8
+    m = LogisticRegression(max_iter=2000).fit(x, y)
+    k = n_classes + 1  # one more label than the training samples show
+    w, b = class_rows(m.coef_, m.intercept_, m.classes_, k)
+    z = x @ w.T + b
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    np.testing.assert_allclose(p[:, :n_classes], m.predict_proba(x), atol=1e-9)
+    assert p[:, n_classes].max() < 1e-12 and p[:, :n_classes].std() > 0.05
+    with pytest.raises(ValueError, match="coefficient rows"):
+        class_rows(np.zeros((2, 8)), np.zeros(2), [0, 1, 2], 3)

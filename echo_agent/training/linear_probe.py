@@ -75,6 +75,27 @@ class Lite0Features:
 
 
 
+def class_rows(coef: np.ndarray, intercept: np.ndarray, classes: Sequence[int], k: int
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn logistic-regression coefficients as one softmax row per label (``k`` x features, ``k``).
+
+    A model fitted on two classes has a single row (the second class's logit against the first's): it
+    becomes the rows 0 and that row, which give the same probabilities under a softmax. (Copying the
+    single row into both classes' rows, as a multinomial model's rows are copied, gives every input
+    probability 0.5.) A label absent from the training samples gets a bias of -30: no mass.
+    """
+    coef, intercept = np.atleast_2d(coef), np.atleast_1d(intercept)
+    if len(classes) == 2 and coef.shape[0] == 1:
+        coef = np.vstack([np.zeros_like(coef[0]), coef[0]])
+        intercept = np.array([0.0, float(intercept[0])])
+    if coef.shape[0] != len(classes):
+        raise ValueError(f"{coef.shape[0]} coefficient rows for {len(classes)} classes")
+    w = np.zeros((k, coef.shape[1]))
+    b = np.full(k, -30.0)
+    w[np.asarray(classes)], b[np.asarray(classes)] = coef, intercept
+    return w, b
+
+
 def train_linear_probe(
     config: ClassifierTrainConfig, train_cases: Sequence[PreparedCase], val_cases: Sequence[PreparedCase], *,
     passes: int = 3, cs: Sequence[float] = (0.01, 0.03, 0.1, 0.3, 1.0), log: Callable[[str], None] = print,
@@ -109,9 +130,7 @@ def train_linear_probe(
     best: tuple[float, float, np.ndarray, np.ndarray, dict[str, Any]] | None = None
     for c in cs:
         m = LogisticRegression(C=c, max_iter=5000, class_weight=class_weight).fit((x_tr - mean) / scale, y_tr)
-        w = np.zeros((k, N_FEATURES))
-        b = np.full(k, -30.0)  # a class absent from train gets no mass
-        w[m.classes_], b[m.classes_] = m.coef_, m.intercept_
+        w, b = class_rows(m.coef_, m.intercept_, m.classes_, k)
         z = ((x_va - mean) / scale) @ w.T + b
         z -= z.max(axis=1, keepdims=True)
         logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
@@ -178,4 +197,4 @@ def probe_metadata(config: ClassifierTrainConfig, report: dict[str, Any]) -> dic
             "probe": {k: report[k] for k in ("C", "val_log_loss", "passes", "train_crops")}, "config": asdict(config)}
 
 
-__all__ = ["Lite0Features", "export_linear_onnx", "probe_metadata", "train_linear_probe"]
+__all__ = ["Lite0Features", "class_rows", "export_linear_onnx", "probe_metadata", "train_linear_probe"]
