@@ -315,7 +315,7 @@ def mixed_curriculum(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_answer_rewards_scores_greedy_and_sampled_answers(tiny: Path, mixed_curriculum: Path) -> None:
-    from echo_agent.training.answer_rewards import answer_rewards
+    from echo_agent.training.answer_rewards import answer_rewards, answer_rewards_by_samples
     from echo_agent.training.grpo_trainer import grpo_rows
     from echo_agent.training.rewards import REWARD_FUNCS
     from echo_agent.training.sft_trainer import load_model_and_processor
@@ -329,6 +329,10 @@ def test_answer_rewards_scores_greedy_and_sampled_answers(tiny: Path, mixed_curr
     assert [len(row) for row in greedy.per_prompt] == [1, 1, 1] and greedy.texts == again.texts
     sampled = answer_rewards(model, proc, final, mixed_curriculum.parent, preset, samples=3, max_new_tokens=8)
     assert [len(row) for row in sampled.texts] == [3, 3, 3] and len(sampled.spread()) == 3
+    # several counts in one pass give the answers of separate calls
+    both = answer_rewards_by_samples(model, proc, final, mixed_curriculum.parent, preset, [0, 3], max_new_tokens=8)
+    assert both[0].texts == greedy.texts and both[3].texts == sampled.texts
+    assert both[3].per_prompt == sampled.per_prompt
     # the weighted reward of each answer is the preset's weighted sum of the reward functions
     rows = grpo_rows(final, mixed_curriculum.parent)
     comps = [[{"role": "assistant", "content": t}] for row in sampled.texts for t in row]

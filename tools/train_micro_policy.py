@@ -312,7 +312,7 @@ def val_rewards(model_dir: Path, val_file: Path, preset: Any, max_prompts: int, 
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from echo_agent.training.answer_rewards import answer_rewards
+    from echo_agent.training.answer_rewards import answer_rewards_by_samples
     from echo_agent.training.curriculum import read_jsonl
     from echo_agent.training.rewards import get_preset
 
@@ -322,12 +322,14 @@ def val_rewards(model_dir: Path, val_file: Path, preset: Any, max_prompts: int, 
     # a seeded sample, so both organs are in it (the file lists one organ after the other)
     recs = random.Random(0).sample(recs, min(max_prompts, len(recs)))
 
+    counts = [0, samples] if samples else [0]
+    got = answer_rewards_by_samples(model, proc, recs, val_file.parent, get_preset(preset), counts,
+                                    temperature=temperature, max_new_tokens=max_new_tokens)
+
     def measure(k: int) -> dict[str, Any]:
-        got = answer_rewards(model, proc, recs, val_file.parent, get_preset(preset), samples=k,
-                             temperature=temperature, max_new_tokens=max_new_tokens)
         return {"n": len(recs), **({"samples": k, "temperature": temperature} if k else {}),
-                "mean_reward": got.mean, "terms": got.terms,
-                "example": got.texts[0][0][:400] if got.texts else ""}
+                "mean_reward": got[k].mean, "terms": got[k].terms,
+                "example": got[k].texts[0][0][:400] if got[k].texts else ""}
 
     return {"greedy": measure(0), **({"sampled": measure(samples)} if samples else {})}
 

@@ -49,6 +49,15 @@ def answer_rewards(model: Any, processor: Any, records: Sequence[dict[str, Any]]
     Raises ``ValueError`` for a record that is asked with tools at inference (its rollouts need the
     tool environment; train those with :func:`echo_agent.training.grpo_trainer.run_grpo`).
     """
+    return answer_rewards_by_samples(model, processor, records, base, preset, [samples], temperature=temperature,
+                                     max_new_tokens=max_new_tokens)[samples]
+
+
+def answer_rewards_by_samples(model: Any, processor: Any, records: Sequence[dict[str, Any]], base: str | Path,
+                              preset: RewardPreset, samples: Sequence[int], *, temperature: float = 1.0,
+                              max_new_tokens: int = 160) -> dict[int, AnswerRewards]:
+    """:func:`answer_rewards` for several ``samples`` counts at once (e.g. ``[0, 4]``: greedy and 4
+    sampled answers), each prompt rendered once; the same answers as separate calls."""
     import torch
 
     from .grpo_data import grpo_rows
@@ -61,19 +70,26 @@ def answer_rewards(model: Any, processor: Any, records: Sequence[dict[str, Any]]
     base = Path(base)
     rows = grpo_rows(list(records), base)
     cols = {k: [row[k] for row in rows] for k in ("gt_label", "gt_boxes", "organ", "width", "height", "detections")}
-    k = max(samples, 1)
-    texts: list[list[str]] = []
+    counts = list(dict.fromkeys(samples))
+    texts: dict[int, list[list[str]]] = {n: [] for n in counts}
     for i, r in enumerate(records):
         x = processor.apply_chat_template(
             fill_images(r["messages"][:2], [open_rgb(p) for p in resolve_images(r, base)]),
             add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
-        how: dict[str, Any] = {"do_sample": False}
-        if samples:
-            torch.manual_seed(i)
-            how = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0, "num_return_sequences": k}
-        with torch.inference_mode():
-            ids = model.generate(**x, max_new_tokens=max_new_tokens, **how)
-        texts.append([processor.tokenizer.decode(row[x["input_ids"].shape[1]:], skip_special_tokens=True) for row in ids])
+        for n in counts:
+            how: dict[str, Any] = {"do_sample": False}
+            if n:
+                torch.manual_seed(i)
+                how = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0, "num_return_sequences": n}
+            with torch.inference_mode():
+                ids = model.generate(**x, max_new_tokens=max_new_tokens, **how)
+            texts[n].append([processor.tokenizer.decode(row[x["input_ids"].shape[1]:], skip_special_tokens=True)
+                             for row in ids])
+    return {n: _scored(texts[n], cols, preset) for n in counts}
+
+
+def _scored(texts: list[list[str]], cols: dict[str, list[Any]], preset: RewardPreset) -> AnswerRewards:
+    k = len(texts[0]) if texts else 1
     completions = [[{"role": "assistant", "content": t}] for row in texts for t in row]
     per = {key: [v for v in vals for _ in range(k)] for key, vals in cols.items()}
     total = [0.0] * len(completions)
@@ -82,7 +98,7 @@ def answer_rewards(model: Any, processor: Any, records: Sequence[dict[str, Any]]
         vals = REWARD_FUNCS[name](completions, **per)
         terms[name] = sum(vals) / max(len(vals), 1)
         total = [t + w * v for t, v in zip(total, vals, strict=True)]
-    return AnswerRewards(per_prompt=[total[i * k:(i + 1) * k] for i in range(len(records))], terms=terms, texts=texts)
+    return AnswerRewards(per_prompt=[total[i * k:(i + 1) * k] for i in range(len(texts))], terms=terms, texts=texts)
 
 
-__all__ = ["AnswerRewards", "answer_rewards"]
+__all__ = ["AnswerRewards", "answer_rewards", "answer_rewards_by_samples"]
