@@ -572,3 +572,37 @@ def test_doctests_of_the_fusion_module():
     from echo_agent.fusion import learned
 
     assert doctest.testmod(learned).failed == 0
+
+
+def test_calibrated_selection_takes_the_best_calibrated_near_best_candidate():
+    def scored(name, n_features, loss, ece, se=0.05, acc=0.8, bacc=0.8, l2=10.0):
+        s = _score(name, n_features, loss, se=se, acc=acc, bacc=bacc, l2=l2)
+        s.cv_ece = ece
+        return s
+
+    scores = [scored("rule", 0, 0.70, 0.20, acc=0.7, bacc=0.7, l2=None),
+              scored("small", 5, 0.50, 0.09),
+              scored("calibrated", 13, 0.47, 0.04),
+              scored("far", 27, 0.60, 0.01),         # best calibrated, but more than one SE worse
+              scored("unguarded", 6, 0.46, 0.02, acc=0.65)]  # fails the accuracy guard
+    assert select_candidate(scores, 0.7, 0.7) == 1  # the default rule: the simplest near-best
+    assert select_candidate(scores, 0.7, 0.7, selection="calibrated") == 2
+    assert [s.chosen for s in scores] == [False, False, True, False, False]
+    # equal ECE: the simpler one
+    scores[1].cv_ece = 0.04
+    assert select_candidate(scores, 0.7, 0.7, selection="calibrated") == 1
+    with pytest.raises(ValueError, match="selection must be one of simplest, calibrated"):
+        select_candidate(scores, 0.7, 0.7, selection="lowest")
+
+
+def test_fit_fusion_records_the_selection_rule_it_used():
+    params = fit_fusion(_records(80), organ="breast", selection="calibrated", n_boot=50)
+    sel = params.training["selection"]
+    assert sel["mode"] == "calibrated" and "calibration error" in sel["rule"]
+    chosen = next(c for c in sel["candidates"] if c["chosen"])
+    best = min((c for c in sel["candidates"] if c["eligible"]), key=lambda c: c["cv_log_loss"])
+    near = [c for c in sel["candidates"] if c["eligible"]
+            and c["cv_log_loss"] <= best["cv_log_loss"] + best["cv_log_loss_se"] + 1e-4]
+    assert chosen["cv_ece"] == min(c["cv_ece"] for c in near)
+    with pytest.raises(ValueError, match="selection must be one of"):
+        fit_fusion(_records(80), organ="breast", selection="ece")

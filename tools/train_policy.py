@@ -63,6 +63,7 @@ from echo_agent.eval.datasets import load_split  # noqa: E402
 from echo_agent.fusion import RULE_CALIBRATIONS  # noqa: E402
 from echo_agent.training.fusion_fit import (  # noqa: E402
     NORMAL_VETO_MODES,
+    SELECTION_MODES,
     RunRecord,
     collect_runs,
     default_candidates,
@@ -83,7 +84,7 @@ def print_selection(training: dict) -> None:
         print(f"{c['name']:50s} {c['n_features']:4d} {c['cv_log_loss']:7.3f} ± {c['cv_log_loss_se']:5.3f} "
               f"{c['cv_accuracy']:6.3f} {c['cv_balanced_accuracy']:7.3f} {c['cv_ece']:6.3f} "
               f"[{ci[0]:.3f}, {ci[1]:.3f}] {mark}" if ci else f"{c['name']:50s} ... {mark}")
-    print(f"rule: {sel['rule']}")
+    print(f"rule ({sel.get('mode', 'simplest')}): {sel['rule']}")
     for w in training.get("warnings") or []:
         print(f"WARNING: {w}")
 
@@ -206,6 +207,10 @@ def main() -> int:
     ap.add_argument("--normal-veto", choices=NORMAL_VETO_MODES, default="auto",
                     help="a normal reading needs the detector-only rule's agreement: 'auto' (default) adopts it "
                          "unless it costs the chosen fusion more than 1 point of out-of-fold accuracy")
+    ap.add_argument("--selection", choices=SELECTION_MODES, default="simplest",
+                    help="how to choose among the candidates passing the guard: 'simplest' (default) = the simplest "
+                         "within one standard error of the lowest CV log-loss; 'calibrated' = the lowest CV ECE "
+                         "among those (see fit_fusion)")
     ap.add_argument("--force", action="store_true", help="overwrite --out")
     ap.add_argument("--detector", type=Path, default=None, help="detector weights to use instead of the packaged ones")
     ap.add_argument("--classifier", type=Path, default=None,
@@ -277,7 +282,7 @@ def main() -> int:
             records, organ=args.organ, seed=args.seed, indeterminate_below=args.indeterminate_below,
             min_images=args.min_images, notes=notes, for_detectors=for_detectors, for_classifiers=for_classifiers,
             candidates=default_candidates(rule_calibrations=RULE_CALIBRATIONS) if args.platt_rules else None,
-            min_class_images=args.min_class_images, normal_veto=args.normal_veto,
+            min_class_images=args.min_class_images, normal_veto=args.normal_veto, selection=args.selection,
         )
     except ValueError as exc:  # e.g. too few runs of the organ
         ap.error(str(exc))

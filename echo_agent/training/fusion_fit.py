@@ -9,7 +9,7 @@
    decision and the heuristic fusion's; optionally also Platt-calibrated) and logistic regressions
    over nested feature sets at three L2 strengths. Each candidate's whole procedure (fit +
    temperature, the temperature from an inner grouped CV) is scored on held-out groups;
-   :func:`select_candidate` applies the rule written in :data:`SELECTION_RULE`. The chosen
+   :func:`select_candidate` applies the rule written in :data:`SELECTION_RULES` (default ``"simplest"``). The chosen
    candidate is refitted on all images, its temperature fitted on out-of-fold logits, and returned
    as :class:`FusionParams` (plain JSON) carrying the CV table, the rule and n. Below
    ``min_images`` images only the calibrated rules are considered.
@@ -178,14 +178,27 @@ def default_candidates(l2_grid: Sequence[float] = (1.0, 10.0, 100.0),
     return rules + [Candidate(LOGISTIC, fs, float(l2), bal) for fs in FEATURE_SETS for bal in (False, True) for l2 in l2_grid]
 
 
-SELECTION_RULE = (
+_GUARD_TEXT = (
     "guard: keep the candidates whose grouped-CV accuracy and balanced accuracy (over the classes "
     "with at least min_class_images images, default 1) are both >= the detector-only rule's "
     "(accuracy alone rewards calling every image the majority class); among them "
-    "take the lowest CV log-loss, then (one-standard-error rule) the simplest candidate whose CV "
-    "log-loss is within one cluster standard error of it (simplest = fewest features, then the "
-    "strongest L2, then the lower log-loss)"
+    "take the lowest CV log-loss, then"
 )
+#: How :func:`select_candidate` chooses among the candidates that pass the guard (``selection=``).
+SELECTION_RULES: dict[str, str] = {
+    "simplest": _GUARD_TEXT + (
+        " (one-standard-error rule) the simplest candidate whose CV "
+        "log-loss is within one cluster standard error of it (simplest = fewest features, then the "
+        "strongest L2, then the lower log-loss)"
+    ),
+    "calibrated": _GUARD_TEXT + (
+        " among the candidates whose CV log-loss is within one cluster standard error of it, the one "
+        "with the lowest CV expected calibration error (ties: the simplest, as in 'simplest')"
+    ),
+}
+#: The default rule (``selection="simplest"``).
+SELECTION_RULE = SELECTION_RULES["simplest"]
+SELECTION_MODES = tuple(SELECTION_RULES)
 
 
 @dataclass
@@ -215,8 +228,21 @@ class CandidateScore:
         return d
 
 
-def select_candidate(scores: Sequence[CandidateScore], detector_accuracy: float, detector_balanced_accuracy: float) -> int:
-    """Index of the chosen candidate under :data:`SELECTION_RULE` (marks ``eligible``/``chosen``)."""
+def _check_selection(selection: str) -> None:
+    if selection not in SELECTION_RULES:
+        raise ValueError(f"selection must be one of {', '.join(SELECTION_MODES)}, got {selection!r}")
+
+
+def select_candidate(scores: Sequence[CandidateScore], detector_accuracy: float, detector_balanced_accuracy: float,
+                     selection: str = "simplest") -> int:
+    """Index of the chosen candidate under ``SELECTION_RULES[selection]`` (marks ``eligible``/``chosen``).
+
+    ``"simplest"`` (default) takes the simplest candidate within one standard error of the lowest
+    log-loss; ``"calibrated"`` takes, among the same near-best candidates, the one with the lowest CV
+    expected calibration error: for an organ whose probabilities feed decisions (referral, the
+    BI-RADS bands) and whose near-best candidates differ mostly in calibration.
+    """
+    _check_selection(selection)
     for s in scores:
         s.eligible = (s.cv_accuracy >= detector_accuracy - 1e-9
                       and s.cv_balanced_accuracy >= detector_balanced_accuracy - 1e-9)
@@ -232,12 +258,14 @@ def select_candidate(scores: Sequence[CandidateScore], detector_accuracy: float,
         s = scores[i]
         return (s.n_features, -(s.l2 if s.l2 is not None else math.inf), s.cv_log_loss)
 
-    chosen = min(near, key=simplicity)
+    if selection == "calibrated":
+        chosen = min(near, key=lambda i: (scores[i].cv_ece, *simplicity(i)))
+    else:
+        chosen = min(near, key=simplicity)
     scores[chosen].chosen = True
     return chosen
 
 
-# -- cross-validation ----------------------------------------------------------------------------------
 def _standardise(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     mean, std = X.mean(0), X.std(0)
     std[std < 1e-6] = 1.0
@@ -367,6 +395,7 @@ def fit_fusion(
     for_detectors: Sequence[str] | None = None,
     for_classifiers: Sequence[str] | None = None,
     normal_veto: str = "auto",
+    selection: str = "simplest",
 ) -> FusionParams:
     """Choose and fit the fusion for one organ (see module docstring).
 
@@ -395,7 +424,11 @@ def fit_fusion(
             force it. A fusion that learned what normal looks like at its centers otherwise reads
             lesions of other centers normal (docs/experiments/normal_veto/). The check is kept in
             ``training.normal_veto``.
+        selection: the rule that picks among the candidates (:data:`SELECTION_RULES`): ``"simplest"``
+            (default; the one-standard-error rule) or ``"calibrated"`` (the lowest CV ECE among the
+            near-best); kept in ``training.selection``.
     """
+    _check_selection(selection)
     if normal_veto not in NORMAL_VETO_MODES:
         raise ValueError(f"normal_veto must be one of {', '.join(NORMAL_VETO_MODES)}, got {normal_veto!r}")
     spec = get_organ(organ)
@@ -447,7 +480,7 @@ def fit_fusion(
             cv_balanced_accuracy=float(np.mean([_balanced_accuracy(y, p, k, guard) for p in pred])),
             cv_ece=float(ece), cv_ece_ci=ci,
         ))
-    chosen = cands[select_candidate(scores, det_acc, det_bacc)]
+    chosen = cands[select_candidate(scores, det_acc, det_bacc, selection)]
     sw = class_weights if chosen.balanced else np.ones(len(y))
 
     # Final fit on all images; temperature from grouped out-of-fold logits.
@@ -482,7 +515,7 @@ def fit_fusion(
         "n": len(y), "n_groups": len(set(groups)), "class_counts": {lbl: int(c) for lbl, c in zip(labels, counts)},
         "chosen": chosen.name, "l2": chosen.l2,
         "selection": {
-            "rule": SELECTION_RULE, "detector_only_cv_accuracy": round(det_acc, 4),
+            "mode": selection, "rule": SELECTION_RULES[selection], "detector_only_cv_accuracy": round(det_acc, 4),
             "detector_only_cv_balanced_accuracy": round(det_bacc, 4),
             "guard_classes": [labels[c] for c in guard], "min_class_images": min_class_images,
             "folds": min(folds, len(set(groups))), "cv_seeds": list(seeds), "min_images": min_images,
