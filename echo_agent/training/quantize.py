@@ -71,7 +71,7 @@ def _session(path: Path) -> Any:
 
 def fp32_source(path: str | Path) -> Path:
     """``path`` itself, or for a file this module quantized, the fp32 file it was made from when
-    that lies beside it (e.g. the packaged ``kidney_int8.onnx`` -> ``kidney.onnx``)."""
+    that lies beside it (e.g. ``kidney_int8.onnx`` -> ``kidney.onnx``, as tools/quantize_models.py names them)."""
     path = Path(path)
     record = _quant_record(_session(path))
     if record is not None and (path.parent / record["source"]).is_file():
