@@ -1,10 +1,12 @@
 """Cross-center scoring of breast second looks for PREREGISTRATION.md (this folder).
 
     python docs/experiments/breast_probe/xc_eval.py --work runs/breast_probe
+    python docs/experiments/breast_probe/xc_eval.py --work runs/breast_probe --mirror   # the addendum
 
 Reads ``<work>/F_<source>.onnx`` (fine-tuned) and ``<work>/P_<source>.onnx`` (probe) for each source
 center, scores them and their probability average on the other center's train + val images with
-``tools/eval_classifier.py``'s ``evaluate``, and writes ``<work>/xc.json``. Never reads a test split.
+``tools/eval_classifier.py``'s ``evaluate``, and writes ``<work>/xc.json``. With ``--mirror``: the
+fine-tuned ones alone and with mirror averaging (``<work>/xc_mirror.json``). Never reads a test split.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
+import numpy as np  # noqa: E402
 from eval_classifier import evaluate  # noqa: E402
 
 from echo_agent.detectors import load_region_classifier  # noqa: E402
@@ -42,27 +45,46 @@ class MeanOf:
         return [{k: (x[k] + y[k]) / 2 for k in x} for x, y in zip(pa, pb, strict=True)]
 
 
+class WithMirror:
+    """A region classifier whose probabilities for each crop are averaged with its horizontal mirror's."""
+
+    def __init__(self, clf) -> None:  # noqa: ANN001 - library object
+        self.labels, self.clf = clf.labels, clf
+
+    def classify(self, image, boxes):  # noqa: ANN001, ANN201
+        w = image.shape[1]
+        mirrored = np.ascontiguousarray(image[:, ::-1])
+        mboxes = [None if b is None else b.model_copy(update={"x1": w - b.x2, "x2": w - b.x1}) for b in boxes]
+        pa, pb = self.clf.classify(image, boxes), self.clf.classify(mirrored, mboxes)
+        return [{k: (x[k] + y[k]) / 2 for k in x} for x, y in zip(pa, pb, strict=True)]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", type=Path, required=True)
+    ap.add_argument("--mirror", action="store_true", help="F alone and F with mirror averaging (the addendum)")
     args = ap.parse_args()
     organ = get_organ("breast")
     out: dict = {"split": "train+val", "directions": {}}
     for source, target in DIRECTIONS.items():
         images = load_split(target, "train+val")
         f = load_region_classifier(args.work / f"F_{source}.onnx")
-        p = load_region_classifier(args.work / f"P_{source}.onnx")
-        res = {name: evaluate(clf, images, organ) for name, clf in (("F", f), ("P", p), ("E", MeanOf(f, p)))}
+        if args.mirror:
+            candidates = (("F", f), ("M", WithMirror(f)))
+        else:
+            p = load_region_classifier(args.work / f"P_{source}.onnx")
+            candidates = (("F", f), ("P", p), ("E", MeanOf(f, p)))
+        res = {name: evaluate(clf, images, organ) for name, clf in candidates}
         out["directions"][f"{source}->{target}"] = res
         for name, r in res.items():
             print(f"{source:>20s} -> {target:20s} {name}: " + ", ".join(
                 f"{k} {r[k]:.3f}" if isinstance(r.get(k), float) else f"{k} {r.get(k)}"
                 for k in (*METRICS, "auc_whole_lesion_vs_normal", "acc_lesion_boxes", "lesion_images_called_normal")), flush=True)
     scores = {name: sum(out["directions"][d][name][m] for d in out["directions"] for m in METRICS) / 4
-              for name in ("F", "P", "E")}
+              for name in res}
     out["score_mean_of_4_aucs"] = scores
     print("score (mean of the 4 malignant AUCs):", json.dumps({k: round(v, 4) for k, v in scores.items()}))
-    (args.work / "xc.json").write_text(json.dumps(out, indent=1))
+    (args.work / ("xc_mirror.json" if args.mirror else "xc.json")).write_text(json.dumps(out, indent=1))
     return 0
 
 
