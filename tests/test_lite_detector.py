@@ -189,13 +189,17 @@ def test_training_tool_on_real_images(shared_data: Path, tmp_path: Path) -> None
     proc = subprocess.run(
         [sys.executable, str(repo / "tools" / "train_lite_detector.py"),
          str(repo / "configs" / "lite_detector" / "breast_breast_lesions_usg_only.yaml"),
-         "--limit", "8", "--epochs", "1", "--threads", "1", "--output", str(out)],
+         "--limit", "8", "--epochs", "1", "--threads", "1", "--train-split", "train+val", "--output", str(out)],
         capture_output=True, text=True, timeout=600, cwd=repo,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.with_suffix(".json").read_text())
     assert report["train_images"] == 8 and report["best_epoch"] == 1 and report["bytes"] == out.stat().st_size
     assert OnnxDetector(out).labels == ("benign", "malignant")
+    import onnx
+
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert json.loads(meta[DETECTOR_META_KEY])["trained_on"]["split"] == "train+val"
     bad = subprocess.run([sys.executable, str(repo / "tools" / "train_lite_detector.py"),
                           str(repo / "configs" / "lite_detector" / "breast_busi_only.yaml"), "--fold", "1"],
                          capture_output=True, text=True, timeout=120, cwd=repo)

@@ -208,6 +208,26 @@ def test_split_pools_join_splits_but_never_test() -> None:
             parse_split_pool(bad)
 
 
+def test_models_never_train_on_test() -> None:
+    import subprocess
+    import sys
+
+    from echo_agent.eval.datasets import training_split
+
+    assert training_split("train+val") == ("train", "val") and training_split("val") == ("val",)
+    for bad, why in (("test", "never train on test"), ("train+test", "never pooled"), ("tran", "unknown split")):
+        with pytest.raises(ValueError, match=why):
+            training_split(bad)
+    # every trainer refuses it up front, before any data is read
+    repo = Path(__file__).resolve().parents[1]
+    for tool, config in (("train_classifier.py", "configs/classifier/kidney.yaml"),
+                         ("train_lite_detector.py", "configs/lite_detector/kidney.yaml"),
+                         ("train_detector.py", "configs/detector/kidney.yaml")):
+        proc = subprocess.run([sys.executable, str(repo / "tools" / tool), str(repo / config), "--train-split", "test"],
+                              capture_output=True, text=True, timeout=300, cwd=repo)
+        assert proc.returncode == 2 and "never train on test" in proc.stderr, (tool, proc.stderr[-1500:])
+
+
 @pytest.mark.realdata
 def test_the_development_pool_is_train_and_val_together(shared_data: Path) -> None:
     from echo_agent.eval.datasets import load_split

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from echo_agent.eval.datasets import load_split
+    from echo_agent.eval.datasets import load_split, training_split
     from echo_agent.training.region_classifier import (
         ClassifierTrainConfig,
         category_head_images,
@@ -76,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
             setattr(cfg, key, value)
     if args.random_init:
         cfg.pretrained = False
+    try:
+        training_split(cfg.train_split)
+    except ValueError as exc:
+        ap.error(str(exc))
     if (args.fold is None) != (args.folds is None):
         ap.error("--fold and --folds go together")
     if args.fold is not None and (args.output is None or not 0 <= args.fold < args.folds):

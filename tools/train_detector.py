@@ -284,6 +284,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.output is None:
             ap.error("a cross-fitted detector needs its own --output (it must not replace the packaged weights)")
     cfg = _load_config(args.config, args)
+    from echo_agent.eval.datasets import training_split
+
+    try:
+        training_split(cfg.get("train_split", "train"))
+    except ValueError as exc:
+        ap.error(str(exc))
     if args.fold is not None:
         cfg["fold"], cfg["folds"] = args.fold, args.folds
     tag = cfg["organ"] + ("_lesion" if cfg.get("lesion_only") else "") + (

@@ -15,7 +15,9 @@ the agent's own detection path (``tools/train_detector.py``'s ``pipeline_metrics
 mapping back to original pixels, the organ's class merging) and writes ``<output>.json``.
 
 Needs the ``train`` extra. ``--minutes`` bounds the wall-clock training time. ``--fold k --folds K``
-leaves one hash-assigned fold of the train split's groups out (cross-fitting, as the other trainers).
+leaves one hash-assigned fold of the train split's groups out (cross-fitting, as the other trainers);
+``--train-split train+val`` trains on the development pool instead (with ``--fold``: fold models for
+out-of-fold runs over the pool, ``tools/train_policy.py --split train+val``; a pool never holds test).
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--limit", type=int, default=None, help="at most this many train and val images (smoke runs)")
     ap.add_argument("--random-init", action="store_true", help="start from random weights (ablation)")
+    ap.add_argument("--train-split", default=None,
+                    help="split or '+'-joined pool to train on (e.g. train+val; default: the config's train_split, "
+                         "'train'). With a pool, --fold leaves a fold of the pool out")
     ap.add_argument("--fold", type=int, default=None, help="cross-fitting: leave this fold of the train groups out")
     ap.add_argument("--folds", type=int, default=None)
     args = ap.parse_args(argv)
@@ -52,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from train_detector import leave_fold_out, pipeline_metrics
 
-    from echo_agent.eval.datasets import load_split
+    from echo_agent.eval.datasets import load_split, training_split
     from echo_agent.organs import get_organ
     from echo_agent.training.lite_detector import (
         LiteDetectorTrainConfig,
@@ -64,11 +69,16 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = LiteDetectorTrainConfig.from_yaml(args.config)
     for key, value in (("max_minutes", args.minutes), ("epochs", args.epochs), ("seed", args.seed),
-                       ("threads", args.threads), ("fold", args.fold), ("folds", args.folds)):
+                       ("threads", args.threads), ("fold", args.fold), ("folds", args.folds),
+                       ("train_split", args.train_split)):
         if value is not None:
             setattr(cfg, key, value)
     if args.random_init:
         cfg.pretrained = False
+    try:
+        training_split(cfg.train_split)
+    except ValueError as exc:
+        ap.error(str(exc))
     if (cfg.fold is None) != (cfg.folds is None):
         ap.error("--fold and --folds go together")
     out = args.output or (REPO / cfg.output if cfg.output else None)
@@ -81,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"config labels {cfg.labels} differ from the {cfg.organ} organ's detector_labels {list(spec.detector_labels)}")
 
     t0 = time.monotonic()
-    train_imgs = leave_fold_out([im for c in cfg.train_centers for im in load_split(c, "train")], cfg.fold, cfg.folds)
+    train_imgs = leave_fold_out([im for c in cfg.train_centers for im in load_split(c, cfg.train_split)], cfg.fold, cfg.folds)
     val_imgs = [im for c in cfg.val_centers for im in load_split(c, "val")]
     if args.limit:
         train_imgs, val_imgs = train_imgs[: args.limit], val_imgs[: args.limit]

@@ -410,6 +410,19 @@ def parse_split_pool(split: str) -> tuple[str, ...]:
     return parts
 
 
+def training_split(split: str) -> tuple[str, ...]:
+    """:func:`parse_split_pool` for a split a model is trained on: ``test`` is refused alone too.
+
+    >>> training_split("train+val")
+    ('train', 'val')
+    """
+    parts = parse_split_pool(split)
+    if "test" in parts:
+        raise ValueError(f"training split {split!r} is the test split; models never train on test "
+                         "(train on 'train' or the development pool 'train+val')")
+    return parts
+
+
 __all__ = [
     "ADAPTERS",
     "BREAST_LESIONS_USG",
@@ -428,6 +441,7 @@ __all__ = [
     "load_center",
     "load_split",
     "parse_split_pool",
+    "training_split",
     "load_hydronephrosis_ncnu",
     "center_organ",
     "get_center",

