@@ -497,14 +497,15 @@ def fit_model(
         from echo_agent.errors import MissingExtraError
 
         raise MissingExtraError("scikit-learn", "eval", "training the organ router") from exc
+    from echo_agent.training.linear_probe import class_rows
+
     if kind == "logreg":
         from sklearn.linear_model import LogisticRegression
 
         m = LogisticRegression(C=c, max_iter=3000)
         m.fit(x, y, sample_weight=sample_weight)
-        coef, intercept = _two_rows(m.coef_, m.intercept_)
-        order = [list(m.classes_).index(k) for k in range(len(CLASSES))]
-        return [{"weight": coef[order].tolist(), "bias": intercept[order].tolist()}]
+        coef, intercept = class_rows(m.coef_, m.intercept_, list(m.classes_), len(CLASSES))
+        return [{"weight": coef.tolist(), "bias": intercept.tolist()}]
     from sklearn.neural_network import MLPClassifier
 
     # MLPClassifier has no sample weights: rebalance by resampling to equal class counts.
@@ -519,16 +520,8 @@ def fit_model(
     m.fit(x[idx], y[idx])
     assert list(m.classes_) == list(range(len(CLASSES)))
     layers = [(w.T, b) for w, b in zip(m.coefs_, m.intercepts_, strict=True)]
-    layers[-1] = _two_rows(*layers[-1])
+    layers[-1] = class_rows(*layers[-1], list(m.classes_), len(CLASSES))
     return [{"weight": w.tolist(), "bias": b.tolist()} for w, b in layers]
-
-
-def _two_rows(weight: np.ndarray, bias: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """A binary model's single logit row (class 1 vs class 0) as two softmax rows (0 and the logit),
-    which give the same probabilities; several rows are returned as they are."""
-    if weight.shape[0] != 1 or len(CLASSES) != 2:
-        return weight, bias
-    return np.vstack([np.zeros_like(weight), weight]), np.concatenate([np.zeros_like(bias), bias])
 
 
 def class_weights(y: np.ndarray) -> np.ndarray:
