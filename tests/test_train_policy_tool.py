@@ -144,6 +144,16 @@ def test_cross_fitted_classifiers_each_see_only_their_fold(tmp_path: Path):
     assert training["classifiers"] == [get_region_classifier("breast").name]
     assert sorted(training["runs_classifiers"]) == sorted(names)
     assert training["cross_fit_classifiers"]["folds"] == 2
+    assert training["selection"]["mode"] == "simplest"
+    # the same cached runs, chosen by the calibration-weighing rule
+    r = _run("--organ", "breast", "--manifest", str(tmp_path / "cal.csv"), "--cross-fitted-classifiers",
+             *map(str, folds), "--out", str(out), "--runs-cache", str(cache), "--selection", "calibrated", "--force")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(out.read_text())["training"]["selection"]["mode"] == "calibrated"
+    assert "rule (calibrated)" in r.stdout
+    r = _run("--organ", "breast", "--manifest", str(tmp_path / "cal.csv"), "--selection", "lowest",
+             "--out", str(tmp_path / "x.json"))
+    assert r.returncode == 2 and "invalid choice" in r.stderr
     r = _run("--organ", "breast", "--manifest", str(tmp_path / "cal.csv"), "--cross-fitted-classifiers",
              str(folds[0]), "--out", str(tmp_path / "x.json"))
     assert r.returncode == 2 and "at least 2 classifiers" in r.stderr
