@@ -23,21 +23,29 @@ from echo_agent import EchoAgent  # noqa: E402
 from echo_agent.eval.datasets import load_split, training_split  # noqa: E402
 from echo_agent.eval.metrics import category_agreement  # noqa: E402
 from echo_agent.organs import get_organ  # noqa: E402
+from echo_agent.schemas import Box  # noqa: E402
 
 PATTERN = {"echo_pattern": "anechoic", "margin": "circumscribed"}
 
 
 def leading_descriptors(state: dict) -> dict:
+    """The captioner's descriptor values of the Diagnosis's leading finding: the described region with
+    one of its detection ids, else the one overlapping its box best (IoU >= 0.5), as the fusion links them."""
     dx = state["diagnosis"]
     if not dx.get("findings"):
         return {}
-    ids = set(dx["findings"][0].get("detection_ids") or [])
-    for ev in state.get("evidence") or []:
-        ev = ev if isinstance(ev, dict) else ev.model_dump(mode="json")
-        for region in ev.get("regions") or []:
-            if region.get("detection_id") in ids:
-                return dict(region.get("descriptors") or {})
-    return {}
+    lead = dx["findings"][0]
+    ids, box = set(lead.get("detection_ids") or []), Box(**lead["box"])
+    regions = [r for ev in state.get("evidence") or []
+               for r in ((ev if isinstance(ev, dict) else ev.model_dump(mode="json")).get("regions") or [])
+               if "descriptors" in r]
+    best = next((r for r in regions if r.get("detection_id") in ids), None)
+    if best is None:
+        scored = [(Box(**r["box"]).iou(box), r) for r in regions]
+        best = max((x for x in scored if x[0] >= 0.5), key=lambda x: x[0], default=(0, None))[1]
+    if best is None:
+        return {}
+    return {k: (v.get("value") if isinstance(v, dict) else v) for k, v in best["descriptors"].items()}
 
 
 def main() -> int:
@@ -71,7 +79,7 @@ def main() -> int:
     res["changed"] = len(changed)
     res["readers_where_changed"] = dict(Counter(r["reader"] for r in changed))
     res["anechoic_circumscribed_any_label"] = dict(Counter(
-        (r["label"], r["reader"]) for r in rows if all(r["descriptors"].get(k) == v for k, v in PATTERN.items())))
+        f"{r['label']} / reader {r['reader']}" for r in rows if all(r["descriptors"].get(k) == v for k, v in PATTERN.items())))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "pool_check.json").write_text(json.dumps(res, indent=1))
     (args.out / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
