@@ -321,6 +321,43 @@ def test_conflicting_evidence_makes_the_diagnosis_indeterminate_without_changing
     assert (odd.label, odd.probabilities, odd.category) == (calm.label, calm.probabilities, calm.category)
 
 
+# -- benign finding: a simple-cyst look makes a benign reading BI-RADS 2 -----------------------------------
+CYST_LOOK = {**BENIGN_LOOK, "echo_pattern": "anechoic", "posterior_features": "enhancement"}
+
+
+@pytest.mark.parametrize("fusion", ["learned", "heuristic"])
+def test_a_benign_reading_with_the_simple_cyst_look_is_category_2(fusion):
+    from echo_agent.fusion import HeuristicFusion
+
+    f = LearnedFusion({"breast": _fit(_records(n=30))}) if fusion == "learned" else HeuristicFusion()
+    solid = f.fuse(BREAST, _described("benign", 0.9, {**CYST_LOOK, "echo_pattern": "hypoechoic"}),
+                   clinical=None, image_size=(200, 160))
+    cyst = f.fuse(BREAST, _described("benign", 0.9, CYST_LOOK), clinical=None, image_size=(200, 160))
+    assert cyst.label == solid.label == "benign" and solid.category not in (None, "2")
+    assert cyst.category == "2" and cyst.probabilities == solid.probabilities
+    assert f"Category 2 instead of {solid.category}" in cyst.rationale and "echo pattern anechoic" in cyst.rationale
+    assert "Category 2" not in solid.rationale
+    # the rule never softens a malignant reading, and needs every listed descriptor
+    assert BREAST.benign_finding("malignant", {k: Descriptor(value=v) for k, v in CYST_LOOK.items()}) is None
+    assert BREAST.benign_finding("benign", {"echo_pattern": Descriptor(value="anechoic")}) is None
+    assert BREAST.benign_finding("normal", {k: Descriptor(value=v) for k, v in CYST_LOOK.items()}) is None
+
+
+def test_benign_finding_rule_is_checked_against_the_organ():
+    from echo_agent.organs import OrganSpec
+
+    base = BREAST.model_dump()
+    for change, why in (({"benign_finding_category": None}, "go together"),
+                        ({"benign_finding_category": "7"}, "probability bands"),
+                        ({"benign_finding_descriptors": {"echo_pattern": ["glowing"]}}, "descriptor_vocabulary"),
+                        ({"benign_finding_descriptors": {"colour": ["red"]}}, "descriptor_vocabulary")):
+        with pytest.raises(ValueError, match=why):
+            OrganSpec.model_validate({**base, "name": "breast_x", **change})
+    off = OrganSpec.model_validate({**base, "name": "breast_off", "benign_finding_descriptors": {},
+                                    "benign_finding_category": None})
+    assert off.benign_finding("benign", {k: Descriptor(value=v) for k, v in CYST_LOOK.items()}) is None
+
+
 def test_suspicious_descriptors_must_come_from_the_vocabulary():
     from echo_agent.organs import OrganSpec
 

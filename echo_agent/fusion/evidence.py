@@ -136,12 +136,18 @@ def linked_classification(results: Sequence[ClassificationResult], box: Box, ids
 
 def region_descriptors(contexts: Sequence[ImageContext], detection: Detection) -> dict[str, Any]:
     """Descriptors of the region linked to a detection (by id, else by best IoU >= 0.5)."""
+    return linked_descriptors(contexts, detection.box, (detection.id,))
+
+
+def linked_descriptors(contexts: Sequence[ImageContext], box: Box, ids: Collection[str]) -> dict[str, Any]:
+    """Descriptors of the described region with one of ``ids`` (a detection's or a finding's), else of
+    the one overlapping ``box`` best (IoU >= 0.5); ``{}`` when none is linked."""
     best, best_iou = None, 0.5
     for ctx in contexts:
         for r in ctx.regions:
-            if r.detection_id and r.detection_id == detection.id:
+            if r.detection_id and r.detection_id in ids:
                 return dict(r.descriptors)
-            iou = r.box.iou(detection.box)
+            iou = r.box.iou(box)
             if iou >= best_iou:
                 best, best_iou = r, iou
     return dict(best.descriptors) if best else {}
@@ -160,6 +166,7 @@ __all__ = [
     "classifications",
     "collect",
     "lesion_probability",
+    "linked_descriptors",
     "merged_candidates",
     "linked_classification",
     "region_classification",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -130,6 +130,14 @@ class OrganSpec(BaseModel):
         "reason node marks the Diagnosis indeterminate (evidence conflict). Empty: no such check.",
     )
     conflict_min_votes: int = Field(3, ge=1, description="See suspicious_descriptors.")
+    benign_finding_descriptors: dict[str, tuple[str, ...]] = Field(
+        default_factory=dict,
+        description="Descriptor values that together make a finding benign by its appearance (BI-RADS: a "
+        "simple cyst, anechoic with a circumscribed margin, is category 2). When a lesion reading other than "
+        "positive_label has a leading finding whose descriptors take one of the listed values for every key, "
+        "its category is benign_finding_category instead of the probability band. Empty: no such rule.",
+    )
+    benign_finding_category: str | None = Field(None, description="See benign_finding_descriptors.")
 
     @model_validator(mode="after")
     def _check(self) -> OrganSpec:
@@ -177,7 +185,27 @@ class OrganSpec(BaseModel):
                 )
         if self.suspicious_descriptors and self.positive_label is None:
             raise ValueError(f"organ {self.name!r}: suspicious_descriptors need a positive_label")
+        self._check_benign_finding()
         return self
+
+    def _check_benign_finding(self) -> None:
+        if not self.benign_finding_descriptors and self.benign_finding_category is None:
+            return
+        if not self.benign_finding_descriptors or self.benign_finding_category is None:
+            raise ValueError(f"organ {self.name!r}: benign_finding_descriptors and benign_finding_category go together")
+        names = [b.name for b in self.categories]
+        if self.benign_finding_category not in names or self.category_source != "probability":
+            raise ValueError(f"organ {self.name!r}: benign_finding_category {self.benign_finding_category!r} must be "
+                             f"one of the probability bands {names}")
+        if self.positive_label is None:
+            raise ValueError(f"organ {self.name!r}: benign_finding_descriptors need a positive_label")
+        for key, values in self.benign_finding_descriptors.items():
+            allowed = self.descriptor_vocabulary.get(key)
+            if allowed is None or not values or not set(values) <= set(allowed):
+                raise ValueError(
+                    f"organ {self.name!r}: benign_finding_descriptors[{key!r}] = {values} must name values of "
+                    f"descriptor_vocabulary[{key!r}] = {allowed}"
+                )
 
     # -- helpers --------------------------------------------------------------------------------
     @property
@@ -188,6 +216,24 @@ class OrganSpec(BaseModel):
     def image_label_for(self, detector_label: str) -> str:
         """Map a detector class to the image-level label it implies."""
         return self.detector_label_map.get(detector_label, detector_label)
+
+    def benign_finding(self, label: str, descriptors: Mapping[str, Any]) -> str | None:
+        """The benign-finding category for a reading ``label`` whose leading finding has ``descriptors``
+        (name -> value, or an object with ``.value``), or ``None`` when the rule does not apply (see
+        ``benign_finding_descriptors``).
+
+        >>> from echo_agent.organs import get_organ
+        >>> get_organ("breast").benign_finding("benign", {"echo_pattern": "anechoic", "margin": "circumscribed"})
+        '2'
+        >>> get_organ("breast").benign_finding("malignant", {"echo_pattern": "anechoic", "margin": "circumscribed"})
+        """
+        if not self.benign_finding_descriptors or label == self.positive_label or label not in self.lesion_labels:
+            return None
+        for key, values in self.benign_finding_descriptors.items():
+            d = descriptors.get(key)
+            if getattr(d, "value", d) not in values:
+                return None
+        return self.benign_finding_category
 
     def category_for(self, positive_probability: float | None, lesion_found: bool = True) -> str | None:
         """The category (e.g. BI-RADS) for a calibrated probability of the positive label."""
