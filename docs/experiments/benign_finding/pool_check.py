@@ -2,6 +2,7 @@
 finding the captioner calls anechoic and circumscribed.
 
     python docs/experiments/benign_finding/pool_check.py --out runs/benign_finding [--split train+val]
+    python docs/experiments/benign_finding/pool_check.py --out runs/benign_finding_r5 --rule r5   # the addendum
 
 Runs the packaged agent on BrEaST images of the split, keeps each Diagnosis and the captioner's
 descriptors of its leading finding, and compares the readers' categories with today's and with R2's.
@@ -52,6 +53,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--split", default="train+val")
+    ap.add_argument("--rule", choices=["r2", "r5"], default="r2",
+                    help="r2: category 2 for the simple-cyst look; r5 (addendum): category 5 for a 4C malignant "
+                         "reading whose leading finding shows every suspicious descriptor group")
     args = ap.parse_args()
     training_split(args.split)  # never test
     organ = get_organ("breast")
@@ -62,19 +66,26 @@ def main() -> int:
         state = agent.run_state(im.image, organ="breast", context=im.clinical_context)
         dx = state["diagnosis"]
         desc = leading_descriptors(state)
-        fires = dx["label"] == benign and all(desc.get(k) == v for k, v in PATTERN.items())
+        if args.rule == "r5":
+            fires = (dx["label"] == organ.positive_label and dx.get("category") == "4C"
+                     and all(desc.get(k) in values for k, values in organ.suspicious_descriptors.items()))
+            new = "5"
+        else:
+            fires = dx["label"] == benign and all(desc.get(k) == v for k, v in PATTERN.items())
+            new = "2"
         rows.append({"key": im.key, "reader": im.category, "label": dx["label"], "truth": im.label,
-                     "today": dx.get("category"), "r2": "2" if fires else dx.get("category"), "fires": fires,
+                     "today": dx.get("category"), "r2": new if fires else dx.get("category"), "fires": fires,
                      "descriptors": desc})
     order = organ.category_scale
     truth = [r["reader"] for r in rows]
-    res = {"split": args.split, "n": len(rows), "pattern": PATTERN}
+    res = {"split": args.split, "n": len(rows), "rule": args.rule,
+           "pattern": PATTERN if args.rule == "r2" else organ.suspicious_descriptors}
     for name in ("today", "r2"):
         a = category_agreement(truth, [r[name] for r in rows], order)
         res[name] = {"exact": a.exact, "within_one": a.within_one, "n": a.n,
                      "categories": dict(Counter(r[name] for r in rows))}
     fired = [r for r in rows if r["fires"]]
-    changed = [r for r in fired if r["today"] != "2"]
+    changed = [r for r in fired if r["today"] != r["r2"]]
     res["fires"] = len(fired)
     res["changed"] = len(changed)
     res["readers_where_changed"] = dict(Counter(r["reader"] for r in changed))
