@@ -412,6 +412,11 @@ def test_report_counts_lesion_images_called_normal() -> None:
     rows = {r[0]: r for r in headline_rows({"detector": m, "agent": m})}
     assert rows["lesion images called normal"][1] == "3 / 19 (15.8 %)"
     assert lesions_called_normal({"classification": {"confusion": {"labels": ["normal", "x"], "matrix": [[3, 0], [0, 0]]}}}) is None
+    # an organ with reader categories gets one more row, the agent's agreement with them
+    cat = {"system": "BI-RADS", "n": 52, "exact": 0.365, "within_one": 0.788}
+    rows = {r[0]: r for r in headline_rows({"detector": m, "agent": m}, cat)}
+    assert rows["BI-RADS vs readers: exact / within one"][1:] == ("–", "0.365 / 0.788 (n=52)")
+    assert len(headline_rows({"detector": m, "agent": m}, {"n": 0})) == len(headline_rows({"detector": m, "agent": m}))
 
 
 class CategoryAgent(FakeAgent):

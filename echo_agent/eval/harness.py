@@ -551,7 +551,7 @@ def summary_table(summary: Mapping[str, Any]) -> Any:
     table.add_column("detector-only", justify="right")
     table.add_column("agent", justify="right")
     for organ, m in summary["organs"].items():
-        for i, (name, det, ag) in enumerate(headline_rows(m["overall"])):
+        for i, (name, det, ag) in enumerate(headline_rows(m["overall"], m.get("category_agreement"))):
             table.add_row(organ if i == 0 else "", name, det, ag)
         table.add_section()
     return table

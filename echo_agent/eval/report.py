@@ -58,8 +58,10 @@ def _called_normal(m: Mapping[str, Any]) -> str:
     return _DASH if v is None else f"{v[0]} / {v[1]} ({100.0 * v[0] / v[1]:.1f} %)"
 
 
-def headline_rows(systems: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, str, str]]:
-    """``(metric, detector-only, agent)`` rows of the headline metrics (values formatted)."""
+def headline_rows(systems: Mapping[str, Mapping[str, Any]],
+                  category: Mapping[str, Any] | None = None) -> list[tuple[str, str, str]]:
+    """``(metric, detector-only, agent)`` rows of the headline metrics (values formatted); with an
+    organ's ``category_agreement`` also the agent's category agreement with the readers."""
     det, ag = systems.get("detector", {}), systems.get("agent", {})
 
     def both(f: Any) -> tuple[str, str]:
@@ -83,6 +85,9 @@ def headline_rows(systems: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, s
         ("ECE (15 bins)", *both(lambda m: _cal(m, "ece"))),
         ("Brier score", *both(lambda m: _cal(m, "brier"))),
     ]
+    if category and category.get("n"):
+        rows.append((f"{category.get('system') or 'category'} vs readers: exact / within one", _DASH,
+                     f"{fmt(category['exact'])} / {fmt(category['within_one'])} (n={category['n']})"))
     if (ag or det).get("referral"):
         rows += [
             ("referred for review (indeterminate)", *both(_referred)),
@@ -198,7 +203,7 @@ def render_report(summary: Mapping[str, Any], *, plots: Sequence[str | Path] = (
     for organ, om in summary.get("organs", {}).items():
         overall = om["overall"]
         out += [f"## {organ}", ""]
-        out += _table(["metric", "detector-only", "agent"], headline_rows(overall))
+        out += _table(["metric", "detector-only", "agent"], headline_rows(overall, om.get("category_agreement")))
         out.append("")
         out += ["### Per-class accuracy (recall)", ""]
         out += _table(["true label", "images", "detector-only", "agent"], _per_class_rows(overall))
