@@ -332,3 +332,26 @@ def test_heuristic_fusion_reports_weak_secondary_candidates_no_more() -> None:
                             image_width=100, image_height=100)
     dx = HeuristicFusion().fuse(spec, [report], clinical=None, image_size=(100, 100))
     assert [f.detection_ids for f in dx.findings] == [["det1:0"], ["det1:1"]]
+
+
+def test_acquisition_augmentation_respects_the_beam_and_is_off_by_default() -> None:
+    import random
+
+    from echo_agent.training.region_classifier import ClassifierTrainConfig, acquisition, augment
+
+    crop = speckle_image(64, 48, seed=3)[:48, :48]
+    # off (0) draws nothing extra from the random stream: the recipe's crops are unchanged
+    a, b = random.Random(7), random.Random(7)
+    assert np.array_equal(augment(crop, a), augment(crop, b, 0.0)) and a.random() == b.random()
+    # on: same size and type; a ramp over depth only, so an image constant along each row stays so
+    rows = np.repeat(np.linspace(40, 200, 48, dtype=np.uint8)[:, None, None], 48, axis=1).repeat(3, axis=2)
+    for seed in range(5):
+        out = acquisition(rows, random.Random(seed))
+        assert out.shape == rows.shape and out.dtype == np.uint8
+        assert np.abs(out.astype(int) - out[:, :1].astype(int)).max() <= 1
+    changed = [not np.array_equal(augment(crop, random.Random(s), 1.0), augment(crop, random.Random(s)))
+               for s in range(5)]
+    assert all(changed)
+    with pytest.raises(ValueError, match="probability"):
+        ClassifierTrainConfig(organ="breast", labels=["normal", "benign", "malignant"], centers=["busi"],
+                              acquisition_augment=1.5)

@@ -82,6 +82,9 @@ class ClassifierTrainConfig:
     #: category heads only: this share of a lesion sample's target goes to the neighbouring
     #: categories (ordinal label smoothing); 0 keeps plain targets
     ordinal_smoothing: float = 0.0
+    #: probability that a training crop also gets the acquisition augmentation (:func:`acquisition`:
+    #: resolution, blur, dynamic range, depth gain ramp), for robustness across scanners; 0: off
+    acquisition_augment: float = 0.0
     #: ``--linear-probe`` only: "balanced" weights the classes inversely to their frequency; "none"
     #: keeps the class prior (fewer calls of rare classes)
     probe_class_weight: str = "balanced"
@@ -90,6 +93,10 @@ class ClassifierTrainConfig:
     #: ONNX path relative to the repository root (None: the packaged echo_agent/assets/classifiers/<organ>.onnx);
     #: ``--output`` overrides it
     output: str | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.acquisition_augment <= 1.0:
+            raise ValueError(f"acquisition_augment is a probability in [0, 1], got {self.acquisition_augment}")
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> ClassifierTrainConfig:
@@ -255,11 +262,43 @@ def build_samples(cases: Sequence[PreparedCase], rng: random.Random, *, normal_i
     return out
 
 
-def augment(crop: np.ndarray, rng: random.Random) -> np.ndarray:
-    """Beam-respecting augmentation of one uint8 crop: horizontal flip, gain, contrast, speckle."""
+def augment(crop: np.ndarray, rng: random.Random, acquisition_p: float = 0.0) -> np.ndarray:
+    """Beam-respecting augmentation of one uint8 crop: horizontal flip, gain, contrast, speckle; with
+    probability ``acquisition_p`` also :func:`acquisition` (0: the random stream is the same as without)."""
     if rng.random() < 0.5:
         crop = crop[:, ::-1]
-    return photometric(crop, rng)
+    crop = photometric(crop, rng)
+    if acquisition_p and rng.random() < acquisition_p:
+        crop = acquisition(crop, rng)
+    return crop
+
+
+def acquisition(crop: np.ndarray, rng: random.Random) -> np.ndarray:
+    """What differs between scanners and centers, within the physics of the image: resolution (down-
+    then up-sampled by 0.4-1), blur (half the time, sigma up to 1.2 px), dynamic range (contrast about
+    the mean x0.7-1.3) and a depth-dependent gain ramp over the rows (the beam runs top to bottom; no
+    change across columns). uint8 in, uint8 out, same size.
+
+    >>> import random
+    >>> acquisition(np.full((32, 32, 3), 100, np.uint8), random.Random(0)).shape
+    (32, 32, 3)
+    """
+    import cv2
+
+    h, w = crop.shape[:2]
+    scale = rng.uniform(0.4, 1.0)
+    x = crop
+    if scale < 0.95:
+        small = cv2.resize(x, (max(8, round(w * scale)), max(8, round(h * scale))), interpolation=cv2.INTER_AREA)
+        x = cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
+    if rng.random() < 0.5:
+        x = cv2.GaussianBlur(x, (0, 0), rng.uniform(0.3, 1.2))
+    x = x.astype(np.float32)
+    mean = float(x.mean())
+    x = mean + (x - mean) * rng.uniform(0.7, 1.3)
+    ramp = np.linspace(rng.uniform(0.8, 1.2), rng.uniform(0.8, 1.2), h, dtype=np.float32)
+    x = x * ramp[:, None, None]
+    return np.clip(x, 0, 255).astype(np.uint8)
 
 
 def photometric(crop: np.ndarray, rng: random.Random) -> np.ndarray:
@@ -398,7 +437,8 @@ def train_classifier(
                 break
             chunk = samples[i : i + config.batch_size]
             crops = [augment(square_crop(train_cases[ci].array, b, margin=config.margin * math.exp(rng.uniform(-0.3, 0.3)),
-                                         size=config.input_size), rng) for ci, b, _, _ in chunk]
+                                         size=config.input_size), rng, config.acquisition_augment)
+                     for ci, b, _, _ in chunk]
             x = _to_tensor(crops)
             y = torch.tensor([s[2] for s in chunk])
             w = torch.tensor([config.whole_image_weight if s[1] is None else 1.0 for s in chunk])

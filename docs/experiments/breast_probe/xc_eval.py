@@ -2,11 +2,13 @@
 
     python docs/experiments/breast_probe/xc_eval.py --work runs/breast_probe
     python docs/experiments/breast_probe/xc_eval.py --work runs/breast_probe --mirror   # the addendum
+    python docs/experiments/breast_probe/xc_eval.py --work runs/breast_probe --against D   # addendum 2
 
 Reads ``<work>/F_<source>.onnx`` (fine-tuned) and ``<work>/P_<source>.onnx`` (probe) for each source
 center, scores them and their probability average on the other center's train + val images with
 ``tools/eval_classifier.py``'s ``evaluate``, and writes ``<work>/xc.json``. With ``--mirror``: the
-fine-tuned ones alone and with mirror averaging (``<work>/xc_mirror.json``). Never reads a test split.
+fine-tuned ones alone and with mirror averaging (``<work>/xc_mirror.json``); with ``--against D``: F
+against ``<work>/D_<source>.onnx`` (``<work>/xc_D.json``). Never reads a test split.
 """
 
 from __future__ import annotations
@@ -63,13 +65,17 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--mirror", action="store_true", help="F alone and F with mirror averaging (the addendum)")
+    ap.add_argument("--against", default=None, metavar="PREFIX",
+                    help="F against the classifiers <work>/PREFIX_<source>.onnx (addendum 2)")
     args = ap.parse_args()
     organ = get_organ("breast")
     out: dict = {"split": "train+val", "directions": {}}
     for source, target in DIRECTIONS.items():
         images = load_split(target, "train+val")
         f = load_region_classifier(args.work / f"F_{source}.onnx")
-        if args.mirror:
+        if args.against:
+            candidates = (("F", f), (args.against, load_region_classifier(args.work / f"{args.against}_{source}.onnx")))
+        elif args.mirror:
             candidates = (("F", f), ("M", WithMirror(f)))
         else:
             p = load_region_classifier(args.work / f"P_{source}.onnx")
@@ -84,7 +90,7 @@ def main() -> int:
               for name in res}
     out["score_mean_of_4_aucs"] = scores
     print("score (mean of the 4 malignant AUCs):", json.dumps({k: round(v, 4) for k, v in scores.items()}))
-    (args.work / ("xc_mirror.json" if args.mirror else "xc.json")).write_text(json.dumps(out, indent=1))
+    (args.work / (f"xc_{args.against}.json" if args.against else "xc_mirror.json" if args.mirror else "xc.json")).write_text(json.dumps(out, indent=1))
     return 0
 
 
