@@ -65,14 +65,17 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--mirror", action="store_true", help="F alone and F with mirror averaging (the addendum)")
+    ap.add_argument("--f-prefix", default="F", help="file prefix of the fine-tuned models (addendum 3: Fs1)")
+    ap.add_argument("--sources", nargs="+", default=list(DIRECTIONS), choices=list(DIRECTIONS))
     ap.add_argument("--against", default=None, metavar="PREFIX",
                     help="F against the classifiers <work>/PREFIX_<source>.onnx (addendum 2)")
     args = ap.parse_args()
     organ = get_organ("breast")
     out: dict = {"split": "train+val", "directions": {}}
-    for source, target in DIRECTIONS.items():
+    for source in args.sources:
+        target = DIRECTIONS[source]
         images = load_split(target, "train+val")
-        f = load_region_classifier(args.work / f"F_{source}.onnx")
+        f = load_region_classifier(args.work / f"{args.f_prefix}_{source}.onnx")
         if args.against:
             candidates = (("F", f), (args.against, load_region_classifier(args.work / f"{args.against}_{source}.onnx")))
         elif args.mirror:
@@ -86,8 +89,8 @@ def main() -> int:
             print(f"{source:>20s} -> {target:20s} {name}: " + ", ".join(
                 f"{k} {r[k]:.3f}" if isinstance(r.get(k), float) else f"{k} {r.get(k)}"
                 for k in (*METRICS, "auc_whole_lesion_vs_normal", "acc_lesion_boxes", "lesion_images_called_normal")), flush=True)
-    scores = {name: sum(out["directions"][d][name][m] for d in out["directions"] for m in METRICS) / 4
-              for name in res}
+    scores = {name: sum(out["directions"][d][name][m] for d in out["directions"] for m in METRICS)
+              / (len(METRICS) * len(out["directions"])) for name in res}
     out["score_mean_of_4_aucs"] = scores
     print("score (mean of the 4 malignant AUCs):", json.dumps({k: round(v, 4) for k, v in scores.items()}))
     (args.work / (f"xc_{args.against}.json" if args.against else "xc_mirror.json" if args.mirror else "xc.json")).write_text(json.dumps(out, indent=1))
