@@ -266,6 +266,7 @@ def select_candidate(scores: Sequence[CandidateScore], detector_accuracy: float,
     return chosen
 
 
+# -- cross-validation ----------------------------------------------------------------------------------
 def _standardise(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     mean, std = X.mean(0), X.std(0)
     std[std < 1e-6] = 1.0

@@ -92,7 +92,7 @@ def main() -> int:
     scores = {name: sum(out["directions"][d][name][m] for d in out["directions"] for m in METRICS)
               / (len(METRICS) * len(out["directions"])) for name in res}
     out["score_mean_of_4_aucs"] = scores
-    print("score (mean of the 4 malignant AUCs):", json.dumps({k: round(v, 4) for k, v in scores.items()}))
+    print("score (mean of the malignant AUCs):", json.dumps({k: round(v, 4) for k, v in scores.items()}))
     (args.work / (f"xc_{args.against}.json" if args.against else "xc_mirror.json" if args.mirror else "xc.json")).write_text(json.dumps(out, indent=1))
     return 0
 
