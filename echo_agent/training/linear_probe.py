@@ -64,13 +64,14 @@ class Lite0Features:
         return np.concatenate(out, axis=0) if out else np.zeros((0, N_FEATURES), np.float32)
 
     def of_samples(self, cases: Sequence[PreparedCase], samples: Sequence[tuple[int, Any, int, str]], margin: float,
-                   rng: random.Random | None = None) -> np.ndarray:
+                   rng: random.Random | None = None, acquisition_p: float = 0.0) -> np.ndarray:
         """Features of training samples ``(case index, box, label index, kind)``: each box's square crop
-        with ``margin``, augmented as in fine-tuning when ``rng`` is given."""
+        with ``margin``, augmented as in fine-tuning when ``rng`` is given (``acquisition_p``: the
+        config's ``acquisition_augment``)."""
         crops = []
         for ci, box, _, _ in samples:
             crop = square_crop(cases[ci].array, box, margin=margin, size=self.input_size)
-            crops.append(np.ascontiguousarray(augment(crop, rng)) if rng is not None else crop)
+            crops.append(np.ascontiguousarray(augment(crop, rng, acquisition_p)) if rng is not None else crop)
         return self(crops)
 
 
@@ -118,7 +119,7 @@ def train_linear_probe(
     for k in range(passes):
         s = build_samples(train_cases, rng, normal_index=0, background_per_image=config.background_per_image,
                           background_shrink=config.background_shrink)
-        xs.append(features.of_samples(train_cases, s, config.margin, arng if k else None))
+        xs.append(features.of_samples(train_cases, s, config.margin, arng if k else None, config.acquisition_augment))
         ys += [x[2] for x in s]
     x_tr, y_tr = np.concatenate(xs), np.asarray(ys)
     val_samples = build_samples(val_cases, random.Random(1), normal_index=0, background_per_image=1, jitter=False,
