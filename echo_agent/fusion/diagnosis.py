@@ -191,7 +191,7 @@ def assemble_diagnosis(
             descs = linked_descriptors(evidence.contexts, findings[0].box, findings[0].detection_ids)
             benign = organ.benign_finding(label, descs)
             if benign is not None and benign != category:
-                shown = ", ".join(f"{k.replace('_', ' ')} {getattr(descs[k], 'value', descs[k])}"
+                shown = ", ".join(f"{k.replace('_', ' ')} {descs[k].value}"
                                   for k in organ.benign_finding_descriptors)
                 rationale += (f" Category {benign} instead of {category}: the leading finding looks benign "
                               f"({shown}).")

@@ -7,10 +7,10 @@ the decision rules all read that one object instead of re-splitting the list.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import Any, TypeVar
 
 from ..organs import OrganSpec
 from ..schemas import (
@@ -22,7 +22,10 @@ from ..schemas import (
     ImageContext,
     KnowledgeResult,
     RegionClassification,
+    RegionDescription,
 )
+
+_R = TypeVar("_R", RegionClassification, RegionDescription)
 
 
 @dataclass(frozen=True)
@@ -121,16 +124,20 @@ def linked_classification(results: Sequence[ClassificationResult], box: Box, ids
                           with_categories: bool = False) -> RegionClassification | None:
     """The latest classification of a region: linked by one of the detection ``ids``, else the best box
     IoU >= 0.5 with ``box``; ``with_categories`` considers only regions with a category distribution."""
+    return _linked_region((r for res in reversed(results) for r in res.regions
+                           if r.box is not None and not (with_categories and r.categories is None)), box, ids)
+
+
+def _linked_region(regions: Iterable[_R], box: Box, ids: Collection[str]) -> _R | None:
+    """The first of ``regions`` whose ``detection_id`` is one of ``ids``, else the one overlapping ``box``
+    best (IoU >= 0.5; on a tie the later one); ``None`` when none is linked."""
     best, best_iou = None, 0.5
-    for res in reversed(results):
-        for r in res.regions:
-            if r.box is None or (with_categories and r.categories is None):
-                continue
-            if r.detection_id and r.detection_id in ids:
-                return r
-            iou = r.box.iou(box)
-            if iou >= best_iou:
-                best, best_iou = r, iou
+    for r in regions:
+        if r.detection_id and r.detection_id in ids:
+            return r
+        iou = r.box.iou(box)
+        if iou >= best_iou:
+            best, best_iou = r, iou
     return best
 
 
@@ -142,15 +149,8 @@ def region_descriptors(contexts: Sequence[ImageContext], detection: Detection) -
 def linked_descriptors(contexts: Sequence[ImageContext], box: Box, ids: Collection[str]) -> dict[str, Any]:
     """Descriptors of the described region with one of ``ids`` (a detection's or a finding's), else of
     the one overlapping ``box`` best (IoU >= 0.5); ``{}`` when none is linked."""
-    best, best_iou = None, 0.5
-    for ctx in contexts:
-        for r in ctx.regions:
-            if r.detection_id and r.detection_id in ids:
-                return dict(r.descriptors)
-            iou = r.box.iou(box)
-            if iou >= best_iou:
-                best, best_iou = r, iou
-    return dict(best.descriptors) if best else {}
+    region = _linked_region((r for ctx in contexts for r in ctx.regions), box, ids)
+    return dict(region.descriptors) if region else {}
 
 
 def lesion_probability(organ: OrganSpec, region: RegionClassification | None) -> float | None:

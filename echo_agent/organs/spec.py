@@ -176,13 +176,7 @@ class OrganSpec(BaseModel):
             if len(self.lesion_labels) != 1 and set(self.category_labels) != names:
                 raise ValueError(f"organ {self.name!r}: with several lesion labels every category needs an entry in "
                                  "category_labels")
-        for key, values in self.suspicious_descriptors.items():
-            allowed = self.descriptor_vocabulary.get(key)
-            if allowed is None or not set(values) <= set(allowed):
-                raise ValueError(
-                    f"organ {self.name!r}: suspicious_descriptors[{key!r}] = {values} must name values of "
-                    f"descriptor_vocabulary[{key!r}] = {allowed}"
-                )
+        self._check_vocabulary_values("suspicious_descriptors", self.suspicious_descriptors)
         if self.suspicious_descriptors and self.positive_label is None:
             raise ValueError(f"organ {self.name!r}: suspicious_descriptors need a positive_label")
         self._check_benign_finding()
@@ -199,11 +193,17 @@ class OrganSpec(BaseModel):
                              f"one of the probability bands {names}")
         if self.positive_label is None:
             raise ValueError(f"organ {self.name!r}: benign_finding_descriptors need a positive_label")
-        for key, values in self.benign_finding_descriptors.items():
+        self._check_vocabulary_values("benign_finding_descriptors", self.benign_finding_descriptors, nonempty=True)
+
+    def _check_vocabulary_values(self, field: str, values_by_key: Mapping[str, tuple[str, ...]], *,
+                                 nonempty: bool = False) -> None:
+        """Each key of ``values_by_key`` (the field ``field``) is a descriptor of the vocabulary and its
+        values are among that descriptor's (``nonempty``: at least one)."""
+        for key, values in values_by_key.items():
             allowed = self.descriptor_vocabulary.get(key)
-            if allowed is None or not values or not set(values) <= set(allowed):
+            if allowed is None or (nonempty and not values) or not set(values) <= set(allowed):
                 raise ValueError(
-                    f"organ {self.name!r}: benign_finding_descriptors[{key!r}] = {values} must name values of "
+                    f"organ {self.name!r}: {field}[{key!r}] = {values} must name values of "
                     f"descriptor_vocabulary[{key!r}] = {allowed}"
                 )
 
