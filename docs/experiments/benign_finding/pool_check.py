@@ -23,30 +23,24 @@ sys.path.insert(0, str(ROOT))
 from echo_agent import EchoAgent  # noqa: E402
 from echo_agent.eval.datasets import load_split, training_split  # noqa: E402
 from echo_agent.eval.metrics import category_agreement  # noqa: E402
+from echo_agent.fusion.evidence import linked_descriptors  # noqa: E402
 from echo_agent.organs import get_organ  # noqa: E402
-from echo_agent.schemas import Box  # noqa: E402
+from echo_agent.schemas import Box, ImageContext, parse_evidence  # noqa: E402
 
 PATTERN = {"echo_pattern": "anechoic", "margin": "circumscribed"}
 
 
 def leading_descriptors(state: dict) -> dict:
-    """The captioner's descriptor values of the Diagnosis's leading finding: the described region with
-    one of its detection ids, else the one overlapping its box best (IoU >= 0.5), as the fusion links them."""
+    """The captioner's descriptor values of the Diagnosis's leading finding, linked as the fusion links
+    them (``echo_agent.fusion.evidence.linked_descriptors``: detection id, else IoU >= 0.5)."""
     dx = state["diagnosis"]
     if not dx.get("findings"):
         return {}
     lead = dx["findings"][0]
-    ids, box = set(lead.get("detection_ids") or []), Box(**lead["box"])
-    regions = [r for ev in state.get("evidence") or []
-               for r in ((ev if isinstance(ev, dict) else ev.model_dump(mode="json")).get("regions") or [])
-               if "descriptors" in r]
-    best = next((r for r in regions if r.get("detection_id") in ids), None)
-    if best is None:
-        scored = [(Box(**r["box"]).iou(box), r) for r in regions]
-        best = max((x for x in scored if x[0] >= 0.5), key=lambda x: x[0], default=(0, None))[1]
-    if best is None:
-        return {}
-    return {k: (v.get("value") if isinstance(v, dict) else v) for k, v in best["descriptors"].items()}
+    evidence = [parse_evidence(e) if isinstance(e, dict) else e for e in state.get("evidence") or []]
+    contexts = [e for e in evidence if isinstance(e, ImageContext)]
+    descs = linked_descriptors(contexts, Box(**lead["box"]), lead.get("detection_ids") or [])
+    return {k: d.value for k, d in descs.items()}
 
 
 def main() -> int:
