@@ -198,6 +198,7 @@ SELECTION_RULES: dict[str, str] = {
 }
 #: The default rule (``selection="simplest"``).
 SELECTION_RULE = SELECTION_RULES["simplest"]
+#: The names ``select_candidate`` and ``fit_fusion`` accept as ``selection`` (``--selection`` of the tool).
 SELECTION_MODES = tuple(SELECTION_RULES)
 
 
