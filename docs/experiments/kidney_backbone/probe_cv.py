@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 CS = (0.003, 0.01, 0.03, 0.1)
+WIDE_CS = (0.0001, 0.0003, 0.001) + CS  # the addendum's grid
 FOLDS = 3
 ARMS = {"A": ("efficientnet-lite0", 224, False), "B": ("efficientnet-lite0", 224, True),
         "C": ("efficientnet-lite1", 240, False), "D": ("efficientnet-lite2", 260, False),
@@ -82,13 +83,13 @@ def features(out: Path, arm: str) -> dict[str, np.ndarray]:
     return data
 
 
-def cv(d: dict[str, np.ndarray]) -> list[dict]:
+def cv(d: dict[str, np.ndarray], cs: tuple[float, ...] = CS) -> list[dict]:
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
 
     x, y, fold = d["x"], d["y"], d["fold"]
     rows = []
-    for c in CS:
+    for c in cs:
         p = np.zeros(len(y))
         aucs = []
         for f in range(FOLDS):
@@ -109,12 +110,13 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("runs/kidney_backbone"))
     ap.add_argument("--arms", default="ABCDE")
+    ap.add_argument("--wide-grid", action="store_true", help="the addendum's C grid")
     args = ap.parse_args()
     best = {}
     for arm in args.arms:
         t0 = time.monotonic()
         d = features(args.out, arm)
-        rows = cv(d)
+        rows = cv(d, WIDE_CS if args.wide_grid else CS)
         best[arm] = max(rows, key=lambda r: r["mean_fold_auc"])
         print(json.dumps({"arm": arm, "backbone": ARMS[arm], "dims": int(d["x"].shape[1]),
                           "seconds": round(time.monotonic() - t0), "rows": rows}), flush=True)
@@ -129,7 +131,7 @@ def main() -> int:
                    "goes_forward": lead != "A" and best[lead]["mean_fold_auc"] >= best["A"]["mean_fold_auc"] + 0.02
                    and wins >= 2}
         print(json.dumps(verdict, indent=1))
-    (args.out / "cv.json").write_text(json.dumps({"best": best, "verdict": verdict, "command": " ".join(sys.argv)},
+    (args.out / ("cv_wide.json" if args.wide_grid else "cv.json")).write_text(json.dumps({"best": best, "verdict": verdict, "command": " ".join(sys.argv)},
                                                  indent=1))
     return 0
 
