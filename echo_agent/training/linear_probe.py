@@ -97,55 +97,112 @@ def class_rows(coef: np.ndarray, intercept: np.ndarray, classes: Sequence[int], 
     return w, b
 
 
+PROBE_CV_FOLDS = 3
+
+
+def _fit_rows(c: float, x: np.ndarray, y: np.ndarray, k: int, class_weight: str | None
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A logistic regression on standardised ``x``: ``(softmax rows, biases, mean, scale)``."""
+    from sklearn.linear_model import LogisticRegression
+
+    mean, scale = x.mean(axis=0), x.std(axis=0) + 1e-6
+    m = LogisticRegression(C=c, max_iter=5000, class_weight=class_weight).fit((x - mean) / scale, y)
+    w, b = class_rows(m.coef_, m.intercept_, m.classes_, k)
+    return w, b, mean, scale
+
+
+def _log_probs(w: np.ndarray, b: np.ndarray, mean: np.ndarray, scale: np.ndarray, x: np.ndarray) -> np.ndarray:
+    z = ((x - mean) / scale) @ w.T + b
+    z -= z.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+def _nll(logp: np.ndarray, y: np.ndarray) -> float:
+    return float(-logp[np.arange(len(y)), y].mean())
+
+
+def grouped_cv_log_loss(c: float, x: np.ndarray, y: np.ndarray, groups: Sequence[str], plain: np.ndarray, k: int,
+                        class_weight: str | None, folds: int = PROBE_CV_FOLDS) -> float:
+    """Held-out log-loss of a probe with inverse regularisation ``c`` over ``folds`` folds of the
+    samples' groups: fitted on every sample of the other folds' groups, scored on the fold's
+    ``plain`` (not augmented) samples, pooled over the folds. The folds hash the group with their own
+    salt, so a training pool that is itself one cross-fitting fold short still fills all of them."""
+    from ..eval.splits import cross_fit_fold
+
+    fold = np.asarray([cross_fit_fold(f"probe-c/{g}", folds) for g in groups])
+    losses, n = 0.0, 0
+    for f in range(folds):
+        test = (fold == f) & plain
+        train = fold != f
+        if not test.any() or len(set(y[train].tolist())) < 2:
+            continue
+        logp = _log_probs(*_fit_rows(c, x[train], y[train], k, class_weight), x[test])
+        losses += _nll(logp, y[test]) * int(test.sum())
+        n += int(test.sum())
+    if n == 0:
+        raise ValueError("grouped_cv needs at least two groups with samples of two classes")
+    return losses / n
+
+
 def train_linear_probe(
     config: ClassifierTrainConfig, train_cases: Sequence[PreparedCase], val_cases: Sequence[PreparedCase], *,
-    passes: int = 3, cs: Sequence[float] = (0.01, 0.03, 0.1, 0.3, 1.0), log: Callable[[str], None] = print,
+    passes: int = 3, cs: Sequence[float] | None = None, log: Callable[[str], None] = print,
 ) -> tuple[Lite0Features, np.ndarray, np.ndarray, dict[str, Any]]:
     """Fit the probe: ``passes`` samplings of the train crops (the first plain, the others jittered
     and augmented as in fine-tuning), one plain sampling of val; class-balanced multinomial logistic
-    regression for each C (classes weighted per ``config.probe_class_weight``), the one with the lowest
-    val log-loss kept. Returns ``(features, weight
-    (K x 1280), bias (K), report)`` with the standardisation folded into weight and bias."""
-    from sklearn.linear_model import LogisticRegression
-
+    regression (classes weighted per ``config.probe_class_weight``) for each C of ``cs`` (default
+    ``config.probe_cs``), the one with the lowest val log-loss kept -- or, with
+    ``config.probe_c_selection == "grouped_cv"``, the lowest :func:`grouped_cv_log_loss` over the
+    training cases' groups. A C at either end of the grid is reported (``C_at_grid_edge``) and logged:
+    the grid may not hold the best value. Returns ``(features, weight (K x 1280), bias (K), report)``
+    with the standardisation folded into weight and bias."""
     category_head = is_category_head(config)
     if config.probe_class_weight not in ("balanced", "none"):
         raise ValueError(f"probe_class_weight must be 'balanced' or 'none', got {config.probe_class_weight!r}")
     class_weight = "balanced" if config.probe_class_weight == "balanced" else None
+    grid = sorted(float(c) for c in (config.probe_cs if cs is None else cs))
     t0 = time.monotonic()
     features = Lite0Features(input_size=config.input_size, threads=config.threads)
     rng, arng = random.Random(config.seed), random.Random(config.seed + 1)
-    xs, ys = [], []
+    xs, ys, groups, plain = [], [], [], []
     for k in range(passes):
         s = build_samples(train_cases, rng, normal_index=0, background_per_image=config.background_per_image,
                           background_shrink=config.background_shrink)
         xs.append(features.of_samples(train_cases, s, config.margin, arng if k else None, config.acquisition_augment))
         ys += [x[2] for x in s]
+        groups += [train_cases[x[0]].group for x in s]
+        plain += [k == 0] * len(s)
     x_tr, y_tr = np.concatenate(xs), np.asarray(ys)
     val_samples = build_samples(val_cases, random.Random(1), normal_index=0, background_per_image=1, jitter=False,
                                 background_shrink=config.background_shrink)
     x_va, y_va = features.of_samples(val_cases, val_samples, config.margin), np.asarray([s[2] for s in val_samples])
     log(json.dumps({"features": [int(len(x_tr)), int(len(x_va))], "seconds": round(time.monotonic() - t0, 1)}))
-    mean, scale = x_tr.mean(axis=0), x_tr.std(axis=0) + 1e-6
     k = len(config.labels)
+    by_cv = config.probe_c_selection == "grouped_cv"
     best: tuple[float, float, np.ndarray, np.ndarray, dict[str, Any]] | None = None
-    for c in cs:
-        m = LogisticRegression(C=c, max_iter=5000, class_weight=class_weight).fit((x_tr - mean) / scale, y_tr)
-        w, b = class_rows(m.coef_, m.intercept_, m.classes_, k)
-        z = ((x_va - mean) / scale) @ w.T + b
-        z -= z.max(axis=1, keepdims=True)
-        logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-        nll = float(-logp[np.arange(len(y_va)), y_va].mean())
+    for c in grid:
+        w, b, mean, scale = _fit_rows(c, x_tr, y_tr, k, class_weight)
+        logp = _log_probs(w, b, mean, scale, x_va)
+        nll = _nll(logp, y_va)
         val = _val_metrics(logp, y_va, val_samples, config.labels, category_head=category_head)
-        log(json.dumps({"C": c, "val_log_loss": round(nll, 4), **val}))
-        if best is None or nll < best[0]:
-            best = (nll, c, w, b, val)
+        line: dict[str, Any] = {"C": c, "val_log_loss": round(nll, 4), **val}
+        score = nll
+        if by_cv:
+            score = grouped_cv_log_loss(c, x_tr, y_tr, groups, np.asarray(plain), k, class_weight)
+            line["cv_log_loss"] = round(score, 4)
+        log(json.dumps(line))
+        if best is None or score < best[0]:
+            best = (score, c, w / scale, b - (w / scale) @ mean, {"val_log_loss": nll, "val": val})
     assert best is not None
-    nll, c, w, b, val = best
-    weight, bias = w / scale, b - (w / scale) @ mean  # the standardisation folded into the layer
-    report = {"kind": "linear probe (frozen EfficientNet-Lite0 features)", "C": c,
-              "class_weight": config.probe_class_weight, "val_log_loss": nll, "passes": passes,
-              "train_crops": int(len(x_tr)), "val": val, "temperature": 1.0}
+    score, c, weight, bias, chosen = best  # the standardisation folded into the layer
+    at_edge = len(grid) > 1 and c in (grid[0], grid[-1])
+    if at_edge:
+        log(f"warning: C = {c} is at the edge of the grid {grid}; a value beyond it may fit better (probe_cs)")
+    report = {"kind": "linear probe (frozen EfficientNet-Lite0 features)", "C": c, "C_grid": grid,
+              "C_selection": config.probe_c_selection, "C_at_grid_edge": at_edge,
+              **({"cv_log_loss": score} if by_cv else {}),
+              "class_weight": config.probe_class_weight, "val_log_loss": chosen["val_log_loss"], "passes": passes,
+              "train_crops": int(len(x_tr)), "val": chosen["val"], "temperature": 1.0}
     return features, weight, bias, report
 
 
@@ -195,7 +252,10 @@ def probe_metadata(config: ClassifierTrainConfig, report: dict[str, Any]) -> dic
     return {"labels": list(config.labels), "margin": config.margin, "organ": config.organ,
             "backbone": "efficientnet-lite0 (frozen) + logistic regression",
             "trained_on": {"centers": config.centers, "split": config.train_split}, "val": report.get("val", {}),
-            "probe": {k: report[k] for k in ("C", "val_log_loss", "passes", "train_crops")}, "config": asdict(config)}
+            "probe": {k: report[k] for k in ("C", "C_grid", "C_selection", "C_at_grid_edge", "cv_log_loss",
+                                             "val_log_loss", "passes", "train_crops") if k in report},
+            "config": asdict(config)}
 
 
-__all__ = ["Lite0Features", "class_rows", "export_linear_onnx", "probe_metadata", "train_linear_probe"]
+__all__ = ["PROBE_CV_FOLDS", "Lite0Features", "class_rows", "export_linear_onnx", "grouped_cv_log_loss",
+           "probe_metadata", "train_linear_probe"]

@@ -54,6 +54,10 @@ INPUT_SCALE = 128.0
 BACKBONES = ("efficientnet-lite0",)
 
 
+#: how a linear probe chooses its regularisation (``ClassifierTrainConfig.probe_c_selection``)
+PROBE_C_SELECTIONS = ("val", "grouped_cv")
+
+
 @dataclass
 class ClassifierTrainConfig:
     """Everything a classifier training run depends on (written into the model's metadata)."""
@@ -88,6 +92,13 @@ class ClassifierTrainConfig:
     #: ``--linear-probe`` only: "balanced" weights the classes inversely to their frequency; "none"
     #: keeps the class prior (fewer calls of rare classes)
     probe_class_weight: str = "balanced"
+    #: ``--linear-probe`` only: the grid of inverse regularisation strengths C to choose from
+    probe_cs: list[float] = field(default_factory=lambda: [0.01, 0.03, 0.1, 0.3, 1.0])
+    #: ``--linear-probe`` only: how C is chosen: "val" (the lowest val-split log-loss) or "grouped_cv"
+    #: (the lowest held-out log-loss over PROBE_CV_FOLDS folds of the training cases' groups -- clip,
+    #: near-duplicate group, case -- for a val split too small or too odd to choose, or one that
+    #: overlaps a cross-fitting pool)
+    probe_c_selection: str = "val"
     seed: int = 0
     threads: int = 2
     #: ONNX path relative to the repository root (None: the packaged echo_agent/assets/classifiers/<organ>.onnx);
@@ -97,6 +108,10 @@ class ClassifierTrainConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.acquisition_augment <= 1.0:
             raise ValueError(f"acquisition_augment is a probability in [0, 1], got {self.acquisition_augment}")
+        if not self.probe_cs or any(not c > 0 for c in self.probe_cs):
+            raise ValueError(f"probe_cs must be a non-empty list of positive numbers, got {self.probe_cs}")
+        if self.probe_c_selection not in PROBE_C_SELECTIONS:
+            raise ValueError(f"probe_c_selection must be one of {PROBE_C_SELECTIONS}, got {self.probe_c_selection!r}")
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> ClassifierTrainConfig:
