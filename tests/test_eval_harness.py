@@ -448,3 +448,41 @@ def test_reader_categories_are_scored_against_the_agents(tmp_path: Path):
     assert ca["majority_baseline"]["category"] == "4B"  # tie 4B/5 broken towards the lower category
     report = (tmp_path / "run" / "report.md").read_text()
     assert "BI-RADS agreement with the readers" in report and "exact 0.500" in report
+
+
+def test_a_warning_on_many_images_is_counted_printed_and_reported(manifest: Path, tmp_path: Path):
+    """A run-wide condition (here: a learned fusion that stepped aside on every image) must not hide in
+    predictions.jsonl: the summary counts each kind of warning once per image (texts that differ only
+    in their numbers are one kind), the console prints the widespread ones, the report lists them."""
+    from rich.console import Console
+
+    class WarnedAgent(FakeAgent):
+        def run(self, image, *, organ=None, context=None):
+            dx = super().run(image, organ=organ, context=context)
+            name = Path(image).name
+            extra = [f"router unsure, p=0.{ord(name[0])}"] if name == "a.png" else []
+            return dx.model_copy(update={"warnings": ["learned fusion skipped: it needs classifier X",
+                                                      "learned fusion skipped: it needs classifier X", *extra]})
+
+    buf = io.StringIO()
+    assert eval_command(manifest, tmp_path / "w", agent=WarnedAgent(), progress=False,
+                        console=Console(file=buf, width=200)) == 0
+    summary = json.loads((tmp_path / "w" / "metrics.json").read_text())
+    assert summary["agent_warnings"] == [
+        {"warning": "learned fusion skipped: it needs classifier X", "images": 3},  # d.png failed
+        {"warning": "router unsure, p=0.97", "images": 1},
+    ]
+    text = buf.getvalue()
+    assert "agent warning on 3 of 4 images: learned fusion skipped" in text
+    assert "agent warning on 1 of 4 images: router unsure, p=0.97" in text  # 25 % >= WIDESPREAD_WARNING
+    report = (tmp_path / "w" / "report.md").read_text()
+    assert "| learned fusion skipped: it needs classifier X | 3 |" in report
+
+
+def test_warning_kinds_ignore_numbers() -> None:
+    from echo_agent.eval.harness import WarningTally
+
+    tally = WarningTally()
+    tally.add(["router p=0.75", "router p=0.61"])  # one kind, once for this image
+    tally.add(["router p=0.5"])
+    assert tally.most_common() == [{"warning": "router p=0.75", "images": 2}]

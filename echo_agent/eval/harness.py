@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import shlex
 import time
 import traceback
@@ -370,6 +371,7 @@ def evaluate(
     error_examples: list[dict[str, Any]] = []
     timing: dict[str, list[float]] = {s: [] for s in SYSTEMS}
     categories: dict[str, list[tuple[str, str | None]]] = {name: [] for name in specs}
+    warnings = WarningTally()
     started = datetime.now(timezone.utc)
     with pred_path.open("w", encoding="utf-8") as fh, _progress(progress) as bar:
         task = bar.add_task("eval", total=len(items))
@@ -377,8 +379,9 @@ def evaluate(
             record, got = _run_item(im, specs[im.organ], baseline, agent)
             fh.write(json.dumps(record, ensure_ascii=False) + "\n")
             fh.flush()
+            dx = (record.get(AGENT) or {}).get("diagnosis") or {}
+            warnings.add(dx.get("warnings") or ())
             if im.category:
-                dx = (record.get(AGENT) or {}).get("diagnosis") or {}
                 categories[im.organ].append((im.category, dx.get("category")))
             for s in SYSTEMS:
                 if s in got:
@@ -406,6 +409,7 @@ def evaluate(
         "n_images": len(items),
         "errors": errors,
         "error_examples": error_examples,
+        "agent_warnings": warnings.most_common(),
         "timing_ms": {s: _timing(v) for s, v in timing.items()},
         "started": started.isoformat(timespec="seconds"),
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -431,6 +435,36 @@ def evaluate(
         out_dir=out, n_images=len(items), errors=errors, metrics=organ_metrics, metrics_path=metrics_path,
         predictions_path=pred_path, report_path=report_path, plots=plot_paths, summary=summary,
     )
+
+
+class WarningTally:
+    """How many images each kind of agent warning was given on. Warnings that differ only in their
+    numbers ("router p=0.75" / "p=0.61") count as one kind, shown by its first text."""
+
+    def __init__(self) -> None:
+        self._counts: Counter[str] = Counter()
+        self._first: dict[str, str] = {}
+
+    @staticmethod
+    def kind(text: str) -> str:
+        return re.sub(r"\d+(?:\.\d+)?", "#", text)
+
+    def add(self, texts: Iterable[str]) -> None:
+        seen: set[str] = set()
+        for text in texts:
+            key = self.kind(text)
+            if key not in seen:  # once per image
+                seen.add(key)
+                self._counts[key] += 1
+                self._first.setdefault(key, text)
+
+    def most_common(self, n: int = 10) -> list[dict[str, Any]]:
+        return [{"warning": self._first[k], "images": c} for k, c in self._counts.most_common(n)]
+
+
+#: a warning given on at least this share of the images is printed after the table: a run-wide
+#: condition (a learned fusion that stepped aside, a model that did not load) changes every number
+WIDESPREAD_WARNING = 0.1
 
 
 def _organ_metrics(
@@ -529,6 +563,9 @@ def eval_command(
     console.print(summary_table(result.summary))
     console.print(f"wrote {result.metrics_path}, {result.predictions_path}, {result.report_path}"
                   + (f" and {len(result.plots)} plot(s)" if result.plots else ""))
+    for w in result.summary.get("agent_warnings", []):
+        if w["images"] >= WIDESPREAD_WARNING * result.n_images:
+            console.print(f"[yellow]agent warning on {w['images']} of {result.n_images} images:[/] {w['warning']}")
     failed = [s for s in SYSTEMS if result.errors[s] == result.n_images]
     if failed:
         first = result.summary["error_examples"][0] if result.summary["error_examples"] else {}

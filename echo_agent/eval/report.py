@@ -191,6 +191,13 @@ def render_report(summary: Mapping[str, Any], *, plots: Sequence[str | Path] = (
         for e in summary.get("error_examples", [])[:5]:
             out.append(f"- `{e['key']}` ({e['system']}): {e['type']}: {e['message']}")
         out.append("")
+    warned = summary.get("agent_warnings") or []
+    if warned:
+        out += ["**Warnings in the agent's diagnoses** (images with each kind; a warning on most images "
+                "usually means a run-wide condition, such as a learned fusion that stepped aside):", ""]
+        out += _table(["warning (first text of its kind)", "images"],
+                      [[w["warning"], str(w["images"])] for w in warned], align_right_from=1)
+        out.append("")
     timing = summary.get("timing_ms") or {}
     if timing:
         out += _table(
