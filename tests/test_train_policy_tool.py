@@ -142,6 +142,9 @@ def test_cross_fitted_classifiers_each_see_only_their_fold(tmp_path: Path):
         assert used == {names[cross_fit_fold(rec.group, 2)]}, rec.key
     training = json.loads(out.read_text())["training"]
     assert training["classifiers"] == [get_region_classifier("breast").name]
+    # and says so, with how to write it for other files (a classifier replaced afterwards = a fallback)
+    said = next(line for line in r.stdout.splitlines() if line.startswith("it is for "))
+    assert get_region_classifier("breast").name in said and "--for-classifier" in said
     assert sorted(training["runs_classifiers"]) == sorted(names)
     assert training["cross_fit_classifiers"]["folds"] == 2
     assert training["selection"]["mode"] == "simplest"

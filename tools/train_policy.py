@@ -296,6 +296,11 @@ def main() -> int:
               f"{veto['without']['lesions_read_normal']:g} -> {veto['with']['lesions_read_normal']:g} of {veto['n_lesions']}")
     print(f"wrote {args.out} ({params.training['chosen']}, temperature {params.temperature:.3f}, "
           f"{len(params.feature_names)} features, n={params.training['n']})")
+    made_for = [*(params.training.get("detectors") or []), *(params.training.get("classifiers") or [])]
+    if made_for:
+        print(f"it is for {', '.join(made_for)}: in a run with other weights (a file replaced after this fit) "
+              "the agent falls back to the transparent fusion with a warning; refit with --for-detector / "
+              "--for-classifier naming the files you ship")
     return 0
 
 
