@@ -263,13 +263,18 @@ class FusionParams:
     rule_platt: list[float] | None = None
     #: a normal reading needs the detector-only rule's agreement (:func:`veto_normal`)
     normal_veto: bool = False
+    #: a normal reading the second look contradicts (lesion probability >= PRESENCE_CONFLICT_MIN on
+    #: the top candidate or the whole image; :func:`~echo_agent.fusion.diagnosis.presence_conflict`)
+    #: does not stand either: capped as :func:`veto_normal` caps it, instead of only being referred
+    presence_veto: bool = False
 
     def to_json(self) -> str:
         data = dict(self.__dict__)
         if data["rule_platt"] is None:
             del data["rule_platt"]  # files without it read as before
-        if not data["normal_veto"]:
-            del data["normal_veto"]
+        for key in ("normal_veto", "presence_veto"):
+            if not data[key]:
+                del data[key]  # files without them read as before
         return json.dumps(data, indent=1)
 
     @classmethod
@@ -286,8 +291,9 @@ class FusionParams:
             raise ModelLoadError(f"fusion parameters in {source}: temperature must be > 0")
         if p.kind not in FUSION_KINDS:
             raise ModelLoadError(f"fusion parameters in {source} have kind {p.kind!r}; expected one of {', '.join(FUSION_KINDS)}")
-        if not isinstance(p.normal_veto, bool):
-            raise ModelLoadError(f"fusion parameters in {source}: normal_veto must be true or false, got {p.normal_veto!r}")
+        for key in ("normal_veto", "presence_veto"):
+            if not isinstance(getattr(p, key), bool):
+                raise ModelLoadError(f"fusion parameters in {source}: {key} must be true or false, got {getattr(p, key)!r}")
         if p.rule_platt is not None:
             if p.kind == LOGISTIC:
                 raise ModelLoadError(f"fusion parameters in {source}: rule_platt only goes with a rule kind, not {p.kind!r}")
@@ -520,6 +526,16 @@ class LearnedFusion:
                     vetoed = (f"a normal reading (p={before.max():.2f}) overruled: the detector's first look "
                               f"has a {first.label} candidate at {first.score:.2f}")
                     overruled = f"evidence conflict: {vetoed}"
+        if params.presence_veto and organ.normal_label in params.labels and cls_results:
+            ni = params.labels.index(organ.normal_label)
+            cands0 = ev.candidates
+            looked = [r for r in (ev.region_of(cands0[0]) if cands0 else None, ev.whole_image) if r is not None]
+            seen = presence_conflict(organ, organ.normal_label, looked) if probs_arr.argmax() == ni else None
+            if seen:
+                before = probs_arr
+                probs_arr = veto_normal(probs_arr, ni, True)
+                vetoed = f"a normal reading (p={before.max():.2f}) overruled: {seen.split(', but ', 1)[-1]}"
+                overruled = f"evidence conflict: {vetoed}"
         probs = {lbl: float(p) for lbl, p in zip(params.labels, probs_arr)}
         label = max(probs, key=probs.__getitem__)
         k = params.labels.index(label)
