@@ -579,6 +579,49 @@ def test_normal_veto_round_trips_and_old_files_read_without_it():
         FusionParams.from_json(json.dumps({**off, "normal_veto": "yes"}))
 
 
+def _with_second_look(evidence: list, p_whole_normal: float, p_top_normal: float | None = None) -> list:
+    from echo_agent.schemas import ClassificationResult, RegionClassification
+
+    def probs(pn: float) -> dict[str, float]:
+        return {"normal": pn, "benign": (1 - pn) * 0.7, "malignant": (1 - pn) * 0.3}
+
+    regions = [RegionClassification(box=None, probabilities=probs(p_whole_normal))]
+    found = [e.detections[0] for e in evidence if isinstance(e, DetectorReport) and e.detections]
+    if p_top_normal is not None and found:
+        d = found[0]
+        regions.insert(0, RegionClassification(box=d.box, detection_id=d.id, probabilities=probs(p_top_normal)))
+    return [*evidence, ClassificationResult(id="cls1", organ="breast", classifier="c", regions=regions,
+                                            image_width=200, image_height=160)]
+
+
+def test_a_normal_reading_the_second_look_contradicts_does_not_stand_with_presence_veto():
+    import dataclasses
+
+    plain = _normal_below(0.4, veto=True)
+    both = dataclasses.replace(plain, presence_veto=True)
+    late = [_evidence(None, 0.0)[0], _evidence("benign", 0.2, tta=True, eid="det2")[0], _evidence(None, 0.0)[1]]
+    # nothing at the first look's threshold: the normal veto cannot act; the second look sees a lesion
+    seen = _with_second_look(late, p_whole_normal=0.3)
+    assert LearnedFusion({"breast": plain}).fuse(BREAST, seen, clinical=None, image_size=(200, 160)).label == "normal"
+    dx = LearnedFusion({"breast": both}).fuse(BREAST, seen, clinical=None, image_size=(200, 160))
+    assert dx.label == "benign" and dx.indeterminate and "overruled" in dx.indeterminate_reason
+    assert "overruled: the second look gives the whole image lesion probability 0.70" in dx.rationale
+    assert dx.probabilities["normal"] == pytest.approx(dx.probabilities["benign"] * (1 - NORMAL_VETO_MARGIN))
+    assert dx.findings and dx.findings[0].detection_ids == ["det2:0"]  # the re-check's candidate is the finding
+    # the top candidate's crop counts too
+    top = _with_second_look(late, p_whole_normal=0.9, p_top_normal=0.4)
+    assert LearnedFusion({"breast": both}).fuse(BREAST, top, clinical=None, image_size=(200, 160)).label == "benign"
+    # a second look that agrees (lesion probability < 0.5), or no second look: normal stands
+    agrees = _with_second_look(late, p_whole_normal=0.6, p_top_normal=0.8)
+    assert LearnedFusion({"breast": both}).fuse(BREAST, agrees, clinical=None, image_size=(200, 160)).label == "normal"
+    assert LearnedFusion({"breast": both}).fuse(BREAST, late, clinical=None, image_size=(200, 160)).label == "normal"
+    # round trip; files without it read as off
+    assert FusionParams.from_json(both.to_json()).presence_veto is True
+    assert "presence_veto" not in json.loads(plain.to_json())
+    with pytest.raises(ModelLoadError, match="presence_veto must be true or false"):
+        FusionParams.from_json(json.dumps({**json.loads(plain.to_json()), "presence_veto": 1}))
+
+
 def test_fit_adopts_the_veto_unless_it_costs_out_of_fold_accuracy():
     recs = _records()
     auto = _fit(recs).training["normal_veto"]
