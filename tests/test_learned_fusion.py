@@ -598,7 +598,8 @@ def test_a_normal_reading_the_second_look_contradicts_does_not_stand_with_presen
     import dataclasses
 
     plain = _normal_below(0.4, veto=True)
-    both = dataclasses.replace(plain, presence_veto=True)
+    both = dataclasses.replace(plain, presence_veto="top_or_whole")
+    whole = dataclasses.replace(plain, presence_veto="whole_image")
     late = [_evidence(None, 0.0)[0], _evidence("benign", 0.2, tta=True, eid="det2")[0], _evidence(None, 0.0)[1]]
     # nothing at the first look's threshold: the normal veto cannot act; the second look sees a lesion
     seen = _with_second_look(late, p_whole_normal=0.3)
@@ -611,15 +612,18 @@ def test_a_normal_reading_the_second_look_contradicts_does_not_stand_with_presen
     # the top candidate's crop counts too
     top = _with_second_look(late, p_whole_normal=0.9, p_top_normal=0.4)
     assert LearnedFusion({"breast": both}).fuse(BREAST, top, clinical=None, image_size=(200, 160)).label == "benign"
+    # ... unless only the whole image may overrule
+    assert LearnedFusion({"breast": whole}).fuse(BREAST, top, clinical=None, image_size=(200, 160)).label == "normal"
+    assert LearnedFusion({"breast": whole}).fuse(BREAST, seen, clinical=None, image_size=(200, 160)).label == "benign"
     # a second look that agrees (lesion probability < 0.5), or no second look: normal stands
     agrees = _with_second_look(late, p_whole_normal=0.6, p_top_normal=0.8)
     assert LearnedFusion({"breast": both}).fuse(BREAST, agrees, clinical=None, image_size=(200, 160)).label == "normal"
     assert LearnedFusion({"breast": both}).fuse(BREAST, late, clinical=None, image_size=(200, 160)).label == "normal"
     # round trip; files without it read as off
-    assert FusionParams.from_json(both.to_json()).presence_veto is True
+    assert FusionParams.from_json(whole.to_json()).presence_veto == "whole_image"
     assert "presence_veto" not in json.loads(plain.to_json())
-    with pytest.raises(ModelLoadError, match="presence_veto must be true or false"):
-        FusionParams.from_json(json.dumps({**json.loads(plain.to_json()), "presence_veto": 1}))
+    with pytest.raises(ModelLoadError, match="presence_veto must be one of off, whole_image, top_or_whole"):
+        FusionParams.from_json(json.dumps({**json.loads(plain.to_json()), "presence_veto": True}))
 
 
 def test_fit_adopts_the_veto_unless_it_costs_out_of_fold_accuracy():

@@ -98,6 +98,9 @@ def rule_log_probs(organ: OrganSpec, reports: Sequence[DetectorReport], kind: st
     return np.log(_vote_distribution(np.array([labels.index(label)]), np.array([share]), k)[0])
 
 
+#: ``FusionParams.presence_veto``: which second-look readings can overrule a normal reading.
+PRESENCE_VETO_MODES = ("off", "whole_image", "top_or_whole")
+
 #: How far below the strongest lesion class a vetoed normal reading's probability is put (relative).
 NORMAL_VETO_MARGIN = 0.01
 
@@ -263,18 +266,21 @@ class FusionParams:
     rule_platt: list[float] | None = None
     #: a normal reading needs the detector-only rule's agreement (:func:`veto_normal`)
     normal_veto: bool = False
-    #: a normal reading the second look contradicts (lesion probability >= PRESENCE_CONFLICT_MIN on
-    #: the top candidate or the whole image; :func:`~echo_agent.fusion.diagnosis.presence_conflict`)
-    #: does not stand either: capped as :func:`veto_normal` caps it, instead of only being referred
-    presence_veto: bool = False
+    #: one of :data:`PRESENCE_VETO_MODES`: a normal reading the second look contradicts (lesion
+    #: probability >= PRESENCE_CONFLICT_MIN, :func:`~echo_agent.fusion.diagnosis.presence_conflict`)
+    #: on the whole image (``"whole_image"``) or on the top candidate or the whole image
+    #: (``"top_or_whole"``) does not stand either: capped as :func:`veto_normal` caps it, instead of
+    #: only being referred. ``"off"``: referred only
+    presence_veto: str = "off"
 
     def to_json(self) -> str:
         data = dict(self.__dict__)
         if data["rule_platt"] is None:
             del data["rule_platt"]  # files without it read as before
-        for key in ("normal_veto", "presence_veto"):
-            if not data[key]:
-                del data[key]  # files without them read as before
+        if not data["normal_veto"]:
+            del data["normal_veto"]  # files without it read as before
+        if data["presence_veto"] == "off":
+            del data["presence_veto"]
         return json.dumps(data, indent=1)
 
     @classmethod
@@ -291,9 +297,11 @@ class FusionParams:
             raise ModelLoadError(f"fusion parameters in {source}: temperature must be > 0")
         if p.kind not in FUSION_KINDS:
             raise ModelLoadError(f"fusion parameters in {source} have kind {p.kind!r}; expected one of {', '.join(FUSION_KINDS)}")
-        for key in ("normal_veto", "presence_veto"):
-            if not isinstance(getattr(p, key), bool):
-                raise ModelLoadError(f"fusion parameters in {source}: {key} must be true or false, got {getattr(p, key)!r}")
+        if not isinstance(p.normal_veto, bool):
+            raise ModelLoadError(f"fusion parameters in {source}: normal_veto must be true or false, got {p.normal_veto!r}")
+        if p.presence_veto not in PRESENCE_VETO_MODES:
+            raise ModelLoadError(f"fusion parameters in {source}: presence_veto must be one of "
+                                 f"{', '.join(PRESENCE_VETO_MODES)}, got {p.presence_veto!r}")
         if p.rule_platt is not None:
             if p.kind == LOGISTIC:
                 raise ModelLoadError(f"fusion parameters in {source}: rule_platt only goes with a rule kind, not {p.kind!r}")
@@ -526,9 +534,9 @@ class LearnedFusion:
                     vetoed = (f"a normal reading (p={before.max():.2f}) overruled: the detector's first look "
                               f"has a {first.label} candidate at {first.score:.2f}")
                     overruled = f"evidence conflict: {vetoed}"
-        if params.presence_veto and organ.normal_label in params.labels and cls_results:
+        if params.presence_veto != "off" and organ.normal_label in params.labels and cls_results:
             ni = params.labels.index(organ.normal_label)
-            cands0 = ev.candidates
+            cands0 = ev.candidates if params.presence_veto == "top_or_whole" else []
             looked = [r for r in (ev.region_of(cands0[0]) if cands0 else None, ev.whole_image) if r is not None]
             seen = presence_conflict(organ, organ.normal_label, looked) if probs_arr.argmax() == ni else None
             if seen:

@@ -3,7 +3,7 @@
     python docs/experiments/presence_veto/explore.py NAME RUNS.jsonl FUSION.json [NAME RUNS FUSION ...] --out F.json
 
 For each (runs, fusion) triple: every run's evidence goes through ``LearnedFusion`` with the fusion as
-it is and with ``presence_veto`` on; printed per triple: accuracy, lesion images read normal, normal
+it is and with ``presence_veto`` in ``--mode``; printed per triple: accuracy, lesion images read normal, normal
 images read normal, readings changed. Nothing is fitted.
 """
 
@@ -44,6 +44,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("triples", nargs="+", help="NAME RUNS.jsonl FUSION.json, repeated")
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--mode", default="top_or_whole", choices=("whole_image", "top_or_whole"),
+                    help="the presence_veto mode compared with the fusion as it is (the addendum's: whole_image)")
     args = ap.parse_args()
     if len(args.triples) % 3:
         ap.error("give NAME RUNS FUSION triples")
@@ -60,8 +62,8 @@ def main() -> int:
         params = dataclasses.replace(params, training={})
         normal = get_organ(params.organ).normal_label
         before = readings(runs, params)
-        after = readings(runs, dataclasses.replace(params, presence_veto=True))
-        results[name] = {"runs": runs_path, "fusion": fusion_path, "normal_veto": params.normal_veto,
+        after = readings(runs, dataclasses.replace(params, presence_veto=args.mode))
+        results[name] = {"runs": runs_path, "fusion": fusion_path, "normal_veto": params.normal_veto, "mode": args.mode,
                          "without": summary(runs, before, normal), "with": summary(runs, after, normal),
                          "changed": sum(a != b for a, b in zip(before, after))}
         print(name, json.dumps(results[name]), flush=True)
