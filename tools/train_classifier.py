@@ -35,6 +35,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tools"))
 
 MAX_ONNX_BYTES = 15 * 1024 * 1024
 
@@ -55,11 +56,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--folds", type=int, default=None)
     ap.add_argument("--linear-probe", action="store_true",
                     help="fit a linear probe on frozen pretrained features instead of fine-tuning "
-                         "(echo_agent.training.linear_probe; C on val log-loss) -- for small data sets")
+                         "(echo_agent.training.linear_probe; C as the config's probe_c_selection says) -- for small data sets")
     args = ap.parse_args(argv)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from echo_agent.eval.datasets import load_split, training_split
+    from train_detector import check_training_split
+
+    from echo_agent.eval.datasets import load_split
     from echo_agent.training.region_classifier import (
         ClassifierTrainConfig,
         category_head_images,
@@ -76,10 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             setattr(cfg, key, value)
     if args.random_init:
         cfg.pretrained = False
-    try:
-        training_split(cfg.train_split)
-    except ValueError as exc:
-        ap.error(str(exc))
+    check_training_split(ap, cfg.train_split)
     if (args.fold is None) != (args.folds is None):
         ap.error("--fold and --folds go together")
     if args.fold is not None and (args.output is None or not 0 <= args.fold < args.folds):

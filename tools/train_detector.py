@@ -51,6 +51,17 @@ def _load_config(path: Path, overrides: argparse.Namespace) -> dict:
     return cfg
 
 
+def check_training_split(ap: argparse.ArgumentParser, split: str) -> None:
+    """An argument error (exit 2) when ``split`` includes the test split: models never train on it
+    (:func:`echo_agent.eval.datasets.training_split`). Shared by the three trainers."""
+    from echo_agent.eval.datasets import training_split
+
+    try:
+        training_split(split)
+    except ValueError as exc:
+        ap.error(str(exc))
+
+
 def leave_fold_out(images: list, fold: int | None, folds: int | None) -> list:
     """The train images without cross-fitting fold ``fold`` of ``folds`` (whole groups: a patient,
     clip or near-duplicate group is in one fold; :func:`echo_agent.eval.splits.cross_fit_fold`)."""
@@ -284,12 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.output is None:
             ap.error("a cross-fitted detector needs its own --output (it must not replace the packaged weights)")
     cfg = _load_config(args.config, args)
-    from echo_agent.eval.datasets import training_split
-
-    try:
-        training_split(cfg.get("train_split", "train"))
-    except ValueError as exc:
-        ap.error(str(exc))
+    check_training_split(ap, cfg.get("train_split", "train"))
     if args.fold is not None:
         cfg["fold"], cfg["folds"] = args.fold, args.folds
     tag = cfg["organ"] + ("_lesion" if cfg.get("lesion_only") else "") + (

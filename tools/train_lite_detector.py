@@ -55,9 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from train_detector import leave_fold_out, pipeline_metrics
+    from train_detector import check_training_split, leave_fold_out, pipeline_metrics
 
-    from echo_agent.eval.datasets import load_split, training_split
+    from echo_agent.eval.datasets import load_split
     from echo_agent.organs import get_organ
     from echo_agent.training.lite_detector import (
         LiteDetectorTrainConfig,
@@ -75,10 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             setattr(cfg, key, value)
     if args.random_init:
         cfg.pretrained = False
-    try:
-        training_split(cfg.train_split)
-    except ValueError as exc:
-        ap.error(str(exc))
+    check_training_split(ap, cfg.train_split)
     if (cfg.fold is None) != (cfg.folds is None):
         ap.error("--fold and --folds go together")
     out = args.output or (REPO / cfg.output if cfg.output else None)
