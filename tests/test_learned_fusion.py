@@ -690,3 +690,45 @@ def test_fit_fusion_records_the_selection_rule_it_used():
     assert chosen["cv_ece"] == min(c["cv_ece"] for c in near)
     with pytest.raises(ValueError, match="selection must be one of"):
         fit_fusion(_records(80), organ="breast", selection="ece")
+
+
+# -- recalibrating a fitted fusion's temperature on runs of the models it is used with -------------------
+def test_recalibration_recovers_a_mis_set_temperature_and_keeps_the_weights():
+    import dataclasses
+
+    from echo_agent.training.fusion_fit import recalibrate_temperature
+
+    fitted = _fitted()
+    blunt = dataclasses.replace(fitted, temperature=fitted.temperature * 4)  # far too unsure
+    new, report = recalibrate_temperature(blunt, _records(90, seed=1), notes={"source": "test"})
+    assert new.weights == blunt.weights and new.bias == blunt.bias and new.feature_names == blunt.feature_names
+    assert new.temperature < blunt.temperature / 2 and report["temperature"] == new.temperature
+    assert report["after"]["nll"] < report["before"]["nll"] and report["better_in_cv"]
+    assert report["cv"]["refit"]["nll"] < report["cv"]["current"]["nll"] and len(report["cv"]["fold_temperatures"]) == 3
+    assert report["n"] == 90 and report["source"] == "test"
+    assert new.training["recalibration"] == report and "recalibration" not in blunt.training
+    assert FusionParams.from_json(new.to_json()).temperature == new.temperature
+
+
+def test_recalibration_refuses_what_it_cannot_calibrate():
+    import dataclasses
+
+    from echo_agent.training.fusion_fit import MIN_RECALIBRATION_RUNS, recalibrate_temperature
+
+    fitted = _fitted()
+    with pytest.raises(ValueError, match=f"at least {MIN_RECALIBRATION_RUNS}"):
+        recalibrate_temperature(fitted, _records(10))
+    one_class = [r for r in _records(90) if r.label == "benign"]
+    with pytest.raises(ValueError, match="two classes"):
+        recalibrate_temperature(fitted, one_class)
+    odd = _records(30)
+    odd[0].label = "cyst"
+    with pytest.raises(ValueError, match="not the fusion's"):
+        recalibrate_temperature(fitted, odd)
+    rule = dataclasses.replace(fitted, kind=DETECTOR_RULE, rule_platt=[1.0, 0.0, 0.0])
+    with pytest.raises(ValueError, match="Platt"):
+        recalibrate_temperature(rule, _records(30))
+    # runs of another detector: the fusion would step aside on them, so they cannot calibrate it
+    foreign = dataclasses.replace(fitted, training={**fitted.training, "detectors": ["someone-else"]})
+    with pytest.raises(ValueError, match="steps aside"):
+        recalibrate_temperature(foreign, _records(30))

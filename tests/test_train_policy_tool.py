@@ -15,10 +15,15 @@ ROOT = Path(__file__).resolve().parents[1]
 TOOL = ROOT / "tools" / "train_policy.py"
 
 
-def _run(*args: str) -> subprocess.CompletedProcess:
+def run_tool(tool: Path, *args: str) -> subprocess.CompletedProcess:
+    """A tools/ script run as a user runs it (offline), from the repository root."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
-    return subprocess.run([sys.executable, str(TOOL), *args], capture_output=True, text=True, env=env,
+    return subprocess.run([sys.executable, str(tool), *args], capture_output=True, text=True, env=env,
                           timeout=600, cwd=ROOT)
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return run_tool(TOOL, *args)
 
 
 def _manifest(tmp_path: Path, split: str = "", n: int = 12) -> Path:

@@ -25,7 +25,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -36,6 +36,7 @@ from ..fusion import (
     LOGISTIC,
     RULE_CALIBRATIONS,
     FusionParams,
+    LearnedFusion,
     fit_logistic,
     fit_rule_platt,
     fit_temperature,
@@ -565,3 +566,90 @@ def _normal_veto_check(P: np.ndarray, y: np.ndarray, labels: Sequence[str], norm
     adopted = mode == "on" or (mode == "auto" and cost <= NORMAL_VETO_MAX_COST)
     return {"mode": mode, "adopted": bool(adopted), "max_cost": NORMAL_VETO_MAX_COST, "without": a, "with": b,
             "n_lesions": int(lesion.sum()), "n_normals": int(normal.sum())}
+
+
+# -- recalibration: the temperature of a fitted fusion, on runs of the models it is used with ---------
+#: the fewest runs :func:`recalibrate_temperature` accepts
+MIN_RECALIBRATION_RUNS = 20
+
+
+def _fused_probabilities(params: FusionParams, records: Sequence[RunRecord]) -> np.ndarray:
+    """The agent's own probabilities (``LearnedFusion.fuse``: temperature, normal veto and all) per run."""
+    spec = get_organ(params.organ)
+    fusion = LearnedFusion({params.organ: params})
+    out = []
+    for r in records:
+        clin = ClinicalContext.model_validate(r.clinical) if r.clinical else None
+        dx = fusion.fuse(spec, [parse_evidence(e) for e in r.evidence], clinical=clin, image_size=(r.width, r.height))
+        skipped = [w for w in dx.warnings if w.startswith("learned fusion skipped")]
+        if skipped:
+            raise ValueError(f"the fusion steps aside on run {r.key}: {skipped[0]}; recalibrate it on runs of the "
+                             "models it was fitted for")
+        out.append([dx.probabilities.get(lbl, 0.0) for lbl in params.labels])
+    return np.asarray(out, dtype=np.float64)
+
+
+def _nll_acc_ece(P: np.ndarray, y: np.ndarray, labels: Sequence[str], groups: Sequence[str]) -> dict[str, float]:
+    nll = float(-np.log(np.clip(P[np.arange(len(y)), y], 1e-12, None)).mean())
+    ece, _ = ece_with_interval(y, P, labels, groups, n_boot=0)
+    return {"nll": round(nll, 4), "accuracy": round(float((P.argmax(1) == y).mean()), 4), "ece": round(ece, 4)}
+
+
+def recalibrate_temperature(
+    params: FusionParams, records: Sequence[RunRecord], *, folds: int = 3, seed: int = 0,
+    notes: Mapping[str, Any] | None = None,
+) -> tuple[FusionParams, dict[str, Any]]:
+    """Refit only the temperature of a fitted fusion on labelled runs of the models it is used with
+    (a center's own images, or the shipped models' val split when the fusion was fitted on fold
+    models' runs). The weights, the features and the decision rules stay; the new temperature
+    minimises the negative log-likelihood of the uncalibrated logits (:func:`fit_temperature`).
+
+    The report (also written to ``training.recalibration`` of the returned parameters) has NLL,
+    accuracy and ECE of the agent's own probabilities (normal veto included) before and after, and a
+    grouped ``folds``-fold estimate: the temperature refitted on the other folds' groups, scored on
+    each fold, against the file's temperature on the same folds (``cv``; ``better_in_cv`` when the
+    refit's NLL is lower and its ECE not higher). Raises ``ValueError`` for a Platt-mapped rule, too
+    few runs, runs of one class, labels the fusion does not know, or runs of other models.
+    """
+    if params.rule_platt is not None:
+        raise ValueError("this fusion is a rule with a Platt map; refit it with tools/train_policy.py instead")
+    recs = [r for r in records if r.organ == params.organ]
+    if len(recs) < MIN_RECALIBRATION_RUNS:
+        raise ValueError(f"{len(recs)} {params.organ} run(s); recalibration needs at least {MIN_RECALIBRATION_RUNS}")
+    labels = list(params.labels)
+    unknown = sorted({r.label for r in recs} - set(labels))
+    if unknown:
+        raise ValueError(f"labels {unknown} are not the fusion's {labels}")
+    y = np.array([labels.index(r.label) for r in recs])
+    if len(set(y.tolist())) < 2:
+        raise ValueError("recalibration needs runs of at least two classes")
+    spec = get_organ(params.organ)
+    Z = np.stack([params.run_logits(spec, [parse_evidence(e) for e in r.evidence],
+                                    ClinicalContext.model_validate(r.clinical) if r.clinical else None,
+                                    (r.width, r.height))[0] for r in recs])
+    groups = [r.group for r in recs]
+    t_new = fit_temperature(Z, y)
+    new = replace(params, temperature=t_new)
+    before = _nll_acc_ece(_fused_probabilities(params, recs), y, labels, groups)
+    after = _nll_acc_ece(_fused_probabilities(new, recs), y, labels, groups)
+    P_cur, P_cv = np.zeros((len(recs), len(labels))), np.zeros((len(recs), len(labels)))
+    fold_t = []
+    for test in _group_folds(groups, folds, seed):
+        if not len(test):
+            continue
+        train = np.setdiff1d(np.arange(len(recs)), test)
+        t = fit_temperature(Z[train], y[train])
+        fold_t.append(round(t, 4))
+        sub = [recs[i] for i in test]
+        P_cur[test] = _fused_probabilities(params, sub)
+        P_cv[test] = _fused_probabilities(replace(params, temperature=t), sub)
+    cv_cur, cv_new = _nll_acc_ece(P_cur, y, labels, groups), _nll_acc_ece(P_cv, y, labels, groups)
+    report = {
+        "n": len(recs), "groups": len(set(groups)), "temperature_before": params.temperature, "temperature": t_new,
+        "before": before, "after": after,
+        "cv": {"folds": folds, "seed": seed, "fold_temperatures": fold_t, "current": cv_cur, "refit": cv_new},
+        "better_in_cv": cv_new["nll"] < cv_cur["nll"] and cv_new["ece"] <= cv_cur["ece"],
+        **dict(notes or {}),
+    }
+    new.training = {**params.training, "recalibration": report}
+    return new, report
