@@ -105,17 +105,23 @@ def evidence_conflict(organ: OrganSpec, label: str, descriptors: dict[str, Any])
             f"{len(organ.suspicious_descriptors)} {pos} features ({', '.join(hits)})")
 
 
-def presence_conflict(organ: OrganSpec, label: str, regions: Sequence[RegionClassification]) -> str | None:
-    """Why a ``normal`` reading conflicts with the second look (``None``: no conflict): "normal" must
-    not stand when the region classifier sees a lesion."""
-    if label != organ.normal_label:
-        return None
+def second_look_sees_lesion(organ: OrganSpec, regions: Sequence[RegionClassification]) -> str | None:
+    """The first of ``regions`` where the second look's lesion probability reaches
+    :data:`PRESENCE_CONFLICT_MIN`, said as "the second look gives <where> lesion probability <p>"
+    (``None``: nowhere)."""
     for r in regions:
         p = lesion_probability(organ, r)
         if p is not None and p >= PRESENCE_CONFLICT_MIN:
             where = "the whole image" if r.box is None else "a candidate region"
-            return f"evidence conflict: read as {label}, but the second look gives {where} lesion probability {p:.2f}"
+            return f"the second look gives {where} lesion probability {p:.2f}"
     return None
+
+
+def presence_conflict(organ: OrganSpec, label: str, regions: Sequence[RegionClassification]) -> str | None:
+    """Why a ``normal`` reading conflicts with the second look (``None``: no conflict): "normal" must
+    not stand when the region classifier sees a lesion."""
+    seen = second_look_sees_lesion(organ, regions) if label == organ.normal_label else None
+    return f"evidence conflict: read as {label}, but {seen}" if seen else None
 
 
 def recommendation_for(
@@ -227,6 +233,7 @@ __all__ = [
     "head_category",
     "knowledge_refs",
     "presence_conflict",
+    "second_look_sees_lesion",
     "recommendation_for",
     "short_citation",
 ]

@@ -36,7 +36,13 @@ from ..schemas import (
     EvidenceRef,
     Finding,
 )
-from .diagnosis import assemble_diagnosis, describe_descriptors, evidence_conflict, presence_conflict
+from .diagnosis import (
+    assemble_diagnosis,
+    describe_descriptors,
+    evidence_conflict,
+    presence_conflict,
+    second_look_sees_lesion,
+)
 from .evidence import (
     RunEvidence,
     class_score,
@@ -538,11 +544,11 @@ class LearnedFusion:
             ni = params.labels.index(organ.normal_label)
             cands0 = ev.candidates if params.presence_veto == "top_or_whole" else []
             looked = [r for r in (ev.region_of(cands0[0]) if cands0 else None, ev.whole_image) if r is not None]
-            seen = presence_conflict(organ, organ.normal_label, looked) if probs_arr.argmax() == ni else None
+            seen = second_look_sees_lesion(organ, looked) if probs_arr.argmax() == ni else None
             if seen:
                 before = probs_arr
                 probs_arr = veto_normal(probs_arr, ni, True)
-                vetoed = f"a normal reading (p={before.max():.2f}) overruled: {seen.split(', but ', 1)[-1]}"
+                vetoed = f"a normal reading (p={before.max():.2f}) overruled: {seen}"
                 overruled = f"evidence conflict: {vetoed}"
         probs = {lbl: float(p) for lbl, p in zip(params.labels, probs_arr)}
         label = max(probs, key=probs.__getitem__)
