@@ -19,7 +19,6 @@ the refit; the folds do not). Use the result with ``echo-agent eval ... --fusion
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -53,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from echo_agent.errors import ModelLoadError
     from echo_agent.fusion import load_fusion_params
-    from echo_agent.training.fusion_fit import RunRecord, collect_runs, recalibrate_temperature
+    from echo_agent.training.fusion_fit import collect_runs, load_runs, recalibrate_temperature, save_runs
 
     try:
         params = load_fusion_params(args.organ, None if args.fusion is None else str(args.fusion))
@@ -62,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     if params is None:
         ap.error(f"no packaged fusion for {args.organ!r}; give --fusion")
     if args.runs_cache and args.runs_cache.exists():
-        records = [RunRecord(**json.loads(x)) for x in args.runs_cache.read_text().splitlines() if x.strip()]
+        records = load_runs(args.runs_cache)
         print(f"reusing {len(records)} cached runs from {args.runs_cache}")
     else:
         images = _images(args, ap)
@@ -73,8 +72,7 @@ def main(argv: list[str] | None = None) -> int:
                                progress=lambda i, n: print(f"  {i}/{n} runs ({time.perf_counter() - t0:.0f} s)", flush=True)
                                if i % 25 == 0 or i == n else None)
         if args.runs_cache:
-            args.runs_cache.parent.mkdir(parents=True, exist_ok=True)
-            args.runs_cache.write_text("\n".join(r.to_json() for r in records) + "\n")
+            save_runs(records, args.runs_cache)
     notes = {"source": _source(args), "command": "python tools/recalibrate_fusion.py " + " ".join(sys.argv[1:] if argv is None else argv)}
     try:
         new, report = recalibrate_temperature(params, records, folds=args.folds, notes=notes)

@@ -50,7 +50,6 @@ detectors are kept in ``training.runs_detectors`` and the fold of each group in
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -68,6 +67,8 @@ from echo_agent.training.fusion_fit import (  # noqa: E402
     collect_runs,
     default_candidates,
     fit_fusion,
+    load_runs,
+    save_runs,
 )
 
 
@@ -242,7 +243,7 @@ def main() -> int:
 
     records: list[RunRecord] = []
     if args.runs_cache and args.runs_cache.exists():
-        records = [RunRecord(**json.loads(line)) for line in args.runs_cache.read_text().splitlines() if line.strip()]
+        records = load_runs(args.runs_cache)
         print(f"reusing {len(records)} cached runs from {args.runs_cache}")
     else:
         images = _images(args, ap)
@@ -260,8 +261,7 @@ def main() -> int:
             agent = _agent_with(args.organ, args.detector, args.classifier) if own else None
             records = collect_runs(images, agent=agent, progress=progress)
         if args.runs_cache:
-            args.runs_cache.parent.mkdir(parents=True, exist_ok=True)
-            args.runs_cache.write_text("\n".join(r.to_json() for r in records) + "\n")
+            save_runs(records, args.runs_cache)
     notes = {"centers": args.centers, "split": None if args.manifest else args.split,
              "manifest": str(args.manifest) if args.manifest else None,
              "command": "python tools/train_policy.py " + " ".join(sys.argv[1:])}

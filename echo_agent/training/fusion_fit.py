@@ -26,6 +26,7 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -63,11 +64,14 @@ class RunRecord:
     evidence: list[dict[str, Any]]
     clinical: dict[str, Any] | None
 
-    def features(self) -> dict[str, float]:
-        spec = get_organ(self.organ)
-        ev = [parse_evidence(e) for e in self.evidence]
+    def parsed(self) -> tuple[list[Any], ClinicalContext | None]:
+        """The run's evidence as typed objects and its clinical context, as the fusion reads them."""
         clin = ClinicalContext.model_validate(self.clinical) if self.clinical else None
-        return fusion_features(spec, ev, clin, (self.width, self.height))
+        return [parse_evidence(e) for e in self.evidence], clin
+
+    def features(self) -> dict[str, float]:
+        ev, clin = self.parsed()
+        return fusion_features(get_organ(self.organ), ev, clin, (self.width, self.height))
 
     def rule_log_probs(self, kind: str) -> np.ndarray:
         """The log-probabilities of a decision rule (``detector_rule`` / ``heuristic``) on this run."""
@@ -78,6 +82,18 @@ class RunRecord:
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__)
+
+
+def load_runs(path: str | Path) -> list[RunRecord]:
+    """The runs of a runs cache (one :meth:`RunRecord.to_json` line each; blank lines skipped)."""
+    return [RunRecord(**json.loads(line)) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def save_runs(records: Sequence[RunRecord], path: str | Path) -> None:
+    """Write runs as a runs cache that :func:`load_runs` reads (the parent folder is created)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(r.to_json() for r in records) + "\n")
 
 
 def collect_runs(images: Sequence[Any], *, agent: Any = None, progress: Callable[[int, int], None] | None = None) -> list[RunRecord]:
@@ -573,14 +589,15 @@ def _normal_veto_check(P: np.ndarray, y: np.ndarray, labels: Sequence[str], norm
 MIN_RECALIBRATION_RUNS = 20
 
 
-def _fused_probabilities(params: FusionParams, records: Sequence[RunRecord]) -> np.ndarray:
-    """The agent's own probabilities (``LearnedFusion.fuse``: temperature, normal veto and all) per run."""
+def _fused_probabilities(params: FusionParams, records: Sequence[RunRecord],
+                         parsed: Sequence[tuple[list[Any], ClinicalContext | None]]) -> np.ndarray:
+    """The agent's own probabilities (``LearnedFusion.fuse``: temperature, normal veto and all) per run
+    (``parsed``: each run's :meth:`RunRecord.parsed`)."""
     spec = get_organ(params.organ)
     fusion = LearnedFusion({params.organ: params})
     out = []
-    for r in records:
-        clin = ClinicalContext.model_validate(r.clinical) if r.clinical else None
-        dx = fusion.fuse(spec, [parse_evidence(e) for e in r.evidence], clinical=clin, image_size=(r.width, r.height))
+    for r, (ev, clin) in zip(records, parsed, strict=True):
+        dx = fusion.fuse(spec, ev, clinical=clin, image_size=(r.width, r.height))
         skipped = [w for w in dx.warnings if w.startswith("learned fusion skipped")]
         if skipped:
             raise ValueError(f"the fusion steps aside on run {r.key}: {skipped[0]}; recalibrate it on runs of the "
@@ -624,15 +641,15 @@ def recalibrate_temperature(
     if len(set(y.tolist())) < 2:
         raise ValueError("recalibration needs runs of at least two classes")
     spec = get_organ(params.organ)
-    Z = np.stack([params.run_logits(spec, [parse_evidence(e) for e in r.evidence],
-                                    ClinicalContext.model_validate(r.clinical) if r.clinical else None,
-                                    (r.width, r.height))[0] for r in recs])
+    parsed = [r.parsed() for r in recs]
+    Z = np.stack([params.run_logits(spec, ev, clin, (r.width, r.height))[0] for r, (ev, clin) in zip(recs, parsed)])
     groups = [r.group for r in recs]
     t_new = fit_temperature(Z, y)
     new = replace(params, temperature=t_new)
-    before = _nll_acc_ece(_fused_probabilities(params, recs), y, labels, groups)
-    after = _nll_acc_ece(_fused_probabilities(new, recs), y, labels, groups)
-    P_cur, P_cv = np.zeros((len(recs), len(labels))), np.zeros((len(recs), len(labels)))
+    # The file's temperature is the same on every fold, so its cross-validated column is ``before``.
+    before = _nll_acc_ece(_fused_probabilities(params, recs, parsed), y, labels, groups)
+    after = _nll_acc_ece(_fused_probabilities(new, recs, parsed), y, labels, groups)
+    P_cv = np.zeros((len(recs), len(labels)))
     fold_t = []
     for test in _group_folds(groups, folds, seed):
         if not len(test):
@@ -640,10 +657,9 @@ def recalibrate_temperature(
         train = np.setdiff1d(np.arange(len(recs)), test)
         t = fit_temperature(Z[train], y[train])
         fold_t.append(round(t, 4))
-        sub = [recs[i] for i in test]
-        P_cur[test] = _fused_probabilities(params, sub)
-        P_cv[test] = _fused_probabilities(replace(params, temperature=t), sub)
-    cv_cur, cv_new = _nll_acc_ece(P_cur, y, labels, groups), _nll_acc_ece(P_cv, y, labels, groups)
+        P_cv[test] = _fused_probabilities(replace(params, temperature=t), [recs[i] for i in test],
+                                          [parsed[i] for i in test])
+    cv_cur, cv_new = before, _nll_acc_ece(P_cv, y, labels, groups)
     report = {
         "n": len(recs), "groups": len(set(groups)), "temperature_before": params.temperature, "temperature": t_new,
         "before": before, "after": after,

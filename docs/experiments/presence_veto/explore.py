@@ -19,14 +19,12 @@ from pathlib import Path
 def readings(runs: list, params) -> list[str]:
     from echo_agent.fusion.learned import LearnedFusion
     from echo_agent.organs import get_organ
-    from echo_agent.schemas import ClinicalContext, parse_evidence
 
     fusion = LearnedFusion({params.organ: params})
     out = []
     for r in runs:
-        clin = ClinicalContext.model_validate(r.clinical) if r.clinical else None
-        dx = fusion.fuse(get_organ(r.organ), [parse_evidence(e) for e in r.evidence], clinical=clin,
-                         image_size=(r.width, r.height))
+        ev, clin = r.parsed()
+        dx = fusion.fuse(get_organ(r.organ), ev, clinical=clin, image_size=(r.width, r.height))
         out.append(dx.label)
     return out
 
@@ -51,11 +49,11 @@ def main() -> int:
         ap.error("give NAME RUNS FUSION triples")
     from echo_agent.fusion.learned import FusionParams
     from echo_agent.organs import get_organ
-    from echo_agent.training.fusion_fit import RunRecord
+    from echo_agent.training.fusion_fit import load_runs
 
     results = {}
     for name, runs_path, fusion_path in zip(*[iter(args.triples)] * 3, strict=True):
-        runs = [RunRecord(**json.loads(x)) for x in Path(runs_path).read_text().splitlines() if x.strip()]
+        runs = load_runs(runs_path)
         params = FusionParams.from_json(Path(fusion_path).read_text(), fusion_path)
         # Out-of-fold runs come from fold models, which the fusion's model-identity check would refuse
         # (it is written for the models it ships with): read them as the fit read them.
