@@ -172,7 +172,7 @@ def train_linear_probe(
         ys += [x[2] for x in s]
         groups += [train_cases[x[0]].group for x in s]
         plain += [k == 0] * len(s)
-    x_tr, y_tr = np.concatenate(xs), np.asarray(ys)
+    x_tr, y_tr, plain_tr = np.concatenate(xs), np.asarray(ys), np.asarray(plain)
     val_samples = build_samples(val_cases, random.Random(1), normal_index=0, background_per_image=1, jitter=False,
                                 background_shrink=config.background_shrink)
     x_va, y_va = features.of_samples(val_cases, val_samples, config.margin), np.asarray([s[2] for s in val_samples])
@@ -188,7 +188,7 @@ def train_linear_probe(
         line: dict[str, Any] = {"C": c, "val_log_loss": round(nll, 4), **val}
         score = nll
         if by_cv:
-            score = grouped_cv_log_loss(c, x_tr, y_tr, groups, np.asarray(plain), k, class_weight)
+            score = grouped_cv_log_loss(c, x_tr, y_tr, groups, plain_tr, k, class_weight)
             line["cv_log_loss"] = round(score, 4)
         log(json.dumps(line))
         if best is None or score < best[0]:
