@@ -221,6 +221,9 @@ def test_fusion_features_read_the_second_look() -> None:
     # probabilities are floored before the log
     h = fusion_features(spec, _evidence({"normal": 1.0, "benign": 0.0, "malignant": 0.0}, None), None, (100, 100))
     assert h["cls_whole_malignant"] == pytest.approx(math.log(0.005))
+    # the same evidence on the probability scale, unfloored
+    assert f["clsprob_whole_malignant"] == pytest.approx(0.5) and f["clsprob_top_malignant"] == pytest.approx(0.8)
+    assert g["clsprob_top_normal"] == pytest.approx(0.6) and h["clsprob_whole_malignant"] == 0.0
 
 
 def test_presence_conflict_refers_a_normal_reading() -> None:
@@ -242,6 +245,27 @@ def test_classifier_feature_sets() -> None:
     assert feature_subset(names, "detector+classifier") == ["bias_detector_ran", "det_top", "det_top_area",
                                                             "cls_present", "cls_whole_normal"]
     assert "cls_present" not in feature_subset(names, "detector+geometry")
+
+
+def test_probability_feature_sets_swap_the_scale_only() -> None:
+    from echo_agent.training.fusion_fit import DEFAULT_FEATURE_SETS, default_candidates, feature_subset
+
+    names = ["bias_detector_ran", "det_top", "det_top_area", "cls_present", "cls_whole_normal", "clsprob_whole_normal",
+             "desc_shape=oval"]
+    assert feature_subset(names, "classifier_prob") == ["bias_detector_ran", "cls_present", "clsprob_whole_normal"]
+    assert feature_subset(names, "detector+classifier_prob") == ["bias_detector_ran", "det_top", "det_top_area",
+                                                                 "cls_present", "clsprob_whole_normal"]
+    # the log-scale sets and "all" never mix in the probability features
+    assert "clsprob_whole_normal" not in feature_subset(names, "classifier")
+    assert "clsprob_whole_normal" not in feature_subset(names, "all")
+    with pytest.raises(ValueError, match="unknown feature set"):
+        feature_subset(names, "classifier_logit")
+    # opt-in: the default candidates are the log-scale ones
+    assert {c.features for c in default_candidates() if c.features} == set(DEFAULT_FEATURE_SETS)
+    chosen = default_candidates(feature_sets=("classifier_prob",))
+    assert {c.features for c in chosen if c.features} == {"classifier_prob"} and len(chosen) == 2 + 6
+    with pytest.raises(ValueError, match="feature_sets"):
+        default_candidates(feature_sets=("pixels",))
 
 
 def _params(classifiers=("c",)):
@@ -268,6 +292,21 @@ def test_learned_fusion_reads_the_classifier_it_was_fitted_with() -> None:
     for evidence in (ev[:1], [ev[0], ev[1].model_copy(update={"classifier": "other"})]):
         dx2 = fusion.fuse(spec, evidence, clinical=None, image_size=(100, 100))
         assert any("second-look classifier" in w for w in dx2.warnings)
+
+
+def test_a_probability_scale_fusion_reads_and_explains_its_classifier() -> None:
+    from echo_agent.fusion import LearnedFusion
+
+    spec = get_organ("breast")
+    p = _params()
+    p.feature_names = ["det_top", "clsprob_top_malignant", "clsprob_whole_normal"]
+    fusion = LearnedFusion({"breast": p})
+    ev = _evidence({"normal": 0.05, "benign": 0.15, "malignant": 0.8}, {"normal": 0.05, "benign": 0.05, "malignant": 0.9})
+    dx = fusion.fuse(spec, ev, clinical=None, image_size=(100, 100))
+    assert dx.label == "malignant" and "top candidate: malignant likely (p=0.90)" in dx.rationale
+    # it needs the classifier it was fitted with, as the log-scale fusion does
+    dx2 = fusion.fuse(spec, ev[:1], clinical=None, image_size=(100, 100))
+    assert any("second-look classifier" in w for w in dx2.warnings)
 
 
 def test_normal_reading_against_the_second_look_is_referred() -> None:

@@ -61,7 +61,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from echo_agent.eval.datasets import load_split  # noqa: E402
 from echo_agent.fusion import RULE_CALIBRATIONS  # noqa: E402
 from echo_agent.training.fusion_fit import (  # noqa: E402
+    DEFAULT_FEATURE_SETS,
+    FEATURE_SETS,
     NORMAL_VETO_MODES,
+    PROB_FEATURE_SETS,
     SELECTION_MODES,
     RunRecord,
     collect_runs,
@@ -205,6 +208,11 @@ def main() -> int:
                     help="also compare the decision rules with a Platt map of the vote's share instead of a "
                          "temperature: better calibrated where the detector's scores sit near its threshold, "
                          "but a flat map ranks all votes for a label alike (see the fusion model card)")
+    ap.add_argument("--feature-sets", nargs="+", choices=FEATURE_SETS, default=list(DEFAULT_FEATURE_SETS),
+                    metavar="SET",
+                    help="the logistic candidates' feature sets (default: %(default)s; also "
+                         f"{', '.join(PROB_FEATURE_SETS)}: the second look's probabilities instead of its "
+                         "log-probabilities)")
     ap.add_argument("--normal-veto", choices=NORMAL_VETO_MODES, default="auto",
                     help="a normal reading needs the detector-only rule's agreement: 'auto' (default) adopts it "
                          "unless it costs the chosen fusion more than 1 point of out-of-fold accuracy")
@@ -281,7 +289,8 @@ def main() -> int:
         params = fit_fusion(
             records, organ=args.organ, seed=args.seed, indeterminate_below=args.indeterminate_below,
             min_images=args.min_images, notes=notes, for_detectors=for_detectors, for_classifiers=for_classifiers,
-            candidates=default_candidates(rule_calibrations=RULE_CALIBRATIONS) if args.platt_rules else None,
+            candidates=default_candidates(rule_calibrations=RULE_CALIBRATIONS if args.platt_rules else ("temperature",),
+                                          feature_sets=args.feature_sets),
             min_class_images=args.min_class_images, normal_veto=args.normal_veto, selection=args.selection,
         )
     except ValueError as exc:  # e.g. too few runs of the organ

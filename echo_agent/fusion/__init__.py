@@ -43,6 +43,7 @@ from .evidence import (
 )
 from .heuristic import HeuristicFusion
 from .learned import (
+    CLS_PROB_PREFIX,
     DETECTOR_RULE,
     FUSION_KINDS,
     FUSION_VERSION,
@@ -65,6 +66,7 @@ from .learned import (
 
 __all__ = [
     "CONFLICT_RECOMMENDATION",
+    "CLS_PROB_PREFIX",
     "DETECTOR_RULE",
     "FUSION_KINDS",
     "FUSION_VERSION",

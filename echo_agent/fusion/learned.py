@@ -66,6 +66,9 @@ _PALPABLE = ("palpable", "lump", "mass", "nodule felt")
 
 
 # -- features ------------------------------------------------------------------------------------------
+#: Prefix of the second look's features on the probability scale (``clsprob_whole_<label>``,
+#: ``clsprob_top_<label>``); ``cls_whole_<label>`` / ``cls_top_<label>`` are the same on the log scale.
+CLS_PROB_PREFIX = "clsprob_"
 #: Floor of a classifier probability before its log is taken (a feature of at least log(0.005)).
 _CLS_FLOOR = 0.005
 
@@ -227,18 +230,20 @@ def fusion_features(
             d = descs.get(name)
             for v in values:
                 f[f"desc_{name}={v}"] = float(d.confidence) if d is not None and d.value == v else 0.0
-    # The second look: log-probabilities of the region classifier for the whole image and for the
-    # top candidate (the whole image's again when there is no candidate or it was not classified).
+    # The second look: the region classifier's log-probabilities (``cls_*``) and probabilities
+    # (``clsprob_*``) for the whole image and for the top candidate (the whole image's again when
+    # there is no candidate or it was not classified). A fusion reads one of the two scales (its
+    # feature set, fusion_fit.FEATURE_SETS).
     if ev.classifications:
         whole = ev.whole_image
         top_cls = ev.region_of(cands[0]) if cands else None
         f["cls_present"] = 1.0
         for lbl in organ.image_labels:
-            if whole is not None:
-                f[f"cls_whole_{lbl}"] = _logp(whole.probabilities.get(lbl, 0.0))
-            src = top_cls or whole
-            if src is not None:
-                f[f"cls_top_{lbl}"] = _logp(src.probabilities.get(lbl, 0.0))
+            for where, src in (("whole", whole), ("top", top_cls or whole)):
+                if src is not None:
+                    p = src.probabilities.get(lbl, 0.0)
+                    f[f"cls_{where}_{lbl}"] = _logp(p)
+                    f[f"{CLS_PROB_PREFIX}{where}_{lbl}"] = float(p)
     # Whole-image statistics (contrast, speckle, burned-in annotations) and "is the age known" are
     # left out on purpose: they identify the acquiring center rather than the lesion, and a fusion
     # trained on them learns center shortcuts that fail elsewhere (measured on held-out folds).
@@ -435,9 +440,10 @@ _FEATURE_TEXT = {
 
 
 def _feature_text(name: str, value: float) -> str:
-    if name.startswith(("cls_whole_", "cls_top_")):
-        where, label = ("whole image", name[10:]) if name.startswith("cls_whole_") else ("top candidate", name[8:])
-        p = math.exp(value)
+    if name.startswith(("cls_whole_", "cls_top_", f"{CLS_PROB_PREFIX}whole_", f"{CLS_PROB_PREFIX}top_")):
+        scale, rest = (math.exp, name[4:]) if name.startswith("cls_") else (float, name[len(CLS_PROB_PREFIX):])
+        where, label = ("whole image", rest[6:]) if rest.startswith("whole_") else ("top candidate", rest[4:])
+        p = scale(value)
         return f"second look, {where}: {label} {'likely' if p >= 0.5 else 'unlikely'} (p={p:.2f})"
     if name.startswith("det_max_"):
         return f"{name[8:]} detector score {value:.2f}"
@@ -516,7 +522,7 @@ class LearnedFusion:
         cls_trained = params.training.get("classifiers") or []
         cls_results = ev.classifications
         cls_used = sorted({c.classifier for c in cls_results})
-        uses_cls = params.kind == LOGISTIC and any(n.startswith("cls_") for n in params.feature_names)
+        uses_cls = params.kind == LOGISTIC and any(n.startswith(("cls_", CLS_PROB_PREFIX)) for n in params.feature_names)
         if uses_cls and (not cls_results or (cls_trained and set(cls_used) - set(cls_trained))):
             # Features of a classifier the fusion was not trained with (or none at all) would be read
             # on the wrong scale or as "absent": the transparent fusion takes over.
@@ -633,6 +639,7 @@ class LearnedFusion:
 
 
 __all__ = [
+    "CLS_PROB_PREFIX",
     "DETECTOR_RULE",
     "FUSION_KINDS",
     "FUSION_VERSION",

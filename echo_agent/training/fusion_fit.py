@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from ..fusion import (
+    CLS_PROB_PREFIX,
     DETECTOR_RULE,
     HEURISTIC_RULE,
     LOGISTIC,
@@ -129,8 +130,17 @@ def _group_folds(groups: Sequence[str], k: int, seed: int) -> list[np.ndarray]:
 
 # -- candidates ----------------------------------------------------------------------------------------
 _GEOMETRY = ("det_top_area", "det_top_taller", "det_top_depth")
-#: Nested feature sets of the logistic candidates, simplest first.
-FEATURE_SETS = ("detector", "detector+geometry", "classifier", "detector+classifier", "all")
+#: Nested feature sets of the logistic candidates, simplest first: the ones :func:`default_candidates`
+#: compares unless told otherwise.
+DEFAULT_FEATURE_SETS = ("detector", "detector+geometry", "classifier", "detector+classifier", "all")
+#: The second-look sets with the classifier's probabilities (``clsprob_*``) in place of its
+#: log-probabilities (``cls_*``). Opt-in (``default_candidates(feature_sets=...)``, the tool's
+#: ``--feature-sets``): a bounded feature moves less when another center's images make the classifier
+#: less sure of everything, where a log-probability of "normal" rising from 0.02 to 0.2 reads as strong
+#: evidence of a normal image (docs/experiments/fusion_prob_features/).
+PROB_FEATURE_SETS = ("classifier_prob", "detector+classifier_prob")
+#: Every feature set :func:`feature_subset` and :class:`Candidate` accept.
+FEATURE_SETS = DEFAULT_FEATURE_SETS + PROB_FEATURE_SETS
 
 
 def feature_subset(names: Sequence[str], which: str) -> list[str]:
@@ -139,13 +149,17 @@ def feature_subset(names: Sequence[str], which: str) -> list[str]:
     ``detector``: detector scores, count, TTA flag; ``detector+geometry``: plus the top candidate's
     size, taller-than-wide ratio and depth; ``classifier``: the second-look classifier's
     log-probabilities (whole image, top candidate) alone; ``detector+classifier``: detector,
-    geometry and classifier; ``all``: plus descriptors and clinical context.
+    geometry and classifier; ``all``: plus descriptors and clinical context. ``classifier_prob`` and
+    ``detector+classifier_prob``: as without the suffix, with the classifier's probabilities instead
+    of its log-probabilities (:data:`PROB_FEATURE_SETS`).
     """
     if which not in FEATURE_SETS:
         raise ValueError(f"unknown feature set {which!r}; expected one of {', '.join(FEATURE_SETS)}")
     if which == "all":
-        return list(names)
-    cls = [n for n in names if n.startswith("cls_")]
+        return [n for n in names if not n.startswith(CLS_PROB_PREFIX)]
+    prob = which in PROB_FEATURE_SETS
+    which = which.removesuffix("_prob")
+    cls = [n for n in names if n == "cls_present" or n.startswith(CLS_PROB_PREFIX if prob else "cls_")]
     if which == "classifier":
         return [n for n in names if n in cls or n.startswith("bias_")]
     keep = [n for n in names if (n.startswith("det_") or n.startswith("bias_")) and n not in _GEOMETRY]
@@ -178,11 +192,13 @@ class Candidate:
 
 
 def default_candidates(l2_grid: Sequence[float] = (1.0, 10.0, 100.0),
-                       rule_calibrations: Sequence[str] = ("temperature",)) -> list[Candidate]:
+                       rule_calibrations: Sequence[str] = ("temperature",),
+                       feature_sets: Sequence[str] = DEFAULT_FEATURE_SETS) -> list[Candidate]:
     """The candidates compared by :func:`fit_fusion`: the two decision rules with each of
     ``rule_calibrations`` (default: a temperature; add ``"platt"`` for a Platt map of the vote's
-    share, :func:`~echo_agent.fusion.platt_rule_probs`), then logistic models over each feature set x
-    L2 strength, fitted with natural and with balanced class weights.
+    share, :func:`~echo_agent.fusion.platt_rule_probs`), then logistic models over each of
+    ``feature_sets`` (default :data:`DEFAULT_FEATURE_SETS`; any of :data:`FEATURE_SETS`) x L2
+    strength, fitted with natural and with balanced class weights.
 
     The Platt map is not a default: it calibrates far better where a temperature cannot (a detector
     whose scores sit near its threshold) but, where its slope is flat, it ranks all votes for a label
@@ -192,7 +208,10 @@ def default_candidates(l2_grid: Sequence[float] = (1.0, 10.0, 100.0),
     if unknown or not rule_calibrations:
         raise ValueError(f"rule_calibrations must be a non-empty subset of {RULE_CALIBRATIONS}, got {tuple(rule_calibrations)}")
     rules = [Candidate(kind, calibration=cal) for kind in (DETECTOR_RULE, HEURISTIC_RULE) for cal in rule_calibrations]
-    return rules + [Candidate(LOGISTIC, fs, float(l2), bal) for fs in FEATURE_SETS for bal in (False, True) for l2 in l2_grid]
+    unknown_sets = sorted(set(feature_sets) - set(FEATURE_SETS))
+    if unknown_sets or not feature_sets:
+        raise ValueError(f"feature_sets must be a non-empty subset of {FEATURE_SETS}, got {tuple(feature_sets)}")
+    return rules + [Candidate(LOGISTIC, fs, float(l2), bal) for fs in feature_sets for bal in (False, True) for l2 in l2_grid]
 
 
 _GUARD_TEXT = (
