@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -35,12 +34,12 @@ def score(runs: list, params) -> dict:
         probs.append({lbl: float(dx.probabilities.get(lbl, 0.0)) for lbl in params.labels})
     normal = spec.normal_label
     lesion = [t != normal for t in truth]
+    cal = calibration_score(truth, probs, params.labels)
     out = {"n": len(runs), "accuracy": round(sum(a == b for a, b in zip(pred, truth)) / len(runs), 4),
            "lesions": sum(lesion),
            "lesions_read_normal": sum(le and p == normal for le, p in zip(lesion, pred)),
            "normals_read_normal": sum((not le) and p == normal for le, p in zip(lesion, pred)),
-           "nll": round(-sum(math.log(max(p[t], 1e-12)) for p, t in zip(probs, truth)) / len(runs), 4),
-           "ece": round(calibration_score(truth, probs, params.labels).value, 4)}
+           "nll": round(cal.log_loss, 4), "ece": round(cal.ece, 4)}
     if "malignant" in params.labels:
         auc = auc_score(truth, [p["malignant"] for p in probs], "malignant", "benign")
         out["malignant_auc"] = None if auc.value is None else round(auc.value, 4)
