@@ -369,8 +369,40 @@ def test_heuristic_fusion_reports_weak_secondary_candidates_no_more() -> None:
             for i, s in enumerate((0.6, 0.3, 0.12))]
     report = DetectorReport(id="det1", organ="breast", detector="d", detections=dets, score_threshold=0.1,
                             image_width=100, image_height=100)
-    dx = HeuristicFusion().fuse(spec, [report], clinical=None, image_size=(100, 100))
+    low = spec.model_copy(update={"secondary_finding_min_score": 0.25})
+    dx = HeuristicFusion().fuse(low, [report], clinical=None, image_size=(100, 100))
     assert [f.detection_ids for f in dx.findings] == [["det1:0"], ["det1:1"]]
+    # the packaged breast spec asks 0.35 of a further finding; a fusion's own setting wins over the organ's
+    assert spec.secondary_finding_min_score == 0.35
+    assert [f.detection_ids for f in HeuristicFusion().fuse(spec, [report], clinical=None, image_size=(100, 100)).findings] \
+        == [["det1:0"]]
+    assert len(HeuristicFusion(secondary_min_score=0.1).fuse(spec, [report], clinical=None, image_size=(100, 100)).findings) == 3
+
+
+def test_learned_fusion_reports_further_findings_by_the_organs_score() -> None:
+    from echo_agent.fusion import LearnedFusion
+
+    spec = get_organ("breast")
+    dets = [Detection(id=f"det1:{i}", box=Box(x1=5 + 30 * i, y1=10, x2=25 + 30 * i, y2=30), label="benign", score=s)
+            for i, s in enumerate((0.6, 0.4, 0.3))]
+    report = DetectorReport(id="det1", organ="breast", detector="d", detections=dets, score_threshold=0.25,
+                            image_width=100, image_height=100)
+    cls = ClassificationResult(id="cls1", organ="breast", classifier="c", image_width=100, image_height=100,
+                               regions=[RegionClassification(box=None, probabilities={"normal": 0.05, "benign": 0.9,
+                                                                                        "malignant": 0.05})])
+    found = {}
+    for name, organ, fusion in (("breast", spec, LearnedFusion({"breast": _params()})),
+                                ("low", spec.model_copy(update={"secondary_finding_min_score": 0.25}),
+                                 LearnedFusion({"breast": _params()})),
+                                ("override", spec, LearnedFusion({"breast": _params()}, secondary_min_score=0.5))):
+        dx = fusion.fuse(organ, [report, cls], clinical=None, image_size=(100, 100))
+        assert dx.label == "benign"
+        found[name] = [f.detection_ids[0] for f in dx.findings]
+    assert found == {"breast": ["det1:0", "det1:1"], "low": ["det1:0", "det1:1", "det1:2"], "override": ["det1:0"]}
+    from echo_agent.organs import OrganSpec
+
+    with pytest.raises(ValueError, match="secondary_finding_min_score"):
+        OrganSpec.model_validate({**spec.model_dump(), "secondary_finding_min_score": 1.5})
 
 
 def test_acquisition_augmentation_respects_the_beam_and_is_off_by_default() -> None:

@@ -28,6 +28,7 @@ from .diagnosis import (
     knowledge_refs,
     presence_conflict,
     recommendation_for,
+    secondary_min_score,
     short_citation,
 )
 from .evidence import (
@@ -104,6 +105,7 @@ __all__ = [
     "region_classification",
     "region_descriptors",
     "rule_log_probs",
+    "secondary_min_score",
     "short_citation",
     "softmax",
     "veto_normal",

@@ -88,6 +88,12 @@ OVERRULED_RECOMMENDATION = (
 PRESENCE_CONFLICT_MIN = 0.5
 
 
+def secondary_min_score(organ: OrganSpec, override: float | None = None) -> float:
+    """The score a candidate other than the leading one needs to be reported as a further finding:
+    ``override`` (a fusion's own setting) when given, else the organ's ``secondary_finding_min_score``."""
+    return organ.secondary_finding_min_score if override is None else float(override)
+
+
 def evidence_conflict(organ: OrganSpec, label: str, descriptors: dict[str, Any]) -> str | None:
     """Why a label other than the organ's positive one conflicts with the top candidate's
     descriptors (``None``: no conflict). See ``OrganSpec.suspicious_descriptors``."""
@@ -234,6 +240,7 @@ __all__ = [
     "knowledge_refs",
     "presence_conflict",
     "second_look_sees_lesion",
+    "secondary_min_score",
     "recommendation_for",
     "short_citation",
 ]

@@ -14,7 +14,13 @@ from collections.abc import Sequence
 
 from ..organs import OrganSpec
 from ..schemas import ClinicalContext, Diagnosis, Evidence, EvidenceRef, Finding, normalise_probabilities
-from .diagnosis import assemble_diagnosis, describe_descriptors, evidence_conflict, knowledge_refs
+from .diagnosis import (
+    assemble_diagnosis,
+    describe_descriptors,
+    evidence_conflict,
+    knowledge_refs,
+    secondary_min_score,
+)
 from .evidence import RunEvidence
 
 
@@ -23,9 +29,10 @@ class HeuristicFusion:
 
     name = "heuristic-fusion/0"
 
-    def __init__(self, min_confidence: float = 0.5, *, secondary_min_score: float = 0.25) -> None:
+    def __init__(self, min_confidence: float = 0.5, *, secondary_min_score: float | None = None) -> None:
         self.min_confidence = min_confidence
-        #: score a candidate other than the strongest needs to be reported as a finding (as LearnedFusion)
+        #: score a candidate other than the strongest needs to be reported as a finding (as LearnedFusion);
+        #: None: the organ's ``secondary_finding_min_score``
         self.secondary_min_score = secondary_min_score
 
     def fuse(
@@ -54,9 +61,10 @@ class HeuristicFusion:
         # The most recent report is the most refined one (TTA / lower threshold re-checks come later).
         report = reports[-1]
         dets = sorted(report.detections, key=lambda d: -d.score)
+        min_score = secondary_min_score(organ, self.secondary_min_score)
         findings = [
             Finding(box=d.box, label=organ.image_label_for(d.label), score=d.score, detection_ids=[d.id])
-            for i, d in enumerate(dets) if i == 0 or d.score >= self.secondary_min_score
+            for i, d in enumerate(dets) if i == 0 or d.score >= min_score
         ]
         refs.append(EvidenceRef(
             kind="detection", ref=report.id,

@@ -42,6 +42,7 @@ from .diagnosis import (
     evidence_conflict,
     presence_conflict,
     second_look_sees_lesion,
+    secondary_min_score,
 )
 from .evidence import (
     RunEvidence,
@@ -462,7 +463,8 @@ class LearnedFusion:
 
     Args:
         params: per-organ parameters (default: the packaged ``assets/fusion/<organ>.json``).
-        secondary_min_score: score a lesion other than the leading one needs to be reported.
+        secondary_min_score: score a lesion other than the leading one needs to be reported (None: the
+            organ's ``secondary_finding_min_score``).
         rerank_with_classifier: order the candidates for the findings by detector score x the second
             look's lesion probability (unclassified candidates take the whole image's) instead of by
             detector score alone. Off by default (see docs/experiments/second_look/PREREGISTRATION.md, rule 3).
@@ -470,12 +472,12 @@ class LearnedFusion:
 
     name = f"learned-fusion/{FUSION_VERSION}"
 
-    def __init__(self, params: Mapping[str, FusionParams] | None = None, *, secondary_min_score: float = 0.25,
+    def __init__(self, params: Mapping[str, FusionParams] | None = None, *, secondary_min_score: float | None = None,
                  rerank_with_classifier: bool = False) -> None:
         self._params = dict(params) if params is not None else None
         self.secondary_min_score = secondary_min_score
         self.rerank_with_classifier = rerank_with_classifier
-        self._fallback = HeuristicFusion()
+        self._fallback = HeuristicFusion(secondary_min_score=secondary_min_score)
 
     @staticmethod
     def _ranked(organ: OrganSpec, cands: list[Detection], results: Sequence[ClassificationResult]) -> list[Detection]:
@@ -582,10 +584,11 @@ class LearnedFusion:
             top = ranked[0]
             # The fused label overrides a disagreeing detector label: the detector is evidence.
             findings.append(Finding(box=top.box, label=label, score=top.score, detection_ids=[top.id]))
+            min_score = secondary_min_score(organ, self.secondary_min_score)
             for d in ranked[1:]:
-                # Secondary lesions must stand on their own (the first call's threshold), and a box
+                # Secondary lesions must stand on their own (the organ's secondary score), and a box
                 # on an already reported lesion under the other class label is the same lesion.
-                if d.score < self.secondary_min_score or any(d.box.iou(f.box) >= 0.5 for f in findings):
+                if d.score < min_score or any(d.box.iou(f.box) >= 0.5 for f in findings):
                     continue
                 findings.append(Finding(box=d.box, label=organ.image_label_for(d.label), score=d.score, detection_ids=[d.id]))
             refs.insert(0, EvidenceRef(kind="detection", ref=top.id, summary=f"{top.label} {top.score:.2f}"))

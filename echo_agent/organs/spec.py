@@ -9,6 +9,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+#: The default of :attr:`OrganSpec.secondary_finding_min_score` (the first detector call's threshold).
+DEFAULT_SECONDARY_MIN_SCORE = 0.25
+
 
 class CategoryBand(BaseModel):
     """One assessment category and the malignancy-likelihood band that maps to it.
@@ -138,6 +141,12 @@ class OrganSpec(BaseModel):
         "its category is benign_finding_category instead of the probability band. Empty: no such rule.",
     )
     benign_finding_category: str | None = Field(None, description="See benign_finding_descriptors.")
+    secondary_finding_min_score: float = Field(
+        DEFAULT_SECONDARY_MIN_SCORE, ge=0.0, le=1.0,
+        description="Detector score a candidate other than the leading one needs to be reported as a further "
+        "finding (the fusions' default; a fusion given its own secondary_min_score uses that). Raise it where "
+        "an image rarely holds more than one lesion and the detector's weaker boxes are mostly false.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> OrganSpec:
