@@ -361,14 +361,19 @@ def test_heuristic_fusion_reads_the_second_look_of_its_top_candidate() -> None:
     assert plain.label == "benign" and plain.probabilities["benign"] == pytest.approx(0.6)  # the detector score
 
 
+def _separate_candidates(scores: tuple[float, ...], threshold: float) -> DetectorReport:
+    """A breast detector report with one benign candidate per score, side by side (no overlap)."""
+    dets = [Detection(id=f"det1:{i}", box=Box(x1=10 + 30 * i, y1=10, x2=30 + 30 * i, y2=30), label="benign", score=s)
+            for i, s in enumerate(scores)]
+    return DetectorReport(id="det1", organ="breast", detector="d", detections=dets, score_threshold=threshold,
+                          image_width=100, image_height=100)
+
+
 def test_heuristic_fusion_reports_weak_secondary_candidates_no_more() -> None:
     from echo_agent.fusion import HeuristicFusion
 
     spec = get_organ("breast")
-    dets = [Detection(id=f"det1:{i}", box=Box(x1=10 + 30 * i, y1=10, x2=30 + 30 * i, y2=30), label="benign", score=s)
-            for i, s in enumerate((0.6, 0.3, 0.12))]
-    report = DetectorReport(id="det1", organ="breast", detector="d", detections=dets, score_threshold=0.1,
-                            image_width=100, image_height=100)
+    report = _separate_candidates((0.6, 0.3, 0.12), threshold=0.1)
     low = spec.model_copy(update={"secondary_finding_min_score": 0.25})
     dx = HeuristicFusion().fuse(low, [report], clinical=None, image_size=(100, 100))
     assert [f.detection_ids for f in dx.findings] == [["det1:0"], ["det1:1"]]
@@ -383,10 +388,7 @@ def test_learned_fusion_reports_further_findings_by_the_organs_score() -> None:
     from echo_agent.fusion import LearnedFusion
 
     spec = get_organ("breast")
-    dets = [Detection(id=f"det1:{i}", box=Box(x1=5 + 30 * i, y1=10, x2=25 + 30 * i, y2=30), label="benign", score=s)
-            for i, s in enumerate((0.6, 0.4, 0.3))]
-    report = DetectorReport(id="det1", organ="breast", detector="d", detections=dets, score_threshold=0.25,
-                            image_width=100, image_height=100)
+    report = _separate_candidates((0.6, 0.4, 0.3), threshold=0.25)
     cls = ClassificationResult(id="cls1", organ="breast", classifier="c", image_width=100, image_height=100,
                                regions=[RegionClassification(box=None, probabilities={"normal": 0.05, "benign": 0.9,
                                                                                         "malignant": 0.05})])
