@@ -48,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=None)
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--soup", type=int, default=None,
+                    help="fine-tune this many networks (seeds --seed, --seed + 1, ...) and ship their averaged weights "
+                         "(default: the config's soup, else 1)")
     ap.add_argument("--random-init", action="store_true", help="start from random weights (ablation)")
     ap.add_argument("--train-split", default=None,
                     help="split or '+'-joined pool to train on (e.g. train+val; default: the config's train_split)")
@@ -74,9 +77,15 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = ClassifierTrainConfig.from_yaml(args.config)
     for key, value in (("max_minutes", args.minutes), ("epochs", args.epochs), ("seed", args.seed), ("threads", args.threads),
-                       ("train_split", args.train_split)):
+                       ("train_split", args.train_split), ("soup", args.soup)):
         if value is not None:
             setattr(cfg, key, value)
+    try:
+        cfg.__post_init__()  # the options given on the command line, checked as the config's are
+    except ValueError as exc:
+        ap.error(str(exc))
+    if args.linear_probe and cfg.soup > 1:
+        ap.error("--soup averages fine-tuned networks; a linear probe has one solution per C (drop --soup)")
     if args.random_init:
         cfg.pretrained = False
     check_training_split(ap, cfg.train_split)

@@ -38,8 +38,8 @@ import json
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +100,10 @@ class ClassifierTrainConfig:
     #: overlaps a cross-fitting pool)
     probe_c_selection: str = "val"
     seed: int = 0
+    #: fine-tune this many networks (seeds seed, seed + 1, ...: head initialisation, crops, order) from
+    #: the same pretrained start and average their weights into one network (a uniform "model soup"):
+    #: the variance between seeds at the cost of training time only, not of inference time. 1: one network
+    soup: int = 1
     threads: int = 2
     #: ONNX path relative to the repository root (None: the packaged echo_agent/assets/classifiers/<organ>.onnx);
     #: ``--output`` overrides it
@@ -112,6 +116,8 @@ class ClassifierTrainConfig:
             raise ValueError(f"probe_cs must be a non-empty list of positive numbers, got {self.probe_cs}")
         if self.probe_c_selection not in PROBE_C_SELECTIONS:
             raise ValueError(f"probe_c_selection must be one of {PROBE_C_SELECTIONS}, got {self.probe_c_selection!r}")
+        if not isinstance(self.soup, int) or self.soup < 1:
+            raise ValueError(f"soup is the number of fine-tuned networks averaged, at least 1, got {self.soup!r}")
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> ClassifierTrainConfig:
@@ -404,11 +410,73 @@ def train_classifier(
     log: Callable[[str], None] = print,
 ) -> tuple[Any, dict[str, Any]]:
     """Fine-tune the network; returns ``(model, report)`` (the report has per-epoch val numbers and
-    the fitted temperature)."""
+    the fitted temperature). With ``config.soup`` > 1, that many networks are fine-tuned (seeds
+    ``seed``, ``seed + 1``, ...) and their weights averaged (:func:`average_weights`); the report then
+    has each member's epochs and val numbers under ``soup`` and the averaged network's own numbers."""
+    from ..fusion import fit_temperature, softmax
+
+    category_head = is_category_head(config)
+    val_samples = build_samples(val_cases, random.Random(1), normal_index=0, background_per_image=1, jitter=False,
+                                background_shrink=config.background_shrink)
+    y_val = np.array([s[2] for s in val_samples])
+    members = []
+    for i in range(config.soup):
+        cfg = replace(config, seed=config.seed + i, soup=1)
+        if config.soup > 1:
+            log(f"soup member {i + 1} of {config.soup} (seed {cfg.seed})")
+        members.append(_fine_tune(cfg, train_cases, val_cases, val_samples, log=log))
+    model, report = members[0]
+    if config.soup > 1:
+        report = {"soup": {"seeds": [config.seed + i for i in range(config.soup)],
+                           "members": [{"epochs": r["epochs"], "val_uncalibrated": r["val_uncalibrated"]}
+                                       for _, r in members]},
+                  "epochs": [], **{k: members[0][1][k] for k in ("train_samples_per_epoch", "class_counts")},
+                  **({"category_head": True} if category_head else {})}
+        model.load_state_dict(average_weights([m.state_dict() for m, _ in members]))
+        report["stopped_by_time_budget"] = any(r["stopped_by_time_budget"] for _, r in members)
+    report.pop("val_uncalibrated", None)
+    z = predict_logits(model, val_cases, val_samples, margin=config.margin, size=config.input_size)
+    if config.soup > 1:
+        report["soup"]["val_uncalibrated"] = _val_metrics(z, y_val, val_samples, config.labels, category_head=category_head)
+        log(json.dumps({"soup": report["soup"]["val_uncalibrated"]}))
+    t = fit_temperature(z, y_val) if len(y_val) else 1.0
+    report["temperature"] = float(t)
+    report["val"] = _val_metrics(z / t, y_val, val_samples, config.labels, category_head=category_head)
+    if category_head:
+        counts = np.asarray(report["class_counts"], dtype=np.float64)
+        report["val_category_baseline"] = _category_baseline(counts, y_val, val_samples, config.labels)
+    report["val_nll_before_after"] = [_nll(softmax(z), y_val), _nll(softmax(z / t), y_val)]
+    return model, report
+
+
+def average_weights(state_dicts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The element-wise mean of networks' weights (a uniform model soup): floating-point parameters and
+    buffers (batch-norm statistics) averaged, integer buffers (batch counters) taken from the first.
+    The networks must share one architecture (the same keys and shapes)."""
+    if not state_dicts:
+        raise ValueError("average_weights needs at least one state dict")
+    first = state_dicts[0]
+    for sd in state_dicts[1:]:
+        if sd.keys() != first.keys() or any(sd[k].shape != first[k].shape for k in first):
+            raise ValueError("average_weights: the networks differ in their layers or shapes")
+    out = {}
+    for k, v in first.items():
+        out[k] = sum(sd[k] for sd in state_dicts) / len(state_dicts) if v.is_floating_point() else v.clone()
+    return out
+
+
+def _fine_tune(
+    config: ClassifierTrainConfig,
+    train_cases: Sequence[PreparedCase],
+    val_cases: Sequence[PreparedCase],
+    val_samples: Sequence[tuple[int, Box | None, int, str]],
+    *,
+    log: Callable[[str], None],
+) -> tuple[Any, dict[str, Any]]:
+    """One network fine-tuned with ``config.seed``; its report's ``val_uncalibrated`` are the val
+    numbers of its raw logits."""
     import torch
     from torch import nn
-
-    from ..fusion import fit_temperature, softmax
 
     torch.manual_seed(config.seed)
     torch.set_num_threads(config.threads)
@@ -429,8 +497,6 @@ def train_classifier(
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=total, pct_start=0.15)
     counts = np.bincount([s[2] for s in first], minlength=n_cls).astype(np.float64)
     class_w = torch.tensor(counts.sum() / np.maximum(counts, 1.0) / n_cls, dtype=torch.float32)
-    val_samples = build_samples(val_cases, random.Random(1), normal_index=normal_index, background_per_image=1, jitter=False,
-                                background_shrink=config.background_shrink)
     deadline = time.monotonic() + 60.0 * config.max_minutes
     report: dict[str, Any] = {"epochs": [], "train_samples_per_epoch": len(first), "class_counts": counts.tolist()}
     if category_head:
@@ -477,14 +543,7 @@ def train_classifier(
         log(json.dumps(ep))
         if stopped_early:
             break
-    z = predict_logits(model, val_cases, val_samples, margin=config.margin, size=config.input_size)
-    y_val = np.array([s[2] for s in val_samples])
-    t = fit_temperature(z, y_val) if len(y_val) else 1.0
-    report["temperature"] = float(t)
-    report["val"] = _val_metrics(z / t, y_val, val_samples, config.labels, category_head=category_head)
-    if category_head:
-        report["val_category_baseline"] = _category_baseline(counts, y_val, val_samples, config.labels)
-    report["val_nll_before_after"] = [_nll(softmax(z), y_val), _nll(softmax(z / t), y_val)]
+    report["val_uncalibrated"] = report["epochs"][-1] if report["epochs"] else {}
     report["stopped_by_time_budget"] = stopped_early
     return model, report
 

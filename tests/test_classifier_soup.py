@@ -1,0 +1,109 @@
+"""A "soup" of fine-tuned second-look classifiers: several seeds from one start, weights averaged."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from echo_agent.eval.manifest import ManifestImage
+from echo_agent.schemas import Box
+from echo_agent.training.region_classifier import ClassifierTrainConfig, prepare_cases
+
+LABELS = ["normal", "benign", "malignant"]
+
+
+def test_soup_must_be_a_positive_count() -> None:
+    for bad in (0, -1, 1.5):
+        with pytest.raises(ValueError, match="soup"):
+            ClassifierTrainConfig(organ="breast", labels=LABELS, centers=["busi"], soup=bad)
+    assert ClassifierTrainConfig(organ="breast", labels=LABELS, centers=["busi"]).soup == 1
+
+
+def test_the_tool_refuses_a_soup_of_linear_probes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    try:
+        import train_classifier
+    finally:
+        sys.path.pop(0)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("organ: breast\nlabels: [normal, benign, malignant]\ncenters: [busi]\n")
+    for args, why in ((["--soup", "2", "--linear-probe"], "linear probe"), (["--soup", "0"], "soup")):
+        with pytest.raises(SystemExit):
+            train_classifier.main([str(cfg), *args])
+        assert why in capsys.readouterr().err
+
+
+def test_average_weights_is_the_mean_of_the_float_tensors() -> None:
+    torch = pytest.importorskip("torch")
+    from echo_agent.training.region_classifier import average_weights
+
+    def net(seed: int):  # noqa: ANN202
+        torch.manual_seed(seed)
+        m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+        m.train()
+        m(torch.randn(2, 3, 8, 8) * (seed + 1))  # different batch-norm statistics per network
+        return m
+
+    a, b, c = net(0), net(1), net(2)
+    soup = average_weights([a.state_dict(), b.state_dict(), c.state_dict()])
+    for k, v in soup.items():
+        members = [m.state_dict()[k] for m in (a, b, c)]
+        if v.is_floating_point():
+            assert torch.allclose(v, (members[0] + members[1] + members[2]) / 3)
+        else:  # the batch counter: the first network's
+            assert torch.equal(v, members[0])
+    assert not torch.allclose(soup["1.running_mean"], a.state_dict()["1.running_mean"])
+    with pytest.raises(ValueError, match="layers or shapes"):
+        average_weights([a.state_dict(), torch.nn.Sequential(torch.nn.Conv2d(3, 5, 3)).state_dict()])
+    with pytest.raises(ValueError, match="at least one"):
+        average_weights([])
+
+
+def _image(tmp_path: Path, name: str, label: str) -> ManifestImage:
+    from echo_agent.imaging import save_png
+
+    rng = np.random.default_rng(sum(map(ord, name)))
+    g = rng.integers(60, 120, size=(120, 160), dtype=np.uint8)
+    boxes: tuple[Box, ...] = ()
+    if label != "normal":
+        g[40:80, 60:100] = 20 if label == "benign" else 200
+        boxes = (Box(x1=60, y1=40, x2=100, y2=80),)
+    path = tmp_path / f"{name}.png"
+    save_png(np.repeat(g[:, :, None], 3, axis=2), path)
+    return ManifestImage(image=path, organ="breast", label=label, boxes=boxes, center="toy", group=name)
+
+
+@pytest.mark.heavy
+def test_a_soup_trains_its_members_and_ships_one_network(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    pytest.importorskip("efficientnet_lite_pytorch")
+    from echo_agent.detectors import OnnxRegionClassifier
+    from echo_agent.training.region_classifier import export_onnx, train_classifier
+
+    images = [_image(tmp_path, f"i{i}", LABELS[i % 3]) for i in range(9)]
+    cases = prepare_cases(images, LABELS)
+    cfg = ClassifierTrainConfig(organ="breast", labels=LABELS, centers=["toy"], pretrained=False, input_size=64,
+                                epochs=1, batch_size=8, threads=1, seed=3, soup=2)
+    lines: list[str] = []
+    model, report = train_classifier(cfg, cases[:6], cases[6:], log=lines.append)
+    soup = report["soup"]
+    assert soup["seeds"] == [3, 4] and len(soup["members"]) == 2
+    assert all(m["epochs"] and "acc" in m["val_uncalibrated"] for m in soup["members"])
+    assert "acc" in soup["val_uncalibrated"] and "acc" in report["val"] and report["temperature"] > 0
+    assert any("soup member 2 of 2 (seed 4)" in s for s in lines)
+    single_model, single = train_classifier(ClassifierTrainConfig(**{**cfg.__dict__, "soup": 1}), cases[:6], cases[6:],
+                                            log=lambda s: None)
+    assert "soup" not in single and "val_uncalibrated" not in single
+    # the soup is not its first member: the averaged weights differ from seed 3's own
+    head = [k for k in model.state_dict() if model.state_dict()[k].is_floating_point()][-1]
+    assert not np.allclose(model.state_dict()[head].numpy(), single_model.state_dict()[head].numpy())
+    path = export_onnx(model, tmp_path / "soup.onnx", cfg, report)
+    clf = OnnxRegionClassifier(path)
+    assert clf.labels == tuple(LABELS) and json.loads(json.dumps(clf.info))["config"]["soup"] == 2
+    probs = clf.classify(cases[1].array, [None, *cases[1].boxes])  # a benign image: the whole and its box
+    assert len(probs) == 2 and all(abs(sum(p.values()) - 1) < 1e-5 for p in probs)
