@@ -44,3 +44,29 @@ def test_recalibration_refuses_too_few_images_and_test_rows(tmp_path: Path):
     r = _run("--organ", "breast", "--centers", "busi", "--split", "test", "--out", str(tmp_path / "z.json"))
     assert r.returncode == 2 and "invalid choice" in r.stderr
     assert not list(tmp_path.glob("*.json"))
+
+
+def test_retargeting_the_fusion_to_a_retrained_classifier(tmp_path: Path):
+    import shutil
+
+    from echo_agent.detectors import get_region_classifier, load_region_classifier
+    from echo_agent.fusion import load_fusion_params
+
+    retrained = tmp_path / "retrained.onnx"  # stands in for the same recipe retrained: another model to the fusion
+    shutil.copy(get_region_classifier("breast").path, retrained)
+    manifest, out = _manifest(tmp_path, n=20), tmp_path / "retargeted.json"
+    cache = tmp_path / "runs.jsonl"
+    r = _run("--organ", "breast", "--manifest", str(manifest), "--classifier", str(retrained), "--out", str(out),
+             "--runs-cache", str(cache))
+    assert r.returncode == 2 and "steps aside" in r.stderr and not out.exists()
+    r = _run("--organ", "breast", "--manifest", str(manifest), "--out", str(out), "--retarget")
+    assert r.returncode == 2 and "--retarget needs" in r.stderr
+    r = _run("--organ", "breast", "--manifest", str(manifest), "--classifier", str(retrained), "--out", str(out),
+             "--runs-cache", str(cache), "--retarget")
+    assert r.returncode == 0, r.stderr
+    packaged, new = load_fusion_params("breast"), load_fusion_params("breast", str(out))
+    name = load_region_classifier(retrained).name
+    assert "retargeted classifiers:" in r.stdout and name in r.stdout
+    assert new.weights == packaged.weights and new.training["classifiers"] == [name]
+    assert new.training["retargeted"] == {"classifiers": {"from": packaged.training["classifiers"], "to": [name]}}
+    assert new.training["detectors"] == packaged.training["detectors"] and new.training["recalibration"]["n"] == 20

@@ -39,6 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--split", default="val", choices=["train", "val", "train+val"], help="never 'test'")
     ap.add_argument("--detector", type=Path, default=None, help="detector weights the fusion is used with (default: packaged)")
     ap.add_argument("--classifier", type=Path, default=None, help="second-look classifier the fusion is used with")
+    ap.add_argument("--retarget", action="store_true",
+                    help="the fusion was fitted for other weights of the same recipe: use its weights with --detector / "
+                         "--classifier (a retrained model) and refit the temperature on their runs; without it such "
+                         "runs are refused, as the fusion would step aside on them")
     ap.add_argument("--folds", type=int, default=3, help="grouped folds of the cross-validated estimate")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--force", action="store_true", help="replace --out if it exists")
@@ -48,11 +52,19 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"{args.out} exists; pass --force to replace it")
     if args.folds < 2:
         ap.error("--folds must be at least 2")
-    from train_policy import _agent_with, _images, _source
+    if args.retarget and args.detector is None and args.classifier is None:
+        ap.error("--retarget needs --detector and/or --classifier: the retrained weights the fusion is to be used with")
+    from train_policy import _agent_with, _classifier_name, _detector_name, _images, _source
 
     from echo_agent.errors import ModelLoadError
     from echo_agent.fusion import load_fusion_params
-    from echo_agent.training.fusion_fit import collect_runs, load_runs, recalibrate_temperature, save_runs
+    from echo_agent.training.fusion_fit import (
+        collect_runs,
+        load_runs,
+        recalibrate_temperature,
+        retarget,
+        save_runs,
+    )
 
     try:
         params = load_fusion_params(args.organ, None if args.fusion is None else str(args.fusion))
@@ -60,6 +72,11 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(str(exc))
     if params is None:
         ap.error(f"no packaged fusion for {args.organ!r}; give --fusion")
+    if args.retarget:
+        params = retarget(params, detectors=[_detector_name(args.organ, args.detector)] if args.detector else None,
+                          classifiers=[_classifier_name(args.organ, args.classifier)] if args.classifier else None)
+        for key, moved in params.training["retargeted"].items():
+            print(f"retargeted {key}: {', '.join(moved['from']) or '(none)'} -> {', '.join(moved['to'])}")
     if args.runs_cache and args.runs_cache.exists():
         records = load_runs(args.runs_cache)
         print(f"reusing {len(records)} cached runs from {args.runs_cache}")

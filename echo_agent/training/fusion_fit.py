@@ -631,6 +631,27 @@ def _nll_acc_ece(P: np.ndarray, y: np.ndarray, labels: Sequence[str], groups: Se
     return {"nll": round(nll, 4), "accuracy": round(float((P.argmax(1) == y).mean()), 4), "ece": round(ece, 4)}
 
 
+def retarget(params: FusionParams, *, detectors: Sequence[str] | None = None,
+             classifiers: Sequence[str] | None = None) -> FusionParams:
+    """The fusion made for other weights: a detector or classifier retrained with the same recipe
+    replaces the one the fusion was fitted for (the fusion otherwise steps aside on its runs).
+
+    Only the names in ``training.detectors`` / ``training.classifiers`` change; the weights stay and
+    are then read on the new model's outputs, so refit the temperature on its runs
+    (:func:`recalibrate_temperature`) and check the agent on labelled images before using it. The
+    names replaced are kept in ``training.retargeted``."""
+    if not detectors and not classifiers:
+        raise ValueError("retarget needs the new detector(s) or classifier(s)")
+    training = dict(params.training)
+    moved = dict(training.get("retargeted") or {})
+    for key, names in (("detectors", detectors), ("classifiers", classifiers)):
+        if names:
+            moved[key] = {"from": list(training.get(key) or []), "to": list(names)}
+            training[key] = list(names)
+    training["retargeted"] = moved
+    return replace(params, training=training)
+
+
 def recalibrate_temperature(
     params: FusionParams, records: Sequence[RunRecord], *, folds: int = 3, seed: int = 0,
     notes: Mapping[str, Any] | None = None,
