@@ -458,6 +458,15 @@ def _feature_text(name: str, value: float) -> str:
     return f"{_FEATURE_TEXT.get(name, name)} {value:.2f}" if name != "palpable" else "palpable finding"
 
 
+def _overrule_normal(probs: np.ndarray, normal_index: int, reason: str) -> tuple[np.ndarray, str | None]:
+    """``probs`` with normal capped (:func:`veto_normal`) and, when that changes the reading, the
+    sentence saying why (``reason``: the evidence that a lesion is there)."""
+    capped = veto_normal(probs, normal_index, True)
+    if capped.argmax() == probs.argmax():
+        return capped, None
+    return capped, f"a normal reading (p={probs.max():.2f}) overruled: {reason}"
+
+
 class LearnedFusion:
     """Calibrated logistic fusion per organ; organs without parameters use :class:`HeuristicFusion`.
 
@@ -538,26 +547,20 @@ class LearnedFusion:
             )
         z, feats = params.run_logits(organ, ev, clinical, image_size)
         probs_arr = params.probabilities(z)
-        vetoed = overruled = None
-        if params.normal_veto and organ.normal_label in params.labels:
+        vetoed = None
+        ni = params.labels.index(organ.normal_label) if organ.normal_label in params.labels else None
+        if params.normal_veto and ni is not None:
             first = max(reports[0].detections, key=lambda d: d.score, default=None)
             if first is not None:
-                before = probs_arr
-                probs_arr = veto_normal(probs_arr, params.labels.index(organ.normal_label), True)
-                if probs_arr.argmax() != before.argmax():
-                    vetoed = (f"a normal reading (p={before.max():.2f}) overruled: the detector's first look "
-                              f"has a {first.label} candidate at {first.score:.2f}")
-                    overruled = f"evidence conflict: {vetoed}"
-        if params.presence_veto != "off" and organ.normal_label in params.labels and cls_results:
-            ni = params.labels.index(organ.normal_label)
+                probs_arr, vetoed = _overrule_normal(
+                    probs_arr, ni, f"the detector's first look has a {first.label} candidate at {first.score:.2f}")
+        if params.presence_veto != "off" and ni is not None and cls_results and probs_arr.argmax() == ni:
             cands0 = ev.candidates if params.presence_veto == "top_or_whole" else []
             looked = [r for r in (ev.region_of(cands0[0]) if cands0 else None, ev.whole_image) if r is not None]
-            seen = second_look_sees_lesion(organ, looked) if probs_arr.argmax() == ni else None
+            seen = second_look_sees_lesion(organ, looked)
             if seen:
-                before = probs_arr
-                probs_arr = veto_normal(probs_arr, ni, True)
-                vetoed = f"a normal reading (p={before.max():.2f}) overruled: {seen}"
-                overruled = f"evidence conflict: {vetoed}"
+                probs_arr, vetoed = _overrule_normal(probs_arr, ni, seen)
+        overruled = f"evidence conflict: {vetoed}" if vetoed else None
         probs = {lbl: float(p) for lbl, p in zip(params.labels, probs_arr)}
         label = max(probs, key=probs.__getitem__)
         k = params.labels.index(label)
