@@ -22,27 +22,20 @@ CLIP_FOLDS = 3
 MIN_FLUID = 0.10
 
 
-def maps(out: Path) -> dict[str, np.ndarray]:
-    """Per frame: the backbone's last map (n, 49, 1280), cell fluid fractions (n, 49), label, folds."""
-    cache = out / "maps.npz"
-    if cache.exists():
-        return dict(np.load(cache, allow_pickle=False))
-    import torch
+def frames(batch: int = 32):
+    """The pool's frames in batches, as the second look crops a whole image (224 px): yields lists of
+    ``(crop uint8 224x224x3, fluid mask bool 224x224, label 0/1, clip group, clip fold, given fold)``."""
     from PIL import Image
 
     from echo_agent.detectors.region_classifier import square_crop
     from echo_agent.eval.datasets import load_split
     from echo_agent.eval.splits import cross_fit_fold, cv_group
     from echo_agent.imaging.preprocess import prepare_for_detection
-    from echo_agent.training.linear_probe import INPUT_OFFSET, INPUT_SCALE, Lite0Features
 
-    torch.set_num_threads(2)
-    net = Lite0Features(threads=2).net
     images = [im for split in ("train", "val") for im in load_split("hydronephrosis_ncnu", split)]
-    feats, fluid, y, clip_fold, given_fold, groups = [], [], [], [], [], []
-    for i in range(0, len(images), 32):
-        crops, masks = [], []
-        for im in images[i:i + 32]:
+    for i in range(0, len(images), batch):
+        out = []
+        for im in images[i:i + batch]:
             with Image.open(im.image) as pil:
                 arr = np.asarray(pil.convert("RGB"))
             prep = prepare_for_detection(arr)
@@ -55,12 +48,32 @@ def maps(out: Path) -> dict[str, np.ndarray]:
             else:
                 m = np.zeros(arr.shape[:2], np.uint8)
             m = np.repeat(m[y0:y0 + h, x0:x0 + w, None], 3, axis=2)
-            crops.append(square_crop(np.ascontiguousarray(prep.array), None, margin=0.0, size=224))
-            masks.append(square_crop(np.ascontiguousarray(m), None, margin=0.0, size=224)[:, :, 0] > 127)
-            y.append(int(im.label != "normal"))
-            groups.append(cv_group(im))
-            clip_fold.append(cross_fit_fold(cv_group(im), CLIP_FOLDS))
-            given_fold.append(int(Path(im.image).parts[-3].removeprefix("fold")))
+            out.append((square_crop(np.ascontiguousarray(prep.array), None, margin=0.0, size=224),
+                        square_crop(np.ascontiguousarray(m), None, margin=0.0, size=224)[:, :, 0] > 127,
+                        int(im.label != "normal"), cv_group(im), cross_fit_fold(cv_group(im), CLIP_FOLDS),
+                        int(Path(im.image).parts[-3].removeprefix("fold"))))
+        yield out
+        print(f"  {min(i + batch, len(images))}/{len(images)} frames", flush=True)
+
+
+def maps(out: Path) -> dict[str, np.ndarray]:
+    """Per frame: the backbone's last map (n, 49, 1280), cell fluid fractions (n, 49), label, folds."""
+    cache = out / "maps.npz"
+    if cache.exists():
+        return dict(np.load(cache, allow_pickle=False))
+    import torch
+
+    from echo_agent.training.linear_probe import INPUT_OFFSET, INPUT_SCALE, Lite0Features
+
+    torch.set_num_threads(2)
+    net = Lite0Features(threads=2).net
+    feats, fluid, y, clip_fold, given_fold, groups = [], [], [], [], [], []
+    for chunk in frames():
+        crops, masks, labels, grp, cf, gf = zip(*chunk, strict=True)
+        y += labels
+        groups += grp
+        clip_fold += cf
+        given_fold += gf
         x = np.stack(crops).astype(np.float32)
         x = torch.from_numpy(((x - INPUT_OFFSET) / INPUT_SCALE).transpose(0, 3, 1, 2).copy())
         with torch.no_grad():
@@ -68,7 +81,6 @@ def maps(out: Path) -> dict[str, np.ndarray]:
         feats.append(fm.reshape(len(crops), fm.shape[1], -1).transpose(0, 2, 1).astype(np.float16))
         cells = np.stack(masks).reshape(len(masks), 7, 32, 7, 32).mean(axis=(2, 4)).reshape(len(masks), 49)
         fluid.append(cells.astype(np.float32))
-        print(f"  {min(i + 32, len(images))}/{len(images)} frames", flush=True)
     data = {"x": np.concatenate(feats), "fluid": np.concatenate(fluid), "y": np.asarray(y),
             "clip_fold": np.asarray(clip_fold), "given_fold": np.asarray(given_fold), "group": np.asarray(groups)}
     out.mkdir(parents=True, exist_ok=True)
