@@ -57,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fold", type=int, default=None,
                     help="cross-fitting: leave this fold of the train split's groups out (needs --folds and --output)")
     ap.add_argument("--folds", type=int, default=None)
+    ap.add_argument("--mask-supervised", action="store_true",
+                    help="CONFIG is a MaskClassifierTrainConfig: fine-tune a small segmenter on the lesion masks and "
+                         "export it as a region classifier (echo_agent.training.mask_classifier)")
     ap.add_argument("--linear-probe", action="store_true",
                     help="fit a linear probe on frozen pretrained features instead of fine-tuning "
                          "(echo_agent.training.linear_probe; C as the config's probe_c_selection says) -- for small data sets")
@@ -65,7 +68,6 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from train_detector import check_training_split
 
-    from echo_agent.eval.datasets import load_split
     from echo_agent.training.region_classifier import (
         ClassifierTrainConfig,
         category_head_images,
@@ -75,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
         train_classifier,
     )
 
+    if args.mask_supervised:
+        if args.linear_probe or args.soup or args.random_init:
+            ap.error("--mask-supervised goes without --linear-probe, --soup and --random-init")
+        return _mask_supervised(ap, args, argv)
     cfg = ClassifierTrainConfig.from_yaml(args.config)
     for key, value in (("max_minutes", args.minutes), ("epochs", args.epochs), ("seed", args.seed), ("threads", args.threads),
                        ("train_split", args.train_split), ("soup", args.soup)):
@@ -89,10 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.random_init:
         cfg.pretrained = False
     check_training_split(ap, cfg.train_split)
-    if (args.fold is None) != (args.folds is None):
-        ap.error("--fold and --folds go together")
-    if args.fold is not None and (args.output is None or not 0 <= args.fold < args.folds):
-        ap.error("--fold k needs 0 <= k < --folds and its own --output (a fold model is never the packaged one)")
+    _check_fold_args(ap, args)
     try:
         category_head = is_category_head(cfg)
     except ValueError as exc:
@@ -100,12 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.output or (REPO / cfg.output if cfg.output else REPO / "echo_agent" / "assets" / "classifiers" / f"{cfg.organ}.onnx")
 
     t0 = time.monotonic()
-    train_imgs = [im for c in cfg.centers for im in load_split(c, cfg.train_split)]
-    if args.fold is not None:
-        from echo_agent.eval.splits import cross_fit_fold, cv_group
-
-        train_imgs = [im for im in train_imgs if cross_fit_fold(cv_group(im), args.folds) != args.fold]
-    val_imgs = [im for c in cfg.centers for im in load_split(c, cfg.val_split)]
+    train_imgs, val_imgs = _split_images(cfg, args)
     left_out: dict[str, int] = {}
     if category_head:
         train_imgs, left_train = category_head_images(train_imgs, cfg.labels)
@@ -142,6 +140,84 @@ def main(argv: list[str] | None = None) -> int:
     keys = ("val", "val_category_baseline", "temperature", "wall_minutes", "bytes")
     print(json.dumps({k: report[k] for k in keys if k in report}), flush=True)
     return 0
+
+
+def _split_images(cfg, args) -> tuple[list, list]:  # noqa: ANN001 - a train config and parsed arguments
+    """The config's train images (without ``--fold``'s groups when cross-fitting) and val images."""
+    from echo_agent.eval.datasets import load_split
+
+    train_imgs = [im for c in cfg.centers for im in load_split(c, cfg.train_split)]
+    if args.fold is not None:
+        from echo_agent.eval.splits import cross_fit_fold, cv_group
+
+        train_imgs = [im for im in train_imgs if cross_fit_fold(cv_group(im), args.folds) != args.fold]
+    return train_imgs, [im for c in cfg.centers for im in load_split(c, cfg.val_split)]
+
+
+def _check_fold_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if (args.fold is None) != (args.folds is None):
+        ap.error("--fold and --folds go together")
+    if args.fold is not None and (args.output is None or not 0 <= args.fold < args.folds):
+        ap.error("--fold k needs 0 <= k < --folds and its own --output (a fold model is never the packaged one)")
+
+
+def _mask_supervised(ap: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] | None) -> int:
+    """``--mask-supervised``: echo_agent.training.mask_classifier, exported as a region classifier."""
+    from train_detector import check_training_split
+
+    from echo_agent.training.mask_classifier import (
+        MaskClassifierTrainConfig,
+        export_mask_classifier,
+        prepare_masked_crops,
+        train_mask_classifier,
+    )
+
+    try:
+        cfg = MaskClassifierTrainConfig.from_yaml(args.config)
+    except (TypeError, ValueError) as exc:
+        ap.error(f"{args.config}: {exc}")
+    for key, value in (("max_minutes", args.minutes), ("epochs", args.epochs), ("seed", args.seed), ("threads", args.threads),
+                       ("train_split", args.train_split)):
+        if value is not None:
+            setattr(cfg, key, value)
+    check_training_split(ap, cfg.train_split)
+    _check_fold_args(ap, args)
+    out = args.output or (REPO / cfg.output if cfg.output else REPO / "echo_agent" / "assets" / "classifiers" / f"{cfg.organ}.onnx")
+    t0 = time.monotonic()
+    train_imgs, val_imgs = _split_images(cfg, args)
+    train = prepare_masked_crops(train_imgs, cfg.labels, size=cfg.input_size)
+    val = prepare_masked_crops(val_imgs, cfg.labels, size=cfg.input_size)
+    print(f"prepared {len(train)} train / {len(val)} val images in {time.monotonic() - t0:.0f} s", flush=True)
+    model, report = train_mask_classifier(cfg, train, val, log=lambda s: print(s, flush=True))
+    export_mask_classifier(model, out, cfg, report)
+    size = out.stat().st_size
+    if size > MAX_ONNX_BYTES:
+        print(f"error: {out} is {size / 2**20:.1f} MB > 15 MB", file=sys.stderr)
+        return 1
+    _check_mask_onnx(model, out, train[:4], cfg)
+    report.update({
+        "output": str(out), "bytes": size, "config": str(args.config), "kind": "mask_supervised",
+        "command": "python tools/train_classifier.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "wall_minutes": round((time.monotonic() - t0) / 60, 1),
+        "machine": f"{platform.machine()} {os.cpu_count()} cpu", "date": time.strftime("%Y-%m-%d"),
+    })
+    out.with_suffix(".json").write_text(json.dumps(report, indent=1))
+    print(json.dumps({k: report[k] for k in ("val", "wall_minutes", "bytes") if k in report}), flush=True)
+    return 0
+
+
+def _check_mask_onnx(model, path: Path, crops, cfg) -> None:  # noqa: ANN001 - torch objects
+    """ONNX Runtime must give the torch model's P(lesion) on real whole-image crops."""
+    import numpy as np
+
+    from echo_agent.detectors.region_classifier import OnnxRegionClassifier
+    from echo_agent.training.mask_classifier import lesion_probability
+
+    clf = OnnxRegionClassifier(path)
+    ref = lesion_probability(model, np.stack([c.crop for c in crops]), cfg.top_k)
+    got = np.array([clf.classify(c.crop, [None])[0][cfg.labels[1]] for c in crops])
+    if not np.allclose(ref, got, atol=1e-3):
+        raise SystemExit(f"ONNX P(lesion) differs from torch: {np.abs(ref - got).max():.2e}")
 
 
 def _check_onnx(model, path: Path, cases, cfg) -> None:  # noqa: ANN001 - torch objects

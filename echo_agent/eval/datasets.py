@@ -22,6 +22,7 @@ manifest images (with ``group``/``patient_id`` set for leakage-safe splitting) p
 from __future__ import annotations
 
 import csv
+import math
 import re
 import threading
 from collections import defaultdict
@@ -30,6 +31,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from importlib.metadata import entry_points
 from pathlib import Path
+
+import numpy as np
 
 from ..errors import ManifestError
 from ..organs.plugins import register_plugins
@@ -423,6 +426,27 @@ def training_split(split: str) -> tuple[str, ...]:
     return parts
 
 
+def lesion_mask(image: ManifestImage, size: tuple[int, int]) -> np.ndarray | None:
+    """A boolean ``(height, width)`` lesion mask of a manifest image (``size`` = ``(width, height)`` of
+    its file): the data set's own mask where it has one per image (Hydronephrosis-NCNU: the fluid
+    mask ``<name>_M.jpg`` beside the frame, thresholded at half intensity), else the image's boxes
+    filled; ``None`` for an image without either (a normal image)."""
+    w, h = size
+    if image.center == HYDRONEPHROSIS_NCNU:
+        path = Path(image.image).with_name(Path(image.image).stem + "_M.jpg")
+        if path.exists():
+            from PIL import Image
+
+            with Image.open(path) as pm:
+                return np.asarray(pm.convert("L").resize((w, h))) > 127
+    if not image.boxes:
+        return None
+    mask = np.zeros((h, w), bool)
+    for b in image.boxes:
+        mask[max(int(b.y1), 0):min(int(math.ceil(b.y2)), h), max(int(b.x1), 0):min(int(math.ceil(b.x2)), w)] = True
+    return mask
+
+
 __all__ = [
     "ADAPTERS",
     "BREAST_LESIONS_USG",
@@ -435,6 +459,7 @@ __all__ = [
     "HYDRONEPHROSIS_NCNU",
     "dataset_folder",
     "flag_burned_in_annotations",
+    "lesion_mask",
     "load_breast_lesions_usg",
     "load_busi",
     "compute_splits",

