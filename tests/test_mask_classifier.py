@@ -1,0 +1,106 @@
+"""The mask-supervised second look: masks, cell targets, configuration, training and export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from echo_agent.eval.datasets import HYDRONEPHROSIS_NCNU, lesion_mask
+from echo_agent.eval.manifest import ManifestImage
+from echo_agent.schemas import Box
+from echo_agent.training.mask_classifier import (
+    CELL,
+    MaskClassifierTrainConfig,
+    cell_targets,
+    prepare_masked_crops,
+)
+
+LABELS = ["normal", "hydronephrosis"]
+
+
+def _frame(tmp_path: Path, name: str, label: str, *, mask_file: bool, center: str = HYDRONEPHROSIS_NCNU) -> ManifestImage:
+    from echo_agent.imaging import save_png
+
+    rng = np.random.default_rng(sum(map(ord, name)))
+    g = rng.integers(90, 160, size=(96, 128), dtype=np.uint8)
+    boxes: tuple[Box, ...] = ()
+    if label != "normal":
+        g[30:50, 40:90] = 10  # dark fluid
+        boxes = (Box(x1=40, y1=30, x2=90, y2=50),)
+    path = tmp_path / f"{name}.png"
+    save_png(np.repeat(g[:, :, None], 3, axis=2), path)
+    if mask_file:
+        from PIL import Image
+
+        m = np.zeros_like(g)
+        m[32:48, 45:85] = 255  # the mask is tighter than the box
+        Image.fromarray(m).save(tmp_path / f"{name}_M.jpg")
+    return ManifestImage(image=path, organ="kidney", label=label, boxes=boxes, center=center, group=name)
+
+
+def test_lesion_mask_reads_the_mask_file_else_fills_the_boxes(tmp_path: Path) -> None:
+    with_file = _frame(tmp_path, "a", "hydronephrosis", mask_file=True)
+    m = lesion_mask(with_file, (128, 96))
+    assert m.shape == (96, 128) and m[40, 60] and not m[31, 41]  # the file's mask, not the box
+    boxes_only = _frame(tmp_path, "b", "hydronephrosis", mask_file=False, center="toy")
+    m = lesion_mask(boxes_only, (128, 96))
+    assert m[30:50, 40:90].all() and m.sum() == 20 * 50
+    assert lesion_mask(_frame(tmp_path, "c", "normal", mask_file=False), (128, 96)) is None
+
+
+def test_cell_targets_are_the_lesion_share_of_each_cell() -> None:
+    masks = np.zeros((1, 4 * CELL, 4 * CELL), bool)
+    masks[0, :CELL, :CELL] = True
+    masks[0, CELL:CELL + CELL // 2, :CELL] = True
+    t = cell_targets(masks)
+    assert t.shape == (1, 4, 4) and t[0, 0, 0] == 1.0 and t[0, 1, 0] == 0.5 and t[0, 2:].sum() == 0
+
+
+def test_configuration_is_checked() -> None:
+    with pytest.raises(ValueError, match="two labels"):
+        MaskClassifierTrainConfig(organ="breast", labels=["normal", "benign", "malignant"], centers=["busi"])
+    with pytest.raises(ValueError, match="multiple of 32"):
+        MaskClassifierTrainConfig(organ="kidney", labels=LABELS, centers=[], input_size=200)
+    with pytest.raises(ValueError, match="top_k"):
+        MaskClassifierTrainConfig(organ="kidney", labels=LABELS, centers=[], top_k=0)
+
+
+def test_crops_carry_their_masks_through_the_same_crop(tmp_path: Path) -> None:
+    crops = prepare_masked_crops([_frame(tmp_path, "a", "hydronephrosis", mask_file=True),
+                                  _frame(tmp_path, "n", "normal", mask_file=False)], LABELS, size=64)
+    assert [c.label for c in crops] == [1, 0] and crops[0].crop.shape == (64, 64, 3)
+    assert crops[0].mask.any() and not crops[1].mask.any()
+    # the mask lies on the dark fluid of the crop
+    assert crops[0].crop[crops[0].mask].mean() < crops[0].crop[~crops[0].mask].mean() - 40
+    with pytest.raises(ValueError, match="not one of the classifier's labels"):
+        prepare_masked_crops([_frame(tmp_path, "x", "stone", mask_file=False)], LABELS)
+
+
+@pytest.mark.heavy
+def test_it_trains_and_exports_as_a_region_classifier(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    pytest.importorskip("efficientnet_lite_pytorch")
+    from echo_agent.detectors import OnnxRegionClassifier
+    from echo_agent.training.mask_classifier import (
+        export_mask_classifier,
+        lesion_probability,
+        train_mask_classifier,
+    )
+
+    frames = [_frame(tmp_path, f"f{i}", LABELS[i % 2], mask_file=i % 2 == 1) for i in range(8)]
+    crops = prepare_masked_crops(frames, LABELS, size=64)
+    cfg = MaskClassifierTrainConfig(organ="kidney", labels=LABELS, centers=["toy"], input_size=64, epochs=1,
+                                    batch_size=4, threads=1, pretrained=False)
+    model, report = train_mask_classifier(cfg, crops[:6], crops[6:], log=lambda s: None)
+    assert report["epochs"] and report["positive_cells"] > 0 and "val_auc" in report["val"]
+    path = export_mask_classifier(model, tmp_path / "mask.onnx", cfg, report)
+    clf = OnnxRegionClassifier(path)
+    assert clf.labels == tuple(LABELS) and clf.info["kind"] == "mask_supervised"
+    probs = clf.classify(crops[1].crop, [None, Box(x1=10, y1=10, x2=40, y2=30)])
+    assert len(probs) == 2 and all(abs(sum(p.values()) - 1) < 1e-5 for p in probs)
+    ref = lesion_probability(model, np.stack([crops[1].crop]), cfg.top_k)[0]
+    assert probs[0]["hydronephrosis"] == pytest.approx(ref, abs=1e-3)
+    with pytest.raises(ValueError, match="no training images"):
+        train_mask_classifier(cfg, [], crops)
