@@ -207,7 +207,8 @@ def _mask_supervised(ap: argparse.ArgumentParser, args: argparse.Namespace, argv
 
 
 def _check_mask_onnx(model, path: Path, crops, cfg) -> None:  # noqa: ANN001 - torch objects
-    """ONNX Runtime must give the torch model's P(lesion) on real whole-image crops."""
+    """ONNX Runtime must give the torch model's P(lesion) on real whole-image crops (within 0.005: the
+    file stores its weights in half precision)."""
     import numpy as np
 
     from echo_agent.detectors.region_classifier import OnnxRegionClassifier
@@ -216,7 +217,7 @@ def _check_mask_onnx(model, path: Path, crops, cfg) -> None:  # noqa: ANN001 - t
     clf = OnnxRegionClassifier(path)
     ref = lesion_probability(model, np.stack([c.crop for c in crops]), cfg.top_k)
     got = np.array([clf.classify(c.crop, [None])[0][cfg.labels[1]] for c in crops])
-    if not np.allclose(ref, got, atol=1e-3):
+    if not np.allclose(ref, got, atol=5e-3):
         raise SystemExit(f"ONNX P(lesion) differs from torch: {np.abs(ref - got).max():.2e}")
 
 

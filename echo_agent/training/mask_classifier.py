@@ -253,8 +253,10 @@ def _val_numbers(model: Any, val: Sequence[MaskedCrop], top_k: int) -> dict[str,
 
 
 def export_mask_classifier(model: Any, path: str | Path, config: MaskClassifierTrainConfig,
-                           report: dict[str, Any]) -> Path:
-    """Export as a region classifier: logits ``[log(1 - p), log(p)]`` of the map's top cells."""
+                           report: dict[str, Any], *, fp16_weights: bool = True) -> Path:
+    """Export as a region classifier: logits ``[log(1 - p), log(p)]`` of the map's top cells.
+    ``fp16_weights`` stores the large weight tensors in half precision (half the file; inference stays
+    float32: :func:`~echo_agent.training.lite_detector.store_weights_fp16`)."""
     import onnx
     import torch
     from torch import nn
@@ -287,6 +289,10 @@ def export_mask_classifier(model: Any, path: str | Path, config: MaskClassifierT
     }
     entry = m.metadata_props.add()
     entry.key, entry.value = CLASSIFIER_META_KEY, json.dumps(info, sort_keys=True)
+    if fp16_weights:
+        from .lite_detector import store_weights_fp16
+
+        store_weights_fp16(m)
     onnx.save(m, str(path))
     tmp.unlink(missing_ok=True)
     return path
