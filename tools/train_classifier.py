@@ -66,7 +66,6 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from train_detector import check_training_split
 
     from echo_agent.training.region_classifier import (
         ClassifierTrainConfig,
@@ -82,25 +81,16 @@ def main(argv: list[str] | None = None) -> int:
             ap.error("--mask-supervised goes without --linear-probe, --soup and --random-init")
         return _mask_supervised(ap, args, argv)
     cfg = ClassifierTrainConfig.from_yaml(args.config)
-    for key, value in (("max_minutes", args.minutes), ("epochs", args.epochs), ("seed", args.seed), ("threads", args.threads),
-                       ("train_split", args.train_split), ("soup", args.soup)):
-        if value is not None:
-            setattr(cfg, key, value)
-    try:
-        cfg.__post_init__()  # the options given on the command line, checked as the config's are
-    except ValueError as exc:
-        ap.error(str(exc))
+    _configure(ap, cfg, args, soup=args.soup)
     if args.linear_probe and cfg.soup > 1:
         ap.error("--soup averages fine-tuned networks; a linear probe has one solution per C (drop --soup)")
     if args.random_init:
         cfg.pretrained = False
-    check_training_split(ap, cfg.train_split)
-    _check_fold_args(ap, args)
     try:
         category_head = is_category_head(cfg)
     except ValueError as exc:
         ap.error(f"{args.config}: {exc}")
-    out = args.output or (REPO / cfg.output if cfg.output else REPO / "echo_agent" / "assets" / "classifiers" / f"{cfg.organ}.onnx")
+    out = _output_path(cfg, args)
 
     t0 = time.monotonic()
     train_imgs, val_imgs = _split_images(cfg, args)
@@ -123,23 +113,62 @@ def main(argv: list[str] | None = None) -> int:
     else:
         model, report = train_classifier(cfg, train_cases, val_cases, log=lambda s: print(s, flush=True))
         export_onnx(model, out, cfg, report)
-    size = out.stat().st_size
-    if size > MAX_ONNX_BYTES:
-        print(f"error: {out} is {size / 2**20:.1f} MB > 15 MB", file=sys.stderr)
+    if not _size_ok(out):
         return 1
     if not args.linear_probe:
         _check_onnx(model, out, val_cases[:4], cfg)
+    _write_report(report, out, args, argv, t0, {
+        "train_images": len(train_cases), "val_images": len(val_cases),
+        **({"left_out_without_category": left_out} if category_head else {})},
+        ("val", "val_category_baseline", "temperature", "wall_minutes", "bytes"))
+    return 0
+
+
+def _configure(ap: argparse.ArgumentParser, cfg, args: argparse.Namespace, **extra) -> None:  # noqa: ANN001, ANN003
+    """Apply the command line's overrides (``extra``: more of them, ``None`` = not given) to a train
+    config, check them as the config's own values are checked, and check the split and fold options."""
+    from train_detector import check_training_split
+
+    for key, value in (("max_minutes", args.minutes), ("epochs", args.epochs), ("seed", args.seed), ("threads", args.threads),
+                       ("train_split", args.train_split), *extra.items()):
+        if value is not None:
+            setattr(cfg, key, value)
+    try:
+        cfg.__post_init__()  # the options given on the command line, checked as the config's are
+    except ValueError as exc:
+        ap.error(str(exc))
+    check_training_split(ap, cfg.train_split)
+    _check_fold_args(ap, args)
+
+
+def _output_path(cfg, args: argparse.Namespace) -> Path:  # noqa: ANN001 - a train config
+    """``--output``, else the config's ``output``, else the packaged classifier of the organ."""
+    if args.output:
+        return args.output
+    return REPO / cfg.output if cfg.output else REPO / "echo_agent" / "assets" / "classifiers" / f"{cfg.organ}.onnx"
+
+
+def _size_ok(out: Path) -> bool:
+    """The exported file is within the packaged size bound (says so on stderr when it is not)."""
+    size = out.stat().st_size
+    if size > MAX_ONNX_BYTES:
+        print(f"error: {out} is {size / 2**20:.1f} MB > 15 MB", file=sys.stderr)
+        return False
+    return True
+
+
+def _write_report(report: dict, out: Path, args: argparse.Namespace, argv: list[str] | None, t0: float,
+                  extra: dict, keys: tuple[str, ...]) -> None:
+    """Write the training report beside the ONNX file (with the command, wall time, machine and date)
+    and print its ``keys``."""
     report.update({
-        "output": str(out), "bytes": size, "config": str(args.config), "train_images": len(train_cases),
-        "val_images": len(val_cases), **({"left_out_without_category": left_out} if category_head else {}),
+        "output": str(out), "bytes": out.stat().st_size, "config": str(args.config), **extra,
         "command": "python tools/train_classifier.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "wall_minutes": round((time.monotonic() - t0) / 60, 1),
         "machine": f"{platform.machine()} {os.cpu_count()} cpu", "date": time.strftime("%Y-%m-%d"),
     })
     out.with_suffix(".json").write_text(json.dumps(report, indent=1))
-    keys = ("val", "val_category_baseline", "temperature", "wall_minutes", "bytes")
     print(json.dumps({k: report[k] for k in keys if k in report}), flush=True)
-    return 0
 
 
 def _split_images(cfg, args) -> tuple[list, list]:  # noqa: ANN001 - a train config and parsed arguments
@@ -163,8 +192,6 @@ def _check_fold_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> N
 
 def _mask_supervised(ap: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] | None) -> int:
     """``--mask-supervised``: echo_agent.training.mask_classifier, exported as a region classifier."""
-    from train_detector import check_training_split
-
     from echo_agent.training.mask_classifier import (
         MaskClassifierTrainConfig,
         export_mask_classifier,
@@ -176,13 +203,8 @@ def _mask_supervised(ap: argparse.ArgumentParser, args: argparse.Namespace, argv
         cfg = MaskClassifierTrainConfig.from_yaml(args.config)
     except (TypeError, ValueError) as exc:
         ap.error(f"{args.config}: {exc}")
-    for key, value in (("max_minutes", args.minutes), ("epochs", args.epochs), ("seed", args.seed), ("threads", args.threads),
-                       ("train_split", args.train_split)):
-        if value is not None:
-            setattr(cfg, key, value)
-    check_training_split(ap, cfg.train_split)
-    _check_fold_args(ap, args)
-    out = args.output or (REPO / cfg.output if cfg.output else REPO / "echo_agent" / "assets" / "classifiers" / f"{cfg.organ}.onnx")
+    _configure(ap, cfg, args)
+    out = _output_path(cfg, args)
     t0 = time.monotonic()
     train_imgs, val_imgs = _split_images(cfg, args)
     train = prepare_masked_crops(train_imgs, cfg.labels, size=cfg.input_size)
@@ -190,19 +212,10 @@ def _mask_supervised(ap: argparse.ArgumentParser, args: argparse.Namespace, argv
     print(f"prepared {len(train)} train / {len(val)} val images in {time.monotonic() - t0:.0f} s", flush=True)
     model, report = train_mask_classifier(cfg, train, val, log=lambda s: print(s, flush=True))
     export_mask_classifier(model, out, cfg, report)
-    size = out.stat().st_size
-    if size > MAX_ONNX_BYTES:
-        print(f"error: {out} is {size / 2**20:.1f} MB > 15 MB", file=sys.stderr)
+    if not _size_ok(out):
         return 1
     _check_mask_onnx(model, out, train[:4], cfg)
-    report.update({
-        "output": str(out), "bytes": size, "config": str(args.config), "kind": "mask_supervised",
-        "command": "python tools/train_classifier.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "wall_minutes": round((time.monotonic() - t0) / 60, 1),
-        "machine": f"{platform.machine()} {os.cpu_count()} cpu", "date": time.strftime("%Y-%m-%d"),
-    })
-    out.with_suffix(".json").write_text(json.dumps(report, indent=1))
-    print(json.dumps({k: report[k] for k in ("val", "wall_minutes", "bytes") if k in report}), flush=True)
+    _write_report(report, out, args, argv, t0, {"kind": "mask_supervised"}, ("val", "wall_minutes", "bytes"))
     return 0
 
 
