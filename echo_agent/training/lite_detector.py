@@ -240,21 +240,12 @@ def build_detector(n_classes: int, *, backbone: str = "efficientnet-lite0", pret
             self.register_buffer("strides", torch.from_numpy(strides), persistent=False)
 
         def features(self, x: torch.Tensor) -> list[torch.Tensor]:
-            b = self.body
-            x = b._swish(b._bn0(b._conv_stem(x)))
-            feats = []
-            rate = b._global_params.drop_connect_rate or 0.0
-            for i, block in enumerate(b._blocks):
-                x = block(x, drop_connect_rate=rate * i / len(b._blocks) if self.training and rate else None)
-                if i in self.taps:
-                    feats.append(x)
-            return feats
+            rate = self.body._global_params.drop_connect_rate or 0.0
+            return tapped_features(self.body, self.taps, x, rate if self.training else 0.0)
 
         def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             feats = self.features(x)
-            lat = [m(f) for m, f in zip(self.lateral, feats, strict=True)]
-            for i in range(len(lat) - 2, -1, -1):
-                lat[i] = lat[i] + nn.functional.interpolate(lat[i + 1], size=lat[i].shape[-2:], mode="nearest")
+            lat = top_down([m(f) for m, f in zip(self.lateral, feats, strict=True)])
             pyramid = [m(p) for m, p in zip(self.smooth, lat, strict=True)]
             cls_out, reg_out, ctr_out = [], [], []
             for k, p in enumerate(pyramid):
@@ -267,6 +258,29 @@ def build_detector(n_classes: int, *, backbone: str = "efficientnet-lite0", pret
             return torch.cat(cls_out, 1), torch.cat(reg_out, 1), torch.cat(ctr_out, 1)
 
     return LiteFCOS()
+
+
+def tapped_features(body: Any, taps: Sequence[int], x: Any, drop_connect_rate: float = 0.0) -> list[Any]:
+    """The EfficientNet ``body``'s outputs after the blocks ``taps`` (:func:`_feature_taps`) for input
+    ``x``; ``drop_connect_rate`` > 0 drops block paths as the backbone does in training."""
+    x = body._swish(body._bn0(body._conv_stem(x)))
+    feats = []
+    n = len(body._blocks)
+    for i, block in enumerate(body._blocks):
+        x = block(x, drop_connect_rate=drop_connect_rate * i / n if drop_connect_rate else None)
+        if i in taps:
+            feats.append(x)
+    return feats
+
+
+def top_down(levels: list[Any]) -> list[Any]:
+    """A feature pyramid's top-down path: each level (finest first) plus the coarser one upsampled
+    (nearest), from the coarsest down; ``levels`` is updated and returned."""
+    from torch import nn
+
+    for i in range(len(levels) - 2, -1, -1):
+        levels[i] = levels[i] + nn.functional.interpolate(levels[i + 1], size=levels[i].shape[-2:], mode="nearest")
+    return levels
 
 
 def _grid(size: int, stride: int) -> np.ndarray:

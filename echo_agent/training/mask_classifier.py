@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from ..detectors.region_classifier import CLASSIFIER_META_KEY, square_crop
-from .region_classifier import INPUT_OFFSET, INPUT_SCALE, photometric
+from .region_classifier import INPUT_OFFSET, INPUT_SCALE, _to_tensor, photometric
 
 #: Output stride of the map (one logit per CELL x CELL pixels of the crop).
 CELL = 8
@@ -128,7 +128,7 @@ def build_mask_network(*, pretrained: bool = True, input_size: int = 224, freeze
     """The segmenter: ``forward(x)`` gives ``(B, input_size/8, input_size/8)`` lesion logits."""
     from torch import nn
 
-    from .lite_detector import _feature_taps
+    from .lite_detector import _feature_taps, tapped_features, top_down
     from .region_classifier import _freeze, build_network
 
     net = build_network(1, pretrained=pretrained, input_size=input_size)
@@ -148,26 +148,11 @@ def build_mask_network(*, pretrained: bool = True, input_size: int = 224, freeze
             nn.init.constant_(self.out.bias, -math.log(9.0))
 
         def forward(self, x: Any) -> Any:
-            b = self.body
-            h = b._swish(b._bn0(b._conv_stem(x)))
-            feats = []
-            for i, block in enumerate(b._blocks):
-                h = block(h)
-                if i in self.taps:
-                    feats.append(h)
-            lat = [m(f) for m, f in zip(self.lateral, feats, strict=True)]
-            for i in range(len(lat) - 2, -1, -1):
-                lat[i] = lat[i] + nn.functional.interpolate(lat[i + 1], size=lat[i].shape[-2:], mode="nearest")
+            feats = tapped_features(self.body, self.taps, x)
+            lat = top_down([m(f) for m, f in zip(self.lateral, feats, strict=True)])
             return self.out(self.smooth(lat[0]))[:, 0]
 
     return MaskNet()
-
-
-def _to_input(batch: np.ndarray) -> Any:
-    import torch
-
-    x = (batch.astype(np.float32) - INPUT_OFFSET) / INPUT_SCALE
-    return torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
 
 
 def train_mask_classifier(config: MaskClassifierTrainConfig, train: Sequence[MaskedCrop], val: Sequence[MaskedCrop], *,
@@ -209,7 +194,7 @@ def train_mask_classifier(config: MaskClassifierTrainConfig, train: Sequence[Mas
                     img, m = img[:, ::-1], m[:, ::-1]
                 xs.append(photometric(np.ascontiguousarray(img), rng))
                 ms.append(m)
-            logits = model(_to_input(np.stack(xs)))
+            logits = model(_to_tensor(xs))
             loss = torch.nn.functional.binary_cross_entropy_with_logits(
                 logits, torch.from_numpy(cell_targets(np.stack(ms))), pos_weight=pos_weight)
             opt.zero_grad()
@@ -229,6 +214,14 @@ def train_mask_classifier(config: MaskClassifierTrainConfig, train: Sequence[Mas
     return model, report
 
 
+def top_cells(logit_maps: Any, top_k: int) -> Any:
+    """P(lesion) of each map of ``(B, h, w)`` cell logits: the mean of its ``top_k`` highest cell
+    probabilities (the exported classifier's output and :func:`lesion_probability`'s)."""
+    import torch
+
+    return torch.sigmoid(logit_maps).flatten(1).topk(top_k, dim=1).values.mean(1)
+
+
 def lesion_probability(model: Any, crops: np.ndarray, top_k: int) -> np.ndarray:
     """P(lesion) of ``(n, s, s, 3)`` uint8 crops: the mean of each map's ``top_k`` highest cells."""
     import torch
@@ -237,8 +230,7 @@ def lesion_probability(model: Any, crops: np.ndarray, top_k: int) -> np.ndarray:
     out = []
     with torch.no_grad():
         for k in range(0, len(crops), 32):
-            p = torch.sigmoid(model(_to_input(crops[k:k + 32]))).flatten(1)
-            out.append(p.topk(top_k, dim=1).values.mean(1).numpy())
+            out.append(top_cells(model(_to_tensor(crops[k:k + 32])), top_k).numpy())
     return np.concatenate(out) if out else np.zeros(0)
 
 
@@ -267,8 +259,7 @@ def export_mask_classifier(model: Any, path: str | Path, config: MaskClassifierT
             self.net = model
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            p = torch.sigmoid(self.net(x)).flatten(1).topk(config.top_k, dim=1).values.mean(1)
-            p = p.clamp(1e-6, 1 - 1e-6)
+            p = top_cells(self.net(x), config.top_k).clamp(1e-6, 1 - 1e-6)
             return torch.stack([torch.log1p(-p), torch.log(p)], dim=1)
 
     path = Path(path)
