@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,17 +53,11 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--folds must be at least 2")
     if args.retarget and args.detector is None and args.classifier is None:
         ap.error("--retarget needs --detector and/or --classifier: the retrained weights the fusion is to be used with")
-    from train_policy import _agent_with, _classifier_name, _detector_name, _images, _source
+    from train_policy import _classifier_name, _detector_name, _source, cached_or_collected_runs
 
     from echo_agent.errors import ModelLoadError
     from echo_agent.fusion import load_fusion_params
-    from echo_agent.training.fusion_fit import (
-        collect_runs,
-        load_runs,
-        recalibrate_temperature,
-        retarget,
-        save_runs,
-    )
+    from echo_agent.training.fusion_fit import recalibrate_temperature, retarget
 
     try:
         params = load_fusion_params(args.organ, None if args.fusion is None else str(args.fusion))
@@ -77,19 +70,7 @@ def main(argv: list[str] | None = None) -> int:
                           classifiers=[_classifier_name(args.organ, args.classifier)] if args.classifier else None)
         for key, moved in params.training["retargeted"].items():
             print(f"retargeted {key}: {', '.join(moved['from']) or '(none)'} -> {', '.join(moved['to'])}")
-    if args.runs_cache and args.runs_cache.exists():
-        records = load_runs(args.runs_cache)
-        print(f"reusing {len(records)} cached runs from {args.runs_cache}")
-    else:
-        images = _images(args, ap)
-        t0 = time.perf_counter()
-        print(f"running the agent on {len(images)} {args.organ} images ({_source(args)})")
-        own = args.detector is not None or args.classifier is not None
-        records = collect_runs(images, agent=_agent_with(args.organ, args.detector, args.classifier) if own else None,
-                               progress=lambda i, n: print(f"  {i}/{n} runs ({time.perf_counter() - t0:.0f} s)", flush=True)
-                               if i % 25 == 0 or i == n else None)
-        if args.runs_cache:
-            save_runs(records, args.runs_cache)
+    records = cached_or_collected_runs(args, ap)
     notes = {"source": _source(args), "command": "python tools/recalibrate_fusion.py " + " ".join(sys.argv[1:] if argv is None else argv)}
     try:
         new, report = recalibrate_temperature(params, records, folds=args.folds, notes=notes)

@@ -53,6 +53,7 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -185,6 +186,35 @@ def _groups_per_fold(records: list[RunRecord], k: int) -> list[int]:
     return [sum(cross_fit_fold(g, k) == f for g in groups) for f in range(k)]
 
 
+def cached_or_collected_runs(args: argparse.Namespace, ap: argparse.ArgumentParser,
+                             collect: Callable[[list, Callable[[int, int], None]], list[RunRecord]] | None = None,
+                             ) -> list[RunRecord]:
+    """The runs of ``--runs-cache`` when the file exists; else the agent run on the images the arguments
+    name (``collect(images, progress)``; default: the packaged models, or ``--detector`` /
+    ``--classifier``), with progress every 25 runs, and written to ``--runs-cache`` when given."""
+    if args.runs_cache and args.runs_cache.exists():
+        records = load_runs(args.runs_cache)
+        print(f"reusing {len(records)} cached runs from {args.runs_cache}")
+        return records
+    images = _images(args, ap)
+    t0 = time.perf_counter()
+
+    def progress(i: int, n: int) -> None:
+        if i % 25 == 0 or i == n:
+            print(f"  {i}/{n} runs ({time.perf_counter() - t0:.0f} s)", flush=True)
+
+    print(f"running the agent on {len(images)} {args.organ} images ({_source(args)})")
+    if collect is None:
+        own = args.detector is not None or args.classifier is not None
+        records = collect_runs(images, agent=_agent_with(args.organ, args.detector, args.classifier) if own else None,
+                               progress=progress)
+    else:
+        records = collect(images, progress)
+    if args.runs_cache:
+        save_runs(records, args.runs_cache)
+    return records
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--organ", required=True)
@@ -249,27 +279,10 @@ def main() -> int:
     if args.cross_fitted and args.cross_fitted_classifiers and len(args.cross_fitted) != len(args.cross_fitted_classifiers):
         ap.error("--cross-fitted and --cross-fitted-classifiers must have one file per fold each (same K)")
 
-    records: list[RunRecord] = []
-    if args.runs_cache and args.runs_cache.exists():
-        records = load_runs(args.runs_cache)
-        print(f"reusing {len(records)} cached runs from {args.runs_cache}")
+    if args.cross_fitted is not None or args.cross_fitted_classifiers is not None:
+        records = cached_or_collected_runs(args, ap, lambda images, progress: _cross_fitted_runs(args, images, progress))
     else:
-        images = _images(args, ap)
-        t0 = time.perf_counter()
-
-        def progress(i: int, n: int) -> None:
-            if i % 25 == 0 or i == n:
-                print(f"  {i}/{n} runs ({time.perf_counter() - t0:.0f} s)", flush=True)
-
-        print(f"running the agent on {len(images)} {args.organ} images ({_source(args)})")
-        if args.cross_fitted is not None or args.cross_fitted_classifiers is not None:
-            records = _cross_fitted_runs(args, images, progress)
-        else:
-            own = args.detector is not None or args.classifier is not None
-            agent = _agent_with(args.organ, args.detector, args.classifier) if own else None
-            records = collect_runs(images, agent=agent, progress=progress)
-        if args.runs_cache:
-            save_runs(records, args.runs_cache)
+        records = cached_or_collected_runs(args, ap)
     notes = {"centers": args.centers, "split": None if args.manifest else args.split,
              "manifest": str(args.manifest) if args.manifest else None,
              "command": "python tools/train_policy.py " + " ".join(sys.argv[1:])}
