@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -161,25 +160,21 @@ def _write_report(report: dict, out: Path, args: argparse.Namespace, argv: list[
                   extra: dict, keys: tuple[str, ...]) -> None:
     """Write the training report beside the ONNX file (with the command, wall time, machine and date)
     and print its ``keys``."""
-    report.update({
-        "output": str(out), "bytes": out.stat().st_size, "config": str(args.config), **extra,
-        "command": "python tools/train_classifier.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "wall_minutes": round((time.monotonic() - t0) / 60, 1),
-        "machine": f"{platform.machine()} {os.cpu_count()} cpu", "date": time.strftime("%Y-%m-%d"),
-    })
+    from train_detector import run_record
+
+    report.update({"output": str(out), "bytes": out.stat().st_size, "config": str(args.config), **extra,
+                   **run_record("train_classifier.py", argv, t0)})
     out.with_suffix(".json").write_text(json.dumps(report, indent=1))
     print(json.dumps({k: report[k] for k in keys if k in report}), flush=True)
 
 
 def _split_images(cfg, args) -> tuple[list, list]:  # noqa: ANN001 - a train config and parsed arguments
     """The config's train images (without ``--fold``'s groups when cross-fitting) and val images."""
+    from train_detector import leave_fold_out
+
     from echo_agent.eval.datasets import load_split
 
-    train_imgs = [im for c in cfg.centers for im in load_split(c, cfg.train_split)]
-    if args.fold is not None:
-        from echo_agent.eval.splits import cross_fit_fold, cv_group
-
-        train_imgs = [im for im in train_imgs if cross_fit_fold(cv_group(im), args.folds) != args.fold]
+    train_imgs = leave_fold_out([im for c in cfg.centers for im in load_split(c, cfg.train_split)], args.fold, args.folds)
     return train_imgs, [im for c in cfg.centers for im in load_split(c, cfg.val_split)]
 
 

@@ -62,6 +62,16 @@ def check_training_split(ap: argparse.ArgumentParser, split: str) -> None:
         ap.error(str(exc))
 
 
+def run_record(tool: str, argv: list[str] | None, t0: float) -> dict:
+    """What a trainer's report records about the run itself: the command (``tool``, the arguments),
+    wall minutes since ``t0`` (``time.monotonic()``), the machine and the date."""
+    return {
+        "command": f"python tools/{tool} " + " ".join(sys.argv[1:] if argv is None else argv),
+        "wall_minutes": round((time.monotonic() - t0) / 60, 1),
+        "machine": f"{platform.machine()} {os.cpu_count()} cpu", "date": time.strftime("%Y-%m-%d"),
+    }
+
+
 def leave_fold_out(images: list, fold: int | None, folds: int | None) -> list:
     """The train images without cross-fitting fold ``fold`` of ``folds`` (whole groups: a patient,
     clip or near-duplicate group is in one fold; :func:`echo_agent.eval.splits.cross_fit_fold`)."""

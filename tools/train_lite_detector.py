@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -55,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from train_detector import check_training_split, leave_fold_out, pipeline_metrics
+    from train_detector import check_training_split, leave_fold_out, pipeline_metrics, run_record
 
     from echo_agent.eval.datasets import load_split
     from echo_agent.organs import get_organ
@@ -108,9 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     report.update({
         "output": str(out), "bytes": size, "config": str(args.config),
         "pipeline": pipeline_metrics(out, pipe_cfg) if not args.limit else None,
-        "wall_minutes": round((time.monotonic() - t0) / 60, 1),
-        "machine": f"{platform.machine()} {os.cpu_count()} cpu", "date": time.strftime("%Y-%m-%d"),
-        "command": "python tools/train_lite_detector.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        **run_record("train_lite_detector.py", argv, t0),
     })
     out.with_suffix(".json").write_text(json.dumps(report, indent=1))
     brief = {k: report[k] for k in ("best_epoch", "val_threshold", "wall_minutes", "bytes")}
