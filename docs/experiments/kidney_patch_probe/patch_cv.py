@@ -28,7 +28,7 @@ def frames(batch: int = 32):
     from PIL import Image
 
     from echo_agent.detectors.region_classifier import square_crop
-    from echo_agent.eval.datasets import load_split
+    from echo_agent.eval.datasets import lesion_mask, load_split
     from echo_agent.eval.splits import cross_fit_fold, cv_group
     from echo_agent.imaging.preprocess import prepare_for_detection
 
@@ -41,12 +41,8 @@ def frames(batch: int = 32):
             prep = prepare_for_detection(arr)
             x0, y0 = prep.crop
             h, w = prep.array.shape[:2]
-            mask_path = Path(im.image).with_name(Path(im.image).stem + "_M.jpg")
-            if im.label != "normal" and mask_path.exists():
-                with Image.open(mask_path) as pm:
-                    m = (np.asarray(pm.convert("L").resize(prep.original_size)) > 127).astype(np.uint8) * 255
-            else:
-                m = np.zeros(arr.shape[:2], np.uint8)
+            mask = lesion_mask(im, prep.original_size) if im.label != "normal" else None
+            m = np.zeros(arr.shape[:2], np.uint8) if mask is None else mask.astype(np.uint8) * 255
             m = np.repeat(m[y0:y0 + h, x0:x0 + w, None], 3, axis=2)
             out.append((square_crop(np.ascontiguousarray(prep.array), None, margin=0.0, size=224),
                         square_crop(np.ascontiguousarray(m), None, margin=0.0, size=224)[:, :, 0] > 127,
