@@ -74,8 +74,46 @@ def test_crops_carry_their_masks_through_the_same_crop(tmp_path: Path) -> None:
     assert crops[0].mask.any() and not crops[1].mask.any()
     # the mask lies on the dark fluid of the crop
     assert crops[0].crop[crops[0].mask].mean() < crops[0].crop[~crops[0].mask].mean() - 40
-    with pytest.raises(ValueError, match="not one of the classifier's labels"):
+    with pytest.raises(ValueError, match="neither the normal label"):
         prepare_masked_crops([_frame(tmp_path, "x", "stone", mask_file=False)], LABELS)
+
+
+def test_several_image_labels_can_count_as_the_lesion(tmp_path: Path) -> None:
+    imgs = [_frame(tmp_path, "b", "benign", mask_file=False, center="toy"),
+            _frame(tmp_path, "m", "malignant", mask_file=False, center="toy"),
+            _frame(tmp_path, "n", "normal", mask_file=False, center="toy")]
+    crops = prepare_masked_crops(imgs, ["normal", "lesion"], size=64, lesion_labels=["benign", "malignant"])
+    assert [c.label for c in crops] == [1, 1, 0] and crops[0].mask.any() and not crops[2].mask.any()
+    with pytest.raises(ValueError, match="neither the normal label"):
+        prepare_masked_crops(imgs, ["normal", "lesion"], size=64, lesion_labels=["benign"])
+    with pytest.raises(ValueError, match="lesion_labels"):
+        MaskClassifierTrainConfig(organ="breast", labels=["normal", "lesion"], centers=["busi"], lesion_labels=["normal"])
+
+
+def test_a_centers_mask_files_are_read_and_joined(tmp_path: Path) -> None:
+    """A registered center names its mask files (several per image are joined); an empty mask file
+    falls back to the boxes."""
+    from PIL import Image
+
+    from echo_agent.eval.datasets import CenterSpec, register_center, unregister_center
+
+    def masks(image: Path) -> list[Path]:
+        return [image.with_name(image.stem + f"_lesion{i}.png") for i in (1, 2, 3)]  # the third never exists
+
+    register_center(CenterSpec("toy_masks", "kidney", "toy", lambda root: None, tmp_path / "s.csv", mask_files=masks))
+    try:
+        im = _frame(tmp_path, "t", "hydronephrosis", mask_file=False, center="toy_masks")
+        for i, (y, x) in enumerate(((5, 5), (60, 100)), start=1):
+            m = np.zeros((96, 128), np.uint8)
+            m[y:y + 10, x:x + 10] = 255
+            Image.fromarray(m).save(tmp_path / f"t_lesion{i}.png")
+        got = lesion_mask(im, (128, 96))
+        assert got.sum() == 200 and got[5, 5] and got[65, 105] and not got[40, 60]  # the files, not the box
+        for i in (1, 2):
+            Image.fromarray(np.zeros((96, 128), np.uint8)).save(tmp_path / f"t_lesion{i}.png")
+        assert lesion_mask(im, (128, 96))[30:50, 40:90].all()
+    finally:
+        unregister_center("toy_masks")
 
 
 @pytest.mark.heavy

@@ -22,11 +22,12 @@ manifest images (with ``group``/``patient_id`` set for leakage-safe splitting) p
 from __future__ import annotations
 
 import csv
+import glob
 import math
 import re
 import threading
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from importlib.metadata import entry_points
@@ -261,6 +262,9 @@ class CenterSpec:
     adapter: Callable[[str | Path | None], DatasetBuild]
     split_file: Path
     stratify_by: str = "label"
+    #: the lesion mask files the dataset stores for an image (its path -> paths; missing ones are
+    #: skipped), read by :func:`lesion_mask`; ``None``: the dataset has no masks (boxes are filled)
+    mask_files: Callable[[Path], Sequence[Path]] | None = None
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[a-z][a-z0-9_]*", self.name):
@@ -346,12 +350,26 @@ def _packaged_split_file(center: str) -> Path:
     return Path(str(resources.files("echo_agent") / "eval" / "splits" / f"{center}.csv"))
 
 
+def _busi_mask_files(image: Path) -> list[Path]:
+    """BUSI: ``<name>_mask.png``, or ``<name>_mask_1.png``, ``_mask_2.png`` ... for several lesions."""
+    return sorted(image.parent.glob(glob.escape(image.stem) + "_mask*.png"))
+
+
+_MASK_FILES: dict[str, Callable[[Path], Sequence[Path]]] = {
+    BUSI: _busi_mask_files,
+    # only the official tumour mask (the "other finding" masks are not the lesion: see the module doc)
+    BREAST_LESIONS_USG: lambda image: [image.with_name(image.stem + "_tumor.png")],
+    HYDRONEPHROSIS_NCNU: lambda image: [image.with_name(image.stem + "_M.jpg")],  # the fluid mask
+}
+
+
 for _name, _organ, _adapter in (
     (BUSI, "breast", load_busi),
     (BREAST_LESIONS_USG, "breast", load_breast_lesions_usg),
     (HYDRONEPHROSIS_NCNU, "kidney", load_hydronephrosis_ncnu),
 ):
-    register_center(CenterSpec(_name, _organ, _FOLDERS[_name], _adapter, _packaged_split_file(_name)))
+    register_center(CenterSpec(_name, _organ, _FOLDERS[_name], _adapter, _packaged_split_file(_name),
+                               mask_files=_MASK_FILES[_name]))
 
 
 def load_center(center: str, root: str | Path | None = None) -> DatasetBuild:
@@ -428,17 +446,21 @@ def training_split(split: str) -> tuple[str, ...]:
 
 def lesion_mask(image: ManifestImage, size: tuple[int, int]) -> np.ndarray | None:
     """A boolean ``(height, width)`` lesion mask of a manifest image (``size`` = ``(width, height)`` of
-    its file): the data set's own mask where it has one per image (Hydronephrosis-NCNU: the fluid
-    mask ``<name>_M.jpg`` beside the frame, thresholded at half intensity), else the image's boxes
-    filled; ``None`` for an image without either (a normal image)."""
+    its file): the union of the mask files its center stores for it (:attr:`CenterSpec.mask_files`;
+    thresholded at half intensity, resized to ``size``) where there are any and they are not empty,
+    else the image's boxes filled; ``None`` for an image without either (a normal image)."""
     w, h = size
-    if image.center == HYDRONEPHROSIS_NCNU:
-        path = Path(image.image).with_name(Path(image.image).stem + "_M.jpg")
-        if path.exists():
-            from PIL import Image
+    spec = _centers.get(image.center) if image.center else None
+    paths = [p for p in spec.mask_files(Path(image.image)) if p.exists()] if spec and spec.mask_files else []
+    if paths:
+        from PIL import Image
 
+        mask = np.zeros((h, w), bool)
+        for path in paths:
             with Image.open(path) as pm:
-                return np.asarray(pm.convert("L").resize((w, h))) > 127
+                mask |= np.asarray(pm.convert("L").resize((w, h))) > 127
+        if mask.any():
+            return mask
     if not image.boxes:
         return None
     mask = np.zeros((h, w), bool)

@@ -44,8 +44,12 @@ class MaskClassifierTrainConfig:
     """A mask-supervised second look (``tools/train_classifier.py CONFIG --mask-supervised``)."""
 
     organ: str
+    #: ``[normal label, lesion label]``: the exported classifier's two outputs
     labels: list[str]
     centers: list[str]
+    #: the image labels that count as the lesion (default: ``labels[1]`` only); e.g. breast
+    #: ``[benign, malignant]`` for a presence model labelled ``[normal, lesion]``
+    lesion_labels: list[str] | None = None
     train_split: str = "train"
     val_split: str = "val"
     input_size: int = 224
@@ -68,6 +72,9 @@ class MaskClassifierTrainConfig:
     def __post_init__(self) -> None:
         if len(self.labels) != 2:
             raise ValueError(f"a mask-supervised classifier has two labels [normal, lesion], got {self.labels}")
+        if self.lesion_labels is not None and (not self.lesion_labels or self.labels[0] in self.lesion_labels):
+            raise ValueError(f"lesion_labels must be non-empty and leave out the normal label {self.labels[0]!r}, "
+                             f"got {self.lesion_labels}")
         if self.input_size % 32:
             raise ValueError(f"input_size must be a multiple of 32, got {self.input_size}")
         if not 1 <= self.top_k <= (self.input_size // CELL) ** 2:
@@ -91,18 +98,23 @@ class MaskedCrop:
     label: int
 
 
-def prepare_masked_crops(images: Sequence[Any], labels: Sequence[str], *, size: int = 224) -> list[MaskedCrop]:
-    """Load manifest images, apply the detector's preprocessing and crop image and mask alike."""
+def prepare_masked_crops(images: Sequence[Any], labels: Sequence[str], *, size: int = 224,
+                         lesion_labels: Sequence[str] | None = None) -> list[MaskedCrop]:
+    """Load manifest images, apply the detector's preprocessing and crop image and mask alike.
+    ``labels`` = ``[normal, lesion]``; an image whose label is in ``lesion_labels`` (default
+    ``[labels[1]]``) is a lesion image."""
     from PIL import Image
 
     from ..eval.datasets import lesion_mask
     from ..eval.splits import cv_group
     from ..imaging.preprocess import prepare_for_detection
 
+    lesion = list(lesion_labels) if lesion_labels is not None else [labels[1]]
     out = []
     for im in images:
-        if im.label not in labels:
-            raise ValueError(f"{im.key}: label {im.label!r} is not one of the classifier's labels {list(labels)}")
+        if im.label != labels[0] and im.label not in lesion:
+            raise ValueError(f"{im.key}: label {im.label!r} is neither the normal label {labels[0]!r} nor a lesion "
+                             f"label {lesion}")
         with Image.open(im.image) as pil:
             arr = np.asarray(pil.convert("RGB"))
         prep = prepare_for_detection(arr)
@@ -114,7 +126,7 @@ def prepare_masked_crops(images: Sequence[Any], labels: Sequence[str], *, size: 
         m = np.repeat((mask[y0:y0 + h, x0:x0 + w] * 255).astype(np.uint8)[:, :, None], 3, axis=2)
         out.append(MaskedCrop(im.key, cv_group(im), square_crop(np.ascontiguousarray(prep.array), None, margin=0.0, size=size),
                               square_crop(np.ascontiguousarray(m), None, margin=0.0, size=size)[:, :, 0] > 127,
-                              labels.index(im.label)))
+                              int(im.label != labels[0])))
     return out
 
 
