@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +79,30 @@ def test_crops_carry_their_masks_through_the_same_crop(tmp_path: Path) -> None:
         prepare_masked_crops([_frame(tmp_path, "x", "stone", mask_file=False)], LABELS)
 
 
+def test_box_crops_keep_image_and_mask_aligned(tmp_path: Path) -> None:
+    import random
+
+    from echo_agent.training.mask_classifier import _crop_pair, _training_box
+
+    frame = _frame(tmp_path, "a", "hydronephrosis", mask_file=True)
+    les, nor = prepare_masked_crops([frame, _frame(tmp_path, "n", "normal", mask_file=False)], LABELS, size=64,
+                                    keep_view=True)
+    assert les.view is not None and les.boxes and not nor.boxes and nor.view_mask.max() == 0
+    rng = random.Random(0)
+    for _ in range(10):
+        box = _training_box(les, rng)
+        assert box.iou(les.boxes[0]) > 0.3  # a jittered lesion box
+        crop, mask = _crop_pair(les.view, les.view_mask, box, margin=0.25, size=64)
+        assert mask.any() and crop[mask].mean() < crop[~mask].mean() - 30  # the mask still lies on the fluid
+        b = _training_box(nor, rng)
+        h, w = nor.view.shape[:2]
+        assert 0 <= b.x1 < b.x2 <= w and 0 <= b.y1 < b.y2 <= h and 0.1 * min(w, h) < max(b.x2 - b.x1, b.y2 - b.y1)
+    plain = prepare_masked_crops([frame], LABELS, size=64)[0]
+    assert plain.view is None and np.array_equal(plain.crop, les.crop) and np.array_equal(plain.mask, les.mask)
+    with pytest.raises(ValueError, match="crop_prob"):
+        MaskClassifierTrainConfig(organ="kidney", labels=LABELS, centers=["toy"], crop_prob=1.5)
+
+
 def test_several_image_labels_can_count_as_the_lesion(tmp_path: Path) -> None:
     imgs = [_frame(tmp_path, "b", "benign", mask_file=False, center="toy"),
             _frame(tmp_path, "m", "malignant", mask_file=False, center="toy"),
@@ -132,6 +157,11 @@ def test_it_trains_and_exports_as_a_region_classifier(tmp_path: Path) -> None:
     cfg = MaskClassifierTrainConfig(organ="kidney", labels=LABELS, centers=["toy"], input_size=64, epochs=1,
                                     batch_size=4, threads=1, pretrained=False)
     model, report = train_mask_classifier(cfg, crops[:6], crops[6:], log=lambda s: None)
+    with pytest.raises(ValueError, match="keep_view=True"):  # box crops need the views
+        train_mask_classifier(dataclasses.replace(cfg, crop_prob=1.0), crops[:6], crops[6:], log=lambda s: None)
+    viewed = prepare_masked_crops(frames, LABELS, size=64, keep_view=True)
+    _, r2 = train_mask_classifier(dataclasses.replace(cfg, crop_prob=1.0), viewed[:6], viewed[6:], log=lambda s: None)
+    assert r2["epochs"][0]["loss"] > 0
     assert report["epochs"] and report["positive_cells"] > 0 and "val_auc" in report["val"]
     path = export_mask_classifier(model, tmp_path / "mask.onnx", cfg, report)
     clf = OnnxRegionClassifier(path)

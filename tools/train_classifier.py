@@ -202,7 +202,8 @@ def _mask_supervised(ap: argparse.ArgumentParser, args: argparse.Namespace, argv
     out = _output_path(cfg, args)
     t0 = time.monotonic()
     train_imgs, val_imgs = _split_images(cfg, args)
-    train = prepare_masked_crops(train_imgs, cfg.labels, size=cfg.input_size, lesion_labels=cfg.lesion_labels)
+    train = prepare_masked_crops(train_imgs, cfg.labels, size=cfg.input_size, lesion_labels=cfg.lesion_labels,
+                                 keep_view=cfg.crop_prob > 0)
     val = prepare_masked_crops(val_imgs, cfg.labels, size=cfg.input_size, lesion_labels=cfg.lesion_labels)
     print(f"prepared {len(train)} train / {len(val)} val images in {time.monotonic() - t0:.0f} s", flush=True)
     model, report = train_mask_classifier(cfg, train, val, log=lambda s: print(s, flush=True))

@@ -6,7 +6,8 @@ recipe fine-tunes EfficientNet-Lite0 (ImageNet start, stem and first ``freeze_bl
 with a light top-down path from strides 32 and 16 to 8 and a 1 x 1 output: one lesion logit per 8 x 8
 pixels of the 224-px crop. Loss: per-cell binary cross-entropy against the lesion share of the cell,
 positive cells up-weighted by the negative/positive ratio of the training cells (at most
-``max_pos_weight``). Training crops are whole images (the second look's square crop), flipped
+``max_pos_weight``). Training crops are whole images (the second look's square crop) or, with
+probability ``crop_prob``, the crop of a jittered box as the agent asks about its candidates; flipped
 horizontally with their mask, with the second look's photometric augmentation.
 
 Exported as a region classifier (:class:`~echo_agent.detectors.OnnxRegionClassifier`): the ONNX graph
@@ -65,6 +66,10 @@ class MaskClassifierTrainConfig:
     freeze_blocks: int = 4
     top_k: int = 4
     max_pos_weight: float = 20.0
+    #: probability that a training sample is the crop of a jittered box (a lesion box, or a random
+    #: box of 15-60 % of the side on an image without one) with its ``margin``, as the agent asks about
+    #: candidates, instead of the whole image (0: whole images only)
+    crop_prob: float = 0.0
     seed: int = 0
     threads: int = 2
     output: str | None = None
@@ -77,6 +82,8 @@ class MaskClassifierTrainConfig:
                              f"got {self.lesion_labels}")
         if self.input_size % 32:
             raise ValueError(f"input_size must be a multiple of 32, got {self.input_size}")
+        if not 0.0 <= self.crop_prob <= 1.0:
+            raise ValueError(f"crop_prob must be between 0 and 1, got {self.crop_prob}")
         if not 1 <= self.top_k <= (self.input_size // CELL) ** 2:
             raise ValueError(f"top_k must be between 1 and the map's {(self.input_size // CELL) ** 2} cells, got {self.top_k}")
 
@@ -96,13 +103,19 @@ class MaskedCrop:
     crop: np.ndarray  # input_size x input_size x 3 uint8
     mask: np.ndarray  # input_size x input_size bool
     label: int
+    #: the whole preprocessed view, its mask (uint8 0/255) and lesion boxes in its pixels, kept for box
+    #: crops (``prepare_masked_crops(..., keep_view=True)``)
+    view: np.ndarray | None = None
+    view_mask: np.ndarray | None = None
+    boxes: tuple[Any, ...] = ()
 
 
 def prepare_masked_crops(images: Sequence[Any], labels: Sequence[str], *, size: int = 224,
-                         lesion_labels: Sequence[str] | None = None) -> list[MaskedCrop]:
+                         lesion_labels: Sequence[str] | None = None, keep_view: bool = False) -> list[MaskedCrop]:
     """Load manifest images, apply the detector's preprocessing and crop image and mask alike.
     ``labels`` = ``[normal, lesion]``; an image whose label is in ``lesion_labels`` (default
-    ``[labels[1]]``) is a lesion image."""
+    ``[labels[1]]``) is a lesion image. ``keep_view`` also keeps the preprocessed view, its mask and
+    the lesion boxes in its pixels (for ``crop_prob``)."""
     from PIL import Image
 
     from ..eval.datasets import lesion_mask
@@ -123,11 +136,43 @@ def prepare_masked_crops(images: Sequence[Any], labels: Sequence[str], *, size: 
             mask = np.zeros(arr.shape[:2], bool)
         x0, y0 = prep.crop
         h, w = prep.array.shape[:2]
-        m = np.repeat((mask[y0:y0 + h, x0:x0 + w] * 255).astype(np.uint8)[:, :, None], 3, axis=2)
-        out.append(MaskedCrop(im.key, cv_group(im), square_crop(np.ascontiguousarray(prep.array), None, margin=0.0, size=size),
-                              square_crop(np.ascontiguousarray(m), None, margin=0.0, size=size)[:, :, 0] > 127,
-                              int(im.label != labels[0])))
+        view_mask = np.ascontiguousarray((mask[y0:y0 + h, x0:x0 + w] * 255).astype(np.uint8))
+        view = np.ascontiguousarray(prep.array)
+        crop, crop_mask = _crop_pair(view, view_mask, None, margin=0.0, size=size)
+        boxes = tuple(b for b in (_shifted(b, x0, y0, w, h) for b in im.boxes) if b is not None) if keep_view else ()
+        out.append(MaskedCrop(im.key, cv_group(im), crop, crop_mask, int(im.label != labels[0]),
+                              view if keep_view else None, view_mask if keep_view else None, boxes))
     return out
+
+
+def _crop_pair(view: np.ndarray, view_mask: np.ndarray, box: Any, *, margin: float, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The second look's square crop of ``box`` (None: the whole view) of a view and of its mask."""
+    m = square_crop(np.repeat(view_mask[:, :, None], 3, axis=2), box, margin=margin, size=size)[:, :, 0] > 127
+    return square_crop(view, box, margin=margin, size=size), m
+
+
+def _shifted(box: Any, x0: int, y0: int, w: int, h: int) -> Any:
+    """``box`` in the preprocessed view's pixels (its crop offset ``x0, y0``), clipped; None if outside."""
+    from ..schemas import Box
+
+    x1, y1, x2, y2 = max(0.0, box.x1 - x0), max(0.0, box.y1 - y0), min(float(w), box.x2 - x0), min(float(h), box.y2 - y0)
+    return Box(x1=x1, y1=y1, x2=x2, y2=y2) if x2 - x1 >= 2 and y2 - y1 >= 2 else None
+
+
+def _training_box(sample: MaskedCrop, rng: random.Random) -> Any:
+    """A box to crop for ``crop_prob``: a lesion box jittered like the classifier recipe's, else a
+    random box of 15-60 % of the view's shorter side."""
+    from ..schemas import Box
+    from .region_classifier import _jitter
+
+    h, w = sample.view.shape[:2]
+    if sample.boxes:
+        return _jitter(rng.choice(sample.boxes), w, h, rng)
+    side = rng.uniform(0.15, 0.6) * min(w, h)
+    ar = math.exp(rng.uniform(-0.3, 0.3))
+    bw, bh = min(w - 1.0, side * ar), min(h - 1.0, side / ar)
+    x1, y1 = rng.uniform(0, w - bw), rng.uniform(0, h - bh)
+    return Box(x1=x1, y1=y1, x2=x1 + bw, y2=y1 + bh)
 
 
 def cell_targets(masks: np.ndarray) -> np.ndarray:
@@ -202,6 +247,11 @@ def train_mask_classifier(config: MaskClassifierTrainConfig, train: Sequence[Mas
             xs, ms = [], []
             for i in order[k:k + config.batch_size]:
                 img, m = train[i].crop, train[i].mask
+                if config.crop_prob and rng.random() < config.crop_prob:
+                    if train[i].view is None:
+                        raise ValueError("crop_prob needs the views: prepare_masked_crops(..., keep_view=True)")
+                    img, m = _crop_pair(train[i].view, train[i].view_mask, _training_box(train[i], rng),
+                                        margin=config.margin, size=config.input_size)
                 if rng.random() < 0.5:  # horizontal only: posterior features point down the beam
                     img, m = img[:, ::-1], m[:, ::-1]
                 xs.append(photometric(np.ascontiguousarray(img), rng))
