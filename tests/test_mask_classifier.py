@@ -103,6 +103,17 @@ def test_box_crops_keep_image_and_mask_aligned(tmp_path: Path) -> None:
         MaskClassifierTrainConfig(organ="kidney", labels=LABELS, centers=["toy"], crop_prob=1.5)
 
 
+def test_set_top_k_refuses_other_classifiers(tmp_path: Path) -> None:
+    pytest.importorskip("onnx")
+    from _fakes import tiny_classifier
+
+    from echo_agent.training.mask_classifier import set_top_k
+
+    with pytest.raises(ValueError, match="not a mask-supervised classifier"):
+        set_top_k(tiny_classifier(tmp_path / "c.onnx"), 1, tmp_path / "out.onnx")
+    assert not (tmp_path / "out.onnx").exists()
+
+
 def test_several_image_labels_can_count_as_the_lesion(tmp_path: Path) -> None:
     imgs = [_frame(tmp_path, "b", "benign", mask_file=False, center="toy"),
             _frame(tmp_path, "m", "malignant", mask_file=False, center="toy"),
@@ -170,5 +181,14 @@ def test_it_trains_and_exports_as_a_region_classifier(tmp_path: Path) -> None:
     assert len(probs) == 2 and all(abs(sum(p.values()) - 1) < 1e-5 for p in probs)
     ref = lesion_probability(model, np.stack([crops[1].crop]), cfg.top_k)[0]
     assert probs[0]["hydronephrosis"] == pytest.approx(ref, abs=1e-3)
+    # the same network read out on its single most confident cell
+    from echo_agent.training.mask_classifier import set_top_k
+
+    one = OnnxRegionClassifier(set_top_k(path, 1, tmp_path / "mask_top1.onnx"))
+    ref1 = lesion_probability(model, np.stack([crops[1].crop]), 1)[0]
+    assert one.classify(crops[1].crop, [None])[0]["hydronephrosis"] == pytest.approx(ref1, abs=1e-3)
+    assert one.info["config"]["top_k"] == 1 and ref1 >= ref - 1e-6
+    with pytest.raises(ValueError, match="top_k must be between"):
+        set_top_k(path, 10_000, tmp_path / "x.onnx")
     with pytest.raises(ValueError, match="no training images"):
         train_mask_classifier(cfg, [], crops)

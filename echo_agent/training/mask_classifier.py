@@ -349,3 +349,35 @@ def export_mask_classifier(model: Any, path: str | Path, config: MaskClassifierT
     onnx.save(m, str(path))
     tmp.unlink(missing_ok=True)
     return path
+
+
+def set_top_k(path: str | Path, top_k: int, output: str | Path) -> Path:
+    """Write a copy of an exported mask-supervised classifier whose P(lesion) is the mean of its
+    ``top_k`` most confident cells instead of the number it was exported with. The training loss is
+    per cell, so this is the same network read differently (a small lesion covers few cells: a smaller
+    ``top_k`` keeps it from being averaged with background). Raises :class:`ValueError` for a file that is
+    not a mask-supervised classifier or a ``top_k`` outside the map."""
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.load(str(path))
+    meta = next((e for e in m.metadata_props if e.key == CLASSIFIER_META_KEY), None)
+    info = json.loads(meta.value) if meta is not None else {}
+    if info.get("kind") != "mask_supervised":
+        raise ValueError(f"{path} is not a mask-supervised classifier (metadata kind {info.get('kind')!r})")
+    cells = (int(info["input_size"]) // CELL) ** 2
+    if not 1 <= top_k <= cells:
+        raise ValueError(f"top_k must be between 1 and the map's {cells} cells, got {top_k}")
+    topk = [n for n in m.graph.node if n.op_type == "TopK"]
+    consts = {n.output[0]: n for n in m.graph.node if n.op_type == "Constant"}
+    if len(topk) != 1 or topk[0].input[1] not in consts:
+        raise ValueError(f"{path}: expected one TopK node with a constant k")
+    value = next(a for a in consts[topk[0].input[1]].attribute if a.name == "value")
+    value.t.CopyFrom(numpy_helper.from_array(np.array([top_k], np.int64), value.t.name))
+    info["config"] = {**info.get("config", {}), "top_k": top_k}
+    info["top_k_rewritten_from"] = Path(path).name
+    meta.value = json.dumps(info, sort_keys=True)
+    out = Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(m, str(out))
+    return out
