@@ -28,6 +28,8 @@ from echo_agent.organs import get_organ  # noqa: E402
 from echo_agent.schemas import Box, ImageContext, parse_evidence  # noqa: E402
 
 PATTERN = {"echo_pattern": "anechoic", "margin": "circumscribed"}
+#: ../birads3_pattern/PREREGISTRATION.md: the probably-benign look
+R3_PATTERN = {"shape": "oval", "orientation": "parallel", "margin": "circumscribed"}
 
 
 def leading_descriptors(state: dict) -> dict:
@@ -47,9 +49,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--split", default="train+val")
-    ap.add_argument("--rule", choices=["r2", "r5"], default="r2",
+    ap.add_argument("--rule", choices=["r2", "r5", "r3"], default="r2",
                     help="r2: category 2 for the simple-cyst look; r5 (addendum): category 5 for a 4C malignant "
-                         "reading whose leading finding shows every suspicious descriptor group")
+                         "reading whose leading finding shows every suspicious descriptor group; r3 "
+                         "(../birads3_pattern/): category 3 for a benign reading of the oval, parallel, "
+                         "circumscribed look that R2 leaves alone")
     args = ap.parse_args()
     training_split(args.split)  # never test
     organ = get_organ("breast")
@@ -64,6 +68,10 @@ def main() -> int:
             fires = (dx["label"] == organ.positive_label and dx.get("category") == "4C"
                      and all(desc.get(k) in values for k, values in organ.suspicious_descriptors.items()))
             new = "5"
+        elif args.rule == "r3":
+            fires = (dx["label"] == benign and dx.get("category") != "2"
+                     and all(desc.get(k) == v for k, v in R3_PATTERN.items()))
+            new = "3"
         else:
             fires = dx["label"] == benign and all(desc.get(k) == v for k, v in PATTERN.items())
             new = "2"
@@ -73,7 +81,7 @@ def main() -> int:
     order = organ.category_scale
     truth = [r["reader"] for r in rows]
     res = {"split": args.split, "n": len(rows), "rule": args.rule,
-           "pattern": PATTERN if args.rule == "r2" else organ.suspicious_descriptors}
+           "pattern": {"r2": PATTERN, "r3": R3_PATTERN}.get(args.rule, organ.suspicious_descriptors)}
     for name in ("today", "r2"):
         a = category_agreement(truth, [r[name] for r in rows], order)
         res[name] = {"exact": a.exact, "within_one": a.within_one, "n": a.n,
