@@ -317,8 +317,10 @@ def test_conflicting_evidence_makes_the_diagnosis_indeterminate_without_changing
     assert not calm.indeterminate and "evidence conflict" not in (calm.indeterminate_reason or "")
     assert odd.indeterminate and "evidence conflict" in odd.indeterminate_reason
     assert odd.recommendation == CONFLICT_RECOMMENDATION
-    # both read only the detector here: the flag changes nothing but the indeterminate fields
-    assert (odd.label, odd.probabilities, odd.category) == (calm.label, calm.probabilities, calm.category)
+    # both read only the detector here: the flag changes nothing but the indeterminate fields (the calm
+    # look is also the probably-benign look, which gives it category 3 instead of its band)
+    assert (odd.label, odd.probabilities) == (calm.label, calm.probabilities)
+    assert calm.category == "3" and odd.category == BREAST.category_for(odd.probabilities["malignant"])
 
 
 # -- benign finding: a simple-cyst look makes a benign reading BI-RADS 2 -----------------------------------
@@ -330,9 +332,10 @@ def test_a_benign_reading_with_the_simple_cyst_look_is_category_2(fusion):
     from echo_agent.fusion import HeuristicFusion
 
     f = LearnedFusion({"breast": _fit(_records(n=30))}) if fusion == "learned" else HeuristicFusion()
-    solid = f.fuse(BREAST, _described("benign", 0.9, {**CYST_LOOK, "echo_pattern": "hypoechoic"}),
+    solid = f.fuse(BREAST, _described("benign", 0.9, {**CYST_LOOK, "echo_pattern": "hypoechoic", "shape": "round"}),
                    clinical=None, image_size=(200, 160))
-    cyst = f.fuse(BREAST, _described("benign", 0.9, CYST_LOOK), clinical=None, image_size=(200, 160))
+    cyst = f.fuse(BREAST, _described("benign", 0.9, {**CYST_LOOK, "shape": "round"}), clinical=None,
+                  image_size=(200, 160))
     assert cyst.label == solid.label == "benign" and solid.category not in (None, "2")
     assert cyst.category == "2" and cyst.probabilities == solid.probabilities
     assert f"Category 2 instead of {solid.category}" in cyst.rationale and "echo pattern anechoic" in cyst.rationale
@@ -343,6 +346,24 @@ def test_a_benign_reading_with_the_simple_cyst_look_is_category_2(fusion):
     assert BREAST.benign_finding("normal", {k: Descriptor(value=v) for k, v in CYST_LOOK.items()}) is None
 
 
+@pytest.mark.parametrize("fusion", ["learned", "heuristic"])
+def test_a_benign_reading_with_the_probably_benign_look_is_category_3(fusion):
+    from echo_agent.fusion import HeuristicFusion
+
+    f = LearnedFusion({"breast": _fit(_records(n=30))}) if fusion == "learned" else HeuristicFusion()
+    plain = f.fuse(BREAST, _described("benign", 0.6, {**BENIGN_LOOK, "shape": "round"}), clinical=None,
+                   image_size=(200, 160))
+    oval = f.fuse(BREAST, _described("benign", 0.6, BENIGN_LOOK), clinical=None, image_size=(200, 160))
+    assert BREAST.category_scale.index(plain.category) > BREAST.category_scale.index("3")  # a band above 3
+    assert oval.category == "3" and oval.probabilities == plain.probabilities
+    assert f"Category 3 instead of {plain.category}" in oval.rationale and "probably benign mass" in oval.rationale
+    # the simple-cyst look comes first; a look never raises a category; a malignant reading keeps its band
+    look = {k: Descriptor(value=v) for k, v in BENIGN_LOOK.items()}
+    assert BREAST.appearance_rule("benign", {**look, "echo_pattern": Descriptor(value="anechoic")}, "4B").category == "2"
+    assert BREAST.appearance_rule("benign", look, "2") is None and BREAST.appearance_rule("benign", look, "3") is None
+    assert BREAST.appearance_rule("malignant", look, "4C") is None
+
+
 def test_benign_finding_rule_is_checked_against_the_organ():
     from echo_agent.organs import OrganSpec
 
@@ -350,11 +371,17 @@ def test_benign_finding_rule_is_checked_against_the_organ():
     for change, why in (({"benign_finding_category": None}, "go together"),
                         ({"benign_finding_category": "7"}, "probability bands"),
                         ({"benign_finding_descriptors": {"echo_pattern": ["glowing"]}}, "descriptor_vocabulary"),
-                        ({"benign_finding_descriptors": {"colour": ["red"]}}, "descriptor_vocabulary")):
+                        ({"benign_finding_descriptors": {"colour": ["red"]}}, "descriptor_vocabulary"),
+                        ({"benign_finding_rules": [{"descriptors": {"shape": ["oval"]}, "category": "9"}]},
+                         r"benign_finding_rules\[0\] gives category '9'"),
+                        ({"benign_finding_rules": [{"descriptors": {"shape": ["starry"]}, "category": "3"}]},
+                         "descriptor_vocabulary"),
+                        ({"benign_finding_rules": [{"descriptors": {}, "category": "3"}]}, "names no descriptor")):
         with pytest.raises(ValueError, match=why):
             OrganSpec.model_validate({**base, "name": "breast_x", **change})
     off = OrganSpec.model_validate({**base, "name": "breast_off", "benign_finding_descriptors": {},
-                                    "benign_finding_category": None})
+                                    "benign_finding_category": None, "benign_finding_rules": []})
+    assert off.appearance_rules == ()
     assert off.benign_finding("benign", {k: Descriptor(value=v) for k, v in CYST_LOOK.items()}) is None
 
 

@@ -199,15 +199,14 @@ def assemble_diagnosis(
         category = (findings[0].category if findings else None) if lesion_found else organ.no_lesion_category
     else:
         category = organ.category_for(probs.get(pos) if pos else None, lesion_found=lesion_found)
-        if lesion_found and findings and organ.benign_finding_descriptors:
+        if lesion_found and findings and organ.appearance_rules:
             descs = linked_descriptors(evidence.contexts, findings[0].box, findings[0].detection_ids)
-            benign = organ.benign_finding(label, descs)
-            if benign is not None and benign != category:
-                shown = ", ".join(f"{k.replace('_', ' ')} {descs[k].value}"
-                                  for k in organ.benign_finding_descriptors)
-                rationale += (f" Category {benign} instead of {category}: the leading finding looks benign "
-                              f"({shown}).")
-                category = benign
+            rule = organ.appearance_rule(label, descs, category)
+            if rule is not None:
+                shown = ", ".join(f"{k.replace('_', ' ')} {descs[k].value}" for k in rule.descriptors)
+                rationale += (f" Category {rule.category} instead of {category}: the leading finding has the look "
+                              f"of a {rule.name} ({shown}).")
+                category = rule.category
     conf = probs[label]
     what = "calibrated top probability" if calibrated else "top probability"
     reasons = [f"{what} {conf:.2f} < {min_confidence:.2f}"] if conf < min_confidence else []

@@ -18,7 +18,7 @@ from importlib.metadata import entry_points
 from ..errors import UnknownOrganError
 from .builtin import BREAST, KIDNEY, load_spec_yaml
 from .plugins import register_plugins
-from .spec import CategoryBand, OrganSpec, resolve_asset
+from .spec import AppearanceRule, CategoryBand, OrganSpec, resolve_asset
 
 ENTRY_POINT_GROUP = "echo_agent.organs"
 
@@ -82,6 +82,7 @@ __all__ = [
     "ENTRY_POINT_GROUP",
     "BREAST",
     "KIDNEY",
+    "AppearanceRule",
     "CategoryBand",
     "OrganSpec",
     "get_organ",

@@ -40,6 +40,21 @@ class CategoryBand(BaseModel):
         return above and below
 
 
+class AppearanceRule(BaseModel):
+    """A look that gives a non-positive lesion reading its category by appearance, not by probability.
+
+    A reading whose label is a lesion label other than the organ's ``positive_label`` gets ``category``
+    when the descriptors of its leading finding take one of the listed values for every key of
+    ``descriptors`` (BI-RADS: the oval, parallel, circumscribed mass is "probably benign", 3).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    descriptors: dict[str, tuple[str, ...]]
+    category: str
+    name: str = Field("benign finding", description="What the look is called in the Diagnosis's rationale.")
+
+
 class OrganSpec(BaseModel):
     """Organ-specific configuration: labels, categories, detector weights, knowledge and prompts.
 
@@ -141,6 +156,11 @@ class OrganSpec(BaseModel):
         "its category is benign_finding_category instead of the probability band. Empty: no such rule.",
     )
     benign_finding_category: str | None = Field(None, description="See benign_finding_descriptors.")
+    benign_finding_rules: tuple[AppearanceRule, ...] = Field(
+        (),
+        description="Further looks with their categories (AppearanceRule), tried in order after "
+        "benign_finding_descriptors; the first that matches gives the category.",
+    )
     secondary_finding_min_score: float = Field(
         DEFAULT_SECONDARY_MIN_SCORE, ge=0.0, le=1.0,
         description="Detector score a candidate other than the leading one needs to be reported as a further "
@@ -192,17 +212,28 @@ class OrganSpec(BaseModel):
         return self
 
     def _check_benign_finding(self) -> None:
-        if not self.benign_finding_descriptors and self.benign_finding_category is None:
-            return
-        if not self.benign_finding_descriptors or self.benign_finding_category is None:
+        if bool(self.benign_finding_descriptors) != (self.benign_finding_category is not None):
             raise ValueError(f"organ {self.name!r}: benign_finding_descriptors and benign_finding_category go together")
         names = [b.name for b in self.categories]
-        if self.benign_finding_category not in names or self.category_source != "probability":
-            raise ValueError(f"organ {self.name!r}: benign_finding_category {self.benign_finding_category!r} must be "
-                             f"one of the probability bands {names}")
-        if self.positive_label is None:
-            raise ValueError(f"organ {self.name!r}: benign_finding_descriptors need a positive_label")
-        self._check_vocabulary_values("benign_finding_descriptors", self.benign_finding_descriptors, nonempty=True)
+        legacy = 1 if self.benign_finding_descriptors else 0
+        for i, rule in enumerate(self.appearance_rules):
+            field = "benign_finding_descriptors" if i < legacy else f"benign_finding_rules[{i - legacy}]"
+            if rule.category not in names or self.category_source != "probability":
+                raise ValueError(f"organ {self.name!r}: {field} gives category {rule.category!r}, which must be one of "
+                                 f"the probability bands {names}")
+            if self.positive_label is None:
+                raise ValueError(f"organ {self.name!r}: {field} needs a positive_label")
+            if not rule.descriptors:
+                raise ValueError(f"organ {self.name!r}: {field} names no descriptor")
+            self._check_vocabulary_values(field, rule.descriptors, nonempty=True)
+
+    @property
+    def appearance_rules(self) -> tuple[AppearanceRule, ...]:
+        """``benign_finding_descriptors`` / ``benign_finding_category`` as the first rule, then
+        ``benign_finding_rules``: the order in which a reading's look is matched."""
+        first = ((AppearanceRule(descriptors=self.benign_finding_descriptors, category=self.benign_finding_category),)
+                 if self.benign_finding_descriptors and self.benign_finding_category is not None else ())
+        return (*first, *self.benign_finding_rules)
 
     def _check_vocabulary_values(self, field: str, values_by_key: Mapping[str, tuple[str, ...]], *,
                                  nonempty: bool = False) -> None:
@@ -226,23 +257,31 @@ class OrganSpec(BaseModel):
         """Map a detector class to the image-level label it implies."""
         return self.detector_label_map.get(detector_label, detector_label)
 
+    def appearance_rule(self, label: str, descriptors: Mapping[str, Any], category: str | None = None) -> AppearanceRule | None:
+        """The first of :attr:`appearance_rules` that a reading ``label`` whose leading finding has
+        ``descriptors`` (name -> value, or an object with ``.value``) matches, or ``None``. A look only
+        softens: with the reading's ``category`` given, a rule whose category is not lower on
+        :attr:`category_scale` changes nothing (``None``)."""
+        if label == self.positive_label or label not in self.lesion_labels:
+            return None
+        for rule in self.appearance_rules:
+            if all(getattr(descriptors.get(k), "value", descriptors.get(k)) in values for k, values in rule.descriptors.items()):
+                scale = self.category_scale
+                lower = category is None or category not in scale or scale.index(rule.category) < scale.index(category)
+                return rule if lower else None
+        return None
+
     def benign_finding(self, label: str, descriptors: Mapping[str, Any]) -> str | None:
-        """The benign-finding category for a reading ``label`` whose leading finding has ``descriptors``
-        (name -> value, or an object with ``.value``), or ``None`` when the rule does not apply (see
-        ``benign_finding_descriptors``).
+        """The category a look gives a reading ``label`` whose leading finding has ``descriptors``, or
+        ``None`` when no look applies (:meth:`appearance_rule`).
 
         >>> from echo_agent.organs import get_organ
         >>> get_organ("breast").benign_finding("benign", {"echo_pattern": "anechoic", "margin": "circumscribed"})
         '2'
         >>> get_organ("breast").benign_finding("malignant", {"echo_pattern": "anechoic", "margin": "circumscribed"})
         """
-        if not self.benign_finding_descriptors or label == self.positive_label or label not in self.lesion_labels:
-            return None
-        for key, values in self.benign_finding_descriptors.items():
-            d = descriptors.get(key)
-            if getattr(d, "value", d) not in values:
-                return None
-        return self.benign_finding_category
+        rule = self.appearance_rule(label, descriptors)
+        return rule.category if rule is not None else None
 
     def category_for(self, positive_probability: float | None, lesion_found: bool = True) -> str | None:
         """The category (e.g. BI-RADS) for a calibrated probability of the positive label."""
