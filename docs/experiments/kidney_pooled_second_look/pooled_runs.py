@@ -26,11 +26,20 @@ def _regions(cls: list[dict]) -> list:
     return [[(r["box"], r["detection_id"]) for r in e["regions"]] for e in cls]
 
 
+def _max_lesion(a: dict[str, float], b: dict[str, float], normal: str = "normal") -> dict[str, float]:
+    """Two-label pool that keeps the larger lesion probability."""
+    (lesion,) = [k for k in a if k != normal]
+    p = max(a[lesion], b[lesion])
+    return {normal: 1.0 - p, lesion: p}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("a", type=Path)
     ap.add_argument("b", type=Path)
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--pool", choices=("log_linear", "max"), default="log_linear",
+                    help="log_linear: pool_probabilities; max (the addendum): P(lesion) = the larger of the two")
     args = ap.parse_args()
     from sklearn.metrics import roc_auc_score
 
@@ -51,7 +60,8 @@ def main() -> int:
         for ea, eb in zip(ca, cb, strict=True):
             eb["classifier"] = f"pool({ea['classifier']}+{eb['classifier']})"
             for rga, rgb in zip(ea["regions"], eb["regions"], strict=True):
-                pooled = pool_probabilities([rga["probabilities"], rgb["probabilities"]])
+                pooled = (pool_probabilities([rga["probabilities"], rgb["probabilities"]]) if args.pool == "log_linear"
+                          else _max_lesion(rga["probabilities"], rgb["probabilities"]))
                 if rgb["box"] is None:
                     for name, p in (("a", rga["probabilities"]), ("b", rgb["probabilities"]), ("pool", pooled)):
                         whole[name].append(1.0 - p["normal"])
