@@ -47,6 +47,27 @@ def test_the_pooled_file_answers_as_the_pool_of_its_members(tmp_path: Path) -> N
         assert g != pytest.approx(pa, abs=1e-3) and g != pytest.approx(pb, abs=1e-3)
 
 
+def test_members_of_different_opsets_are_brought_to_one(tmp_path: Path) -> None:
+    import onnx
+
+    from echo_agent.detectors import OnnxRegionClassifier
+    from echo_agent.training.classifier_pool import pool_region_classifiers
+
+    a = tiny_classifier(tmp_path / "a.onnx")
+    old = onnx.load(str(tiny_classifier(tmp_path / "b.onnx", temperature=3.0)))
+    old.opset_import[0].version = 17  # opset 17's ReduceMean takes its axes as an attribute
+    node = old.graph.node[0]
+    del node.input[1]
+    node.attribute.append(onnx.helper.make_attribute("axes", [2, 3]))
+    del old.graph.initializer[2]
+    onnx.save(old, str(tmp_path / "b17.onnx"))
+    out = pool_region_classifiers([a, tmp_path / "b17.onnx"], tmp_path / "pool.onnx")
+    img = np.full((40, 40, 3), 200, np.uint8)
+    got = OnnxRegionClassifier(out).classify(img, [None])[0]
+    want = pool_probabilities([OnnxRegionClassifier(p).classify(img, [None])[0] for p in (a, tmp_path / "b17.onnx")])
+    assert got == pytest.approx(want, abs=1e-5)
+
+
 def test_members_must_see_the_same_crop(tmp_path: Path) -> None:
     from echo_agent.training.classifier_pool import pool_region_classifiers
 

@@ -76,7 +76,17 @@ def pool_region_classifiers(paths: Sequence[str | Path], output: str | Path, *, 
         values = [info[key] for info in infos]
         if any(v != values[0] for v in values[1:]):
             raise ValueError(f"the classifiers differ in {key!r}: {dict(zip(map(str, paths), values, strict=True))}")
-    opset = max(next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx")) for m in models)
+    versions = [next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx")) for m in models]
+    opset = max(versions)
+    for i, v in enumerate(versions):
+        if v != opset:  # one graph has one opset: bring the older members up to it
+            from onnx import version_converter
+
+            try:
+                models[i] = version_converter.convert_version(models[i], opset)
+            except Exception as exc:  # noqa: BLE001 - the converter raises several kinds
+                raise ValueError(f"{paths[i]}: cannot convert from opset {v} to the pool's {opset} ({exc}); "
+                                 "re-export the members with one opset") from None
     nodes, inits, value_info = [], [], []
     pooled_terms = []
     for i, (m, info) in enumerate(zip(models, infos, strict=True)):
