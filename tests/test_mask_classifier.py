@@ -190,5 +190,9 @@ def test_it_trains_and_exports_as_a_region_classifier(tmp_path: Path) -> None:
     assert one.info["config"]["top_k"] == 1 and ref1 >= ref - 1e-6
     with pytest.raises(ValueError, match="top_k must be between"):
         set_top_k(path, 10_000, tmp_path / "x.onnx")
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match="must not be the input"):
+        set_top_k(path, 2, path)
+    assert path.read_bytes() == before
     with pytest.raises(ValueError, match="no training images"):
         train_mask_classifier(cfg, [], crops)

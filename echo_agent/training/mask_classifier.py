@@ -356,10 +356,12 @@ def set_top_k(path: str | Path, top_k: int, output: str | Path) -> Path:
     ``top_k`` most confident cells instead of the number it was exported with. The training loss is
     per cell, so this is the same network read differently (a small lesion covers few cells: a smaller
     ``top_k`` keeps it from being averaged with background). Raises :class:`ValueError` for a file that is
-    not a mask-supervised classifier or a ``top_k`` outside the map."""
+    not a mask-supervised classifier, a ``top_k`` outside the map, or ``output`` equal to ``path``."""
     import onnx
     from onnx import numpy_helper
 
+    if Path(output).resolve() == Path(path).resolve():
+        raise ValueError(f"set_top_k writes a copy: output must not be the input file {path}")
     m = onnx.load(str(path))
     meta = next((e for e in m.metadata_props if e.key == CLASSIFIER_META_KEY), None)
     info = json.loads(meta.value) if meta is not None else {}
