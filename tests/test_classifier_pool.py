@@ -47,6 +47,45 @@ def test_the_pooled_file_answers_as_the_pool_of_its_members(tmp_path: Path) -> N
         assert g != pytest.approx(pa, abs=1e-3) and g != pytest.approx(pb, abs=1e-3)
 
 
+def _lopsided(path: Path, size: int = 32) -> Path:
+    """A tiny classifier whose answer depends on where the bright pixels are (left counts, right not),
+    so a crop and its mirror image get different answers."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    m = onnx.load(str(tiny_classifier(path, size=size)))
+    ramp = np.linspace(2.0, 0.0, size, dtype=np.float32).reshape(1, 1, 1, size)
+    m.graph.initializer.append(numpy_helper.from_array(ramp, "ramp"))
+    m.graph.node.insert(0, helper.make_node("Mul", ["images", "ramp"], ["weighted"]))
+    m.graph.node[1].input[0] = "weighted"
+    onnx.save(m, str(path))
+    return path
+
+
+def test_a_mirror_pool_averages_the_crop_and_its_mirror_image(tmp_path: Path) -> None:
+    from echo_agent.detectors import OnnxRegionClassifier
+    from echo_agent.schemas import Box
+    from echo_agent.training.classifier_pool import pool_region_classifiers
+
+    a = _lopsided(tmp_path / "a.onnx")
+    out = pool_region_classifiers([a], tmp_path / "mirror.onnx", mirror=True)
+    one, both = OnnxRegionClassifier(a), OnnxRegionClassifier(out)
+    import onnx
+
+    weights = [i.name for i in onnx.load(str(out)).graph.initializer if i.name.endswith(("ramp", "W"))]
+    assert both.info["mirror"] is True and len(weights) == 2  # the member's weights once: one batched pass
+    img = np.zeros((40, 80, 3), np.uint8)
+    img[:, :30] = 220  # bright on the left
+    box = Box(x1=0, y1=0, x2=40, y2=40)
+    flipped, fbox = np.ascontiguousarray(img[:, ::-1]), Box(x1=40, y1=0, x2=80, y2=40)
+    for b, fb in ((None, None), (box, fbox)):
+        p, q = one.classify(img, [b])[0], one.classify(flipped, [fb])[0]
+        assert p != pytest.approx(q, abs=1e-3)  # the model is lopsided
+        assert both.classify(img, [b])[0] == pytest.approx(pool_probabilities([p, q]), abs=1e-5)
+    with pytest.raises(ValueError, match="at least two"):
+        pool_region_classifiers([a], tmp_path / "p.onnx")
+
+
 def test_members_of_different_opsets_are_brought_to_one(tmp_path: Path) -> None:
     import onnx
 

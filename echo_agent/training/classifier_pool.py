@@ -56,17 +56,21 @@ def _info(model: Any, source: str) -> ClassifierInfo:
     return ClassifierInfo.parse(meta[CLASSIFIER_META_KEY], source)
 
 
-def pool_region_classifiers(paths: Sequence[str | Path], output: str | Path, *, name: str | None = None) -> Path:
+def pool_region_classifiers(paths: Sequence[str | Path], output: str | Path, *, name: str | None = None,
+                            mirror: bool = False) -> Path:
     """Write the log-linear pool of the region classifiers at ``paths`` as one ONNX file.
 
-    Raises :class:`ValueError` when fewer than two members are given, a file is not a region
+    ``mirror`` also asks each member about the horizontally mirrored crop and pools those answers
+    with the rest (one member with ``mirror`` is its own mirror average).
+
+    Raises :class:`ValueError` when fewer than two answers would be pooled, a file is not a region
     classifier, or the members differ in labels, input size, margin or input scaling."""
     import numpy as np
     import onnx
     from onnx import TensorProto, compose, helper, numpy_helper
 
-    if len(paths) < 2:
-        raise ValueError(f"a pool needs at least two classifiers, got {len(paths)}")
+    if len(paths) < (1 if mirror else 2):
+        raise ValueError(f"a pool needs at least two classifiers (or one with mirror), got {len(paths)}")
     models, infos = [], []
     for p in paths:
         m = onnx.load(str(p))
@@ -89,13 +93,21 @@ def pool_region_classifiers(paths: Sequence[str | Path], output: str | Path, *, 
                                  "re-export the members with one opset") from None
     nodes, inits, value_info = [], [], []
     pooled_terms = []
+    source = "images"
+    if mirror:  # both views in one batch: [crops; crops flipped left-right] (a Slice over the width, step -1)
+        inits += [numpy_helper.from_array(np.array(v, np.int64), n) for n, v in
+                  (("mirror_starts", [-1]), ("mirror_ends", [-(2**62)]), ("mirror_axes", [3]), ("mirror_steps", [-1]))]
+        nodes.append(helper.make_node("Slice", ["images", "mirror_starts", "mirror_ends", "mirror_axes", "mirror_steps"],
+                                      ["images_mirrored"]))
+        nodes.append(helper.make_node("Concat", ["images", "images_mirrored"], ["images_both"], axis=0))
+        source = "images_both"
     for i, (m, info) in enumerate(zip(models, infos, strict=True)):
         if len(m.graph.input) != 1 or len(m.graph.output) != 1:
             raise ValueError(f"{paths[i]}: a region classifier has one input and one output")
         prefix = f"m{i}_"
         m = compose.add_prefix(m, prefix)
         g = m.graph
-        nodes.append(helper.make_node("Identity", ["images"], [g.input[0].name]))
+        nodes.append(helper.make_node("Identity", [source], [g.input[0].name]))
         nodes.extend(g.node)
         inits.extend(g.initializer)
         value_info.extend(g.value_info)
@@ -103,8 +115,14 @@ def pool_region_classifiers(paths: Sequence[str | Path], output: str | Path, *, 
         inits.append(t)
         nodes.append(helper.make_node("Div", [g.output[0].name, t.name], [f"{prefix}pool_scaled"]))
         nodes.append(helper.make_node("LogSoftmax", [f"{prefix}pool_scaled"], [f"{prefix}pool_logp"], axis=1))
-        pooled_terms.append(f"{prefix}pool_logp")
-    n = numpy_helper.from_array(np.array(float(len(models)), np.float32), "pool_members")
+        if mirror:  # the two halves of the batch: the crops' answers and the mirrors'
+            halves = [f"{prefix}pool_logp_crop", f"{prefix}pool_logp_mirror"]
+            extra = {"num_outputs": 2} if opset >= 18 else {}
+            nodes.append(helper.make_node("Split", [f"{prefix}pool_logp"], halves, axis=0, **extra))
+            pooled_terms += halves
+        else:
+            pooled_terms.append(f"{prefix}pool_logp")
+    n = numpy_helper.from_array(np.array(float(len(pooled_terms)), np.float32), "pool_members")
     inits.append(n)
     nodes.append(helper.make_node("Sum", pooled_terms, ["pool_sum"]))
     nodes.append(helper.make_node("Div", ["pool_sum", n.name], ["logits"]))
@@ -118,7 +136,9 @@ def pool_region_classifiers(paths: Sequence[str | Path], output: str | Path, *, 
                                producer_name="echo-agent classifier_pool")
     pooled.ir_version = max(m.ir_version for m in models)
     info = {key: infos[0][key] for key in SHARED_KEYS}
-    info.update({"temperature": 1.0, "kind": "pool", "pooling": "log-linear (mean of calibrated log-probabilities)",
+    info.update({"temperature": 1.0, "kind": "pool", "mirror": mirror,
+                 "pooling": "log-linear (mean of calibrated log-probabilities)" + (", each member also on the mirrored crop"
+                                                                                   if mirror else ""),
                  "organ": infos[0].get("organ"), "backbone": " + ".join(str(i.get("backbone", "?")) for i in infos),
                  "members": [{"file": Path(p).name, **{k: v for k, v in i.items() if k not in SHARED_KEYS}}
                              for p, i in zip(paths, infos, strict=True)]})
