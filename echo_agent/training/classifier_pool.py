@@ -10,7 +10,10 @@ shared ``images`` input, each member's logits divided by its temperature and tur
 log-probabilities, their mean the file's ``logits``. The members must share labels, input size, crop
 margin and input scaling (one crop feeds them all); the pooled file's metadata keeps theirs
 (temperature 1) and lists the members. The agent's loader, the classify tool and the fusions need
-nothing new. Needs the ``onnx`` package (train extra); the pooled file runs in the light runtime.
+nothing new. With ``mirror`` each member also answers for the horizontally mirrored crop (a view the
+second looks are trained on; posterior features still point down the beam), in the same batched pass,
+and those answers join the pool: one member with ``mirror`` is its own mirror average. Needs the
+``onnx`` package (train extra); the pooled file runs in the light runtime.
 :func:`pool_probabilities` is the same pool for probabilities already computed (cached runs).
 """
 
