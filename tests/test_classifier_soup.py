@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -107,3 +108,35 @@ def test_a_soup_trains_its_members_and_ships_one_network(tmp_path: Path) -> None
     assert clf.labels == tuple(LABELS) and json.loads(json.dumps(clf.info))["config"]["soup"] == 2
     probs = clf.classify(cases[1].array, [None, *cases[1].boxes])  # a benign image: the whole and its box
     assert len(probs) == 2 and all(abs(sum(p.values()) - 1) < 1e-5 for p in probs)
+
+
+def test_the_trainers_check_the_cross_fitting_options_alike(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """train_classifier (both recipes) and the detectors' trainers share one check of --fold / --folds."""
+    import argparse
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    try:
+        import train_classifier
+        from train_detector import check_fold_args
+    finally:
+        sys.path.pop(0)
+    ap = argparse.ArgumentParser()
+    for fold, folds, out, why in ((1, None, True, "go together"), (3, 3, True, r"0\.\.2"), (0, 1, True, "at least 2"),
+                                  (0, 3, False, "its own --output")):
+        with pytest.raises(SystemExit):
+            check_fold_args(ap, fold, folds, out)
+        assert re.search(why, capsys.readouterr().err)
+    check_fold_args(ap, 2, 3, True)
+    check_fold_args(ap, None, None, False)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("organ: breast\nlabels: [normal, benign, malignant]\ncenters: [busi]\n")
+    mask = tmp_path / "m.yaml"
+    mask.write_text("organ: breast\nlabels: [normal, lesion]\nlesion_labels: [benign, malignant]\ncenters: [busi]\n")
+    for argv in ([str(cfg), "--fold", "0", "--folds", "3"], [str(mask), "--mask-supervised", "--fold", "5", "--folds", "3",
+                                                             "--output", str(tmp_path / "x.onnx")]):
+        with pytest.raises(SystemExit):
+            train_classifier.main(argv)
+        err = capsys.readouterr().err
+        assert "its own --output" in err or "0..2" in err
+    assert not (tmp_path / "x.onnx").exists()

@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
 def _configure(ap: argparse.ArgumentParser, cfg, args: argparse.Namespace, **extra) -> None:  # noqa: ANN001, ANN003
     """Apply the command line's overrides (``extra``: more of them, ``None`` = not given) to a train
     config, check them as the config's own values are checked, and check the split and fold options."""
-    from train_detector import check_training_split
+    from train_detector import check_fold_args, check_training_split
 
     for key, value in (("max_minutes", args.minutes), ("epochs", args.epochs), ("seed", args.seed), ("threads", args.threads),
                        ("train_split", args.train_split), *extra.items()):
@@ -137,7 +137,7 @@ def _configure(ap: argparse.ArgumentParser, cfg, args: argparse.Namespace, **ext
     except ValueError as exc:
         ap.error(str(exc))
     check_training_split(ap, cfg.train_split)
-    _check_fold_args(ap, args)
+    check_fold_args(ap, args.fold, args.folds, args.output is not None)
 
 
 def _output_path(cfg, args: argparse.Namespace) -> Path:  # noqa: ANN001 - a train config
@@ -176,13 +176,6 @@ def _split_images(cfg, args) -> tuple[list, list]:  # noqa: ANN001 - a train con
 
     train_imgs = leave_fold_out([im for c in cfg.centers for im in load_split(c, cfg.train_split)], args.fold, args.folds)
     return train_imgs, [im for c in cfg.centers for im in load_split(c, cfg.val_split)]
-
-
-def _check_fold_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    if (args.fold is None) != (args.folds is None):
-        ap.error("--fold and --folds go together")
-    if args.fold is not None and (args.output is None or not 0 <= args.fold < args.folds):
-        ap.error("--fold k needs 0 <= k < --folds and its own --output (a fold model is never the packaged one)")
 
 
 def _mask_supervised(ap: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] | None) -> int:

@@ -72,6 +72,20 @@ def run_record(tool: str, argv: list[str] | None, t0: float) -> dict:
     }
 
 
+def check_fold_args(ap: argparse.ArgumentParser, fold: int | None, folds: int | None, has_output: bool) -> None:
+    """The cross-fitting options, checked alike by every trainer: ``--fold`` and ``--folds`` together,
+    ``0 <= fold < folds`` with ``folds >= 2``, and a fold model written to its own ``--output`` (it is
+    never the packaged one)."""
+    if (fold is None) != (folds is None):
+        ap.error("--fold and --folds go together")
+    if fold is None:
+        return
+    if folds < 2 or not 0 <= fold < folds:
+        ap.error(f"--fold must be in 0..{folds - 1} and --folds at least 2")
+    if not has_output:
+        ap.error("a fold model needs its own --output (it is never the packaged one)")
+
+
 def leave_fold_out(images: list, fold: int | None, folds: int | None) -> list:
     """The train images without cross-fitting fold ``fold`` of ``folds`` (whole groups: a patient,
     clip or near-duplicate group is in one fold; :func:`echo_agent.eval.splits.cross_fit_fold`)."""
@@ -297,13 +311,7 @@ def main(argv: list[str] | None = None) -> int:
                     "(a detector for out-of-fold predictions; tools/train_policy.py --cross-fitted)")
     ap.add_argument("--folds", type=int, help="cross-fitting: number of folds (with --fold)")
     args = ap.parse_args(argv)
-    if (args.fold is None) != (args.folds is None):
-        ap.error("--fold and --folds go together")
-    if args.fold is not None:
-        if args.folds < 2 or not 0 <= args.fold < args.folds:
-            ap.error(f"--fold must be in 0..{args.folds - 1} and --folds at least 2")
-        if args.output is None:
-            ap.error("a cross-fitted detector needs its own --output (it must not replace the packaged weights)")
+    check_fold_args(ap, args.fold, args.folds, args.output is not None)
     cfg = _load_config(args.config, args)
     check_training_split(ap, cfg.get("train_split", "train"))
     if args.fold is not None:

@@ -54,7 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from train_detector import check_training_split, leave_fold_out, pipeline_metrics, run_record
+    from train_detector import (
+        check_fold_args,
+        check_training_split,
+        leave_fold_out,
+        pipeline_metrics,
+        run_record,
+    )
 
     from echo_agent.eval.datasets import load_split
     from echo_agent.organs import get_organ
@@ -75,13 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.random_init:
         cfg.pretrained = False
     check_training_split(ap, cfg.train_split)
-    if (cfg.fold is None) != (cfg.folds is None):
-        ap.error("--fold and --folds go together")
+    check_fold_args(ap, cfg.fold, cfg.folds, args.output is not None)
     out = args.output or (REPO / cfg.output if cfg.output else None)
     if out is None:
         ap.error("the config has no output; pass --output")
-    if cfg.fold is not None and args.output is None:
-        ap.error("a fold model needs its own --output (it is never the packaged one)")
     spec = get_organ(cfg.organ)
     if tuple(cfg.labels) != tuple(spec.detector_labels):
         ap.error(f"config labels {cfg.labels} differ from the {cfg.organ} organ's detector_labels {list(spec.detector_labels)}")
