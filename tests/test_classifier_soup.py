@@ -140,3 +140,23 @@ def test_the_trainers_check_the_cross_fitting_options_alike(tmp_path: Path, caps
         err = capsys.readouterr().err
         assert "its own --output" in err or "0..2" in err
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_a_presence_model_never_defaults_to_the_packaged_second_look(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """A mask-supervised model whose labels are not the organ's (a [normal, lesion] presence model) is
+    refused without --output instead of being written over the organ's packaged classifier."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    try:
+        import train_classifier
+    finally:
+        sys.path.pop(0)
+    packaged = Path(__file__).resolve().parents[1] / "echo_agent" / "assets" / "classifiers" / "breast.onnx"
+    before = packaged.stat().st_mtime_ns
+    cfg = tmp_path / "presence.yaml"
+    cfg.write_text("organ: breast\nlabels: [normal, lesion]\nlesion_labels: [benign, malignant]\ncenters: [busi]\n")
+    with pytest.raises(SystemExit):
+        train_classifier.main([str(cfg), "--mask-supervised"])
+    assert "pass --output" in capsys.readouterr().err and packaged.stat().st_mtime_ns == before

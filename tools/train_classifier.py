@@ -192,6 +192,13 @@ def _mask_supervised(ap: argparse.ArgumentParser, args: argparse.Namespace, argv
     except (TypeError, ValueError) as exc:
         ap.error(f"{args.config}: {exc}")
     _configure(ap, cfg, args)
+    if not args.output and not cfg.output:
+        from echo_agent.organs import get_organ
+
+        organ_labels = list(get_organ(cfg.organ).classifier_labels)
+        if list(cfg.labels) != organ_labels:  # e.g. a [normal, lesion] presence model: not the organ's second look
+            ap.error(f"labels {cfg.labels} are not the {cfg.organ} organ's classifier labels {organ_labels}, so the "
+                     "model cannot replace the packaged second look: pass --output (or set output in the config)")
     out = _output_path(cfg, args)
     t0 = time.monotonic()
     train_imgs, val_imgs = _split_images(cfg, args)
