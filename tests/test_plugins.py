@@ -127,6 +127,28 @@ def test_category_head_labels_sums_and_median(toy_spec) -> None:
     assert toy_spec.category_for(0.9) is None and toy_spec.band("3").management == "sample it"
 
 
+def test_agreement_readout_answers_the_middle_when_unsure_and_the_head_when_sure(toy_spec) -> None:
+    from echo_agent.organs import category_readout_index
+
+    agree = toy_spec.model_copy(update={"category_readout": "agreement"})
+    flat = {"1": 0.4, "2": 0.2, "3": 0.4}
+    # the median of a flat-ish head is its lower half ("2" here by the cumulative rule); agreement
+    # scores 2 p(k) + p(k-1) + p(k+1): "1" 1.0, "2" 1.2, "3" 1.0 -> the middle
+    assert agree.category_from_distribution(flat) == "2"
+    assert agree.category_from_distribution({"1": 0.05, "2": 0.05, "3": 0.9}) == "3"  # 1.85 vs 1.0
+    # where they differ: median "2" (cumulative 0.3, 0.55); agreement 0.85 / 0.8 / 0.7 / 0.9 -> the last
+    assert category_readout_index([0.3, 0.25, 0.0, 0.45], "median") == 1
+    assert category_readout_index([0.3, 0.25, 0.0, 0.45], "agreement") == 3
+    assert category_readout_index([0.3, 0.3, 0.0, 0.4], "agreement") == 0  # 0.9 ties 0.9: the lower wins
+    assert category_readout_index([0.0, 0.0, 0.0], "agreement") == 1  # all zero reads uniform: the middle
+    with pytest.raises(ValueError, match="unknown category read-out"):
+        category_readout_index([0.5, 0.5], "mode")
+    with pytest.raises(ValueError, match="at least one"):
+        category_readout_index([], "median")
+    with pytest.raises(ValueError, match="category_readout"):
+        toy_spec.model_validate({**toy_spec.model_dump(), "category_readout": "mode"})
+
+
 @pytest.mark.parametrize(
     ("patch", "message"),
     [

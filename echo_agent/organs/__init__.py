@@ -18,7 +18,7 @@ from importlib.metadata import entry_points
 from ..errors import UnknownOrganError
 from .builtin import BREAST, KIDNEY, load_spec_yaml
 from .plugins import register_plugins
-from .spec import AppearanceRule, CategoryBand, OrganSpec, resolve_asset
+from .spec import AppearanceRule, CategoryBand, OrganSpec, category_readout_index, resolve_asset
 
 ENTRY_POINT_GROUP = "echo_agent.organs"
 
@@ -85,6 +85,7 @@ __all__ = [
     "AppearanceRule",
     "CategoryBand",
     "OrganSpec",
+    "category_readout_index",
     "get_organ",
     "list_organs",
     "load_spec_yaml",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -89,9 +89,17 @@ class OrganSpec(BaseModel):
         description="Where a lesion's category comes from. 'probability': the band of `categories` that holds the "
         "calibrated probability of positive_label (BI-RADS from the likelihood of malignancy). 'classifier': the "
         "organ's second-look classifier is a category head -- its labels are [normal_label, *category names] -- and "
-        "the category is the median of its distribution on the leading finding (for scales read by radiologists "
+        "the category is read off its distribution on the leading finding (`category_readout`; for scales read by radiologists "
         "from the lexicon, such as TI-RADS, where no pathology label exists to calibrate against); the bands then "
         "only describe the categories and their management.",
+    )
+    category_readout: Literal["median", "agreement"] = Field(
+        "median",
+        description="With category_source 'classifier': how one category is read off the head's ordinal "
+        "distribution. 'median' minimises the expected number of steps to the reader's category; 'agreement' "
+        "maximises the expected exact plus within-one-step agreement with the reader (the category k with the "
+        "largest 2 p(k) + p(k-1) + p(k+1)), which answers the middle of the scale when the head is unsure. See "
+        "`category_readout_index`.",
     )
     category_labels: dict[str, str] = Field(
         default_factory=dict,
@@ -332,15 +340,11 @@ class OrganSpec(BaseModel):
         return labels, ({c: p / total for c, p in cats.items()} if total > 1e-9 else None)
 
     def category_from_distribution(self, category_probs: Mapping[str, float]) -> str:
-        """The median category of an ordinal distribution over the organ's categories (in band order):
-        the category that minimises the expected number of steps to the reader's."""
-        acc = 0.0
-        total = sum(float(category_probs.get(b.name, 0.0)) for b in self.categories) or 1.0
-        for b in self.categories:
-            acc += float(category_probs.get(b.name, 0.0)) / total
-            if acc >= 0.5:
-                return b.name
-        return self.categories[-1].name
+        """One category of an ordinal distribution over the organ's categories (in band order), by the
+        organ's ``category_readout`` (:func:`category_readout_index`): by default the median, the
+        category that minimises the expected number of steps to the reader's."""
+        probs = [float(category_probs.get(b.name, 0.0)) for b in self.categories]
+        return self.categories[category_readout_index(probs, self.category_readout)].name
 
     def band(self, name: str) -> CategoryBand | None:
         return next((b for b in self.categories if b.name == name), None)
@@ -382,6 +386,34 @@ def resolve_asset(ref: str) -> Path:
             raise ValueError(f"asset reference {ref!r}: package {package!r} is not installed") from None
         return Path(str(base / rel))
     return Path(ref).expanduser()
+
+
+def category_readout_index(probs: Sequence[float], readout: str = "median") -> int:
+    """The index of the category read off an ordinal distribution ``probs`` (categories in scale order;
+    renormalised, all-zero read as uniform).
+
+    ``median``: the first category whose cumulative probability reaches one half (it minimises the
+    expected number of steps to the true category). ``agreement``: the category k with the largest
+    expected exact plus within-one agreement, ``2 p(k) + p(k-1) + p(k+1)`` (a neighbour outside the
+    scale counts 0); ties go to the lower category."""
+    p = [max(float(x), 0.0) for x in probs]
+    if not p:
+        raise ValueError("category_readout_index needs at least one category")
+    total = sum(p)
+    p = [x / total for x in p] if total > 0 else [1.0 / len(p)] * len(p)
+    if readout == "median":
+        acc = 0.0
+        for i, x in enumerate(p):
+            acc += x
+            if acc >= 0.5:
+                return i
+        return len(p) - 1
+    if readout == "agreement":
+        def score(k: int) -> float:
+            return 2 * p[k] + (p[k - 1] if k > 0 else 0.0) + (p[k + 1] if k + 1 < len(p) else 0.0)
+
+        return max(range(len(p)), key=lambda k: (score(k) - 1e-12 * k))
+    raise ValueError(f"unknown category read-out {readout!r}; use 'median' or 'agreement'")
 
 
 def _check_tiling(name: str, bands: tuple[CategoryBand, ...]) -> None:

@@ -567,7 +567,7 @@ def ordinal_targets(y: np.ndarray, n_classes: int, smoothing: float) -> np.ndarr
 
 def median_categories(p: np.ndarray) -> np.ndarray:
     """Index (>= 1) of the median category of each row of a category head's probabilities (column 0
-    is ``normal``; the rest renormalised), as ``OrganSpec.category_from_distribution`` takes it."""
+    is ``normal``; the rest renormalised): the default read-out of ``OrganSpec.category_from_distribution``."""
     cats = np.asarray(p, dtype=np.float64)[:, 1:]
     total = cats.sum(1, keepdims=True)
     cum = np.cumsum(cats / np.where(total > 0, total, 1.0), axis=1)
