@@ -35,6 +35,42 @@ def held_out_distributions(d: dict[str, np.ndarray], balanced: bool) -> np.ndarr
     return probs
 
 
+def fit_head(d: dict[str, np.ndarray], train_folds: np.ndarray, eval_mask: np.ndarray, balanced: bool) -> np.ndarray:
+    """The head fitted on the samples of ``train_folds``, its distributions on the eval boxes of ``eval_mask``."""
+    tr = np.isin(d["fold"][d["case"]], train_folds)
+    mean, scale = d["x"][tr].mean(0), d["x"][tr].std(0) + 1e-6
+    return pool_cv.multinomial((d["x"][tr] - mean) / scale, d["y"][tr], (d["x_eval"][eval_mask] - mean) / scale,
+                               C, balanced=balanced)
+
+
+def category_log_probs(p: np.ndarray) -> np.ndarray:
+    """Log of the category distribution (normal column dropped, renormalised)."""
+    cats = np.clip(p[:, 1:], 1e-9, None)
+    return np.log(cats / cats.sum(1, keepdims=True))
+
+
+def calibrated_distributions(d: dict[str, np.ndarray], balanced: bool) -> tuple[np.ndarray, list[float]]:
+    """Addendum arms R3/R4: each outer fold's category distributions with a temperature fitted on inner
+    grouped CV of its own training folds (each other fold held out in turn)."""
+    from echo_agent.fusion import fit_temperature, softmax
+
+    fold_of_eval = d["fold"][d["case_eval"]]
+    folds = np.arange(pool_cv.FOLDS)
+    out = np.zeros((len(d["y_eval"]), len(LABELS) - 1))
+    temps = []
+    for f in folds:
+        z_in, y_in = [], []
+        for g in folds[folds != f]:
+            m = fold_of_eval == g
+            z_in.append(category_log_probs(fit_head(d, folds[(folds != f) & (folds != g)], m, balanced)))
+            y_in.append(d["y_eval"][m] - 1)
+        t = fit_temperature(np.concatenate(z_in), np.concatenate(y_in))
+        temps.append(t)
+        m = fold_of_eval == f
+        out[m] = softmax(category_log_probs(fit_head(d, folds[folds != f], m, balanced)) / t)
+    return out, temps
+
+
 def score(y: np.ndarray, pred: np.ndarray) -> dict[str, object]:
     from echo_agent.eval.metrics import category_agreement
 
@@ -46,7 +82,10 @@ def score(y: np.ndarray, pred: np.ndarray) -> dict[str, object]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=pool_cv.REPO / "runs" / "tirads_readout")
+    ap.add_argument("--calibrated", action="store_true", help="the addendum's arms R3 / R4 (PREREGISTRATION.md)")
     args = ap.parse_args()
+    if args.calibrated:
+        return addendum(args.out)
     from echo_agent.organs import category_readout_index
 
     d = pool_cv.extract(args.out)
@@ -69,6 +108,31 @@ def main() -> int:
     print(json.dumps(decision, indent=1))
     (args.out / "readout.json").write_text(json.dumps({"rows": rows, "decision": decision,
                                                        "command": " ".join(sys.argv)}, indent=1))
+    return 0
+
+
+def addendum(out: Path) -> int:
+    from echo_agent.organs import category_readout_index
+
+    d = pool_cv.extract(out)
+    y = d["y_eval"]
+    previous = json.loads((out / "readout.json").read_text())
+    packaged = previous["rows"]["packaged head (class-balanced), median"]
+    rows, temps = {}, {}
+    for arm, balanced in (("R3", True), ("R4", False)):
+        p, temps[arm] = calibrated_distributions(d, balanced)
+        pred = np.array([category_readout_index(row, "agreement") + 1 for row in p])
+        rows[arm] = score(y, pred)
+        print(f"{arm} (temperatures {[round(t, 2) for t in temps[arm]]}): {json.dumps(rows[arm])}", flush=True)
+    best = "R4" if rows["R4"]["S"] > rows["R3"]["S"] else "R3"
+    top_share = max(rows[best]["predicted"].values()) / len(y)
+    adopt = (rows[best]["S"] >= packaged["S"] + 0.05 and rows[best]["within_one"] >= packaged["within_one"]
+             and top_share <= 0.9)
+    decision = {"best_arm": best, "adopt": bool(adopt), "packaged_S": packaged["S"], "best_S": rows[best]["S"],
+                "largest_single_category_share": top_share}
+    print(json.dumps(decision, indent=1))
+    (out / "readout_calibrated.json").write_text(json.dumps({"rows": rows, "temperatures": temps, "decision": decision,
+                                                             "command": " ".join(sys.argv)}, indent=1))
     return 0
 
 
