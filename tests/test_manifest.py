@@ -119,6 +119,36 @@ def test_checks_can_be_disabled(folder: Path) -> None:
     assert load_manifest(p2, check_boxes=False)[0].boxes[0].x2 == 5000
 
 
+def test_every_bad_row_is_reported_at_once(folder: Path) -> None:
+    (folder / "broken.png").write_bytes(b"not an image")
+    p = _write(
+        folder,
+        "a.png,breast,benign,1,2,50,60,,,,,,,\n"
+        "a.png,breast,benign,1,2,500,60,,,,,,,\n"            # line 3: box outside the image
+        "gone.png,breast,benign,,,,,,,,,,,\n"                # line 4: missing file
+        "broken.png,breast,malignant,1,1,5,5,,,,,,,\n"       # line 5: not an image
+        "b.png,breast,Benign,,,,,,,,,,,\n",                  # line 6: label typo
+    )
+    with pytest.raises(ManifestError) as info:
+        load_manifest(p)
+    msg = str(info.value)
+    assert msg.startswith(f"{p}: 4 problems; fix them all")
+    entries = msg.split("\n  ")[1:]
+    assert len(entries) == 4
+    for entry, (line, text) in zip(entries, ((3, "lies outside the 100x80"), (4, "gone.png does not exist"),
+                                             (5, "cannot be read as an image"), (6, "label 'Benign' is not")), strict=True):
+        assert entry.startswith(f"line {line}: ") and text in entry
+
+
+def test_a_long_list_of_problems_is_cut_with_a_count(folder: Path) -> None:
+    from echo_agent.eval.manifest import MAX_REPORTED_PROBLEMS
+
+    p = _write(folder, "".join(f"x{i}.png,breast,normal,,,,,,,,,,,\n" for i in range(MAX_REPORTED_PROBLEMS + 5)))
+    with pytest.raises(ManifestError, match=r"(?s)25 problems.*\n  line 2: .*\.\.\. and 5 more$") as info:
+        load_manifest(p)
+    assert str(info.value).count("does not exist") == MAX_REPORTED_PROBLEMS
+
+
 def test_missing_manifest_file(tmp_path: Path) -> None:
     with pytest.raises(ManifestError, match="does not exist"):
         load_manifest(tmp_path / "nope.csv")

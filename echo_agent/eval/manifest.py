@@ -125,6 +125,10 @@ def _relative_key_path(path: Path) -> str:
     return path.as_posix()
 
 
+#: how many problems a ManifestError lists before '... and N more'
+MAX_REPORTED_PROBLEMS = 20
+
+
 def _err(path: Path, row: int | Iterable[int], msg: str) -> ManifestError:
     where = f"line {row}" if isinstance(row, int) else "lines " + ", ".join(str(r) for r in row)
     return ManifestError(f"{path}, {where}: {msg}")
@@ -181,8 +185,10 @@ def load_manifest(
     """Read and validate a manifest CSV; returns one :class:`ManifestImage` per distinct image.
 
     ``check_files`` verifies every image exists; ``check_boxes`` also reads each image header (lazily,
-    only for images with boxes) and verifies its boxes lie inside the image. Any problem raises
-    :class:`~echo_agent.errors.ManifestError` naming the file and the CSV line.
+    only for images with boxes) and verifies its boxes lie inside the image. Every row is checked
+    before anything is raised: one :class:`~echo_agent.errors.ManifestError` names the file and lists
+    each problem with its CSV line, in file order (the first ``MAX_REPORTED_PROBLEMS``, then a count),
+    so a large manifest is fixed in one pass.
     """
     path = Path(path)
     if not path.is_file():
@@ -207,75 +213,79 @@ def load_manifest(
         reader.fieldnames = header
         pending: dict[Path, _Pending] = {}
         order: list[Path] = []
+        problems: list[tuple[int, str]] = []  # (CSV line, message)
         for raw in reader:
-            row = reader.line_num  # 1-based line of the record's last physical line
-            if None in raw:
-                raise _err(path, row, f"has more cells than the header has columns ({len(header)})")
-            rec = {k: (v if v is not None else "") for k, v in raw.items()}
-            if not any(v.strip() for v in rec.values()):
-                continue  # blank line
-            image_text = rec["image"].strip()
-            if not image_text:
-                raise _err(path, row, "column 'image' is empty; give the image path")
-            image = Path(image_text)
-            if not image.is_absolute():
-                image = base / image
-            image = Path(os.path.normpath(image))
-            organ_name = rec["organ"].strip()
             try:
-                organ = get_organ(organ_name)
-            except UnknownOrganError as exc:
-                raise _err(path, row, str(exc)) from None
-            label = rec["label"].strip()
-            if label not in organ.image_labels:
-                raise _err(
-                    path, row, f"label {label!r} is not a label of organ {organ_name!r}; use one of {list(organ.image_labels)}"
-                )
-            box: Box | None = None
-            if has_boxes:
-                cells = [rec[c].strip() for c in BOX_COLUMNS]
-                filled = [bool(c) for c in cells]
-                if any(filled) and not all(filled):
-                    empty = [c for c, f in zip(BOX_COLUMNS, filled, strict=True) if not f]
-                    raise _err(path, row, f"partial box: {empty} empty; give all four box columns or none")
-                if all(filled):
-                    x1, y1, x2, y2 = (
-                        _parse_number(path, row, c, t) for c, t in zip(BOX_COLUMNS, cells, strict=True)
+                row = reader.line_num  # 1-based line of the record's last physical line
+                if None in raw:
+                    raise _err(path, row, f"has more cells than the header has columns ({len(header)})")
+                rec = {k: (v if v is not None else "") for k, v in raw.items()}
+                if not any(v.strip() for v in rec.values()):
+                    continue  # blank line
+                image_text = rec["image"].strip()
+                if not image_text:
+                    raise _err(path, row, "column 'image' is empty; give the image path")
+                image = Path(image_text)
+                if not image.is_absolute():
+                    image = base / image
+                image = Path(os.path.normpath(image))
+                organ_name = rec["organ"].strip()
+                try:
+                    organ = get_organ(organ_name)
+                except UnknownOrganError as exc:
+                    raise _err(path, row, str(exc)) from None
+                label = rec["label"].strip()
+                if label not in organ.image_labels:
+                    raise _err(
+                        path, row, f"label {label!r} is not a label of organ {organ_name!r}; use one of {list(organ.image_labels)}"
                     )
-                    if x1 < 0 or y1 < 0:
-                        raise _err(path, row, f"box [{x1:g}, {y1:g}, {x2:g}, {y2:g}] has a negative coordinate")
-                    if x2 <= x1 or y2 <= y1:
+                box: Box | None = None
+                if has_boxes:
+                    cells = [rec[c].strip() for c in BOX_COLUMNS]
+                    filled = [bool(c) for c in cells]
+                    if any(filled) and not all(filled):
+                        empty = [c for c, f in zip(BOX_COLUMNS, filled, strict=True) if not f]
+                        raise _err(path, row, f"partial box: {empty} empty; give all four box columns or none")
+                    if all(filled):
+                        x1, y1, x2, y2 = (
+                            _parse_number(path, row, c, t) for c, t in zip(BOX_COLUMNS, cells, strict=True)
+                        )
+                        if x1 < 0 or y1 < 0:
+                            raise _err(path, row, f"box [{x1:g}, {y1:g}, {x2:g}, {y2:g}] has a negative coordinate")
+                        if x2 <= x1 or y2 <= y1:
+                            raise _err(
+                                path,
+                                row,
+                                f"box [{x1:g}, {y1:g}, {x2:g}, {y2:g}] needs x_max > x_min and y_max > y_min "
+                                "(x_max/y_max are exclusive pixel bounds)",
+                            )
+                        box = Box(x1=x1, y1=y1, x2=x2, y2=y2)
+                if box is not None and label == organ.normal_label:
+                    raise _err(
+                        path, row, f"image labelled {label!r} (lesion-free) has a box; empty the box or change the label"
+                    )
+                meta = {c: _opt(rec.get(c)) for c in _META_COLUMNS if c != "age"}
+                age = _parse_age(path, row, rec.get("age"))
+                prev = pending.get(image)
+                if prev is None:
+                    if check_files and not image.is_file():
+                        raise _err(path, row, f"image file {image} does not exist; fix the path (relative paths start at {base})")
+                    pending[image] = _Pending(image, organ_name, label, meta, age, [], [row])
+                    order.append(image)
+                    prev = pending[image]
+                else:
+                    if prev.organ != organ_name or prev.label != label:
                         raise _err(
                             path,
-                            row,
-                            f"box [{x1:g}, {y1:g}, {x2:g}, {y2:g}] needs x_max > x_min and y_max > y_min "
-                            "(x_max/y_max are exclusive pixel bounds)",
+                            [prev.rows[0], row],
+                            f"rows of image {image_text!r} disagree: organ/label {prev.organ}/{prev.label} vs "
+                            f"{organ_name}/{label}; one image has one organ and one label",
                         )
-                    box = Box(x1=x1, y1=y1, x2=x2, y2=y2)
-            if box is not None and label == organ.normal_label:
-                raise _err(
-                    path, row, f"image labelled {label!r} (lesion-free) has a box; empty the box or change the label"
-                )
-            meta = {c: _opt(rec.get(c)) for c in _META_COLUMNS if c != "age"}
-            age = _parse_age(path, row, rec.get("age"))
-            prev = pending.get(image)
-            if prev is None:
-                if check_files and not image.is_file():
-                    raise _err(path, row, f"image file {image} does not exist; fix the path (relative paths start at {base})")
-                pending[image] = _Pending(image, organ_name, label, meta, age, [], [row])
-                order.append(image)
-                prev = pending[image]
-            else:
-                if prev.organ != organ_name or prev.label != label:
-                    raise _err(
-                        path,
-                        [prev.rows[0], row],
-                        f"rows of image {image_text!r} disagree: organ/label {prev.organ}/{prev.label} vs "
-                        f"{organ_name}/{label}; one image has one organ and one label",
-                    )
-                prev.rows.append(row)
-            if box is not None:
-                prev.boxes.append((box, row))
+                    prev.rows.append(row)
+                if box is not None:
+                    prev.boxes.append((box, row))
+            except ManifestError as exc:  # keep reading: report every bad row at once
+                problems.append((reader.line_num, str(exc)))
     out: list[ManifestImage] = []
     for image in order:
         p = pending[image]
@@ -283,17 +293,16 @@ def load_manifest(
             try:
                 width, height = _image_size(image)
             except FileNotFoundError:
-                raise _err(path, p.rows[0], f"image file {image} does not exist") from None
+                problems.append((p.rows[0], str(_err(path, p.rows[0], f"image file {image} does not exist"))))
+                continue
             except Exception as exc:
-                raise _err(path, p.rows[0], f"image file {image} cannot be read as an image ({exc})") from None
-            for box, row in p.boxes:
-                if box.x2 > width or box.y2 > height:
-                    raise _err(
-                        path,
-                        row,
-                        f"box {[int(v) if v == int(v) else v for v in box.to_list()]} lies outside the "
-                        f"{width}x{height} image {image.name} (x_max <= width, y_max <= height)",
-                    )
+                problems.append((p.rows[0], str(_err(path, p.rows[0], f"image file {image} cannot be read as an image ({exc})"))))
+                continue
+            problems += [
+                (row, str(_err(path, row, f"box {[int(v) if v == int(v) else v for v in box.to_list()]} lies outside the "
+                                    f"{width}x{height} image {image.name} (x_max <= width, y_max <= height)")))
+                for box, row in p.boxes if box.x2 > width or box.y2 > height
+            ]
         out.append(
             ManifestImage(
                 image=image,
@@ -305,6 +314,14 @@ def load_manifest(
                 **p.meta,  # type: ignore[arg-type]
             )
         )
+    problems.sort(key=lambda lp: lp[0])  # the box checks run after the row checks: report in file order
+    if len(problems) == 1:
+        raise ManifestError(problems[0][1])
+    if problems:
+        shown = problems[:MAX_REPORTED_PROBLEMS]
+        more = len(problems) - len(shown)
+        raise ManifestError(f"{path}: {len(problems)} problems; fix them all before evaluating:\n"
+                            + "\n".join(f"  {m.removeprefix(f'{path}, ')}" for _, m in shown) + (f"\n  ... and {more} more" if more else ""))
     return out
 
 
