@@ -31,7 +31,7 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..errors import ManifestError, UnknownOrganError
 from ..organs import get_organ
@@ -179,6 +179,70 @@ class _Pending:
     rows: list[int]
 
 
+class _Row(NamedTuple):
+    row: int  # 1-based CSV line
+    image: Path  # resolved
+    image_text: str  # as written
+    organ: str
+    label: str
+    box: Box | None
+    meta: dict[str, str | None]
+    age: int | None
+
+
+def _parse_row(
+    path: Path, row: int, raw: dict[str | None, Any], header: list[str], base: Path, *, has_boxes: bool
+) -> _Row | None:
+    """One CSV record checked on its own (``row``: its 1-based line); ``None`` for a blank line. Raises
+    :class:`ManifestError` for the first problem of the record."""
+    if None in raw:
+        raise _err(path, row, f"has more cells than the header has columns ({len(header)})")
+    rec = {str(k): (v if v is not None else "") for k, v in raw.items()}
+    if not any(v.strip() for v in rec.values()):
+        return None
+    image_text = rec["image"].strip()
+    if not image_text:
+        raise _err(path, row, "column 'image' is empty; give the image path")
+    image = Path(image_text)
+    if not image.is_absolute():
+        image = base / image
+    image = Path(os.path.normpath(image))
+    organ_name = rec["organ"].strip()
+    try:
+        organ = get_organ(organ_name)
+    except UnknownOrganError as exc:
+        raise _err(path, row, str(exc)) from None
+    label = rec["label"].strip()
+    if label not in organ.image_labels:
+        raise _err(path, row, f"label {label!r} is not a label of organ {organ_name!r}; use one of {list(organ.image_labels)}")
+    box = _parse_box(path, row, rec) if has_boxes else None
+    if box is not None and label == organ.normal_label:
+        raise _err(path, row, f"image labelled {label!r} (lesion-free) has a box; empty the box or change the label")
+    meta = {c: _opt(rec.get(c)) for c in _META_COLUMNS if c != "age"}
+    return _Row(row, image, image_text, organ_name, label, box, meta, _parse_age(path, row, rec.get("age")))
+
+
+def _parse_box(path: Path, row: int, rec: dict[str, str]) -> Box | None:
+    cells = [rec[c].strip() for c in BOX_COLUMNS]
+    filled = [bool(c) for c in cells]
+    if not any(filled):
+        return None
+    if not all(filled):
+        empty = [c for c, f in zip(BOX_COLUMNS, filled, strict=True) if not f]
+        raise _err(path, row, f"partial box: {empty} empty; give all four box columns or none")
+    x1, y1, x2, y2 = (_parse_number(path, row, c, t) for c, t in zip(BOX_COLUMNS, cells, strict=True))
+    if x1 < 0 or y1 < 0:
+        raise _err(path, row, f"box [{x1:g}, {y1:g}, {x2:g}, {y2:g}] has a negative coordinate")
+    if x2 <= x1 or y2 <= y1:
+        raise _err(
+            path,
+            row,
+            f"box [{x1:g}, {y1:g}, {x2:g}, {y2:g}] needs x_max > x_min and y_max > y_min "
+            "(x_max/y_max are exclusive pixel bounds)",
+        )
+    return Box(x1=x1, y1=y1, x2=x2, y2=y2)
+
+
 def load_manifest(
     path: str | os.PathLike[str], *, check_files: bool = True, check_boxes: bool = True
 ) -> list[ManifestImage]:
@@ -216,63 +280,16 @@ def load_manifest(
         problems: list[tuple[int, str]] = []  # (CSV line, message)
         for raw in reader:
             try:
-                row = reader.line_num  # 1-based line of the record's last physical line
-                if None in raw:
-                    raise _err(path, row, f"has more cells than the header has columns ({len(header)})")
-                rec = {k: (v if v is not None else "") for k, v in raw.items()}
-                if not any(v.strip() for v in rec.values()):
+                parsed = _parse_row(path, reader.line_num, raw, header, base, has_boxes=bool(has_boxes))
+                if parsed is None:
                     continue  # blank line
-                image_text = rec["image"].strip()
-                if not image_text:
-                    raise _err(path, row, "column 'image' is empty; give the image path")
-                image = Path(image_text)
-                if not image.is_absolute():
-                    image = base / image
-                image = Path(os.path.normpath(image))
-                organ_name = rec["organ"].strip()
-                try:
-                    organ = get_organ(organ_name)
-                except UnknownOrganError as exc:
-                    raise _err(path, row, str(exc)) from None
-                label = rec["label"].strip()
-                if label not in organ.image_labels:
-                    raise _err(
-                        path, row, f"label {label!r} is not a label of organ {organ_name!r}; use one of {list(organ.image_labels)}"
-                    )
-                box: Box | None = None
-                if has_boxes:
-                    cells = [rec[c].strip() for c in BOX_COLUMNS]
-                    filled = [bool(c) for c in cells]
-                    if any(filled) and not all(filled):
-                        empty = [c for c, f in zip(BOX_COLUMNS, filled, strict=True) if not f]
-                        raise _err(path, row, f"partial box: {empty} empty; give all four box columns or none")
-                    if all(filled):
-                        x1, y1, x2, y2 = (
-                            _parse_number(path, row, c, t) for c, t in zip(BOX_COLUMNS, cells, strict=True)
-                        )
-                        if x1 < 0 or y1 < 0:
-                            raise _err(path, row, f"box [{x1:g}, {y1:g}, {x2:g}, {y2:g}] has a negative coordinate")
-                        if x2 <= x1 or y2 <= y1:
-                            raise _err(
-                                path,
-                                row,
-                                f"box [{x1:g}, {y1:g}, {x2:g}, {y2:g}] needs x_max > x_min and y_max > y_min "
-                                "(x_max/y_max are exclusive pixel bounds)",
-                            )
-                        box = Box(x1=x1, y1=y1, x2=x2, y2=y2)
-                if box is not None and label == organ.normal_label:
-                    raise _err(
-                        path, row, f"image labelled {label!r} (lesion-free) has a box; empty the box or change the label"
-                    )
-                meta = {c: _opt(rec.get(c)) for c in _META_COLUMNS if c != "age"}
-                age = _parse_age(path, row, rec.get("age"))
+                row, image, image_text, organ_name, label, box, meta, age = parsed
                 prev = pending.get(image)
                 if prev is None:
                     if check_files and not image.is_file():
                         raise _err(path, row, f"image file {image} does not exist; fix the path (relative paths start at {base})")
-                    pending[image] = _Pending(image, organ_name, label, meta, age, [], [row])
+                    pending[image] = prev = _Pending(image, organ_name, label, meta, age, [], [row])
                     order.append(image)
-                    prev = pending[image]
                 else:
                     if prev.organ != organ_name or prev.label != label:
                         raise _err(
