@@ -160,3 +160,32 @@ def test_a_presence_model_never_defaults_to_the_packaged_second_look(tmp_path: P
     with pytest.raises(SystemExit):
         train_classifier.main([str(cfg), "--mask-supervised"])
     assert "pass --output" in capsys.readouterr().err and packaged.stat().st_mtime_ns == before
+
+
+@pytest.mark.heavy
+def test_the_time_budget_flag_means_the_time_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An epoch whose sample draw is larger than the first's ends when the one-cycle schedule is spent;
+    that is not a stop by the time budget (the flag once said so for runs well inside their budget)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("efficientnet_lite_pytorch")
+    from echo_agent.training import region_classifier as rc
+
+    draws = iter(range(100))
+    real = rc.build_samples
+
+    def growing(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        samples = real(*args, **kwargs)
+        return samples + samples[:3] * next(draws)  # the first draw as is, later ones larger
+
+    monkeypatch.setattr(rc, "build_samples", growing)
+    images = [_image(tmp_path, f"i{i}", LABELS[i % 3]) for i in range(9)]
+    cases = prepare_cases(images, LABELS)
+    cfg = ClassifierTrainConfig(organ="breast", labels=LABELS, centers=["toy"], pretrained=False, input_size=64,
+                                epochs=2, batch_size=4, threads=1, seed=0, max_minutes=30)
+    _, report = rc.train_classifier(cfg, cases[:6], cases[6:], log=lambda s: None)
+    assert [e["epoch"] for e in report["epochs"]] == [1, 2]
+    assert report["stopped_by_time_budget"] is False
+    draws = iter(range(100))
+    _, report = rc.train_classifier(ClassifierTrainConfig(**{**cfg.__dict__, "max_minutes": 0.0}), cases[:6], cases[6:],
+                                    log=lambda s: None)
+    assert report["stopped_by_time_budget"] is True and len(report["epochs"]) == 1

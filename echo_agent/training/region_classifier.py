@@ -513,7 +513,9 @@ def _fine_tune(
         model.train()
         t0, seen, loss_sum = time.monotonic(), 0, 0.0
         for i in range(0, len(samples), config.batch_size):
-            if step >= total or time.monotonic() > deadline:
+            if step >= total:  # the one-cycle schedule is spent (an epoch's sample draw can exceed the first's)
+                break
+            if time.monotonic() > deadline:
                 stopped_early = True
                 break
             chunk = samples[i : i + config.batch_size]
@@ -541,7 +543,7 @@ def _fine_tune(
               "samples": seen, **_val_metrics(z, y_val, val_samples, config.labels, category_head=category_head)}
         report["epochs"].append(ep)
         log(json.dumps(ep))
-        if stopped_early:
+        if stopped_early or step >= total:
             break
     report["val_uncalibrated"] = report["epochs"][-1] if report["epochs"] else {}
     report["stopped_by_time_budget"] = stopped_early
