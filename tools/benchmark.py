@@ -228,16 +228,17 @@ def bench_stages(n: int, image: Path | str) -> dict[str, float]:
     return out
 
 
-def bench_classifier(n: int, image: Path | str) -> dict[str, float]:
+def bench_classifier(n: int, image: Path | str, weights: Path | None = None) -> dict[str, float]:
     """The breast second-look classifier alone (ONNX Runtime, one thread, as in the agent): p50 ms
     for 1 crop (the whole image) and for 3 crops (two candidates and the whole image, the embedded
-    policy's call), on the example image after the detector's preprocessing."""
-    from echo_agent.detectors import get_region_classifier
+    policy's call), on the example image after the detector's preprocessing. ``weights``: another
+    classifier file (a candidate) instead of the packaged one."""
+    from echo_agent.detectors import get_region_classifier, load_region_classifier
     from echo_agent.imaging import load_image
     from echo_agent.imaging.preprocess import prepare_for_detection
     from echo_agent.schemas import Box
 
-    clf = get_region_classifier("breast")
+    clf = load_region_classifier(weights) if weights else get_region_classifier("breast")
     view = prepare_for_detection(load_image(image).array).array
     h, w = view.shape[:2]
     boxes = [Box(x1=w * 0.3, y1=h * 0.3, x2=w * 0.6, y2=h * 0.7), Box(x1=w * 0.1, y1=h * 0.1, x2=w * 0.3, y2=h * 0.3), None]
@@ -280,6 +281,8 @@ def main() -> None:
                     help="time run with the captioner's whole-image analysis inline (Toolkit(prefetch_context=False))")
     ap.add_argument("--only-latency", action="store_true",
                     help="skip the import and cold-CLI measurements (latency and plumbing only)")
+    ap.add_argument("--only-classifier", type=Path, nargs="*", default=None, metavar="ONNX",
+                    help="time only second-look classifiers: the packaged breast one and each file given, interleaved")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from echo_agent.imaging import example_image
@@ -289,6 +292,23 @@ def main() -> None:
         "machine": f"{platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}",
         "date": time.strftime("%Y-%m-%d"),
     }
+    if args.only_classifier is not None:
+        from echo_agent.organs import get_organ
+
+        files: list[Path | None] = [None, *args.only_classifier]
+        rounds: dict[str, list[float]] = {}
+        for _ in range(3):  # interleaved rounds: the machine's load moves all files alike
+            for f in files:
+                name = "packaged" if f is None else f.name
+                rounds.setdefault(name, []).append(bench_classifier(args.runs, image, f)["classifier_ms_per_crop_p50"])
+        for name, ts in rounds.items():
+            res[f"{name}: ms per crop (3 crops), p50 of rounds"] = _pct(ts, 0.5)
+        for f in files:
+            path = get_organ("breast").resolve_classifier_weights() if f is None else f
+            res[f"{'packaged' if f is None else f.name}: MB"] = Path(path).stat().st_size / 2**20
+        for k, v in res.items():
+            print(f"{k:28s} {v:.4g}" if isinstance(v, float) else f"{k:28s} {v}")
+        return
     if not args.only_latency:
         res.update(bench_import(7))
         res.update(bench_cold_cli(5, image))
