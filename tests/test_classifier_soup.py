@@ -189,3 +189,30 @@ def test_the_time_budget_flag_means_the_time_budget(tmp_path: Path, monkeypatch:
     _, report = rc.train_classifier(ClassifierTrainConfig(**{**cfg.__dict__, "max_minutes": 0.0}), cases[:6], cases[6:],
                                     log=lambda s: None)
     assert report["stopped_by_time_budget"] is True and len(report["epochs"]) == 1
+
+
+@pytest.mark.heavy
+def test_a_model_over_the_size_bound_keeps_its_file_and_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """An experiment's model over the packaged 15 MB bound (a larger backbone) is an error (exit 1), but
+    its ONNX file and training report stay, so the run is not lost."""
+    pytest.importorskip("torch")
+    pytest.importorskip("efficientnet_lite_pytorch")
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    try:
+        import train_classifier
+    finally:
+        sys.path.pop(0)
+    images = [_image(tmp_path, f"i{i}", LABELS[i % 3]) for i in range(9)]
+    monkeypatch.setattr(train_classifier, "_split_images", lambda cfg, args: (images[:6], images[6:]))
+    monkeypatch.setattr(train_classifier, "MAX_ONNX_BYTES", 1024)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("organ: breast\nlabels: [normal, benign, malignant]\ncenters: [toy]\npretrained: false\n"
+                   "input_size: 64\nepochs: 1\nbatch_size: 8\n")
+    out = tmp_path / "big.onnx"
+    assert train_classifier.main([str(cfg), "--threads", "1", "--output", str(out)]) == 1
+    assert "the packaged bound (file and report kept)" in capsys.readouterr().err
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert out.is_file() and report["bytes"] == out.stat().st_size > 1024 and report["epochs"]
