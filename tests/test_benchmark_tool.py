@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -16,15 +17,19 @@ def test_candidate_classifiers_are_timed_beside_the_packaged_one(tmp_path: Path)
     pytest.importorskip("onnxruntime")
     from echo_agent.organs import get_organ
 
-    candidate = tmp_path / "candidate.onnx"
-    shutil.copy(get_organ("breast").resolve_classifier_weights(), candidate)
-    out = subprocess.run([sys.executable, str(REPO / "tools" / "benchmark.py"), "--only-classifier", str(candidate),
-                          "--runs", "2"], capture_output=True, text=True, timeout=300, cwd=REPO)
+    packaged = get_organ("breast").resolve_classifier_weights()
+    for d in ("a", "b"):  # two candidates with the same file name stay apart
+        (tmp_path / d).mkdir()
+        shutil.copy(packaged, tmp_path / d / "candidate.onnx")
+    a, b = tmp_path / "a" / "candidate.onnx", tmp_path / "b" / "candidate.onnx"
+    out = subprocess.run([sys.executable, str(REPO / "tools" / "benchmark.py"), "--only-classifier", str(a), str(b),
+                          "--runs", "2", "--json", str(tmp_path / "res.json")],
+                         capture_output=True, text=True, timeout=300, cwd=REPO)
     assert out.returncode == 0, out.stderr
-    lines = dict(line.rsplit(None, 1) for line in out.stdout.splitlines() if line.strip())  # key ... value
-    timed = [k for k in lines if k.endswith("p50 of rounds")]
-    assert [k.split(":")[0] for k in timed] == ["packaged", "candidate.onnx"]
-    assert all(float(lines[k]) > 0 for k in timed)
-    sizes = {k.split(":")[0]: float(v) for k, v in lines.items() if k.endswith(": MB")}
-    assert sizes["packaged"] == sizes["candidate.onnx"] > 1  # the same file, measured twice
-    assert not any(k.startswith(("run_", "plumbing", "import")) for k in lines)  # nothing else is timed
+    res = json.loads((tmp_path / "res.json").read_text())
+    timed = [k.removesuffix(": ms per crop (3 crops), p50 of rounds") for k in res if k.endswith("p50 of rounds")]
+    assert timed == ["packaged", str(a), str(b)]
+    assert all(res[f"{name}: ms per crop (3 crops), p50 of rounds"] > 0 for name in timed)
+    sizes = {name: res[f"{name}: MB"] for name in timed}
+    assert sizes["packaged"] == sizes[str(a)] == sizes[str(b)] == Path(packaged).stat().st_size / 2**20
+    assert not any(k.startswith(("run_", "plumbing", "import", "cold")) for k in res)  # nothing else is timed

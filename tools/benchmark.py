@@ -255,6 +255,25 @@ def bench_classifier(n: int, image: Path | str, weights: Path | None = None) -> 
     return out
 
 
+def bench_candidate_classifiers(n: int, image: Path | str, files: list[Path]) -> dict[str, float]:
+    """Per-crop p50 (3-crop calls) and file size of the packaged breast second look and of each
+    candidate file, timed in 3 interleaved rounds so that the machine's load moves them alike; the
+    result per file is the median of its rounds. Keys name the file as given ("packaged" for the
+    packaged one)."""
+    from echo_agent.organs import get_organ
+
+    paths: dict[str, Path | None] = {"packaged": None, **{str(f): f for f in files}}
+    rounds: dict[str, list[float]] = {name: [] for name in paths}
+    for _ in range(3):
+        for name, f in paths.items():
+            rounds[name].append(bench_classifier(n, image, f)["classifier_ms_per_crop_p50"])
+    out: dict[str, float] = {}
+    for name, f in paths.items():
+        out[f"{name}: ms per crop (3 crops), p50 of rounds"] = _pct(rounds[name], 0.5)
+        out[f"{name}: MB"] = Path(f or get_organ("breast").resolve_classifier_weights()).stat().st_size / 2**20
+    return out
+
+
 def bench_light_venv() -> dict[str, float]:
     d = Path(tempfile.mkdtemp(prefix="echo-light-"))
     try:
@@ -293,33 +312,19 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
     }
     if args.only_classifier is not None:
-        from echo_agent.organs import get_organ
-
-        files: list[Path | None] = [None, *args.only_classifier]
-        rounds: dict[str, list[float]] = {}
-        for _ in range(3):  # interleaved rounds: the machine's load moves all files alike
-            for f in files:
-                name = "packaged" if f is None else f.name
-                rounds.setdefault(name, []).append(bench_classifier(args.runs, image, f)["classifier_ms_per_crop_p50"])
-        for name, ts in rounds.items():
-            res[f"{name}: ms per crop (3 crops), p50 of rounds"] = _pct(ts, 0.5)
-        for f in files:
-            path = get_organ("breast").resolve_classifier_weights() if f is None else f
-            res[f"{'packaged' if f is None else f.name}: MB"] = Path(path).stat().st_size / 2**20
-        for k, v in res.items():
-            print(f"{k:28s} {v:.4g}" if isinstance(v, float) else f"{k:28s} {v}")
-        return
-    if not args.only_latency:
-        res.update(bench_import(7))
-        res.update(bench_cold_cli(5, image))
-    res.update(bench_agent(args.runs, image, prefetch_context=not args.no_prefetch_context))
-    res.update(bench_classifier(args.runs, image))
-    res.update(bench_plumbing(args.runs))
-    res.update(bench_graph_floor(max(args.runs, 100)))
-    if args.light_venv:
-        res.update(bench_light_venv())
-    if args.stages:
-        res.update(bench_stages(args.runs, image))
+        res.update(bench_candidate_classifiers(args.runs, image, args.only_classifier))
+    else:
+        if not args.only_latency:
+            res.update(bench_import(7))
+            res.update(bench_cold_cli(5, image))
+        res.update(bench_agent(args.runs, image, prefetch_context=not args.no_prefetch_context))
+        res.update(bench_classifier(args.runs, image))
+        res.update(bench_plumbing(args.runs))
+        res.update(bench_graph_floor(max(args.runs, 100)))
+        if args.light_venv:
+            res.update(bench_light_venv())
+        if args.stages:
+            res.update(bench_stages(args.runs, image))
     for k, v in res.items():
         print(f"{k:28s} {v:.4g}" if isinstance(v, float) else f"{k:28s} {v}")
     if args.json:
