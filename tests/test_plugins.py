@@ -188,6 +188,106 @@ def test_the_diagnosis_takes_the_category_of_the_leading_finding(toy_spec) -> No
     assert head_category(toy_spec, RunEvidence.of([]), elsewhere) is None
 
 
+# -- categories counted from the look ------------------------------------------------------------------
+COUNTED_YAML = TOY_YAML + """
+descriptor_vocabulary:
+  tone: [darker, brighter]
+  edge: [smooth, rough]
+suspicious_descriptors:
+  tone: [darker]
+  edge: [rough]
+category_by_suspicious_count: ["1", "2", "3"]
+"""
+
+
+def _described(box: Box, **values: str):
+    from echo_agent.schemas import Descriptor, ImageContext, RegionDescription
+
+    return ImageContext(id="desc1", organ="toy", image_width=100, image_height=100, regions=[
+        RegionDescription(box=box, descriptors={k: Descriptor(value=v) for k, v in values.items()})])
+
+
+def test_a_category_counted_from_suspicious_descriptors() -> None:
+    from echo_agent.schemas import Descriptor
+
+    spec = load_spec_yaml(COUNTED_YAML)
+    assert [spec.category_for_count(n) for n in range(5)] == ["1", "2", "3", "3", "3"]  # past the end: the last
+    assert spec.suspicious_hits({"tone": Descriptor(value="darker"), "edge": Descriptor(value="smooth")}) == ["tone darker"]
+    assert spec.suspicious_hits({}) == []
+    assert not spec.category_from_probability
+    assert load_spec_yaml(TOY_YAML).category_for_count(2) is None
+    with pytest.raises(ValueError, match="cannot be negative"):
+        spec.category_for_count(-1)
+
+
+@pytest.mark.parametrize(
+    ("patch", "message"),
+    [
+        ('category_by_suspicious_count: ["1", "9"]', "not categories"),
+        ('category_by_suspicious_count: ["2", "1"]', "must not go down"),
+    ],
+)
+def test_category_by_count_spec_errors(patch: str, message: str) -> None:
+    lines = [ln for ln in COUNTED_YAML.strip().splitlines() if not ln.startswith("category_by_suspicious_count")]
+    with pytest.raises(ValueError, match=message):
+        load_spec_yaml("\n".join([*lines, patch]))
+    no_suspicious = TOY_YAML + 'category_by_suspicious_count: ["1", "2"]\n'
+    with pytest.raises(ValueError, match="counts suspicious_descriptors"):
+        load_spec_yaml(no_suspicious)
+
+
+def test_the_diagnosis_counts_the_leading_findings_look_and_says_so() -> None:
+    from echo_agent.fusion.diagnosis import assemble_diagnosis
+    from echo_agent.fusion.evidence import RunEvidence
+
+    spec = load_spec_yaml(COUNTED_YAML)
+    box = Box(x1=10, y1=10, x2=40, y2=40)
+    head = ClassificationResult(
+        id="cls1", organ="toy", classifier="t", image_width=100, image_height=100,
+        regions=[RegionClassification(box=None, probabilities={"normal": 0.2, "nodule": 0.8},
+                                      categories={"1": 0.8, "2": 0.1, "3": 0.1})])
+    lead = Finding(box=box, label="nodule", score=0.9)
+    other = Finding(box=Box(x1=60, y1=60, x2=90, y2=90), label="nodule", score=0.5)
+
+    def dx(evidence):
+        return assemble_diagnosis(spec, RunEvidence.of(evidence), label="nodule",
+                                  probabilities={"normal": 0.2, "nodule": 0.8}, findings=[lead, other], refs=[],
+                                  rationale="Read as nodule.", clinical=None, lesion_found=True, min_confidence=0.5,
+                                  reasoner="test", image_size=(100, 100))
+
+    counted = dx([head, _described(box, tone="darker", edge="rough")])
+    assert counted.category == "3" and counted.findings[0].category == "3"
+    assert "shows 2 of 2 suspicious features (tone darker, edge rough)" in counted.rationale
+    assert counted.findings[1].category == "1"  # never described: the head's category stands
+    calm = dx([head, _described(box, tone="brighter", edge="smooth")])
+    assert calm.category == "1" and "shows 0 of 2 suspicious features." in calm.rationale
+    undescribed = dx([head])
+    assert undescribed.category == "1" and "suspicious features" not in undescribed.rationale
+
+
+def test_the_finalizer_prompt_of_an_organ_without_probability_bands() -> None:
+    """A category head's or a counted category has no probability band to quote (this formatted
+    None as a number and raised before)."""
+    from _fakes import ScriptedChatModel
+    from langchain_core.messages import HumanMessage
+
+    from echo_agent.reasoners.llm_finalizer import LLMFinalizer
+    from echo_agent.schemas import Diagnosis
+
+    base = Diagnosis(organ="toy", label="nodule", probabilities={"normal": 0.2, "nodule": 0.8}, category="2",
+                     category_system="TOY-RADS", rationale="r", recommendation="x", reasoner="t",
+                     image_width=8, image_height=8)
+    for yaml, how in ((TOY_YAML, "category distribution"), (COUNTED_YAML, "number of suspicious features")):
+        spec = register_organ(load_spec_yaml(yaml), replace=True)
+        try:
+            state = {"evidence": [], "messages": [HumanMessage(content="Read this toy image.")]}
+            msgs = LLMFinalizer(ScriptedChatModel()).build_messages(state, spec, base)
+        finally:
+            unregister_organ("toy")
+        system = msgs[0].content if isinstance(msgs[0].content, str) else str(msgs[0].content)
+        assert "category of the leading finding (1, 2, 3)" in system and how in system
+
+
 # -- descriptor sets -----------------------------------------------------------------------------------
 TOY_SET_MODULE = '''
 from echo_agent.schemas import Descriptor

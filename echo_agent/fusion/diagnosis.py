@@ -100,11 +100,7 @@ def evidence_conflict(organ: OrganSpec, label: str, descriptors: dict[str, Any])
     pos = organ.positive_label
     if not organ.suspicious_descriptors or pos is None or label == pos:
         return None
-    hits = []
-    for key, values in organ.suspicious_descriptors.items():
-        d = descriptors.get(key)
-        if d is not None and d.value in values:
-            hits.append(f"{key.replace('_', ' ')} {d.value}")
+    hits = organ.suspicious_hits(descriptors)
     if len(hits) < organ.conflict_min_votes:
         return None
     return (f"evidence conflict: read as {label}, but the top candidate shows {len(hits)} of "
@@ -162,6 +158,27 @@ def head_category(organ: OrganSpec, evidence: RunEvidence, finding: Finding) -> 
     return organ.category_from_distribution(best.categories) if best is not None and best.categories else None
 
 
+def counted_categories(organ: OrganSpec, evidence: RunEvidence,
+                       findings: Sequence[Finding]) -> tuple[list[Finding], str | None]:
+    """``findings`` with the category ``OrganSpec.category_by_suspicious_count`` gives each described
+    one (a finding never described keeps its category), and the sentence that explains the leading
+    finding's (``None`` when it was not counted)."""
+    out, why = [], None
+    for i, f in enumerate(findings):
+        descs = linked_descriptors(evidence.contexts, f.box, f.detection_ids)
+        if not descs:
+            out.append(f)
+            continue
+        hits = organ.suspicious_hits(descs)
+        category = organ.category_for_count(len(hits))
+        out.append(f.model_copy(update={"category": category}))
+        if i == 0:
+            shown = f" ({', '.join(hits)})" if hits else ""
+            why = (f" Category {category}: the leading finding shows {len(hits)} of "
+                   f"{len(organ.suspicious_descriptors)} suspicious features{shown}.")
+    return out, why
+
+
 # -- the Diagnosis --------------------------------------------------------------------------------------
 def assemble_diagnosis(
     organ: OrganSpec,
@@ -207,6 +224,10 @@ def assemble_diagnosis(
                 rationale += (f" Category {rule.category} instead of {category}: the leading finding has the look "
                               f"of a {rule.name} ({shown}).")
                 category = rule.category
+    if organ.category_by_suspicious_count and lesion_found and findings:
+        findings, why = counted_categories(organ, evidence, findings)
+        if why is not None:
+            category, rationale = findings[0].category, rationale + why
     conf = probs[label]
     what = "calibrated top probability" if calibrated else "top probability"
     reasons = [f"{what} {conf:.2f} < {min_confidence:.2f}"] if conf < min_confidence else []

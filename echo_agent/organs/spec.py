@@ -101,6 +101,15 @@ class OrganSpec(BaseModel):
         "largest 2 p(k) + p(k-1) + p(k+1)), which answers the middle of the scale when the head is unsure. See "
         "`category_readout_index`.",
     )
+    category_by_suspicious_count: tuple[str, ...] = Field(
+        (),
+        description="A lesion's category counted from its look: entry n is the category of a finding whose "
+        "descriptors show n of the `suspicious_descriptors` values (counts past the end take the last entry). "
+        "For scales defined as a count of suspicious features, such as the TI-RADS of Kwak et al. (one, two, three "
+        "or four, five features: 4a, 4b, 4c, 5). When set it gives the category of every described finding, "
+        "whatever `category_source` says; a finding never described keeps the category `category_source` gives. "
+        "Empty: not used.",
+    )
     category_labels: dict[str, str] = Field(
         default_factory=dict,
         description="With category_source 'classifier': the image label each category counts towards (image-label "
@@ -216,8 +225,28 @@ class OrganSpec(BaseModel):
         self._check_vocabulary_values("suspicious_descriptors", self.suspicious_descriptors)
         if self.suspicious_descriptors and self.positive_label is None:
             raise ValueError(f"organ {self.name!r}: suspicious_descriptors need a positive_label")
+        self._check_category_by_count()
         self._check_benign_finding()
         return self
+
+    def _check_category_by_count(self) -> None:
+        table = self.category_by_suspicious_count
+        if not table:
+            return
+        names = [b.name for b in self.categories]
+        if not self.suspicious_descriptors:
+            raise ValueError(f"organ {self.name!r}: category_by_suspicious_count counts suspicious_descriptors, "
+                             "which are empty")
+        unknown = [c for c in table if c not in names]
+        if unknown:
+            raise ValueError(f"organ {self.name!r}: category_by_suspicious_count names {unknown}, which are not "
+                             f"categories {names}")
+        if any(names.index(a) > names.index(b) for a, b in zip(table, table[1:], strict=False)):
+            raise ValueError(f"organ {self.name!r}: category_by_suspicious_count {list(table)} must not go down the "
+                             f"scale {names} as the count grows")
+        if self.appearance_rules:
+            raise ValueError(f"organ {self.name!r}: category_by_suspicious_count and benign_finding rules both give "
+                             "a finding's category by its look; use one")
 
     def _check_benign_finding(self) -> None:
         if bool(self.benign_finding_descriptors) != (self.benign_finding_category is not None):
@@ -345,6 +374,34 @@ class OrganSpec(BaseModel):
         category that minimises the expected number of steps to the reader's."""
         probs = [float(category_probs.get(b.name, 0.0)) for b in self.categories]
         return self.categories[category_readout_index(probs, self.category_readout)].name
+
+    @property
+    def category_from_probability(self) -> bool:
+        """Whether a lesion's category is the band of the positive label's calibrated probability
+        (BI-RADS), so a reading's category must agree with its probabilities: probability bands, a
+        positive label, and no count of suspicious values (``category_by_suspicious_count``)."""
+        return (bool(self.categories) and self.positive_label is not None and self.category_source == "probability"
+                and not self.category_by_suspicious_count)
+
+    def suspicious_hits(self, descriptors: Mapping[str, Any]) -> list[str]:
+        """The ``suspicious_descriptors`` values that ``descriptors`` (key -> a descriptor with a
+        ``value``) show, each as "<key> <value>", in the order the organ lists them."""
+        hits = []
+        for key, values in self.suspicious_descriptors.items():
+            d = descriptors.get(key)
+            if d is not None and str(d.value) in values:
+                hits.append(f"{key.replace('_', ' ')} {d.value}")
+        return hits
+
+    def category_for_count(self, count: int) -> str | None:
+        """The category of ``count`` suspicious values by ``category_by_suspicious_count`` (``None``
+        when the organ has no such table)."""
+        table = self.category_by_suspicious_count
+        if not table:
+            return None
+        if count < 0:
+            raise ValueError(f"a count of suspicious values cannot be negative, got {count}")
+        return table[min(count, len(table) - 1)]
 
     def band(self, name: str) -> CategoryBand | None:
         return next((b for b in self.categories if b.name == name), None)

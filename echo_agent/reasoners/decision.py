@@ -125,7 +125,7 @@ def complete_decision(data: Mapping[str, Any], organ: OrganSpec, baseline: Diagn
     probs = dict(baseline.probabilities)
     lesion = label != organ.normal_label or bool(findings)
     base_lesion = baseline.label != organ.normal_label or bool(baseline.findings)
-    if organ.categories and organ.positive_label and organ.category_source == "probability":
+    if organ.category_from_probability:
         category = organ.category_for(probs.get(organ.positive_label), lesion_found=lesion)
     elif lesion == base_lesion:
         category = baseline.category

@@ -225,8 +225,7 @@ def validate_diagnosis(data: dict[str, Any], organ: OrganSpec, width: int, heigh
     if dx.category is not None and dx.category not in allowed:
         raise ValueError(f"category {dx.category!r} is not one of {allowed}")
     # a category head's category is read by the model from the classify tool's distribution: no band check
-    if (check_category and organ.categories and organ.positive_label and dx.category is not None
-            and organ.category_source == "probability"):
+    if check_category and organ.category_from_probability and dx.category is not None:
         p = dx.probabilities[organ.positive_label]
         lesion = bool(dx.findings) or dx.label != organ.normal_label
         expected = organ.category_for(p, lesion_found=lesion)
@@ -258,8 +257,7 @@ def rounded_model_diagnosis(dx: Diagnosis, organ: OrganSpec, *, digits: int = 2)
     probs[top] = round(probs[top] + 1.0 - sum(probs.values()), digits)
     data["probabilities"] = probs
     data["findings"] = [{**f, "score": round(float(f["score"]), digits)} for f in data.get("findings") or []]
-    if (organ.categories and organ.positive_label and organ.category_source == "probability"
-            and data.get("category") is not None):
+    if organ.category_from_probability and data.get("category") is not None:
         lesion = bool(data["findings"]) or data["label"] != organ.normal_label
         data["category"] = organ.category_for(probs[organ.positive_label], lesion_found=lesion)
     return data
@@ -339,11 +337,20 @@ class LLMFinalizer:
         """System instructions, then one user turn: the image, the delimited clinical context, the
         evidence and the baseline. Public so the SFT curriculum can build the same final turn."""
         labels = list(organ.image_labels)
-        if organ.categories and organ.positive_label:
+        none_seen = f"; {organ.no_lesion_category!r} when no lesion is seen" if organ.no_lesion_category else ""
+        if organ.category_from_probability:
             bands = ", ".join(f"{b.name}: {b.low:g}-{b.high:g}" for b in organ.categories)
             category_rule = (
                 f"- `category` is the {organ.category_system} category that the probability of "
-                f"{organ.positive_label!r} falls in ({bands}); {organ.no_lesion_category!r} when no lesion is seen."
+                f"{organ.positive_label!r} falls in ({bands}){none_seen}."
+            )
+        elif organ.categories:
+            how = ("the number of suspicious features its descriptors show" if organ.category_by_suspicious_count
+                   else "the category distribution the classify tool gave its region")
+            names = ", ".join(b.name for b in organ.categories)
+            category_rule = (
+                f"- `category` is the {organ.category_system} category of the leading finding ({names}), read from "
+                f"{how}; the baseline's category is that reading{none_seen}."
             )
         else:
             category_rule = "- `category` is null for this organ."

@@ -199,7 +199,7 @@ def _counterfactual(dx: Diagnosis, organ: OrganSpec, rng: np.random.Generator) -
     probs = {lbl: float(v) for lbl, v in zip(labels, p, strict=True)}
     label = labels[int(np.argmax(p))]
     category = dx.category
-    if organ.categories and organ.positive_label and organ.category_source == "probability":
+    if organ.category_from_probability:
         category = organ.category_for(probs[organ.positive_label], lesion_found=bool(dx.findings) or label != organ.normal_label)
     return dx.model_copy(update={"probabilities": probs, "label": label, "category": category})
 

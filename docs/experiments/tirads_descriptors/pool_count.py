@@ -1,0 +1,121 @@
+"""Pool cross-validation of the TI-RADS category counted from descriptors (PREREGISTRATION.md here).
+
+    python docs/experiments/tirads_descriptors/pool_count.py --out runs/tirads_descriptors
+
+Describes each categorised DDTI train + val nodule box with the plug-in's captioner, counts the
+organ's suspicious descriptor values and scores two count-to-category maps by case folds.
+Writes ``count.json`` (and the per-nodule descriptors, ``descriptors.json``) into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[3]
+FOLDS = 5
+CATS = ["2", "3", "4a", "4b", "4c", "5"]
+KWAK = (1, 2, 3, 4, 4, 5)  # count 0..5 -> index into CATS: 3, 4a, 4b, 4c, 4c, 5
+
+
+def describe_pool(out: Path) -> list[dict]:
+    """One row per categorised train + val nodule: case fold, reader category, suspicious count."""
+    cache = out / "descriptors.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
+    from echo_agent.eval.datasets import load_split
+    from echo_agent.eval.splits import cross_fit_fold, cv_group
+    from echo_agent.evidence.captioner import PixelCaptioner
+    from echo_agent.imaging import load_image
+    from echo_agent.organs import get_organ
+
+    spec = get_organ("thyroid")
+    cap = PixelCaptioner()
+    rows = []
+    for split in ("train", "val"):
+        for im in load_split("ddti", split):
+            if im.category not in CATS or not im.boxes:
+                continue
+            ctx = cap.describe(load_image(im.image).array, organ="thyroid", regions=[im.boxes[0]])
+            d = ctx.regions[0].descriptors
+            hits = {k: str(d[k].value) in vals for k, vals in spec.suspicious_descriptors.items() if k in d}
+            rows.append({"image": str(im.image), "split": split, "fold": cross_fit_fold(cv_group(im), FOLDS),
+                         "category": im.category, "values": {k: str(v.value) for k, v in d.items()},
+                         "hits": hits, "count": int(sum(hits.values()))})
+    out.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+def agreement(y: np.ndarray, pred: np.ndarray) -> tuple[float, float]:
+    return float((y == pred).mean()), float((np.abs(y - pred) <= 1).mean())
+
+
+def all_maps() -> list[tuple[int, ...]]:
+    """Every non-decreasing map from count 0..5 to a category index 0..5 (462)."""
+    return list(itertools.combinations_with_replacement(range(len(CATS)), 6))
+
+
+def fit_map(count: np.ndarray, y: np.ndarray) -> tuple[int, ...]:
+    """The map with the largest S on (count, y); ties: fewest counts mapped unlike Kwak's, then first."""
+    def key(m: tuple[int, ...]) -> tuple[float, int]:
+        e, w = agreement(y, np.asarray(m)[count])
+        return (-(e + w), sum(a != b for a, b in zip(m, KWAK, strict=True)))
+    return min(all_maps(), key=key)
+
+
+def score(y: np.ndarray, pred: np.ndarray) -> dict:
+    e, w = agreement(y, pred)
+    conf = np.zeros((len(CATS), len(CATS)), dtype=int)
+    for a, b in zip(y, pred, strict=True):
+        conf[a, b] += 1
+    return {"exact": e, "within_one": w, "S": e + w, "n": int(len(y)),
+            "predicted": {c: int((pred == i).sum()) for i, c in enumerate(CATS)},
+            "confusion_rows_reader_cols_predicted": conf.tolist()}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=REPO / "runs" / "tirads_descriptors")
+    args = ap.parse_args()
+    rows = describe_pool(args.out)
+    y = np.asarray([CATS.index(r["category"]) for r in rows])
+    count = np.asarray([r["count"] for r in rows])
+    fold = np.asarray([r["fold"] for r in rows])
+    print(f"{len(rows)} nodules; categories {np.bincount(y, minlength=6).tolist()}; counts {np.bincount(count, minlength=6).tolist()}")
+    by_cat = {c: float(count[y == i].mean()) if (y == i).any() else None for i, c in enumerate(CATS)}
+    print("mean count by category:", by_cat)
+    res = {"D1": score(y, np.asarray(KWAK)[count])}
+    pred2, maps = np.zeros_like(y), {}
+    for f in range(FOLDS):
+        m = fit_map(count[fold != f], y[fold != f])
+        maps[f] = [CATS[i] for i in m]
+        pred2[fold == f] = np.asarray(m)[count[fold == f]]
+    res["D2"] = score(y, pred2)
+    res["D2"]["maps_by_fold"] = maps
+    res["constant 4b (reading only)"] = score(y, np.full_like(y, CATS.index("4b")))
+    for k, v in res.items():
+        print(k, json.dumps({a: v[a] for a in ("exact", "within_one", "S", "predicted")}))
+    packaged = json.loads((REPO / "results/eval/tirads_readout/readout.json").read_text())["rows"][
+        "packaged head (class-balanced), median"]
+    best = "D2" if res["D2"]["S"] > res["D1"]["S"] else "D1"
+    top_share = max(res[best]["predicted"].values()) / len(y)
+    adopt = res[best]["S"] >= packaged["S"] + 0.05 and res[best]["within_one"] >= packaged["within_one"] and top_share <= 0.9
+    decision = {"best_arm": best, "adopt": bool(adopt), "packaged_S": packaged["S"],
+                "packaged_within_one": packaged["within_one"], "best_S": res[best]["S"],
+                "largest_single_category_share": top_share}
+    if adopt and best == "D2":
+        decision["map_on_whole_pool"] = [CATS[i] for i in fit_map(count, y)]
+    print(json.dumps(decision, indent=1))
+    (args.out / "count.json").write_text(json.dumps({"rows": res, "decision": decision, "mean_count_by_category": by_cat,
+                                                      "command": " ".join(sys.argv)}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
