@@ -23,9 +23,9 @@ CATS = ["2", "3", "4a", "4b", "4c", "5"]
 KWAK = (1, 2, 3, 4, 4, 5)  # count 0..5 -> index into CATS: 3, 4a, 4b, 4c, 4c, 5
 
 
-def describe_pool(out: Path) -> list[dict]:
+def describe_pool(out: Path, cache_name: str = "descriptors.json") -> list[dict]:
     """One row per categorised train + val nodule: case fold, reader category, suspicious count."""
-    cache = out / "descriptors.json"
+    cache = out / cache_name
     if cache.exists():
         return json.loads(cache.read_text())
     from echo_agent.eval.datasets import load_split
@@ -79,10 +79,70 @@ def score(y: np.ndarray, pred: np.ndarray) -> dict:
             "confusion_rows_reader_cols_predicted": conf.tolist()}
 
 
+LEVELS = (0.30, 0.40, 0.50)
+BOUNDS = (0.02, 0.04, 0.06, 0.08, 0.10, 0.15)
+CURRENT = (0.30, 0.15)
+
+
+def composition_grid(out: Path) -> dict[tuple[float, float], list[dict]]:
+    """Addendum A: the pool described with each (fluid level, mixed lower bound) pair."""
+    import echo_organ_thyroid.descriptors as dmod
+
+    saved = dmod.CYSTIC_LEVEL, dmod.CYSTIC_FRACTION
+    grid = {}
+    try:
+        for level in LEVELS:
+            for bound in BOUNDS:
+                dmod.CYSTIC_LEVEL, dmod.CYSTIC_FRACTION = level, (bound, saved[1][1])
+                grid[(level, bound)] = describe_pool(out, f"descriptors_{level:.2f}_{bound:.2f}.json")
+    finally:
+        dmod.CYSTIC_LEVEL, dmod.CYSTIC_FRACTION = saved
+    return grid
+
+
+def addendum_a(out: Path) -> int:
+    grid = composition_grid(out)
+    first = grid[CURRENT]
+    y = np.asarray([CATS.index(r["category"]) for r in first])
+    fold = np.asarray([r["fold"] for r in first])
+    counts = {k: np.asarray([r["count"] for r in rows]) for k, rows in grid.items()}
+    kwak = np.asarray(KWAK)
+
+    def best_pair(mask: np.ndarray) -> tuple[float, float]:
+        def key(k: tuple[float, float]) -> tuple[float, bool, float, float]:
+            e, w = agreement(y[mask], kwak[counts[k][mask]])
+            return (-(e + w), k != CURRENT, k[1], k[0])
+        return min(counts, key=key)
+
+    pred, pairs = np.zeros_like(y), {}
+    for f in range(FOLDS):
+        k = best_pair(fold != f)
+        pairs[f] = list(k)
+        pred[fold == f] = kwak[counts[k][fold == f]]
+    res = score(y, pred)
+    res["pairs_by_fold"] = pairs
+    per_pair = {f"{k[0]:.2f}/{k[1]:.2f}": dict(zip(("exact", "within_one"), agreement(y, kwak[c]), strict=True))
+                for k, c in counts.items()}
+    d1 = json.loads((out / "count.json").read_text())["rows"]["D1"]
+    adopt = (res["S"] >= d1["S"] + 0.03 and res["within_one"] >= d1["within_one"]
+             and res["exact"] >= d1["exact"] - 0.01)
+    decision = {"adopt": bool(adopt), "D1_S": d1["S"], "C_S": res["S"]}
+    if adopt:
+        decision["pair_on_whole_pool"] = list(best_pair(np.ones_like(y, dtype=bool)))
+    print("C", json.dumps({a: res[a] for a in ("exact", "within_one", "S", "predicted", "pairs_by_fold")}))
+    print(json.dumps(decision, indent=1))
+    (out / "composition.json").write_text(json.dumps({"C": res, "decision": decision, "in_sample_by_pair": per_pair,
+                                                      "command": " ".join(sys.argv)}, indent=1))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "tirads_descriptors")
+    ap.add_argument("--composition", action="store_true", help="addendum A (PREREGISTRATION.md)")
     args = ap.parse_args()
+    if args.composition:
+        return addendum_a(args.out)
     rows = describe_pool(args.out)
     y = np.asarray([CATS.index(r["category"]) for r in rows])
     count = np.asarray([r["count"] for r in rows])
