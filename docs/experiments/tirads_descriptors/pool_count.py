@@ -136,13 +136,53 @@ def addendum_a(out: Path) -> int:
     return 0
 
 
+def addendum_b(out: Path) -> int:
+    rows = describe_pool(out)
+    keys = list(rows[0]["hits"])
+    y = np.asarray([CATS.index(r["category"]) for r in rows])
+    fold = np.asarray([r["fold"] for r in rows])
+    hits = np.asarray([[r["hits"][k] for k in keys] for r in rows], dtype=int)
+    kwak = np.asarray(KWAK)
+    subsets = [tuple(k for i, k in enumerate(keys) if bits >> i & 1) for bits in range(1, 2 ** len(keys))]
+
+    def counts(subset: tuple[str, ...]) -> np.ndarray:
+        return hits[:, [keys.index(k) for k in subset]].sum(1)
+
+    def best_subset(mask: np.ndarray) -> tuple[str, ...]:
+        def key(sub: tuple[str, ...]) -> tuple[float, bool, int, list[int]]:
+            e, w = agreement(y[mask], kwak[counts(sub)[mask]])
+            return (-(e + w), len(sub) != len(keys), -len(sub), [keys.index(k) for k in sub])
+        return min(subsets, key=key)
+
+    pred, chosen = np.zeros_like(y), {}
+    for f in range(FOLDS):
+        sub = best_subset(fold != f)
+        chosen[f] = list(sub)
+        pred[fold == f] = kwak[counts(sub)[fold == f]]
+    res = score(y, pred)
+    res["subsets_by_fold"] = chosen
+    d1 = json.loads((out / "count.json").read_text())["rows"]["D1"]
+    adopt = res["S"] >= d1["S"] + 0.03 and res["within_one"] >= d1["within_one"] and res["exact"] >= 0.263
+    decision = {"adopt": bool(adopt), "D1_S": d1["S"], "F_S": res["S"]}
+    if adopt:
+        decision["subset_on_whole_pool"] = list(best_subset(np.ones_like(y, dtype=bool)))
+    print("F", json.dumps({a: res[a] for a in ("exact", "within_one", "S", "predicted", "subsets_by_fold")}))
+    print(json.dumps(decision, indent=1))
+    (out / "features.json").write_text(json.dumps({"F": res, "decision": decision, "command": " ".join(sys.argv)},
+                                                  indent=1))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "tirads_descriptors")
     ap.add_argument("--composition", action="store_true", help="addendum A (PREREGISTRATION.md)")
+    ap.add_argument("--features", action="store_true", help="addendum B (PREREGISTRATION.md)")
     args = ap.parse_args()
     if args.composition:
         return addendum_a(args.out)
+    if args.features:
+        return addendum_b(args.out)
     rows = describe_pool(args.out)
     y = np.asarray([CATS.index(r["category"]) for r in rows])
     count = np.asarray([r["count"] for r in rows])

@@ -5,7 +5,8 @@
 
 Describes each sample's ground-truth box with the captioner (its own segmentation, as in the agent),
 counts the suspicious descriptor values the organ lists (``suspicious_descriptors``: solid,
-hypoechoic or markedly hypoechoic, taller-than-wide, irregular margin, echogenic foci) and reports,
+hypoechoic or markedly hypoechoic, taller-than-wide, echogenic foci; Kwak's irregular margin is left
+out, see organ.yaml) and reports,
 per TI-RADS category, the mean count and how often each value occurs, plus the Spearman correlation
 between the count and the category's rank. DDTI has no per-feature reader labels, so this is the
 only check the data allows: in the Kwak et al. scheme the category grows with the count.
