@@ -759,3 +759,16 @@ def test_recalibration_refuses_what_it_cannot_calibrate():
     foreign = dataclasses.replace(fitted, training={**fitted.training, "detectors": ["someone-else"]})
     with pytest.raises(ValueError, match="steps aside"):
         recalibrate_temperature(foreign, _records(30))
+
+
+def test_a_candidate_is_rebuilt_from_the_name_the_cv_table_prints():
+    from echo_agent.fusion import RULE_CALIBRATIONS
+    from echo_agent.training.fusion_fit import FEATURE_SETS
+
+    every = default_candidates(l2_grid=(0.5, 1.0, 100.0), rule_calibrations=RULE_CALIBRATIONS, feature_sets=FEATURE_SETS)
+    for c in every:
+        assert Candidate.from_name(c.name) == c
+    assert Candidate.from_name("  logistic[all]   l2=10  balanced ") == Candidate("logistic", "all", 10.0, True)
+    for bad in ("logistic[pixels] l2=1", "logistic[all] l2=0", "logistic[all]", "heuristic+sigmoid", ""):
+        with pytest.raises(ValueError, match="fusion candidate"):
+            Candidate.from_name(bad)

@@ -196,6 +196,18 @@ def test_own_classifier_runs_every_image_and_the_fusion_is_written_for_it(tmp_pa
     assert {"detector_rule+platt", "heuristic+platt"} <= names
     # the normal veto is checked on the out-of-fold readings and reported; --normal-veto forces it
     assert "normal veto (auto):" in r.stdout
+    # --candidates holds the family fixed: exactly the named candidates (and the guard's detector rule)
+    fixed = "logistic[detector+classifier] l2=1"
+    r = _run("--organ", "breast", "--manifest", str(tmp_path / "cal.csv"), "--classifier", str(clf), "--min-images", "1",
+             "--candidates", fixed, "--out", str(tmp_path / "fixed.json"), "--runs-cache", str(cache))
+    assert r.returncode == 0, r.stderr
+    sel = json.loads((tmp_path / "fixed.json").read_text())["training"]["selection"]["candidates"]
+    assert [c["name"] for c in sel] == ["detector_rule+temperature", fixed]
+    for bad, message in ((["logistic[pixels] l2=1"], "unknown fusion candidate"),
+                         ([fixed, "--platt-rules"], "drop --feature-sets / --platt-rules")):
+        r = _run("--organ", "breast", "--manifest", str(tmp_path / "cal.csv"), "--candidates", *bad,
+                 "--out", str(tmp_path / "bad.json"), "--runs-cache", str(cache))
+        assert r.returncode == 2 and message in r.stderr, r.stderr
     r = _run("--organ", "breast", "--manifest", str(tmp_path / "cal.csv"), "--classifier", str(clf), "--normal-veto", "off",
              "--out", str(tmp_path / "noveto.json"), "--runs-cache", str(cache))
     assert r.returncode == 0, r.stderr

@@ -67,6 +67,7 @@ from echo_agent.training.fusion_fit import (  # noqa: E402
     NORMAL_VETO_MODES,
     PROB_FEATURE_SETS,
     SELECTION_MODES,
+    Candidate,
     RunRecord,
     collect_runs,
     default_candidates,
@@ -243,6 +244,11 @@ def main() -> int:
                     help="the logistic candidates' feature sets (default: %(default)s; also "
                          f"{', '.join(PROB_FEATURE_SETS)}: the second look's probabilities instead of its "
                          "log-probabilities)")
+    ap.add_argument("--candidates", nargs="+", default=None, metavar="NAME",
+                    help="compare exactly these candidates, by the names the CV table prints (e.g. "
+                         "'logistic[detector+classifier] l2=1', 'detector_rule+temperature'): holds the fusion "
+                         "family fixed, e.g. to compare two second looks like for like (the detector-only rule, the "
+                         "guard's reference, is always compared too); excludes --feature-sets and --platt-rules")
     ap.add_argument("--normal-veto", choices=NORMAL_VETO_MODES, default="auto",
                     help="a normal reading needs the detector-only rule's agreement: 'auto' (default) adopts it "
                          "unless it costs the chosen fusion more than 1 point of out-of-fold accuracy")
@@ -267,6 +273,15 @@ def main() -> int:
     args = ap.parse_args()
     if args.out.exists() and not args.force:
         ap.error(f"{args.out} exists; pass --force to overwrite it")
+    candidates = default_candidates(rule_calibrations=RULE_CALIBRATIONS if args.platt_rules else ("temperature",),
+                                    feature_sets=args.feature_sets)
+    if args.candidates is not None:
+        if args.platt_rules or args.feature_sets != list(DEFAULT_FEATURE_SETS):
+            ap.error("--candidates names the candidates itself; drop --feature-sets / --platt-rules")
+        try:
+            candidates = [Candidate.from_name(n) for n in args.candidates]
+        except ValueError as exc:
+            ap.error(str(exc))
     _check_cross_fitted(ap, args.cross_fitted, args.for_detector, "--cross-fitted", "--for-detector", "detector")
     _check_cross_fitted(ap, args.cross_fitted_classifiers, args.for_classifier, "--cross-fitted-classifiers",
                         "--for-classifier", "classifier")
@@ -302,8 +317,7 @@ def main() -> int:
         params = fit_fusion(
             records, organ=args.organ, seed=args.seed, indeterminate_below=args.indeterminate_below,
             min_images=args.min_images, notes=notes, for_detectors=for_detectors, for_classifiers=for_classifiers,
-            candidates=default_candidates(rule_calibrations=RULE_CALIBRATIONS if args.platt_rules else ("temperature",),
-                                          feature_sets=args.feature_sets),
+            candidates=candidates,
             min_class_images=args.min_class_images, normal_veto=args.normal_veto, selection=args.selection,
         )
     except ValueError as exc:  # e.g. too few runs of the organ

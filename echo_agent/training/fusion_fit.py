@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -189,6 +190,28 @@ class Candidate:
         if self.kind != LOGISTIC:
             return f"{self.kind}+{self.calibration}"
         return f"logistic[{self.features}] l2={self.l2:g}" + (" balanced" if self.balanced else "")
+
+    @classmethod
+    def from_name(cls, name: str) -> Candidate:
+        """The candidate a :attr:`name` names: ``"<rule>+<calibration>"`` (``detector_rule+temperature``)
+        or ``"logistic[<feature set>] l2=<strength>"`` with an optional ``" balanced"``. Raises
+        ``ValueError`` saying what is expected."""
+        text = " ".join(str(name).split())
+        rule_names = [f"{k}+{c}" for k in (DETECTOR_RULE, HEURISTIC_RULE) for c in RULE_CALIBRATIONS]
+        if text in rule_names:
+            kind, calibration = text.split("+")
+            return cls(kind, calibration=calibration)
+        m = re.fullmatch(r"logistic\[([a-z_+]+)\] l2=([0-9.eE+-]+)( balanced)?", text)
+        if m is None or m.group(1) not in FEATURE_SETS:
+            raise ValueError(f"unknown fusion candidate {name!r}: give one of {rule_names} or "
+                             f"'logistic[<feature set>] l2=<strength>[ balanced]' with a feature set of {FEATURE_SETS}")
+        try:
+            l2 = float(m.group(2))
+        except ValueError:
+            raise ValueError(f"fusion candidate {name!r}: l2={m.group(2)} is not a number") from None
+        if not l2 > 0:
+            raise ValueError(f"fusion candidate {name!r}: l2 must be positive")
+        return cls(LOGISTIC, m.group(1), l2, bool(m.group(3)))
 
 
 def default_candidates(l2_grid: Sequence[float] = (1.0, 10.0, 100.0),
