@@ -115,14 +115,22 @@ def test_assistant_only_loss_masks_prompt_and_tool_turns(tiny: Path, curriculum)
     assert batch["pixel_values"].shape[0] > 0 and batch["image_grid_thw"].shape[0] == 2
 
 
-def test_environment_tools_match_inference(tiny: Path, curriculum) -> None:  # noqa: ANN001
+def test_environment_tools_match_inference(tiny: Path, curriculum, monkeypatch) -> None:  # noqa: ANN001
+    import functools
+
     from transformers import AutoProcessor
 
+    from echo_agent.training import grpo_trainer
     from echo_agent.training.grpo_trainer import (
         inference_tool_list,
         make_environment,
         use_inference_tool_schemas,
     )
+
+    # a simulated detector that never misses: its noise is seeded by the image's key, which for a
+    # temporary folder changes from one pytest session to the next (a miss made this test flaky)
+    sure = functools.partial(grpo_trainer.SimulatedDetector, p_miss=0.0, p_false_positive=0.0)
+    monkeypatch.setattr(grpo_trainer, "SimulatedDetector", sure)
 
     samples, _ = curriculum
     s = next(x for x in samples if x.task == "grounded_diagnosis" and x.truth["boxes"])
