@@ -273,9 +273,10 @@ def main() -> int:
     args = ap.parse_args()
     if args.out.exists() and not args.force:
         ap.error(f"{args.out} exists; pass --force to overwrite it")
-    candidates = default_candidates(rule_calibrations=RULE_CALIBRATIONS if args.platt_rules else ("temperature",),
-                                    feature_sets=args.feature_sets)
-    if args.candidates is not None:
+    if args.candidates is None:
+        candidates = default_candidates(rule_calibrations=RULE_CALIBRATIONS if args.platt_rules else ("temperature",),
+                                        feature_sets=args.feature_sets)
+    else:
         if args.platt_rules or args.feature_sets != list(DEFAULT_FEATURE_SETS):
             ap.error("--candidates names the candidates itself; drop --feature-sets / --platt-rules")
         try:

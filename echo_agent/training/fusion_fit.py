@@ -197,13 +197,13 @@ class Candidate:
         or ``"logistic[<feature set>] l2=<strength>"`` with an optional ``" balanced"``. Raises
         ``ValueError`` saying what is expected."""
         text = " ".join(str(name).split())
-        rule_names = [f"{k}+{c}" for k in (DETECTOR_RULE, HEURISTIC_RULE) for c in RULE_CALIBRATIONS]
-        if text in rule_names:
-            kind, calibration = text.split("+")
-            return cls(kind, calibration=calibration)
+        rules = {c.name: c for c in (cls(k, calibration=cal) for k in (DETECTOR_RULE, HEURISTIC_RULE)
+                                     for cal in RULE_CALIBRATIONS)}
+        if text in rules:
+            return rules[text]
         m = re.fullmatch(r"logistic\[([a-z_+]+)\] l2=([0-9.eE+-]+)( balanced)?", text)
         if m is None or m.group(1) not in FEATURE_SETS:
-            raise ValueError(f"unknown fusion candidate {name!r}: give one of {rule_names} or "
+            raise ValueError(f"unknown fusion candidate {name!r}: give one of {list(rules)} or "
                              f"'logistic[<feature set>] l2=<strength>[ balanced]' with a feature set of {FEATURE_SETS}")
         try:
             l2 = float(m.group(2))
