@@ -351,6 +351,39 @@ def test_answer_rewards_scores_greedy_and_sampled_answers(tiny: Path, mixed_curr
     tool_prompt = next(r for r in records if r["task"] == "grounded_diagnosis")
     with pytest.raises(ValueError, match="asked with tools"):
         answer_rewards(model, proc, [tool_prompt], mixed_curriculum.parent, preset)
+    # the model's answers scored on their own give the same rewards
+    from echo_agent.training.answer_rewards import score_answers
+
+    assert score_answers(final, sampled.texts, mixed_curriculum.parent, preset).per_prompt == sampled.per_prompt
+
+
+def test_score_answers_without_a_model(mixed_curriculum: Path) -> None:
+    """Given answers (here the curriculum's own targets, and a broken one) scored with the preset."""
+    from echo_agent.training.answer_rewards import score_answers
+
+    records = read_jsonl(mixed_curriculum)
+    final = [r for r in records if r["task"] == "informed_diagnosis"][:4]
+    preset = get_preset("echo-diag")
+
+    def target(r: dict) -> str:
+        c = r["messages"][-1]["content"]
+        return c if isinstance(c, str) else "".join(p.get("text", "") for p in c)
+
+    good = score_answers(final, [[target(r)] for r in final], mixed_curriculum.parent, preset)
+    assert good.terms["format"] == 1.0 and good.mean > 1.0
+    both = score_answers(final, [[target(r), "not a diagnosis"] for r in final], mixed_curriculum.parent, preset)
+    assert [row[0] for row in both.per_prompt] == pytest.approx([row[0] for row in good.per_prompt])
+    assert all(row[1] < row[0] for row in both.per_prompt) and both.spread() == pytest.approx(
+        [row[0] - row[1] for row in both.per_prompt])
+    with pytest.raises(ValueError, match="answer lists for"):
+        score_answers(final, [[target(final[0])]], mixed_curriculum.parent, preset)
+    with pytest.raises(ValueError, match="same number of answers"):
+        score_answers(final[:2], [["a"], ["a", "b"]], mixed_curriculum.parent, preset)
+    with pytest.raises(ValueError, match="at least one answer"):
+        score_answers(final[:1], [[]], mixed_curriculum.parent, preset)
+    tool_prompt = next(r for r in records if r["task"] == "grounded_diagnosis")
+    with pytest.raises(ValueError, match="asked with tools"):
+        score_answers([tool_prompt], [["a"]], mixed_curriculum.parent, preset)
 
 
 def test_informative_filter_drops_prompts_whose_answers_all_score_the_same(tiny: Path, mixed_curriculum: Path,

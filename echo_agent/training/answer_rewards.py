@@ -3,7 +3,8 @@
 Two users: the val reward measure of ``tools/train_micro_policy.py`` (greedy answers, and sampled ones
 at the rollout temperature), and GRPO's informative-prompt filter (``EchoGRPOConfig.filter_samples``),
 which drops the prompts whose sampled answers all earn the same reward -- their GRPO groups would
-have zero advantage and teach nothing but the KL term.
+have zero advantage and teach nothing but the KL term. :func:`score_answers` scores answers that come
+from anywhere else (the SFT targets, another model, hand-built oracles) the same way, without a model.
 
 Only prompts asked without tools are answered here (``agent_final``, ``informed_diagnosis``: what
 ``LLMFinalizer`` asks); they are rendered exactly as at inference, with no tool block.
@@ -60,16 +61,11 @@ def answer_rewards_by_samples(model: Any, processor: Any, records: Sequence[dict
     sampled answers), each prompt rendered once; the same answers as separate calls."""
     import torch
 
-    from .grpo_data import grpo_rows
     from .sft_trainer import fill_images, open_rgb
 
-    for r in records:
-        if r["task"] not in FINALIZER_TASKS:
-            raise ValueError(f"record {r.get('key')!r} (task {r['task']!r}) is asked with tools; only "
-                             f"{sorted(FINALIZER_TASKS)} prompts can be answered here")
+    _check_tool_less(records)
     base = Path(base)
-    rows = grpo_rows(list(records), base)
-    cols = {k: [row[k] for row in rows] for k in ("gt_label", "gt_boxes", "organ", "width", "height", "detections")}
+    cols = _truth_columns(records, base)
     counts = list(dict.fromkeys(samples))
     texts: dict[int, list[list[str]]] = {n: [] for n in counts}
     for i, r in enumerate(records):
@@ -88,6 +84,44 @@ def answer_rewards_by_samples(model: Any, processor: Any, records: Sequence[dict
     return {n: _scored(texts[n], cols, preset) for n in counts}
 
 
+def score_answers(records: Sequence[dict[str, Any]], answers: Sequence[Sequence[str]], base: str | Path,
+                  preset: RewardPreset) -> AnswerRewards:
+    """Score given ``answers`` to tool-less curriculum records with ``preset``'s weighted rewards, the
+    ground truth taken as :func:`answer_rewards` takes it; no model is involved. ``answers[i]`` lists
+    the answers to ``records[i]``; every record needs the same number of them.
+
+    >>> from echo_agent.training.rewards import get_preset
+    >>> score_answers([], [], ".", get_preset("echo-diag")).per_prompt
+    []
+
+    Raises ``ValueError`` for a record asked with tools, or answers that do not match the records.
+    """
+    _check_tool_less(records)
+    if len(answers) != len(records):
+        raise ValueError(f"{len(answers)} answer lists for {len(records)} records")
+    if len({len(a) for a in answers}) > 1:
+        raise ValueError("every record needs the same number of answers, got "
+                         f"{sorted({len(a) for a in answers})}")
+    if answers and not answers[0]:
+        raise ValueError("each record needs at least one answer")
+    return _scored([list(a) for a in answers], _truth_columns(records, Path(base)), preset)
+
+
+def _check_tool_less(records: Sequence[dict[str, Any]]) -> None:
+    for r in records:
+        if r["task"] not in FINALIZER_TASKS:
+            raise ValueError(f"record {r.get('key')!r} (task {r['task']!r}) is asked with tools; only "
+                             f"{sorted(FINALIZER_TASKS)} prompts can be answered here")
+
+
+def _truth_columns(records: Sequence[dict[str, Any]], base: Path) -> dict[str, list[Any]]:
+    """The ground-truth columns GRPO's dataset gives the reward functions, one entry per record."""
+    from .grpo_data import grpo_rows
+
+    rows = grpo_rows(list(records), base)
+    return {k: [row[k] for row in rows] for k in ("gt_label", "gt_boxes", "organ", "width", "height", "detections")}
+
+
 def _scored(texts: list[list[str]], cols: dict[str, list[Any]], preset: RewardPreset) -> AnswerRewards:
     k = len(texts[0]) if texts else 1
     completions = [[{"role": "assistant", "content": t}] for row in texts for t in row]
@@ -101,4 +135,4 @@ def _scored(texts: list[list[str]], cols: dict[str, list[Any]], preset: RewardPr
     return AnswerRewards(per_prompt=[total[i * k:(i + 1) * k] for i in range(len(texts))], terms=terms, texts=texts)
 
 
-__all__ = ["AnswerRewards", "answer_rewards", "answer_rewards_by_samples"]
+__all__ = ["AnswerRewards", "answer_rewards", "answer_rewards_by_samples", "score_answers"]

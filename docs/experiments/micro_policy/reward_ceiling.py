@@ -24,9 +24,8 @@ import sys
 from pathlib import Path
 
 from echo_agent.organs import get_organ
-from echo_agent.training.answer_rewards import _scored
+from echo_agent.training.answer_rewards import score_answers
 from echo_agent.training.curriculum import read_jsonl
-from echo_agent.training.grpo_data import grpo_rows
 from echo_agent.training.rewards import get_preset
 
 WEIGHTS = {"localization": 0.5, "shape": 0.25, "classification": 2.0, "tool_cost": 0.5, "format": 1.0,
@@ -40,40 +39,34 @@ def answer(label: str, ids: list[str], normal: str) -> str:
                       separators=(",", ":"))
 
 
+def target(record: dict) -> str:
+    c = record["messages"][-1]["content"]
+    return c if isinstance(c, str) else "".join(p.get("text", "") for p in c)
+
+
 def main(val_file: str) -> None:
     path = Path(val_file)
     recs = [r for r in read_jsonl(path) if r["task"] == "agent_final"]
-    rows = grpo_rows(recs, path.parent)
-    cols = {k: [row[k] for row in rows] for k in ("gt_label", "gt_boxes", "organ", "width", "height", "detections")}
     preset = get_preset(WEIGHTS)
-
-    def text(r: dict) -> str:
-        c = r["messages"][-1]["content"]
-        return c if isinstance(c, str) else "".join(p.get("text", "") for p in c)
-
-    ref = [json.loads(text(r)) for r in recs]
+    truths = [json.loads(r["truth"]) if isinstance(r["truth"], str) else r["truth"] for r in recs]
+    normals = [get_organ(r["organ"]).normal_label for r in recs]
     truth_label = []
-    for r, row in zip(ref, rows, strict=True):
-        normal = get_organ(row["organ"]).normal_label
-        t = dict(r, label=row["gt_label"],
-                 findings=[] if row["gt_label"] == normal else [dict(f, label=row["gt_label"]) for f in r["findings"]])
-        truth_label.append(json.dumps(t, separators=(",", ":")))
-    scores = {"reference": _scored([[text(r)] for r in recs], cols, preset),
-              "truth label": _scored([[t] for t in truth_label], cols, preset)}
-    options = []
-    for row in rows:
-        spec = get_organ(row["organ"])
-        normal = spec.normal_label
-        ids = list(json.loads(row["detections"] or "{}").keys())
-        options.append([answer(lab, [i], normal) for lab in spec.image_labels for i in ids]
-                       + [answer(lab, [], normal) for lab in spec.image_labels])
-    per = [_scored([opts], {k: [v[i]] for k, v in cols.items()}, preset).per_prompt[0] for i, opts in enumerate(options)]
-    best = [max(p) for p in per]
+    for r, t, normal in zip(recs, truths, normals, strict=True):
+        ref = json.loads(target(r))
+        findings = [] if t["label"] == normal else [dict(f, label=t["label"]) for f in ref["findings"]]
+        truth_label.append(json.dumps(dict(ref, label=t["label"], findings=findings), separators=(",", ":")))
+    scores = {"reference": score_answers(recs, [[target(r)] for r in recs], path.parent, preset),
+              "truth label": score_answers(recs, [[t] for t in truth_label], path.parent, preset)}
+    best = []
+    for r, t, normal in zip(recs, truths, normals, strict=True):
+        labels = get_organ(r["organ"]).image_labels
+        ids = list((t.get("detections") or {}).keys())
+        options = [answer(lab, [i], normal) for lab in labels for i in ids] + [answer(lab, [], normal) for lab in labels]
+        best.append(max(score_answers([r], [options], path.parent, preset).per_prompt[0]))
     n = len(recs)
-    print(f"{n} val agent_final prompts ({sum(r['organ'] == 'breast' for r in rows)} breast)")
+    print(f"{n} val agent_final prompts ({sum(r['organ'] == 'breast' for r in recs)} breast)")
     for name, s in scores.items():
-        mean = sum(x[0] for x in s.per_prompt) / n
-        print(f"{name:12s} mean reward {mean:.4f}  terms " + ", ".join(f"{k} {v:.3f}" for k, v in s.terms.items()))
+        print(f"{name:12s} mean reward {s.mean:.4f}  terms " + ", ".join(f"{k} {v:.3f}" for k, v in s.terms.items()))
     print(f"{'oracle':12s} mean reward {sum(best) / n:.4f}")
     ref_per = [x[0] for x in scores["reference"].per_prompt]
     print(f"prompts where the oracle beats the reference by > 0.01: {sum(b > r + 0.01 for b, r in zip(best, ref_per))} of {n}")
