@@ -99,9 +99,9 @@ def score_answers(records: Sequence[dict[str, Any]], answers: Sequence[Sequence[
     _check_tool_less(records)
     if len(answers) != len(records):
         raise ValueError(f"{len(answers)} answer lists for {len(records)} records")
-    if len({len(a) for a in answers}) > 1:
-        raise ValueError("every record needs the same number of answers, got "
-                         f"{sorted({len(a) for a in answers})}")
+    counts = {len(a) for a in answers}
+    if len(counts) > 1:
+        raise ValueError(f"every record needs the same number of answers, got {sorted(counts)}")
     if answers and not answers[0]:
         raise ValueError("each record needs at least one answer")
     return _scored([list(a) for a in answers], _truth_columns(records, Path(base)), preset)
