@@ -90,6 +90,30 @@ def test_augmented_views_keep_boxes_on_the_lesion() -> None:
     assert area >= 0.6 * 50 * 40
 
 
+def test_acquisition_augment_is_opt_in_and_keeps_the_border_and_boxes() -> None:
+    arr = np.full((120, 200, 3), 30, np.uint8)
+    arr[40:80, 20:70] = 230
+    sample = DetectionSample("k", "g", arr, np.array([[20.0, 40.0, 70.0, 80.0]]), np.array([1]))
+    # off: the same views as a call that does not know the option (same random stream)
+    a = [training_view(sample, 96, rng, crop_probability=0.5) for rng in [random.Random(3)] for _ in range(5)]
+    b = [training_view(sample, 96, rng, crop_probability=0.5, acquisition_p=0.0)
+         for rng in [random.Random(3)] for _ in range(5)]
+    assert all(np.array_equal(x[0], y[0]) and np.array_equal(x[1], y[1]) for x, y in zip(a, b))
+    # always on (first view of equal streams: same flip and photometric draws, then the acquisition
+    # change): the pixels change, the boxes and the letterbox border (inference grey) do not
+    changed = 0
+    for seed in range(8):
+        on = training_view(sample, 96, random.Random(seed), crop_probability=0.0, acquisition_p=1.0)
+        off = training_view(sample, 96, random.Random(seed), crop_probability=0.0)
+        assert np.allclose(on[1], off[1])
+        assert np.array_equal(on[0][:5], off[0][:5]), "the letterbox border keeps its grey"
+        changed += int(not np.array_equal(on[0], off[0]))
+    assert changed == 8
+    with pytest.raises(ValueError, match="acquisition_augment"):
+        LiteDetectorTrainConfig(organ="breast", labels=["lesion"], train_centers=["busi"], val_centers=["busi"],
+                                acquisition_augment=1.5).check()
+
+
 def test_detection_samples_map_labels_and_downscale() -> None:
     big = np.zeros((400, 800, 3), np.uint8)
     cases = [PreparedCase("a", "g1", big, 2, [Box(x1=100, y1=100, x2=300, y2=200)]),

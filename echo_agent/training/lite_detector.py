@@ -28,7 +28,9 @@ Network ("Lite-FCOS"):
   default; a monotone map: rankings and NMS are unchanged).
 
 Augmentations respect the beam (posterior shadowing and enhancement point down the image): horizontal
-flips, random crops (depth and width), gain, gamma and speckle; never vertical flips or rotations.
+flips, random crops (depth and width), gain, gamma and speckle, and (opt-in, ``acquisition_augment``)
+the scanner changes of :func:`~echo_agent.training.region_classifier.acquisition`; never vertical flips
+or rotations.
 Each training image goes through the detector's own preprocessing first
 (:func:`echo_agent.imaging.preprocess.prepare_for_detection`), as at inference.
 """
@@ -46,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from .region_classifier import INPUT_OFFSET, INPUT_SCALE, PreparedCase, photometric
+from .region_classifier import INPUT_OFFSET, INPUT_SCALE, PreparedCase, acquisition, photometric
 
 #: Metadata key of the provenance record in an exported Lite-FCOS detector.
 DETECTOR_META_KEY = "echo_detector"
@@ -79,6 +81,10 @@ class LiteDetectorTrainConfig:
     freeze_blocks: int = 2
     center_radius: float = 1.5
     crop_probability: float = 0.6
+    #: probability that a training view also gets the scanner/center changes of
+    #: :func:`echo_agent.training.region_classifier.acquisition` (resolution, blur, dynamic range, depth
+    #: gain ramp); 0 (the default) leaves the random stream exactly as without it
+    acquisition_augment: float = 0.0
     max_side: int = 480
     max_frames_per_group: int | None = None
     fold: int | None = None
@@ -105,6 +111,8 @@ class LiteDetectorTrainConfig:
             raise ValueError("a detector needs at least one class label")
         if not 0.0 < self.operating_threshold < 1.0:
             raise ValueError(f"operating_threshold must be in (0, 1), got {self.operating_threshold}")
+        if not 0.0 <= self.acquisition_augment <= 1.0:
+            raise ValueError(f"acquisition_augment must be in [0, 1], got {self.acquisition_augment}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -173,8 +181,10 @@ def random_crop(arr: np.ndarray, boxes: np.ndarray, rng: random.Random, *, min_k
 
 
 def training_view(sample: DetectionSample, size: int, rng: random.Random, *,
-                  crop_probability: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One augmented, letterboxed ``size`` x ``size`` view: ``(uint8 HxWx3, boxes in input pixels, classes)``."""
+                  crop_probability: float, acquisition_p: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One augmented, letterboxed ``size`` x ``size`` view: ``(uint8 HxWx3, boxes in input pixels, classes)``.
+    With probability ``acquisition_p`` the image area (not the letterbox border) also gets
+    :func:`~echo_agent.training.region_classifier.acquisition`; geometry and boxes are unchanged by it."""
     from ..detectors.postprocess import letterbox, letterbox_boxes
 
     arr, boxes = sample.array, sample.boxes
@@ -187,6 +197,8 @@ def training_view(sample: DetectionSample, size: int, rng: random.Random, *,
     padded, info = letterbox(np.ascontiguousarray(arr), size)
     content = (slice(info.pad_y, info.pad_y + info.new_h), slice(info.pad_x, info.pad_x + info.new_w))
     padded[content] = photometric(padded[content], rng)  # the letterbox border stays the inference grey
+    if acquisition_p and rng.random() < acquisition_p:
+        padded[content] = acquisition(np.ascontiguousarray(padded[content]), rng)
     return padded, letterbox_boxes(boxes, info), sample.classes
 
 
@@ -546,7 +558,8 @@ def train_detector(
                 stopped = True
                 break
             chunk = [train[j] for j in order[i : i + config.batch_size]]
-            views = [training_view(s, size, rng, crop_probability=config.crop_probability) for s in chunk]
+            views = [training_view(s, size, rng, crop_probability=config.crop_probability,
+                                   acquisition_p=config.acquisition_augment) for s in chunk]
             x = torch.from_numpy(np.stack([v[0] for v in views]).astype(np.float32).transpose(0, 3, 1, 2))
             x = (x - INPUT_OFFSET) / INPUT_SCALE
             targets = [fcos_targets(model.points, model.strides, torch.from_numpy(v[1]).float(),
