@@ -95,9 +95,9 @@ def test_acquisition_augment_is_opt_in_and_keeps_the_border_and_boxes() -> None:
     arr[40:80, 20:70] = 230
     sample = DetectionSample("k", "g", arr, np.array([[20.0, 40.0, 70.0, 80.0]]), np.array([1]))
     # off: the same views as a call that does not know the option (same random stream)
-    a = [training_view(sample, 96, rng, crop_probability=0.5) for rng in [random.Random(3)] for _ in range(5)]
-    b = [training_view(sample, 96, rng, crop_probability=0.5, acquisition_p=0.0)
-         for rng in [random.Random(3)] for _ in range(5)]
+    rng_a, rng_b = random.Random(3), random.Random(3)
+    a = [training_view(sample, 96, rng_a, crop_probability=0.5) for _ in range(5)]
+    b = [training_view(sample, 96, rng_b, crop_probability=0.5, acquisition_p=0.0) for _ in range(5)]
     assert all(np.array_equal(x[0], y[0]) and np.array_equal(x[1], y[1]) for x, y in zip(a, b))
     # always on (first view of equal streams: same flip and photometric draws, then the acquisition
     # change): the pixels change, the boxes and the letterbox border (inference grey) do not

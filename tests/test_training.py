@@ -27,7 +27,12 @@ from echo_agent.training.curriculum import (  # noqa: E402
     tool_schemas,
     write_jsonl,
 )
-from echo_agent.training.rewards import get_preset, valid_diagnosis_reward, valid_tool_calls_reward  # noqa: E402
+from echo_agent.training.rewards import (  # noqa: E402
+    final_text,
+    get_preset,
+    valid_diagnosis_reward,
+    valid_tool_calls_reward,
+)
 
 pytestmark = [pytest.mark.heavy, pytest.mark.slow]
 
@@ -365,9 +370,8 @@ def test_score_answers_without_a_model(mixed_curriculum: Path) -> None:
     final = [r for r in records if r["task"] == "informed_diagnosis"][:4]
     preset = get_preset("echo-diag")
 
-    def target(r: dict) -> str:
-        c = r["messages"][-1]["content"]
-        return c if isinstance(c, str) else "".join(p.get("text", "") for p in c)
+    def target(r: dict) -> str:  # the SFT target: the record's last (assistant) turn
+        return final_text(r["messages"])
 
     good = score_answers(final, [[target(r)] for r in final], mixed_curriculum.parent, preset)
     assert good.terms["format"] == 1.0 and good.mean > 1.0

@@ -26,7 +26,7 @@ from pathlib import Path
 from echo_agent.organs import get_organ
 from echo_agent.training.answer_rewards import score_answers
 from echo_agent.training.curriculum import read_jsonl
-from echo_agent.training.rewards import get_preset
+from echo_agent.training.rewards import final_text, get_preset
 
 WEIGHTS = {"localization": 0.5, "shape": 0.25, "classification": 2.0, "tool_cost": 0.5, "format": 1.0,
            "valid_tool_calls": 1.0}
@@ -39,11 +39,6 @@ def answer(label: str, ids: list[str], normal: str) -> str:
                       separators=(",", ":"))
 
 
-def target(record: dict) -> str:
-    c = record["messages"][-1]["content"]
-    return c if isinstance(c, str) else "".join(p.get("text", "") for p in c)
-
-
 def main(val_file: str) -> None:
     path = Path(val_file)
     recs = [r for r in read_jsonl(path) if r["task"] == "agent_final"]
@@ -52,10 +47,10 @@ def main(val_file: str) -> None:
     normals = [get_organ(r["organ"]).normal_label for r in recs]
     truth_label = []
     for r, t, normal in zip(recs, truths, normals, strict=True):
-        ref = json.loads(target(r))
+        ref = json.loads(final_text(r["messages"]))
         findings = [] if t["label"] == normal else [dict(f, label=t["label"]) for f in ref["findings"]]
         truth_label.append(json.dumps(dict(ref, label=t["label"], findings=findings), separators=(",", ":")))
-    scores = {"reference": score_answers(recs, [[target(r)] for r in recs], path.parent, preset),
+    scores = {"reference": score_answers(recs, [[final_text(r["messages"])] for r in recs], path.parent, preset),
               "truth label": score_answers(recs, [[t] for t in truth_label], path.parent, preset)}
     best = []
     for r, t, normal in zip(recs, truths, normals, strict=True):
