@@ -27,6 +27,7 @@ from echo_agent.training.lite_detector import (  # noqa: E402
     fcos_targets,
     giou_loss,
     localization_by_threshold,
+    paste_lesion,
     predict_boxes,
     random_crop,
     score_shift_for,
@@ -112,6 +113,52 @@ def test_acquisition_augment_is_opt_in_and_keeps_the_border_and_boxes() -> None:
     with pytest.raises(ValueError, match="acquisition_augment"):
         LiteDetectorTrainConfig(organ="breast", labels=["lesion"], train_centers=["busi"], val_centers=["busi"],
                                 acquisition_augment=1.5).check()
+
+
+def test_copy_paste_adds_the_donor_lesion_upright_in_the_field_and_is_opt_in() -> None:
+    # receiver: a scanned field (grey) on the left, black outside it, one lesion at the top left
+    arr = np.zeros((160, 240, 3), np.uint8)
+    arr[:, :150] = 90
+    boxes, classes = np.array([[10.0, 10.0, 50.0, 40.0]]), np.array([0])
+    # donor: a bright lesion with a dark column beneath it (posterior shadowing)
+    d_arr = np.full((100, 100, 3), 90, np.uint8)
+    d_arr[20:50, 30:70] = 250
+    d_arr[50:65, 30:70] = 10
+    donor = DetectionSample("d", "g", d_arr, np.array([[30.0, 20.0, 70.0, 50.0]]), np.array([1]))
+    pasted = 0
+    for seed in range(20):
+        out, b, c = paste_lesion(arr, boxes, classes, donor, random.Random(seed))
+        if out is arr:  # no place found in its tries: everything unchanged
+            assert b is boxes and c is classes
+            continue
+        pasted += 1
+        assert c.tolist() == [0, 1] and b.shape == (2, 4) and np.array_equal(b[0], boxes[0])
+        x1, y1, x2, y2 = (int(v) for v in b[1])
+        assert max(0, x2 - 150) <= 0.1 * (x2 - x1) + 1, "pasted in the scanned field (at most a tenth outside)"
+        assert x2 <= 10 or x1 >= 50 or y2 <= 10 or y1 >= 40, "not over the lesion already there"
+        assert 0.75 * 40 - 1 <= x2 - x1 <= 1.25 * 40 + 1 and 0.75 * 30 - 1 <= y2 - y1 <= 1.25 * 30 + 1
+        cx, cy = (x1 + x2) // 2, (y1 + y2) // 2
+        assert out[cy, cx, 0] > 200, "the lesion's centre is the donor's"
+        below = out[y2 + 2 : y2 + 4, cx, 0]
+        assert below.size == 0 or below.max() < 90, "the shadow stays beneath the lesion (upright)"
+        changed = np.any(out != arr, axis=2)
+        changed[y1 : y1 + int(1.5 * (y2 - y1)) + 2, x1:x2] = False  # the patch: lesion and column
+        assert not changed.any(), "nothing changes outside the patch"
+        assert np.array_equal(arr[:, :150], np.full((160, 150, 3), 90, np.uint8)), "the input is not modified"
+    assert pasted >= 12
+    # no place in the field for it: unchanged
+    tiny = np.zeros((30, 30, 3), np.uint8)
+    out, b, c = paste_lesion(tiny, np.zeros((0, 4)), np.zeros(0, np.int64), donor, random.Random(0))
+    assert out is tiny and len(b) == 0 and len(c) == 0
+    # training_view without a donor draws exactly as before; with one, the view has the extra box
+    sample = DetectionSample("k", "g", arr, boxes, classes)
+    a = training_view(sample, 96, random.Random(3), crop_probability=0.5)
+    b2 = training_view(sample, 96, random.Random(3), crop_probability=0.5, donor=None)
+    assert np.array_equal(a[0], b2[0]) and np.array_equal(a[1], b2[1])
+    assert len(training_view(sample, 96, random.Random(3), crop_probability=0.0, donor=donor)[2]) == 2
+    with pytest.raises(ValueError, match="copy_paste"):
+        LiteDetectorTrainConfig(organ="breast", labels=["lesion"], train_centers=["busi"], val_centers=["busi"],
+                                copy_paste=-0.1).check()
 
 
 def test_detection_samples_map_labels_and_downscale() -> None:

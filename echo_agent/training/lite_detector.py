@@ -29,8 +29,9 @@ Network ("Lite-FCOS"):
 
 Augmentations respect the beam (posterior shadowing and enhancement point down the image): horizontal
 flips, random crops (depth and width), gain, gamma and speckle, and (opt-in, ``acquisition_augment``)
-the scanner changes of :func:`~echo_agent.training.region_classifier.acquisition`; never vertical flips
-or rotations.
+the scanner changes of :func:`~echo_agent.training.region_classifier.acquisition` and (opt-in,
+``copy_paste``) another image's lesion pasted upright with the column beneath it
+(:func:`paste_lesion`); never vertical flips or rotations.
 Each training image goes through the detector's own preprocessing first
 (:func:`echo_agent.imaging.preprocess.prepare_for_detection`), as at inference.
 """
@@ -85,6 +86,10 @@ class LiteDetectorTrainConfig:
     #: :func:`echo_agent.training.region_classifier.acquisition` (resolution, blur, dynamic range, depth
     #: gain ramp); 0 (the default) leaves the random stream exactly as without it
     acquisition_augment: float = 0.0
+    #: probability that a training view first gets one lesion of another training image pasted in
+    #: (:func:`paste_lesion`: with the column beneath it, at a random place in the scanned field);
+    #: 0 (the default) leaves the random stream exactly as without it
+    copy_paste: float = 0.0
     max_side: int = 480
     max_frames_per_group: int | None = None
     fold: int | None = None
@@ -113,6 +118,8 @@ class LiteDetectorTrainConfig:
             raise ValueError(f"operating_threshold must be in (0, 1), got {self.operating_threshold}")
         if not 0.0 <= self.acquisition_augment <= 1.0:
             raise ValueError(f"acquisition_augment must be in [0, 1], got {self.acquisition_augment}")
+        if not 0.0 <= self.copy_paste <= 1.0:
+            raise ValueError(f"copy_paste must be in [0, 1], got {self.copy_paste}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -180,14 +187,72 @@ def random_crop(arr: np.ndarray, boxes: np.ndarray, rng: random.Random, *, min_k
     return arr, boxes.copy()
 
 
+def _paste_alpha(width: int, lesion_height: int, height: int, *, edge: float = 0.3) -> np.ndarray:
+    """Blending weights of a pasted lesion: a feathered ellipse over its box and, beneath it, the
+    ellipse's widest profile fading to 0 at the bottom of the column."""
+    x = (np.arange(width) + 0.5 - width / 2) / (width / 2)
+    y = (np.arange(lesion_height) + 0.5 - lesion_height / 2) / (lesion_height / 2)
+    alpha = np.zeros((height, width), np.float32)
+    alpha[:lesion_height] = np.clip((1.0 - (x[None] ** 2 + y[:, None] ** 2)) / edge, 0.0, 1.0)
+    if height > lesion_height:
+        fade = 1.0 - (np.arange(height - lesion_height) + 0.5) / (height - lesion_height)
+        alpha[lesion_height:] = np.clip((1.0 - x[None] ** 2) / edge, 0.0, 1.0) * fade[:, None]
+    return alpha
+
+
+def paste_lesion(arr: np.ndarray, boxes: np.ndarray, classes: np.ndarray, donor: DetectionSample,
+                 rng: random.Random, *, tail: float = 0.5, scale: tuple[float, float] = (0.75, 1.25),
+                 tries: int = 10, dark: int = 8) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Copy-paste for ultrasound: one of ``donor``'s lesions, with ``tail`` of its height of the column
+    beneath it (its posterior shadowing or enhancement travels with it, and it stays upright), blended
+    into ``arr`` at a random place that overlaps no lesion and lies in the scanned field (at most a
+    tenth of the patch darker than ``dark``). Returns ``(pixels, boxes, classes)`` with the pasted box
+    and the donor's class appended, or the inputs unchanged when no place is found in ``tries``."""
+    import cv2
+
+    if not len(donor.boxes):
+        return arr, boxes, classes
+    j = rng.randrange(len(donor.boxes))
+    dh = donor.array.shape[0]
+    x1, y1 = (math.floor(v) for v in donor.boxes[j][:2])
+    x2, y2 = (math.ceil(v) for v in donor.boxes[j][2:])
+    bw, bh = x2 - x1, y2 - y1
+    if bw < 4 or bh < 4:
+        return arr, boxes, classes
+    patch = donor.array[y1 : min(dh, y2 + round(tail * bh)), x1:x2]
+    s = rng.uniform(*scale)
+    pw, ph, lh = max(4, round(bw * s)), max(4, round(patch.shape[0] * s)), max(4, round(bh * s))
+    lh = min(lh, ph)
+    h, w = arr.shape[:2]
+    if pw >= w or ph >= h:
+        return arr, boxes, classes
+    patch = cv2.resize(np.ascontiguousarray(patch), (pw, ph), interpolation=cv2.INTER_LINEAR).astype(np.float32)
+    for _ in range(tries):
+        px, py = rng.randint(0, w - pw), rng.randint(0, h - ph)
+        clear = np.all((boxes[:, 2] <= px) | (boxes[:, 0] >= px + pw) | (boxes[:, 3] <= py) | (boxes[:, 1] >= py + ph))
+        region = arr[py : py + ph, px : px + pw]
+        if not clear or (region.mean(axis=2) < dark).mean() > 0.1:
+            continue
+        alpha = _paste_alpha(pw, lh, ph)[:, :, None]
+        out = arr.copy()
+        out[py : py + ph, px : px + pw] = np.clip(alpha * patch + (1.0 - alpha) * region, 0, 255).astype(np.uint8)
+        new_box = np.array([[px, py, px + pw, py + lh]], dtype=boxes.dtype)
+        return out, np.concatenate([boxes.reshape(-1, 4), new_box]), np.append(classes, donor.classes[j])
+    return arr, boxes, classes
+
+
 def training_view(sample: DetectionSample, size: int, rng: random.Random, *,
-                  crop_probability: float, acquisition_p: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                  crop_probability: float, acquisition_p: float = 0.0,
+                  donor: DetectionSample | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One augmented, letterboxed ``size`` x ``size`` view: ``(uint8 HxWx3, boxes in input pixels, classes)``.
+    With a ``donor``, one of its lesions is pasted in first (:func:`paste_lesion`).
     With probability ``acquisition_p`` the image area (not the letterbox border) also gets
     :func:`~echo_agent.training.region_classifier.acquisition`; geometry and boxes are unchanged by it."""
     from ..detectors.postprocess import letterbox, letterbox_boxes
 
-    arr, boxes = sample.array, sample.boxes
+    arr, boxes, classes = sample.array, sample.boxes, sample.classes
+    if donor is not None:
+        arr, boxes, classes = paste_lesion(arr, boxes, classes, donor, rng)
     if rng.random() < crop_probability:
         arr, boxes = random_crop(arr, boxes, rng)
     if rng.random() < 0.5:
@@ -199,7 +264,7 @@ def training_view(sample: DetectionSample, size: int, rng: random.Random, *,
     padded[content] = photometric(padded[content], rng)  # the letterbox border stays the inference grey
     if acquisition_p and rng.random() < acquisition_p:
         padded[content] = acquisition(np.ascontiguousarray(padded[content]), rng)
-    return padded, letterbox_boxes(boxes, info), sample.classes
+    return padded, letterbox_boxes(boxes, info), classes
 
 
 def validation_view(sample: DetectionSample, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -548,6 +613,15 @@ def train_detector(
     step = 0
     stopped = False
     order = list(range(len(train)))
+    donors = [s for s in train if len(s.boxes)] if config.copy_paste else []
+
+    def donor() -> DetectionSample | None:
+        # no draw at all when copy-paste is off: the random stream stays as without it
+        # (a donor may be the image itself: its lesion pasted elsewhere in it)
+        if not donors or rng.random() >= config.copy_paste:
+            return None
+        return rng.choice(donors)
+
     for epoch in range(config.epochs):
         rng.shuffle(order)
         model.train()
@@ -559,7 +633,7 @@ def train_detector(
                 break
             chunk = [train[j] for j in order[i : i + config.batch_size]]
             views = [training_view(s, size, rng, crop_probability=config.crop_probability,
-                                   acquisition_p=config.acquisition_augment) for s in chunk]
+                                   acquisition_p=config.acquisition_augment, donor=donor()) for s in chunk]
             x = torch.from_numpy(np.stack([v[0] for v in views]).astype(np.float32).transpose(0, 3, 1, 2))
             x = (x - INPUT_OFFSET) / INPUT_SCALE
             targets = [fcos_targets(model.points, model.strides, torch.from_numpy(v[1]).float(),
