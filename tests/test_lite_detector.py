@@ -20,6 +20,7 @@ from echo_agent.training.lite_detector import (  # noqa: E402
     DETECTOR_META_KEY,
     DetectionSample,
     LiteDetectorTrainConfig,
+    WeightAverage,
     build_detector,
     build_export_module,
     detection_samples,
@@ -225,6 +226,35 @@ def test_training_run_exports_a_model_that_onnx_detector_loads(tmp_path: Path) -
     info = json.loads(props[DETECTOR_META_KEY])
     assert info["architecture"] == "lite-fcos" and info["initial_weights"] == "random"
     assert info["val_threshold"] == report["val_threshold"]
+
+
+def test_weight_average_is_the_mean_of_the_steps_and_only_averaged_epochs_are_kept() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    avg = WeightAverage()
+    seen = []
+    for k in range(4):
+        with torch.no_grad():
+            model[0].weight.fill_(float(k))
+        seen.append(model[0].weight.clone())
+        avg.update(model)
+    state = avg.state_dict(model)
+    assert avg.steps == 4 and torch.allclose(state["0.weight"], torch.stack(seen).mean(0))
+    assert state["1.num_batches_tracked"].dtype == torch.long, "integer buffers are kept, not averaged"
+    assert torch.equal(model[0].weight, seen[-1]), "the model's own weights are untouched"
+
+    cfg = LiteDetectorTrainConfig("breast", ["benign", "malignant"], ["busi"], ["busi"], input_size=64, pretrained=False,
+                                  epochs=3, batch_size=4, fpn_channels=16, crop_probability=0.0, threads=1,
+                                  average_weights_from=0.5)
+    _, report = train_detector(cfg, _synthetic(8, 0), _synthetic(4, 1), log=lambda s: None)
+    # 2 steps per epoch, 6 planned: the mean starts at step 3 (in epoch 2), so epoch 1 cannot be kept
+    assert "averaged_steps" not in report["epochs"][0]
+    assert [e["averaged_steps"] for e in report["epochs"][1:]] == [2, 4]
+    assert report["best_epoch"] in (2, 3)
+    assert report["weight_average"]["from_step"] == 3
+    assert report["weight_average"]["steps_in_kept_mean"] == report["epochs"][report["best_epoch"] - 1]["averaged_steps"]
+    with pytest.raises(ValueError, match="average_weights_from"):
+        LiteDetectorTrainConfig(organ="breast", labels=["lesion"], train_centers=["busi"], val_centers=["busi"],
+                                average_weights_from=1.0).check()
 
 
 def test_export_module_scores_are_monotone_in_the_shift() -> None:

@@ -90,6 +90,10 @@ class LiteDetectorTrainConfig:
     #: (:func:`paste_lesion`: with the column beneath it, at a random place in the scanned field);
     #: 0 (the default) leaves the random stream exactly as without it
     copy_paste: float = 0.0
+    #: from this fraction of the planned steps on, keep the running mean of the weights after every step
+    #: (stochastic weight averaging, dense as in SWAD); the epoch snapshots of that mean are then the only
+    #: candidates for the kept epoch. 0 (the default): off, the best epoch's own weights as before
+    average_weights_from: float = 0.0
     max_side: int = 480
     max_frames_per_group: int | None = None
     fold: int | None = None
@@ -120,6 +124,8 @@ class LiteDetectorTrainConfig:
             raise ValueError(f"acquisition_augment must be in [0, 1], got {self.acquisition_augment}")
         if not 0.0 <= self.copy_paste <= 1.0:
             raise ValueError(f"copy_paste must be in [0, 1], got {self.copy_paste}")
+        if not 0.0 <= self.average_weights_from < 1.0:
+            raise ValueError(f"average_weights_from must be in [0, 1), got {self.average_weights_from}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -561,6 +567,32 @@ def localization_by_threshold(samples: Sequence[DetectionSample], preds: Sequenc
 # ---------------------------------------------------------------------------------------------------
 # training
 # ---------------------------------------------------------------------------------------------------
+class WeightAverage:
+    """The running mean of a model's floating-point weights over the steps it has seen (frozen
+    batch-norm statistics are constant, so their mean is themselves)."""
+
+    def __init__(self) -> None:
+        self.mean: dict[str, Any] = {}
+        self.steps = 0
+
+    def update(self, model: Any) -> None:
+        import torch
+
+        with torch.no_grad():
+            self.steps += 1
+            for k, v in model.state_dict().items():
+                if not v.is_floating_point():
+                    continue
+                if k not in self.mean:
+                    self.mean[k] = v.detach().clone()
+                else:
+                    self.mean[k] += (v.detach() - self.mean[k]) / self.steps
+
+    def state_dict(self, model: Any) -> dict[str, Any]:
+        """``model``'s state with the averaged weights in place of its own."""
+        return {k: (self.mean[k].clone() if k in self.mean else v.clone()) for k, v in model.state_dict().items()}
+
+
 def _set_frozen_bn(model: Any) -> None:
     from torch import nn
 
@@ -613,6 +645,8 @@ def train_detector(
     step = 0
     stopped = False
     order = list(range(len(train)))
+    average = WeightAverage() if config.average_weights_from else None
+    average_from = math.ceil(config.average_weights_from * total)
     donors = [s for s in train if len(s.boxes)] if config.copy_paste else []
 
     def donor() -> DetectionSample | None:
@@ -646,29 +680,44 @@ def train_detector(
             opt.step()
             sched.step()
             step += 1
+            if average is not None and step >= average_from:
+                average.update(model)
             seen += len(chunk)
             sums["loss"] += float(loss.detach()) * len(chunk)
             for k, v in parts.items():
                 sums[k] += v * len(chunk)
-        export = build_export_module(model)
+        averaging = average is not None and average.steps > 0
+        if averaging:  # the candidate is the running mean so far, evaluated on a copy
+            candidate = copy.deepcopy(model)
+            candidate.load_state_dict(average.state_dict(model))
+        else:
+            candidate = model
+        export = build_export_module(candidate)
         loc = localization_by_threshold(val, predict_boxes(export, val, size, agnostic=config.agnostic_validation), size)
         t_best, m_best = max(loc.items(), key=lambda kv: (kv[1]["f1"], -abs(float(kv[0]) - config.operating_threshold)))
         ep = {"epoch": epoch + 1, "seconds": round(time.monotonic() - t0, 1), "images": seen,
               **{k: round(v / max(seen, 1), 4) for k, v in sums.items()},
               "val_best_threshold": float(t_best), "val_loc_f1": round(m_best["f1"], 4),
               "val_recall": round(m_best["recall"], 4), "val_precision": round(m_best["precision"], 4)}
+        if averaging:
+            ep["averaged_steps"] = average.steps
         report["epochs"].append(ep)
         log(json.dumps(ep))
-        if best is None or m_best["f1"] > best[0]:
-            best = (m_best["f1"], epoch + 1, copy.deepcopy(model.state_dict()), t_best, loc)
+        selectable = average is None or averaging
+        if selectable and (best is None or m_best["f1"] > best[0]):
+            best = (m_best["f1"], epoch + 1, copy.deepcopy(candidate.state_dict()), t_best, loc)
         if stopped:
             break
-    assert best is not None
+    if best is None:  # stopped before the running mean began: keep what there is
+        best = (m_best["f1"], epoch + 1, copy.deepcopy(model.state_dict()), t_best, loc)
     model.load_state_dict(best[2])
     model.eval()
     threshold = float(best[3])
     shift = score_shift_for(threshold, config.operating_threshold)
     export = build_export_module(model, score_shift=shift)
+    if average is not None:
+        report["weight_average"] = {"from_step": average_from, "total_steps": total, "steps_in_kept_mean": next(
+            (e.get("averaged_steps", 0) for e in report["epochs"] if e["epoch"] == best[1]), 0)}
     report.update({"best_epoch": best[1], "val_threshold": threshold, "score_shift": shift,
                    "operating_threshold": config.operating_threshold, "stopped_by_time_budget": stopped,
                    "val": best[4]})
