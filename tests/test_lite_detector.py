@@ -191,6 +191,20 @@ def test_config_is_checked(tmp_path: Path) -> None:
         LiteDetectorTrainConfig("breast", ["benign"], ["busi"], ["busi"], input_size=100).check()
 
 
+def test_config_overrides_apply_on_top_of_the_file_and_are_checked(tmp_path: Path) -> None:
+    p = tmp_path / "c.yaml"
+    p.write_text("organ: breast\nlabels: [benign]\ntrain_centers: [busi]\nval_centers: [busi]\ninput_size: 256\n")
+    cfg = LiteDetectorTrainConfig.from_yaml(p, ["average_weights_from=0.5", "input_size=320", "train_centers=[busi, x]"])
+    assert (cfg.average_weights_from, cfg.input_size, cfg.train_centers) == (0.5, 320, ["busi", "x"])
+    assert LiteDetectorTrainConfig.from_yaml(p).average_weights_from == 0.0
+    with pytest.raises(ValueError, match=r"average_weights_from must be in \[0, 1\)"):
+        LiteDetectorTrainConfig.from_yaml(p, ["average_weights_from=1.5"])
+    with pytest.raises(ValueError, match="unknown LiteDetectorTrainConfig field"):
+        LiteDetectorTrainConfig.from_yaml(p, ["averge_weights_from=0.5"])
+    with pytest.raises(ValueError, match="key=value"):
+        LiteDetectorTrainConfig.from_yaml(p, ["average_weights_from"])
+
+
 def _synthetic(n: int, seed: int) -> list[DetectionSample]:
     rng = np.random.default_rng(seed)
     out = []
@@ -305,3 +319,7 @@ def test_training_tool_on_real_images(shared_data: Path, tmp_path: Path) -> None
                           str(repo / "configs" / "lite_detector" / "breast_busi_only.yaml"), "--fold", "1"],
                          capture_output=True, text=True, timeout=120, cwd=repo)
     assert bad.returncode == 2 and "--fold and --folds go together" in bad.stderr
+    typo = subprocess.run([sys.executable, str(repo / "tools" / "train_lite_detector.py"),
+                           str(repo / "configs" / "lite_detector" / "breast_busi_only.yaml"), "--set", "copy_pste=0.3"],
+                          capture_output=True, text=True, timeout=120, cwd=repo)
+    assert typo.returncode == 2 and "unknown LiteDetectorTrainConfig field(s) ['copy_pste']" in typo.stderr

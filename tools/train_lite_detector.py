@@ -4,6 +4,7 @@
     python tools/train_lite_detector.py configs/lite_detector/breast.yaml
     python tools/train_lite_detector.py configs/lite_detector/breast_busi_only.yaml --output /tmp/xc/lite_busi.onnx
     python tools/train_lite_detector.py configs/lite_detector/kidney.yaml --minutes 30
+    python tools/train_lite_detector.py configs/lite_detector/breast.yaml --set average_weights_from=0.5 --output /tmp/b.onnx
 
 Reads the committed train/val splits of the config's centers from the staged data
 (``$ECHO_AGENT_DATA`` or ``../shared/data``), trains (``echo_agent.training.lite_detector``; the
@@ -51,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
                          "'train'). With a pool, --fold leaves a fold of the pool out")
     ap.add_argument("--fold", type=int, default=None, help="cross-fitting: leave this fold of the train groups out")
     ap.add_argument("--folds", type=int, default=None)
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override one config field (value parsed as YAML), e.g. --set average_weights_from=0.5; "
+                         "repeatable; applied before the flags above")
     args = ap.parse_args(argv)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -72,7 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     from echo_agent.training.region_classifier import prepare_cases
 
-    cfg = LiteDetectorTrainConfig.from_yaml(args.config)
+    try:
+        cfg = LiteDetectorTrainConfig.from_yaml(args.config, args.overrides)
+    except ValueError as exc:
+        ap.error(str(exc))
     for key, value in (("max_minutes", args.minutes), ("epochs", args.epochs), ("seed", args.seed),
                        ("threads", args.threads), ("fold", args.fold), ("folds", args.folds),
                        ("train_split", args.train_split)):

@@ -104,10 +104,11 @@ class LiteDetectorTrainConfig:
     threads: int = 2
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> LiteDetectorTrainConfig:
+    def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> LiteDetectorTrainConfig:
+        """Read a config file; ``overrides`` are ``key=value`` strings (values parsed as YAML) applied on top."""
         from ._config import load_config
 
-        cfg = load_config(cls, path)
+        cfg = load_config(cls, path, overrides)
         cfg.check()
         return cfg
 
