@@ -5,6 +5,7 @@
     python tools/train_classifier.py configs/classifier/kidney.yaml --output /tmp/kidney_cls.onnx
     python tools/train_classifier.py configs/classifier/breast_busi_only.yaml --output /tmp/xc/busi_cls.onnx
     python tools/train_classifier.py configs/classifier/kidney.yaml --fold 0 --folds 2 --output /tmp/cf/kidney_cls0.onnx
+    python tools/train_classifier.py configs/classifier/breast_busi_only.yaml --set margin=0.5 --output /tmp/m.onnx
 
 Reads the committed train/val splits of the config's centers from the staged data
 (``$ECHO_AGENT_DATA`` or ``../shared/data``), fine-tunes (``echo_agent.training.region_classifier``),
@@ -62,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--linear-probe", action="store_true",
                     help="fit a linear probe on frozen pretrained features instead of fine-tuning "
                          "(echo_agent.training.linear_probe; C as the config's probe_c_selection says) -- for small data sets")
+    from train_detector import add_set_argument, config_from_yaml
+
+    add_set_argument(ap)
     args = ap.parse_args(argv)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -79,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.linear_probe or args.soup or args.random_init:
             ap.error("--mask-supervised goes without --linear-probe, --soup and --random-init")
         return _mask_supervised(ap, args, argv)
-    cfg = ClassifierTrainConfig.from_yaml(args.config)
+    cfg = config_from_yaml(ap, ClassifierTrainConfig, args.config, args.overrides)
     _configure(ap, cfg, args, soup=args.soup)
     if args.linear_probe and cfg.soup > 1:
         ap.error("--soup averages fine-tuned networks; a linear probe has one solution per C (drop --soup)")
@@ -181,6 +185,8 @@ def _split_images(cfg, args) -> tuple[list, list]:  # noqa: ANN001 - a train con
 
 def _mask_supervised(ap: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] | None) -> int:
     """``--mask-supervised``: echo_agent.training.mask_classifier, exported as a region classifier."""
+    from train_detector import config_from_yaml
+
     from echo_agent.training.mask_classifier import (
         MaskClassifierTrainConfig,
         export_mask_classifier,
@@ -188,10 +194,7 @@ def _mask_supervised(ap: argparse.ArgumentParser, args: argparse.Namespace, argv
         train_mask_classifier,
     )
 
-    try:
-        cfg = MaskClassifierTrainConfig.from_yaml(args.config)
-    except (TypeError, ValueError) as exc:
-        ap.error(f"{args.config}: {exc}")
+    cfg = config_from_yaml(ap, MaskClassifierTrainConfig, args.config, args.overrides)
     _configure(ap, cfg, args)
     if not args.output and not cfg.output:
         from echo_agent.organs import get_organ

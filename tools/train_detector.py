@@ -72,6 +72,21 @@ def run_record(tool: str, argv: list[str] | None, t0: float) -> dict:
     }
 
 
+def add_set_argument(ap: argparse.ArgumentParser) -> None:
+    """``--set KEY=VALUE`` (repeatable): override one field of a trainer's YAML config."""
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override one config field (value parsed as YAML), e.g. --set average_weights_from=0.5; "
+                         "repeatable; the dedicated flags (--seed, --minutes, ...) apply after it")
+
+
+def config_from_yaml(ap: argparse.ArgumentParser, cls: type, path: Path, overrides: list[str]):
+    """``cls.from_yaml(path, overrides)``, a bad file or override reported as a usage error naming it."""
+    try:
+        return cls.from_yaml(path, overrides)
+    except (TypeError, ValueError) as exc:
+        ap.error(f"{path}: {exc}")
+
+
 def check_fold_args(ap: argparse.ArgumentParser, fold: int | None, folds: int | None, has_output: bool) -> None:
     """The cross-fitting options, checked alike by every trainer: ``--fold`` and ``--folds`` together,
     ``0 <= fold < folds`` with ``folds >= 2``, and a fold model written to its own ``--output`` (it is

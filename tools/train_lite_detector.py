@@ -52,15 +52,16 @@ def main(argv: list[str] | None = None) -> int:
                          "'train'). With a pool, --fold leaves a fold of the pool out")
     ap.add_argument("--fold", type=int, default=None, help="cross-fitting: leave this fold of the train groups out")
     ap.add_argument("--folds", type=int, default=None)
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="override one config field (value parsed as YAML), e.g. --set average_weights_from=0.5; "
-                         "repeatable; applied before the flags above")
+    from train_detector import add_set_argument
+
+    add_set_argument(ap)
     args = ap.parse_args(argv)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from train_detector import (
         check_fold_args,
         check_training_split,
+        config_from_yaml,
         leave_fold_out,
         pipeline_metrics,
         run_record,
@@ -76,10 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     from echo_agent.training.region_classifier import prepare_cases
 
-    try:
-        cfg = LiteDetectorTrainConfig.from_yaml(args.config, args.overrides)
-    except ValueError as exc:
-        ap.error(str(exc))
+    cfg = config_from_yaml(ap, LiteDetectorTrainConfig, args.config, args.overrides)
     for key, value in (("max_minutes", args.minutes), ("epochs", args.epochs), ("seed", args.seed),
                        ("threads", args.threads), ("fold", args.fold), ("folds", args.folds),
                        ("train_split", args.train_split)):

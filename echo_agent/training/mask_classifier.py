@@ -88,10 +88,11 @@ class MaskClassifierTrainConfig:
             raise ValueError(f"top_k must be between 1 and the map's {(self.input_size // CELL) ** 2} cells, got {self.top_k}")
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> MaskClassifierTrainConfig:
+    def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> MaskClassifierTrainConfig:
+        """Read a config file; ``overrides`` are ``key=value`` strings (values parsed as YAML) applied on top."""
         from ._config import load_config
 
-        return load_config(cls, path)
+        return load_config(cls, path, overrides)
 
 
 @dataclass

@@ -146,10 +146,11 @@ class ClassifierTrainConfig:
             raise ValueError(f"soup is the number of fine-tuned networks averaged, at least 1, got {self.soup!r}")
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> ClassifierTrainConfig:
+    def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> ClassifierTrainConfig:
+        """Read a config file; ``overrides`` are ``key=value`` strings (values parsed as YAML) applied on top."""
         from ._config import load_config
 
-        return load_config(cls, path)
+        return load_config(cls, path, overrides)
 
 
 @dataclass
