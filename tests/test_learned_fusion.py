@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from echo_agent.fusion import (
     fusion_features,
     merged_candidates,
     platt_rule_probs,
+    recheck_candidate,
     rule_log_probs,
     veto_normal,
 )
@@ -594,6 +596,35 @@ def test_a_normal_reading_the_first_look_contradicts_becomes_a_referred_lesion_r
     strong = _evidence("benign", 0.9)
     assert vetoing.fuse(BREAST, strong, clinical=None, image_size=(200, 160)) == LearnedFusion(
         {"breast": _normal_below(0.4, veto=False)}).fuse(BREAST, strong, clinical=None, image_size=(200, 160))
+
+
+def test_the_veto_can_also_read_the_whole_image_re_check():
+    base = _normal_below(0.4, veto=True)
+    listening = LearnedFusion({"breast": replace(base, normal_veto_recheck=0.2)})
+    empty = _evidence(None, 0.0)[0]
+    late = [empty, _evidence("malignant", 0.22, tta=True, eid="det2")[0]]
+    dx = listening.fuse(BREAST, late, clinical=None, image_size=(200, 160))
+    assert dx.label == "benign" and dx.indeterminate  # the strongest lesion class of this hand-set fusion
+    assert "overruled: the detector's re-check has a malignant candidate at 0.22" in dx.rationale
+    assert LearnedFusion({"breast": base}).fuse(BREAST, late, clinical=None, image_size=(200, 160)).label == "normal"
+    # below the score, a region re-check, or no re-check at all: the normal reading stands
+    weak = [empty, _evidence("malignant", 0.15, tta=True, eid="det2")[0]]
+    regional = [empty, _evidence("malignant", 0.3, tta=True, eid="det2")[0].model_copy(
+        update={"region": Box(x1=10, y1=10, x2=100, y2=100)})]
+    for ev in (weak, regional, [empty]):
+        assert listening.fuse(BREAST, ev, clinical=None, image_size=(200, 160)).label == "normal"
+    assert recheck_candidate(late, 0.2).score == pytest.approx(0.22) and recheck_candidate(late, 0.3) is None
+
+
+@pytest.mark.parametrize("bad", [0.0, 1.0, "0.2", True])
+def test_normal_veto_recheck_round_trips_and_is_checked(bad):
+    on = replace(_normal_below(0.4, veto=True), normal_veto_recheck=0.2)
+    assert FusionParams.from_json(on.to_json()).normal_veto_recheck == 0.2
+    assert "normal_veto_recheck" not in json.loads(_normal_below(0.4, veto=True).to_json())
+    with pytest.raises(ModelLoadError, match="normal_veto_recheck must be a score"):
+        FusionParams.from_json(json.dumps({**json.loads(on.to_json()), "normal_veto_recheck": bad}))
+    with pytest.raises(ModelLoadError, match="needs normal_veto"):
+        FusionParams.from_json(json.dumps({**json.loads(on.to_json()), "normal_veto": False}))
 
 
 def test_normal_veto_round_trips_and_old_files_read_without_it():

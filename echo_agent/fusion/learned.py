@@ -139,6 +139,13 @@ def veto_normal(probs: np.ndarray, normal_index: int, lesion_found: np.ndarray |
     return p
 
 
+def recheck_candidate(reports: Sequence[DetectorReport], min_score: float) -> Detection | None:
+    """The strongest candidate at ``min_score`` or above of the whole-image re-checks (test-time
+    augmentation, no region) after the first detector report, or None."""
+    late = [d for r in reports[1:] if r.tta and r.region is None for d in r.detections if d.score >= min_score]
+    return max(late, key=lambda d: d.score, default=None)
+
+
 def _rule_votes(logp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The voted label and the logit of its share, per row of rule log-probabilities."""
     logp = np.atleast_2d(np.asarray(logp, dtype=np.float64))
@@ -284,6 +291,10 @@ class FusionParams:
     #: (``"top_or_whole"``) does not stand either: capped as :func:`veto_normal` caps it, instead of
     #: only being referred. ``"off"``: referred only
     presence_veto: str = "off"
+    #: with :attr:`normal_veto`: when the first look has no candidate, a whole-image re-check (test-time
+    #: augmentation, no region) with a candidate at this score or above also stands against a normal
+    #: reading. ``None``: only the first look counts
+    normal_veto_recheck: float | None = None
 
     def to_json(self) -> str:
         data = dict(self.__dict__)
@@ -293,6 +304,8 @@ class FusionParams:
             del data["normal_veto"]  # files without it read as before
         if data["presence_veto"] == "off":
             del data["presence_veto"]
+        if data["normal_veto_recheck"] is None:
+            del data["normal_veto_recheck"]
         return json.dumps(data, indent=1)
 
     @classmethod
@@ -311,6 +324,11 @@ class FusionParams:
             raise ModelLoadError(f"fusion parameters in {source} have kind {p.kind!r}; expected one of {', '.join(FUSION_KINDS)}")
         if not isinstance(p.normal_veto, bool):
             raise ModelLoadError(f"fusion parameters in {source}: normal_veto must be true or false, got {p.normal_veto!r}")
+        if p.normal_veto_recheck is not None and (
+                not p.normal_veto or isinstance(p.normal_veto_recheck, bool)
+                or not isinstance(p.normal_veto_recheck, (int, float)) or not 0.0 < p.normal_veto_recheck < 1.0):
+            raise ModelLoadError(f"fusion parameters in {source}: normal_veto_recheck must be a score in (0, 1) and "
+                                 f"needs normal_veto, got {p.normal_veto_recheck!r}")
         if p.presence_veto not in PRESENCE_VETO_MODES:
             raise ModelLoadError(f"fusion parameters in {source}: presence_veto must be one of "
                                  f"{', '.join(PRESENCE_VETO_MODES)}, got {p.presence_veto!r}")
@@ -554,6 +572,11 @@ class LearnedFusion:
             if first is not None:
                 probs_arr, vetoed = _overrule_normal(
                     probs_arr, ni, f"the detector's first look has a {first.label} candidate at {first.score:.2f}")
+            elif params.normal_veto_recheck is not None:
+                late = recheck_candidate(reports, params.normal_veto_recheck)
+                if late is not None:
+                    probs_arr, vetoed = _overrule_normal(
+                        probs_arr, ni, f"the detector's re-check has a {late.label} candidate at {late.score:.2f}")
         if params.presence_veto != "off" and ni is not None and cls_results and probs_arr.argmax() == ni:
             cands0 = ev.candidates if params.presence_veto == "top_or_whole" else []
             looked = [r for r in (ev.region_of(cands0[0]) if cands0 else None, ev.whole_image) if r is not None]
@@ -661,6 +684,7 @@ __all__ = [
     "fusion_features",
     "load_fusion_params",
     "platt_rule_probs",
+    "recheck_candidate",
     "rule_log_probs",
     "softmax",
     "veto_normal",

@@ -34,6 +34,7 @@ MIN_DROP = 0.20  # lesion images read normal at least 20 % fewer
 def lesion_found(records: list, threshold: float | None) -> np.ndarray:
     """Per run: the first detector report has a candidate, or (``threshold``) a whole-image TTA
     re-check report has one at ``threshold`` or above."""
+    from echo_agent.fusion import recheck_candidate
     from echo_agent.schemas import DetectorReport, parse_evidence
 
     out = []
@@ -41,8 +42,7 @@ def lesion_found(records: list, threshold: float | None) -> np.ndarray:
         reports = [e for e in map(parse_evidence, r.evidence) if isinstance(e, DetectorReport)]
         found = bool(reports and reports[0].detections)
         if threshold is not None and not found:
-            found = any(d.score >= threshold for rep in reports[1:] if rep.tta and rep.region is None
-                        for d in rep.detections)
+            found = recheck_candidate(reports, threshold) is not None  # what LearnedFusion reads
         out.append(found)
     return np.array(out)
 
