@@ -29,6 +29,7 @@ sys.path.insert(0, str(REPO))
 THRESHOLDS = (0.25, 0.225, 0.2)
 MAX_COST = 0.01  # the veto's own adoption bar (fusion_fit.NORMAL_VETO_MAX_COST)
 MIN_DROP = 0.20  # lesion images read normal at least 20 % fewer
+PACKAGED_FAMILY = "logistic[classifier] l2=10"
 
 
 def lesion_found(records: list, threshold: float | None) -> np.ndarray:
@@ -70,7 +71,8 @@ def main(runs_path: str, fusion_path: str) -> None:
     y = np.array([labels.index(r.label) for r in records])
     groups = [r.group for r in records]
     R = {kind: np.array([r.rule_log_probs(kind) for r in records]) for kind in (DETECTOR_RULE, HEURISTIC_RULE)}
-    cand = Candidate.from_name(params.training["chosen"])
+    # the family is held to the packaged fusion's (PREREGISTRATION.md), whatever the fit's guard chose
+    cand = Candidate.from_name(PACKAGED_FAMILY)
     subset = feature_subset(names, cand.features)
     X = X_all[:, [names.index(n) for n in subset]]
     counts = np.bincount(y, minlength=k).astype(float)
@@ -79,7 +81,7 @@ def main(runs_path: str, fusion_path: str) -> None:
     P = cross_validate(cand, X, R, y, groups, k, folds=sel["folds"], seeds=tuple(sel["cv_seeds"]), sw=sw)
     centers = np.array([r.key.split(":")[0] for r in records])
     det_found = R[DETECTOR_RULE].argmax(1) != ni
-    print(f"{len(records)} runs ({params.training['chosen']}, CV seeds {sel['cv_seeds']}); "
+    print(f"{len(records)} runs ({cand.name}; the fit chose {params.training['chosen']}; CV seeds {sel['cv_seeds']}); "
           f"first-look rule agrees with the fit's detector rule on {(lesion_found(records, None) == det_found).mean():.3f}")
 
     def summary(found: np.ndarray | None) -> dict:
