@@ -440,6 +440,52 @@ def cross_validate(
     return out
 
 
+@dataclass
+class FitData:
+    """What a fusion fit reads from one organ's runs: the feature matrix over every feature the runs
+    have (``names``), the labels' indices, the groups, the decision rules' log-probabilities and the
+    class-balancing weights. Build it with :meth:`from_runs`; :func:`fit_fusion` and any analysis of
+    its out-of-fold readings share it."""
+
+    names: list[str]
+    X_all: np.ndarray
+    y: np.ndarray
+    groups: list[str]
+    R: dict[str, np.ndarray]
+    class_weights: np.ndarray
+    k: int
+
+    @classmethod
+    def from_runs(cls, records: Sequence[RunRecord], labels: Sequence[str]) -> FitData:
+        """The arrays of ``records`` (all of one organ, whose image labels are ``labels``)."""
+        feats = [r.features() for r in records]
+        names = sorted({n for f in feats for n in f})
+        y = np.array([list(labels).index(r.label) for r in records])
+        k = len(labels)
+        counts = np.bincount(y, minlength=k).astype(float)
+        return cls(
+            names=names, X_all=np.array([[f.get(n, 0.0) for n in names] for f in feats], dtype=np.float64), y=y,
+            groups=[r.group for r in records],
+            R={kind: np.array([r.rule_log_probs(kind) for r in records]) for kind in (DETECTOR_RULE, HEURISTIC_RULE)},
+            class_weights=(len(y) / (k * np.maximum(counts, 1)))[y], k=k,
+        )
+
+    def design(self, cand: Candidate) -> tuple[list[str], np.ndarray]:
+        """The candidate's feature names and columns (none for a rule)."""
+        subset = feature_subset(self.names, cand.features) if cand.kind == LOGISTIC else []
+        X = self.X_all[:, [self.names.index(n) for n in subset]] if subset else np.zeros((len(self.y), 0))
+        return subset, X
+
+    def sample_weight(self, cand: Candidate) -> np.ndarray:
+        """Per-run weights of the candidate's fit: class-balancing where it is ``balanced``, else ones."""
+        return self.class_weights if cand.balanced else np.ones(len(self.y))
+
+    def out_of_fold(self, cand: Candidate, *, folds: int, seeds: Sequence[int]) -> np.ndarray:
+        """:func:`cross_validate` of the candidate on these runs: ``[seeds, n, k]`` probabilities."""
+        return cross_validate(cand, self.design(cand)[1], self.R, self.y, self.groups, self.k, folds=folds, seeds=seeds,
+                              sw=self.sample_weight(cand))
+
+
 def fit_fusion(
     records: Sequence[RunRecord],
     *,
@@ -499,15 +545,8 @@ def fit_fusion(
     if len(recs) < 10:
         raise ValueError(f"need at least 10 {organ} runs to fit a fusion, got {len(recs)}")
     labels = list(spec.image_labels)
-    k = len(labels)
-    feats = [r.features() for r in recs]
-    names = sorted({n for f in feats for n in f})
-    X_all = np.array([[f.get(n, 0.0) for n in names] for f in feats], dtype=np.float64)
-    y = np.array([labels.index(r.label) for r in recs])
-    groups = [r.group for r in recs]
-    R = {kind: np.array([r.rule_log_probs(kind) for r in recs]) for kind in (DETECTOR_RULE, HEURISTIC_RULE)}
-    counts = np.bincount(y, minlength=k).astype(float)
-    class_weights = (len(y) / (k * np.maximum(counts, 1)))[y]
+    data = FitData.from_runs(recs, labels)
+    k, y, groups, R = data.k, data.y, data.groups, data.R
     warnings: list[str] = []
     cands = list(candidates or default_candidates())
     if len(recs) < min_images:
@@ -525,10 +564,8 @@ def fit_fusion(
     scores: list[CandidateScore] = []
     oof: dict[str, np.ndarray] = {}
     for c in cands:
-        subset = feature_subset(names, c.features) if c.kind == LOGISTIC else []
-        X = X_all[:, [names.index(n) for n in subset]] if subset else np.zeros((len(y), 0))
-        sw = class_weights if c.balanced else np.ones(len(y))
-        P = cross_validate(c, X, R, y, groups, k, folds=folds, seeds=seeds, sw=sw)
+        subset = data.design(c)[0]
+        P = data.out_of_fold(c, folds=folds, seeds=seeds)
         oof[c.name] = P
         loss = -np.log(np.clip(P[:, np.arange(len(y)), y], 1e-12, None)).mean(0)  # per image, over seeds
         pred = P.argmax(2)
@@ -542,14 +579,13 @@ def fit_fusion(
             cv_ece=float(ece), cv_ece_ci=ci,
         ))
     chosen = cands[select_candidate(scores, det_acc, det_bacc, selection)]
-    sw = class_weights if chosen.balanced else np.ones(len(y))
+    sw = data.sample_weight(chosen)
 
     # Final fit on all images; temperature from grouped out-of-fold logits.
     fold_idx = _group_folds(groups, min(folds, len(set(groups))), seed)
     rule_platt = None
     if chosen.kind == LOGISTIC:
-        subset = feature_subset(names, chosen.features)
-        X = X_all[:, [names.index(n) for n in subset]]
+        subset, X = data.design(chosen)
         mean, std = _standardise(X)
         W, b = fit_logistic((X - mean) / std, y, k, l2=chosen.l2 or 1.0, sample_weight=sw)
         temperature = fit_temperature(_oof_logits(X, y, k, chosen.l2 or 1.0, fold_idx, sw), y)
@@ -573,7 +609,7 @@ def fit_fusion(
     P0 = oof[chosen.name][0]
     per_class = {lbl: float((P0.argmax(1)[y == i] == i).mean()) if (y == i).any() else None for i, lbl in enumerate(labels)}
     training = {
-        "n": len(y), "n_groups": len(set(groups)), "class_counts": {lbl: int(c) for lbl, c in zip(labels, counts)},
+        "n": len(y), "n_groups": len(set(groups)), "class_counts": {lbl: int(c) for lbl, c in zip(labels, np.bincount(y, minlength=k))},
         "chosen": chosen.name, "l2": chosen.l2,
         "selection": {
             "mode": selection, "rule": SELECTION_RULES[selection], "detector_only_cv_accuracy": round(det_acc, 4),

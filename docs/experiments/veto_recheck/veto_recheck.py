@@ -49,38 +49,24 @@ def lesion_found(records: list, threshold: float | None) -> np.ndarray:
 
 
 def main(runs_path: str, fusion_path: str) -> None:
-    from echo_agent.fusion import DETECTOR_RULE, HEURISTIC_RULE, load_fusion_params, veto_normal
+    from echo_agent.fusion import DETECTOR_RULE, load_fusion_params, veto_normal
     from echo_agent.organs import get_organ
-    from echo_agent.training.fusion_fit import (
-        NORMAL_VETO_MAX_COST,
-        Candidate,
-        cross_validate,
-        feature_subset,
-        load_runs,
-    )
+    from echo_agent.training.fusion_fit import NORMAL_VETO_MAX_COST, Candidate, FitData, load_runs
 
     assert MAX_COST == NORMAL_VETO_MAX_COST
     params = load_fusion_params("breast", fusion_path)
     spec = get_organ(params.organ)
     records = [r for r in load_runs(runs_path) if r.organ == params.organ]
     labels = list(spec.image_labels)
-    k, ni = len(labels), labels.index(spec.normal_label)
-    feats = [r.features() for r in records]
-    names = sorted({n for f in feats for n in f})
-    X_all = np.array([[f.get(n, 0.0) for n in names] for f in feats])
-    y = np.array([labels.index(r.label) for r in records])
-    groups = [r.group for r in records]
-    R = {kind: np.array([r.rule_log_probs(kind) for r in records]) for kind in (DETECTOR_RULE, HEURISTIC_RULE)}
+    ni = labels.index(spec.normal_label)
+    data = FitData.from_runs(records, labels)
+    y = data.y
     # the family is held to the packaged fusion's (PREREGISTRATION.md), whatever the fit's guard chose
     cand = Candidate.from_name(PACKAGED_FAMILY)
-    subset = feature_subset(names, cand.features)
-    X = X_all[:, [names.index(n) for n in subset]]
-    counts = np.bincount(y, minlength=k).astype(float)
-    sw = (len(y) / (k * np.maximum(counts, 1)))[y] if cand.balanced else np.ones(len(y))
     sel = params.training["selection"]
-    P = cross_validate(cand, X, R, y, groups, k, folds=sel["folds"], seeds=tuple(sel["cv_seeds"]), sw=sw)
+    P = data.out_of_fold(cand, folds=sel["folds"], seeds=tuple(sel["cv_seeds"]))
     centers = np.array([r.key.split(":")[0] for r in records])
-    det_found = R[DETECTOR_RULE].argmax(1) != ni
+    det_found = data.R[DETECTOR_RULE].argmax(1) != ni
     print(f"{len(records)} runs ({cand.name}; the fit chose {params.training['chosen']}; CV seeds {sel['cv_seeds']}); "
           f"first-look rule agrees with the fit's detector rule on {(lesion_found(records, None) == det_found).mean():.3f}")
 
