@@ -23,22 +23,16 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "docs" / "experiments" / "detector_acquisition"))
+from cross_center import OTHER  # noqa: E402
 
 SEEDS = {
     "busi": ["runs/det_acq/busi_base.onnx", "runs/det_acq/busi_base_s1.onnx", "runs/det_swa2/busi_base_s2.onnx"],
     "breast_lesions_usg": ["runs/det_acq/breast_base.onnx", "runs/det_acq/breast_base_s1.onnx",
                            "runs/det_swa2/breast_base_s2.onnx"],
 }
-OTHER = {"busi": "breast_lesions_usg", "breast_lesions_usg": "busi"}
 THRESHOLDS = (0.25, 0.225, 0.2, 0.175, 0.15, 0.125, 0.1)
 OPERATING = 0.25
-
-
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - w * h
-    return w * h / union if union > 0 else 0.0
 
 
 def detections(path: str, images: list, organ) -> list[tuple[np.ndarray, np.ndarray]]:  # noqa: ANN001
@@ -58,14 +52,16 @@ def detections(path: str, images: list, organ) -> list[tuple[np.ndarray, np.ndar
 
 def count(images: list, boxes: list[np.ndarray], normal: str) -> dict[str, int]:
     """Lesion images without a box, false boxes (no lesion at IoU >= 0.5), normal images with a box."""
+    from echo_agent.detectors.postprocess import box_iou
+
     no_box = false = normal_boxed = 0
     for im, b in zip(images, boxes, strict=True):
-        truth = [np.array([t.x1, t.y1, t.x2, t.y2]) for t in im.boxes]
+        truth = np.array([[t.x1, t.y1, t.x2, t.y2] for t in im.boxes], float).reshape(-1, 4)
         if im.label == normal:
             normal_boxed += len(b) > 0
         elif len(b) == 0:
             no_box += 1
-        false += sum(not any(_iou(x, t) >= 0.5 for t in truth) for x in b)
+        false += int((~(box_iou(b, truth) >= 0.5).any(axis=1)).sum())
     return {"lesion_images_without_box": no_box, "false_boxes": false, "normal_images_with_box": normal_boxed}
 
 

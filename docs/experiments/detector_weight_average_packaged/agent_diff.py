@@ -13,19 +13,15 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
 
 def _load(path: str) -> dict[str, dict[str, Any]]:
     with open(path) as f:
         return {row["key"]: row for row in map(json.loads, f)}
-
-
-def _iou(a: list[float], b: list[float]) -> float:
-    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - w * h
-    return w * h / union if union > 0 else 0.0
 
 
 def _boxes(row: dict[str, Any], who: str) -> tuple[list[list[float]], list[float]]:
@@ -37,9 +33,11 @@ def _boxes(row: dict[str, Any], who: str) -> tuple[list[list[float]], list[float
 
 
 def hits(row: dict[str, Any], who: str) -> tuple[int, int, list[float]]:
+    from echo_agent.detectors.postprocess import box_iou
+
     boxes, scores = _boxes(row, who)
     truth = row["truth"]["boxes"]
-    return sum(any(_iou(t, b) >= 0.5 for b in boxes) for t in truth), len(boxes), scores
+    return int((box_iou(truth, boxes) >= 0.5).any(axis=1).sum()), len(boxes), scores
 
 
 def main(a: str, b: str) -> None:
