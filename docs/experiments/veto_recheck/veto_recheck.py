@@ -48,26 +48,36 @@ def lesion_found(records: list, threshold: float | None) -> np.ndarray:
     return np.array(out)
 
 
-def main(runs_path: str, fusion_path: str) -> None:
-    from echo_agent.fusion import DETECTOR_RULE, load_fusion_params, veto_normal
+def out_of_fold(runs_path: str, fusion_path: str, family: str):
+    """``(params, records, data, P, ni)``: the runs of the fusion's organ in a ``--runs-cache``, their
+    fit arrays, and the grouped out-of-fold probabilities ``P`` (CV seeds x runs x labels) of the
+    fusion ``family`` with the fit's own folds and CV seeds; ``ni`` is the normal label's index."""
+    from echo_agent.fusion import load_fusion_params
     from echo_agent.organs import get_organ
-    from echo_agent.training.fusion_fit import NORMAL_VETO_MAX_COST, Candidate, FitData, load_runs
+    from echo_agent.training.fusion_fit import Candidate, FitData, load_runs
 
-    assert MAX_COST == NORMAL_VETO_MAX_COST
-    params = load_fusion_params("breast", fusion_path)
+    params = load_fusion_params("", fusion_path)
     spec = get_organ(params.organ)
     records = [r for r in load_runs(runs_path) if r.organ == params.organ]
     labels = list(spec.image_labels)
-    ni = labels.index(spec.normal_label)
     data = FitData.from_runs(records, labels)
-    y = data.y
-    # the family is held to the packaged fusion's (PREREGISTRATION.md), whatever the fit's guard chose
-    cand = Candidate.from_name(PACKAGED_FAMILY)
     sel = params.training["selection"]
-    P = data.out_of_fold(cand, folds=sel["folds"], seeds=tuple(sel["cv_seeds"]))
+    P = data.out_of_fold(Candidate.from_name(family), folds=sel["folds"], seeds=tuple(sel["cv_seeds"]))
+    return params, records, data, P, labels.index(spec.normal_label)
+
+
+def main(runs_path: str, fusion_path: str) -> None:
+    from echo_agent.fusion import DETECTOR_RULE, veto_normal
+    from echo_agent.training.fusion_fit import NORMAL_VETO_MAX_COST
+
+    assert MAX_COST == NORMAL_VETO_MAX_COST
+    # the family is held to the packaged fusion's (PREREGISTRATION.md), whatever the fit's guard chose
+    params, records, data, P, ni = out_of_fold(runs_path, fusion_path, PACKAGED_FAMILY)
+    y = data.y
+    sel = params.training["selection"]
     centers = np.array([r.key.split(":")[0] for r in records])
     det_found = data.R[DETECTOR_RULE].argmax(1) != ni
-    print(f"{len(records)} runs ({cand.name}; the fit chose {params.training['chosen']}; CV seeds {sel['cv_seeds']}); "
+    print(f"{len(records)} runs ({PACKAGED_FAMILY}; the fit chose {params.training['chosen']}; CV seeds {sel['cv_seeds']}); "
           f"first-look rule agrees with the fit's detector rule on {(lesion_found(records, None) == det_found).mean():.3f}")
 
     def summary(found: np.ndarray | None) -> dict:
