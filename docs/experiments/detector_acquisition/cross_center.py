@@ -38,13 +38,16 @@ def _named(items: list[str]) -> dict[str, Path]:
     return out
 
 
-def measure(detector_path: Path, images: list, organ) -> dict:  # noqa: ANN001 - manifest rows, OrganSpec
+def measure(detector_path: Path, images: list, organ, wrap=None) -> dict:  # noqa: ANN001 - manifest rows, OrganSpec, callable
+    """``wrap(detector)``, when given, returns the detector actually measured (e.g. one that changes its input)."""
     from echo_agent.detectors.onnx import OnnxDetector
     from echo_agent.eval.sweep import threshold_sweep
     from echo_agent.imaging import load_image
     from echo_agent.tools.toolkit import run_detector
 
     det = OnnxDetector(detector_path)  # one instance: the second pass below is answered from its output cache
+    if wrap is not None:
+        det = wrap(det)
     sweep = threshold_sweep(organ, det, images, (0.1, 0.25))
     lesions = [im for im in images if im.label != organ.normal_label]
     # lesion images the detector alone reads normal: no box at the operating threshold
