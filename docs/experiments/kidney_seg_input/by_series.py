@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import collections
 import csv
-import os
 import sys
 from pathlib import Path
 
@@ -45,10 +44,10 @@ def series(clip_id: str) -> str:
 
 
 def main(runs: str, fusion: str, name: str = "") -> None:
+    from echo_agent.eval.datasets import dataset_folder
     from echo_agent.fusion import veto_normal
 
-    data_root = Path(os.environ.get("ECHO_AGENT_DATA", HERE.parents[3] / "shared" / "data"))
-    frames = {r["image"]: r for r in csv.DictReader(open(data_root / "Hydronephrosis-NCNU" / "frames.csv"))}
+    frames = {r["image"]: r for r in csv.DictReader(open(dataset_folder("hydronephrosis_ncnu") / "frames.csv"))}
     _, records, data, P, ni = out_of_fold(runs, fusion, FAMILY)
     found = lesion_found(records, None)
     pred = np.stack([veto_normal(p, ni, found) for p in P]).mean(0).argmax(1)
