@@ -127,6 +127,7 @@ def eval_(
     detector: Annotated[Path | None, typer.Option(help="Use these detector weights (.onnx/.pt) for --organ instead of the packaged ones.")] = None,
     classifier: Annotated[str | None, typer.Option(help="Second-look classifier for --organ: an .onnx file instead of the packaged one, or 'none' to run without a second look.")] = None,
     config: Annotated[Path | None, typer.Option(help="Agent config (JSON/YAML AgentConfig); --fusion/--detector/--classifier apply on top.")] = None,
+    by: Annotated[str | None, typer.Option(help="Also break the metrics down by this manifest column: center, split, category ... or any other column of the CSV (a scanner, a series), the same on every row of an image.")] = None,
 ) -> None:
     """Evaluate detector-only vs the full agent on a manifest."""
     from .eval.harness import eval_command
@@ -157,9 +158,9 @@ def eval_(
              *(["--detector", str(detector)] if detector is not None else []),
              *(["--classifier", str(classifier)] if classifier is not None else []),
              *(["--config", str(config)] if config is not None else [])]
-    command = _default_command(str(manifest), out, organ, split, limit, score_threshold, extra)
+    command = _default_command(str(manifest), out, organ, split, limit, score_threshold, extra, by=by)
     raise typer.Exit(code=eval_command(manifest, out, organ=organ, split=split, limit=limit, overwrite=overwrite,
-                                       score_threshold=score_threshold, agent=agent, command=command))
+                                       score_threshold=score_threshold, agent=agent, command=command, by=by))
 
 
 @app.command()

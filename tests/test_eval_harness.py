@@ -486,3 +486,51 @@ def test_warning_kinds_ignore_numbers() -> None:
     tally.add(["router p=0.75", "router p=0.61"])  # one kind, once for this image
     tally.add(["router p=0.5"])
     assert tally.most_common() == [{"warning": "router p=0.75", "images": 2}]
+
+
+def test_metrics_broken_down_by_any_manifest_column(manifest: Path, tmp_path: Path):
+    """``by`` reads a column the manifest format does not define (here a scanner), checks it is an
+    image-level column, and gives every metric per value of it in the result, metrics.json, the report
+    and the reproduce line; an image-level field works for an in-memory manifest too."""
+    from echo_agent.errors import ManifestError
+
+    scanner = {"a.png": "s1", "b.png": "s1", "c.png": "s2", "d.png": ""}
+    lines = manifest.read_text().splitlines()
+    rows = [lines[0] + ",scanner"] + [f"{x},{scanner[x.split(',')[0]]}" for x in lines[1:]]
+    with_scanner = manifest.with_name("with_scanner.csv")
+    with_scanner.write_text("\n".join(rows) + "\n")
+
+    out = tmp_path / "by_scanner"
+    res = evaluate(with_scanner, agent=FakeAgent(), out_dir=out, progress=False, n_boot=20, by="scanner")
+    m = res.metrics["breast"]
+    assert m.by == "scanner" and set(m.groups) == {"s1", "s2", "unknown"}
+    assert m.groups["s1"][DETECTOR].n_images == 2 and m.groups["s1"][DETECTOR].classification.accuracy == pytest.approx(0.5)
+    assert m.groups["s1"][AGENT].classification.accuracy == pytest.approx(1.0)
+    assert m.groups["unknown"][DETECTOR].n_images == 1 and m.groups["unknown"][AGENT].n_images == 0  # d: agent failed
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["by"] == "scanner"
+    assert summary["organs"]["breast"]["by"]["column"] == "scanner"
+    assert summary["organs"]["breast"]["by"]["groups"]["s2"]["detector"]["n_images"] == 1
+    assert "--by scanner" in summary["command"]
+    report = (out / "report.md").read_text()
+    assert "### Per scanner" in report and "### Per center" in report
+    # without by nothing changes in the output
+    plain = evaluate(manifest, agent=FakeAgent(), out_dir=tmp_path / "plain", progress=False, n_boot=20)
+    assert plain.metrics["breast"].by is None and "by" not in plain.summary["organs"]["breast"]
+
+    # an image-level field, from an in-memory manifest
+    items = [ManifestImage(image=manifest.parent / n, organ="breast", label=v[1], patient_id=v[4],
+                           boxes=tuple(Box.from_xyxy(b) for b in v[2])) for n, v in IMAGES.items()]
+    res = evaluate(items, agent=FakeAgent(), out_dir=tmp_path / "by_patient", progress=False, n_boot=20, by="patient_id")
+    assert set(res.metrics["breast"].groups) == {"p1", "p2", "p3", "p4"}
+    with pytest.raises(EchoInputError, match="pass the manifest's path"):
+        evaluate(items, agent=FakeAgent(), out_dir=tmp_path / "x1", progress=False, by="scanner")
+    # a column the file does not have; a column that differs between the rows of one image
+    with pytest.raises(ManifestError, match="no column 'scaner'"):
+        evaluate(with_scanner, agent=FakeAgent(), out_dir=tmp_path / "x2", progress=False, by="scaner")
+    per_box = manifest.with_name("per_box.csv")
+    second_box = next(x for x in lines[1:] if x.startswith("b.png")).replace(",20,20,40,50,", ",1,1,9,9,")
+    per_box.write_text("\n".join([lines[0] + ",size"] + [f"{x},{i}" for i, x in enumerate([*lines[1:], second_box])]) + "\n")
+    with pytest.raises(ManifestError, match="disagree on column 'size'"):
+        evaluate(per_box, agent=FakeAgent(), out_dir=tmp_path / "x3", progress=False, by="size")
+    assert not (tmp_path / "x2").exists() and not (tmp_path / "x3").exists()  # refused before running

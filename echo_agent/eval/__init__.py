@@ -8,7 +8,14 @@ from .datasets import (
     load_center,
     load_split,
 )
-from .manifest import MANIFEST_COLUMNS, ManifestImage, default_data_root, load_manifest, write_manifest
+from .manifest import (
+    MANIFEST_COLUMNS,
+    ManifestImage,
+    column_values,
+    default_data_root,
+    load_manifest,
+    write_manifest,
+)
 from .splits import LeakageError, LeakageReport, apply_splits, assign_splits, leakage_report
 
 # The harness and metrics load on first use (they pull in the agent stack).
@@ -47,6 +54,7 @@ __all__ = [
     "ManifestImage",
     "apply_splits",
     "assign_splits",
+    "column_values",
     "default_data_root",
     "leakage_report",
     "load_center",

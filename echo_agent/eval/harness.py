@@ -34,7 +34,7 @@ import numpy as np
 from ..errors import EchoError, EchoInputError, MissingExtraError
 from ..organs import OrganSpec, get_organ
 from ..schemas import Detection, Diagnosis
-from .manifest import ManifestImage, load_manifest
+from .manifest import IMAGE_LEVEL_FIELDS, ManifestImage, column_values, load_manifest
 from .metrics import (
     IOU_THRESHOLD,
     PredictedBox,
@@ -72,21 +72,28 @@ class DetectorLike(Protocol):
 
 @dataclass
 class OrganMetrics:
-    """Metrics of both systems for one organ: over all its images and per center."""
+    """Metrics of both systems for one organ: over all its images, per center and, when
+    ``evaluate(by=...)`` named a column, per value of that column (``groups``)."""
 
     organ: str
     labels: tuple[str, ...]
     positive_label: str | None
     overall: dict[str, SystemMetrics]
     centers: dict[str, dict[str, SystemMetrics]]
+    by: str | None = None
+    groups: dict[str, dict[str, SystemMetrics]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "labels": list(self.labels),
             "positive_label": self.positive_label,
             "overall": {s: m.to_dict() for s, m in self.overall.items()},
             "centers": {c: {s: m.to_dict() for s, m in d.items()} for c, d in self.centers.items()},
         }
+        if self.by is not None:
+            out["by"] = {"column": self.by,
+                         "groups": {g: {s: m.to_dict() for s, m in d.items()} for g, d in self.groups.items()}}
+        return out
 
 
 @dataclass
@@ -325,6 +332,7 @@ def evaluate(
     n_boot: int = 1000,
     seed: int = 0,
     command: str | None = None,
+    by: str | None = None,
 ) -> EvalResult:
     """Run the detector-only baseline and the agent on every image; write metrics, predictions, report.
 
@@ -340,6 +348,11 @@ def evaluate(
             baseline sees the same pixels as the agent's detect tool).
         n_boot, seed: bootstrap resamples and seed of the confidence intervals.
         command: the command line to print in the report (default: an equivalent ``echo-agent eval``).
+        by: also break every metric down by this manifest column, one of the image-level fields
+            (``center``, ``split``, ``category`` ...) or any other column of the CSV (a scanner, an
+            acquisition series), which must then be the same on every row of an image; needs the
+            manifest's path for a column :class:`ManifestImage` does not hold. Empty cells count as
+            ``unknown``.
 
     Returns:
         An :class:`EvalResult`. Raises :class:`~echo_agent.errors.EchoInputError` for a bad manifest or
@@ -355,6 +368,7 @@ def evaluate(
         raise EchoInputError(
             f"no image of {manifest_name} matches organ={organ!r} split={split!r}; check the filters"
         )
+    group_of = _group_values(manifest, items, by) if by is not None else None
     specs = {name: get_organ(name) for name in sorted({im.organ for im in items})}
     if agent is None:
         from ..agent import EchoAgent
@@ -395,14 +409,16 @@ def evaluate(
 
     organ_metrics: dict[str, OrganMetrics] = {}
     for name, spec in specs.items():
-        organ_metrics[name] = _organ_metrics(spec, scored[name], iou_threshold=iou_threshold, n_boot=n_boot, seed=seed)
+        organ_metrics[name] = _organ_metrics(spec, scored[name], iou_threshold=iou_threshold, n_boot=n_boot, seed=seed,
+                                             by=by, group_of=group_of)
 
-    cmd = command or _default_command(manifest_name, out, organ, split, limit, score_threshold)
+    cmd = command or _default_command(manifest_name, out, organ, split, limit, score_threshold, by=by)
     summary = {
         "schema": SCHEMA,
         "manifest": manifest_name,
         "command": cmd,
         "filters": {"organ": organ, "split": split, "limit": limit, "seed": seed},
+        **({"by": by} if by is not None else {}),
         "score_threshold": score_threshold,
         "iou_threshold": iou_threshold,
         "n_boot": n_boot,
@@ -467,9 +483,20 @@ class WarningTally:
 WIDESPREAD_WARNING = 0.1
 
 
+def _group_values(manifest: str | Path | Sequence[ManifestImage], items: Sequence[ManifestImage], by: str) -> dict[Path, str]:
+    """Each image's value in column ``by`` (see ``evaluate(by=...)``); '' for an empty cell."""
+    if by in IMAGE_LEVEL_FIELDS:
+        return {im.image: "" if getattr(im, by) is None else str(getattr(im, by)) for im in items}
+    if not isinstance(manifest, (str, Path)):
+        raise EchoInputError(f"by={by!r} is not one of the image-level fields {list(IMAGE_LEVEL_FIELDS)}; to break "
+                             "results down by another column, pass the manifest's path so that column can be read")
+    values = column_values(manifest, by)
+    return {im.image: values.get(im.image, "") for im in items}
+
+
 def _organ_metrics(
     spec: OrganSpec, by_system: Mapping[str, list[tuple[ManifestImage, ScoredImage]]], *,
-    iou_threshold: float, n_boot: int, seed: int,
+    iou_threshold: float, n_boot: int, seed: int, by: str | None = None, group_of: Mapping[Path, str] | None = None,
 ) -> OrganMetrics:
     def metrics(rows: Sequence[ScoredImage]) -> SystemMetrics:
         return compute_metrics(
@@ -477,12 +504,15 @@ def _organ_metrics(
             iou_threshold=iou_threshold, n_boot=n_boot, seed=seed,
         )
 
+    def breakdown(key: Callable[[ManifestImage], str | None]) -> dict[str, dict[str, SystemMetrics]]:
+        names = sorted({key(im) or "unknown" for s in SYSTEMS for im, _ in by_system[s]})
+        return {g: {s: metrics([x for im, x in by_system[s] if (key(im) or "unknown") == g]) for s in SYSTEMS}
+                for g in names}
+
     overall = {s: metrics([x for _, x in by_system[s]]) for s in SYSTEMS}
-    centers: dict[str, dict[str, SystemMetrics]] = {}
-    names = sorted({im.center or "unknown" for s in SYSTEMS for im, _ in by_system[s]})
-    for c in names:
-        centers[c] = {s: metrics([x for im, x in by_system[s] if (im.center or "unknown") == c]) for s in SYSTEMS}
-    return OrganMetrics(spec.name, spec.image_labels, spec.positive_label, overall, centers)
+    centers = breakdown(lambda im: im.center)
+    groups = breakdown(lambda im: group_of.get(im.image)) if group_of is not None else {}
+    return OrganMetrics(spec.name, spec.image_labels, spec.positive_label, overall, centers, by, groups)
 
 
 def _category_summary(spec: OrganSpec, pairs: Sequence[tuple[str, str | None]]) -> dict[str, Any] | None:
@@ -513,10 +543,10 @@ def _timing(values: Sequence[float]) -> dict[str, float | None]:
 
 def _default_command(
     manifest: str, out: Path, organ: str | None, split: str | None, limit: int | None,
-    score_threshold: float = 0.25, extra: Sequence[str] = (),
+    score_threshold: float = 0.25, extra: Sequence[str] = (), *, by: str | None = None,
 ) -> str:
     parts = ["echo-agent", "eval", manifest, "--out", str(out)]
-    for flag, v in (("--organ", organ), ("--split", split), ("--limit", limit)):
+    for flag, v in (("--organ", organ), ("--split", split), ("--limit", limit), ("--by", by)):
         if v is not None:
             parts += [flag, str(v)]
     if score_threshold != 0.25:
@@ -537,6 +567,7 @@ def eval_command(
     score_threshold: float = 0.25,
     console: Any = None,
     command: str | None = None,
+    by: str | None = None,
 ) -> int:
     """``echo-agent eval MANIFEST.csv --out DIR``: run :func:`evaluate`, print a summary, return an exit code.
 
@@ -552,7 +583,7 @@ def eval_command(
     try:
         result = evaluate(
             manifest, agent=agent, out_dir=out, organ=organ, split=split, limit=limit,
-            overwrite=overwrite, progress=progress, score_threshold=score_threshold, command=command,
+            overwrite=overwrite, progress=progress, score_threshold=score_threshold, command=command, by=by,
         )
     except (EchoInputError, MissingExtraError, FileNotFoundError) as exc:
         console.print(f"[red]error:[/] {exc}")

@@ -342,6 +342,43 @@ def load_manifest(
     return out
 
 
+#: :class:`ManifestImage` fields a result can be broken down by (``evaluate(by=...)``) without re-reading the file
+IMAGE_LEVEL_FIELDS: tuple[str, ...] = ("label", "category", "center", "patient_id", "group", "split", "age", "symptoms")
+
+
+def column_values(path: str | os.PathLike[str], column: str) -> dict[Path, str]:
+    """Per image of a manifest CSV, its value in ``column`` ('' where the cell is empty).
+
+    ``column`` may be one the manifest format does not define (a scanner, an acquisition series, a
+    reader): :func:`load_manifest` ignores such columns, this reads one of them. Image paths are
+    resolved as :func:`load_manifest` resolves them, so the keys match :attr:`ManifestImage.image`.
+    Raises :class:`~echo_agent.errors.ManifestError` when the file has no such column, or when the
+    rows of one image disagree on it (a per-lesion column cannot break images down).
+    """
+    path = Path(path)
+    base = path.resolve().parent
+    with path.open(newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        header = [h.strip() for h in (reader.fieldnames or [])]
+        if column not in header:
+            raise ManifestError(f"{path}, line 1: no column {column!r}; the columns are {header}")
+        reader.fieldnames = header
+        values: dict[Path, tuple[str, int]] = {}
+        for raw in reader:
+            text = (raw.get("image") or "").strip()
+            if not text:
+                continue
+            image = Path(text)
+            image = Path(os.path.normpath(image if image.is_absolute() else base / image))
+            value = (raw.get(column) or "").strip()
+            prev = values.setdefault(image, (value, reader.line_num))
+            if prev[0] != value:
+                raise _err(path, [prev[1], reader.line_num],
+                           f"rows of image {text!r} disagree on column {column!r} ({prev[0]!r} vs {value!r}); "
+                           "results can only be broken down by a column that is the same on every row of an image")
+    return {image: v for image, (v, _) in values.items()}
+
+
 def _fmt(v: float) -> str:
     return str(int(v)) if float(v).is_integer() else repr(float(v))
 
@@ -398,5 +435,5 @@ def load_development_rows(path: str | os.PathLike[str], organ: str, *, purpose: 
     return [im for im in rows if im.organ == organ]
 
 
-__all__ = ["MANIFEST_COLUMNS", "ManifestImage", "default_data_root", "load_development_rows", "load_manifest",
+__all__ = ["IMAGE_LEVEL_FIELDS", "MANIFEST_COLUMNS", "ManifestImage", "column_values", "default_data_root", "load_development_rows", "load_manifest",
            "write_manifest"]

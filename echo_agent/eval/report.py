@@ -137,7 +137,7 @@ def _confusion_lines(name: str, m: Mapping[str, Any]) -> list[str]:
     return [f"{name} (rows: truth, columns: prediction)", "", *_table(["truth \\ pred", *labels], rows)]
 
 
-def _center_rows(centers: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> list[list[str]]:
+def _group_rows(centers: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> list[list[str]]:
     rows = []
     for c, systems in centers.items():
         for s, m in systems.items():
@@ -220,13 +220,17 @@ def render_report(summary: Mapping[str, Any], *, plots: Sequence[str | Path] = (
             if s in overall:
                 out += _confusion_lines(name, overall[s])
                 out.append("")
-        if om.get("centers"):
-            out += ["### Per center", ""]
-            out += _table(
-                ["center", "system", "images", "loc. F1", "grounded F1", "accuracy", "bal. acc.", "AUC"],
-                _center_rows(om["centers"]), align_right_from=2,
-            )
-            out.append("")
+        breakdowns = [("center", om.get("centers"))]
+        if om.get("by"):
+            breakdowns.append((om["by"]["column"], om["by"]["groups"]))
+        for column, groups in breakdowns:
+            if groups:
+                out += [f"### Per {column}", ""]
+                out += _table(
+                    [column, "system", "images", "loc. F1", "grounded F1", "accuracy", "bal. acc.", "AUC"],
+                    _group_rows(groups), align_right_from=2,
+                )
+                out.append("")
         ca = om.get("category_agreement")
         if ca:
             base = ca["majority_baseline"]
