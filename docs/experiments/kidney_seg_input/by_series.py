@@ -2,6 +2,7 @@
 """Out-of-fold kidney errors by acquisition series and by fluid area (PREREGISTRATION.md here).
 
     python docs/experiments/kidney_seg_input/by_series.py runs/kfix/runs_B.jsonl runs/kfix/fusion_B.json [NAME]
+    python docs/experiments/kidney_seg_input/by_series.py --with-series MANIFEST.csv OUT.csv
 
 The fusion family is held to the packaged kidney fusion's and its grouped out-of-fold probabilities
 are redone with the fit's folds and CV seeds (``../veto_recheck/veto_recheck.py:out_of_fold``),
@@ -74,5 +75,19 @@ def main(runs: str, fusion: str, name: str = "") -> None:
         + f"  (cuts {', '.join(f'{c:.0f}' for c in cuts)})")
 
 
+def write_manifest_with_series(manifest: str, out: str) -> None:
+    """A copy of a kidney manifest with a ``series`` column (from each row's clip, its ``group``),
+    for ``echo-agent eval OUT --by series``."""
+    with open(manifest, newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    with open(out, "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=[*rows[0], "series"])
+        w.writeheader()
+        w.writerows({**r, "series": series(r["group"])} for r in rows)
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    if sys.argv[1] == "--with-series":  # by_series.py --with-series MANIFEST.csv OUT.csv
+        write_manifest_with_series(sys.argv[2], sys.argv[3])
+    else:
+        main(*sys.argv[1:4])
