@@ -134,6 +134,12 @@ def _err(path: Path, row: int | Iterable[int], msg: str) -> ManifestError:
     return ManifestError(f"{path}, {where}: {msg}")
 
 
+def _resolve_image(base: Path, text: str) -> Path:
+    """A manifest cell's image path: relative paths start at the manifest's folder (``base``), normalised."""
+    image = Path(text)
+    return Path(os.path.normpath(image if image.is_absolute() else base / image))
+
+
 def _opt(value: str | None) -> str | None:
     if value is None:
         return None
@@ -203,10 +209,7 @@ def _parse_row(
     image_text = rec["image"].strip()
     if not image_text:
         raise _err(path, row, "column 'image' is empty; give the image path")
-    image = Path(image_text)
-    if not image.is_absolute():
-        image = base / image
-    image = Path(os.path.normpath(image))
+    image = _resolve_image(base, image_text)
     organ_name = rec["organ"].strip()
     try:
         organ = get_organ(organ_name)
@@ -368,8 +371,7 @@ def column_values(path: str | os.PathLike[str], column: str) -> dict[Path, str]:
             text = (raw.get("image") or "").strip()
             if not text:
                 continue
-            image = Path(text)
-            image = Path(os.path.normpath(image if image.is_absolute() else base / image))
+            image = _resolve_image(base, text)
             value = (raw.get(column) or "").strip()
             prev = values.setdefault(image, (value, reader.line_num))
             if prev[0] != value:
