@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {}
     for center, arms in (("busi", _named(args.busi_only)), ("breast_lesions_usg", _named(args.breast_only))):
         own = load_split(center, "val")
-        other = [im for s in ("train", "val") for im in load_split(OTHER[center], s)]
+        other = load_split(OTHER[center], "train+val")
         for name, path in arms.items():
             key = f"{center}_only/{name}"
             result[key] = {"detector": str(path), "own_val": measure(path, own, organ),

@@ -85,7 +85,7 @@ def main() -> int:
         result["levels"][center] = level
         lines.append(f"{center}: train-split median p99 {level:.1f}")
         own = load_split(center, "val")
-        other = [im for s in ("train", "val") for im in load_split(OTHER[center], s)]
+        other = load_split(OTHER[center], "train+val")
         for name, path in arms.items():
             for arm, wrap in (("plain", None), ("matched", lambda d, t=level: Matched(d, t))):
                 key = f"{center}_only/{name}/{arm}"

@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     result: dict = {}
     for center, paths in SEEDS.items():
-        images = [im for s in ("train", "val") for im in load_split(OTHER[center], s)]
+        images = load_split(OTHER[center], "train+val")
         runs = [detections(p, images, organ) for p in paths]
         alone = [{f"{t:g}": count(images, [b[s >= t] for b, s in r], organ.normal_label) for t in THRESHOLDS} for r in runs]
         pairs = []

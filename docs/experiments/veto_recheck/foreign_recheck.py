@@ -32,7 +32,7 @@ def main() -> None:
 
     organ = get_organ("breast")
     for center, paths in SEEDS.items():
-        images = [im for s in ("train", "val") for im in load_split(OTHER[center], s)]
+        images = load_split(OTHER[center], "train+val")
         for seed, path in enumerate(paths):
             det = OnnxDetector(REPO / path)
             counts = {kind: {"empty": 0, **{t: 0 for t in THRESHOLDS}} for kind in ("lesion", "normal")}
