@@ -450,6 +450,33 @@ def test_reader_categories_are_scored_against_the_agents(tmp_path: Path):
     assert "BI-RADS agreement with the readers" in report and "exact 0.500" in report
 
 
+def test_coarse_and_off_scale_reader_categories(tmp_path: Path):
+    """A center that records BI-RADS 4 without 4A-4C (and a 0 for an incomplete study) must not have
+    those images silently dropped: a coarse 4 is scored at its level, an off-scale 0 is reported."""
+    data = tmp_path / "data"
+    data.mkdir()
+    lines = ["image,organ,label,x_min,y_min,x_max,y_max,category"]
+    for name, cat in (("a.png", "4"), ("b.png", "BI-RADS 4"), ("c.png", "0"), ("d.png", "")):
+        v, label, boxes, _, _ = IMAGES[name]
+        Image.fromarray(np.full((64, 64), v, dtype=np.uint8)).save(data / name)
+        for b in boxes or [None]:
+            coords = ",".join(str(c) for c in b) if b else ",,,"
+            lines.append(f"{name},breast,{label},{coords},{cat}")
+    (data / "m.csv").write_text("\n".join(lines) + "\n")
+    res = evaluate(data / "m.csv", agent=CategoryAgent(), out_dir=tmp_path / "run", progress=False, n_boot=10,
+                   plots=False)
+    ca = res.summary["organs"]["breast"]["category_agreement"]
+    # a: reader 4, agent 4A (exact at the coarse level); b: reader 4, agent 5 (one step); c: 0 is on no step
+    assert (ca["n"], ca["exact"], ca["within_one"], ca["n_coarse"]) == (2, 0.5, 1.0, 2)
+    assert ca["unscored"] == {"0": 1}
+    rows = dict(zip(ca["reader_order"], ca["confusion"], strict=True))
+    assert rows["4"][ca["order"].index("4A")] == 1 and rows["4"][ca["order"].index("5")] == 1
+    assert ca["majority_baseline"] == {"category": "4B", "reader_category": "4", "exact": 1.0, "within_one": 1.0}
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "(4, answered as 4B)" in report and "2 images have a reader category that covers several steps" in report and "'0' (1)" in report
+    assert "| 4 |" in report
+
+
 def test_a_warning_on_many_images_is_counted_printed_and_reported(manifest: Path, tmp_path: Path):
     """A run-wide condition (here: a learned fusion that stepped aside on every image) must not hide in
     predictions.jsonl: the summary counts each kind of warning once per image (texts that differ only

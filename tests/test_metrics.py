@@ -375,3 +375,22 @@ def test_category_agreement_by_hand():
     assert a.confusion[order.index("5")][order.index("4C")] == 1
     empty = category_agreement([None], ["5"], order)
     assert empty.n == 0 and empty.exact is None
+
+
+def test_category_agreement_with_coarse_and_unknown_reader_categories():
+    from echo_agent.eval.metrics import category_agreement, coarse_categories
+
+    order = ["1", "2", "3", "4A", "4B", "4C", "5"]
+    assert coarse_categories(order) == {"4": ("4A", "4B", "4C")}
+    assert coarse_categories(["2", "3", "4A", "4B", "4", "5"]) == {}  # 4 is a step itself: not coarse
+    truth = ["4", "4", "4", "4", "BI-RADS 4", "6", "0", "6", "3"]
+    pred = ["4B", "5", "3", "2", None, "5", "4A", "4C", "4A"]
+    a = category_agreement(truth, pred, order)
+    # the 4s: 4B exact, 5 and 3 one merged step away, 2 two away, None missing; 3 vs 4A is one step
+    assert (a.n, a.n_coarse, a.n_missing) == (6, 5, 1)
+    assert a.exact == 1 / 6 and a.within_one == 4 / 6
+    assert a.unscored == (("0", 1), ("6", 2))
+    assert a.reader_order == ("1", "2", "3", "4", "4A", "4B", "4C", "5")
+    assert a.confusion[a.reader_order.index("4")] == (0, 1, 1, 0, 1, 0, 1)
+    plain = category_agreement(["4a"], ["4A"], order)
+    assert plain.reader_order == tuple(order) and plain.n_coarse == 0 and plain.unscored == ()

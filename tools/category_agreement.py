@@ -42,19 +42,25 @@ def main(argv: list[str] | None = None) -> int:
         truth.append(t.get("category", t.get("birads")))  # "birads": files written before 2026-12
         pred.append(dx.get("category"))
     a = category_agreement(truth, pred, order)
+    if a.unscored:
+        print("not scored, reader categories on no step of the scale: "
+              + ", ".join(f"{v!r} ({k})" for v, k in a.unscored), file=sys.stderr)
     if not a.n:
-        print("no image has a reader category", file=sys.stderr)
+        print("no image has a reader category on the scale", file=sys.stderr)
         return 1
     print(f"{a.n} images with a reader category: exact {a.exact:.3f}, within one step {a.within_one:.3f}"
-          + (f" ({a.n_missing} without an agent category)" if a.n_missing else ""))
+          + (f" ({a.n_missing} without an agent category)" if a.n_missing else "")
+          + (f"; {a.n_coarse} scored at a coarser level (e.g. 4 for 4A-4C)" if a.n_coarse else ""))
     print("reader \\ agent " + " ".join(f"{c:>4}" for c in a.order))
-    for c, row in zip(a.order, a.confusion):
+    for c, row in zip(a.reader_order, a.confusion):
         print(f"{c:>14} " + " ".join(f"{v:>4}" for v in row))
     counts = collections.Counter(normalise_category(p) for p in pred if p)
     print("agent categories: " + ", ".join(f"{c} {counts.get(c, 0)}" for c in a.order))
     if args.json:
         args.json.write_text(json.dumps({"n": a.n, "exact": a.exact, "within_one": a.within_one, "order": a.order,
-                                         "confusion": a.confusion, "n_missing": a.n_missing}, indent=1))
+                                         "reader_order": a.reader_order, "confusion": a.confusion,
+                                         "n_missing": a.n_missing, "n_coarse": a.n_coarse,
+                                         "unscored": dict(a.unscored)}, indent=1))
     return 0
 
 

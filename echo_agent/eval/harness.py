@@ -41,6 +41,7 @@ from .metrics import (
     ScoredImage,
     SystemMetrics,
     category_agreement,
+    coarse_categories,
     compute_metrics,
     normalise_category,
 )
@@ -517,20 +518,28 @@ def _organ_metrics(
 
 def _category_summary(spec: OrganSpec, pairs: Sequence[tuple[str, str | None]]) -> dict[str, Any] | None:
     """The agent's categories against the readers' (images with a reader category only), with the
-    majority-category baseline beside them; ``None`` when the organ has no categories or no image one."""
+    majority-category baseline beside them; ``None`` when the organ has no categories or no image one.
+
+    A coarse reader category (BI-RADS "4" where the scale has 4A-4C) is scored at its level; reader
+    categories on no scale are counted in ``unscored`` (then the summary exists even with ``n`` 0)."""
     if not spec.categories or not pairs:
         return None
     order = spec.category_scale
     truth = [t for t, _ in pairs]
     a = category_agreement(truth, [p for _, p in pairs], order)
-    if not a.n:
+    if not a.n and not a.unscored:
         return None
+    coarse = coarse_categories(order)
     counts = Counter(normalise_category(t) for t in truth)
-    majority = max(a.order, key=lambda c: (counts.get(c, 0), -a.order.index(c)))
-    base = category_agreement(truth, [majority] * len(truth), order)
+    majority = max(a.reader_order, key=lambda c: (counts.get(c, 0), -a.reader_order.index(c)))
+    answer = coarse[majority][len(coarse[majority]) // 2] if majority in coarse else majority  # 4 -> 4B
+    base = category_agreement(truth, [answer] * len(truth), order)
     return {"system": spec.category_system, "n": a.n, "exact": a.exact, "within_one": a.within_one,
-            "n_missing": a.n_missing, "order": list(a.order), "confusion": [list(r) for r in a.confusion],
-            "majority_baseline": {"category": majority, "exact": base.exact, "within_one": base.within_one}}
+            "n_missing": a.n_missing, "order": list(a.order), "reader_order": list(a.reader_order),
+            "confusion": [list(r) for r in a.confusion], "n_coarse": a.n_coarse,
+            "unscored": dict(a.unscored),
+            "majority_baseline": {"category": answer, "reader_category": majority, "exact": base.exact,
+                                  "within_one": base.within_one}}
 
 
 def _timing(values: Sequence[float]) -> dict[str, float | None]:

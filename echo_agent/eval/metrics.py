@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -635,54 +636,122 @@ def compute_metrics(
 
 @dataclass(frozen=True)
 class CategoryAgreement:
-    """Agreement of predicted assessment categories (e.g. BI-RADS) with a reader's, on an ordinal scale."""
+    """Agreement of predicted assessment categories (e.g. BI-RADS) with a reader's, on an ordinal scale.
+
+    A reader category that stands for several steps of the scale (BI-RADS "4" for 4A / 4B / 4C, as
+    centers that do not subdivide category 4 record it) is scored at that coarser level: any of its
+    steps is exact, and within one is counted on the scale with those steps merged (``n_coarse``).
+    Reader categories that are on neither scale (BI-RADS 0 or 6, a typing error) are not scored; their
+    values and counts are kept in ``unscored`` so a report can say so.
+    """
 
     n: int
     exact: float | None
     within_one: float | None
     order: tuple[str, ...]
-    confusion: tuple[tuple[int, ...], ...]  # rows: reader, columns: predicted, in ``order``
+    confusion: tuple[tuple[int, ...], ...]  # rows: reader (``reader_order``), columns: predicted, in ``order``
     n_missing: int  # images with a reader category but no predicted one (scored as disagreement)
+    reader_order: tuple[str, ...] = ()  # the confusion's rows: ``order`` plus any coarse reader category seen
+    n_coarse: int = 0  # images whose reader category is a coarse one (scored at that level)
+    unscored: tuple[tuple[str, int], ...] = ()  # reader categories on no scale, with their counts
+
+    def __post_init__(self) -> None:
+        if not self.reader_order:
+            object.__setattr__(self, "reader_order", self.order)
+
+
+_SYSTEM_PREFIX = re.compile(r"^[A-Z]{2}-?RADS[\s:_-]*")
 
 
 def normalise_category(value: str | None) -> str | None:
-    """'4a' -> '4A', ' 5 ' -> '5'; empty -> None."""
+    """A reader's or the agent's category in one spelling; empty -> None.
+
+    >>> [normalise_category(v) for v in ("4a", " 5 ", "BI-RADS 4b", "birads:3", "TI-RADS 4 c", "4-A", "")]
+    ['4A', '5', '4B', '3', '4C', '4A', None]
+    """
     if value is None:
         return None
-    v = str(value).strip().upper()
+    v = _SYSTEM_PREFIX.sub("", str(value).strip().upper())
+    v = re.sub(r"[\s_-]+", "", v)
     return v or None
+
+
+def coarse_categories(order: Sequence[str]) -> dict[str, tuple[str, ...]]:
+    """Coarse categories a reader may use for several adjacent steps of ``order``: a number whose
+    lettered steps are on the scale but which is not on it itself (BI-RADS: ``{"4": ("4A", "4B", "4C")}``).
+
+    >>> coarse_categories(["1", "2", "3", "4A", "4B", "4C", "5"])
+    {'4': ('4A', '4B', '4C')}
+    >>> coarse_categories(["2", "3", "4", "5"])
+    {}
+    """
+    order = [normalise_category(o) or "" for o in order]
+    groups: dict[str, list[int]] = {}
+    for i, c in enumerate(order):
+        m = re.fullmatch(r"(\d+)[A-Z]", c)
+        if m and m.group(1) not in order:
+            groups.setdefault(m.group(1), []).append(i)
+    return {g: tuple(order[i] for i in idx) for g, idx in groups.items()
+            if len(idx) > 1 and idx == list(range(idx[0], idx[-1] + 1))}
 
 
 def category_agreement(
     truth: Sequence[str | None], predicted: Sequence[str | None], order: Sequence[str]
 ) -> CategoryAgreement:
-    """Exact and within-one-step agreement over images with a reader category in ``order``.
+    """Exact and within-one-step agreement over images with a reader category on the scale ``order``.
 
     ``order`` is the ordinal scale (BI-RADS: 1, 2, 3, 4A, 4B, 4C, 5). A missing or unknown predicted
-    category counts as disagreement (``n_missing``).
+    category counts as disagreement (``n_missing``). A coarse reader category (BI-RADS "4") is scored at
+    its level (see :class:`CategoryAgreement`); one on no scale is left out and listed in ``unscored``.
 
     >>> a = category_agreement(["4a", "5", "3", None], ["4A", "4C", "1", "2"], ["1", "2", "3", "4A", "4B", "4C", "5"])
     >>> (a.n, round(a.exact, 3), round(a.within_one, 3))
     (3, 0.333, 0.667)
+    >>> b = category_agreement(["4", "4", "4", "0"], ["4C", "5", "3", "2"], ["1", "2", "3", "4A", "4B", "4C", "5"])
+    >>> (b.n, b.n_coarse, round(b.exact, 3), round(b.within_one, 3), b.unscored)
+    (3, 3, 0.333, 1.0, (('0', 1),))
     """
     order = tuple(normalise_category(o) or "" for o in order)
     index = {c: i for i, c in enumerate(order)}
-    table = [[0] * len(order) for _ in order]
-    n = exact = near = missing = 0
+    coarse = coarse_categories(order)
+    level: dict[str, int] = {}  # each step's position on the scale with the coarse groups merged
+    for c in order:
+        parent = next((g for g, kids in coarse.items() if c in kids), None)
+        key = parent or c
+        if key not in level:
+            level[key] = len(set(level.values()))
+        level[c] = level[key]
+    reader_rows = list(order)
+    table = {c: [0] * len(order) for c in order}
+    unscored: Counter[str] = Counter()
+    n = exact = near = missing = n_coarse = 0
     for t, p in zip(truth, predicted, strict=True):
         tc, pc = normalise_category(t), normalise_category(p)
-        if tc not in index:
+        if tc is None:
+            continue
+        if tc not in index and tc not in coarse:
+            unscored[tc] += 1
             continue
         n += 1
+        n_coarse += tc in coarse
         if pc not in index:
             missing += 1
             continue
-        table[index[tc]][index[pc]] += 1
-        d = abs(index[tc] - index[pc])
-        exact += d == 0
-        near += d <= 1
+        if tc not in table:
+            table[tc] = [0] * len(order)
+            reader_rows.append(tc)
+        table[tc][index[pc]] += 1
+        if tc in coarse:
+            exact += pc in coarse[tc]
+            near += abs(level[tc] - level[pc]) <= 1
+        else:
+            d = abs(index[tc] - index[pc])
+            exact += d == 0
+            near += d <= 1
+    reader_order = tuple(sorted(reader_rows, key=lambda c: (level[c], c not in coarse, index.get(c, -1))))
     return CategoryAgreement(n, exact / n if n else None, near / n if n else None, order,
-                             tuple(tuple(r) for r in table), missing)
+                             tuple(tuple(table[c]) for c in reader_order), missing, reader_order, n_coarse,
+                             tuple(sorted(unscored.items())))
 
 
 def default_negative_label(labels: Sequence[str], positive_label: str, normal_label: str) -> str:
@@ -695,6 +764,7 @@ __all__ = [
     "CategoryAgreement",
     "ReferralScore",
     "category_agreement",
+    "coarse_categories",
     "normalise_category",
     "referral_score",
     "ECE_BINS",

@@ -233,16 +233,7 @@ def render_report(summary: Mapping[str, Any], *, plots: Sequence[str | Path] = (
                 out.append("")
         ca = om.get("category_agreement")
         if ca:
-            base = ca["majority_baseline"]
-            out += [f"### {ca.get('system') or 'Category'} agreement with the readers", "",
-                    f"{ca['n']} images with a reader category: exact {fmt(ca['exact'], 3)}, within one step "
-                    f"{fmt(ca['within_one'], 3)}"
-                    + (f" ({ca['n_missing']} without an agent category)" if ca.get("n_missing") else "")
-                    + f"; always answering the most frequent reader category ({base['category']}): exact "
-                    f"{fmt(base['exact'], 3)}, within one {fmt(base['within_one'], 3)}.", ""]
-            out += _table(["reader \\ agent", *ca["order"]],
-                          [[c, *[str(v) for v in row]] for c, row in zip(ca["order"], ca["confusion"], strict=True)])
-            out.append("")
+            out += _category_section(ca)
         notes = {n for s in overall.values() for n in s.get("notes", [])}
         for n in sorted(notes):
             out.append(f"- note: {n}")
@@ -254,6 +245,40 @@ def render_report(summary: Mapping[str, Any], *, plots: Sequence[str | Path] = (
             out += [f"![{Path(p).stem}]({Path(p).as_posix()})" for p in mine]
             out.append("")
     return "\n".join(out).rstrip() + "\n"
+
+
+def _majority(base: Mapping[str, Any]) -> str:
+    reader = base.get("reader_category")
+    return base["category"] if not reader or reader == base["category"] else f"{reader}, answered as {base['category']}"
+
+
+def _category_section(ca: Mapping[str, Any]) -> list[str]:
+    """The organ's category agreement: the sentence, what was scored at a coarser level or not at all,
+    and the reader x agent table."""
+    system = ca.get("system") or "category"
+    out = [f"### {ca.get('system') or 'Category'} agreement with the readers", ""]
+    if ca["n"]:
+        base = ca["majority_baseline"]
+        out.append(f"{ca['n']} images with a reader category: exact {fmt(ca['exact'], 3)}, within one step "
+                   f"{fmt(ca['within_one'], 3)}"
+                   + (f" ({ca['n_missing']} without an agent category)" if ca.get("n_missing") else "")
+                   + f"; always answering the most frequent reader category ({_majority(base)}): exact "
+                   f"{fmt(base['exact'], 3)}, within one {fmt(base['within_one'], 3)}.")
+    else:
+        out.append(f"No image has a reader category on the {system} scale.")
+    if ca.get("n_coarse"):
+        out.append(f"{ca['n_coarse']} images have a reader category that covers several steps of the scale (e.g. 4 for "
+                   "4A-4C), scored at that level: any of its steps is exact, within one counts those steps as one.")
+    if ca.get("unscored"):
+        values = ", ".join(f"{v!r} ({k})" for v, k in sorted(ca["unscored"].items()))
+        out.append(f"Not scored, reader categories on no {system} step: {values}.")
+    out.append("")
+    if ca["n"]:
+        rows = ca.get("reader_order") or ca["order"]
+        out += _table(["reader \\ agent", *ca["order"]],
+                      [[c, *[str(v) for v in row]] for c, row in zip(rows, ca["confusion"], strict=True)])
+        out.append("")
+    return out
 
 
 __all__ = ["fmt", "fmt_ci", "headline_rows", "render_report"]
