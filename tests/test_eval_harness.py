@@ -428,19 +428,24 @@ class CategoryAgent(FakeAgent):
         return dx.model_copy(update={"category": cat, "category_system": "BI-RADS" if cat else None})
 
 
-def test_reader_categories_are_scored_against_the_agents(tmp_path: Path):
+def _evaluate_with_categories(tmp_path: Path, categories: dict[str, str]):
+    """Evaluate CategoryAgent on the four test images with these reader categories."""
     data = tmp_path / "data"
     data.mkdir()
     lines = ["image,organ,label,x_min,y_min,x_max,y_max,category"]
-    for name, cat in (("a.png", "4B"), ("b.png", "5"), ("c.png", ""), ("d.png", "")):
+    for name, cat in categories.items():
         v, label, boxes, _, _ = IMAGES[name]
         Image.fromarray(np.full((64, 64), v, dtype=np.uint8)).save(data / name)
         for b in boxes or [None]:
             coords = ",".join(str(c) for c in b) if b else ",,,"
             lines.append(f"{name},breast,{label},{coords},{cat}")
     (data / "m.csv").write_text("\n".join(lines) + "\n")
-    res = evaluate(data / "m.csv", agent=CategoryAgent(), out_dir=tmp_path / "run", progress=False, n_boot=10,
-                   plots=False)
+    return evaluate(data / "m.csv", agent=CategoryAgent(), out_dir=tmp_path / "run", progress=False, n_boot=10,
+                    plots=False)
+
+
+def test_reader_categories_are_scored_against_the_agents(tmp_path: Path):
+    res = _evaluate_with_categories(tmp_path, {"a.png": "4B", "b.png": "5", "c.png": "", "d.png": ""})
     ca = res.summary["organs"]["breast"]["category_agreement"]
     # a: reader 4B, agent 4A (one step); b: 5 vs 5; c, d have no reader category
     assert (ca["n"], ca["exact"], ca["within_one"]) == (2, 0.5, 1.0)
@@ -453,18 +458,7 @@ def test_reader_categories_are_scored_against_the_agents(tmp_path: Path):
 def test_coarse_and_off_scale_reader_categories(tmp_path: Path):
     """A center that records BI-RADS 4 without 4A-4C (and a 0 for an incomplete study) must not have
     those images silently dropped: a coarse 4 is scored at its level, an off-scale 0 is reported."""
-    data = tmp_path / "data"
-    data.mkdir()
-    lines = ["image,organ,label,x_min,y_min,x_max,y_max,category"]
-    for name, cat in (("a.png", "4"), ("b.png", "BI-RADS 4"), ("c.png", "0"), ("d.png", "")):
-        v, label, boxes, _, _ = IMAGES[name]
-        Image.fromarray(np.full((64, 64), v, dtype=np.uint8)).save(data / name)
-        for b in boxes or [None]:
-            coords = ",".join(str(c) for c in b) if b else ",,,"
-            lines.append(f"{name},breast,{label},{coords},{cat}")
-    (data / "m.csv").write_text("\n".join(lines) + "\n")
-    res = evaluate(data / "m.csv", agent=CategoryAgent(), out_dir=tmp_path / "run", progress=False, n_boot=10,
-                   plots=False)
+    res = _evaluate_with_categories(tmp_path, {"a.png": "4", "b.png": "BI-RADS 4", "c.png": "0", "d.png": ""})
     ca = res.summary["organs"]["breast"]["category_agreement"]
     # a: reader 4, agent 4A (exact at the coarse level); b: reader 4, agent 5 (one step); c: 0 is on no step
     assert (ca["n"], ca["exact"], ca["within_one"], ca["n_coarse"]) == (2, 0.5, 1.0, 2)
