@@ -467,7 +467,7 @@ def test_coarse_and_off_scale_reader_categories(tmp_path: Path):
     assert rows["4"][ca["order"].index("4A")] == 1 and rows["4"][ca["order"].index("5")] == 1
     assert ca["majority_baseline"] == {"category": "4B", "reader_category": "4", "exact": 1.0, "within_one": 1.0}
     report = (tmp_path / "run" / "report.md").read_text()
-    assert "(4, answered as 4B)" in report and "2 images have a reader category that covers several steps" in report and "'0' (1)" in report
+    assert "(4, answered as 4B)" in report and "2 image(s) with a reader category that covers several steps" in report and "'0' (1)" in report
     assert "| 4 |" in report
 
 

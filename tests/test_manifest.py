@@ -56,6 +56,13 @@ def test_minimal_columns_and_absolute_paths(folder: Path) -> None:
     assert im.boxes == () and im.label == "malignant" and im.image == folder / "b.png"
 
 
+def test_organ_and_label_are_read_without_regard_to_case(folder: Path) -> None:
+    """Another center's sheet writes 'Breast' / 'Malignant': read as the registered names, not refused."""
+    p = _write(folder, "a.png,Breast,Malignant\nb.png,KIDNEY,Hydronephrosis\n", header="image,organ,label\n")
+    a, b = load_manifest(p)
+    assert (a.organ, a.label, b.organ, b.label) == ("breast", "malignant", "kidney", "hydronephrosis")
+
+
 def test_write_then_load_round_trips(folder: Path) -> None:
     ims = [
         ManifestImage(image=folder / "a.png", organ="breast", label="malignant",
@@ -127,7 +134,7 @@ def test_every_bad_row_is_reported_at_once(folder: Path) -> None:
         "a.png,breast,benign,1,2,500,60,,,,,,,\n"            # line 3: box outside the image
         "gone.png,breast,benign,,,,,,,,,,,\n"                # line 4: missing file
         "broken.png,breast,malignant,1,1,5,5,,,,,,,\n"       # line 5: not an image
-        "b.png,breast,Benign,,,,,,,,,,,\n",                  # line 6: label typo
+        "b.png,breast,benin,,,,,,,,,,,\n",                   # line 6: label typo
     )
     with pytest.raises(ManifestError) as info:
         load_manifest(p)
@@ -136,7 +143,7 @@ def test_every_bad_row_is_reported_at_once(folder: Path) -> None:
     entries = msg.split("\n  ")[1:]
     assert len(entries) == 4
     for entry, (line, text) in zip(entries, ((3, "lies outside the 100x80"), (4, "gone.png does not exist"),
-                                             (5, "cannot be read as an image"), (6, "label 'Benign' is not")), strict=True):
+                                             (5, "cannot be read as an image"), (6, "label 'benin' is not")), strict=True):
         assert entry.startswith(f"line {line}: ") and text in entry
 
 

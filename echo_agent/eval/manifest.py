@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from ..errors import ManifestError, UnknownOrganError
-from ..organs import get_organ
+from ..organs import get_organ, list_organs
 from ..schemas import Box
 
 #: Columns written by :func:`write_manifest`, in order. Only ``image``, ``organ`` and ``label`` are required.
@@ -214,15 +214,18 @@ def _parse_row(
     try:
         organ = get_organ(organ_name)
     except UnknownOrganError as exc:
-        raise _err(path, row, str(exc)) from None
+        organ = next((o for o in list_organs() if o.name.lower() == organ_name.lower()), None)  # "Breast"
+        if organ is None:
+            raise _err(path, row, str(exc)) from None
     label = rec["label"].strip()
+    label = next((lbl for lbl in organ.image_labels if lbl.lower() == label.lower()), label)  # "Benign" -> "benign"
     if label not in organ.image_labels:
         raise _err(path, row, f"label {label!r} is not a label of organ {organ_name!r}; use one of {list(organ.image_labels)}")
     box = _parse_box(path, row, rec) if has_boxes else None
     if box is not None and label == organ.normal_label:
         raise _err(path, row, f"image labelled {label!r} (lesion-free) has a box; empty the box or change the label")
     meta = {c: _opt(rec.get(c)) for c in _META_COLUMNS if c != "age"}
-    return _Row(row, image, image_text, organ_name, label, box, meta, _parse_age(path, row, rec.get("age")))
+    return _Row(row, image, image_text, organ.name, label, box, meta, _parse_age(path, row, rec.get("age")))
 
 
 def _parse_box(path: Path, row: int, rec: dict[str, str]) -> Box | None:

@@ -267,7 +267,7 @@ def _category_section(ca: Mapping[str, Any]) -> list[str]:
     else:
         out.append(f"No image has a reader category on the {system} scale.")
     if ca.get("n_coarse"):
-        out.append(f"{ca['n_coarse']} images have a reader category that covers several steps of the scale (e.g. 4 for "
+        out.append(f"{ca['n_coarse']} image(s) with a reader category that covers several steps of the scale (e.g. 4 for "
                    "4A-4C), scored at that level: any of its steps is exact, within one counts those steps as one.")
     if ca.get("unscored"):
         values = ", ".join(f"{v!r} ({k})" for v, k in sorted(ca["unscored"].items()))
