@@ -164,6 +164,42 @@ def eval_(
 
 
 @app.command()
+def manifest(
+    folder: Annotated[Path, typer.Argument(help="Folder of images: labels from subfolders named like the organ's labels (benign/, malignant/, normal/) unless --labels is given.")],
+    organ: Annotated[str, typer.Option(help="The organ of every image (breast, kidney, or a registered plug-in's).")],
+    out: Annotated[Path, typer.Option(help="The manifest CSV to write (image paths relative to its folder).")],
+    labels: Annotated[Path | None, typer.Option(help="CSV with columns image,label (image: path relative to FOLDER, file name or stem); category, patient_id, group, split, age, symptoms, center are copied when present.")] = None,
+    mask_pattern: Annotated[str, typer.Option(help="Mask files of an image, a glob relative to its folder with {stem} for its file name without ending; 'none' reads no masks.")] = "{stem}_mask*",
+    min_area: Annotated[int, typer.Option(help="Smallest mask component, in pixels, that becomes a lesion box.")] = 50,
+    center: Annotated[str | None, typer.Option(help="Name of the collection, written to the center column.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
+) -> None:
+    """Build a manifest for `echo-agent eval` from a folder of images (labels from folders or a CSV, boxes from masks)."""
+    from rich.console import Console
+
+    from .errors import EchoError
+    from .eval.from_folder import manifest_from_folder
+    from .eval.manifest import write_manifest
+
+    console = Console(soft_wrap=True)  # paths stay whole, to be copied
+    try:
+        built = manifest_from_folder(folder, organ, labels=labels, min_area=min_area, center=center,
+                                     mask_pattern=None if mask_pattern.lower() == "none" else mask_pattern)
+        path = write_manifest(built.images, out, relative_to=out.resolve().parent, overwrite=overwrite)
+    except FileExistsError as exc:
+        console.print(f"[bold red]error:[/] {exc} (or --overwrite)")
+        raise typer.Exit(code=2) from None
+    except (EchoError, ValueError) as exc:
+        console.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(code=2) from None
+    counts = ", ".join(f"{label} {n}" for label, n in sorted(built.counts.items()))
+    console.print(f"wrote {path}: {len(built.images)} images ({counts}), {built.n_boxes} lesion boxes")
+    for note in built.notes:
+        console.print(f"[yellow]note:[/] {note}")
+    console.print(f"next: echo-agent eval {path} --out <results folder>")
+
+
+@app.command()
 def batch(
     source: Annotated[str, typer.Argument(help="A folder (recursive), a glob pattern in quotes, or a manifest CSV.")],
     out: Annotated[Path, typer.Option(help="JSONL journal of results; an existing one is resumed.")] = Path("results.jsonl"),

@@ -8,6 +8,7 @@ from .datasets import (
     load_center,
     load_split,
 )
+from .from_folder import FolderManifest, boxes_from_mask, manifest_from_folder
 from .manifest import (
     MANIFEST_COLUMNS,
     ManifestImage,
@@ -54,6 +55,9 @@ __all__ = [
     "ManifestImage",
     "apply_splits",
     "assign_splits",
+    "FolderManifest",
+    "boxes_from_mask",
+    "manifest_from_folder",
     "column_values",
     "default_data_root",
     "leakage_report",

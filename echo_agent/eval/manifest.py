@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from ..errors import ManifestError, UnknownOrganError
-from ..organs import get_organ, list_organs
+from ..organs import OrganSpec, get_organ, list_organs
 from ..schemas import Box
 
 #: Columns written by :func:`write_manifest`, in order. Only ``image``, ``organ`` and ``label`` are required.
@@ -157,6 +157,23 @@ def _parse_number(path: Path, row: int, column: str, text: str) -> float:
     return value
 
 
+def resolve_organ(name: str) -> OrganSpec:
+    """The registered organ called ``name``, case ignored (another center's sheet writes ``Breast``);
+    raises :class:`~echo_agent.errors.UnknownOrganError` naming the known organs."""
+    try:
+        return get_organ(name)
+    except UnknownOrganError:
+        match = next((o for o in list_organs() if o.name.lower() == name.strip().lower()), None)
+        if match is None:
+            raise
+        return match
+
+
+def resolve_label(organ: OrganSpec, text: str) -> str | None:
+    """The organ's image label spelled ``text`` with case and surrounding spaces ignored, else ``None``."""
+    return next((lbl for lbl in organ.image_labels if lbl.lower() == text.strip().lower()), None)
+
+
 def _parse_age(path: Path, row: int, text: str | None) -> int | None:
     text = _opt(text)
     if text is None:
@@ -212,13 +229,11 @@ def _parse_row(
     image = _resolve_image(base, image_text)
     organ_name = rec["organ"].strip()
     try:
-        organ = get_organ(organ_name)
+        organ = resolve_organ(organ_name)
     except UnknownOrganError as exc:
-        organ = next((o for o in list_organs() if o.name.lower() == organ_name.lower()), None)  # "Breast"
-        if organ is None:
-            raise _err(path, row, str(exc)) from None
+        raise _err(path, row, str(exc)) from None
     label = rec["label"].strip()
-    label = next((lbl for lbl in organ.image_labels if lbl.lower() == label.lower()), label)  # "Benign" -> "benign"
+    label = resolve_label(organ, label) or label
     if label not in organ.image_labels:
         raise _err(path, row, f"label {label!r} is not a label of organ {organ_name!r}; use one of {list(organ.image_labels)}")
     box = _parse_box(path, row, rec) if has_boxes else None

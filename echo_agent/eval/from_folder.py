@@ -1,0 +1,226 @@
+"""A manifest from a folder of images: labels from subfolder names or a labels CSV, boxes from masks.
+
+Most ultrasound collections come as folders, not as our manifest: BUSI-style ``benign/``,
+``malignant/``, ``normal/`` folders with ``<name>_mask.png`` beside each image, or one folder of images
+with a spreadsheet of labels and a folder of masks. :func:`manifest_from_folder` turns either into
+:class:`~echo_agent.eval.manifest.ManifestImage` entries (write them with
+:func:`~echo_agent.eval.manifest.write_manifest`; ``echo-agent manifest`` does both), so
+``echo-agent eval`` runs on a user's own data without a hand-written CSV.
+
+* **Labels**: from ``labels`` (a CSV with ``image`` and ``label`` columns; ``image`` is a path relative
+  to the folder, a file name or a file stem; the manifest's optional columns ``category``,
+  ``patient_id``, ``group``, ``split``, ``age``, ``symptoms``, ``center`` are copied when present), else
+  from the nearest enclosing folder named like one of the organ's labels (case ignored).
+* **Boxes**: one per connected component of at least ``min_area`` pixels of the image's mask files
+  (``mask_pattern``, a glob relative to the image's folder with ``{stem}`` for the image's file stem;
+  default ``{stem}_mask*``: BUSI's ``_mask.png``, ``_mask_1.png`` ...; pixels above half intensity
+  are the lesion). Several mask files are united. Files matching a mask pattern are never images.
+* A lesion image without a mask file stays in the manifest without boxes (it counts for the
+  image-level metrics only); a normal image whose mask is not empty is a problem to fix.
+
+Every problem is collected and raised at once as one :class:`~echo_agent.errors.ManifestError`.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ManifestError
+from ..organs import OrganSpec
+from ..schemas import Box
+from .manifest import MAX_REPORTED_PROBLEMS, ManifestImage, _parse_age, resolve_label, resolve_organ
+
+#: File endings read as images.
+IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+#: Default mask files of an image: BUSI's ``<stem>_mask.png`` / ``<stem>_mask_1.png`` ...
+DEFAULT_MASK_PATTERN = "{stem}_mask*"
+_COPIED_COLUMNS = ("category", "patient_id", "group", "split", "age", "symptoms", "center")
+
+
+@dataclass(frozen=True)
+class FolderManifest:
+    """What :func:`manifest_from_folder` found: the images and what a user should know about them."""
+
+    images: tuple[ManifestImage, ...]
+    notes: tuple[str, ...] = ()  # not errors: e.g. lesion images without a mask (no boxes)
+    counts: dict[str, int] = field(default_factory=dict)  # images per label
+
+    @property
+    def n_boxes(self) -> int:
+        return sum(len(im.boxes) for im in self.images)
+
+
+def boxes_from_mask(mask: np.ndarray, *, min_area: int = 50) -> list[Box]:
+    """One box per 8-connected component of ``mask`` (non-zero = lesion) with at least ``min_area``
+    pixels; ``[x_min, y_min, x_max, y_max)`` pixel boxes (max exclusive), sorted top-left first.
+
+    >>> m = np.zeros((20, 30), np.uint8); m[2:5, 3:9] = 1; m[10:18, 20:25] = 1; m[0, 29] = 1
+    >>> [(b.x1, b.y1, b.x2, b.y2) for b in boxes_from_mask(m, min_area=2)]
+    [(3.0, 2.0, 9.0, 5.0), (20.0, 10.0, 25.0, 18.0)]
+    """
+    import cv2
+
+    if mask.ndim != 2:
+        raise ValueError(f"a mask is a 2-D array, got shape {mask.shape}")
+    n, _, stats, _ = cv2.connectedComponentsWithStats((mask > 0).astype(np.uint8), connectivity=8)
+    boxes = [Box(x1=float(x), y1=float(y), x2=float(x + w), y2=float(y + h))
+             for x, y, w, h, area in stats[1:n] if area >= min_area]
+    return sorted(boxes, key=lambda b: (b.y1, b.x1))
+
+
+def _read_mask(paths: Sequence[Path], size: tuple[int, int]) -> np.ndarray:
+    from PIL import Image
+
+    w, h = size
+    mask = np.zeros((h, w), bool)
+    for p in paths:
+        with Image.open(p) as im:
+            m = im.convert("L")
+            if m.size != (w, h):  # a mask stored at another size is resampled onto the image
+                m = m.resize((w, h), Image.NEAREST)
+            mask |= np.asarray(m) > 127
+    return mask
+
+
+def _read_labels(path: Path, folder: Path, images: Sequence[Path], spec: OrganSpec,
+                 problems: list[str]) -> dict[Path, dict[str, Any] | None]:
+    """The labels CSV's rows keyed by image (``None`` for an image whose row has a problem); unknown or
+    ambiguous image cells, bad labels and ages are problems."""
+    if not path.is_file():
+        raise ManifestError(f"labels file {path} does not exist; pass a CSV with columns image,label")
+    by_rel = {im.relative_to(folder).as_posix(): im for im in images}
+    names: dict[str, list[Path]] = {}
+    for im in images:
+        names.setdefault(im.name, []).append(im)
+        names.setdefault(im.stem, []).append(im)
+    with path.open(newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        header = [h.strip().lower() for h in reader.fieldnames or []]
+        missing = [c for c in ("image", "label") if c not in header]
+        if missing:
+            raise ManifestError(f"{path}, line 1: missing column(s) {missing}; the labels file needs image,label")
+        out: dict[Path, dict[str, Any] | None] = {}
+        for line, raw in enumerate(reader, start=2):
+            rec = {(k or "").strip().lower(): (v or "").strip() for k, v in raw.items()}
+            cell = rec["image"]
+            if not cell and not rec["label"]:
+                continue
+            hits = [by_rel[cell]] if cell in by_rel else names.get(cell, [])
+            if len(hits) != 1:
+                problems.append(f"{path.name}, line {line}: image {cell!r} "
+                                + ("matches no image file in the folder" if not hits else
+                                   f"matches {len(hits)} files; give its path relative to {folder}"))
+                continue
+            if hits[0] in out:
+                problems.append(f"{path.name}, line {line}: image {cell!r} is labelled twice")
+                continue
+            out[hits[0]] = None  # has a row, even if a bad one
+            label = resolve_label(spec, rec["label"])
+            if label is None:
+                problems.append(f"{path.name}, line {line}: label {rec['label']!r} is not a label of organ "
+                                f"{spec.name!r}; use one of {list(spec.image_labels)}")
+                continue
+            try:
+                age = _parse_age(path, line, rec.get("age"))
+            except ManifestError as exc:
+                problems.append(str(exc).replace(str(path), path.name, 1))
+                continue
+            out[hits[0]] = {**{c: rec[c] for c in _COPIED_COLUMNS if rec.get(c)}, "label": label, "age": age}
+    return out
+
+
+def manifest_from_folder(
+    folder: str | Path,
+    organ: str,
+    *,
+    labels: str | Path | None = None,
+    mask_pattern: str | None = DEFAULT_MASK_PATTERN,
+    min_area: int = 50,
+    center: str | None = None,
+) -> FolderManifest:
+    """Manifest entries for every image under ``folder`` (see the module doc for where labels and
+    boxes come from). ``mask_pattern=None`` reads no masks. ``center`` names the collection (a
+    ``center`` column of the labels file wins). Raises :class:`ManifestError` listing every problem."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ManifestError(f"{folder} is not a folder; pass the folder that holds the images")
+    if min_area < 1:
+        raise ValueError(f"min_area must be >= 1 pixel, got {min_area}")
+    if mask_pattern is not None and "{stem}" not in mask_pattern:
+        raise ValueError(f"mask_pattern {mask_pattern!r} needs {{stem}} (the image's file name without its ending)")
+    spec = resolve_organ(organ)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    masks_of: dict[Path, list[Path]] = {}
+    if mask_pattern is not None:
+        for p in files:
+            escaped = mask_pattern.replace("{stem}", glob.escape(p.stem))
+            masks_of[p] = sorted(m for m in p.parent.glob(escaped) if m != p and m.suffix.lower() in IMAGE_SUFFIXES)
+    mask_files = {m.resolve() for ms in masks_of.values() for m in ms}
+    images = [p for p in files if p.resolve() not in mask_files]
+    if not images:
+        raise ManifestError(f"{folder} holds no image files ({', '.join(IMAGE_SUFFIXES)}) other than masks")
+    problems: list[str] = []
+    table = _read_labels(Path(labels), folder, images, spec, problems) if labels is not None else {}
+    out: list[ManifestImage] = []
+    no_mask: list[str] = []
+    unlabelled: list[str] = []
+    for p in images:
+        rel = p.relative_to(folder).as_posix()
+        if p in table and table[p] is None:  # its row's problem is already reported
+            continue
+        rec = table.get(p)
+        if rec is None and labels is None:
+            label = next((lb for part in reversed(p.relative_to(folder).parts[:-1]) if (lb := resolve_label(spec, part))), None)
+            rec = {"label": label} if label else None
+        if rec is None:
+            unlabelled.append(rel)
+            continue
+        boxes: list[Box] = []
+        ms = masks_of.get(p, [])
+        if ms:
+            from PIL import Image
+
+            try:
+                with Image.open(p) as im:
+                    size = im.size
+                boxes = boxes_from_mask(_read_mask(ms, size), min_area=min_area)
+            except OSError as exc:
+                problems.append(f"{rel}: cannot read it or its mask ({exc})")
+                continue
+        if rec["label"] == spec.normal_label and boxes:
+            problems.append(f"{rel}: labelled {spec.normal_label!r} but its mask ({ms[0].name}) marks "
+                            f"{len(boxes)} lesion region(s); fix the label or the mask")
+            continue
+        if rec["label"] != spec.normal_label and not boxes:
+            no_mask.append(rel)
+        out.append(ManifestImage(
+            image=p.resolve(), organ=spec.name, label=rec["label"], boxes=tuple(boxes),
+            category=rec.get("category"), center=rec.get("center") or center, patient_id=rec.get("patient_id"),
+            group=rec.get("group"), split=rec.get("split"), age=rec.get("age"), symptoms=rec.get("symptoms")))
+    if unlabelled:
+        where = (f"without a row in {Path(labels).name}" if labels is not None else
+                 f"in no folder named like a label of organ {spec.name!r} ({', '.join(spec.image_labels)})")
+        problems.append(f"{len(unlabelled)} image(s) {where}: " + ", ".join(unlabelled[:5])
+                        + (" ..." if len(unlabelled) > 5 else "") + "; label them or move them out of the folder")
+    if problems:
+        shown = problems[:MAX_REPORTED_PROBLEMS]
+        more = len(problems) - len(shown)
+        raise ManifestError(f"{folder}: {len(problems)} problem(s); fix them all before building the manifest:\n"
+                            + "\n".join(f"  {m}" for m in shown) + (f"\n  ... and {more} more" if more else ""))
+    notes = []
+    if no_mask:
+        notes.append(f"{len(no_mask)} lesion image(s) have no mask"
+                     + ("" if mask_pattern is None else f" matching {mask_pattern!r}")
+                     + " (or an empty one): they count for image-level metrics only, not for localization")
+    return FolderManifest(tuple(out), tuple(notes), dict(Counter(im.label for im in out)))
+
+
+__all__ = ["DEFAULT_MASK_PATTERN", "IMAGE_SUFFIXES", "FolderManifest", "boxes_from_mask", "manifest_from_folder"]

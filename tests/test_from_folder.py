@@ -1,0 +1,146 @@
+"""A manifest built from a folder of images (labels from folders or a CSV, boxes from masks)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from echo_agent.errors import ManifestError
+from echo_agent.eval.from_folder import boxes_from_mask, manifest_from_folder
+from echo_agent.eval.manifest import load_manifest, write_manifest
+from echo_agent.schemas import Box
+
+
+def _image(path: Path, size: tuple[int, int] = (80, 60)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((size[1], size[0]), 90, np.uint8)).save(path)
+    return path
+
+
+def _mask(path: Path, regions: list[tuple[int, int, int, int]], size: tuple[int, int] = (80, 60)) -> Path:
+    m = np.zeros((size[1], size[0]), np.uint8)
+    for x1, y1, x2, y2 in regions:
+        m[y1:y2, x1:x2] = 255
+    Image.fromarray(m).save(path)
+    return path
+
+
+@pytest.fixture()
+def busi_like(tmp_path: Path) -> Path:
+    """BUSI's layout: one folder per label (capitalised here), masks beside the images."""
+    root = tmp_path / "data"
+    _image(root / "Benign" / "b (1).png")
+    _mask(root / "Benign" / "b (1)_mask.png", [(10, 5, 30, 20), (50, 30, 70, 50), (0, 0, 3, 3)])  # 9-px speck
+    _image(root / "Benign" / "b (2).png")  # no mask: image-level only
+    _image(root / "malignant" / "sub" / "m (1).png")
+    _mask(root / "malignant" / "sub" / "m (1)_mask.png", [(20, 10, 60, 40)])
+    _mask(root / "malignant" / "sub" / "m (1)_mask_1.png", [(0, 50, 10, 60)])  # a second lesion, its own file
+    _image(root / "normal" / "n (1).png")
+    _mask(root / "normal" / "n (1)_mask.png", [])  # BUSI ships empty masks for normals
+    return root
+
+
+def test_boxes_from_mask_one_per_component_and_small_ones_dropped():
+    m = np.zeros((40, 40), bool)
+    m[5:10, 5:20] = True
+    m[20:30, 30:35] = True
+    m[0, 39] = True
+    assert boxes_from_mask(m, min_area=2) == [Box(x1=5, y1=5, x2=20, y2=10), Box(x1=30, y1=20, x2=35, y2=30)]
+    assert boxes_from_mask(m, min_area=60) == [Box(x1=5, y1=5, x2=20, y2=10)]
+    with pytest.raises(ValueError, match="2-D"):
+        boxes_from_mask(np.zeros((4, 4, 3)))
+
+
+def test_labels_from_folders_and_boxes_from_masks(busi_like: Path, tmp_path: Path):
+    built = manifest_from_folder(busi_like, "breast", center="mine")
+    by_name = {im.image.name: im for im in built.images}
+    assert sorted(by_name) == ["b (1).png", "b (2).png", "m (1).png", "n (1).png"]  # masks are never images
+    assert by_name["b (1).png"].label == "benign"
+    assert by_name["b (1).png"].boxes == (Box(x1=10, y1=5, x2=30, y2=20), Box(x1=50, y1=30, x2=70, y2=50))
+    assert by_name["m (1).png"].label == "malignant"  # the nearest folder named like a label
+    assert by_name["m (1).png"].boxes == (Box(x1=20, y1=10, x2=60, y2=40), Box(x1=0, y1=50, x2=10, y2=60))
+    assert by_name["n (1).png"].boxes == () and by_name["b (2).png"].boxes == ()
+    assert {im.center for im in built.images} == {"mine"}
+    assert built.counts == {"benign": 2, "malignant": 1, "normal": 1} and built.n_boxes == 4
+    assert len(built.notes) == 1 and "1 lesion image(s) have no mask" in built.notes[0]
+    # what it writes is a manifest the harness reads back unchanged
+    path = write_manifest(built.images, tmp_path / "m.csv", relative_to=tmp_path)
+    assert [(im.image, im.label, im.boxes) for im in load_manifest(path)] == [
+        (im.image, im.label, im.boxes) for im in built.images]
+    assert manifest_from_folder(busi_like, "breast", mask_pattern=None).n_boxes == 0
+
+
+def test_labels_from_a_csv_with_metadata(tmp_path: Path):
+    root = tmp_path / "Images"
+    for name in ("bus_0001-l.png", "bus_0002-r.png", "bus_0003-l.png"):
+        _image(root / name)
+    _mask(root / "bus_0001-l_mask.png", [(5, 5, 25, 25)])
+    sheet = tmp_path / "labels.csv"
+    sheet.write_text("Image,Label,Category,Patient_ID,Age\n"
+                     "bus_0001-l.png,Malignant,BI-RADS 5,p1,61\n"
+                     "bus_0002-r,benign,3,p2,\n"          # by stem
+                     "bus_0003-l.png,benign,4,p2,45\n")
+    built = manifest_from_folder(root, "breast", labels=sheet)
+    a, b, c = built.images
+    assert (a.label, a.category, a.patient_id, a.age, a.boxes) == ("malignant", "BI-RADS 5", "p1", 61,
+                                                                    (Box(x1=5, y1=5, x2=25, y2=25),))
+    assert (b.label, b.category, b.age, c.age) == ("benign", "3", None, 45)
+
+
+def test_every_problem_is_reported_at_once(busi_like: Path, tmp_path: Path):
+    _mask(busi_like / "normal" / "n (1)_mask.png", [(10, 10, 40, 40)])  # a normal image with a lesion mask
+    _image(busi_like / "unsorted" / "x.png")                             # in no label folder
+    with pytest.raises(ManifestError) as info:
+        manifest_from_folder(busi_like, "breast")
+    msg = str(info.value)
+    assert "2 problem(s)" in msg and "n (1).png: labelled 'normal' but its mask" in msg
+    assert "1 image(s) in no folder named like a label" in msg and "unsorted/x.png" in msg
+
+    root = tmp_path / "flat"
+    for name in ("a.png", "b.png", "sub/a.png"):
+        _image(root / name)
+    sheet = tmp_path / "labels.csv"
+    _image(root / "c.png")
+    sheet.write_text("image,label,age\nmissing.png,benign,\na,benign,\nb.png,cyst,\n"
+                     "sub/a.png,benign,forty\n")
+    with pytest.raises(ManifestError) as info:
+        manifest_from_folder(root, "breast", labels=sheet)
+    msg = str(info.value)
+    for text in ("line 2: image 'missing.png' matches no image file", "line 3: image 'a' matches 2 files",
+                 "line 4: label 'cyst' is not a label", "line 5: column 'age'",
+                 "2 image(s) without a row in labels.csv: a.png, c.png;"):
+        assert text in msg
+
+
+def test_bad_arguments_are_named(tmp_path: Path):
+    with pytest.raises(ManifestError, match="is not a folder"):
+        manifest_from_folder(tmp_path / "nowhere", "breast")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ManifestError, match="holds no image files"):
+        manifest_from_folder(tmp_path / "empty", "breast")
+    with pytest.raises(ValueError, match="needs {stem}"):
+        manifest_from_folder(tmp_path / "empty", "breast", mask_pattern="mask_*")
+    with pytest.raises(ManifestError, match="labels file"):
+        _image(tmp_path / "one" / "a.png")
+        manifest_from_folder(tmp_path / "one", "breast", labels=tmp_path / "no.csv")
+
+
+def test_manifest_command_writes_then_refuses_to_overwrite(busi_like: Path, tmp_path: Path):
+    from echo_agent.cli import app
+
+    out = tmp_path / "out" / "m.csv"
+    args = ["manifest", str(busi_like), "--organ", "breast", "--out", str(out)]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "4 images (benign 2, malignant 1, normal 1), 4 lesion boxes" in res.output and "note:" in res.output
+    assert len(load_manifest(out)) == 4
+    before = out.read_text()
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 2 and "exists" in res.output and out.read_text() == before
+    assert CliRunner().invoke(app, [*args, "--overwrite"]).exit_code == 0
+    res = CliRunner().invoke(app, ["manifest", str(busi_like), "--organ", "liver", "--out", str(out), "--overwrite"])
+    assert res.exit_code == 2 and "not registered" in res.output
