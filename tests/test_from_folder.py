@@ -144,3 +144,21 @@ def test_manifest_command_writes_then_refuses_to_overwrite(busi_like: Path, tmp_
     assert CliRunner().invoke(app, [*args, "--overwrite"]).exit_code == 0
     res = CliRunner().invoke(app, ["manifest", str(busi_like), "--organ", "liver", "--out", str(out), "--overwrite"])
     assert res.exit_code == 2 and "not registered" in res.output
+
+
+def test_busi_folder_gives_the_staged_boxes(shared_data: Path):
+    """BUSI as distributed (label folders, `_mask` / `_mask_1` files): the manifest built from the
+    folder has exactly the boxes the staging computed (boxes.csv, specks under 50 px left out)."""
+    import csv
+
+    root = shared_data / "BUSI"
+    built = manifest_from_folder(root, "breast")
+    assert built.counts == {"benign": 437, "malignant": 210, "normal": 133}
+    staged: dict[str, list[tuple[int, ...]]] = {}
+    with (root / "boxes.csv").open(newline="") as fh:
+        for r in csv.DictReader(fh):
+            if r["speck_lt50px"] != "True":
+                staged.setdefault(r["image"], []).append(tuple(int(r[k]) for k in ("x_min", "y_min", "x_max", "y_max")))
+    for im in built.images:
+        mine = sorted((int(b.x1), int(b.y1), int(b.x2), int(b.y2)) for b in im.boxes)
+        assert mine == sorted(staged.get(im.image.relative_to(root).as_posix(), [])), im.image

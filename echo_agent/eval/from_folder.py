@@ -14,7 +14,8 @@ with a spreadsheet of labels and a folder of masks. :func:`manifest_from_folder`
 * **Boxes**: one per connected component of at least ``min_area`` pixels of the image's mask files
   (``mask_pattern``, a glob relative to the image's folder with ``{stem}`` for the image's file stem;
   default ``{stem}_mask*``: BUSI's ``_mask.png``, ``_mask_1.png`` ...; pixels above half intensity
-  are the lesion). Several mask files are united. Files matching a mask pattern are never images.
+  are the lesion; each mask file gives its own boxes, as BUSI stores a second lesion in a second file).
+  Files matching a mask pattern are never images.
 * A lesion image without a mask file stays in the manifest without boxes (it counts for the
   image-level metrics only); a normal image whose mask is not empty is a problem to fix.
 
@@ -59,8 +60,9 @@ class FolderManifest:
 
 
 def boxes_from_mask(mask: np.ndarray, *, min_area: int = 50) -> list[Box]:
-    """One box per 8-connected component of ``mask`` (non-zero = lesion) with at least ``min_area``
-    pixels; ``[x_min, y_min, x_max, y_max)`` pixel boxes (max exclusive), sorted top-left first.
+    """One box per 4-connected component of ``mask`` (non-zero = lesion) with at least ``min_area``
+    pixels; ``[x_min, y_min, x_max, y_max)`` pixel boxes (max exclusive), sorted top-left first (the
+    convention of the staged datasets' ``boxes.csv``).
 
     >>> m = np.zeros((20, 30), np.uint8); m[2:5, 3:9] = 1; m[10:18, 20:25] = 1; m[0, 29] = 1
     >>> [(b.x1, b.y1, b.x2, b.y2) for b in boxes_from_mask(m, min_area=2)]
@@ -70,24 +72,25 @@ def boxes_from_mask(mask: np.ndarray, *, min_area: int = 50) -> list[Box]:
 
     if mask.ndim != 2:
         raise ValueError(f"a mask is a 2-D array, got shape {mask.shape}")
-    n, _, stats, _ = cv2.connectedComponentsWithStats((mask > 0).astype(np.uint8), connectivity=8)
+    n, _, stats, _ = cv2.connectedComponentsWithStats((mask > 0).astype(np.uint8), connectivity=4)
     boxes = [Box(x1=float(x), y1=float(y), x2=float(x + w), y2=float(y + h))
              for x, y, w, h, area in stats[1:n] if area >= min_area]
     return sorted(boxes, key=lambda b: (b.y1, b.x1))
 
 
-def _read_mask(paths: Sequence[Path], size: tuple[int, int]) -> np.ndarray:
+def _mask_boxes(paths: Sequence[Path], size: tuple[int, int], min_area: int) -> list[Box]:
+    """Boxes of each mask file in turn (two lesions drawn in two files stay two boxes where they touch);
+    a mask stored at another size than its image is resampled onto it."""
     from PIL import Image
 
-    w, h = size
-    mask = np.zeros((h, w), bool)
+    boxes: list[Box] = []
     for p in paths:
         with Image.open(p) as im:
             m = im.convert("L")
-            if m.size != (w, h):  # a mask stored at another size is resampled onto the image
-                m = m.resize((w, h), Image.NEAREST)
-            mask |= np.asarray(m) > 127
-    return mask
+            if m.size != size:
+                m = m.resize(size, Image.NEAREST)
+            boxes += boxes_from_mask(np.asarray(m) > 127, min_area=min_area)
+    return boxes
 
 
 def _read_labels(path: Path, folder: Path, images: Sequence[Path], spec: OrganSpec,
@@ -191,7 +194,7 @@ def manifest_from_folder(
             try:
                 with Image.open(p) as im:
                     size = im.size
-                boxes = boxes_from_mask(_read_mask(ms, size), min_area=min_area)
+                boxes = _mask_boxes(ms, size, min_area)
             except OSError as exc:
                 problems.append(f"{rel}: cannot read it or its mask ({exc})")
                 continue
