@@ -18,7 +18,7 @@ TOOL = ROOT / "tools" / "robustness.py"
 sys.path.insert(0, str(ROOT / "tools"))
 
 
-@pytest.mark.parametrize("name", ["half_res", "res_1.5x", "mirror", "pad_15", "jpeg_q25", "speckle"])
+@pytest.mark.parametrize("name", ["half_res", "res_1.5x", "mirror", "pad_15", "crop_10", "jpeg_q25", "speckle"])
 def test_boxes_follow_the_pixels(tmp_path: Path, name: str):
     """A bright square drawn inside the box is still inside the moved box after each change."""
     from robustness import CHANGES, rewrite
