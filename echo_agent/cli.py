@@ -172,6 +172,8 @@ def manifest(
     mask_pattern: Annotated[str, typer.Option(help="Mask files of an image, a glob relative to its folder with {stem} for its file name without ending; 'none' reads no masks.")] = "{stem}_mask*",
     min_area: Annotated[int, typer.Option(help="Smallest mask component, in pixels, that becomes a lesion box.")] = 50,
     center: Annotated[str | None, typer.Option(help="Name of the collection, written to the center column.")] = None,
+    image_column: Annotated[str, typer.Option(help="The --labels file's column naming the image.")] = "image",
+    label_column: Annotated[str, typer.Option(help="The --labels file's column holding the label.")] = "label",
     overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
 ) -> None:
     """Build a manifest for `echo-agent eval` from a folder of images (labels from folders or a CSV, boxes from masks)."""
@@ -184,7 +186,8 @@ def manifest(
     console = Console(soft_wrap=True)  # paths stay whole, to be copied
     try:
         built = manifest_from_folder(folder, organ, labels=labels, min_area=min_area, center=center,
-                                     mask_pattern=None if mask_pattern.lower() == "none" else mask_pattern)
+                                     mask_pattern=None if mask_pattern.lower() == "none" else mask_pattern,
+                                     image_column=image_column, label_column=label_column)
         path = write_manifest(built.images, out, relative_to=out.resolve().parent, overwrite=overwrite)
     except FileExistsError as exc:
         console.print(f"[bold red]error:[/] {exc} (or --overwrite)")

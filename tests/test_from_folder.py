@@ -90,6 +90,13 @@ def test_labels_from_a_csv_with_metadata(tmp_path: Path):
                                                                     (Box(x1=5, y1=5, x2=25, y2=25),))
     assert (b.label, b.category, b.age, c.age) == ("benign", "3", None, 45)
 
+    own = tmp_path / "sheet.csv"  # a dataset's own sheet, its columns named on the command line
+    own.write_text("ID,Pathology,BIRADS\nbus_0001-l,malignant,5\nbus_0002-r,benign,3\nbus_0003-l,benign,4\n")
+    built = manifest_from_folder(root, "breast", labels=own, image_column="ID", label_column="Pathology")
+    assert [(im.label, im.category) for im in built.images] == [("malignant", "5"), ("benign", "3"), ("benign", "4")]
+    with pytest.raises(ManifestError, match=r"missing column\(s\) \['image', 'label'\]; its columns are"):
+        manifest_from_folder(root, "breast", labels=own)
+
 
 def test_every_problem_is_reported_at_once(busi_like: Path, tmp_path: Path):
     _mask(busi_like / "normal" / "n (1)_mask.png", [(10, 10, 40, 40)])  # a normal image with a lesion mask

@@ -93,8 +93,8 @@ def _mask_boxes(paths: Sequence[Path], size: tuple[int, int], min_area: int) -> 
     return boxes
 
 
-def _read_labels(path: Path, folder: Path, images: Sequence[Path], spec: OrganSpec,
-                 problems: list[str]) -> dict[Path, dict[str, Any] | None]:
+def _read_labels(path: Path, folder: Path, images: Sequence[Path], spec: OrganSpec, problems: list[str],
+                 columns: tuple[str, str] = ("image", "label")) -> dict[Path, dict[str, Any] | None]:
     """The labels CSV's rows keyed by image (``None`` for an image whose row has a problem); unknown or
     ambiguous image cells, bad labels and ages are problems."""
     if not path.is_file():
@@ -107,12 +107,17 @@ def _read_labels(path: Path, folder: Path, images: Sequence[Path], spec: OrganSp
     with path.open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
         header = [h.strip().lower() for h in reader.fieldnames or []]
-        missing = [c for c in ("image", "label") if c not in header]
+        image_col, label_col = (c.strip().lower() for c in columns)
+        missing = [c for c in (image_col, label_col) if c not in header]
         if missing:
-            raise ManifestError(f"{path}, line 1: missing column(s) {missing}; the labels file needs image,label")
+            raise ManifestError(f"{path}, line 1: missing column(s) {missing}; its columns are {header} "
+                                "(name the image and label columns with image_column / label_column)")
         out: dict[Path, dict[str, Any] | None] = {}
         for line, raw in enumerate(reader, start=2):
             rec = {(k or "").strip().lower(): (v or "").strip() for k, v in raw.items()}
+            rec["image"], rec["label"] = rec[image_col], rec[label_col]
+            if not rec.get("category") and rec.get("birads"):  # the category column's former name
+                rec["category"] = rec["birads"]
             cell = rec["image"]
             if not cell and not rec["label"]:
                 continue
@@ -148,10 +153,14 @@ def manifest_from_folder(
     mask_pattern: str | None = DEFAULT_MASK_PATTERN,
     min_area: int = 50,
     center: str | None = None,
+    image_column: str = "image",
+    label_column: str = "label",
 ) -> FolderManifest:
     """Manifest entries for every image under ``folder`` (see the module doc for where labels and
     boxes come from). ``mask_pattern=None`` reads no masks. ``center`` names the collection (a
-    ``center`` column of the labels file wins). Raises :class:`ManifestError` listing every problem."""
+    ``center`` column of the labels file wins). ``image_column`` / ``label_column`` name the labels
+    file's columns where they are not ``image`` / ``label`` (a dataset's own sheet: ``ID``,
+    ``Pathology``). Raises :class:`ManifestError` listing every problem."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ManifestError(f"{folder} is not a folder; pass the folder that holds the images")
@@ -171,7 +180,8 @@ def manifest_from_folder(
     if not images:
         raise ManifestError(f"{folder} holds no image files ({', '.join(IMAGE_SUFFIXES)}) other than masks")
     problems: list[str] = []
-    table = _read_labels(Path(labels), folder, images, spec, problems) if labels is not None else {}
+    table = (_read_labels(Path(labels), folder, images, spec, problems, (image_column, label_column))
+             if labels is not None else {})
     out: list[ManifestImage] = []
     no_mask: list[str] = []
     unlabelled: list[str] = []
