@@ -174,6 +174,7 @@ def manifest(
     center: Annotated[str | None, typer.Option(help="Name of the collection, written to the center column.")] = None,
     image_column: Annotated[str, typer.Option(help="The --labels file's column naming the image.")] = "image",
     label_column: Annotated[str, typer.Option(help="The --labels file's column holding the label.")] = "label",
+    label_map: Annotated[list[str] | None, typer.Option(help="Another name of a label, FROM=TO (repeatable): abnormal=hydronephrosis; applies to folder names and --labels.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
 ) -> None:
     """Build a manifest for `echo-agent eval` from a folder of images (labels from folders or a CSV, boxes from masks)."""
@@ -184,10 +185,14 @@ def manifest(
     from .eval.manifest import write_manifest
 
     console = Console(soft_wrap=True)  # paths stay whole, to be copied
+    pairs = [m.split("=", 1) for m in label_map or []]
+    if any(len(p) != 2 or not p[0].strip() or not p[1].strip() for p in pairs):
+        raise typer.BadParameter(f"--label-map takes FROM=TO, got {label_map}")
     try:
         built = manifest_from_folder(folder, organ, labels=labels, min_area=min_area, center=center,
                                      mask_pattern=None if mask_pattern.lower() == "none" else mask_pattern,
-                                     image_column=image_column, label_column=label_column)
+                                     image_column=image_column, label_column=label_column,
+                                     label_map=dict(pairs))
         path = write_manifest(built.images, out, relative_to=out.resolve().parent, overwrite=overwrite)
     except FileExistsError as exc:
         console.print(f"[bold red]error:[/] {exc} (or --overwrite)")

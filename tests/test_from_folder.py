@@ -169,3 +169,21 @@ def test_busi_folder_gives_the_staged_boxes(shared_data: Path):
     for im in built.images:
         mine = sorted((int(b.x1), int(b.y1), int(b.x2), int(b.y2)) for b in im.boxes)
         assert mine == sorted(staged.get(im.image.relative_to(root).as_posix(), [])), im.image
+
+
+def test_kidney_folder_with_renamed_labels_gives_the_adapters_boxes(shared_data: Path):
+    """Hydronephrosis-NCNU as distributed (abnormal/ and normal/ folders, `_M.jpg` masks): with
+    abnormal=hydronephrosis and the adapter's 150-px components, every frame gets the adapter's boxes."""
+    from echo_agent.eval.datasets import load_center
+
+    root = shared_data / "Hydronephrosis-NCNU"
+    built = manifest_from_folder(root, "kidney", mask_pattern="{stem}_M*", min_area=150,
+                                 label_map={"Abnormal": "hydronephrosis"})
+    assert built.counts == {"hydronephrosis": 1342, "normal": 654}
+    def key(im):  # noqa: ANN001, ANN202
+        return im.label, sorted((b.x1, b.y1, b.x2, b.y2) for b in im.boxes)
+
+    ref = {Path(im.image).resolve(): key(im) for im in load_center("hydronephrosis_ncnu").images}
+    assert {im.image: key(im) for im in built.images} == ref
+    with pytest.raises(ValueError, match="maps to no label"):
+        manifest_from_folder(root, "kidney", label_map={"abnormal": "hydro"})

@@ -27,7 +27,7 @@ from __future__ import annotations
 import csv
 import glob
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,8 +93,22 @@ def _mask_boxes(paths: Sequence[Path], size: tuple[int, int], min_area: int) -> 
     return boxes
 
 
+def _label_reader(spec: OrganSpec, label_map: Mapping[str, str] | None) -> Callable[[str], str | None]:
+    """``text -> the organ's label`` (case ignored), through ``label_map`` first (``abnormal`` ->
+    ``hydronephrosis``); a map entry naming no label of the organ is refused."""
+    mapping = {k.strip().lower(): v for k, v in (label_map or {}).items()}
+    bad = {k: v for k, v in mapping.items() if resolve_label(spec, v) is None}
+    if bad:
+        raise ValueError(f"label_map {bad} maps to no label of organ {spec.name!r}; use one of {list(spec.image_labels)}")
+
+    def read(text: str) -> str | None:
+        return resolve_label(spec, mapping.get(text.strip().lower(), text))
+    return read
+
+
 def _read_labels(path: Path, folder: Path, images: Sequence[Path], spec: OrganSpec, problems: list[str],
-                 columns: tuple[str, str] = ("image", "label")) -> dict[Path, dict[str, Any] | None]:
+                 columns: tuple[str, str] = ("image", "label"),
+                 read_label: Callable[[str], str | None] | None = None) -> dict[Path, dict[str, Any] | None]:
     """The labels CSV's rows keyed by image (``None`` for an image whose row has a problem); unknown or
     ambiguous image cells, bad labels and ages are problems."""
     if not path.is_file():
@@ -131,7 +145,7 @@ def _read_labels(path: Path, folder: Path, images: Sequence[Path], spec: OrganSp
                 problems.append(f"{path.name}, line {line}: image {cell!r} is labelled twice")
                 continue
             out[hits[0]] = None  # has a row, even if a bad one
-            label = resolve_label(spec, rec["label"])
+            label = (read_label or (lambda t: resolve_label(spec, t)))(rec["label"])
             if label is None:
                 problems.append(f"{path.name}, line {line}: label {rec['label']!r} is not a label of organ "
                                 f"{spec.name!r}; use one of {list(spec.image_labels)}")
@@ -155,12 +169,15 @@ def manifest_from_folder(
     center: str | None = None,
     image_column: str = "image",
     label_column: str = "label",
+    label_map: Mapping[str, str] | None = None,
 ) -> FolderManifest:
     """Manifest entries for every image under ``folder`` (see the module doc for where labels and
     boxes come from). ``mask_pattern=None`` reads no masks. ``center`` names the collection (a
     ``center`` column of the labels file wins). ``image_column`` / ``label_column`` name the labels
     file's columns where they are not ``image`` / ``label`` (a dataset's own sheet: ``ID``,
-    ``Pathology``). Raises :class:`ManifestError` listing every problem."""
+    ``Pathology``). ``label_map`` reads other names of the organ's labels, in folder names and in the
+    labels file (``{"abnormal": "hydronephrosis"}``; case ignored). Raises :class:`ManifestError`
+    listing every problem."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ManifestError(f"{folder} is not a folder; pass the folder that holds the images")
@@ -169,6 +186,7 @@ def manifest_from_folder(
     if mask_pattern is not None and "{stem}" not in mask_pattern:
         raise ValueError(f"mask_pattern {mask_pattern!r} needs {{stem}} (the image's file name without its ending)")
     spec = resolve_organ(organ)
+    read_label = _label_reader(spec, label_map)
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     masks_of: dict[Path, list[Path]] = {}
     if mask_pattern is not None:
@@ -180,7 +198,7 @@ def manifest_from_folder(
     if not images:
         raise ManifestError(f"{folder} holds no image files ({', '.join(IMAGE_SUFFIXES)}) other than masks")
     problems: list[str] = []
-    table = (_read_labels(Path(labels), folder, images, spec, problems, (image_column, label_column))
+    table = (_read_labels(Path(labels), folder, images, spec, problems, (image_column, label_column), read_label)
              if labels is not None else {})
     out: list[ManifestImage] = []
     no_mask: list[str] = []
@@ -191,7 +209,7 @@ def manifest_from_folder(
             continue
         rec = table.get(p)
         if rec is None and labels is None:
-            label = next((lb for part in reversed(p.relative_to(folder).parts[:-1]) if (lb := resolve_label(spec, part))), None)
+            label = next((lb for part in reversed(p.relative_to(folder).parts[:-1]) if (lb := read_label(part))), None)
             rec = {"label": label} if label else None
         if rec is None:
             unlabelled.append(rel)
