@@ -172,8 +172,8 @@ def manifest(
     mask_pattern: Annotated[str, typer.Option(help="Mask files of an image, a glob relative to its folder with {stem} for its file name without ending; 'none' reads no masks.")] = "{stem}_mask*",
     min_area: Annotated[int, typer.Option(help="Smallest mask component, in pixels, that becomes a lesion box.")] = 50,
     center: Annotated[str | None, typer.Option(help="Name of the collection, written to the center column.")] = None,
-    image_column: Annotated[str, typer.Option(help="The --labels file's column naming the image.")] = "image",
-    label_column: Annotated[str, typer.Option(help="The --labels file's column holding the label.")] = "label",
+    column: Annotated[list[str] | None, typer.Option(help="Rename a --labels column to a manifest column, FROM=TO (repeatable): ID=image, Pathology=label, tirads=category.")] = None,
+    label: Annotated[str | None, typer.Option(help="Give every image this label (a folder of one class); folder names are then not read.")] = None,
     label_map: Annotated[list[str] | None, typer.Option(help="Another name of a label, FROM=TO (repeatable): abnormal=hydronephrosis; applies to folder names and --labels.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
 ) -> None:
@@ -185,14 +185,18 @@ def manifest(
     from .eval.manifest import write_manifest
 
     console = Console(soft_wrap=True)  # paths stay whole, to be copied
-    pairs = [m.split("=", 1) for m in label_map or []]
-    if any(len(p) != 2 or not p[0].strip() or not p[1].strip() for p in pairs):
-        raise typer.BadParameter(f"--label-map takes FROM=TO, got {label_map}")
+
+    def pairs(option: str, values: list[str] | None) -> dict[str, str]:
+        split = [v.split("=", 1) for v in values or []]
+        if any(len(p) != 2 or not p[0].strip() or not p[1].strip() for p in split):
+            raise typer.BadParameter(f"{option} takes FROM=TO, got {values}")
+        return dict(split)  # type: ignore[arg-type]
+
     try:
         built = manifest_from_folder(folder, organ, labels=labels, min_area=min_area, center=center,
                                      mask_pattern=None if mask_pattern.lower() == "none" else mask_pattern,
-                                     image_column=image_column, label_column=label_column,
-                                     label_map=dict(pairs))
+                                     columns=pairs("--column", column), label=label,
+                                     label_map=pairs("--label-map", label_map))
         path = write_manifest(built.images, out, relative_to=out.resolve().parent, overwrite=overwrite)
     except FileExistsError as exc:
         console.print(f"[bold red]error:[/] {exc} (or --overwrite)")

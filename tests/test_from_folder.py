@@ -92,9 +92,9 @@ def test_labels_from_a_csv_with_metadata(tmp_path: Path):
 
     own = tmp_path / "sheet.csv"  # a dataset's own sheet, its columns named on the command line
     own.write_text("ID,Pathology,BIRADS\nbus_0001-l,malignant,5\nbus_0002-r,benign,3\nbus_0003-l,benign,4\n")
-    built = manifest_from_folder(root, "breast", labels=own, image_column="ID", label_column="Pathology")
+    built = manifest_from_folder(root, "breast", labels=own, columns={"ID": "image", "pathology": "label"})
     assert [(im.label, im.category) for im in built.images] == [("malignant", "5"), ("benign", "3"), ("benign", "4")]
-    with pytest.raises(ManifestError, match=r"missing column\(s\) \['image', 'label'\]; its columns are"):
+    with pytest.raises(ManifestError, match=r"missing column\(s\) \['image', 'label'\]; its columns are \['ID'"):
         manifest_from_folder(root, "breast", labels=own)
 
 
@@ -117,10 +117,32 @@ def test_every_problem_is_reported_at_once(busi_like: Path, tmp_path: Path):
     with pytest.raises(ManifestError) as info:
         manifest_from_folder(root, "breast", labels=sheet)
     msg = str(info.value)
-    for text in ("line 2: image 'missing.png' matches no image file", "line 3: image 'a' matches 2 files",
-                 "line 4: label 'cyst' is not a label", "line 5: column 'age'",
-                 "2 image(s) without a row in labels.csv: a.png, c.png;"):
+    for text in ("4 problem(s)", "line 2: image 'missing.png' matches no image file",
+                 "line 3: image 'a' matches 2 files", "line 4: label 'cyst' is not a label", "line 5: column 'age'"):
         assert text in msg
+
+
+def test_a_sheet_selects_the_images_and_one_label_can_cover_all(tmp_path: Path):
+    root = tmp_path / "d"
+    for name in ("images/1.png", "images/2.png", "images/3.png"):
+        _image(root / name)
+    (root / "masks").mkdir()
+    m = np.zeros((60, 80), np.uint8)
+    m[5:25, 5:45] = 255
+    Image.fromarray(m).save(root / "masks" / "1.gif")  # GIF masks in a sibling folder (DDTI's layout)
+    sheet = root / "labels.csv"
+    sheet.write_text("image,tirads,case_id\nimages/1.png,4a,c1\nimages/2.png,,c2\n")  # 3.png is not listed
+    built = manifest_from_folder(root / "images", "breast", labels=sheet, label="Benign",
+                                 mask_pattern="../masks/{stem}.gif",
+                                 columns={"tirads": "category", "case_id": "patient_id"})
+    a, b = built.images
+    assert (a.label, a.category, a.patient_id, a.boxes) == ("benign", "4a", "c1", (Box(x1=5, y1=5, x2=45, y2=25),))
+    assert (b.label, b.category, b.boxes) == ("benign", None, ())
+    assert any("1 image file(s) without a row in labels.csv were left out: 3.png" in n for n in built.notes)
+    folder_wide = manifest_from_folder(root / "images", "breast", label="malignant", mask_pattern=None)
+    assert [im.label for im in folder_wide.images] == ["malignant"] * 3
+    with pytest.raises(ValueError, match="'cyst' is not a label"):
+        manifest_from_folder(root / "images", "breast", label="cyst")
 
 
 def test_bad_arguments_are_named(tmp_path: Path):
@@ -187,3 +209,23 @@ def test_kidney_folder_with_renamed_labels_gives_the_adapters_boxes(shared_data:
     assert {im.image: key(im) for im in built.images} == ref
     with pytest.raises(ValueError, match="maps to no label"):
         manifest_from_folder(root, "kidney", label_map={"abnormal": "hydro"})
+
+
+def test_ddti_folder_with_its_own_sheet_gives_the_plugins_boxes(shared_data: Path):
+    """DDTI as distributed (images/, GIF masks in masks/, a sheet with tirads and case_id): one label
+    for all, the sheet's columns renamed; every nodule matches the thyroid plug-in's adapter."""
+    from echo_agent.eval.datasets import load_center
+    from echo_agent.organs import list_organs
+
+    if "thyroid" not in {o.name for o in list_organs()}:
+        pytest.skip("the thyroid plug-in is not installed")
+    root = shared_data / "DDTI-thyroid"
+    built = manifest_from_folder(root / "images", "thyroid", labels=root / "labels.csv", label="nodule",
+                                 mask_pattern="../masks/{stem}.gif",
+                                 columns={"tirads": "category", "case_id": "patient_id"})
+
+    def key(im):  # noqa: ANN001, ANN202
+        return im.label, sorted((b.x1, b.y1, b.x2, b.y2) for b in im.boxes), (im.category or "").upper(), im.patient_id
+
+    assert {im.image: key(im) for im in built.images} == {
+        Path(im.image).resolve(): key(im) for im in load_center("ddti").images}

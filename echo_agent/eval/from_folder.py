@@ -7,10 +7,12 @@ with a spreadsheet of labels and a folder of masks. :func:`manifest_from_folder`
 :func:`~echo_agent.eval.manifest.write_manifest`; ``echo-agent manifest`` does both), so
 ``echo-agent eval`` runs on a user's own data without a hand-written CSV.
 
-* **Labels**: from ``labels`` (a CSV with ``image`` and ``label`` columns; ``image`` is a path relative
-  to the folder, a file name or a file stem; the manifest's optional columns ``category``,
-  ``patient_id``, ``group``, ``split``, ``age``, ``symptoms``, ``center`` are copied when present), else
-  from the nearest enclosing folder named like one of the organ's labels (case ignored).
+* **Labels**: one ``label`` for every image, or from ``labels`` (a CSV with ``image`` and ``label``
+  columns, renamed from the sheet's own names with ``columns``; ``image`` is a path relative to the
+  folder or to the sheet, a file name or a file stem; the manifest's optional columns ``category``
+  (or ``birads``), ``patient_id``, ``group``, ``split``, ``age``, ``symptoms``, ``center`` are copied
+  when present), else from the nearest enclosing folder named like one of the organ's labels (case
+  ignored); ``label_map`` reads other names of the labels.
 * **Boxes**: one per connected component of at least ``min_area`` pixels of the image's mask files
   (``mask_pattern``, a glob relative to the image's folder with ``{stem}`` for the image's file stem;
   default ``{stem}_mask*``: BUSI's ``_mask.png``, ``_mask_1.png`` ...; pixels above half intensity
@@ -41,6 +43,8 @@ from .manifest import MAX_REPORTED_PROBLEMS, ManifestImage, _parse_age, resolve_
 
 #: File endings read as images.
 IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+#: File endings read as masks (GIF too: some datasets store masks so).
+MASK_SUFFIXES: tuple[str, ...] = (*IMAGE_SUFFIXES, ".gif")
 #: Default mask files of an image: BUSI's ``<stem>_mask.png`` / ``<stem>_mask_1.png`` ...
 DEFAULT_MASK_PATTERN = "{stem}_mask*"
 _COPIED_COLUMNS = ("category", "patient_id", "group", "split", "age", "symptoms", "center")
@@ -107,10 +111,11 @@ def _label_reader(spec: OrganSpec, label_map: Mapping[str, str] | None) -> Calla
 
 
 def _read_labels(path: Path, folder: Path, images: Sequence[Path], spec: OrganSpec, problems: list[str],
-                 columns: tuple[str, str] = ("image", "label"),
-                 read_label: Callable[[str], str | None] | None = None) -> dict[Path, dict[str, Any] | None]:
-    """The labels CSV's rows keyed by image (``None`` for an image whose row has a problem); unknown or
-    ambiguous image cells, bad labels and ages are problems."""
+                 columns: Mapping[str, str] | None, read_label: Callable[[str], str | None],
+                 label: str | None) -> dict[Path, dict[str, Any] | None]:
+    """The labels sheet's rows keyed by image (``None`` for an image whose row has a problem); unknown
+    or ambiguous image cells, bad labels and ages are problems. ``columns`` renames the sheet's columns
+    to the manifest's (case ignored); with a constant ``label`` the sheet needs no label column."""
     if not path.is_file():
         raise ManifestError(f"labels file {path} does not exist; pass a CSV with columns image,label")
     by_rel = {im.relative_to(folder).as_posix(): im for im in images}
@@ -118,24 +123,27 @@ def _read_labels(path: Path, folder: Path, images: Sequence[Path], spec: OrganSp
     for im in images:
         names.setdefault(im.name, []).append(im)
         names.setdefault(im.stem, []).append(im)
+    rename = {k.strip().lower(): v.strip().lower() for k, v in (columns or {}).items()}
+    rename.setdefault("birads", "category")  # the category column's former name
     with path.open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
-        header = [h.strip().lower() for h in reader.fieldnames or []]
-        image_col, label_col = (c.strip().lower() for c in columns)
-        missing = [c for c in (image_col, label_col) if c not in header]
+        header = [rename.get(h.strip().lower(), h.strip().lower()) for h in reader.fieldnames or []]
+        missing = [c for c in ("image", "label") if c not in header and not (c == "label" and label)]
         if missing:
-            raise ManifestError(f"{path}, line 1: missing column(s) {missing}; its columns are {header} "
-                                "(name the image and label columns with image_column / label_column)")
+            raise ManifestError(f"{path}, line 1: missing column(s) {missing}; its columns are "
+                                f"{[h.strip() for h in reader.fieldnames or []]} (rename one with columns / --column FROM=TO)")
         out: dict[Path, dict[str, Any] | None] = {}
         for line, raw in enumerate(reader, start=2):
-            rec = {(k or "").strip().lower(): (v or "").strip() for k, v in raw.items()}
-            rec["image"], rec["label"] = rec[image_col], rec[label_col]
-            if not rec.get("category") and rec.get("birads"):  # the category column's former name
-                rec["category"] = rec["birads"]
+            rec = {rename.get((k or "").strip().lower(), (k or "").strip().lower()): (v or "").strip()
+                   for k, v in raw.items()}
             cell = rec["image"]
-            if not cell and not rec["label"]:
+            text = label or rec.get("label", "")
+            if not cell and not rec.get("label"):
                 continue
             hits = [by_rel[cell]] if cell in by_rel else names.get(cell, [])
+            if not hits and "/" in cell:  # a path relative to the sheet's folder rather than to the images'
+                p = (path.parent / cell).resolve()
+                hits = [im for im in images if im.resolve() == p]
             if len(hits) != 1:
                 problems.append(f"{path.name}, line {line}: image {cell!r} "
                                 + ("matches no image file in the folder" if not hits else
@@ -145,9 +153,9 @@ def _read_labels(path: Path, folder: Path, images: Sequence[Path], spec: OrganSp
                 problems.append(f"{path.name}, line {line}: image {cell!r} is labelled twice")
                 continue
             out[hits[0]] = None  # has a row, even if a bad one
-            label = (read_label or (lambda t: resolve_label(spec, t)))(rec["label"])
-            if label is None:
-                problems.append(f"{path.name}, line {line}: label {rec['label']!r} is not a label of organ "
+            found = read_label(text)
+            if found is None:
+                problems.append(f"{path.name}, line {line}: label {text!r} is not a label of organ "
                                 f"{spec.name!r}; use one of {list(spec.image_labels)}")
                 continue
             try:
@@ -155,7 +163,7 @@ def _read_labels(path: Path, folder: Path, images: Sequence[Path], spec: OrganSp
             except ManifestError as exc:
                 problems.append(str(exc).replace(str(path), path.name, 1))
                 continue
-            out[hits[0]] = {**{c: rec[c] for c in _COPIED_COLUMNS if rec.get(c)}, "label": label, "age": age}
+            out[hits[0]] = {**{c: rec[c] for c in _COPIED_COLUMNS if rec.get(c)}, "label": found, "age": age}
     return out
 
 
@@ -167,17 +175,19 @@ def manifest_from_folder(
     mask_pattern: str | None = DEFAULT_MASK_PATTERN,
     min_area: int = 50,
     center: str | None = None,
-    image_column: str = "image",
-    label_column: str = "label",
+    columns: Mapping[str, str] | None = None,
     label_map: Mapping[str, str] | None = None,
+    label: str | None = None,
 ) -> FolderManifest:
     """Manifest entries for every image under ``folder`` (see the module doc for where labels and
     boxes come from). ``mask_pattern=None`` reads no masks. ``center`` names the collection (a
-    ``center`` column of the labels file wins). ``image_column`` / ``label_column`` name the labels
-    file's columns where they are not ``image`` / ``label`` (a dataset's own sheet: ``ID``,
-    ``Pathology``). ``label_map`` reads other names of the organ's labels, in folder names and in the
-    labels file (``{"abnormal": "hydronephrosis"}``; case ignored). Raises :class:`ManifestError`
-    listing every problem."""
+    ``center`` column of the labels file wins). ``columns`` renames the labels file's columns to the
+    manifest's (a dataset's own sheet: ``{"ID": "image", "Pathology": "label", "tirads": "category"}``).
+    ``label_map`` reads other names of the organ's labels, in folder names and in the labels file
+    (``{"abnormal": "hydronephrosis"}``; case ignored). ``label`` gives every image that label (a
+    folder of one class; folder names are then not read, and a labels file needs no label column).
+    With a labels file, image files it does not list are left out (and counted in ``notes``).
+    Raises :class:`ManifestError` listing every problem."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ManifestError(f"{folder} is not a folder; pass the folder that holds the images")
@@ -187,18 +197,20 @@ def manifest_from_folder(
         raise ValueError(f"mask_pattern {mask_pattern!r} needs {{stem}} (the image's file name without its ending)")
     spec = resolve_organ(organ)
     read_label = _label_reader(spec, label_map)
+    if label is not None and read_label(label) is None:
+        raise ValueError(f"label {label!r} is not a label of organ {spec.name!r}; use one of {list(spec.image_labels)}")
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     masks_of: dict[Path, list[Path]] = {}
     if mask_pattern is not None:
         for p in files:
             escaped = mask_pattern.replace("{stem}", glob.escape(p.stem))
-            masks_of[p] = sorted(m for m in p.parent.glob(escaped) if m != p and m.suffix.lower() in IMAGE_SUFFIXES)
+            masks_of[p] = sorted(m for m in p.parent.glob(escaped) if m != p and m.suffix.lower() in MASK_SUFFIXES)
     mask_files = {m.resolve() for ms in masks_of.values() for m in ms}
     images = [p for p in files if p.resolve() not in mask_files]
     if not images:
         raise ManifestError(f"{folder} holds no image files ({', '.join(IMAGE_SUFFIXES)}) other than masks")
     problems: list[str] = []
-    table = (_read_labels(Path(labels), folder, images, spec, problems, (image_column, label_column), read_label)
+    table = (_read_labels(Path(labels), folder, images, spec, problems, columns, read_label, label)
              if labels is not None else {})
     out: list[ManifestImage] = []
     no_mask: list[str] = []
@@ -209,8 +221,9 @@ def manifest_from_folder(
             continue
         rec = table.get(p)
         if rec is None and labels is None:
-            label = next((lb for part in reversed(p.relative_to(folder).parts[:-1]) if (lb := read_label(part))), None)
-            rec = {"label": label} if label else None
+            found = read_label(label) if label is not None else next(
+                (lb for part in reversed(p.relative_to(folder).parts[:-1]) if (lb := read_label(part))), None)
+            rec = {"label": found} if found else None
         if rec is None:
             unlabelled.append(rel)
             continue
@@ -236,17 +249,18 @@ def manifest_from_folder(
             image=p.resolve(), organ=spec.name, label=rec["label"], boxes=tuple(boxes),
             category=rec.get("category"), center=rec.get("center") or center, patient_id=rec.get("patient_id"),
             group=rec.get("group"), split=rec.get("split"), age=rec.get("age"), symptoms=rec.get("symptoms")))
-    if unlabelled:
-        where = (f"without a row in {Path(labels).name}" if labels is not None else
-                 f"in no folder named like a label of organ {spec.name!r} ({', '.join(spec.image_labels)})")
-        problems.append(f"{len(unlabelled)} image(s) {where}: " + ", ".join(unlabelled[:5])
-                        + (" ..." if len(unlabelled) > 5 else "") + "; label them or move them out of the folder")
+    listed = ", ".join(unlabelled[:5]) + (" ..." if len(unlabelled) > 5 else "")
+    if unlabelled and labels is None:
+        problems.append(f"{len(unlabelled)} image(s) in no folder named like a label of organ {spec.name!r} "
+                        f"({', '.join(spec.image_labels)}): {listed}; label them or move them out of the folder")
     if problems:
         shown = problems[:MAX_REPORTED_PROBLEMS]
         more = len(problems) - len(shown)
         raise ManifestError(f"{folder}: {len(problems)} problem(s); fix them all before building the manifest:\n"
                             + "\n".join(f"  {m}" for m in shown) + (f"\n  ... and {more} more" if more else ""))
     notes = []
+    if unlabelled:
+        notes.append(f"{len(unlabelled)} image file(s) without a row in {Path(str(labels)).name} were left out: {listed}")
     if no_mask:
         notes.append(f"{len(no_mask)} lesion image(s) have no mask"
                      + ("" if mask_pattern is None else f" matching {mask_pattern!r}")
