@@ -237,3 +237,54 @@ def test_the_development_pool_is_train_and_val_together(shared_data: Path) -> No
     pool = load_split("hydronephrosis_ncnu", "train+val", root=shared_data)
     assert {im.key for im in pool} == {im.key for im in train} | {im.key for im in val}
     assert len(pool) == len(train) + len(val) and not any(im.split == "test" for im in pool)
+
+
+def test_more_staged_kidney_folds_become_test_and_leave_the_committed_splits(
+        shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Folds 5-10 of Hydronephrosis-NCNU were never staged here; a user who stages them gets them as
+    test images (no packaged model trained on them), and folds 1-4 keep their committed splits, both
+    when loading and when the split files are recomputed."""
+    import csv
+    import shutil
+
+    from echo_agent.eval.datasets import (
+        HYDRONEPHROSIS_NCNU,
+        committed_splits,
+        compute_splits,
+        load_center,
+        load_split,
+        split_file,
+    )
+    from echo_agent.eval.splits import read_split_file
+
+    src = shared_data / "Hydronephrosis-NCNU"
+    dst = tmp_path / "Hydronephrosis-NCNU"
+    with (src / "frames.csv").open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        fields, rows = reader.fieldnames, list(reader)
+    picked = [next(r for r in rows if r["fold"] == str(f) and r["label"] == lbl) for f in (1, 2, 3, 4)
+              for lbl in ("abnormal", "normal")]
+    # three frames staged as a new fold 5 (copies of development frames under new names and clips)
+    extra = [dict(r, fold="5", image=f"fold5/{r['label']}/new_{i}.jpg", mask="", clip_id=f"new_clip_{i}")
+             for i, r in enumerate(picked[:3])]
+    for r, source in [*((r, r) for r in picked), *zip(extra, picked[:3])]:
+        (dst / r["image"]).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src / source["image"], dst / r["image"])
+    with (dst / "frames.csv").open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=fields)
+        w.writeheader()
+        w.writerows(picked + extra)
+    shutil.copy(src / "boxes.csv", dst / "boxes.csv")
+    monkeypatch.setenv("ECHO_AGENT_DATA", str(tmp_path))
+
+    build = load_center(HYDRONEPHROSIS_NCNU)
+    committed = read_split_file(split_file(HYDRONEPHROSIS_NCNU))
+    splits = committed_splits(build)
+    for im in build.images:
+        expected = "test" if build.folds[im.key] == 5 else committed[im.key]
+        assert splits[im.key] == expected
+    test = load_split(HYDRONEPHROSIS_NCNU, "test")
+    assert {im.image.name for im in test} >= {"new_0.jpg", "new_1.jpg", "new_2.jpg"}
+    recomputed = compute_splits(build)
+    assert all(v == "test" for k, v in recomputed.items() if build.folds[k] in (4, 5))
+    assert all(v in ("train", "val") for k, v in recomputed.items() if build.folds[k] in (1, 2, 3))

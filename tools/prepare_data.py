@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from echo_agent.eval.datasets import (  # noqa: E402
     BUSI,
+    committed_splits,
     compute_splits,
     flag_burned_in_annotations,
     list_centers,
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         build = load_center(center)
         if args.write_splits:
             write_split_file(compute_splits(build), split_file(center))
-        images = apply_splits(build.images, split_file(center))
+        images = apply_splits(build.images, committed_splits(build))
         rep = leakage_report(images, check_pixels=args.check_pixels)
         excluded = sum(im.split == "excluded" for im in images)
         print(f"{center}: {len(images)} images, excluded {excluded}, groups/split {rep.groups_per_split}")

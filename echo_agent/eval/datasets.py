@@ -197,7 +197,8 @@ def load_breast_lesions_usg(root: str | Path | None = None) -> DatasetBuild:
 
 
 def load_hydronephrosis_ncnu(root: str | Path | None = None) -> DatasetBuild:
-    """Hydronephrosis-NCNU folds 1-4 -> one entry per frame, boxes per fluid component >= 150 px."""
+    """Hydronephrosis-NCNU (the staged folds 1-4, or every fold ``frames.csv`` lists when more are
+    staged) -> one entry per frame, boxes per fluid component >= 150 px."""
     folder = dataset_folder(HYDRONEPHROSIS_NCNU, root)
     comps: dict[str, list[Box]] = defaultdict(list)
     for r in _read_csv(folder / "boxes.csv"):
@@ -265,6 +266,11 @@ class CenterSpec:
     #: the lesion mask files the dataset stores for an image (its path -> paths; missing ones are
     #: skipped), read by :func:`lesion_mask`; ``None``: the dataset has no masks (boxes are filled)
     mask_files: Callable[[Path], Sequence[Path]] | None = None
+    #: for a dataset with official folds: the folds the packaged models were developed on (train and
+    #: val come from them); an image of any other fold is ``test``, so staging more of the dataset's
+    #: folds adds held-out test images and leaves the committed splits as they are. ``None``: every
+    #: fold but the test fold is development data.
+    development_folds: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[a-z][a-z0-9_]*", self.name):
@@ -369,7 +375,9 @@ for _name, _organ, _adapter in (
     (HYDRONEPHROSIS_NCNU, "kidney", load_hydronephrosis_ncnu),
 ):
     register_center(CenterSpec(_name, _organ, _FOLDERS[_name], _adapter, _packaged_split_file(_name),
-                               mask_files=_MASK_FILES[_name]))
+                               mask_files=_MASK_FILES[_name],
+                               # folds 1-3 are development data, 4 the test split; folds 5-10 when staged are test
+                               development_folds=(1, 2, 3) if _name == HYDRONEPHROSIS_NCNU else None))
 
 
 def load_center(center: str, root: str | Path | None = None) -> DatasetBuild:
@@ -390,8 +398,27 @@ def compute_splits(build: DatasetBuild, *, seed: int | None = None) -> dict[str,
     seed = DEFAULT_SEED if seed is None else seed
     images = merge_identical_groups(build.images)
     if build.folds:
-        return assign_fold_splits(images, build.folds, seed=seed)
+        dev = get_center(build.center).development_folds
+        held_out = {f for f in build.folds.values() if dev is not None and f not in dev}
+        return assign_fold_splits(images, build.folds, seed=seed, test_folds=held_out or (4,))
     return assign_splits(images, seed=seed, forced=build.forced, stratify_by=get_center(build.center).stratify_by)
+
+
+def committed_splits(build: DatasetBuild) -> dict[str, str]:
+    """The committed split assignment of a built center, plus ``test`` for images of folds outside its
+    :attr:`CenterSpec.development_folds` that the file does not list (more of the dataset staged
+    later: frames no packaged model trained on). Other unlisted images stay unassigned, and
+    :func:`~echo_agent.eval.splits.apply_splits` refuses them."""
+    from .splits import read_split_file
+
+    assignments = read_split_file(split_file(build.center))
+    dev = get_center(build.center).development_folds
+    if dev is not None:
+        for im in build.images:
+            fold = build.folds.get(im.key)
+            if im.key not in assignments and fold is not None and fold not in dev:
+                assignments[im.key] = "test"
+    return assignments
 
 
 def load_split(
@@ -407,7 +434,8 @@ def load_split(
     from .splits import apply_splits
 
     wanted = None if split is None else parse_split_pool(split)
-    images = apply_splits(load_center(center, root).images, split_file(center))
+    build = load_center(center, root)
+    images = apply_splits(build.images, committed_splits(build))
     return [im for im in images if wanted is None or im.split in wanted]
 
 
@@ -484,6 +512,7 @@ __all__ = [
     "lesion_mask",
     "load_breast_lesions_usg",
     "load_busi",
+    "committed_splits",
     "compute_splits",
     "load_center",
     "load_split",
