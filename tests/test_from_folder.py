@@ -41,6 +41,8 @@ def busi_like(tmp_path: Path) -> Path:
     _mask(root / "malignant" / "sub" / "m (1)_mask_1.png", [(0, 50, 10, 60)])  # a second lesion, its own file
     _image(root / "normal" / "n (1).png")
     _mask(root / "normal" / "n (1)_mask.png", [])  # BUSI ships empty masks for normals
+    (root / "Benign" / "._b (1).png").write_bytes(b"\x00\x05\x16\x07")  # a macOS resource-fork copy
+    _image(root / ".cache" / "benign" / "x.png")
     return root
 
 

@@ -18,6 +18,7 @@ with a spreadsheet of labels and a folder of masks. :func:`manifest_from_folder`
   default ``{stem}_mask*``: BUSI's ``_mask.png``, ``_mask_1.png`` ...; pixels above half intensity
   are the lesion; each mask file gives its own boxes, as BUSI stores a second lesion in a second file).
   Files matching a mask pattern are never images.
+* Hidden files and folders (``.``-names: macOS ``._`` copies, caches) are never read.
 * A lesion image without a mask file stays in the manifest without boxes (it counts for the
   image-level metrics only); a normal image whose mask is not empty is a problem to fix.
 
@@ -199,7 +200,8 @@ def manifest_from_folder(
     read_label = _label_reader(spec, label_map)
     if label is not None and read_label(label) is None:
         raise ValueError(f"label {label!r} is not a label of organ {spec.name!r}; use one of {list(spec.image_labels)}")
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))  # ._x.png, .cache/
     masks_of: dict[Path, list[Path]] = {}
     if mask_pattern is not None:
         for p in files:
