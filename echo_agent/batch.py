@@ -22,8 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import EchoError, EchoInputError, OutputPathError
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom"}
+from .imaging.io import IMAGE_SUFFIXES, is_hidden
 
 
 @dataclass(frozen=True)
@@ -108,7 +107,7 @@ def _collect(source: str | Path, *, organ: str | None, split: str | None) -> lis
             items.append(BatchItem(id=im.key, image=im.image, organ=im.organ, context=im.clinical_context, truth=truth))
         return items
     if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+        files = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file() and not is_hidden(f, p))
         base = p
     elif any(ch in s for ch in "*?["):
         files = sorted(Path(f) for f in glob.glob(s, recursive=True) if _looks_like_image(Path(f)))

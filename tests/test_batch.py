@@ -41,6 +41,9 @@ def _agent():
 def test_collect_folder_glob_and_manifest(tmp_path):
     _images(tmp_path / "in" / "sub", 3)
     (tmp_path / "in" / "notes.txt").write_text("x")
+    (tmp_path / "in" / "sub" / "._img_000.png").write_bytes(b"\x00\x05\x16\x07")  # macOS copy: not an input
+    (tmp_path / "in" / ".thumbs").mkdir()
+    (tmp_path / "in" / ".thumbs" / "t.png").write_bytes(b"x")
     items = collect_inputs(tmp_path / "in")
     assert [i.id for i in items] == ["sub/img_000.png", "sub/img_001.png", "sub/img_002.png"]
     assert len(collect_inputs(str(tmp_path / "in" / "**" / "*.png"))) == 3

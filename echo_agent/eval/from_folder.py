@@ -38,14 +38,13 @@ from typing import Any
 import numpy as np
 
 from ..errors import ManifestError
+from ..imaging.io import IMAGE_SUFFIXES, is_hidden
 from ..organs import OrganSpec
 from ..schemas import Box
 from .manifest import MAX_REPORTED_PROBLEMS, ManifestImage, _parse_age, resolve_label, resolve_organ
 
-#: File endings read as images.
-IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 #: File endings read as masks (GIF too: some datasets store masks so).
-MASK_SUFFIXES: tuple[str, ...] = (*IMAGE_SUFFIXES, ".gif")
+MASK_SUFFIXES: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif"})
 #: Default mask files of an image: BUSI's ``<stem>_mask.png`` / ``<stem>_mask_1.png`` ...
 DEFAULT_MASK_PATTERN = "{stem}_mask*"
 _COPIED_COLUMNS = ("category", "patient_id", "group", "split", "age", "symptoms", "center")
@@ -109,6 +108,20 @@ def _label_reader(spec: OrganSpec, label_map: Mapping[str, str] | None) -> Calla
     def read(text: str) -> str | None:
         return resolve_label(spec, mapping.get(text.strip().lower(), text))
     return read
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    """``(width, height)`` of an image file: its header, or the decoded pixels for DICOM."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except UnidentifiedImageError:
+        from ..imaging import load_image
+
+        h, w = load_image(path).array.shape[:2]
+        return w, h
 
 
 def _read_labels(path: Path, folder: Path, images: Sequence[Path], spec: OrganSpec, problems: list[str],
@@ -201,7 +214,7 @@ def manifest_from_folder(
     if label is not None and read_label(label) is None:
         raise ValueError(f"label {label!r} is not a label of organ {spec.name!r}; use one of {list(spec.image_labels)}")
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))  # ._x.png, .cache/
+                   and not is_hidden(p, folder))
     masks_of: dict[Path, list[Path]] = {}
     if mask_pattern is not None:
         for p in files:
@@ -210,7 +223,7 @@ def manifest_from_folder(
     mask_files = {m.resolve() for ms in masks_of.values() for m in ms}
     images = [p for p in files if p.resolve() not in mask_files]
     if not images:
-        raise ManifestError(f"{folder} holds no image files ({', '.join(IMAGE_SUFFIXES)}) other than masks")
+        raise ManifestError(f"{folder} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) other than masks")
     problems: list[str] = []
     table = (_read_labels(Path(labels), folder, images, spec, problems, columns, read_label, label)
              if labels is not None else {})
@@ -232,13 +245,9 @@ def manifest_from_folder(
         boxes: list[Box] = []
         ms = masks_of.get(p, [])
         if ms:
-            from PIL import Image
-
             try:
-                with Image.open(p) as im:
-                    size = im.size
-                boxes = _mask_boxes(ms, size, min_area)
-            except OSError as exc:
+                boxes = _mask_boxes(ms, _image_size(p), min_area)
+            except (OSError, ValueError) as exc:  # ValueError: the library's unreadable-image errors
                 problems.append(f"{rel}: cannot read it or its mask ({exc})")
                 continue
         if rec["label"] == spec.normal_label and boxes:
@@ -270,4 +279,4 @@ def manifest_from_folder(
     return FolderManifest(tuple(out), tuple(notes), dict(Counter(im.label for im in out)))
 
 
-__all__ = ["DEFAULT_MASK_PATTERN", "IMAGE_SUFFIXES", "FolderManifest", "boxes_from_mask", "manifest_from_folder"]
+__all__ = ["DEFAULT_MASK_PATTERN", "MASK_SUFFIXES", "FolderManifest", "boxes_from_mask", "manifest_from_folder"]

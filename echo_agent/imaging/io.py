@@ -55,6 +55,18 @@ log = logging.getLogger(__name__)
 SUPPORTED_FORMATS = ("png", "jpeg", "tiff", "bmp", "dicom")
 _PIL_FORMAT = {"png": "PNG", "jpeg": "JPEG", "tiff": "TIFF", "bmp": "BMP"}
 _DICOM_SUFFIXES = {".dcm", ".dicom", ".dic"}
+#: File endings a folder of inputs is searched for (``echo-agent batch``, ``echo-agent manifest``).
+IMAGE_SUFFIXES: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom"})
+
+
+def is_hidden(path: Path, base: Path) -> bool:
+    """Whether ``path`` (under ``base``) is or lies in a ``.``-named file or folder: macOS ``._`` copies,
+    caches and version-control folders are never inputs.
+
+    >>> is_hidden(Path("/d/a/._x.png"), Path("/d")), is_hidden(Path("/d/.git/x.png"), Path("/d")), is_hidden(Path("/d/a/x.png"), Path("/d"))
+    (True, True, False)
+    """
+    return any(part.startswith(".") for part in path.relative_to(base).parts)
 _SUPPORTED_TEXT = "PNG, JPEG, TIFF, BMP or DICOM"
 
 
