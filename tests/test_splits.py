@@ -288,3 +288,37 @@ def test_more_staged_kidney_folds_become_test_and_leave_the_committed_splits(
     recomputed = compute_splits(build)
     assert all(v == "test" for k, v in recomputed.items() if build.folds[k] in (4, 5))
     assert all(v in ("train", "val") for k, v in recomputed.items() if build.folds[k] in (1, 2, 3))
+
+
+def test_new_patients_staged_later_are_test_and_a_known_patient_is_refused(tmp_path: Path) -> None:
+    """A center whose staged copy is partial (``new_images_are_test``): an image the committed file
+    does not list is test when its patient is new, and refused when a development patient owns it."""
+    from echo_agent.eval.datasets import (
+        CenterSpec,
+        DatasetBuild,
+        committed_splits,
+        load_split,
+        register_center,
+        unregister_center,
+    )
+    from echo_agent.eval.splits import write_split_file
+
+    def image(name: str, patient: str) -> ManifestImage:
+        return ManifestImage(image=tmp_path / name, organ="breast", label="benign", center="toy_partial",
+                             patient_id=patient, group=patient)
+
+    staged = [image("a.png", "p1"), image("b.png", "p2")]
+    later = [image("c.png", "p3"), image("d.png", "p1")]  # p3 is new; p1 is a train patient
+    split = write_split_file({staged[0].key: "train", staged[1].key: "test"}, tmp_path / "toy.csv")
+    register_center(CenterSpec("toy_partial", "breast", "toy", lambda root: DatasetBuild("toy_partial", staged + later),
+                               split, new_images_are_test=True))
+    try:
+        splits = committed_splits(DatasetBuild("toy_partial", staged + later))
+        assert splits[later[0].key] == "test" and later[1].key not in splits
+        with pytest.raises(ManifestError, match="no split assignment"):
+            load_split("toy_partial", "test")
+        register_center(CenterSpec("toy_partial", "breast", "toy", lambda root: DatasetBuild("toy_partial", staged + later[:1]),
+                                   split, new_images_are_test=True), replace=True)
+        assert [im.image.name for im in load_split("toy_partial", "test")] == ["b.png", "c.png"]
+    finally:
+        unregister_center("toy_partial")

@@ -271,6 +271,11 @@ class CenterSpec:
     #: folds adds held-out test images and leaves the committed splits as they are. ``None``: every
     #: fold but the test fold is development data.
     development_folds: tuple[int, ...] | None = None
+    #: images the committed split file does not list (more of the dataset staged later: other cases)
+    #: are ``test`` when no listed image shares their ``patient_id`` or ``group``; one that does is
+    #: left unassigned and refused (it would leak a development patient into test). ``False``: every
+    #: unlisted image is refused, as for a dataset whose staged copy is complete.
+    new_images_are_test: bool = False
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[a-z][a-z0-9_]*", self.name):
@@ -405,19 +410,25 @@ def compute_splits(build: DatasetBuild, *, seed: int | None = None) -> dict[str,
 
 
 def committed_splits(build: DatasetBuild) -> dict[str, str]:
-    """The committed split assignment of a built center, plus ``test`` for images of folds outside its
-    :attr:`CenterSpec.development_folds` that the file does not list (more of the dataset staged
-    later: frames no packaged model trained on). Other unlisted images stay unassigned, and
+    """The committed split assignment of a built center, plus ``test`` for images the file does not
+    list where the center says they are held out (more of the dataset staged later: frames of folds
+    outside :attr:`CenterSpec.development_folds`, or new patients with
+    :attr:`CenterSpec.new_images_are_test`). Other unlisted images stay unassigned, and
     :func:`~echo_agent.eval.splits.apply_splits` refuses them."""
     from .splits import read_split_file
 
     assignments = read_split_file(split_file(build.center))
-    dev = get_center(build.center).development_folds
-    if dev is not None:
-        for im in build.images:
-            fold = build.folds.get(im.key)
-            if im.key not in assignments and fold is not None and fold not in dev:
-                assignments[im.key] = "test"
+    spec = get_center(build.center)
+    listed_units = {u for im in build.images if im.key in assignments and assignments[im.key] != "test"
+                    for u in (("p", im.patient_id), ("g", im.group)) if u[1]}
+    for im in build.images:
+        if im.key in assignments:
+            continue
+        fold = build.folds.get(im.key)
+        if spec.development_folds is not None and fold is not None and fold not in spec.development_folds:
+            assignments[im.key] = "test"
+        elif spec.new_images_are_test and not ({("p", im.patient_id), ("g", im.group)} & listed_units):
+            assignments[im.key] = "test"
     return assignments
 
 

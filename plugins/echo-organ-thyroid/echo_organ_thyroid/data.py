@@ -34,19 +34,14 @@ TIRADS = ("2", "3", "4a", "4b", "4c", "5")
 
 
 def mask_boxes(mask_path: Path, min_px: int = MIN_COMPONENT_PX) -> list[Box]:
-    """One pixel box per connected component (8-connectivity) of a GIF mask (> 0 is nodule)."""
-    import cv2
+    """One pixel box per connected component of a GIF mask (> 0 is nodule), as the library's
+    :func:`~echo_agent.eval.from_folder.boxes_from_mask` draws them."""
     from PIL import Image
 
+    from echo_agent.eval.from_folder import boxes_from_mask
+
     with Image.open(mask_path) as im:
-        m = (np.asarray(im.convert("L")) > 0).astype(np.uint8)
-    n, _, stats, _ = cv2.connectedComponentsWithStats(m, connectivity=8)
-    out = []
-    for i in range(1, n):
-        x, y, w, h, area = (int(v) for v in stats[i])
-        if area >= min_px:
-            out.append(Box(x1=float(x), y1=float(y), x2=float(x + w), y2=float(y + h)))
-    return out
+        return boxes_from_mask(np.asarray(im.convert("L")) > 0, min_area=min_px)
 
 
 def load_ddti(root: str | Path | None = None) -> DatasetBuild:
@@ -76,4 +71,6 @@ def split_file() -> Path:
 
 def ddti_center() -> CenterSpec:
     """The ``echo_agent.datasets`` entry point."""
-    return CenterSpec(CENTER, "thyroid", FOLDER, load_ddti, split_file(), stratify_by="category")
+    # the database has more cases than are staged here: cases staged later are test (never trained on)
+    return CenterSpec(CENTER, "thyroid", FOLDER, load_ddti, split_file(), stratify_by="category",
+                      new_images_are_test=True)
