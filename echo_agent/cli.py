@@ -127,7 +127,7 @@ def eval_(
     detector: Annotated[Path | None, typer.Option(help="Use these detector weights (.onnx/.pt) for --organ instead of the packaged ones.")] = None,
     classifier: Annotated[str | None, typer.Option(help="Second-look classifier for --organ: an .onnx file instead of the packaged one, or 'none' to run without a second look.")] = None,
     config: Annotated[Path | None, typer.Option(help="Agent config (JSON/YAML AgentConfig); --fusion/--detector/--classifier apply on top.")] = None,
-    by: Annotated[str | None, typer.Option(help="Also break the metrics down by this manifest column: center, split, category ... or any other column of the CSV (a scanner, a series), the same on every row of an image.")] = None,
+    by: Annotated[str | None, typer.Option(help="Also break the metrics down by this manifest column: center, split, category ... or any other column of the CSV (a scanner, a series), the same on every row of an image; lesion_size groups by the largest reference box's share of the image.")] = None,
 ) -> None:
     """Evaluate detector-only vs the full agent on a manifest."""
     from .eval.harness import eval_command

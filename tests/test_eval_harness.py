@@ -419,6 +419,21 @@ def test_report_counts_lesion_images_called_normal() -> None:
     assert len(headline_rows({"detector": m, "agent": m}, {"n": 0})) == len(headline_rows({"detector": m, "agent": m}))
 
 
+def test_metrics_broken_down_by_lesion_size(manifest: Path, tmp_path: Path):
+    """``by="lesion_size"`` groups images by their largest reference box's share of the image area
+    (no column needed); a CSV column of that name is read instead."""
+    # a: 20 x 20 of 64 x 64 (9.8 %), b: 20 x 30 (14.6 %); c, d: no box
+    res = evaluate(manifest, agent=FakeAgent(), out_dir=tmp_path / "size", progress=False, n_boot=20, by="lesion_size")
+    groups = res.metrics["breast"].groups
+    assert set(groups) == {"c 4-16 %", "no box"} and groups["c 4-16 %"][DETECTOR].n_images == 2
+    assert "### Per lesion_size" in (tmp_path / "size" / "report.md").read_text()
+    lines = manifest.read_text().splitlines()
+    own = manifest.with_name("own_size.csv")
+    own.write_text("\n".join([lines[0] + ",lesion_size"] + [f"{x},mine" for x in lines[1:]]) + "\n")
+    res = evaluate(own, agent=FakeAgent(), out_dir=tmp_path / "own", progress=False, n_boot=20, by="lesion_size")
+    assert set(res.metrics["breast"].groups) == {"mine"}
+
+
 class CategoryAgent(FakeAgent):
     """FakeAgent that also gives a BI-RADS category (a: 4A, b: 5, c: none)."""
 

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ManifestError
-from ..imaging.io import IMAGE_SUFFIXES, is_hidden
+from ..imaging.io import IMAGE_SUFFIXES, image_size, is_hidden
 from ..organs import OrganSpec
 from ..schemas import Box
 from .manifest import MAX_REPORTED_PROBLEMS, ManifestImage, _parse_age, resolve_label, resolve_organ
@@ -108,20 +108,6 @@ def _label_reader(spec: OrganSpec, label_map: Mapping[str, str] | None) -> Calla
     def read(text: str) -> str | None:
         return resolve_label(spec, mapping.get(text.strip().lower(), text))
     return read
-
-
-def _image_size(path: Path) -> tuple[int, int]:
-    """``(width, height)`` of an image file: its header, or the decoded pixels for DICOM."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            return im.size
-    except UnidentifiedImageError:
-        from ..imaging import load_image
-
-        h, w = load_image(path).array.shape[:2]
-        return w, h
 
 
 def _read_labels(path: Path, folder: Path, images: Sequence[Path], spec: OrganSpec, problems: list[str],
@@ -246,7 +232,7 @@ def manifest_from_folder(
         ms = masks_of.get(p, [])
         if ms:
             try:
-                boxes = _mask_boxes(ms, _image_size(p), min_area)
+                boxes = _mask_boxes(ms, image_size(p), min_area)
             except (OSError, ValueError) as exc:  # ValueError: the library's unreadable-image errors
                 problems.append(f"{rel}: cannot read it or its mask ({exc})")
                 continue

@@ -353,7 +353,8 @@ def evaluate(
             (``center``, ``split``, ``category`` ...) or any other column of the CSV (a scanner, an
             acquisition series), which must then be the same on every row of an image; needs the
             manifest's path for a column :class:`ManifestImage` does not hold. Empty cells count as
-            ``unknown``.
+            ``unknown``. ``lesion_size`` (unless the CSV has such a column) groups images by their
+            largest reference box's share of the image area (:data:`LESION_SIZE_BINS`; ``no box``).
 
     Returns:
         An :class:`EvalResult`. Raises :class:`~echo_agent.errors.EchoInputError` for a bad manifest or
@@ -484,12 +485,47 @@ class WarningTally:
 WIDESPREAD_WARNING = 0.1
 
 
+#: Breakdowns computed from the manifest rather than read from a column (a column of the same name wins).
+DERIVED_FIELDS: tuple[str, ...] = ("lesion_size",)
+#: ``lesion_size`` bins: the largest reference box's share of the image area, upper bounds.
+LESION_SIZE_BINS: tuple[tuple[float, str], ...] = ((0.01, "a < 1 %"), (0.04, "b 1-4 %"), (0.16, "c 4-16 %"),
+                                                   (float("inf"), "d >= 16 %"))
+
+
+def _header(path: Path) -> list[str]:
+    import csv
+
+    with path.open(newline="", encoding="utf-8-sig") as fh:
+        return [h.strip() for h in next(csv.reader(fh), [])]
+
+
+def lesion_size_group(im: ManifestImage, size: tuple[int, int]) -> str:
+    """The ``lesion_size`` group of an image of ``size`` (width, height): its largest reference box's
+    share of the image area in one of :data:`LESION_SIZE_BINS`, or ``no box``.
+
+    >>> from echo_agent.schemas import Box
+    >>> im = ManifestImage(image=Path("a.png"), organ="breast", label="benign", boxes=(Box(x1=0, y1=0, x2=20, y2=20),))
+    >>> lesion_size_group(im, (100, 100)), lesion_size_group(im, (400, 400))
+    ('c 4-16 %', 'a < 1 %')
+    """
+    if not im.boxes:
+        return "no box"
+    share = max((b.x2 - b.x1) * (b.y2 - b.y1) for b in im.boxes) / float(size[0] * size[1])
+    return next(name for bound, name in LESION_SIZE_BINS if share < bound)
+
+
 def _group_values(manifest: str | Path | Sequence[ManifestImage], items: Sequence[ManifestImage], by: str) -> dict[Path, str]:
     """Each image's value in column ``by`` (see ``evaluate(by=...)``); '' for an empty cell."""
+    in_file = isinstance(manifest, (str, Path)) and by in _header(Path(manifest))
+    if by in DERIVED_FIELDS and not in_file:
+        from ..imaging.io import image_size
+
+        return {im.image: lesion_size_group(im, image_size(im.image)) if im.boxes else "no box" for im in items}
     if by in IMAGE_LEVEL_FIELDS:
         return {im.image: "" if getattr(im, by) is None else str(getattr(im, by)) for im in items}
     if not isinstance(manifest, (str, Path)):
-        raise EchoInputError(f"by={by!r} is not one of the image-level fields {list(IMAGE_LEVEL_FIELDS)}; to break "
+        raise EchoInputError(f"by={by!r} is not one of the image-level fields {list(IMAGE_LEVEL_FIELDS)} or "
+                             f"{list(DERIVED_FIELDS)}; to break "
                              "results down by another column, pass the manifest's path so that column can be read")
     values = column_values(manifest, by)
     return {im.image: values.get(im.image, "") for im in items}

@@ -59,6 +59,19 @@ _DICOM_SUFFIXES = {".dcm", ".dicom", ".dic"}
 IMAGE_SUFFIXES: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom"})
 
 
+def image_size(path: str | Path) -> tuple[int, int]:
+    """``(width, height)`` of an image file: from its header where Pillow reads it, else (DICOM) from
+    the decoded pixels."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except UnidentifiedImageError:
+        h, w = load_image(path).array.shape[:2]
+        return w, h
+
+
 def is_hidden(path: Path, base: Path) -> bool:
     """Whether ``path`` (under ``base``) is or lies in a ``.``-named file or folder: macOS ``._`` copies,
     caches and version-control folders are never inputs.
