@@ -186,3 +186,17 @@ def test_prepare_data_writes_loadable_manifests(shared_data: Path, tmp_path: Pat
     assert sum(len(im.boxes) for im in every) == 252
     assert {im.label for im in every} == {"normal", "benign", "malignant"}
     assert (folder / "flags.csv").read_text().count("other_finding") == 7
+
+
+def test_dicom_images_with_boxes_are_checked_against_their_decoded_size(tmp_path: Path) -> None:
+    """Pillow cannot read a DICOM header; the box check decodes it instead of refusing the image."""
+    import numpy as np
+    from test_agent import _dicom
+
+    _dicom(tmp_path / "a.dcm", np.full((80, 100, 3), 90, np.uint8))
+    p = _write(tmp_path, "a.dcm,breast,benign,10,10,40,40\n", header="image,organ,label,x_min,y_min,x_max,y_max\n")
+    (im,) = load_manifest(p)
+    assert im.boxes == (Box(x1=10, y1=10, x2=40, y2=40),)
+    p = _write(tmp_path, "a.dcm,breast,benign,10,10,140,40\n", header="image,organ,label,x_min,y_min,x_max,y_max\n")
+    with pytest.raises(ManifestError, match="outside the 100x80 image a.dcm"):
+        load_manifest(p)

@@ -184,13 +184,6 @@ def _parse_age(path: Path, row: int, text: str | None) -> int | None:
     return int(value)
 
 
-def _image_size(image: Path) -> tuple[int, int]:
-    from PIL import Image
-
-    with Image.open(image) as im:  # reads only the header
-        return im.size
-
-
 @dataclass
 class _Pending:
     image: Path
@@ -324,12 +317,14 @@ def load_manifest(
                     prev.boxes.append((box, row))
             except ManifestError as exc:  # keep reading: report every bad row at once
                 problems.append((reader.line_num, str(exc)))
+    from ..imaging.io import image_size
+
     out: list[ManifestImage] = []
     for image in order:
         p = pending[image]
         if check_boxes and p.boxes:
             try:
-                width, height = _image_size(image)
+                width, height = image_size(image)  # the header; a DICOM file is decoded
             except FileNotFoundError:
                 problems.append((p.rows[0], str(_err(path, p.rows[0], f"image file {image} does not exist"))))
                 continue
