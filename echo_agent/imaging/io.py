@@ -61,15 +61,20 @@ IMAGE_SUFFIXES: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".tif", ".t
 
 def image_size(path: str | Path) -> tuple[int, int]:
     """``(width, height)`` of an image file: from its header where Pillow reads it, else (DICOM) from
-    the decoded pixels."""
-    from PIL import Image, UnidentifiedImageError
+    the decoded pixels; raises ``FileNotFoundError`` or the library's unreadable-image error."""
+    path = Path(path)
+    if path.suffix.lower() not in _DICOM_SUFFIXES:
+        from PIL import Image
 
-    try:
-        with Image.open(path) as im:
-            return im.size
-    except UnidentifiedImageError:
-        h, w = load_image(path).array.shape[:2]
-        return w, h
+        try:
+            with Image.open(path) as im:
+                return im.size
+        except FileNotFoundError:
+            raise
+        except Exception:  # noqa: BLE001 - not a Pillow format (a DICOM file without its ending), or an
+            pass  # Image.open patched by another library (ultralytics) that fails in its own way
+    h, w = load_image(path).array.shape[:2]
+    return w, h
 
 
 def is_hidden(path: Path, base: Path) -> bool:
