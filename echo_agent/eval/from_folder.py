@@ -41,13 +41,19 @@ from ..errors import ManifestError
 from ..imaging.io import IMAGE_SUFFIXES, image_size, is_hidden
 from ..organs import OrganSpec
 from ..schemas import Box
-from .manifest import MAX_REPORTED_PROBLEMS, ManifestImage, _parse_age, resolve_label, resolve_organ
+from .manifest import (
+    _META_COLUMNS,
+    MAX_REPORTED_PROBLEMS,
+    ManifestImage,
+    _parse_age,
+    resolve_label,
+    resolve_organ,
+)
 
 #: File endings read as masks (GIF too: some datasets store masks so).
 MASK_SUFFIXES: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif"})
 #: Default mask files of an image: BUSI's ``<stem>_mask.png`` / ``<stem>_mask_1.png`` ...
 DEFAULT_MASK_PATTERN = "{stem}_mask*"
-_COPIED_COLUMNS = ("category", "patient_id", "group", "split", "age", "symptoms", "center")
 
 
 @dataclass(frozen=True)
@@ -163,7 +169,7 @@ def _read_labels(path: Path, folder: Path, images: Sequence[Path], spec: OrganSp
             except ManifestError as exc:
                 problems.append(str(exc).replace(str(path), path.name, 1))
                 continue
-            out[hits[0]] = {**{c: rec[c] for c in _COPIED_COLUMNS if rec.get(c)}, "label": found, "age": age}
+            out[hits[0]] = {**{c: rec[c] for c in _META_COLUMNS if rec.get(c)}, "label": found, "age": age}
     return out
 
 

@@ -516,8 +516,7 @@ def lesion_size_group(im: ManifestImage, size: tuple[int, int]) -> str:
 
 def _group_values(manifest: str | Path | Sequence[ManifestImage], items: Sequence[ManifestImage], by: str) -> dict[Path, str]:
     """Each image's value in column ``by`` (see ``evaluate(by=...)``); '' for an empty cell."""
-    in_file = isinstance(manifest, (str, Path)) and by in _header(Path(manifest))
-    if by in DERIVED_FIELDS and not in_file:
+    if by in DERIVED_FIELDS and not (isinstance(manifest, (str, Path)) and by in _header(Path(manifest))):
         from ..imaging.io import image_size
 
         return {im.image: lesion_size_group(im, image_size(im.image)) if im.boxes else "no box" for im in items}

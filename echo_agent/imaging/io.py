@@ -57,6 +57,7 @@ _PIL_FORMAT = {"png": "PNG", "jpeg": "JPEG", "tiff": "TIFF", "bmp": "BMP"}
 _DICOM_SUFFIXES = {".dcm", ".dicom", ".dic"}
 #: File endings a folder of inputs is searched for (``echo-agent batch``, ``echo-agent manifest``).
 IMAGE_SUFFIXES: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom"})
+_SUPPORTED_TEXT = "PNG, JPEG, TIFF, BMP or DICOM"
 
 
 def image_size(path: str | Path) -> tuple[int, int]:
@@ -85,7 +86,6 @@ def is_hidden(path: Path, base: Path) -> bool:
     (True, True, False)
     """
     return any(part.startswith(".") for part in path.relative_to(base).parts)
-_SUPPORTED_TEXT = "PNG, JPEG, TIFF, BMP or DICOM"
 
 
 @dataclass(frozen=True)
