@@ -175,6 +175,7 @@ def manifest(
     column: Annotated[list[str] | None, typer.Option(help="Rename a --labels column to a manifest column, FROM=TO (repeatable): ID=image, Pathology=label, tirads=category.")] = None,
     label: Annotated[str | None, typer.Option(help="Give every image this label (a folder of one class); folder names are then not read.")] = None,
     label_map: Annotated[list[str] | None, typer.Option(help="Another name of a label, FROM=TO (repeatable): abnormal=hydronephrosis; applies to folder names and --labels.")] = None,
+    mask_rename: Annotated[list[str] | None, typer.Option(help="Text of an image's name that its mask's name has instead, FROM=TO (repeatable): bus_=mask_ finds mask_0001.png for bus_0001.png.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
 ) -> None:
     """Build a manifest for `echo-agent eval` from a folder of images (labels from folders or a CSV, boxes from masks)."""
@@ -196,7 +197,8 @@ def manifest(
         built = manifest_from_folder(folder, organ, labels=labels, min_area=min_area, center=center,
                                      mask_pattern=None if mask_pattern.lower() == "none" else mask_pattern,
                                      columns=pairs("--column", column), label=label,
-                                     label_map=pairs("--label-map", label_map))
+                                     label_map=pairs("--label-map", label_map),
+                                     mask_rename=pairs("--mask-rename", mask_rename))
         path = write_manifest(built.images, out, relative_to=out.resolve().parent, overwrite=overwrite)
     except FileExistsError as exc:
         console.print(f"[bold red]error:[/] {exc} (or --overwrite)")

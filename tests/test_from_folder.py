@@ -231,3 +231,45 @@ def test_ddti_folder_with_its_own_sheet_gives_the_plugins_boxes(shared_data: Pat
 
     assert {im.image: key(im) for im in built.images} == {
         Path(im.image).resolve(): key(im) for im in load_center("ddti").images}
+
+
+def test_masks_named_otherwise_than_their_images(tmp_path: Path):
+    """BUS-BRA-style naming: images/bus_0001-l.png, masks/mask_0001-l.png, a sheet of its own columns."""
+    root = tmp_path / "set"
+    _image(root / "images" / "bus_0001-l.png")
+    (root / "masks").mkdir()
+    _mask(root / "masks" / "mask_0001-l.png", [(10, 10, 40, 30)])
+    _image(root / "images" / "bus_0002-r.png")
+    _mask(root / "masks" / "mask_0002-r.png", [(5, 5, 20, 50)])
+    sheet = root / "data.csv"
+    sheet.write_text("ID,Pathology,BIRADS\nbus_0001-l,benign,3\nbus_0002-r,malignant,4\n")
+    built = manifest_from_folder(root / "images", "breast", labels=sheet, mask_pattern="../masks/{stem}.png",
+                                 mask_rename={"bus_": "mask_"},
+                                 columns={"ID": "image", "Pathology": "label", "BIRADS": "category"})
+    assert [(im.image.name, im.label, im.category, im.boxes) for im in built.images] == [
+        ("bus_0001-l.png", "benign", "3", (Box(x1=10, y1=10, x2=40, y2=30),)),
+        ("bus_0002-r.png", "malignant", "4", (Box(x1=5, y1=5, x2=20, y2=50),))]
+    assert built.notes == ()
+    # without the rename the masks are not found: image-level only, and the note says so
+    plain = manifest_from_folder(root / "images", "breast", labels=sheet, mask_pattern="../masks/{stem}.png",
+                                 columns={"ID": "image", "Pathology": "label", "BIRADS": "category"})
+    assert plain.n_boxes == 0 and "2 lesion image(s) have no mask" in plain.notes[0]
+    # a rename that matches no image name is pointed out
+    miss = manifest_from_folder(root / "images", "breast", labels=sheet, mask_pattern="../masks/{stem}.png",
+                                mask_rename={"img_": "mask_"}, columns={"ID": "image", "Pathology": "label"})
+    assert any("no image name contains 'img_'" in n for n in miss.notes)
+    with pytest.raises(ValueError, match="needs a mask_pattern"):
+        manifest_from_folder(root / "images", "breast", label="benign", mask_pattern=None, mask_rename={"bus_": "m_"})
+    with pytest.raises(ValueError, match="text to replace"):
+        manifest_from_folder(root / "images", "breast", label="benign", mask_rename={"": "m_"})
+
+    from echo_agent.cli import app
+
+    out = tmp_path / "m.csv"
+    res = CliRunner().invoke(app, ["manifest", str(root / "images"), "--organ", "breast", "--out", str(out),
+                                   "--labels", str(sheet), "--mask-pattern", "../masks/{stem}.png",
+                                   "--mask-rename", "bus_=mask_", "--column", "ID=image",
+                                   "--column", "Pathology=label", "--column", "BIRADS=category"])
+    assert res.exit_code == 0, res.output
+    assert "2 lesion boxes" in res.output
+    assert [im.boxes for im in load_manifest(out)] == [im.boxes for im in built.images]

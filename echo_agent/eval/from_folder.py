@@ -17,6 +17,8 @@ with a spreadsheet of labels and a folder of masks. :func:`manifest_from_folder`
   (``mask_pattern``, a glob relative to the image's folder with ``{stem}`` for the image's file stem;
   default ``{stem}_mask*``: BUSI's ``_mask.png``, ``_mask_1.png`` ...; pixels above half intensity
   are the lesion; each mask file gives its own boxes, as BUSI stores a second lesion in a second file).
+  Where a mask's name differs from its image's by more than an added ending (``bus_0001-l.png`` /
+  ``mask_0001-l.png``), ``mask_rename`` rewrites the stem first (``{"bus_": "mask_"}``).
   Files matching a mask pattern are never images.
 * Hidden files and folders (``.``-names: macOS ``._`` copies, caches) are never read.
 * A lesion image without a mask file stays in the manifest without boxes (it counts for the
@@ -103,6 +105,17 @@ def _mask_boxes(paths: Sequence[Path], size: tuple[int, int], min_area: int) -> 
     return boxes
 
 
+def _renamed(stem: str, renames: Sequence[tuple[str, str]]) -> str:
+    """The stem of an image's masks: each ``(old, new)`` replaced once, in order.
+
+    >>> _renamed("bus_0001-l", [("bus_", "mask_")])
+    'mask_0001-l'
+    """
+    for old, new in renames:
+        stem = stem.replace(old, new, 1)
+    return stem
+
+
 def _label_reader(spec: OrganSpec, label_map: Mapping[str, str] | None) -> Callable[[str], str | None]:
     """``text -> the organ's label`` (case ignored), through ``label_map`` first (``abnormal`` ->
     ``hydronephrosis``); a map entry naming no label of the organ is refused."""
@@ -184,6 +197,7 @@ def manifest_from_folder(
     columns: Mapping[str, str] | None = None,
     label_map: Mapping[str, str] | None = None,
     label: str | None = None,
+    mask_rename: Mapping[str, str] | None = None,
 ) -> FolderManifest:
     """Manifest entries for every image under ``folder`` (see the module doc for where labels and
     boxes come from). ``mask_pattern=None`` reads no masks. ``center`` names the collection (a
@@ -193,6 +207,8 @@ def manifest_from_folder(
     (``{"abnormal": "hydronephrosis"}``; case ignored). ``label`` gives every image that label (a
     folder of one class; folder names are then not read, and a labels file needs no label column).
     With a labels file, image files it does not list are left out (and counted in ``notes``).
+    ``mask_rename`` maps text in an image's stem to the text in its mask's stem before ``{stem}`` is
+    filled in (each pair once, in order; stems without the text stay as they are).
     Raises :class:`ManifestError` listing every problem."""
     folder = Path(folder)
     if not folder.is_dir():
@@ -201,6 +217,11 @@ def manifest_from_folder(
         raise ValueError(f"min_area must be >= 1 pixel, got {min_area}")
     if mask_pattern is not None and "{stem}" not in mask_pattern:
         raise ValueError(f"mask_pattern {mask_pattern!r} needs {{stem}} (the image's file name without its ending)")
+    renames = list((mask_rename or {}).items())
+    if renames and mask_pattern is None:
+        raise ValueError("mask_rename needs a mask_pattern (no masks are read without one)")
+    if any(not old for old, _ in renames):
+        raise ValueError(f"mask_rename pairs need the text to replace, got {dict(renames)}")
     spec = resolve_organ(organ)
     read_label = _label_reader(spec, label_map)
     if label is not None and read_label(label) is None:
@@ -210,7 +231,7 @@ def manifest_from_folder(
     masks_of: dict[Path, list[Path]] = {}
     if mask_pattern is not None:
         for p in files:
-            escaped = mask_pattern.replace("{stem}", glob.escape(p.stem))
+            escaped = mask_pattern.replace("{stem}", glob.escape(_renamed(p.stem, renames)))
             masks_of[p] = sorted(m for m in p.parent.glob(escaped) if m != p and m.suffix.lower() in MASK_SUFFIXES)
     mask_files = {m.resolve() for ms in masks_of.values() for m in ms}
     images = [p for p in files if p.resolve() not in mask_files]
@@ -262,6 +283,8 @@ def manifest_from_folder(
         raise ManifestError(f"{folder}: {len(problems)} problem(s); fix them all before building the manifest:\n"
                             + "\n".join(f"  {m}" for m in shown) + (f"\n  ... and {more} more" if more else ""))
     notes = []
+    if renames and not any(old in p.stem for p in images for old, _ in renames):
+        notes.append(f"mask_rename: no image name contains {', '.join(repr(old) for old, _ in renames)}")
     if unlabelled:
         notes.append(f"{len(unlabelled)} image file(s) without a row in {Path(str(labels)).name} were left out: {listed}")
     if no_mask:
