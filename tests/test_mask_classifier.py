@@ -66,6 +66,28 @@ def test_configuration_is_checked() -> None:
         MaskClassifierTrainConfig(organ="kidney", labels=LABELS, centers=[], input_size=200)
     with pytest.raises(ValueError, match="top_k"):
         MaskClassifierTrainConfig(organ="kidney", labels=LABELS, centers=[], top_k=0)
+    with pytest.raises(ValueError, match="frame_loss_weight"):
+        MaskClassifierTrainConfig(organ="kidney", labels=LABELS, centers=[], frame_loss_weight=-1)
+
+
+def test_the_frame_term_is_the_cross_entropy_of_the_exported_read_out() -> None:
+    torch = pytest.importorskip("torch")
+    from echo_agent.training.mask_classifier import segmenter_loss
+
+    size, k = 4 * CELL, 2
+    masks = np.zeros((2, size, size), bool)
+    masks[1, :CELL, :CELL] = True  # crop 1 holds a lesion in its first cell; crop 0 none
+    logits = torch.full((2, 4, 4), -4.0)
+    logits[0, 3, 3] = 3.0  # a hot cell where there is no lesion
+    logits[1, 0, 0] = 2.0
+    pw = torch.tensor(5.0)
+    cells = segmenter_loss(logits, masks, pos_weight=pw, top_k=k)
+    both = segmenter_loss(logits, masks, pos_weight=pw, top_k=k, frame_loss_weight=0.5)
+    s = torch.sigmoid
+    p0 = (s(torch.tensor(3.0)) + s(torch.tensor(-4.0))) / 2  # mean of crop 0's two hottest cells
+    p1 = (s(torch.tensor(2.0)) + s(torch.tensor(-4.0))) / 2
+    frame = -(torch.log(1 - p0) + torch.log(p1)) / 2
+    assert float(both - cells) == pytest.approx(0.5 * float(frame), rel=1e-5)
 
 
 def test_crops_carry_their_masks_through_the_same_crop(tmp_path: Path) -> None:
@@ -173,6 +195,9 @@ def test_it_trains_and_exports_as_a_region_classifier(tmp_path: Path) -> None:
     viewed = prepare_masked_crops(frames, LABELS, size=64, keep_view=True)
     _, r2 = train_mask_classifier(dataclasses.replace(cfg, crop_prob=1.0), viewed[:6], viewed[6:], log=lambda s: None)
     assert r2["epochs"][0]["loss"] > 0
+    _, r3 = train_mask_classifier(dataclasses.replace(cfg, frame_loss_weight=1.0), crops[:6], crops[6:],
+                                  log=lambda s: None)
+    assert r3["epochs"][0]["loss"] > 0 and "val_auc" in r3["val"]
     assert report["epochs"] and report["positive_cells"] > 0 and "val_auc" in report["val"]
     path = export_mask_classifier(model, tmp_path / "mask.onnx", cfg, report)
     clf = OnnxRegionClassifier(path)

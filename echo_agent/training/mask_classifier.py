@@ -6,7 +6,8 @@ recipe fine-tunes EfficientNet-Lite0 (ImageNet start, stem and first ``freeze_bl
 with a light top-down path from strides 32 and 16 to 8 and a 1 x 1 output: one lesion logit per 8 x 8
 pixels of the 224-px crop. Loss: per-cell binary cross-entropy against the lesion share of the cell,
 positive cells up-weighted by the negative/positive ratio of the training cells (at most
-``max_pos_weight``). Training crops are whole images (the second look's square crop) or, with
+``max_pos_weight``); optionally (``frame_loss_weight``) plus an image-level term on the exported
+read-out. Training crops are whole images (the second look's square crop) or, with
 probability ``crop_prob``, the crop of a jittered box as the agent asks about its candidates; flipped
 horizontally with their mask, with the second look's photometric augmentation.
 
@@ -66,6 +67,11 @@ class MaskClassifierTrainConfig:
     freeze_blocks: int = 4
     top_k: int = 4
     max_pos_weight: float = 20.0
+    #: weight of a second, image-level loss: binary cross-entropy of the crop's P(lesion) as exported
+    #: (the mean of its ``top_k`` highest cells) against whether its mask holds any lesion. It trains
+    #: the read-out the agent uses and puts the gradient on the hottest cells of lesion-free crops
+    #: (0: the per-cell loss only)
+    frame_loss_weight: float = 0.0
     #: probability that a training sample is the crop of a jittered box (a lesion box, or a random
     #: box of 15-60 % of the side on an image without one) with its ``margin``, as the agent asks about
     #: candidates, instead of the whole image (0: whole images only)
@@ -84,6 +90,8 @@ class MaskClassifierTrainConfig:
             raise ValueError(f"input_size must be a multiple of 32, got {self.input_size}")
         if not 0.0 <= self.crop_prob <= 1.0:
             raise ValueError(f"crop_prob must be between 0 and 1, got {self.crop_prob}")
+        if self.frame_loss_weight < 0:
+            raise ValueError(f"frame_loss_weight must be >= 0, got {self.frame_loss_weight}")
         if not 1 <= self.top_k <= (self.input_size // CELL) ** 2:
             raise ValueError(f"top_k must be between 1 and the map's {(self.input_size // CELL) ** 2} cells, got {self.top_k}")
 
@@ -257,9 +265,8 @@ def train_mask_classifier(config: MaskClassifierTrainConfig, train: Sequence[Mas
                     img, m = img[:, ::-1], m[:, ::-1]
                 xs.append(photometric(np.ascontiguousarray(img), rng))
                 ms.append(m)
-            logits = model(_to_tensor(xs))
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(
-                logits, torch.from_numpy(cell_targets(np.stack(ms))), pos_weight=pos_weight)
+            loss = segmenter_loss(model(_to_tensor(xs)), np.stack(ms), pos_weight=pos_weight,
+                                  top_k=config.top_k, frame_loss_weight=config.frame_loss_weight)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -275,6 +282,23 @@ def train_mask_classifier(config: MaskClassifierTrainConfig, train: Sequence[Mas
     report["val"] = report["epochs"][-1] if report["epochs"] else {}
     report["stopped_by_time_budget"] = stopped
     return model, report
+
+
+def segmenter_loss(logit_maps: Any, masks: np.ndarray, *, pos_weight: Any, top_k: int,
+                   frame_loss_weight: float = 0.0) -> Any:
+    """The training loss of ``(B, h, w)`` cell logits against ``(B, s, s)`` bool masks: per-cell
+    binary cross-entropy against each cell's lesion share (positive cells weighted ``pos_weight``),
+    plus ``frame_loss_weight`` x the binary cross-entropy of each crop's P(lesion) (:func:`top_cells`)
+    against whether its mask holds any lesion pixel."""
+    import torch
+
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(
+        logit_maps, torch.from_numpy(cell_targets(masks)), pos_weight=pos_weight)
+    if frame_loss_weight:
+        present = torch.from_numpy(masks.reshape(len(masks), -1).any(axis=1).astype(np.float32))
+        p = top_cells(logit_maps, top_k).clamp(1e-6, 1 - 1e-6)
+        loss = loss + frame_loss_weight * torch.nn.functional.binary_cross_entropy(p, present)
+    return loss
 
 
 def top_cells(logit_maps: Any, top_k: int) -> Any:
