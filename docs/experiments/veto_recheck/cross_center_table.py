@@ -10,16 +10,16 @@ ROWS = [("busi_to_breast", "BUSI-only → BrEaST test"), ("breast_to_busi", "BrE
 
 
 def _summary(path: Path) -> dict:
+    from echo_agent.eval.report import lesions_called_normal
+
     m = json.loads((path / "metrics.json").read_text())
     org = m["organs"]["breast"]["overall"]
     agent, det = org["agent"], org["detector"]
-    conf = agent["classification"]["confusion"]
-    labels, mat = conf["labels"], conf["matrix"]
-    n = labels.index("normal")
-    lesion_rows = [r for i, r in enumerate(mat) if i != n]
+    normal_row = agent["classification"]["confusion"]["matrix"][0]  # the organ's first label is its normal label
+    called, lesions = lesions_called_normal(agent)
     return {
-        "lesions_normal": sum(r[n] for r in lesion_rows), "lesions": sum(sum(r) for r in lesion_rows),
-        "normals_normal": mat[n][n], "normals": sum(mat[n]),
+        "lesions_normal": called, "lesions": lesions,
+        "normals_normal": normal_row[0], "normals": sum(normal_row),
         "acc": agent["classification"]["accuracy"], "det_acc": det["classification"]["accuracy"],
         "auc": agent["auc"]["value"], "ece": agent["calibration"]["ece"],
         "loc_f1": agent["localization"]["f1"], "referred": agent["referral"]["referred_rate"],
