@@ -19,7 +19,13 @@ pytest.importorskip("efficientnet_lite_pytorch")
 
 from PIL import Image  # noqa: E402
 
-from echo_agent.reasoners.lite_vision import FEATURE_STRIDE, MODEL_TYPE, patches_to_images, register  # noqa: E402
+from echo_agent.reasoners.lite_vision import (  # noqa: E402
+    FEATURE_STRIDE,
+    MODEL_TYPE,
+    patches_to_images,
+    register,
+    try_register,
+)
 from echo_agent.training.sft_trainer import load_model_and_processor  # noqa: E402
 from echo_agent.training.tiny_model import build_tiny_qwen_vl  # noqa: E402
 
@@ -86,6 +92,10 @@ def test_lite_policy_loads_frozen_with_imagenet_weights_and_one_token_per_cell(l
                                                                msgs[0]["content"][1]]}],
                                      add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
         assert not torch.allclose(model(**x).logits[0, -1], model(**y).logits[0, -1])
+        # several sampled answers per prompt (what the GRPO rollouts and the sampled val reward ask)
+        torch.manual_seed(0)
+        many = model.generate(**x, max_new_tokens=3, do_sample=True, num_return_sequences=3)
+    assert many.shape[0] == 3
 
 
 def test_qwen_vl_chat_model_runs_a_lite_policy(lite_ckpt: Path) -> None:
@@ -109,7 +119,7 @@ def test_lite_vision_choices_are_checked(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="qwen3_vl only"):
         build_tiny_qwen_vl("qwen2_5_vl", tmp_path / "b", vision="efficientnet-lite0")
     vision_config, _, config, _ = register()
-    assert register()[0] is vision_config  # idempotent
+    assert register()[0] is vision_config and try_register()  # idempotent
     with pytest.raises(ValueError, match="unknown backbone"):
         register()[1](vision_config(backbone="vgg", out_hidden_size=32))
     with pytest.raises(ValueError, match="32 px"):
@@ -130,7 +140,7 @@ def test_micro_policy_tool_trains_a_lite_vision_policy_and_measures_it_without_p
             "--sft-set", "max_steps=2", "--sft-set", "num_train_epochs=1", "--max-new-tokens", "8",
             "--grpo-seeds", "0", "--grpo-set", "max_steps=1", "--grpo-set", "num_generations=2",
             "--grpo-set", "per_device_train_batch_size=2", "--grpo-set", "max_completion_length=8",
-            "--reward-prompts", "1", "--answer", "decision"]
+            "--reward-prompts", "1", "--reward-samples", "2", "--answer", "decision"]
     proc = subprocess.run([*tool, *args], capture_output=True, text=True, env=env, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())

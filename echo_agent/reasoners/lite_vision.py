@@ -140,8 +140,11 @@ def _classes() -> tuple[type, type, type, type]:
                 tokens.append(fmap[0].flatten(1).transpose(0, 1))
             feats = torch.cat(tokens, dim=0)
             merged = self.projector(self.norm(feats))
+            # No DeepStack levels: one all-zero level adds nothing to the first decoder layer's hidden
+            # states, and keeps generate(num_return_sequences > 1) working (transformers expands the
+            # DeepStack features it finds at deepstack_features[0][0]).
             return BaseModelOutputWithDeepstackFeatures(last_hidden_state=feats, pooler_output=merged,
-                                                        deepstack_features=[])
+                                                        deepstack_features=[torch.zeros_like(merged)])
 
     class EchoLiteQwen3VLConfig(Qwen3VLConfig):
         """A Qwen3-VL config whose vision part is :class:`EchoLiteVisionConfig`."""
@@ -174,7 +177,11 @@ def register() -> tuple[type, type, type, type]:
     import transformers
     from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
 
-    _CLASSES = _classes()
+    try:
+        _CLASSES = _classes()
+    except (ImportError, AttributeError) as exc:
+        raise RuntimeError(f"Lite-vision checkpoints need transformers >= 5 (found {transformers.__version__}): "
+                           f"{exc}") from exc
     vision_config, vision_model, config, model = _CLASSES
     AutoConfig.register(VISION_MODEL_TYPE, vision_config, exist_ok=True)
     AutoModel.register(vision_config, vision_model, exist_ok=True)
@@ -188,7 +195,17 @@ def register() -> tuple[type, type, type, type]:
     return _CLASSES
 
 
+def try_register() -> bool:
+    """:func:`register` where the installed transformers allows it; ``False`` where it does not (stock
+    checkpoints load as before, a Lite-vision one then fails as an unknown model type)."""
+    try:
+        register()
+    except RuntimeError:
+        return False
+    return True
+
+
 _CLASSES: tuple[type, type, type, type]
 
 __all__ = ["FEATURE_CHANNELS", "FEATURE_STRIDE", "LITE_BACKBONES", "MODEL_TYPE", "VISION_MODEL_TYPE",
-           "patches_to_images", "register"]
+           "patches_to_images", "register", "try_register"]

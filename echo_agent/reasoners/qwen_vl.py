@@ -248,9 +248,9 @@ class QwenVLChatModel(BaseChatModel):
                 import transformers
             except ImportError:
                 raise MissingExtraError("transformers", "vlm", "the local Qwen-VL reasoner") from None
-            from .lite_vision import register
+            from .lite_vision import try_register
 
-            register()  # checkpoints whose vision side is a pretrained EfficientNet-Lite
+            try_register()  # checkpoints whose vision side is a pretrained EfficientNet-Lite
             torch, device, dtype = self._torch_setup()
             base = self.model_path
             if self.adapter_path and not base:

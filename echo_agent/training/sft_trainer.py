@@ -52,9 +52,9 @@ def load_model_and_processor(
     """A Qwen-VL checkpoint and its processor, from a local folder (offline)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from ..reasoners.lite_vision import register
+    from ..reasoners.lite_vision import try_register
 
-    register()  # checkpoints whose vision side is a pretrained EfficientNet-Lite
+    try_register()  # checkpoints whose vision side is a pretrained EfficientNet-Lite
     kwargs: dict[str, Any] = {"dtype": torch_dtype(dtype)}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
