@@ -1,6 +1,7 @@
 """Run 13's table and addendum 10's rule, from the run folders' results.json.
 
-    python docs/experiments/micro_policy/run13_table.py runs/micro_policy_run12 runs/micro_policy_run13
+    python docs/experiments/micro_policy/run13_table.py runs/micro_policy_run12 runs/micro_policy_run13 \
+        [--json docs/training_micro_policy_run13_results.json]
 
 Reads ``<run>/results.json`` (the SFT checkpoint's agent evaluation), ``<run>_s{0,1,2}/results.json``
 (each GRPO seed: val rewards before and after, the agent evaluation of its checkpoint) and, where
@@ -56,7 +57,29 @@ def fmt_agent(a: tuple[float, int, float, str, str] | None) -> str:
     return f"{100 * a[0]:.1f} % of {a[1]} / {100 * a[2]:.1f} % | {a[3]} | {a[4]}"
 
 
+def combined(run: Path) -> dict[str, Any]:
+    """Every number of a run and its seed copies in one object (the file docs/training.md links)."""
+    base = load(run)
+    out: dict[str, Any] = {k: base[k] for k in ("command", "timings_s", "model", "tokens", "sft", "eval_sft", "notes")
+                           if k in base}
+    out.update({k: base[k] for k in base if k.startswith("rewards_")})
+    for k in SEEDS:
+        r = load(Path(f"{run}_s{k}"))
+        if "grpo" not in r:
+            continue
+        out.setdefault("reward_sft_by_seed_dir", {})[str(k)] = {"greedy": r.get("reward_sft"),
+                                                               "sampled": r.get("reward_sft_sampled")}
+        out.setdefault("grpo", {})[str(k)] = r["grpo"][str(k)]
+        out.setdefault("eval_grpo", {})[str(k)] = r.get(f"eval_grpo_seed{k}_schema")
+        out.setdefault("timings_s_by_seed", {})[str(k)] = r.get("timings_s")
+    return out
+
+
 def main(argv: list[str]) -> int:
+    if "--json" in argv:
+        i = argv.index("--json")
+        Path(argv[i + 1]).write_text(json.dumps(combined(Path(argv[2])), indent=1, default=str) + "\n", "utf-8")
+        argv = argv[:i] + argv[i + 2:]
     base_run, run = (Path(p) for p in argv[1:3])
     ref, new = summary(base_run), summary(run)
     print("| checkpoint | greedy val reward, 120 (format) | sampled, 120 × 4 | max KL | zero-spread | "
