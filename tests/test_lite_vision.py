@@ -51,11 +51,15 @@ def test_patches_go_back_into_the_image_they_came_from() -> None:
     a, b = _image(), _image(100, 150, seed=1)
     out = ip(images=[a, b], return_tensors="pt")
     imgs = patches_to_images(out["pixel_values"], out["image_grid_thw"], channels=3, temporal=2, patch=16, merge=2)
-    assert [tuple(i.shape) for i in imgs] == [(3, 16 * g[1], 16 * g[2]) for g in out["image_grid_thw"].tolist()]
-    for img, src in zip(imgs, (a, b)):
+    assert [tuple(i.shape) for i in imgs] == [(1, 3, 16 * g[1], 16 * g[2]) for g in out["image_grid_thw"].tolist()]
+    for img, src in zip((i[0] for i in imgs), (a, b)):
         h, w = img.shape[1:]
         ref = (np.asarray(src.resize((w, h), Image.BICUBIC), np.float32) / 255 - 0.5) / 0.5
         assert np.abs(img.numpy().transpose(1, 2, 0) - ref).max() < 0.02  # the processor's own resampling
+    # two temporal groups (a short video): one frame back per group, in order
+    two = torch.cat([out["pixel_values"][:160], -out["pixel_values"][:160]])
+    frames = patches_to_images(two, torch.tensor([[2, 16, 10]]), channels=3, temporal=2, patch=16, merge=2)[0]
+    assert frames.shape == (2, 3, 256, 160) and torch.equal(frames[1], -frames[0]) and torch.equal(frames[0], imgs[0][0])
     with pytest.raises(ValueError, match="patches"):
         patches_to_images(out["pixel_values"][:-4], out["image_grid_thw"], channels=3, temporal=2, patch=16, merge=2)
 
@@ -80,6 +84,9 @@ def test_lite_policy_loads_frozen_with_imagenet_weights_and_one_token_per_cell(l
     t, gh, gw = x["image_grid_thw"][0].tolist()
     n_image_tokens = int((x["input_ids"] == model.config.image_token_id).sum())
     assert n_image_tokens == t * gh * gw // 4 == (gh * 16 // FEATURE_STRIDE) * (gw * 16 // FEATURE_STRIDE)
+    with torch.no_grad():  # a short video: one token per cell and temporal group
+        video = visual(torch.cat([x["pixel_values"]] * 2), grid_thw=torch.tensor([[2, gh, gw]])).pooler_output
+    assert video.shape == (2 * gh * gw // 4, model.config.text_config.hidden_size)
     out = model(**x, labels=x["input_ids"])
     out.loss.backward()
     assert visual.projector[0].weight.grad.abs().sum() > 0

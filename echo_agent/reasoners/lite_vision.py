@@ -39,11 +39,12 @@ _REGISTERED = False
 
 def patches_to_images(pixel_values: Any, grid_thw: Any, *, channels: int, temporal: int, patch: int,
                       merge: int) -> list[Any]:
-    """Undo the Qwen2-VL image processor's patching: one ``(channels, H, W)`` tensor per image.
+    """Undo the Qwen2-VL image processor's patching: one ``(t, channels, H, W)`` tensor per image.
 
-    The processor cuts an image of ``gh x gw`` patches into rows ordered by merge group
-    (``gh / merge``, ``gw / merge``, ``merge``, ``merge``), each row ``channels x temporal x patch x
-    patch`` values; a still image repeats itself over ``temporal``, so the first frame is returned.
+    The processor cuts an image (or video) of ``t x gh x gw`` patches into rows ordered by merge group
+    (``t``, ``gh / merge``, ``gw / merge``, ``merge``, ``merge``), each row ``channels x temporal x
+    patch x patch`` values; each of the ``t`` temporal groups holds ``temporal`` frames (a still image
+    repeats itself), of which the first is returned.
     """
     grids = grid_thw.tolist()
     total = sum(t * gh * gw for t, gh, gw in grids)
@@ -57,8 +58,8 @@ def patches_to_images(pixel_values: Any, grid_thw: Any, *, channels: int, tempor
                                                   patch, patch)
         start += n
         # -> (t, temporal, channels, gh / merge, merge, patch, gw / merge, merge, patch)
-        x = x.permute(0, 6, 5, 1, 3, 7, 2, 4, 8).reshape(t * temporal, channels, gh * patch, gw * patch)
-        images.append(x[0])
+        x = x.permute(0, 6, 5, 1, 3, 7, 2, 4, 8).reshape(t, temporal, channels, gh * patch, gw * patch)
+        images.append(x[:, 0])
     return images
 
 
@@ -132,12 +133,12 @@ def _classes() -> tuple[type, type, type, type]:
             images = patches_to_images(hidden_states, grid_thw, channels=c.in_channels, temporal=c.temporal_patch_size,
                                        patch=c.patch_size, merge=c.spatial_merge_size)
             tokens = []
-            for img in images:
+            for frames in images:  # (t, C, H, W): one frame per temporal group
                 with torch.set_grad_enabled(torch.is_grad_enabled() and bool(c.train_backbone)):
-                    fmap = self.backbone.extract_features(img[None].to(self.dtype))
-                gh, gw = img.shape[1] // FEATURE_STRIDE, img.shape[2] // FEATURE_STRIDE
+                    fmap = self.backbone.extract_features(frames.to(self.dtype))
+                gh, gw = frames.shape[2] // FEATURE_STRIDE, frames.shape[3] // FEATURE_STRIDE
                 fmap = fmap[..., :gh, :gw]  # the same cells as the merged patches, row by row
-                tokens.append(fmap[0].flatten(1).transpose(0, 1))
+                tokens.append(fmap.flatten(2).transpose(1, 2).reshape(-1, fmap.shape[1]))
             feats = torch.cat(tokens, dim=0)
             merged = self.projector(self.norm(feats))
             # No DeepStack levels: one all-zero level adds nothing to the first decoder layer's hidden
