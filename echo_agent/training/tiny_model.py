@@ -189,7 +189,7 @@ def build_tiny_qwen_vl(
     )
     vision_heads = max(vision_hidden // 16, 2)
     vision_kw = dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
-                  num_heads=vision_heads, out_hidden_size=text_hidden, spatial_merge_size=2, temporal_patch_size=2)
+                     num_heads=vision_heads, out_hidden_size=text_hidden, spatial_merge_size=2, temporal_patch_size=2)
     rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": _mrope_section(family, head_dim)}
     if family == "qwen2_5_vl":
         from transformers import (
