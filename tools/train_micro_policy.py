@@ -305,6 +305,7 @@ def grey_copies(recs: list[dict[str, Any]], base: Path, folder: Path) -> list[di
     what a policy scores without the pixels, beside what it scores with them."""
     from PIL import Image
 
+    from echo_agent.imaging.io import image_size
     from echo_agent.training.curriculum import resolve_images
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -312,8 +313,7 @@ def grey_copies(recs: list[dict[str, Any]], base: Path, folder: Path) -> list[di
     for r in recs:
         paths = []
         for p in resolve_images(r, base):
-            with Image.open(p) as im:
-                size = im.size
+            size = image_size(p)
             grey = folder / f"grey_{size[0]}x{size[1]}.png"
             if not grey.is_file():
                 Image.new("RGB", size, (128, 128, 128)).save(grey)

@@ -34,7 +34,7 @@ FEATURE_CHANNELS = 1280
 FEATURE_STRIDE = 32
 LITE_BACKBONES = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2")
 
-_REGISTERED = False
+_CLASSES: tuple[type, type, type, type] | None = None  # set by register()
 
 
 def patches_to_images(pixel_values: Any, grid_thw: Any, *, channels: int, temporal: int, patch: int,
@@ -172,18 +172,18 @@ def register() -> tuple[type, type, type, type]:
     """Make ``AutoConfig`` / ``AutoModel`` / ``AutoModelForImageTextToText`` know the Lite-vision classes.
 
     Idempotent. Returns ``(vision config, vision model, config, model)`` classes."""
-    global _REGISTERED, _CLASSES
-    if _REGISTERED:
+    global _CLASSES
+    if _CLASSES is not None:
         return _CLASSES
     import transformers
     from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
 
     try:
-        _CLASSES = _classes()
+        classes = _classes()
     except (ImportError, AttributeError) as exc:
         raise RuntimeError(f"Lite-vision checkpoints need transformers >= 5 (found {transformers.__version__}): "
                            f"{exc}") from exc
-    vision_config, vision_model, config, model = _CLASSES
+    vision_config, vision_model, config, model = classes
     AutoConfig.register(VISION_MODEL_TYPE, vision_config, exist_ok=True)
     AutoModel.register(vision_config, vision_model, exist_ok=True)
     AutoConfig.register(MODEL_TYPE, config, exist_ok=True)
@@ -192,8 +192,8 @@ def register() -> tuple[type, type, type, type]:
     # config.architectures up in the transformers namespace (trl.trainer.utils.create_model_from_path)
     if not hasattr(transformers, model.__name__):
         setattr(transformers, model.__name__, model)
-    _REGISTERED = True
-    return _CLASSES
+    _CLASSES = classes
+    return classes
 
 
 def try_register() -> bool:
@@ -205,8 +205,6 @@ def try_register() -> bool:
         return False
     return True
 
-
-_CLASSES: tuple[type, type, type, type]
 
 __all__ = ["FEATURE_CHANNELS", "FEATURE_STRIDE", "LITE_BACKBONES", "MODEL_TYPE", "VISION_MODEL_TYPE",
            "patches_to_images", "register", "try_register"]
